@@ -1,0 +1,39 @@
+"""Typed protocol errors: every bad input becomes one of these, never a stray exception."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class ErrorCode(enum.StrEnum):
+    """Error codes carried in ``error`` messages; stable strings, part of the wire contract."""
+
+    MALFORMED = "malformed"  # not decodable at all (bad msgpack, truncated binary, bad frame kind)
+    OVERSIZED = "oversized"  # frame longer than the limit for its kind
+    UNKNOWN_TYPE = "unknown_type"  # control message with a type we do not know
+    BAD_FIELD = "bad_field"  # missing, unexpected or wrongly typed field
+    OUT_OF_RANGE = "out_of_range"  # NaN, infinity, absurd position, bad quaternion, too long text
+    UNSUPPORTED_VERSION = (
+        "unsupported_version"  # handshake names a protocol version we do not speak
+    )
+    HANDSHAKE_REQUIRED = "handshake_required"  # anything but hello before the handshake
+    ALREADY_JOINED = "already_joined"  # a second hello on the same connection
+    HANDSHAKE_TIMEOUT = "handshake_timeout"  # no hello in time; the connection is closed
+    ROOM_FULL = "room_full"  # the room has its maximum number of members
+    BAD_RESUME = "bad_resume"  # resume token unknown or expired; join as a new member instead
+    STALE_INPUT = "stale_input"  # pose sequence number not newer than the last one applied
+    TOO_SLOW = "too_slow"  # the member's connection cannot keep up and was closed
+    SHUTTING_DOWN = "shutting_down"  # the server is stopping
+    INTERNAL = "internal"  # a bug on our side; the member stays connected
+
+
+@dataclass(frozen=True, slots=True)
+class ProtocolError(Exception):
+    """A bad input, decoded into a value: ``code`` is machine-readable, ``message`` human-readable."""
+
+    code: ErrorCode
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.code.value}: {self.message}"
