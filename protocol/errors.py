@@ -28,9 +28,9 @@ class ErrorCode(enum.StrEnum):
     INTERNAL = "internal"  # a bug on our side; the member stays connected
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(eq=False)
 class ProtocolError(Exception):
-    """A bad input, decoded into a value: ``code`` is machine-readable, ``message`` human-readable."""
+    """A bad input as a value: ``code`` for machines, ``message`` for people."""
 
     code: ErrorCode
     message: str
