@@ -40,6 +40,8 @@ HEADER_SIZE = _HEADER.size
 _SLOT_BITS = 4  # slot count - 1
 _MODE_BITS = 2
 _ROT_ABS_BITS = 2 + 3 * ROTATION_BITS
+# Body of a delta for a room that is empty at both ticks: counts 0, 0, 0 ("111"), zero padded.
+_EMPTY_BODY = b"\xe0"
 
 I64 = npt.NDArray[np.int64]
 
@@ -427,7 +429,7 @@ class SnapshotEncoder:
             return self.keyframe()
         _, bodies = self._world.encode(snap)
         self._tick = tick
-        return state_header(tick, tick - prev, False) + (bodies[0] if bodies else b"")
+        return state_header(tick, tick - prev, False) + (bodies[0] if bodies else _EMPTY_BODY)
 
     def keyframe(self) -> bytes:
         """The last encoded tick as a keyframe (carrying velocities so deltas can follow)."""
