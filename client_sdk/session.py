@@ -1,0 +1,517 @@
+"""The client session: connect, join, send poses, read avatars, reconnect by itself."""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import logging
+import math
+import random
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import aiohttp
+import numpy as np
+
+from protocol.errors import ErrorCode, ProtocolError
+from protocol.messages import (
+    FRAME_CONTROL,
+    PROTOCOL_VERSION,
+    SERVER_MESSAGES,
+    Error,
+    Hello,
+    Leave,
+    Ping,
+    Pong,
+    Welcome,
+    decode_message,
+    encode_message,
+    encode_pose,
+)
+from protocol.messages import (
+    Joined as JoinedMsg,
+)
+from protocol.messages import (
+    Left as LeftMsg,
+)
+from protocol.quant import dequantize_positions, dequantize_rotations
+from protocol.snapshot import FRAME_STATE, Snapshot, SnapshotDecoder
+
+from .types import Avatar, Closed, ErrorEvent, Event, Joined, Left, Pose, Reconnecting, Resumed
+
+log = logging.getLogger("medverse.client")
+
+#: Errors after which reconnecting cannot help.
+_FINAL_CODES = {
+    ErrorCode.UNSUPPORTED_VERSION.value,
+    ErrorCode.ROOM_FULL.value,
+    ErrorCode.HANDSHAKE_REQUIRED.value,
+    ErrorCode.BAD_FIELD.value,
+    ErrorCode.OUT_OF_RANGE.value,
+}
+
+
+class JoinError(Exception):
+    """The server refused the join; ``code`` is the protocol error code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+def _ws_url(url: str) -> str:
+    base = url.rstrip("/")
+    scheme_end = base.find("://")
+    path_start = base.find("/", scheme_end + 3 if scheme_end >= 0 else 0)
+    return base if path_start >= 0 else base + "/ws"
+
+
+def _slerp(q0: np.ndarray, q1: np.ndarray, a: float) -> np.ndarray:
+    """Spherical interpolation of quaternion rows (k, 4), shortest path."""
+    dot = np.sum(q0 * q1, axis=-1, keepdims=True)
+    q1 = np.where(dot < 0, -q1, q1)
+    dot = np.abs(dot)
+    theta = np.arccos(np.clip(dot, -1.0, 1.0))
+    sin = np.sin(theta)
+    small = sin < 1e-6
+    w0 = np.where(small, 1.0 - a, np.sin((1.0 - a) * theta) / np.where(small, 1.0, sin))
+    w1 = np.where(small, a, np.sin(a * theta) / np.where(small, 1.0, sin))
+    out = w0 * q0 + w1 * q1
+    return out / np.linalg.norm(out, axis=-1, keepdims=True)
+
+
+class Session:
+    """A member's connection to a room. Create it with :func:`connect`.
+
+    Attributes kept current while connected: ``member_id``, ``room``, ``rate`` (ticks per
+    second), ``rtt`` (last measured round trip, seconds), ``members`` ({id: name} of the others).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        room: str,
+        name: str,
+        *,
+        slots: int = 3,
+        reconnect: bool = True,
+        max_backoff: float = 5.0,
+        interpolation_delay: float | None = None,
+        history: int = 64,
+        connect_timeout: float = 10.0,
+        ping_interval: float = 2.0,
+    ) -> None:
+        self.url = _ws_url(url)
+        self.room = room
+        self.name = name
+        self.slots = slots
+        self.reconnect = reconnect
+        self.max_backoff = max_backoff
+        self.connect_timeout = connect_timeout
+        self.ping_interval = ping_interval
+        self.member_id: int = 0
+        self.rate: int = 30
+        self.rtt: float | None = None
+        self.members: dict[int, str] = {}
+        self._interp = interpolation_delay
+        self._http: aiohttp.ClientSession | None = None
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._resume: str | None = None
+        self._decoder = SnapshotDecoder()
+        self._history: deque[tuple[float, Snapshot]] = deque(maxlen=history)
+        self._offsets: deque[float] = deque(maxlen=90)
+        self._offset = 0.0
+        self._seq = 0
+        self._outbox: bytes | None = None
+        self._out_ready = asyncio.Event()
+        self._events: asyncio.Queue[Event | None] = asyncio.Queue(maxsize=10_000)
+        self._pings: dict[int, asyncio.Future[float]] = {}
+        self._ping_id = 0
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._closing = False
+        self._connected = asyncio.Event()
+        self._avatars: dict[int, Avatar] | None = None
+        self._close_task: asyncio.Future[Any] | None = None
+        self.frames_received = 0
+        self.bytes_received = 0
+        #: Called with (local receive time, snapshot) after every state frame (for tools).
+        self.on_state: Any = None
+
+    # ----------------------------------------------------------------- lifecycle
+
+    async def __aenter__(self) -> Session:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Connect and join; raises :class:`JoinError` or a connection error on failure."""
+        self._http = aiohttp.ClientSession()
+        try:
+            await self._open()
+        except BaseException:
+            await self._http.close()
+            raise
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._run(), name="medverse-reader"),
+            loop.create_task(self._sender(), name="medverse-sender"),
+        ]
+        if self.ping_interval > 0:
+            self._tasks.append(loop.create_task(self._pinger(), name="medverse-pinger"))
+
+    async def close(self) -> None:
+        """Leave the room and close the connection."""
+        if self._closing:
+            return
+        self._closing = True
+        ws = self._ws
+        if ws is not None and not ws.closed:
+            with contextlib.suppress(Exception):
+                await ws.send_bytes(encode_message(Leave()))
+                await ws.close()
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        if self._http is not None:
+            await self._http.close()
+        self._emit(Closed("closed by the application"))
+        self._events.put_nowait(None) if not self._events.full() else None
+
+    async def _open(self) -> Welcome:
+        assert self._http is not None
+        ws = await self._http.ws_connect(
+            self.url,
+            autoping=True,
+            heartbeat=None,
+            compress=0,
+            max_msg_size=8 * 1024 * 1024,
+            timeout=aiohttp.ClientWSTimeout(ws_close=2.0),
+        )
+        try:
+            hello = Hello(PROTOCOL_VERSION, self.room, self.name, self.slots, self._resume)
+            await ws.send_bytes(encode_message(hello))
+            welcome = await asyncio.wait_for(self._await_welcome(ws), self.connect_timeout)
+        except BaseException:
+            await ws.close()
+            raise
+        self._ws = ws
+        self.member_id = welcome.member_id
+        self.rate = welcome.rate
+        self._resume = welcome.resume
+        self.members = {m.id: m.name for m in welcome.members}
+        self._decoder.reset()
+        self._history.clear()
+        self._offsets.clear()
+        self._avatars = None
+        self._connected.set()
+        if self._outbox is not None:
+            self._out_ready.set()
+        return welcome
+
+    async def _await_welcome(self, ws: aiohttp.ClientWebSocketResponse) -> Welcome:
+        async for msg in ws:
+            if msg.type != aiohttp.WSMsgType.BINARY or not msg.data:
+                continue
+            if msg.data[0] != FRAME_CONTROL:
+                continue
+            m = decode_message(msg.data, SERVER_MESSAGES, max_bytes=1 << 24)
+            if isinstance(m, Welcome):
+                return m
+            if isinstance(m, Error):
+                if m.fatal:
+                    raise JoinError(m.code, m.message)
+                self._emit(ErrorEvent(m.code, m.message, m.fatal))
+        raise ConnectionError(f"connection closed during join ({ws.close_code})")
+
+    # ----------------------------------------------------------------- sending
+
+    def send_pose(
+        self,
+        head: Pose | None = None,
+        left: Pose | None = None,
+        right: Pose | None = None,
+        *,
+        poses: Sequence[Pose | None] | None = None,
+    ) -> int:
+        """Queue this member's pose for the server (latest wins); returns its sequence number.
+
+        Give ``head``/``left``/``right`` for the usual avatar, or ``poses`` with one entry per
+        slot for other rigs. Omitted poses are sent as not tracked.
+        """
+        slots: Sequence[Pose | None] = poses if poses is not None else (head, left, right)
+        slots = list(slots)[: self.slots] + [None] * (self.slots - len(slots))
+        data: list[tuple[Sequence[float], Sequence[float]] | None] = []
+        for p in slots:
+            if p is None:
+                data.append(None)
+                continue
+            if len(p.position) != 3 or len(p.rotation) != 4:
+                raise ValueError("a pose is a 3-vector position and a 4-vector quaternion")
+            if not all(math.isfinite(v) for v in (*p.position, *p.rotation)):
+                raise ValueError("pose values must be finite")
+            data.append((p.position, p.rotation))
+        self._seq += 1
+        self._outbox = encode_pose(self._seq, data)
+        self._out_ready.set()
+        return self._seq
+
+    async def send_raw(self, frame: bytes) -> None:
+        """Send one frame as is (for tools and tests that speak the protocol directly)."""
+        ws = self._ws
+        if ws is None or ws.closed:
+            raise ConnectionError("not connected")
+        await ws.send_bytes(frame)
+
+    async def _sender(self) -> None:
+        while True:
+            await self._out_ready.wait()
+            self._out_ready.clear()
+            frame, self._outbox = self._outbox, None
+            ws = self._ws
+            if frame is None or ws is None or ws.closed:
+                continue
+            try:
+                await ws.send_bytes(frame)
+            except (ConnectionError, aiohttp.ClientError, RuntimeError):
+                self._outbox = self._outbox or frame  # resend after reconnecting
+
+    async def ping(self, timeout: float = 5.0) -> float:
+        """Measure the round trip to the server, in seconds."""
+        self._ping_id = (self._ping_id + 1) & 0xFFFFFFFF
+        pid = self._ping_id
+        fut: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        self._pings[pid] = fut
+        try:
+            await self.send_raw(encode_message(Ping(pid, time.monotonic())))
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            self._pings.pop(pid, None)
+
+    async def _pinger(self) -> None:
+        while True:
+            await asyncio.sleep(self.ping_interval)
+            if self._connected.is_set():
+                with contextlib.suppress(Exception):
+                    await self.ping()
+
+    # ----------------------------------------------------------------- receiving
+
+    async def _run(self) -> None:
+        while not self._closing:
+            ws = self._ws
+            assert ws is not None
+            await self._read(ws)
+            self._connected.clear()
+            if self._closing:
+                return
+            if not self.reconnect:
+                self._finish(f"connection closed ({ws.close_code})")
+                return
+            if not await self._reconnect():
+                return
+
+    async def _reconnect(self) -> bool:
+        attempt = 0
+        old_id = self.member_id
+        while not self._closing:
+            attempt += 1
+            delay = min(self.max_backoff, 0.05 * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
+            self._emit(Reconnecting(attempt, delay))
+            await asyncio.sleep(delay)
+            try:
+                welcome = await self._open()
+            except JoinError as err:
+                if err.code in _FINAL_CODES:
+                    self._finish(str(err))
+                    return False
+            except (aiohttp.ClientError, OSError, TimeoutError, ConnectionError):
+                continue
+            else:
+                self._emit(
+                    Resumed(welcome.member_id, welcome.resumed and welcome.member_id == old_id)
+                )
+                return True
+        return False
+
+    def _finish(self, reason: str) -> None:
+        self._emit(Closed(reason))
+        if not self._events.full():
+            self._events.put_nowait(None)
+
+    async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        try:
+            async for msg in ws:
+                if msg.type == aiohttp.WSMsgType.BINARY and msg.data:
+                    self._on_frame(msg.data)
+        except (aiohttp.ClientError, ConnectionError) as exc:
+            log.debug("connection lost: %s", exc)
+
+    def _on_frame(self, data: bytes) -> None:
+        self.bytes_received += len(data)
+        kind = data[0]
+        if kind == FRAME_STATE:
+            now = time.monotonic()
+            try:
+                snap = self._decoder.decode(data)
+            except ProtocolError as err:
+                # Our stream state is lost; reconnecting (resume) brings a fresh keyframe.
+                self._emit(ErrorEvent(err.code.value, err.message, False))
+                if self._ws is not None:
+                    self._close_task = asyncio.ensure_future(self._ws.close())
+                return
+            self.frames_received += 1
+            tick = self._decoder.tick or 0
+            t = tick / self.rate
+            self._history.append((t, snap))
+            self._offsets.append(t - now)
+            self._offset = max(self._offsets)
+            self._avatars = None
+            if self.on_state is not None:
+                self.on_state(now, snap)
+        elif kind == FRAME_CONTROL:
+            m = decode_message(data, SERVER_MESSAGES, max_bytes=1 << 24)
+            if isinstance(m, ProtocolError):
+                self._emit(ErrorEvent(m.code.value, "from server: " + m.message, False))
+            elif isinstance(m, JoinedMsg):
+                self.members[m.member_id] = m.name
+                self._avatars = None
+                self._emit(Joined(m.member_id, m.name))
+            elif isinstance(m, LeftMsg):
+                self.members.pop(m.member_id, None)
+                self._avatars = None
+                self._emit(Left(m.member_id, m.name, m.reason))
+            elif isinstance(m, Pong):
+                fut = self._pings.get(m.id)
+                self.rtt = time.monotonic() - m.client_time
+                if fut is not None and not fut.done():
+                    fut.set_result(self.rtt)
+            elif isinstance(m, Error):
+                self._emit(ErrorEvent(m.code, m.message, m.fatal))
+
+    def _emit(self, ev: Event) -> None:
+        if self._events.full():
+            self._events.get_nowait()  # drop the oldest rather than grow without bound
+        self._events.put_nowait(ev)
+
+    async def events(self) -> AsyncIterator[Event]:
+        """Membership, error and connection events, in order, until the session is closed."""
+        while True:
+            ev = await self._events.get()
+            if ev is None:
+                return
+            yield ev
+
+    # ----------------------------------------------------------------- state
+
+    @property
+    def tick(self) -> int | None:
+        """Room tick of the newest state received."""
+        return self._decoder.tick
+
+    @property
+    def snapshot(self) -> Snapshot:
+        """The newest decoded (quantized) room state."""
+        return self._decoder.snapshot
+
+    def room_time(self) -> float:
+        """The room clock now, in seconds, as estimated from the least delayed recent frames."""
+        return time.monotonic() + self._offset
+
+    def render_time(self) -> float:
+        """Room time to render remote avatars at: now minus the interpolation delay
+        (default: three ticks), so that :meth:`Avatar.sample` has snapshots on both sides."""
+        delay = self._interp if self._interp is not None else 3.0 / self.rate
+        return self.room_time() - delay
+
+    @property
+    def avatars(self) -> dict[int, Avatar]:
+        """{member_id: Avatar} as last received, your own avatar included (as the server has
+        it). Members who have not sent a pose yet have all poses None."""
+        if self._avatars is None:
+            self._avatars = self._build_avatars(self._decoder.snapshot)
+        return self._avatars
+
+    def _build_avatars(self, snap: Snapshot) -> dict[int, Avatar]:
+        pos = dequantize_positions(snap.pos)
+        rot = dequantize_rotations(snap.rot_index, snap.rot)
+        out: dict[int, Avatar] = {}
+        start = 0
+        for mid, n in zip(snap.ids.tolist(), snap.slots.tolist(), strict=True):
+            poses = tuple(
+                Pose(tuple(pos[r].tolist()), tuple(rot[r].tolist())) if snap.present[r] else None
+                for r in range(start, start + n)
+            )
+            out[mid] = Avatar(
+                mid,
+                self.members.get(mid, self.name if mid == self.member_id else None),
+                poses,
+                self._sample,
+            )
+            start += n
+        return out
+
+    def _sample(self, member_id: int, t: float) -> Avatar | None:
+        hist = self._history
+        if not hist:
+            return None
+        times = [h[0] for h in hist]
+        i = bisect.bisect_right(times, t)
+        if i == 0:
+            a = b = hist[0]
+            alpha = 0.0
+        elif i >= len(hist):
+            a = b = hist[-1]
+            alpha = 0.0
+        else:
+            a, b = hist[i - 1], hist[i]
+            alpha = (t - a[0]) / (b[0] - a[0]) if b[0] > a[0] else 0.0
+        ra, rb = a[1].rows_of(member_id), b[1].rows_of(member_id)
+        if ra is None and rb is None:
+            return None
+        if ra is None or rb is None or ra.stop - ra.start != rb.stop - rb.start:
+            snap, rows = (b[1], rb) if rb is not None else (a[1], ra)
+            assert rows is not None
+            pa = dequantize_positions(snap.pos[rows])
+            qa = dequantize_rotations(snap.rot_index[rows], snap.rot[rows])
+            present = snap.present[rows]
+        else:
+            sa, sb = a[1], b[1]
+            p0 = dequantize_positions(sa.pos[ra])
+            p1 = dequantize_positions(sb.pos[rb])
+            q0 = dequantize_rotations(sa.rot_index[ra], sa.rot[ra])
+            q1 = dequantize_rotations(sb.rot_index[rb], sb.rot[rb])
+            both = sa.present[ra] & sb.present[rb]
+            pa = np.where(
+                both[:, None], p0 + (p1 - p0) * alpha, np.where(sb.present[rb][:, None], p1, p0)
+            )
+            qa = np.where(
+                both[:, None], _slerp(q0, q1, alpha), np.where(sb.present[rb][:, None], q1, q0)
+            )
+            present = sa.present[ra] | sb.present[rb] if alpha < 0.5 else sb.present[rb]
+        poses = tuple(
+            Pose(tuple(pa[k].tolist()), tuple(qa[k].tolist())) if present[k] else None
+            for k in range(len(present))
+        )
+        name = self.members.get(member_id, self.name if member_id == self.member_id else None)
+        return Avatar(member_id, name, poses, self._sample)
+
+
+def connect(url: str, room: str, name: str, **options: Any) -> Session:
+    """Open a session to ``room`` on the server at ``url`` as ``name``.
+
+    Use it as an async context manager (``async with connect(...) as session:``), or ``await
+    session.start()`` and ``await session.close()`` yourself. Options: ``slots`` (pose slots of
+    your avatar: 3 for head and hands, 1 for a desktop head), ``reconnect`` (default True),
+    ``max_backoff`` (seconds), ``interpolation_delay`` (seconds), ``history`` (snapshots kept
+    for sampling), ``connect_timeout``, ``ping_interval``.
+    """
+    return Session(url, room, name, **options)

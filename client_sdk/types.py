@@ -1,0 +1,113 @@
+"""Plain values the SDK hands to applications: poses, avatars and events."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+Vec3 = tuple[float, float, float]
+Quat = tuple[float, float, float, float]
+
+
+@dataclass(frozen=True, slots=True)
+class Pose:
+    """A tracked pose: ``position`` in metres (x, y, z), ``rotation`` a unit quaternion
+    (qx, qy, qz, qw). Frame: right-handed, +Y up, -Z forward (OpenXR / WebXR)."""
+
+    position: Vec3
+    rotation: Quat = (0.0, 0.0, 0.0, 1.0)
+
+
+@dataclass(frozen=True, slots=True)
+class Avatar:
+    """A member's avatar as last received. ``poses`` holds every slot; ``head``, ``left`` and
+    ``right`` are slots 0, 1 and 2 (None when absent or not tracked)."""
+
+    member_id: int
+    name: str | None
+    poses: tuple[Pose | None, ...]
+    _sampler: Callable[[int, float], Avatar | None] | None = field(
+        default=None, repr=False, compare=False
+    )
+
+    @property
+    def head(self) -> Pose | None:
+        return self.poses[0] if self.poses else None
+
+    @property
+    def left(self) -> Pose | None:
+        return self.poses[1] if len(self.poses) > 1 else None
+
+    @property
+    def right(self) -> Pose | None:
+        return self.poses[2] if len(self.poses) > 2 else None
+
+    def sample(self, t: float) -> Avatar:
+        """This avatar at room time ``t`` (seconds), interpolated between the two buffered
+        snapshots around ``t`` (positions linearly, rotations by slerp). Use
+        ``session.render_time()`` for ``t``: the room clock now minus a small delay so that
+        there are snapshots on both sides. Before the buffer it gives the oldest state, after
+        it the newest."""
+        if self._sampler is None:
+            return self
+        out = self._sampler(self.member_id, t)
+        return self if out is None else out
+
+
+@dataclass(frozen=True, slots=True)
+class Joined:
+    """A member entered the room."""
+
+    member_id: int
+    name: str
+    type: str = "joined"
+
+
+@dataclass(frozen=True, slots=True)
+class Left:
+    """A member left (``reason``: left, disconnected, ...)."""
+
+    member_id: int
+    name: str
+    reason: str
+    type: str = "left"
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorEvent:
+    """The server refused something we sent (``code`` is a protocol ErrorCode value)."""
+
+    code: str
+    message: str
+    fatal: bool
+    type: str = "error"
+
+
+@dataclass(frozen=True, slots=True)
+class Reconnecting:
+    """The connection dropped; the SDK retries after ``delay`` seconds (attempt counts from 1)."""
+
+    attempt: int
+    delay: float
+    type: str = "reconnecting"
+
+
+@dataclass(frozen=True, slots=True)
+class Resumed:
+    """Connected again. ``same_member`` is False if the grace window had passed and we joined
+    as a new member (``member_id`` then differs from before)."""
+
+    member_id: int
+    same_member: bool
+    type: str = "resumed"
+
+
+@dataclass(frozen=True, slots=True)
+class Closed:
+    """The session ended for good (``reason`` says why); no more events follow."""
+
+    reason: str
+    type: str = "closed"
+
+
+Event = Joined | Left | ErrorEvent | Reconnecting | Resumed | Closed

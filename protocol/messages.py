@@ -1,0 +1,414 @@
+"""Frames and control messages: every message type a small dataclass, msgpack framing, strict
+validation. Decoding never raises: a bad frame becomes a :class:`ProtocolError` value.
+
+A WebSocket binary message is one frame; its first byte says what it holds:
+
+* ``0x01`` control: a msgpack map with the type under ``"t"`` (hello, welcome, ping, ...);
+* ``0x02`` state: a snapshot delta or keyframe (``protocol.snapshot``);
+* ``0x03`` pose: one member's avatar pose input, fixed layout (``encode_pose``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+import msgpack
+import numpy as np
+import numpy.typing as npt
+
+from .errors import ErrorCode, ProtocolError
+from .quant import quantize_positions, quantize_rotations, validate_poses
+from .snapshot import FRAME_STATE, MAX_SLOTS
+
+PROTOCOL_VERSION = 1
+FRAME_CONTROL = 0x01
+FRAME_POSE = 0x03
+__all__ = ["FRAME_STATE"]  # extended at the bottom
+
+#: Largest control frame a client may send.
+MAX_CONTROL_BYTES = 4096
+#: Longest room name and display name, in characters.
+MAX_NAME_CHARS = 64
+ROOM_NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+# Display names: any printable text, no control characters.
+DISPLAY_NAME_RE = re.compile(r"^[^\x00-\x1f\x7f]{1,64}$")
+
+_POSE_HEADER = struct.Struct("<BBHI")  # kind, reserved (0), present mask, sequence
+POSE_HEADER_SIZE = _POSE_HEADER.size
+POSE_FLOATS = 7  # x, y, z, qx, qy, qz, qw
+POSE_SLOT_BYTES = POSE_FLOATS * 4
+
+
+def pose_frame_size(slots: int) -> int:
+    """Exact byte length of a pose frame for an entity with ``slots`` pose slots."""
+    return POSE_HEADER_SIZE + slots * POSE_SLOT_BYTES
+
+
+# --------------------------------------------------------------------------- field validation
+
+
+@dataclass(frozen=True, slots=True)
+class Spec:
+    """How one message field is checked on decode."""
+
+    kind: str  # "int", "float", "str", "bool", "members", "any_int_list"
+    lo: float | None = None
+    hi: float | None = None
+    max_len: int | None = None
+    pattern: re.Pattern[str] | None = None
+    optional: bool = False
+
+
+def _spec(kind: str, **kw: Any) -> Any:
+    default = kw.pop("default", None)
+    has_default = "optional" in kw and kw["optional"]
+    meta = {"spec": Spec(kind, **kw)}
+    if has_default:
+        return field(default=default, metadata=meta)
+    return field(metadata=meta)
+
+
+def _check(name: str, spec: Spec, value: Any) -> Any:
+    if value is None:
+        if spec.optional:
+            return None
+        raise ProtocolError(ErrorCode.BAD_FIELD, f"{name} is required")
+    k = spec.kind
+    if k == "int":
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ProtocolError(ErrorCode.BAD_FIELD, f"{name} must be an integer")
+    elif k == "float":
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ProtocolError(ErrorCode.BAD_FIELD, f"{name} must be a number")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ProtocolError(ErrorCode.OUT_OF_RANGE, f"{name} must be finite")
+    elif k == "bool":
+        if not isinstance(value, bool):
+            raise ProtocolError(ErrorCode.BAD_FIELD, f"{name} must be a boolean")
+    elif k == "str":
+        if not isinstance(value, str):
+            raise ProtocolError(ErrorCode.BAD_FIELD, f"{name} must be a string")
+        if spec.max_len is not None and len(value) > spec.max_len:
+            raise ProtocolError(ErrorCode.OUT_OF_RANGE, f"{name} longer than {spec.max_len}")
+        if spec.pattern is not None and not spec.pattern.match(value):
+            raise ProtocolError(ErrorCode.OUT_OF_RANGE, f"{name} has characters not allowed")
+    elif k == "members":
+        if not isinstance(value, list) or len(value) > 10_000:
+            raise ProtocolError(ErrorCode.BAD_FIELD, f"{name} must be a list")
+        out = []
+        for item in value:
+            if not isinstance(item, dict):
+                raise ProtocolError(ErrorCode.BAD_FIELD, f"{name} entries must be maps")
+            out.append(MemberInfo.from_wire(item))
+        return tuple(out)
+    if (spec.lo is not None and value < spec.lo) or (spec.hi is not None and value > spec.hi):
+        raise ProtocolError(ErrorCode.OUT_OF_RANGE, f"{name} out of range")
+    return value
+
+
+class Message:
+    """Base of every control message. ``TYPE`` is the value of ``"t"`` on the wire."""
+
+    TYPE: ClassVar[str] = ""
+    __slots__ = ()
+
+    def to_wire(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"t": self.TYPE}
+        for f in fields(self):  # type: ignore[arg-type]
+            v = getattr(self, f.name)
+            if v is None:
+                continue
+            if f.metadata["spec"].kind == "members":
+                v = [m.to_wire() for m in v]
+            elif isinstance(v, ErrorCode):
+                v = v.value
+            out[f.name] = v
+        return out
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> Message:
+        known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
+        extra = set(data) - set(known) - {"t"}
+        if extra:
+            raise ProtocolError(
+                ErrorCode.BAD_FIELD, f"unexpected field {sorted(map(str, extra))[0]!r}"
+            )
+        kwargs = {n: _check(n, f.metadata["spec"], data.get(n)) for n, f in known.items()}
+        return cls(**kwargs)
+
+
+@dataclass(frozen=True, slots=True)
+class MemberInfo:
+    """A member as others see it."""
+
+    id: int
+    name: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"id": self.id, "name": self.name}
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> MemberInfo:
+        if set(data) != {"id", "name"}:
+            raise ProtocolError(ErrorCode.BAD_FIELD, "member entries have id and name")
+        return cls(
+            _check("id", Spec("int", lo=1, hi=2**32 - 1), data["id"]),
+            _check("name", Spec("str", max_len=MAX_NAME_CHARS), data["name"]),
+        )
+
+
+# --------------------------------------------------------------------------- client to server
+
+
+@dataclass(frozen=True, slots=True)
+class Hello(Message):
+    """First message on a connection: join ``room`` as ``name`` (or resume a member)."""
+
+    TYPE: ClassVar[str] = "hello"
+    version: int = _spec("int", lo=0, hi=65535)
+    room: str = _spec("str", pattern=ROOM_NAME_RE)
+    name: str = _spec("str", max_len=MAX_NAME_CHARS, pattern=DISPLAY_NAME_RE)
+    slots: int = _spec("int", lo=1, hi=MAX_SLOTS)
+    resume: str | None = _spec("str", max_len=128, optional=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Ping(Message):
+    """Round-trip probe; the server answers with :class:`Pong` at once."""
+
+    TYPE: ClassVar[str] = "ping"
+    id: int = _spec("int", lo=0, hi=2**32 - 1)
+    client_time: float = _spec("float")
+
+
+@dataclass(frozen=True, slots=True)
+class Leave(Message):
+    """Leave the room now (no grace window for resuming)."""
+
+    TYPE: ClassVar[str] = "leave"
+
+
+# --------------------------------------------------------------------------- server to client
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome(Message):
+    """Reply to hello: who you are, the room's tick rate and clock, who is here.
+
+    Room time of tick ``T`` is ``T / rate`` seconds; ``tick`` is the room's tick now.
+    """
+
+    TYPE: ClassVar[str] = "welcome"
+    version: int = _spec("int", lo=0, hi=65535)
+    member_id: int = _spec("int", lo=1, hi=2**32 - 1)
+    room: str = _spec("str", pattern=ROOM_NAME_RE)
+    rate: int = _spec("int", lo=1, hi=1000)
+    tick: int = _spec("int", lo=0, hi=2**32 - 1)
+    resume: str = _spec("str", max_len=128)
+    resumed: bool = _spec("bool")
+    members: tuple[MemberInfo, ...] = _spec("members")
+
+
+@dataclass(frozen=True, slots=True)
+class Joined(Message):
+    """A member entered the room."""
+
+    TYPE: ClassVar[str] = "joined"
+    member_id: int = _spec("int", lo=1, hi=2**32 - 1)
+    name: str = _spec("str", max_len=MAX_NAME_CHARS)
+
+
+@dataclass(frozen=True, slots=True)
+class Left(Message):
+    """A member left the room (``reason``: left, disconnected, timeout, ...)."""
+
+    TYPE: ClassVar[str] = "left"
+    member_id: int = _spec("int", lo=1, hi=2**32 - 1)
+    name: str = _spec("str", max_len=MAX_NAME_CHARS)
+    reason: str = _spec("str", max_len=64)
+
+
+@dataclass(frozen=True, slots=True)
+class Pong(Message):
+    """Answer to :class:`Ping`; ``room_time`` is the room clock in seconds when it was sent."""
+
+    TYPE: ClassVar[str] = "pong"
+    id: int = _spec("int", lo=0, hi=2**32 - 1)
+    client_time: float = _spec("float")
+    room_time: float = _spec("float")
+
+
+@dataclass(frozen=True, slots=True)
+class Error(Message):
+    """A typed error. ``fatal`` errors are followed by the server closing the connection."""
+
+    TYPE: ClassVar[str] = "error"
+    code: str = _spec("str", max_len=64)
+    message: str = _spec("str", max_len=1024)
+    fatal: bool = _spec("bool")
+
+    @classmethod
+    def of(cls, err: ProtocolError, fatal: bool = False) -> Error:
+        return cls(err.code.value, err.message[:1024], fatal)
+
+
+CLIENT_MESSAGES: dict[str, type[Message]] = {m.TYPE: m for m in (Hello, Ping, Leave)}
+SERVER_MESSAGES: dict[str, type[Message]] = {
+    m.TYPE: m for m in (Welcome, Joined, Left, Pong, Error)
+}
+
+
+def encode_message(msg: Message) -> bytes:
+    """A control frame: ``0x01`` then the msgpack map."""
+    return bytes((FRAME_CONTROL,)) + msgpack.packb(msg.to_wire(), use_bin_type=True)
+
+
+def decode_message(
+    frame: bytes | bytearray | memoryview,
+    registry: dict[str, type[Message]] = CLIENT_MESSAGES,
+    max_bytes: int = MAX_CONTROL_BYTES,
+) -> Message | ProtocolError:
+    """Decode a control frame; any problem comes back as a :class:`ProtocolError` value."""
+    if len(frame) > max_bytes:
+        return ProtocolError(ErrorCode.OVERSIZED, f"control frame over {max_bytes} bytes")
+    if len(frame) < 2 or frame[0] != FRAME_CONTROL:
+        return ProtocolError(ErrorCode.MALFORMED, "not a control frame")
+    try:
+        data = msgpack.unpackb(
+            memoryview(frame)[1:],
+            raw=False,
+            strict_map_key=True,
+            max_array_len=1024,
+            max_map_len=64,
+            max_str_len=max_bytes,
+            max_bin_len=0,
+            max_ext_len=0,
+        )
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+        return ProtocolError(ErrorCode.MALFORMED, f"bad msgpack: {type(exc).__name__}")
+    except Exception as exc:  # msgpack raises a few odd types on hostile input
+        return ProtocolError(ErrorCode.MALFORMED, f"bad msgpack: {type(exc).__name__}")
+    if not isinstance(data, dict):
+        return ProtocolError(ErrorCode.MALFORMED, "control frame is not a map")
+    kind = data.get("t")
+    if not isinstance(kind, str):
+        return ProtocolError(ErrorCode.BAD_FIELD, "missing message type 't'")
+    cls = registry.get(kind)
+    if cls is None:
+        return ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown message type {kind[:32]!r}")
+    try:
+        return cls.from_wire(data)
+    except ProtocolError as err:
+        return err
+    except (TypeError, ValueError) as exc:  # e.g. unhashable keys in nested maps
+        return ProtocolError(ErrorCode.BAD_FIELD, f"bad {kind} message: {type(exc).__name__}")
+
+
+# --------------------------------------------------------------------------- pose input
+
+
+PoseTuple = tuple[Sequence[float], Sequence[float]]
+
+
+def encode_pose(seq: int, poses: Sequence[PoseTuple | None]) -> bytes:
+    """A pose frame: sequence number and one (position, quaternion) or None per slot."""
+    mask = 0
+    floats: list[float] = []
+    for i, p in enumerate(poses):
+        if p is None:
+            floats.extend((0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0))
+            continue
+        mask |= 1 << i
+        floats.extend(p[0])
+        floats.extend(p[1])
+    if len(floats) != POSE_FLOATS * len(poses):
+        raise ValueError("each pose is a 3-vector and a 4-vector")
+    return _POSE_HEADER.pack(FRAME_POSE, 0, mask, seq & 0xFFFFFFFF) + struct.pack(
+        f"<{len(floats)}f", *floats
+    )
+
+
+def pose_sequence(frame: bytes) -> int:
+    """Sequence number of a pose frame whose length was already checked."""
+    return int.from_bytes(frame[4:8], "little")
+
+
+def check_pose_frame(frame: bytes, slots: int) -> ProtocolError | None:
+    """Cheap structural check done on arrival; values are validated in the tick's batch."""
+    if len(frame) != pose_frame_size(slots):
+        code = ErrorCode.OVERSIZED if len(frame) > pose_frame_size(slots) else ErrorCode.MALFORMED
+        return ProtocolError(code, f"pose frame must be {pose_frame_size(slots)} bytes")
+    if frame[1] != 0:
+        return ProtocolError(ErrorCode.MALFORMED, "reserved byte must be 0")
+    mask = frame[2] | (frame[3] << 8)
+    if mask >> slots:
+        return ProtocolError(ErrorCode.OUT_OF_RANGE, "present mask names a slot we do not have")
+    return None
+
+
+@dataclass(slots=True)
+class PoseBatch:
+    """Many pose frames of one slot count, validated and quantized together."""
+
+    ok: npt.NDArray[np.bool_]  # (M,) frame accepted
+    present: npt.NDArray[np.bool_]  # (M, S)
+    pos: npt.NDArray[np.int32]  # (M, S, 3) mm
+    rot_index: npt.NDArray[np.uint8]  # (M, S)
+    rot: npt.NDArray[np.int32]  # (M, S, 3)
+
+
+def decode_pose_batch(frames: Sequence[bytes], slots: int) -> PoseBatch:
+    """Validate and quantize structurally checked pose frames in one vectorized pass.
+
+    A frame is refused (``ok`` False) if any present pose has a NaN or infinite value, a
+    coordinate beyond the position limit, or a quaternion whose norm is far from one.
+    """
+    dtype = np.dtype(
+        [("head", "<u1", 2), ("mask", "<u2"), ("seq", "<u4"), ("poses", "<f4", (slots, 7))]
+    )
+    arr = np.frombuffer(b"".join(frames), dtype=dtype)
+    present = (arr["mask"][:, None] >> np.arange(slots, dtype=np.uint16)) & 1 == 1
+    poses = arr["poses"].astype(np.float64)
+    pos, quat = poses[..., :3], poses[..., 3:]
+    valid = validate_poses(pos, quat) | ~present
+    ok = valid.all(axis=1)
+    use = present & ok[:, None]
+    # Absent or refused rows get a harmless identity so quantization sees no garbage.
+    pos = np.where(use[..., None], pos, 0.0)
+    quat = np.where(use[..., None], quat, np.array([0.0, 0.0, 0.0, 1.0]))
+    rot_index, rot = quantize_rotations(quat)
+    return PoseBatch(ok, use, quantize_positions(pos), rot_index, rot)
+
+
+__all__ += [
+    "CLIENT_MESSAGES",
+    "FRAME_CONTROL",
+    "FRAME_POSE",
+    "MAX_CONTROL_BYTES",
+    "PROTOCOL_VERSION",
+    "SERVER_MESSAGES",
+    "Error",
+    "Hello",
+    "Joined",
+    "Leave",
+    "Left",
+    "MemberInfo",
+    "Message",
+    "Ping",
+    "Pong",
+    "PoseBatch",
+    "Welcome",
+    "check_pose_frame",
+    "decode_message",
+    "decode_pose_batch",
+    "encode_message",
+    "encode_pose",
+    "pose_frame_size",
+    "pose_sequence",
+]

@@ -1,0 +1,68 @@
+"""The aiohttp application: ``/ws`` for rooms, ``/health`` and ``/metrics``.
+
+``create_app()`` returns a plain :class:`aiohttp.web.Application`, so medverse can run on its
+own (``medverse serve``) or be mounted in another aiohttp app with ``add_subapp``.
+"""
+
+from __future__ import annotations
+
+import json
+
+from aiohttp import web
+
+from .config import ServerConfig
+from .metrics import Metrics
+from .session import CLOSE_GOING_AWAY, websocket_handler
+from .world import World
+
+WORLD_KEY = web.AppKey("medverse.world", World)
+CONFIG_KEY = web.AppKey("medverse.config", ServerConfig)
+
+
+async def _health(request: web.Request) -> web.Response:
+    world = request.app[WORLD_KEY]
+    body = {
+        "status": "ok",
+        "rooms": len(world.rooms),
+        "members": sum(len(r.members) for r in world.rooms.values()),
+        "tick": world.tick_no,
+        "tick_rate": world.config.tick_rate,
+    }
+    return web.Response(text=json.dumps(body), content_type="application/json")
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    world = request.app[WORLD_KEY]
+    return web.Response(
+        body=world.metrics.render(),
+        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
+    )
+
+
+def create_app(config: ServerConfig | None = None) -> web.Application:
+    """Build the medverse application with ``config`` (embedded defaults if None)."""
+    cfg = config or ServerConfig()
+    app = web.Application()
+    world = World(cfg, Metrics())
+    app[CONFIG_KEY] = cfg
+    app[WORLD_KEY] = world
+    app.router.add_get("/ws", websocket_handler)
+    app.router.add_get("/health", _health)
+    app.router.add_get("/metrics", _metrics)
+
+    async def on_startup(app: web.Application) -> None:
+        world.start()
+
+    async def on_shutdown(app: web.Application) -> None:
+        for room in list(world.rooms.values()):
+            for m in list(room.members.values()):
+                if m.session is not None:
+                    await m.session.ws.close(code=CLOSE_GOING_AWAY, message=b"server shutting down")
+
+    async def on_cleanup(app: web.Application) -> None:
+        await world.stop()
+
+    app.on_startup.append(on_startup)
+    app.on_shutdown.append(on_shutdown)
+    app.on_cleanup.append(on_cleanup)
+    return app

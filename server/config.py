@@ -1,0 +1,67 @@
+"""Server settings: embedded defaults, overridable by ``MEDVERSE_*`` variables and flags."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """Every knob of the room server, with the defaults a single machine wants.
+
+    Each field can be set from the environment as ``MEDVERSE_<FIELD>`` (upper case).
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8750
+    #: Room tick rate in Hz (10-90).
+    tick_rate: int = 30
+    #: Seconds a room stays open after its last member left.
+    room_linger: float = 10.0
+    #: Seconds a dropped member may reconnect and keep its member id.
+    resume_grace: float = 15.0
+    max_members_per_room: int = 256
+    #: Seconds a new connection has to send its hello.
+    handshake_timeout: float = 5.0
+    #: Largest WebSocket message accepted from a client, bytes.
+    max_frame_bytes: int = 16 * 1024
+    #: A member whose unsent bytes exceed this skips state ticks until it catches up.
+    send_soft_limit: int = 64 * 1024
+    #: A member whose unsent bytes exceed this is disconnected (memory stays bounded).
+    send_hard_limit: int = 1024 * 1024
+    #: Kernel send buffer per connection, bytes (0: the OS default, which autotunes to
+    #: megabytes). Kept small so a slow reader backs up into our latest-wins skip logic instead
+    #: of queueing seconds of stale state in the kernel.
+    socket_send_buffer: int = 256 * 1024
+    #: Error replies per second per connection; more are dropped, not queued.
+    error_reply_rate: float = 20.0
+    #: WebSocket ping interval in seconds (0 turns it off).
+    heartbeat: float = 20.0
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if not 10 <= self.tick_rate <= 90:
+            raise ValueError("tick_rate must be between 10 and 90 Hz")
+        if not 0 < self.port < 65536:
+            raise ValueError("port must be 1-65535")
+        if self.send_soft_limit > self.send_hard_limit:
+            raise ValueError("send_soft_limit must not exceed send_hard_limit")
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> ServerConfig:
+        """Defaults, then ``MEDVERSE_*`` environment variables, then explicit overrides."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(f"MEDVERSE_{f.name.upper()}")
+            if raw is None:
+                continue
+            kind = type(getattr(cls(), f.name))
+            try:
+                values[f.name] = kind(raw)
+            except ValueError as exc:
+                raise ValueError(f"MEDVERSE_{f.name.upper()}: {exc}") from None
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return replace(cls(), **values)

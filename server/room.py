@@ -1,0 +1,117 @@
+"""Rooms and their members: membership, lifecycle and the per-room part of the fan-out."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from protocol.messages import Joined, Left, MemberInfo, Message, encode_message
+from protocol.snapshot import state_header
+
+from .wsframe import binary_frame
+
+if TYPE_CHECKING:
+    from .session import Session
+    from .world import World
+
+
+@dataclass(eq=False)
+class Member:
+    """One member of a room. ``session`` is None while the member may still resume."""
+
+    id: int
+    name: str
+    slots: int
+    room: Room
+    index: int  # row block in the world's entity table
+    session: Session | None = None
+    resume_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    last_seq: int = -1
+    needs_keyframe: bool = True
+    grace: asyncio.TimerHandle | None = None
+
+    def info(self) -> MemberInfo:
+        return MemberInfo(self.id, self.name)
+
+
+class Room:
+    """A room: created on first join, closed ``linger`` seconds after its last member left.
+
+    The entity state lives in the world's arrays; the room keeps who is in it, turns the world
+    encoder's body for its segment into frames, and writes them to its members.
+    """
+
+    def __init__(self, world: World, name: str, segment: int, tick0: int) -> None:
+        self.world = world
+        self.name = name
+        self.segment = segment
+        self.tick0 = tick0  # world tick at which this room's clock starts
+        self.members: dict[int, Member] = {}
+        self._next_id = 1
+        self._last_tick: int | None = None  # room tick of the last frame sent
+        self.close_timer: asyncio.TimerHandle | None = None
+        self.keyframe_wanted = False
+
+    def room_tick(self, world_tick: int) -> int:
+        return world_tick - self.tick0
+
+    def new_member_id(self) -> int:
+        mid = self._next_id
+        self._next_id += 1
+        return mid
+
+    def others(self, member: Member) -> list[MemberInfo]:
+        return [m.info() for m in self.members.values() if m is not member]
+
+    def broadcast(self, msg: Message, exclude: Member | None = None) -> None:
+        """Send a control message to every connected member (built once)."""
+        frame = binary_frame(encode_message(msg))
+        for m in self.members.values():
+            if m is not exclude and m.session is not None:
+                m.session.write(frame)
+
+    def announce_join(self, member: Member) -> None:
+        self.broadcast(Joined(member.id, member.name), exclude=member)
+
+    def announce_leave(self, member: Member, reason: str) -> None:
+        self.broadcast(Left(member.id, member.name, reason), exclude=member)
+
+    def send_state(self, world_tick: int, body: bytes, keyframe_body: bytes | None) -> None:
+        """Write this tick's delta to every member; keyframes to those who need one.
+
+        Latest wins: a member whose socket has more than the soft limit unsent gets nothing
+        this tick and a keyframe once it has caught up, so nothing queues behind a slow reader.
+        """
+        tick = world_tick - self.tick0
+        gap = 0 if self._last_tick is None else tick - self._last_tick
+        self._last_tick = tick
+        if not 0 < gap <= 255:
+            for m in self.members.values():
+                m.needs_keyframe = True
+        delta = binary_frame(state_header(tick, gap, False) + body) if 0 < gap <= 255 else None
+        key = binary_frame(state_header(tick, 0, True) + keyframe_body) if keyframe_body else None
+        soft = self.world.config.send_soft_limit
+        wanted = False
+        for m in self.members.values():
+            s = m.session
+            if s is None:
+                continue
+            if s.transport_backlog() > soft:
+                if not m.needs_keyframe:
+                    m.needs_keyframe = True
+                    self.world.skipped += 1
+                wanted = True
+                continue
+            if m.needs_keyframe:
+                if key is None:
+                    wanted = True
+                    continue
+                s.write(key)
+                m.needs_keyframe = False
+                self.world.keyframes_sent += 1
+            elif delta is not None:
+                s.write(delta)
+                self.world.deltas_sent += 1
+        self.keyframe_wanted = wanted
