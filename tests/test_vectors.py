@@ -202,8 +202,8 @@ class SpecState:
 
 
 def _absent() -> Row:
-    return {"present": False, "pos": [0] * 3, "idx": 0, "rot": [0] * 3, "vpos": [0] * 3,
-            "vrot": [0] * 3}  # fmt: skip
+    zero = [0, 0, 0]
+    return {"present": False, "pos": zero, "idx": 0, "rot": zero, "vpos": zero, "vrot": zero}
 
 
 def spec_decode(frame: bytes, state: SpecState | None) -> SpecState:
@@ -234,8 +234,10 @@ def spec_decode(frame: bytes, state: SpecState | None) -> SpecState:
     for i in flag_idx:
         flag_vals[i] = r.fixed(8)
     changed = [r.fixed(1) if k else 1 for k in kept]
-    modes = [[r.fixed(2) if c else 0 for _ in range(new[i][0])] for i, c in zip(ids, changed,
-             strict=True)]  # fmt: skip
+    modes = [
+        [r.fixed(2) if c else 0 for _ in range(new[i][0])]
+        for i, c in zip(ids, changed, strict=True)
+    ]
     rows: list[list[Row]] = []
     n_values = 0
     for i, k, ms in zip(ids, kept, modes, strict=True):
@@ -249,8 +251,8 @@ def spec_decode(frame: bytes, state: SpecState | None) -> SpecState:
             row = _absent()
             row.update(src=src, was=was, pp=pp, rp=rp, i0=i0, mode=mode)
             if mode == 0:
-                row.update(present=was, pos=pp if was else [0] * 3, rot=rp if was else [0] * 3,
-                           idx=i0)  # fmt: skip
+                if was:
+                    row.update(present=True, pos=pp, rot=rp, idx=i0)
             elif mode == 1:
                 assert was and not key
                 row.update(present=True, idx=i0)
