@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 from aiohttp import web
 
 from .config import ServerConfig
@@ -20,14 +21,28 @@ CONFIG_KEY = web.AppKey("medverse.config", ServerConfig)
 
 
 async def _health(request: web.Request) -> web.Response:
+    """Liveness and a summary; ``?ticks=N`` adds work-time percentiles of the last N ticks."""
     world = request.app[WORLD_KEY]
-    body = {
+    body: dict[str, object] = {
         "status": "ok",
         "rooms": len(world.rooms),
         "members": sum(len(r.members) for r in world.rooms.values()),
         "tick": world.tick_no,
         "tick_rate": world.config.tick_rate,
+        "tick_overruns": world.overruns,
     }
+    try:
+        n = int(request.query.get("ticks", "0"))
+    except ValueError:
+        raise web.HTTPBadRequest(text="ticks must be an integer") from None
+    if n > 0 and world.tick_work:
+        work = np.array(world.tick_work[-n:]) * 1000.0
+        body["tick_work_ms"] = {
+            "ticks": int(work.size),
+            "p50": round(float(np.percentile(work, 50)), 3),
+            "p99": round(float(np.percentile(work, 99)), 3),
+            "max": round(float(work.max()), 3),
+        }
     return web.Response(text=json.dumps(body), content_type="application/json")
 
 

@@ -63,6 +63,7 @@ class World:
         self.keyframes_sent = 0
         self.deltas_sent = 0
         self.tick_work: list[float] = []  # recent tick work times, seconds (bounded)
+        self.overruns = 0  # ticks skipped because the loop fell behind
 
     # ----------------------------------------------------------------- clock
 
@@ -305,6 +306,7 @@ class World:
             if late >= period:
                 skip = int(late / period)
                 n += skip
+                self.overruns += skip
                 self.metrics.tick_overruns.inc(skip)
             self.tick_no = n
             t0 = time.perf_counter()
@@ -315,8 +317,8 @@ class World:
             work = time.perf_counter() - t0
             self.metrics.tick_seconds.observe(work)
             self.tick_work.append(work)
-            if len(self.tick_work) > 4096:
-                del self.tick_work[:2048]
+            if len(self.tick_work) > 16384:
+                del self.tick_work[:8192]
             self._flush_counters()
 
     def start(self) -> None:

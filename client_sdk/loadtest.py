@@ -1,0 +1,447 @@
+"""``medverse loadtest``: simulated headsets against a server, in their own process.
+
+Each simulated headset is a lean WebSocket client (an asyncio protocol speaking RFC 6455 and the
+medverse protocol directly, so one process can drive a thousand of them) that joins a room and
+sends head and hand poses at the tick rate, following :mod:`client_sdk.motion`. Every headset
+counts the state frames and bytes it receives and any tick it missed; a few "probe" headsets per
+room also decode the state and measure pose-to-peer latency: the time from a sender handing a
+pose to its socket to a probe receiving a state frame with that exact (quantized) pose.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import math
+import os
+import random
+import struct
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from protocol.errors import ProtocolError
+from protocol.messages import (
+    FRAME_CONTROL,
+    FRAME_POSE,
+    PROTOCOL_VERSION,
+    SERVER_MESSAGES,
+    Error,
+    Hello,
+    Welcome,
+    decode_message,
+    encode_message,
+)
+from protocol.quant import quantize_positions
+from protocol.snapshot import FRAME_STATE, SnapshotDecoder
+
+from .motion import room_trajectories
+
+_STATE_TICK = struct.Struct("<I")
+_POSE_HEADER = struct.Struct("<BBHI")
+_ALL_PRESENT = 0b111
+
+
+def _default_trace() -> str | None:
+    env = os.environ.get("MEDVERSE_TRACE")
+    candidates = [env] if env else []
+    here = Path(__file__).resolve().parent.parent
+    candidates += [
+        str(p / "shared/data/questset_head_right_60hz.csv")
+        for p in (here.parent, Path.cwd().parent)
+    ]
+    for c in candidates:
+        if c and Path(c).is_file():
+            return c
+    return None
+
+
+@dataclass
+class Stats:
+    """What one headset saw; counters are reset when the measurement window opens."""
+
+    frames: int = 0
+    bytes: int = 0
+    missed_ticks: int = 0
+    errors: int = 0
+    latencies: list[float] = field(default_factory=list)
+
+
+class Headset(asyncio.Protocol):
+    """One simulated headset: a minimal RFC 6455 client speaking the medverse protocol."""
+
+    def __init__(self, run: LoadRun, index: int, room: str, probe: bool) -> None:
+        self.run = run
+        self.index = index
+        self.room = room
+        self.probe = probe
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.upgraded = False
+        self.member_id = 0
+        self.joined = asyncio.get_running_loop().create_future()
+        self.closed = False
+        self.seq = 0
+        self.last_tick: int | None = None
+        self.stats = Stats()
+        self.decoder = SnapshotDecoder() if probe else None
+        self.sent_keys: dict[bytes, float] = {}
+        self._key_order: deque[bytes] = deque()
+        self._key = base64.b64encode(os.urandom(16)).decode()
+
+    # ----------------------------------------------------------------- wire
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        host = self.run.host
+        transport.write(
+            (
+                f"GET {self.run.path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n"
+                f"Connection: Upgrade\r\nSec-WebSocket-Key: {self._key}\r\n"
+                "Sec-WebSocket-Version: 13\r\n\r\n"
+            ).encode()
+        )
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if not self.joined.done():
+            self.joined.set_exception(ConnectionError("connection lost before welcome"))
+
+    def send(self, payload: bytes) -> None:
+        """One masked binary frame (clients must mask, RFC 6455 section 5.3)."""
+        t = self.transport
+        if t is None or self.closed:
+            return
+        n = len(payload)
+        mask = random.getrandbits(32)
+        mask_bytes = mask.to_bytes(4, "little")
+        reps = (n + 3) // 4
+        masked = (
+            int.from_bytes(payload, "little")
+            ^ int.from_bytes(mask_bytes * reps, "little") & ((1 << (8 * n)) - 1)
+        ).to_bytes(n, "little")
+        if n < 126:
+            head = bytes((0x82, 0x80 | n))
+        else:
+            head = struct.pack("!BBH", 0x82, 0x80 | 126, n)
+        t.write(head + mask_bytes + masked)
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf
+        buf += data
+        if not self.upgraded:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            if not buf.startswith(b"HTTP/1.1 101"):
+                self.run.fail(f"upgrade refused: {bytes(buf[:40])!r}")
+                assert self.transport is not None
+                self.transport.close()
+                return
+            del buf[: end + 4]
+            self.upgraded = True
+            self.send(encode_message(Hello(PROTOCOL_VERSION, self.room, f"h{self.index}", 3)))
+        pos = 0
+        n = len(buf)
+        while n - pos >= 2:
+            b1 = buf[pos + 1] & 0x7F
+            hdr = 2
+            if b1 == 126:
+                if n - pos < 4:
+                    break
+                b1 = int.from_bytes(buf[pos + 2 : pos + 4], "big")
+                hdr = 4
+            elif b1 == 127:
+                if n - pos < 10:
+                    break
+                b1 = int.from_bytes(buf[pos + 2 : pos + 10], "big")
+                hdr = 10
+            if n - pos < hdr + b1:
+                break
+            opcode = buf[pos] & 0x0F
+            payload = bytes(buf[pos + hdr : pos + hdr + b1])
+            pos += hdr + b1
+            if opcode == 0x2:
+                self.on_message(payload, hdr + b1)
+            elif opcode == 0x9:  # ping: answer with a masked pong
+                assert self.transport is not None
+                self.transport.write(bytes((0x8A, 0x80 | len(payload))) + b"\0\0\0\0" + payload)
+            elif opcode == 0x8:
+                self.closed = True
+                assert self.transport is not None
+                self.transport.close()
+                break
+        del buf[:pos]
+
+    # ----------------------------------------------------------------- protocol
+
+    def on_message(self, data: bytes, wire: int) -> None:
+        kind = data[0]
+        st = self.stats
+        if kind == FRAME_STATE:
+            st.frames += 1
+            st.bytes += wire
+            tick = _STATE_TICK.unpack_from(data, 2)[0]
+            if self.last_tick is not None and tick - self.last_tick > 1:
+                st.missed_ticks += tick - self.last_tick - 1
+            self.last_tick = tick
+            if self.decoder is not None:
+                try:
+                    snap = self.decoder.decode(data)
+                except ProtocolError:
+                    st.errors += 1
+                    return
+                self.run.match_latency(self, snap, time.perf_counter())
+        elif kind == FRAME_CONTROL:
+            st.bytes += wire
+            m = decode_message(data, SERVER_MESSAGES, max_bytes=1 << 24)
+            if isinstance(m, Welcome):
+                self.member_id = m.member_id
+                if not self.joined.done():
+                    self.joined.set_result(m)
+            elif isinstance(m, Error) or isinstance(m, ProtocolError):
+                st.errors += 1
+                if isinstance(m, Error) and m.fatal and not self.joined.done():
+                    self.joined.set_exception(ConnectionError(f"{m.code}: {m.message}"))
+
+    def send_pose(self, floats: bytes, qkey: bytes | None) -> None:
+        self.seq += 1
+        self.send(_POSE_HEADER.pack(FRAME_POSE, 0, _ALL_PRESENT, self.seq) + floats)
+        if qkey is not None:
+            now = time.perf_counter()
+            if qkey not in self.sent_keys:
+                self._key_order.append(qkey)
+                if len(self._key_order) > 90:
+                    self.sent_keys.pop(self._key_order.popleft(), None)
+            self.sent_keys[qkey] = now
+
+
+class LoadRun:
+    """A whole load test: connections, the send schedule, measurement and the report."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        url = args.url.rstrip("/")
+        if "://" not in url:
+            url = "ws://" + url
+        rest = url.split("://", 1)[1]
+        hostport, _, path = rest.partition("/")
+        self.host = hostport
+        self.addr, _, port = hostport.rpartition(":")
+        self.port = int(port) if port else 80
+        self.path = "/" + (path or "ws")
+        self.rate = args.rate
+        self.headsets: list[Headset] = []
+        self.by_member: dict[tuple[str, int], Headset] = {}
+        self.failures: list[str] = []
+        self.measuring = False
+
+    def fail(self, why: str) -> None:
+        self.failures.append(why)
+
+    def match_latency(self, probe: Headset, snap: Any, now: float) -> None:
+        if not self.measuring:
+            return
+        ids = snap.ids.tolist()
+        start = snap.row_start.tolist()
+        pos = snap.pos
+        for mid, r0, k in zip(ids, start, snap.slots.tolist(), strict=True):
+            if mid == probe.member_id or k != 3:
+                continue
+            sender = self.by_member.get((probe.room, mid))
+            if sender is None:
+                continue
+            key = pos[r0 : r0 + 3].tobytes()
+            sent = sender.sent_keys.pop(key, None)
+            if sent is not None:
+                probe.stats.latencies.append(now - sent)
+
+    async def run(self) -> dict[str, Any]:
+        a = self.args
+        n = a.clients
+        room_size = a.room_size or n
+        rooms = math.ceil(n / room_size)
+        trace = a.trace or _default_trace()
+        steps = int(min(a.seconds + a.warmup + 30, 120) * self.rate)
+        times = np.arange(steps) / self.rate
+        t0 = time.perf_counter()
+        pos, quat = room_trajectories(n, times, trace, seed=a.seed)
+        poses = np.concatenate([pos, quat], axis=-1).astype(np.float32)  # (T, n, 3, 7)
+        self.frames = np.ascontiguousarray(poses.reshape(steps, n, 21))
+        # Keys as the server will quantize them: from the float32 values actually sent.
+        self.qkeys = quantize_positions(poses[..., :3].astype(np.float64)).astype(np.int64)
+        prep = time.perf_counter() - t0
+        loop = asyncio.get_running_loop()
+        probes_per_room = max(1, a.probes // rooms) if rooms <= a.probes else 1
+        probe_rooms = set(range(min(rooms, a.probes)))
+        for i in range(n):
+            r = i // room_size
+            room = f"{a.room}-{r}" if rooms > 1 else a.room
+            probe = r in probe_rooms and (i % room_size) < probes_per_room
+            h = Headset(self, i, room, probe)
+            self.headsets.append(h)
+        self.watched = np.zeros(n, np.bool_)
+        for r in probe_rooms:
+            self.watched[r * room_size : (r + 1) * room_size] = True
+        # Connect in batches so the accept queue is not flooded.
+        for k in range(0, n, 50):
+            batch = self.headsets[k : k + 50]
+            await asyncio.gather(
+                *(loop.create_connection(lambda h=h: h, self.addr, self.port) for h in batch)
+            )
+            await asyncio.gather(*(h.joined for h in batch))
+        for h in self.headsets:
+            self.by_member[(h.room, h.member_id)] = h
+        sender = loop.create_task(self._send_loop())
+        report: dict[str, Any] = {}
+        try:
+            await asyncio.sleep(a.warmup)
+            for h in self.headsets:
+                h.stats = Stats()
+            self.measuring = True
+            if a.markers:
+                print("medverse-loadtest: window start", file=sys.stderr, flush=True)
+            w0 = time.perf_counter()
+            next_print = w0 + 1.0
+            while (now := time.perf_counter()) - w0 < a.seconds:
+                await asyncio.sleep(max(0.0, min(next_print, w0 + a.seconds) - now))
+                if time.perf_counter() >= next_print:
+                    self._progress(time.perf_counter() - w0)
+                    next_print += 1.0
+            window = time.perf_counter() - w0
+            self.measuring = False
+            if a.markers:
+                print("medverse-loadtest: window end", file=sys.stderr, flush=True)
+            report = self._report(window, rooms, room_size, prep)
+        finally:
+            sender.cancel()
+            for h in self.headsets:
+                if h.transport is not None:
+                    h.transport.close()
+        if not a.quiet:
+            sys.stderr.write("\n")
+        return report
+
+    async def _send_loop(self) -> None:
+        """Every headset sends at the tick rate; phases are spread over the period."""
+        groups = 8
+        period = 1.0 / self.rate
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        step = 0
+        n = len(self.headsets)
+        frames = self.frames
+        qkeys = self.qkeys
+        watched = self.watched
+        steps = frames.shape[0]
+        while True:
+            g = step % groups
+            t_idx = (step // groups) % steps
+            row = frames[t_idx]
+            krow = qkeys[t_idx]
+            for i in range(g, n, groups):
+                h = self.headsets[i]
+                h.send_pose(row[i].tobytes(), krow[i].tobytes() if watched[i] else None)
+            step += 1
+            delay = start + step * period / groups - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+
+    def _progress(self, elapsed: float) -> None:
+        if self.args.quiet:
+            return
+        hs = self.headsets
+        frames = sum(h.stats.frames for h in hs)
+        nbytes = sum(h.stats.bytes for h in hs)
+        lat = [x for h in hs for x in h.stats.latencies]
+        p50 = np.percentile(lat, 50) * 1000 if lat else float("nan")
+        p99 = np.percentile(lat, 99) * 1000 if lat else float("nan")
+        alive = sum(not h.closed for h in hs)
+        line = (
+            f"\r{elapsed:5.1f}s  headsets {alive}/{len(hs)}  "
+            f"state {frames / elapsed / len(hs):5.1f}/s each  "
+            f"down {nbytes / elapsed / len(hs) / 1024:7.2f} KB/s each  "
+            f"latency p50 {p50:5.1f} ms p99 {p99:5.1f} ms  "
+            f"missed {sum(h.stats.missed_ticks for h in hs)}  "
+            f"errors {sum(h.stats.errors for h in hs)}   "
+        )
+        sys.stderr.write(line if sys.stderr.isatty() else line.strip() + "\n")
+        sys.stderr.flush()
+
+    def _report(self, window: float, rooms: int, room_size: int, prep: float) -> dict[str, Any]:
+        hs = self.headsets
+        fps = np.array([h.stats.frames / window for h in hs])
+        down = np.array([h.stats.bytes / window for h in hs])
+        lat = np.array([x for h in hs for x in h.stats.latencies]) * 1000
+        missed = sum(h.stats.missed_ticks for h in hs)
+        expected = window * self.rate
+        return {
+            "clients": len(hs),
+            "room_size": room_size,
+            "rooms": rooms,
+            "rate": self.rate,
+            "seconds": round(window, 3),
+            "connected": sum(not h.closed for h in hs),
+            "state_frames_per_client_per_s_median": round(float(np.median(fps)), 3),
+            "state_frames_per_client_per_s_min": round(float(fps.min()), 3),
+            "down_bytes_per_client_per_s": round(float(np.median(down)), 1),
+            "latency_samples": int(lat.size),
+            "latency_ms_p50": round(float(np.percentile(lat, 50)), 2) if lat.size else None,
+            "latency_ms_p99": round(float(np.percentile(lat, 99)), 2) if lat.size else None,
+            "latency_ms_max": round(float(lat.max()), 2) if lat.size else None,
+            "missed_ticks": int(missed),
+            "errors": int(sum(h.stats.errors for h in hs)),
+            "rate_held": bool(missed == 0 and fps.min() >= 0.97 * expected / window),
+            "probes": sum(h.probe for h in hs),
+            "motion_prep_seconds": round(prep, 2),
+            "failures": self.failures[:10],
+        }
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of ``medverse loadtest``."""
+    p.add_argument("--url", default="ws://127.0.0.1:8750", help="server URL (path defaults to /ws)")
+    p.add_argument("--room", default="load", help="room name (a prefix with --room-size)")
+    p.add_argument("--clients", type=int, default=10, help="simulated headsets")
+    p.add_argument("--seconds", type=float, default=10.0, help="measurement window")
+    p.add_argument("--room-size", type=int, default=0, help="headsets per room (0: all in one)")
+    p.add_argument("--rate", type=int, default=30, help="poses per second per headset")
+    p.add_argument("--warmup", type=float, default=2.0, help="seconds before measuring")
+    p.add_argument("--probes", type=int, default=8, help="headsets that decode and time poses")
+    p.add_argument("--trace", default=None, help="head trace CSV (default: shared/data)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--json", default=None, help="write the report here")
+    p.add_argument("--quiet", action="store_true", help="no live progress line")
+    p.add_argument(
+        "--markers", action="store_true", help="say on stderr when measuring starts/ends"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run a load test; print the report as JSON (and write it to ``--json``)."""
+    from server.cli import run_loop
+
+    out: dict[str, Any] = {}
+
+    async def main() -> None:
+        out.update(await LoadRun(args).run())
+
+    run_loop(main())
+    text = json.dumps(out, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    return 0 if out.get("connected") == out.get("clients") else 1
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="medverse loadtest")
+    add_arguments(parser)
+    sys.exit(run(parser.parse_args()))
