@@ -51,18 +51,37 @@ def quantize_rotations(
     so of the eight floor/ceil combinations we keep the one closest to the true rotation, which
     bounds the error at about 0.15 degrees with the same 10 bits.
     """
-    q = np.asarray(quat, dtype=np.float64)
-    q = q / np.linalg.norm(q, axis=-1, keepdims=True)
-    index = np.argmax(np.abs(q), axis=-1)
-    largest = np.take_along_axis(q, index[..., None], axis=-1)
-    q = np.where(largest < 0, -q, q)
-    comps = np.take_along_axis(q, _OTHERS[index], axis=-1)
-    base = np.floor((comps + _HALF_SQRT2) * (ROTATION_MAX / (2 * _HALF_SQRT2)))
-    cands = np.clip(base[..., None, :] + _CORNERS, 0, ROTATION_MAX)  # (..., 8, 3)
-    decoded = dequantize_rotations(np.broadcast_to(index[..., None], cands.shape[:-1]), cands)
-    closeness = np.abs(np.sum(decoded * q[..., None, :], axis=-1))
-    best = np.argmax(closeness, axis=-1)
-    codes = np.take_along_axis(cands, best[..., None, None], axis=-2)[..., 0, :]
+    q4 = np.asarray(quat, dtype=np.float64)
+    lead = q4.shape[:-1]
+    q = q4.reshape(-1, 4)
+    q = q / np.sqrt(np.einsum("ij,ij->i", q, q))[:, None]
+    n = q.shape[0]
+    rows = np.arange(n)
+    index = np.argmax(np.abs(q), axis=1)
+    big = q[rows, index]
+    sign = np.where(big < 0, -1.0, 1.0)
+    big = big * sign  # the dropped component, made non-negative
+    others = _OTHERS[index]
+    scale = 2 * _HALF_SQRT2 / ROTATION_MAX
+    # Component-major (3, n) arrays: numpy is slow at reducing a tiny last axis.
+    comps = q[rows[None, :], others.T] * sign
+    base = np.maximum(np.floor((comps + _HALF_SQRT2) / scale), 0.0)
+    # The eight floor/ceil candidates of each component: (3, n, 8).
+    cands = np.minimum(base[:, :, None] + _CORNERS.T[:, None, :], ROTATION_MAX)
+    # Closeness |<decoded, q>| of each candidate, in the space of the sent components: the
+    # decoded quaternion is (c, sqrt(1 - |c|^2)), or c / |c| when |c| > 1.
+    c = cands * scale - _HALF_SQRT2
+    s = c[0] * c[0] + c[1] * c[1] + c[2] * c[2]
+    rebuilt = np.sqrt(np.maximum(1.0 - s, 0.0))
+    dot = (
+        c[0] * comps[0][:, None]
+        + c[1] * comps[1][:, None]
+        + c[2] * comps[2][:, None]
+        + rebuilt * big[:, None]
+    )
+    best = np.argmax(np.abs(dot) / np.sqrt(np.maximum(s, 1.0)), axis=1)
+    codes = cands[:, rows, best].T.reshape(*lead, 3)
+    index = index.reshape(lead)
     return index.astype(np.uint8), codes.astype(np.int32)
 
 

@@ -92,26 +92,48 @@ class Room:
                 m.needs_keyframe = True
         delta = binary_frame(state_header(tick, gap, False) + body) if 0 < gap <= 255 else None
         key = binary_frame(state_header(tick, 0, True) + keyframe_body) if keyframe_body else None
-        soft = self.world.config.send_soft_limit
+        world = self.world
+        soft = world.config.send_soft_limit
         wanted = False
+        sent = 0
+        # The common case (delta to a member that keeps up) is two C calls; the rest is rare.
         for m in self.members.values():
             s = m.session
             if s is None:
                 continue
-            if s.transport_backlog() > soft:
-                if not m.needs_keyframe:
-                    m.needs_keyframe = True
-                    self.world.skipped += 1
-                wanted = True
+            t = s.transport
+            if (
+                m.needs_keyframe
+                or delta is None
+                or t.is_closing()
+                or t.get_write_buffer_size() > soft
+            ):
+                wanted |= self._send_slow(m, s, delta, key, soft)
                 continue
-            if m.needs_keyframe:
-                if key is None:
-                    wanted = True
-                    continue
-                s.write(key)
+            t.write(delta)
+            sent += 1
+        if sent:
+            world.sent_bytes += sent * len(delta)  # type: ignore[arg-type]
+            world.deltas_sent += sent
+        self.keyframe_wanted = wanted
+
+    def _send_slow(
+        self, m: Member, s: Session, delta: bytes | None, key: bytes | None, soft: int
+    ) -> bool:
+        """A member that needs a keyframe or is behind; returns True if it still wants one."""
+        if s.transport_backlog() > soft:
+            if not m.needs_keyframe:
+                m.needs_keyframe = True
+                self.world.skipped += 1
+            return True
+        if m.needs_keyframe:
+            if key is None:
+                return True
+            if s.write(key):
                 m.needs_keyframe = False
                 self.world.keyframes_sent += 1
-            elif delta is not None:
-                s.write(delta)
-                self.world.deltas_sent += 1
-        self.keyframe_wanted = wanted
+            return m.needs_keyframe
+        if delta is not None:
+            s.write(delta)
+            self.world.deltas_sent += 1
+        return False

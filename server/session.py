@@ -9,7 +9,7 @@ import socket
 import time
 from typing import TYPE_CHECKING
 
-from aiohttp import WSMsgType, web
+from aiohttp import web
 
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.messages import (
@@ -31,6 +31,7 @@ from protocol.messages import (
 )
 
 from .wsframe import binary_frame
+from .wsproto import OP_BINARY, OP_PING, WebSocketConnection, control_frame
 
 if TYPE_CHECKING:
     from .room import Member
@@ -49,20 +50,35 @@ CLOSE_REPLACED = 4002
 
 
 class Session:
-    """Server side of one connection. Never lets an exception escape into the room."""
+    """Server side of one connection, driven by :class:`WebSocketConnection` callbacks.
 
-    def __init__(self, world: World, ws: web.WebSocketResponse, request: web.Request) -> None:
+    Never lets an exception escape into the room: a bug while handling one message is logged and
+    answered with an ``internal`` error.
+    """
+
+    def __init__(self, world: World, conn: WebSocketConnection, peer: str | None) -> None:
         self.world = world
-        self.ws = ws
-        self.transport = request.transport
-        self.peer = request.remote
+        self.conn = conn
+        self.transport = conn.transport
+        self.peer = peer
         self.member: Member | None = None
         self._closed = False
-        self._close_task: asyncio.Future[bool] | None = None
+        self._handshake_timer: asyncio.TimerHandle | None = None
+        self._heartbeat_timer: asyncio.TimerHandle | None = None
+        self._last_rx = 0.0
         cfg = world.config
         # Token bucket for error replies: a flood of bad frames gets a few answers, not a queue.
         self._err_tokens = cfg.error_reply_rate
         self._err_stamp = time.monotonic()
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._last_rx = loop.time()
+        self._handshake_timer = loop.call_later(
+            self.world.config.handshake_timeout, self._handshake_timeout
+        )
+        if self.world.config.heartbeat > 0:
+            self._heartbeat_timer = loop.call_later(self.world.config.heartbeat, self._heartbeat)
 
     # ----------------------------------------------------------------- output
 
@@ -81,7 +97,7 @@ class Session:
             self.world.metrics.slow_disconnects.inc()
             log.info("closing %s: %d bytes unsent", self.peer, t.get_write_buffer_size())
             self._closed = True
-            t.abort()  # the peer is not reading; a close frame would only queue behind the rest
+            self.conn.abort()  # the peer is not reading; a close frame would only queue
             return False
         t.write(frame)
         self.world.sent_bytes += len(frame)
@@ -101,55 +117,76 @@ class Session:
         self._err_tokens -= 1
         self.send(Error.of(err, fatal))
 
+    def close(self, code: int, reason: bytes) -> None:
+        self._closed = True
+        self.conn.close(code, reason)
+
     def detach(self, reason: str) -> None:
         """Another connection took over this member; close this one."""
         self.member = None
-        self._closed = True
-        self._close_task = asyncio.ensure_future(
-            self.ws.close(code=CLOSE_REPLACED, message=reason.encode()[:120])
-        )
+        self.close(CLOSE_REPLACED, reason.encode()[:120])
+
+    # ----------------------------------------------------------------- timers
+
+    def _handshake_timeout(self) -> None:
+        self._handshake_timer = None
+        if self.member is None and not self._closed:
+            self.send_error(ProtocolError(ErrorCode.HANDSHAKE_TIMEOUT, "no hello in time"), True)
+            self.close(CLOSE_HANDSHAKE_TIMEOUT, b"handshake timeout")
+
+    def _heartbeat(self) -> None:
+        """Ping the peer; close a connection that has been silent for two intervals."""
+        loop = asyncio.get_running_loop()
+        interval = self.world.config.heartbeat
+        if self._closed:
+            return
+        if loop.time() - self.conn.last_rx > 2 * interval:
+            log.info("closing %s: silent for %.0f s", self.peer, loop.time() - self.conn.last_rx)
+            self.close(CLOSE_GOING_AWAY, b"heartbeat timeout")
+            return
+        self.write(control_frame(OP_PING))
+        self._heartbeat_timer = loop.call_later(interval, self._heartbeat)
 
     # ----------------------------------------------------------------- input
 
-    async def run(self) -> None:
-        """Handshake, then read until the connection ends."""
-        ws = self.ws
-        world = self.world
+    def on_message(self, opcode: int, data: bytes) -> None:
+        """One complete WebSocket message from the peer."""
+        self.world.received_bytes += len(data)
+        if self._closed:
+            return
         try:
-            msg = await asyncio.wait_for(ws.receive(), world.config.handshake_timeout)
-        except TimeoutError:
-            self.send_error(ProtocolError(ErrorCode.HANDSHAKE_TIMEOUT, "no hello in time"), True)
-            await ws.close(code=CLOSE_HANDSHAKE_TIMEOUT, message=b"handshake timeout")
+            if opcode != OP_BINARY:
+                err = ProtocolError(ErrorCode.MALFORMED, "binary frames only")
+                if self.member is None:
+                    self._refuse(err, CLOSE_PROTOCOL, b"binary frames only")
+                else:
+                    self.send_error(err)
+            elif self.member is None:
+                self._on_hello(data)
+            else:
+                self._on_binary(data)
+        except Exception:  # a bug handling one message must not take the server down
+            log.exception("session %s: error handling a message", self.peer)
+            self.send_error(ProtocolError(ErrorCode.INTERNAL, "internal error"))
+
+    def _refuse(self, err: ProtocolError, code: int, reason: bytes) -> None:
+        self.send_error(err, True)
+        self.close(code, reason)
+
+    def _on_hello(self, data: bytes) -> None:
+        hello = decode_message(data, CLIENT_MESSAGES)
+        if isinstance(hello, ProtocolError):
+            self._refuse(hello, CLOSE_PROTOCOL, b"bad handshake")
             return
-        if msg.type != WSMsgType.BINARY:
-            if msg.type in (WSMsgType.TEXT,):
-                self.send_error(ProtocolError(ErrorCode.MALFORMED, "binary frames only"), True)
-                await ws.close(code=CLOSE_PROTOCOL, message=b"binary frames only")
+        if not isinstance(hello, Hello):
+            err = ProtocolError(ErrorCode.HANDSHAKE_REQUIRED, "the first message must be hello")
+            self._refuse(err, CLOSE_PROTOCOL, b"bad handshake")
             return
-        world.received_bytes += len(msg.data)
-        hello = decode_message(msg.data, CLIENT_MESSAGES)
-        if isinstance(hello, ProtocolError) or not isinstance(hello, Hello):
-            err = (
-                hello
-                if isinstance(hello, ProtocolError)
-                else ProtocolError(ErrorCode.HANDSHAKE_REQUIRED, "the first message must be hello")
-            )
-            self.send_error(err, True)
-            await ws.close(code=CLOSE_PROTOCOL, message=b"bad handshake")
-            return
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
         if not self._handshake(hello):
-            await ws.close(code=CLOSE_POLICY, message=b"join refused")
-            return
-        try:
-            async for msg in ws:
-                if msg.type == WSMsgType.BINARY:
-                    self._on_binary(msg.data)
-                elif msg.type == WSMsgType.TEXT:
-                    self.send_error(ProtocolError(ErrorCode.MALFORMED, "binary frames only"))
-                if self._closed:
-                    break
-        finally:
-            self._on_close()
+            self.close(CLOSE_POLICY, b"join refused")
 
     def _handshake(self, hello: Hello) -> bool:
         world = self.world
@@ -202,7 +239,6 @@ class Session:
 
     def _on_binary(self, data: bytes) -> None:
         world = self.world
-        world.received_bytes += len(data)
         member = self.member
         if member is None or not data:
             return
@@ -226,7 +262,7 @@ class Session:
             elif isinstance(msg, Leave):
                 world.leave(member, "left")
                 self.member = None
-                self._closed = True  # the read loop stops and the handler closes normally
+                self.close(CLOSE_NORMAL, b"left")
             elif isinstance(msg, Hello):
                 self.send_error(ProtocolError(ErrorCode.ALREADY_JOINED, "already joined"))
             else:
@@ -236,7 +272,12 @@ class Session:
         else:
             self.send_error(ProtocolError(ErrorCode.MALFORMED, f"unknown frame kind 0x{kind:02x}"))
 
-    def _on_close(self) -> None:
+    def on_close(self) -> None:
+        """The connection ended (either side)."""
+        self._closed = True
+        for timer in (self._handshake_timer, self._heartbeat_timer):
+            if timer is not None:
+                timer.cancel()
         member = self.member
         self.member = None
         if member is not None and member.session is self:
@@ -244,30 +285,30 @@ class Session:
 
 
 async def websocket_handler(request: web.Request) -> web.StreamResponse:
-    """``GET /ws``: upgrade and run a session."""
+    """``GET /ws``: aiohttp does the opening handshake, then our parser takes the transport."""
     from .app import WORLD_KEY
 
     world = request.app[WORLD_KEY]
     cfg = world.config
     ws = web.WebSocketResponse(
-        compress=False,
-        max_msg_size=cfg.max_frame_bytes,
-        heartbeat=cfg.heartbeat or None,
-        autoping=True,
+        compress=False, max_msg_size=cfg.max_frame_bytes, autoping=False, heartbeat=None
     )
     await ws.prepare(request)
-    sock = request.transport.get_extra_info("socket") if request.transport else None
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        return ws
+    sock = transport.get_extra_info("socket")
     if sock is not None and cfg.socket_send_buffer > 0:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, cfg.socket_send_buffer)
+    conn = WebSocketConnection(cfg.max_frame_bytes)
+    session = Session(world, conn, request.remote)
+    conn.attach(transport, session)  # type: ignore[arg-type]
+    session.transport = transport  # type: ignore[assignment]
+    session.start()
     world.metrics.connections.inc()
-    session = Session(world, ws, request)
     try:
-        await session.run()
-    except Exception:
-        log.exception("session %s failed", request.remote)
+        await conn.closed
     finally:
         world.metrics.connections.dec()
-        if not ws.closed:
-            await ws.close()
     return ws
