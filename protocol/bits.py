@@ -52,16 +52,36 @@ def exp_golomb_fields(
 
 
 def pack_bits(values: U64, widths: npt.NDArray[np.int64]) -> bytes:
-    """Each value in its width, most significant bit first, zero-padded to whole bytes."""
-    total = int(widths.sum())
+    """Each value in its width, most significant bit first, zero-padded to whole bytes.
+
+    Works per field, not per bit: each field is shifted into place within a 64-bit word (and
+    the next one, if it crosses), and the fields of a word are summed (their bits never overlap,
+    so the sum is their OR). Widths must be at most 57 bits and values must fit their widths.
+    """
+    if values.size == 0:
+        return b""
+    values = np.asarray(values, dtype=np.uint64)
+    widths = np.asarray(widths, dtype=np.int64)
+    ends = np.cumsum(widths)
+    total = int(ends[-1])
     if total == 0:
         return b""
-    owner = np.repeat(np.arange(values.size), widths)
-    starts = np.cumsum(widths) - widths
-    pos = np.arange(total, dtype=np.int64) - starts[owner]
-    shift = (widths[owner] - 1 - pos).astype(np.uint64)
-    bits = ((values[owner] >> shift) & np.uint64(1)).astype(np.uint8)
-    return np.packbits(bits).tobytes()
+    starts = ends - widths
+    word = starts >> 6
+    room = 64 - (starts & 63)  # bits left in the field's first word
+    over = widths - room  # > 0: bits spilling into the next word
+    fits = over <= 0
+    left = np.where(fits, -over, 0).astype(np.uint64)
+    right = np.where(fits, 0, over).astype(np.uint64)
+    head = (values >> right) << left
+    out = np.zeros(int(word[-1]) + 2, dtype=np.uint64)
+    first = np.flatnonzero(np.r_[True, word[1:] != word[:-1]])
+    out[word[first]] = np.add.reduceat(head, first)
+    spill = np.flatnonzero(~fits)
+    if spill.size:
+        # At most one field crosses each word boundary, so these targets are distinct.
+        out[word[spill] + 1] += values[spill] << (64 - right[spill])
+    return out.astype(">u8").tobytes()[: (total + 7) // 8]
 
 
 class BitReader:
