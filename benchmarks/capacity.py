@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import secrets
 import socket
 import subprocess
 import sys
@@ -54,7 +55,13 @@ def _pin(pid: int, cpu: int) -> None:
 
 def run_one(clients: int, room_size: int, seconds: float) -> dict[str, Any]:
     port = _free_port()
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    # Real join tokens: the server checks one per headset, the load generator mints them.
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(ROOT),
+        MEDVERSE_AUTH_SECRET=secrets.token_urlsafe(48),
+        MEDVERSE_MAX_CONNECTIONS_PER_ADDRESS=str(clients + 16),  # every headset is 127.0.0.1
+    )
     server = subprocess.Popen(
         [
             sys.executable,

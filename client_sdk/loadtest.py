@@ -147,7 +147,10 @@ class Headset(asyncio.Protocol):
                 return
             del buf[: end + 4]
             self.upgraded = True
-            self.send(encode_message(Hello(PROTOCOL_VERSION, self.room, f"h{self.index}", 3)))
+            token = self.run.token_for(self.room, self.index)
+            self.send(
+                encode_message(Hello(PROTOCOL_VERSION, self.room, f"h{self.index}", 3, None, token))
+            )
         pos = 0
         n = len(buf)
         while n - pos >= 2:
@@ -242,6 +245,15 @@ class LoadRun:
         self.by_member: dict[tuple[str, int], Headset] = {}
         self.failures: list[str] = []
         self.measuring = False
+
+    def token_for(self, room: str, index: int) -> str | None:
+        """A join token for a headset (when the server wants them and we know its secret)."""
+        secret = self.args.secret or os.environ.get("MEDVERSE_AUTH_SECRET")
+        if not secret:
+            return None
+        from server.auth import mint_token
+
+        return mint_token(secret.encode(), room=room, identity=f"headset-{index}", ttl=3600)
 
     def fail(self, why: str) -> None:
         self.failures.append(why)
@@ -418,6 +430,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace", default=None, help="head trace CSV (default: shared/data)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--json", default=None, help="write the report here")
+    p.add_argument(
+        "--secret", default=None, help="token secret to mint join tokens (env MEDVERSE_AUTH_SECRET)"
+    )
     p.add_argument("--quiet", action="store_true", help="no live progress line")
     p.add_argument(
         "--markers", action="store_true", help="say on stderr when measuring starts/ends"

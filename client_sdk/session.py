@@ -51,6 +51,9 @@ _FINAL_CODES = {
     ErrorCode.HANDSHAKE_REQUIRED.value,
     ErrorCode.BAD_FIELD.value,
     ErrorCode.OUT_OF_RANGE.value,
+    ErrorCode.UNAUTHORIZED.value,
+    ErrorCode.TOKEN_EXPIRED.value,
+    ErrorCode.TOO_MANY_CONNECTIONS.value,
 }
 
 
@@ -104,6 +107,8 @@ class Session:
         history: int = 64,
         connect_timeout: float = 10.0,
         ping_interval: float = 2.0,
+        token: str | None = None,
+        ssl: Any = None,
     ) -> None:
         self.url = _ws_url(url)
         self.room = room
@@ -113,6 +118,8 @@ class Session:
         self.max_backoff = max_backoff
         self.connect_timeout = connect_timeout
         self.ping_interval = ping_interval
+        self.token = token
+        self._ssl = ssl
         self.member_id: int = 0
         self.rate: int = 30
         self.rtt: float | None = None
@@ -195,9 +202,12 @@ class Session:
             compress=0,
             max_msg_size=8 * 1024 * 1024,
             timeout=aiohttp.ClientWSTimeout(ws_close=2.0),
+            ssl=self._ssl if self._ssl is not None else True,
         )
         try:
-            hello = Hello(PROTOCOL_VERSION, self.room, self.name, self.slots, self._resume)
+            hello = Hello(
+                PROTOCOL_VERSION, self.room, self.name, self.slots, self._resume, self.token
+            )
             await ws.send_bytes(encode_message(hello))
             welcome = await asyncio.wait_for(self._await_welcome(ws), self.connect_timeout)
         except BaseException:
@@ -512,6 +522,8 @@ def connect(url: str, room: str, name: str, **options: Any) -> Session:
     session.start()`` and ``await session.close()`` yourself. Options: ``slots`` (pose slots of
     your avatar: 3 for head and hands, 1 for a desktop head), ``reconnect`` (default True),
     ``max_backoff`` (seconds), ``interpolation_delay`` (seconds), ``history`` (snapshots kept
-    for sampling), ``connect_timeout``, ``ping_interval``.
+    for sampling), ``connect_timeout``, ``ping_interval``, ``token`` (the signed join token;
+    required unless the server runs without authentication), ``ssl`` (an ``ssl.SSLContext``
+    for ``wss://`` servers with their own certificate authority).
     """
     return Session(url, room, name, **options)

@@ -22,6 +22,11 @@ class ErrorCode(enum.StrEnum):
     HANDSHAKE_TIMEOUT = "handshake_timeout"  # no hello in time; the connection is closed
     ROOM_FULL = "room_full"  # the room has its maximum number of members
     BAD_RESUME = "bad_resume"  # resume token unknown or expired; join as a new member instead
+    UNAUTHORIZED = "unauthorized"  # join token missing, forged, or for another room
+    TOKEN_EXPIRED = "token_expired"  # join token past its expiry
+    FORBIDDEN = "forbidden"  # the member's role and grants do not allow this action
+    RATE_LIMITED = "rate_limited"  # over the member's message or byte rate
+    TOO_MANY_CONNECTIONS = "too_many_connections"  # over the per-address connection limit
     STALE_INPUT = "stale_input"  # pose sequence number not newer than the last one applied
     TOO_SLOW = "too_slow"  # the member's connection cannot keep up and was closed
     SHUTTING_DOWN = "shutting_down"  # the server is stopping

@@ -176,6 +176,7 @@ class Hello(Message):
     name: str = _spec("str", max_len=MAX_NAME_CHARS, pattern=DISPLAY_NAME_RE)
     slots: int = _spec("int", lo=1, hi=MAX_SLOTS)
     resume: str | None = _spec("str", max_len=128, optional=True)
+    token: str | None = _spec("str", max_len=2048, optional=True)
 
 
 @dataclass(frozen=True, slots=True)

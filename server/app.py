@@ -7,14 +7,19 @@ own (``medverse serve``) or be mounted in another aiohttp app with ``add_subapp`
 from __future__ import annotations
 
 import json
+import logging
+from pathlib import Path
 
 import numpy as np
 from aiohttp import web
 
+from .auth import SECRET_FILE, TokenVerifier, load_or_create_secret
 from .config import ServerConfig
 from .metrics import Metrics
 from .session import CLOSE_GOING_AWAY, websocket_handler
 from .world import World
+
+log = logging.getLogger("medverse")
 
 WORLD_KEY = web.AppKey("medverse.world", World)
 CONFIG_KEY = web.AppKey("medverse.config", ServerConfig)
@@ -54,11 +59,27 @@ async def _metrics(request: web.Request) -> web.Response:
     )
 
 
+def make_verifier(cfg: ServerConfig) -> TokenVerifier | None:
+    """The join-token verifier the settings ask for (None only with ``no_auth``)."""
+    if cfg.no_auth:
+        log.warning("authentication is OFF: anyone who can reach this server can join any room")
+        return None
+    if cfg.auth_public_key:
+        return TokenVerifier(public_key_pem=Path(cfg.auth_public_key).read_bytes())
+    if cfg.auth_secret:
+        return TokenVerifier(secret=cfg.auth_secret.encode())
+    secret, created = load_or_create_secret(cfg.data_dir)
+    if created:
+        log.info("created a token secret in %s", Path(cfg.data_dir) / SECRET_FILE)
+    return TokenVerifier(secret=secret)
+
+
 def create_app(config: ServerConfig | None = None) -> web.Application:
     """Build the medverse application with ``config`` (embedded defaults if None)."""
     cfg = config or ServerConfig()
     app = web.Application()
     world = World(cfg, Metrics())
+    world.verifier = make_verifier(cfg)
     app[CONFIG_KEY] = cfg
     app[WORLD_KEY] = world
     app.router.add_get("/ws", websocket_handler)

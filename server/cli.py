@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import signal
+import ssl
 import sys
 from dataclasses import fields
 
@@ -24,12 +25,50 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     defaults = ServerConfig()
     for f in fields(ServerConfig):
         value = getattr(defaults, f.name)
-        p.add_argument(
-            "--" + f.name.replace("_", "-"),
-            type=type(value),
-            default=None,
-            help=f"(default {value!r}; env MEDVERSE_{f.name.upper()})",
+        flag = "--" + f.name.replace("_", "-")
+        env = f"env MEDVERSE_{f.name.upper()}"
+        if isinstance(value, bool):
+            p.add_argument(flag, action="store_const", const=True, default=None, help=f"({env})")
+        else:
+            p.add_argument(flag, type=type(value), default=None, help=f"(default {value!r}; {env})")
+
+
+def _add_token(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "token",
+        help="mint a join token",
+        description=(
+            "Print an HS256 join token signed with the deployment secret (MEDVERSE_AUTH_SECRET, "
+            "or the secret in the data directory)."
+        ),
+    )
+    p.add_argument("--room", required=True)
+    p.add_argument("--identity", required=True, help="the token's subject (who this is)")
+    p.add_argument("--name", default=None, help="display name others see (default: identity)")
+    p.add_argument("--role", default="participant", choices=["host", "participant", "observer"])
+    p.add_argument("--ttl", default="1h", help="lifetime: 90s, 30m, 1h, 2d")
+    p.add_argument("--grants", default=None, help="comma-separated grants replacing the role's")
+    p.add_argument("--data-dir", default=None, help="(env MEDVERSE_DATA_DIR)")
+
+
+def _token(args: argparse.Namespace) -> int:
+    from .auth import load_or_create_secret, mint_token, parse_ttl
+
+    cfg = ServerConfig.from_env(data_dir=args.data_dir)
+    secret = cfg.auth_secret.encode() if cfg.auth_secret else load_or_create_secret(cfg.data_dir)[0]
+    grants = [g.strip() for g in args.grants.split(",") if g.strip()] if args.grants else None
+    print(
+        mint_token(
+            secret,
+            room=args.room,
+            identity=args.identity,
+            name=args.name,
+            role=args.role,
+            ttl=parse_ttl(args.ttl),
+            grants=grants,
         )
+    )
+    return 0
 
 
 async def _serve(cfg: ServerConfig) -> None:
@@ -40,11 +79,23 @@ async def _serve(cfg: ServerConfig) -> None:
     app = create_app(cfg)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, cfg.host, cfg.port)
+    ssl_ctx = None
+    if cfg.tls_cert:
+        ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ssl_ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
+    site = web.TCPSite(runner, cfg.host, cfg.port, ssl_context=ssl_ctx)
     await site.start()
-    logging.getLogger("medverse").info(
-        "medverse serving on ws://%s:%d/ws (tick %d Hz)", cfg.host, cfg.port, cfg.tick_rate
+    log = logging.getLogger("medverse")
+    scheme = "wss" if ssl_ctx else "ws"
+    log.info(
+        "medverse serving on %s://%s:%d/ws (tick %d Hz)", scheme, cfg.host, cfg.port, cfg.tick_rate
     )
+    if not cfg.no_auth and not cfg.auth_secret and not cfg.auth_public_key:
+        from .auth import load_or_create_secret, mint_token
+
+        secret, _ = load_or_create_secret(cfg.data_dir)
+        token = mint_token(secret, room="demo", identity="dev", name="Developer", role="host")
+        log.info("development token for room 'demo' (host, 1 h): %s", token)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -67,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="medverse", description="medverse telepresence server")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve(sub)
+    _add_token(sub)
     try:
         from client_sdk.loadtest import add_arguments as add_loadtest
     except ImportError:
@@ -85,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         run_loop(_serve(cfg))
         return 0
+    if args.command == "token":
+        return _token(args)
     if args.command == "loadtest":
         from client_sdk.loadtest import run as run_loadtest
 

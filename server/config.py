@@ -40,6 +40,28 @@ class ServerConfig:
     #: WebSocket ping interval in seconds (0 turns it off).
     heartbeat: float = 20.0
     log_level: str = "info"
+    #: Where the server keeps what must survive a restart (the generated token secret).
+    data_dir: str = "medverse-data"
+    #: HS256 secret for join tokens (at least 32 bytes). Empty: a secret is generated in the
+    #: data directory on first start (unless a public key is given or auth is off).
+    auth_secret: str = ""
+    #: PEM file of an Ed25519 or RSA public key whose holder signs join tokens (EdDSA/RS256).
+    auth_public_key: str = ""
+    #: Accept joins without a token. For local development only; logged as a warning.
+    no_auth: bool = False
+    #: Open connections allowed from one IP address (0: unlimited).
+    max_connections_per_address: int = 256
+    #: Messages per second per connection (sustained), and the burst allowed above it.
+    message_rate: float = 120.0
+    message_burst: float = 240.0
+    #: Bytes per second per connection (sustained), and the burst allowed above it.
+    byte_rate: float = 64 * 1024.0
+    byte_burst: float = 256 * 1024.0
+    #: Refused messages tolerated within 10 s before the connection is closed (code 4008).
+    max_violations: int = 200
+    #: TLS certificate chain and private key (PEM) to serve wss:// directly.
+    tls_cert: str = ""
+    tls_key: str = ""
 
     def __post_init__(self) -> None:
         if not 10 <= self.tick_rate <= 90:
@@ -48,6 +70,10 @@ class ServerConfig:
             raise ValueError("port must be 1-65535")
         if self.send_soft_limit > self.send_hard_limit:
             raise ValueError("send_soft_limit must not exceed send_hard_limit")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key go together")
+        if self.auth_secret and self.auth_public_key:
+            raise ValueError("give auth_secret or auth_public_key, not both")
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> ServerConfig:
@@ -60,8 +86,18 @@ class ServerConfig:
                 continue
             kind = type(getattr(cls(), f.name))
             try:
-                values[f.name] = kind(raw)
+                values[f.name] = parse_bool(raw) if kind is bool else kind(raw)
             except ValueError as exc:
                 raise ValueError(f"MEDVERSE_{f.name.upper()}: {exc}") from None
         values.update({k: v for k, v in overrides.items() if v is not None})
         return replace(cls(), **values)
+
+
+def parse_bool(text: str) -> bool:
+    """``1/true/yes/on`` or ``0/false/no/off`` (any case)."""
+    t = text.strip().lower()
+    if t in ("1", "true", "yes", "on"):
+        return True
+    if t in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected a boolean, got {text!r}")

@@ -56,6 +56,12 @@ class Metrics:
             ["code"],
             registry=r,
         )
+        self.auth_refusals = Counter(
+            "medverse_auth_refusals_total",
+            "Joins refused for their token, by code",
+            ["code"],
+            registry=r,
+        )
         self.slow_disconnects = Counter(
             "medverse_slow_disconnects_total", "Members closed for not reading", registry=r
         )

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from protocol.messages import Joined, Left, MemberInfo, Message, encode_message
 from protocol.snapshot import state_header
 
+from .auth import Identity
 from .wsframe import binary_frame
 
 if TYPE_CHECKING:
@@ -22,15 +23,23 @@ class Member:
     """One member of a room. ``session`` is None while the member may still resume."""
 
     id: int
-    name: str
+    identity: Identity
     slots: int
     room: Room
-    index: int  # row block in the world's entity table
+    index: int  # row block in the world's entity table; -1 for hidden members (no avatar)
     session: Session | None = None
     resume_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     last_seq: int = -1
     needs_keyframe: bool = True
     grace: asyncio.TimerHandle | None = None
+
+    @property
+    def name(self) -> str:
+        return self.identity.name
+
+    @property
+    def hidden(self) -> bool:
+        return self.identity.hidden
 
     def info(self) -> MemberInfo:
         return MemberInfo(self.id, self.name)
@@ -63,7 +72,8 @@ class Room:
         return mid
 
     def others(self, member: Member) -> list[MemberInfo]:
-        return [m.info() for m in self.members.values() if m is not member]
+        """The members ``member`` may know about: everyone else who is not hidden."""
+        return [m.info() for m in self.members.values() if m is not member and not m.hidden]
 
     def broadcast(self, msg: Message, exclude: Member | None = None) -> None:
         """Send a control message to every connected member (built once)."""
@@ -73,10 +83,12 @@ class Room:
                 m.session.write(frame)
 
     def announce_join(self, member: Member) -> None:
-        self.broadcast(Joined(member.id, member.name), exclude=member)
+        if not member.hidden:
+            self.broadcast(Joined(member.id, member.name), exclude=member)
 
     def announce_leave(self, member: Member, reason: str) -> None:
-        self.broadcast(Left(member.id, member.name, reason), exclude=member)
+        if not member.hidden:
+            self.broadcast(Left(member.id, member.name, reason), exclude=member)
 
     def send_state(self, world_tick: int, body: bytes, keyframe_body: bytes | None) -> None:
         """Write this tick's delta to every member; keyframes to those who need one.

@@ -30,6 +30,7 @@ from protocol.messages import (
     pose_sequence,
 )
 
+from .auth import Identity, anonymous
 from .wsframe import binary_frame
 from .wsproto import OP_BINARY, OP_PING, WebSocketConnection, control_frame
 
@@ -47,6 +48,8 @@ CLOSE_POLICY = 1008
 CLOSE_HANDSHAKE_TIMEOUT = 4000
 CLOSE_TOO_SLOW = 4001
 CLOSE_REPLACED = 4002
+CLOSE_TOO_MANY_CONNECTIONS = 4003
+CLOSE_RATE_LIMIT = 4008
 
 
 class Session:
@@ -70,6 +73,10 @@ class Session:
         # Token bucket for error replies: a flood of bad frames gets a few answers, not a queue.
         self._err_tokens = cfg.error_reply_rate
         self._err_stamp = time.monotonic()
+        self._msg_tokens = cfg.message_burst
+        self._byte_tokens = cfg.byte_burst
+        self._rate_stamp = self._err_stamp
+        self._violations = 0.0
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -161,6 +168,8 @@ class Session:
                     self._refuse(err, CLOSE_PROTOCOL, b"binary frames only")
                 else:
                     self.send_error(err)
+            elif not self._allow(len(data)):
+                return
             elif self.member is None:
                 self._on_hello(data)
             else:
@@ -199,18 +208,30 @@ class Session:
                 True,
             )
             return False
+        try:
+            identity = self._identify(hello)
+        except ProtocolError as err:
+            world.metrics.auth_refusals.labels(err.code.value).inc()
+            log.info("%s refused for room %s: %s", self.peer, hello.room, err)
+            self.send_error(err, True)
+            return False
         member = None
         resumed = False
         if hello.resume is not None:
             member = world.find_resumable(hello.resume, hello.room)
-            if member is None:
+            # With tokens, only the same subject may take a member over; without, the resume
+            # token alone is the proof.
+            if member is None or (
+                world.verifier is not None and member.identity.subject != identity.subject
+            ):
+                member = None
                 self.send_error(ProtocolError(ErrorCode.BAD_RESUME, "cannot resume; joining anew"))
             else:
                 world.resume(member, self)
                 resumed = True
         if member is None:
             try:
-                member = world.join(hello.room, hello.name, hello.slots, self)
+                member = world.join(identity, hello.slots, self)
             except ProtocolError as err:
                 self.send_error(err, True)
                 return False
@@ -237,6 +258,38 @@ class Session:
         )
         return True
 
+    def _identify(self, hello: Hello) -> Identity:
+        """Who is joining: from the verified token, or anonymous on a server without auth."""
+        verifier = self.world.verifier
+        if verifier is None:
+            return anonymous(hello.name, hello.room, f"anonymous:{self.peer}:{id(self):x}")
+        if not hello.token:
+            raise ProtocolError(ErrorCode.UNAUTHORIZED, "a join token is required")
+        return verifier.verify(hello.token, hello.room)
+
+    def _allow(self, size: int) -> bool:
+        """Token buckets for messages and bytes; too many refusals close the connection."""
+        cfg = self.world.config
+        now = time.monotonic()
+        elapsed = now - self._rate_stamp
+        self._rate_stamp = now
+        self._msg_tokens = min(cfg.message_burst, self._msg_tokens + elapsed * cfg.message_rate)
+        self._byte_tokens = min(cfg.byte_burst, self._byte_tokens + elapsed * cfg.byte_rate)
+        self._violations = max(0.0, self._violations - elapsed * cfg.max_violations / 10.0)
+        if self._msg_tokens >= 1.0 and self._byte_tokens >= size:
+            self._msg_tokens -= 1.0
+            self._byte_tokens -= size
+            return True
+        self._violations += 1.0
+        self.world.metrics.protocol_errors.labels(ErrorCode.RATE_LIMITED.value).inc()
+        if self._violations > cfg.max_violations:
+            log.info("closing %s: sustained flooding", self.peer)
+            self.send_error(ProtocolError(ErrorCode.RATE_LIMITED, "flooding; closing"), True)
+            self.close(CLOSE_RATE_LIMIT, b"rate limit")
+        else:
+            self.send_error(ProtocolError(ErrorCode.RATE_LIMITED, "message or byte rate exceeded"))
+        return False
+
     def _on_binary(self, data: bytes) -> None:
         world = self.world
         member = self.member
@@ -244,6 +297,9 @@ class Session:
             return
         kind = data[0]
         if kind == FRAME_POSE:
+            if member.hidden:
+                self.send_error(ProtocolError(ErrorCode.FORBIDDEN, "observers send no poses"))
+                return
             err = check_pose_frame(data, member.slots)
             if err is not None:
                 self.send_error(err)
@@ -305,10 +361,25 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     session = Session(world, conn, request.remote)
     conn.attach(transport, session)  # type: ignore[arg-type]
     session.transport = transport  # type: ignore[assignment]
+    addr = request.remote or "?"
+    per_addr = world.connections_by_address
+    if 0 < cfg.max_connections_per_address <= per_addr.get(addr, 0):
+        session.send_error(
+            ProtocolError(ErrorCode.TOO_MANY_CONNECTIONS, "too many connections from your address"),
+            True,
+        )
+        session.close(CLOSE_TOO_MANY_CONNECTIONS, b"too many connections")
+        return ws
+    per_addr[addr] = per_addr.get(addr, 0) + 1
     session.start()
     world.metrics.connections.inc()
     try:
         await conn.closed
     finally:
         world.metrics.connections.dec()
+        left = per_addr.get(addr, 1) - 1
+        if left > 0:
+            per_addr[addr] = left
+        else:
+            per_addr.pop(addr, None)
     return ws

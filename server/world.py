@@ -17,6 +17,7 @@ from protocol.errors import ErrorCode, ProtocolError
 from protocol.messages import decode_pose_batch
 from protocol.snapshot import MAX_SLOTS, SEGMENT_SHIFT, Snapshot, WorldEncoder
 
+from .auth import Identity, TokenVerifier
 from .config import ServerConfig
 from .metrics import Metrics
 from .room import Member, Room
@@ -64,6 +65,9 @@ class World:
         self.deltas_sent = 0
         self.tick_work: list[float] = []  # recent tick work times, seconds (bounded)
         self.overruns = 0  # ticks skipped because the loop fell behind
+        self.connections_by_address: dict[str, int] = {}
+        #: Checks join tokens; None on a server running without authentication.
+        self.verifier: TokenVerifier | None = None
 
     # ----------------------------------------------------------------- clock
 
@@ -73,8 +77,12 @@ class World:
 
     # ----------------------------------------------------------------- membership
 
-    def join(self, room_name: str, name: str, slots: int, session: Session) -> Member:
-        """Add a member to a room (creating the room); raises ProtocolError if it is full."""
+    def join(self, identity: Identity, slots: int, session: Session) -> Member:
+        """Add a member to its room (creating the room); raises ProtocolError if it is full.
+
+        Hidden members (observers) get no avatar: nothing of them is in the room's state.
+        """
+        room_name = identity.room
         room = self.rooms.get(room_name)
         if room is None:
             room = Room(self, room_name, self._next_segment, self.tick_no)
@@ -88,8 +96,8 @@ class World:
             room.close_timer.cancel()
             room.close_timer = None
         mid = room.new_member_id()
-        index = self._alloc_row(room.segment, mid, slots)
-        member = Member(mid, name, slots, room, index, session)
+        index = -1 if identity.hidden else self._alloc_row(room.segment, mid, slots)
+        member = Member(mid, identity, slots, room, index, session)
         room.members[mid] = member
         room.keyframe_wanted = True
         self._by_token[member.resume_token] = member
@@ -131,7 +139,8 @@ class World:
             member.grace = None
         del room.members[member.id]
         self._by_token.pop(member.resume_token, None)
-        self._free_row(member.index)
+        if member.index >= 0:
+            self._free_row(member.index)
         self.metrics.members.dec()
         room.announce_leave(member, reason)
         if not room.members:

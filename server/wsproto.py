@@ -20,6 +20,9 @@ OP_CLOSE = 0x8
 OP_PING = 0x9
 OP_PONG = 0xA
 
+#: Seconds to wait for the peer's close frame after sending ours.
+CLOSE_WAIT = 2.0
+
 CLOSE_PROTOCOL_ERROR = 1002
 CLOSE_TOO_BIG = 1009
 
@@ -66,7 +69,9 @@ class WebSocketConnection(asyncio.Protocol):
         self._frag_op = 0
         self._frag: list[bytes] = []
         self._frag_size = 0
-        self._closing = False
+        self._closing = False  # our close frame is sent
+        self._shut_down = False  # the transport is closing
+        self._close_timer: asyncio.TimerHandle | None = None
         self._previous: asyncio.BaseProtocol | None = None
         #: Loop time of the last bytes received (for the heartbeat).
         self.last_rx = asyncio.get_running_loop().time()
@@ -80,7 +85,10 @@ class WebSocketConnection(asyncio.Protocol):
     # ----------------------------------------------------------------- asyncio.Protocol
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._closing = True
+        self._closing = self._shut_down = True
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+            self._close_timer = None
         if self.handler is not None:
             self.handler.on_close()
         if not self.closed.done():
@@ -100,7 +108,7 @@ class WebSocketConnection(asyncio.Protocol):
         buf += data
         pos = 0
         end = len(buf)
-        while end - pos >= 6 and not self._closing:
+        while end - pos >= 6 and not self._shut_down:
             b0 = buf[pos]
             b1 = buf[pos + 1]
             length = b1 & 0x7F
@@ -133,6 +141,13 @@ class WebSocketConnection(asyncio.Protocol):
     # ----------------------------------------------------------------- frames
 
     def _frame(self, fin: int, opcode: int, payload: bytes) -> None:
+        if self._closing:
+            # We sent our close frame: wait for the peer's, discarding the rest (reading on
+            # instead of closing at once keeps the kernel from answering with a reset that
+            # would destroy our close frame before the peer reads it).
+            if opcode == OP_CLOSE:
+                self._shut()
+            return
         if opcode >= OP_CLOSE:
             if not fin or len(payload) > 125:
                 self.fail(CLOSE_PROTOCOL_ERROR, b"bad control frame")
@@ -183,15 +198,22 @@ class WebSocketConnection(asyncio.Protocol):
 
     def _shut(self) -> None:
         self._closing = True
+        self._shut_down = True
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+            self._close_timer = None
         if self.transport is not None:
             self.transport.close()
 
     def close(self, code: int = 1000, reason: bytes = b"") -> None:
-        """Send a close frame and close once it is written."""
+        """Send a close frame, then close the TCP connection when the peer answers with its
+        own (RFC 6455 section 7.1.1) or after ``CLOSE_WAIT`` seconds."""
         if self._closing:
             return
         self._write(close_frame(code, reason))
-        self._shut()
+        self._closing = True
+        loop = self.closed.get_loop()
+        self._close_timer = loop.call_later(CLOSE_WAIT, self._shut)
 
     def fail(self, code: int, reason: bytes) -> None:
         """Protocol violation: close with ``code`` at once (RFC 6455 section 7.1.7)."""
@@ -199,6 +221,6 @@ class WebSocketConnection(asyncio.Protocol):
 
     def abort(self) -> None:
         """Drop the connection without flushing (a peer that stopped reading)."""
-        self._closing = True
+        self._closing = self._shut_down = True
         if self.transport is not None:
             self.transport.abort()

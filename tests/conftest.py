@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -53,6 +54,9 @@ def run_server(**settings: object) -> Iterator[ServerProcess]:
     """Start ``medverse serve`` with MEDVERSE_* settings; stop it afterwards."""
     port = free_port()
     env = dict(os.environ)
+    env["MEDVERSE_DATA_DIR"] = tempfile.mkdtemp(prefix="medverse-test-")
+    if "auth_secret" not in settings and "auth_public_key" not in settings:
+        env["MEDVERSE_NO_AUTH"] = "1"  # most tests are about sync, not tokens
     env.update({f"MEDVERSE_{k.upper()}": str(v) for k, v in settings.items()})
     env["MEDVERSE_HOST"] = "127.0.0.1"
     env["MEDVERSE_PORT"] = str(port)
