@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -31,6 +32,7 @@ class ServerProcess:
 
     proc: subprocess.Popen[bytes]
     port: int
+    cafile: str | None = None  # set when the server speaks TLS
 
     @property
     def url(self) -> str:
@@ -38,14 +40,15 @@ class ServerProcess:
 
     @property
     def http(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.cafile else 'http'}://127.0.0.1:{self.port}"
 
     @property
     def pid(self) -> int:
         return self.proc.pid
 
     def get(self, path: str) -> str:
-        with urllib.request.urlopen(self.http + path, timeout=5) as r:
+        ctx = ssl.create_default_context(cafile=self.cafile) if self.cafile else None
+        with urllib.request.urlopen(self.http + path, timeout=5, context=ctx) as r:
             return r.read().decode()
 
 
@@ -63,7 +66,8 @@ def run_server(**settings: object) -> Iterator[ServerProcess]:
     env.setdefault("MEDVERSE_LOG_LEVEL", "warning")
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], env=env, cwd=ROOT)
-    server = ServerProcess(proc, port)
+    cafile = str(settings["tls_cert"]) if settings.get("tls_cert") else None
+    server = ServerProcess(proc, port, cafile)
     deadline = time.monotonic() + 20
     try:
         while True:
