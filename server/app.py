@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from aiohttp import web
 
+from .audit import AuditLog
 from .auth import SECRET_FILE, TokenVerifier, load_or_create_secret
 from .config import ServerConfig
 from .metrics import Metrics
@@ -87,6 +88,8 @@ def create_app(config: ServerConfig | None = None) -> web.Application:
     app.router.add_get("/metrics", _metrics)
 
     async def on_startup(app: web.Application) -> None:
+        world.audit = AuditLog(cfg.data_dir, retention_days=cfg.audit_retention_days)
+        world.audit.append("server_start", auth="off" if cfg.no_auth else "tokens")
         world.start()
 
     async def on_shutdown(app: web.Application) -> None:
@@ -97,6 +100,10 @@ def create_app(config: ServerConfig | None = None) -> web.Application:
 
     async def on_cleanup(app: web.Application) -> None:
         await world.stop()
+        if world.audit is not None:
+            world.audit.append("server_stop")
+            world.audit.close()
+            world.audit = None
 
     app.on_startup.append(on_startup)
     app.on_shutdown.append(on_shutdown)

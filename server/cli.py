@@ -51,6 +51,37 @@ def _add_token(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-dir", default=None, help="(env MEDVERSE_DATA_DIR)")
 
 
+def _add_audit(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("audit", help="check or prove the audit log")
+    asub = p.add_subparsers(dest="audit_command", required=True)
+    v = asub.add_parser("verify", help="recompute the Merkle tree and check every signed head")
+    v.add_argument("--data-dir", default=None, help="(env MEDVERSE_DATA_DIR)")
+    pr = asub.add_parser("prove", help="print an inclusion proof of entry N")
+    pr.add_argument("entry", type=int)
+    pr.add_argument("--data-dir", default=None, help="(env MEDVERSE_DATA_DIR)")
+
+
+def _audit(args: argparse.Namespace) -> int:
+    import json
+
+    from .audit import prove, verify
+
+    data_dir = ServerConfig.from_env(data_dir=args.data_dir).data_dir
+    if args.audit_command == "verify":
+        report = verify(data_dir)
+        print(f"{report.entries} entries, signed tree heads up to {report.signed_size}")
+        for problem in report.problems:
+            print("TAMPERED:", problem)
+        print("OK: the log is intact" if report.ok else f"{len(report.problems)} problem(s) found")
+        return 0 if report.ok else 1
+    try:
+        print(json.dumps(prove(data_dir, args.entry), indent=2))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _token(args: argparse.Namespace) -> int:
     from .auth import load_or_create_secret, mint_token, parse_ttl
 
@@ -119,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve(sub)
     _add_token(sub)
+    _add_audit(sub)
     try:
         from client_sdk.loadtest import add_arguments as add_loadtest
     except ImportError:
@@ -139,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "token":
         return _token(args)
+    if args.command == "audit":
+        return _audit(args)
     if args.command == "loadtest":
         from client_sdk.loadtest import run as run_loadtest
 

@@ -59,6 +59,9 @@ class ServerConfig:
     byte_burst: float = 256 * 1024.0
     #: Refused messages tolerated within 10 s before the connection is closed (code 4008).
     max_violations: int = 200
+    #: Days to keep audit entries' content (their hashes stay so the log still verifies);
+    #: 0 keeps everything.
+    audit_retention_days: float = 0.0
     #: TLS certificate chain and private key (PEM) to serve wss:// directly.
     tls_cert: str = ""
     tls_key: str = ""

@@ -102,6 +102,7 @@ class Session:
             return False
         if t.get_write_buffer_size() > self.world.config.send_hard_limit:
             self.world.metrics.slow_disconnects.inc()
+            self.world.record("closed_not_reading", peer=self.peer)
             log.info("closing %s: %d bytes unsent", self.peer, t.get_write_buffer_size())
             self._closed = True
             self.conn.abort()  # the peer is not reading; a close frame would only queue
@@ -212,6 +213,7 @@ class Session:
             identity = self._identify(hello)
         except ProtocolError as err:
             world.metrics.auth_refusals.labels(err.code.value).inc()
+            world.record("join_refused", room=hello.room, peer=self.peer, code=err.code.value)
             log.info("%s refused for room %s: %s", self.peer, hello.room, err)
             self.send_error(err, True)
             return False
@@ -284,6 +286,12 @@ class Session:
         self.world.metrics.protocol_errors.labels(ErrorCode.RATE_LIMITED.value).inc()
         if self._violations > cfg.max_violations:
             log.info("closing %s: sustained flooding", self.peer)
+            self.world.record(
+                "closed_flooding",
+                room=self.member.room.name if self.member else None,
+                actor=self.member.identity.subject if self.member else None,
+                peer=self.peer,
+            )
             self.send_error(ProtocolError(ErrorCode.RATE_LIMITED, "flooding; closing"), True)
             self.close(CLOSE_RATE_LIMIT, b"rate limit")
         else:
@@ -364,6 +372,7 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     addr = request.remote or "?"
     per_addr = world.connections_by_address
     if 0 < cfg.max_connections_per_address <= per_addr.get(addr, 0):
+        world.record("connection_refused", peer=addr, reason="too many connections")
         session.send_error(
             ProtocolError(ErrorCode.TOO_MANY_CONNECTIONS, "too many connections from your address"),
             True,

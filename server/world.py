@@ -17,6 +17,7 @@ from protocol.errors import ErrorCode, ProtocolError
 from protocol.messages import decode_pose_batch
 from protocol.snapshot import MAX_SLOTS, SEGMENT_SHIFT, Snapshot, WorldEncoder
 
+from .audit import AuditLog
 from .auth import Identity, TokenVerifier
 from .config import ServerConfig
 from .metrics import Metrics
@@ -68,6 +69,8 @@ class World:
         self.connections_by_address: dict[str, int] = {}
         #: Checks join tokens; None on a server running without authentication.
         self.verifier: TokenVerifier | None = None
+        #: The tamper-evident audit log (opened when the app starts).
+        self.audit: AuditLog | None = None
 
     # ----------------------------------------------------------------- clock
 
@@ -102,8 +105,28 @@ class World:
         room.keyframe_wanted = True
         self._by_token[member.resume_token] = member
         self.metrics.members.inc()
+        self.record(
+            "join",
+            room=room_name,
+            actor=identity.subject,
+            subject=str(mid),
+            name=identity.name,
+            role=identity.role,
+        )
         room.announce_join(member)
         return member
+
+    def record(self, kind: str, **fields: object) -> None:
+        """Append to the audit log (if open); never lets logging break a session."""
+        if self.audit is None:
+            return
+        room = fields.pop("room", None)
+        actor = fields.pop("actor", None)
+        subject = fields.pop("subject", None)
+        try:
+            self.audit.append(kind, room=room, actor=actor, subject=subject, **fields)  # type: ignore[arg-type]
+        except Exception:
+            log.exception("audit append failed")
 
     def find_resumable(self, token: str, room_name: str) -> Member | None:
         m = self._by_token.get(token)
@@ -122,6 +145,9 @@ class World:
             old.detach(reason="replaced by a resumed connection")
         member.needs_keyframe = True
         member.room.keyframe_wanted = True
+        self.record(
+            "resume", room=member.room.name, actor=member.identity.subject, subject=str(member.id)
+        )
 
     def disconnected(self, member: Member) -> None:
         """The member's connection dropped: keep its place for the resume grace window."""
@@ -142,6 +168,13 @@ class World:
         if member.index >= 0:
             self._free_row(member.index)
         self.metrics.members.dec()
+        self.record(
+            "leave",
+            room=room.name,
+            actor=member.identity.subject,
+            subject=str(member.id),
+            reason=reason,
+        )
         room.announce_leave(member, reason)
         if not room.members:
             loop = asyncio.get_running_loop()

@@ -7,6 +7,7 @@ import contextlib
 import math
 import socket
 import struct
+import tempfile
 import time
 
 import aiohttp
@@ -437,7 +438,8 @@ async def test_app_is_embeddable_in_another_aiohttp_app() -> None:
     from .conftest import free_port
 
     outer = web.Application()
-    outer.add_subapp("/medverse", create_app(ServerConfig(no_auth=True)))
+    cfg = ServerConfig(no_auth=True, data_dir=tempfile.mkdtemp(prefix="medverse-embed-"))
+    outer.add_subapp("/medverse", create_app(cfg))
     runner = web.AppRunner(outer)
     await runner.setup()
     port = free_port()
