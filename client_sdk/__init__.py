@@ -17,6 +17,7 @@ from .types import (
     Pose,
     Reconnecting,
     Resumed,
+    Waiting,
 )
 
 __all__ = [
@@ -31,5 +32,6 @@ __all__ = [
     "Reconnecting",
     "Resumed",
     "Session",
+    "Waiting",
     "connect",
 ]

@@ -37,10 +37,24 @@ from protocol.messages import (
 from protocol.messages import (
     Left as LeftMsg,
 )
+from protocol.messages import (
+    Waiting as WaitingMsg,
+)
 from protocol.quant import dequantize_positions, dequantize_rotations
 from protocol.snapshot import FRAME_STATE, Snapshot, SnapshotDecoder
 
-from .types import Avatar, Closed, ErrorEvent, Event, Joined, Left, Pose, Reconnecting, Resumed
+from .types import (
+    Avatar,
+    Closed,
+    ErrorEvent,
+    Event,
+    Joined,
+    Left,
+    Pose,
+    Reconnecting,
+    Resumed,
+    Waiting,
+)
 
 log = logging.getLogger("medverse.client")
 
@@ -228,7 +242,22 @@ class Session:
         return welcome
 
     async def _await_welcome(self, ws: aiohttp.ClientWebSocketResponse) -> Welcome:
-        async for msg in ws:
+        """Read until ``welcome``. In a room with a lobby the wait lasts until a host admits
+        us (a ``Waiting`` event says so) or denies us (``JoinError``)."""
+        deadline: float | None = time.monotonic() + self.connect_timeout
+        while True:
+            timeout = None if deadline is None else max(0.01, deadline - time.monotonic())
+            try:
+                msg = await ws.receive(timeout=timeout)
+            except TimeoutError:
+                raise TimeoutError("no welcome from the server in time") from None
+            if msg.type in (
+                aiohttp.WSMsgType.CLOSE,
+                aiohttp.WSMsgType.CLOSED,
+                aiohttp.WSMsgType.CLOSING,
+                aiohttp.WSMsgType.ERROR,
+            ):
+                raise ConnectionError(f"connection closed during join ({ws.close_code})")
             if msg.type != aiohttp.WSMsgType.BINARY or not msg.data:
                 continue
             if msg.data[0] != FRAME_CONTROL:
@@ -236,11 +265,13 @@ class Session:
             m = decode_message(msg.data, SERVER_MESSAGES, max_bytes=1 << 24)
             if isinstance(m, Welcome):
                 return m
-            if isinstance(m, Error):
+            if isinstance(m, WaitingMsg):
+                deadline = None
+                self._emit(Waiting(m.room, m.lobby_id))
+            elif isinstance(m, Error):
                 if m.fatal:
                     raise JoinError(m.code, m.message)
                 self._emit(ErrorEvent(m.code, m.message, m.fatal))
-        raise ConnectionError(f"connection closed during join ({ws.close_code})")
 
     # ----------------------------------------------------------------- sending
 

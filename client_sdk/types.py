@@ -110,4 +110,13 @@ class Closed:
     type: str = "closed"
 
 
-Event = Joined | Left | ErrorEvent | Reconnecting | Resumed | Closed
+@dataclass(frozen=True, slots=True)
+class Waiting:
+    """The room has a lobby: the join completes when a host admits us."""
+
+    room: str
+    lobby_id: int
+    type: str = "waiting"
+
+
+Event = Joined | Left | ErrorEvent | Reconnecting | Resumed | Closed | Waiting

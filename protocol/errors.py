@@ -27,6 +27,12 @@ class ErrorCode(enum.StrEnum):
     FORBIDDEN = "forbidden"  # the member's role and grants do not allow this action
     RATE_LIMITED = "rate_limited"  # over the member's message or byte rate
     TOO_MANY_CONNECTIONS = "too_many_connections"  # over the per-address connection limit
+    DENIED = "denied"  # a host denied entry from the lobby
+    REMOVED = "removed"  # a host removed the member (the message gives the reason)
+    BANNED = "banned"  # removed and barred from this session
+    ROOM_LOCKED = "room_locked"  # the room takes no new members
+    SESSION_ENDED = "session_ended"  # a host ended the session for everyone
+    NOT_FOUND = "not_found"  # no such member
     STALE_INPUT = "stale_input"  # pose sequence number not newer than the last one applied
     TOO_SLOW = "too_slow"  # the member's connection cannot keep up and was closed
     SHUTTING_DOWN = "shutting_down"  # the server is stopping

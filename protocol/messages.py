@@ -195,7 +195,78 @@ class Leave(Message):
     TYPE: ClassVar[str] = "leave"
 
 
+MODERATION_ACTIONS = re.compile(
+    r"^(admit|deny|remove|ban|mute|allow_unmute|lock|unlock|lobby|open|end)$"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Moderate(Message):
+    """A host's action: ``admit``/``deny`` a lobby member; ``remove`` or ``ban`` (for the
+    session) a member with a ``reason`` shown to them; ``mute`` a member's audio on the server
+    or ``allow_unmute``; set entry to ``lock``/``unlock``/``lobby``/``open``; ``end`` the
+    session for everyone."""
+
+    TYPE: ClassVar[str] = "moderate"
+    action: str = _spec("str", pattern=MODERATION_ACTIONS)
+    member_id: int | None = _spec("int", lo=1, hi=2**32 - 1, optional=True)
+    reason: str | None = _spec("str", max_len=256, optional=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Pause(Message):
+    """Patient control: step out (``paused`` true) or back in. While paused the member's avatar
+    is gone for others and the member receives nothing of the room."""
+
+    TYPE: ClassVar[str] = "pause"
+    paused: bool = _spec("bool")
+
+
+@dataclass(frozen=True, slots=True)
+class RequestUnmute(Message):
+    """A server-muted member asks the hosts to allow unmuting."""
+
+    TYPE: ClassVar[str] = "request_unmute"
+
+
 # --------------------------------------------------------------------------- server to client
+
+
+@dataclass(frozen=True, slots=True)
+class Waiting(Message):
+    """The room has a lobby: wait until a host admits (``welcome`` follows) or denies you."""
+
+    TYPE: ClassVar[str] = "waiting"
+    room: str = _spec("str", pattern=ROOM_NAME_RE)
+    lobby_id: int = _spec("int", lo=1, hi=2**32 - 1)
+
+
+@dataclass(frozen=True, slots=True)
+class Lobby(Message):
+    """To hosts: who is waiting in the lobby (``members`` ids are lobby ids for ``admit``)."""
+
+    TYPE: ClassVar[str] = "lobby"
+    members: tuple[MemberInfo, ...] = _spec("members")
+
+
+@dataclass(frozen=True, slots=True)
+class MemberState(Message):
+    """A member's moderation-relevant state: paused (to hosts), muted (to everyone), or asking
+    to be unmuted (to hosts)."""
+
+    TYPE: ClassVar[str] = "member_state"
+    member_id: int = _spec("int", lo=1, hi=2**32 - 1)
+    paused: bool = _spec("bool")
+    muted: bool = _spec("bool")
+    unmute_requested: bool = _spec("bool")
+
+
+@dataclass(frozen=True, slots=True)
+class RoomState(Message):
+    """The room's entry mode changed: ``open``, ``lobby`` or ``locked``."""
+
+    TYPE: ClassVar[str] = "room_state"
+    entry: str = _spec("str", max_len=16)
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,9 +330,11 @@ class Error(Message):
         return cls(err.code.value, err.message[:1024], fatal)
 
 
-CLIENT_MESSAGES: dict[str, type[Message]] = {m.TYPE: m for m in (Hello, Ping, Leave)}
+CLIENT_MESSAGES: dict[str, type[Message]] = {
+    m.TYPE: m for m in (Hello, Ping, Leave, Moderate, Pause, RequestUnmute)
+}
 SERVER_MESSAGES: dict[str, type[Message]] = {
-    m.TYPE: m for m in (Welcome, Joined, Left, Pong, Error)
+    m.TYPE: m for m in (Welcome, Joined, Left, Pong, Error, Waiting, Lobby, MemberState, RoomState)
 }
 
 
@@ -399,11 +472,18 @@ __all__ += [
     "Joined",
     "Leave",
     "Left",
+    "Lobby",
     "MemberInfo",
+    "MemberState",
     "Message",
+    "Moderate",
+    "Pause",
     "Ping",
     "Pong",
     "PoseBatch",
+    "RequestUnmute",
+    "RoomState",
+    "Waiting",
     "Welcome",
     "check_pose_frame",
     "decode_message",

@@ -96,7 +96,7 @@ def create_app(config: ServerConfig | None = None) -> web.Application:
         for room in list(world.rooms.values()):
             for m in list(room.members.values()):
                 if m.session is not None:
-                    await m.session.ws.close(code=CLOSE_GOING_AWAY, message=b"server shutting down")
+                    m.session.close(CLOSE_GOING_AWAY, b"server shutting down")
 
     async def on_cleanup(app: web.Application) -> None:
         await world.stop()

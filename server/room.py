@@ -32,6 +32,9 @@ class Member:
     last_seq: int = -1
     needs_keyframe: bool = True
     grace: asyncio.TimerHandle | None = None
+    paused: bool = False  # stepped out: invisible to others, receives nothing
+    muted: bool = False  # audio muted on the server by a host
+    unmute_requested: bool = False
 
     @property
     def name(self) -> str:
@@ -62,6 +65,16 @@ class Room:
         self._last_tick: int | None = None  # room tick of the last frame sent
         self.close_timer: asyncio.TimerHandle | None = None
         self.keyframe_wanted = False
+        self.entry = "open"  # open | lobby | locked
+        self.ended = False
+        self.banned: set[str] = set()  # token subjects barred for this session
+        self.lobby: dict[int, Session] = {}  # lobby id -> waiting connection
+        self._next_lobby_id = 1
+
+    def new_lobby_id(self) -> int:
+        lid = self._next_lobby_id
+        self._next_lobby_id += 1
+        return lid
 
     def room_tick(self, world_tick: int) -> int:
         return world_tick - self.tick0
@@ -79,7 +92,7 @@ class Room:
         """Send a control message to every connected member (built once)."""
         frame = binary_frame(encode_message(msg))
         for m in self.members.values():
-            if m is not exclude and m.session is not None:
+            if m is not exclude and m.session is not None and not m.paused:
                 m.session.write(frame)
 
     def announce_join(self, member: Member) -> None:
@@ -116,6 +129,7 @@ class Room:
             t = s.transport
             if (
                 m.needs_keyframe
+                or m.paused
                 or delta is None
                 or t.is_closing()
                 or t.get_write_buffer_size() > soft
@@ -133,6 +147,8 @@ class Room:
         self, m: Member, s: Session, delta: bytes | None, key: bytes | None, soft: int
     ) -> bool:
         """A member that needs a keyframe or is behind; returns True if it still wants one."""
+        if m.paused:
+            return False
         if s.transport_backlog() > soft:
             if not m.needs_keyframe:
                 m.needs_keyframe = True

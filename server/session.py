@@ -21,8 +21,12 @@ from protocol.messages import (
     Hello,
     Leave,
     Message,
+    Moderate,
+    Pause,
     Ping,
     Pong,
+    RequestUnmute,
+    Waiting,
     Welcome,
     check_pose_frame,
     decode_message,
@@ -30,12 +34,13 @@ from protocol.messages import (
     pose_sequence,
 )
 
+from . import moderation
 from .auth import Identity, anonymous
 from .wsframe import binary_frame
 from .wsproto import OP_BINARY, OP_PING, WebSocketConnection, control_frame
 
 if TYPE_CHECKING:
-    from .room import Member
+    from .room import Member, Room
     from .world import World
 
 log = logging.getLogger("medverse.session")
@@ -65,6 +70,9 @@ class Session:
         self.transport = conn.transport
         self.peer = peer
         self.member: Member | None = None
+        self.waiting: Identity | None = None  # in the lobby, as this identity
+        self._lobby: tuple[Room, int] | None = None
+        self._slots = 3
         self._closed = False
         self._handshake_timer: asyncio.TimerHandle | None = None
         self._heartbeat_timer: asyncio.TimerHandle | None = None
@@ -171,8 +179,10 @@ class Session:
                     self.send_error(err)
             elif not self._allow(len(data)):
                 return
-            elif self.member is None:
+            elif self.member is None and self.waiting is None:
                 self._on_hello(data)
+            elif self.member is None:
+                self._on_waiting(data)
             else:
                 self._on_binary(data)
         except Exception:  # a bug handling one message must not take the server down
@@ -231,13 +241,45 @@ class Session:
             else:
                 world.resume(member, self)
                 resumed = True
-        if member is None:
-            try:
-                member = world.join(identity, hello.slots, self)
-            except ProtocolError as err:
-                self.send_error(err, True)
-                return False
-        self.member = member
+        self._slots = hello.slots
+        if member is not None:
+            self.member = member
+            self.send_welcome(resumed)
+            return True
+        room = world.rooms.get(identity.room)
+        refusal = moderation.entry_refusal(room, identity)
+        if refusal is not None:
+            world.record(
+                "join_refused", room=hello.room, actor=identity.subject, code=refusal.code.value
+            )
+            self.send_error(refusal, True)
+            return False
+        if room is not None and moderation.must_wait(room, identity):
+            lobby_id = room.new_lobby_id()
+            room.lobby[lobby_id] = self
+            self.waiting = identity
+            self._lobby = (room, lobby_id)
+            self.send(Waiting(room.name, lobby_id))
+            moderation.lobby_changed(room)
+            return True
+        try:
+            self.complete_join(identity)
+        except ProtocolError as err:
+            self.send_error(err, True)
+            return False
+        return True
+
+    def complete_join(self, identity: Identity) -> None:
+        """Become a member (directly, or when a host admits us from the lobby)."""
+        self.waiting = None
+        self._lobby = None
+        self.member = self.world.join(identity, self._slots, self)
+        self.send_welcome(False)
+
+    def send_welcome(self, resumed: bool) -> None:
+        member = self.member
+        assert member is not None
+        world = self.world
         room = member.room
         self.send(
             Welcome(
@@ -258,7 +300,6 @@ class Session:
             room.name,
             member.id,
         )
-        return True
 
     def _identify(self, hello: Hello) -> Identity:
         """Who is joining: from the verified token, or anonymous on a server without auth."""
@@ -298,6 +339,16 @@ class Session:
             self.send_error(ProtocolError(ErrorCode.RATE_LIMITED, "message or byte rate exceeded"))
         return False
 
+    def _on_waiting(self, data: bytes) -> None:
+        """In the lobby: nothing of the room, only ping and leave."""
+        msg = decode_message(data, CLIENT_MESSAGES) if data[:1] == bytes((FRAME_CONTROL,)) else None
+        if isinstance(msg, Ping):
+            self.send(Pong(msg.id, msg.client_time, 0.0))
+        elif isinstance(msg, Leave):
+            self.close(CLOSE_NORMAL, b"left")
+        else:
+            self.send_error(ProtocolError(ErrorCode.FORBIDDEN, "waiting in the lobby"))
+
     def _on_binary(self, data: bytes) -> None:
         world = self.world
         member = self.member
@@ -305,6 +356,8 @@ class Session:
             return
         kind = data[0]
         if kind == FRAME_POSE:
+            if member.paused:
+                return  # stepped out: nothing of this member reaches the room
             if member.hidden:
                 self.send_error(ProtocolError(ErrorCode.FORBIDDEN, "observers send no poses"))
                 return
@@ -329,6 +382,16 @@ class Session:
                 self.close(CLOSE_NORMAL, b"left")
             elif isinstance(msg, Hello):
                 self.send_error(ProtocolError(ErrorCode.ALREADY_JOINED, "already joined"))
+            elif isinstance(msg, Moderate | Pause | RequestUnmute):
+                try:
+                    if isinstance(msg, Moderate):
+                        moderation.handle(self, msg)
+                    elif isinstance(msg, Pause):
+                        moderation.set_paused(self, msg.paused)
+                    else:
+                        moderation.request_unmute(self)
+                except ProtocolError as err:
+                    self.send_error(err)
             else:
                 self.send_error(
                     ProtocolError(ErrorCode.UNKNOWN_TYPE, f"{msg.TYPE} is not for servers")
@@ -339,6 +402,11 @@ class Session:
     def on_close(self) -> None:
         """The connection ended (either side)."""
         self._closed = True
+        if self._lobby is not None:
+            room, lobby_id = self._lobby
+            self._lobby = None
+            if room.lobby.pop(lobby_id, None) is not None:
+                moderation.lobby_changed(room)
         for timer in (self._handshake_timer, self._heartbeat_timer):
             if timer is not None:
                 timer.cancel()

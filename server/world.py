@@ -231,6 +231,15 @@ class World:
 
     # ----------------------------------------------------------------- input
 
+    def set_visible(self, member: Member, visible: bool) -> None:
+        """Hide a member's avatar from the room (pause) or let it show again."""
+        if member.index < 0:
+            return
+        if not visible:
+            self._present[member.index] = False
+            for d in self.pending.values():
+                d.pop(member.index, None)
+
     def submit_pose(self, member: Member, frame: bytes) -> None:
         """Keep the member's newest pose frame until the next tick (latest wins)."""
         d = self.pending.get(member.slots)

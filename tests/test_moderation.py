@@ -1,0 +1,233 @@
+"""Lobby, host moderation and patient pause on a real server with join tokens."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from client_sdk import JoinError, Left, Pose, Waiting, connect
+from protocol.messages import (
+    PROTOCOL_VERSION,
+    Error,
+    Hello,
+    Lobby,
+    MemberState,
+    Message,
+    Moderate,
+    Pause,
+    RequestUnmute,
+    RoomState,
+    Welcome,
+    encode_message,
+    encode_pose,
+)
+from server.audit import DB_FILE
+from server.auth import mint_token
+
+from .conftest import ServerProcess, run_server
+from .helpers import RawClient, wait_for
+
+SECRET = "m" * 48
+
+
+@pytest.fixture(scope="module")
+def srv() -> Iterator[ServerProcess]:
+    data = tempfile.mkdtemp(prefix="medverse-mod-")
+    with run_server(auth_secret=SECRET, data_dir=data, room_linger=0.2) as s:
+        s.data_dir = Path(data)  # type: ignore[attr-defined]
+        yield s
+
+
+def tok(room: str, who: str, role: str = "participant") -> str:
+    return mint_token(SECRET.encode(), room=room, identity=who, name=who, role=role)
+
+
+async def raw_join(
+    url: str, room: str, who: str, role: str = "participant"
+) -> tuple[RawClient, Message]:
+    raw = await RawClient.open(url)
+    await raw.ws.send_bytes(
+        encode_message(Hello(PROTOCOL_VERSION, room, who, 3, None, tok(room, who, role)))
+    )
+    return raw, await raw.next_control()
+
+
+async def next_of(raw: RawClient, kind: type, timeout: float = 5.0) -> Message:
+    while True:
+        m = await raw.next_control(timeout)
+        if isinstance(m, kind):
+            return m
+
+
+async def test_only_hosts_moderate(srv: ServerProcess) -> None:
+    raw, w = await raw_join(srv.url, "mod0", "patient")
+    assert isinstance(w, Welcome)
+    await raw.ws.send_bytes(encode_message(Moderate("lock")))
+    err = await raw.next_error()
+    assert err.code == "forbidden" and not err.fatal
+    await raw.close()
+
+
+async def test_lobby_admit_and_deny(srv: ServerProcess) -> None:
+    host, hw = await raw_join(srv.url, "lobby", "therapist", "host")
+    assert isinstance(hw, Welcome)
+    await host.ws.send_bytes(encode_message(Moderate("lobby")))
+    assert await next_of(host, RoomState) == RoomState("lobby")
+    p1, waiting = await raw_join(srv.url, "lobby", "patient1")
+    assert waiting.TYPE == "waiting"
+    lobby = await next_of(host, Lobby)
+    assert [m.name for m in lobby.members] == ["patient1"]  # type: ignore[attr-defined]
+    # While waiting: nothing of the room, no state frames, no poses accepted.
+    await p1.ws.send_bytes(encode_pose(1, [((0, 1, 0), (0, 0, 0, 1)), None, None]))
+    assert (await p1.next_error()).code == "forbidden"
+    with pytest.raises(TimeoutError):
+        await p1.ws.receive(timeout=0.3)
+    lid = waiting.lobby_id  # type: ignore[attr-defined]
+    await host.ws.send_bytes(encode_message(Moderate("admit", lid)))
+    welcome = await next_of(p1, Welcome)
+    assert [m.name for m in welcome.members] == ["therapist"]  # type: ignore[attr-defined]
+    msg = await p1.ws.receive(timeout=2)  # state now flows
+    assert msg.type == aiohttp.WSMsgType.BINARY
+    p2, waiting2 = await raw_join(srv.url, "lobby", "patient2")
+    await host.ws.send_bytes(
+        encode_message(Moderate("deny", waiting2.lobby_id, "not on today's list"))  # type: ignore[attr-defined]
+    )
+    err = await p2.next_error()
+    assert (err.code, err.message, err.fatal) == ("denied", "not on today's list", True)
+    # The SDK waits in the lobby and joins when admitted.
+    sdk = connect(srv.url, room="lobby", name="x", token=tok("lobby", "patient3"))
+    starting = asyncio.ensure_future(sdk.start())
+    lobby = await next_of(host, Lobby)
+    while [m.name for m in lobby.members] != ["patient3"]:  # type: ignore[attr-defined]
+        lobby = await next_of(host, Lobby)
+    await host.ws.send_bytes(encode_message(Moderate("admit", lobby.members[0].id)))  # type: ignore[attr-defined]
+    await asyncio.wait_for(starting, 5)
+    events = sdk.events()
+    assert isinstance(await asyncio.wait_for(anext(events), 1), Waiting)
+    await sdk.close()
+    for r in (host, p1, p2):
+        await r.close()
+
+
+async def test_remove_ban_lock_and_end(srv: ServerProcess) -> None:
+    host, _ = await raw_join(srv.url, "mod", "lead", "host")
+    async with connect(srv.url, room="mod", name="x", token=tok("mod", "watcher")) as watcher:
+        events = watcher.events()
+        p, pw = await raw_join(srv.url, "mod", "resident")
+        pid = pw.member_id  # type: ignore[attr-defined]
+        await host.ws.send_bytes(encode_message(Moderate("remove", pid, "please rejoin later")))
+        err = await p.next_error()
+        assert (err.code, err.message, err.fatal) == ("removed", "please rejoin later", True)
+        ev = await asyncio.wait_for(anext(events), 5)
+        while not isinstance(ev, Left):
+            ev = await asyncio.wait_for(anext(events), 5)
+        assert (ev.member_id, ev.reason) == (pid, "removed")
+        await p.close()
+        # Removed is not banned: rejoining works; banned is final for this session.
+        p, pw = await raw_join(srv.url, "mod", "resident")
+        assert isinstance(pw, Welcome)
+        await host.ws.send_bytes(encode_message(Moderate("ban", pw.member_id)))
+        assert (await p.next_error()).code == "banned"
+        await p.close()
+        p, refusal = await raw_join(srv.url, "mod", "resident")
+        assert isinstance(refusal, Error) and refusal.code == "banned"
+        await p.close()
+        # Locked: participants are refused, hosts still enter.
+        await host.ws.send_bytes(encode_message(Moderate("lock")))
+        await next_of(host, RoomState)
+        p, refusal = await raw_join(srv.url, "mod", "late")
+        assert isinstance(refusal, Error) and refusal.code == "room_locked"
+        await p.close()
+        co, cw = await raw_join(srv.url, "mod", "co-host", "host")
+        assert isinstance(cw, Welcome)
+        await host.ws.send_bytes(encode_message(Moderate("unlock")))
+        await next_of(host, RoomState)
+        p, pw = await raw_join(srv.url, "mod", "late")
+        assert isinstance(pw, Welcome)
+        # End: everyone is told and closed; nobody gets back in.
+        await host.ws.send_bytes(encode_message(Moderate("end", reason="thank you all")))
+        for r in (p, co, host):
+            err = await r.next_error()
+            assert (err.code, err.message, err.fatal) == ("session_ended", "thank you all", True)
+        async with asyncio.timeout(5):
+            while True:
+                ev = await anext(events)
+                if isinstance(ev, type(ev)) and getattr(ev, "code", None) == "session_ended":
+                    break
+        for r in (p, co, host):
+            await r.close()
+    p, refusal = await raw_join(srv.url, "mod", "someone")
+    assert isinstance(refusal, Error) and refusal.code == "session_ended"
+    await p.close()
+    db = sqlite3.connect(srv.data_dir / DB_FILE)  # type: ignore[attr-defined]
+    kinds = {r[0] for r in db.execute("SELECT kind FROM entries WHERE room = 'mod'")}
+    db.close()
+    assert {"removed", "entry_mode", "session_ended", "join_refused"} <= kinds
+
+
+async def test_pause_hides_the_member_and_stops_their_stream(srv: ServerProcess) -> None:
+    host, _ = await raw_join(srv.url, "pause", "therapist", "host")
+    async with (
+        connect(srv.url, room="pause", name="x", token=tok("pause", "peer")) as peer,
+        connect(srv.url, room="pause", name="x", token=tok("pause", "patient")) as patient,
+    ):
+        patient.send_pose(head=Pose((0.5, 1.6, 0.0)))
+        pid = patient.member_id
+        await wait_for(lambda: pid in peer.avatars and peer.avatars[pid].head is not None)
+        await patient.send_raw(encode_message(Pause(True)))
+        state = await next_of(host, MemberState)
+        assert state == MemberState(pid, True, False, False)
+        await wait_for(lambda: peer.avatars[pid].head is None, timeout=1.0)
+        await asyncio.sleep(0.1)
+        frames = patient.frames_received
+        patient.send_pose(head=Pose((0.9, 1.6, 0.0)))  # ignored while paused
+        await asyncio.sleep(0.4)
+        assert patient.frames_received == frames
+        assert peer.avatars[pid].head is None
+        await patient.send_raw(encode_message(Pause(False)))
+        assert await next_of(host, MemberState) == MemberState(pid, False, False, False)
+        await wait_for(lambda: patient.frames_received > frames + 5)
+        patient.send_pose(head=Pose((0.7, 1.6, 0.0)))
+        await wait_for(lambda: peer.avatars[pid].head is not None)
+    await host.close()
+
+
+async def test_mute_is_server_side_and_only_hosts_lift_it(srv: ServerProcess) -> None:
+    host, _ = await raw_join(srv.url, "mute", "therapist", "host")
+    p, pw = await raw_join(srv.url, "mute", "patient")
+    pid = pw.member_id  # type: ignore[attr-defined]
+    await host.ws.send_bytes(encode_message(Moderate("mute", pid)))
+    assert await next_of(p, MemberState) == MemberState(pid, False, True, False)
+    assert await next_of(host, MemberState) == MemberState(pid, False, True, False)
+    await p.ws.send_bytes(encode_message(RequestUnmute()))
+    assert await next_of(host, MemberState) == MemberState(pid, False, True, True)
+    await p.ws.send_bytes(encode_message(Moderate("allow_unmute", pid)))  # not a host
+    assert (await p.next_error()).code == "forbidden"
+    await host.ws.send_bytes(encode_message(Moderate("allow_unmute", pid)))
+    assert await next_of(p, MemberState) == MemberState(pid, False, False, False)
+    await host.ws.send_bytes(encode_message(Moderate("remove", 9999)))
+    assert (await host.next_error()).code == "not_found"
+    await p.close()
+    await host.close()
+
+
+async def test_denied_sdk_join_raises(srv: ServerProcess) -> None:
+    host, _ = await raw_join(srv.url, "deny-sdk", "therapist", "host")
+    await host.ws.send_bytes(encode_message(Moderate("lobby")))
+    await next_of(host, RoomState)
+    sdk = connect(srv.url, room="deny-sdk", name="x", token=tok("deny-sdk", "p"))
+    starting = asyncio.ensure_future(sdk.start())
+    lobby = await next_of(host, Lobby)
+    while not lobby.members:  # type: ignore[attr-defined]
+        lobby = await next_of(host, Lobby)
+    await host.ws.send_bytes(encode_message(Moderate("deny", lobby.members[0].id)))  # type: ignore[attr-defined]
+    with pytest.raises(JoinError) as e:
+        await asyncio.wait_for(starting, 5)
+    assert e.value.code == "denied"
+    await host.close()
