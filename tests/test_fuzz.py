@@ -1,0 +1,167 @@
+"""Hypothesis over every decoder a client's bytes reach: nothing may raise but typed errors."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+
+import msgpack
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from protocol.errors import ProtocolError
+from protocol.messages import (
+    CLIENT_MESSAGES,
+    FRAME_CONTROL,
+    FRAME_POSE,
+    SERVER_MESSAGES,
+    check_pose_frame,
+    decode_message,
+    decode_pose_batch,
+    pose_frame_size,
+)
+from server.wsproto import WebSocketConnection
+
+msgpack_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats()
+    | st.text(max_size=40)
+    | st.binary(max_size=40),
+    lambda children: (
+        st.lists(children, max_size=6)
+        | st.dictionaries(
+            st.text(max_size=12) | st.integers(-(2**63), 2**63 - 1), children, max_size=6
+        )
+    ),
+    max_leaves=30,
+)
+fields = st.sampled_from(
+    [
+        "t",
+        "version",
+        "room",
+        "name",
+        "slots",
+        "resume",
+        "token",
+        "id",
+        "client_time",
+        "action",
+        "member_id",
+        "reason",
+        "paused",
+    ]
+)
+typed = st.sampled_from([*CLIENT_MESSAGES, *SERVER_MESSAGES, "nope"])
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=300))
+def test_control_decoder_on_random_bytes(data: bytes) -> None:
+    for frame in (data, bytes((FRAME_CONTROL,)) + data):
+        out = decode_message(frame, CLIENT_MESSAGES)
+        assert isinstance(out, ProtocolError) or out.TYPE in CLIENT_MESSAGES
+
+
+@settings(max_examples=200, deadline=None)
+@given(typed, st.dictionaries(fields, msgpack_values, max_size=8))
+def test_control_decoder_on_plausible_maps(kind: str, body: dict) -> None:
+    body = {**body, "t": kind}
+    frame = bytes((FRAME_CONTROL,)) + msgpack.packb(body, use_bin_type=True)
+    for registry in (CLIENT_MESSAGES, SERVER_MESSAGES):
+        out = decode_message(frame, registry, max_bytes=1 << 20)
+        assert isinstance(out, ProtocolError) or type(out) in registry.values()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 16), st.binary(max_size=500))
+def test_pose_frames_on_random_bytes(slots: int, data: bytes) -> None:
+    frame = bytes((FRAME_POSE,)) + data
+    err = check_pose_frame(frame, slots)
+    if err is None:
+        batch = decode_pose_batch([frame], slots)
+        assert batch.ok.shape == (1,)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 4), st.lists(st.floats(width=32), min_size=7, max_size=7), st.integers(0, 15))
+def test_pose_values_are_validated_not_trusted(slots: int, floats: list, mask: int) -> None:
+    body = struct.pack("<7f", *floats) * slots
+    frame = struct.pack("<BBHI", FRAME_POSE, 0, mask & ((1 << slots) - 1), 1) + body
+    assert len(frame) == pose_frame_size(slots)
+    assert check_pose_frame(frame, slots) is None
+    decode_pose_batch([frame], slots)  # refuses or quantizes; never raises
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.written = bytearray()
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = True
+
+    def get_protocol(self) -> None:
+        return None
+
+    def set_protocol(self, p: object) -> None:
+        pass
+
+
+class _Handler:
+    def __init__(self) -> None:
+        self.messages: list[tuple[int, bytes]] = []
+
+    def on_message(self, opcode: int, payload: bytes) -> None:
+        self.messages.append((opcode, payload))
+
+    def on_close(self) -> None:
+        pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(max_size=200), max_size=8))
+def test_websocket_parser_on_random_chunks(chunks: list[bytes]) -> None:
+    async def run() -> None:
+        conn = WebSocketConnection(max_message=1024)
+        handler = _Handler()
+        conn.attach(_Transport(), handler)  # type: ignore[arg-type]
+        for c in chunks:
+            conn.data_received(c)
+        for _, payload in handler.messages:
+            assert len(payload) <= 1024
+
+    asyncio.run(run())
+
+
+def test_websocket_parser_reassembles_fragments_and_answers_pings() -> None:
+    def masked(op: int, payload: bytes, fin: bool = True) -> bytes:
+        mask = b"\x01\x02\x03\x04"
+        body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        return bytes(((0x80 if fin else 0) | op, 0x80 | len(payload))) + mask + body
+
+    async def run() -> None:
+        conn = WebSocketConnection(max_message=1024)
+        handler = _Handler()
+        t = _Transport()
+        conn.attach(t, handler)  # type: ignore[arg-type]
+        stream = masked(2, b"hel", fin=False) + masked(9, b"hi") + masked(0, b"lo")
+        for i in range(len(stream)):  # byte by byte
+            conn.data_received(stream[i : i + 1])
+        assert handler.messages == [(2, b"hello")]
+        assert bytes(t.written) == b"\x8a\x02hi"  # the pong, between the fragments
+        conn.data_received(bytes((0x82, 0x05)) + b"plain")  # unmasked: protocol error
+        assert t.written.endswith(struct.pack("!H", 1002) + b"client frames must be masked")
+
+    asyncio.run(run())
