@@ -61,6 +61,7 @@ def run_one(clients: int, room_size: int, seconds: float) -> dict[str, Any]:
         PYTHONPATH=str(ROOT),
         MEDVERSE_AUTH_SECRET=secrets.token_urlsafe(48),
         MEDVERSE_MAX_CONNECTIONS_PER_ADDRESS=str(clients + 16),  # every headset is 127.0.0.1
+        MEDVERSE_DATA_DIR=tempfile.mkdtemp(prefix="medverse-capacity-"),
     )
     server = subprocess.Popen(
         [
