@@ -87,6 +87,14 @@ def _ws_url(url: str) -> str:
     return base if path_start >= 0 else base + "/ws"
 
 
+def _poses(pos: np.ndarray, rot: np.ndarray, present: np.ndarray) -> tuple[Pose | None, ...]:
+    """Rows of metres and quaternions as Pose values (None where a slot is absent)."""
+    return tuple(
+        Pose(tuple(p), tuple(q)) if ok else None  # type: ignore[arg-type]
+        for p, q, ok in zip(pos.tolist(), rot.tolist(), present.tolist(), strict=True)
+    )
+
+
 def _slerp(q0: np.ndarray, q1: np.ndarray, a: float) -> np.ndarray:
     """Spherical interpolation of quaternion rows (k, 4), shortest path."""
     dot = np.sum(q0 * q1, axis=-1, keepdims=True)
@@ -204,8 +212,7 @@ class Session:
                 await t
         if self._http is not None:
             await self._http.close()
-        self._emit(Closed("closed by the application"))
-        self._events.put_nowait(None) if not self._events.full() else None
+        self._finish("closed by the application")
 
     async def _open(self) -> Welcome:
         assert self._http is not None
@@ -487,18 +494,16 @@ class Session:
         out: dict[int, Avatar] = {}
         start = 0
         for mid, n in zip(snap.ids.tolist(), snap.slots.tolist(), strict=True):
-            poses = tuple(
-                Pose(tuple(pos[r].tolist()), tuple(rot[r].tolist())) if snap.present[r] else None
-                for r in range(start, start + n)
-            )
-            out[mid] = Avatar(
-                mid,
-                self.members.get(mid, self.name if mid == self.member_id else None),
-                poses,
-                self._sample,
-            )
+            rows = slice(start, start + n)
+            poses = _poses(pos[rows], rot[rows], snap.present[rows])
+            out[mid] = Avatar(mid, self._name_of(mid), poses, self._sample)
             start += n
         return out
+
+    def _name_of(self, member_id: int) -> str | None:
+        if member_id == self.member_id:
+            return self.members.get(member_id, self.name)
+        return self.members.get(member_id)
 
     def _sample(self, member_id: int, t: float) -> Avatar | None:
         hist = self._history
@@ -538,12 +543,7 @@ class Session:
                 both[:, None], _slerp(q0, q1, alpha), np.where(sb.present[rb][:, None], q1, q0)
             )
             present = sa.present[ra] | sb.present[rb] if alpha < 0.5 else sb.present[rb]
-        poses = tuple(
-            Pose(tuple(pa[k].tolist()), tuple(qa[k].tolist())) if present[k] else None
-            for k in range(len(present))
-        )
-        name = self.members.get(member_id, self.name if member_id == self.member_id else None)
-        return Avatar(member_id, name, poses, self._sample)
+        return Avatar(member_id, self._name_of(member_id), _poses(pa, qa, present), self._sample)
 
 
 def connect(url: str, room: str, name: str, **options: Any) -> Session:

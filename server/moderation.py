@@ -170,8 +170,9 @@ def set_paused(session: Session, paused: bool) -> None:
     if m.paused == paused:
         return
     m.paused = paused
-    session.world.set_visible(m, not paused)
-    if not paused:
+    if paused:
+        session.world.hide_avatar(m)
+    else:
         m.needs_keyframe = True
         m.room.keyframe_wanted = True
         session.send_welcome(resumed=True)  # the member list may have changed meanwhile

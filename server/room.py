@@ -161,7 +161,6 @@ class Room:
                 m.needs_keyframe = False
                 self.world.keyframes_sent += 1
             return m.needs_keyframe
-        if delta is not None:
-            s.write(delta)
+        if delta is not None and s.write(delta):
             self.world.deltas_sent += 1
         return False

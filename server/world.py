@@ -231,14 +231,14 @@ class World:
 
     # ----------------------------------------------------------------- input
 
-    def set_visible(self, member: Member, visible: bool) -> None:
-        """Hide a member's avatar from the room (pause) or let it show again."""
+    def hide_avatar(self, member: Member) -> None:
+        """Take a member's avatar out of the room's state (pause); it shows again with the next
+        pose the member sends."""
         if member.index < 0:
             return
-        if not visible:
-            self._present[member.index] = False
-            for d in self.pending.values():
-                d.pop(member.index, None)
+        self._present[member.index] = False
+        for d in self.pending.values():
+            d.pop(member.index, None)
 
     def submit_pose(self, member: Member, frame: bytes) -> None:
         """Keep the member's newest pose frame until the next tick (latest wins)."""
