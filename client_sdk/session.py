@@ -10,7 +10,7 @@ import math
 import random
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import aiohttp
@@ -21,6 +21,7 @@ from protocol.messages import (
     FRAME_CONTROL,
     PROTOCOL_VERSION,
     SERVER_MESSAGES,
+    ConsentRequired,
     Error,
     Hello,
     Leave,
@@ -30,6 +31,9 @@ from protocol.messages import (
     decode_message,
     encode_message,
     encode_pose,
+)
+from protocol.messages import (
+    Consent as ConsentMsg,
 )
 from protocol.messages import (
     Joined as JoinedMsg,
@@ -68,6 +72,11 @@ _FINAL_CODES = {
     ErrorCode.UNAUTHORIZED.value,
     ErrorCode.TOKEN_EXPIRED.value,
     ErrorCode.TOO_MANY_CONNECTIONS.value,
+    ErrorCode.CONSENT_REQUIRED.value,
+    ErrorCode.BANNED.value,
+    ErrorCode.SESSION_ENDED.value,
+    ErrorCode.DENIED.value,
+    ErrorCode.REMOVED.value,
 }
 
 
@@ -131,6 +140,7 @@ class Session:
         ping_interval: float = 2.0,
         token: str | None = None,
         ssl: Any = None,
+        consent: Callable[[str, str], bool] | None = None,
     ) -> None:
         self.url = _ws_url(url)
         self.room = room
@@ -142,6 +152,9 @@ class Session:
         self.ping_interval = ping_interval
         self.token = token
         self._ssl = ssl
+        #: Asked (version, text) when a room requires consent; True accepts.
+        self.consent = consent
+        self.consent_version: str | None = None
         self.member_id: int = 0
         self.rate: int = 30
         self.rtt: float | None = None
@@ -272,6 +285,11 @@ class Session:
             m = decode_message(msg.data, SERVER_MESSAGES, max_bytes=1 << 24)
             if isinstance(m, Welcome):
                 return m
+            if isinstance(m, ConsentRequired):
+                accept = bool(self.consent is not None and self.consent(m.version, m.text))
+                self.consent_version = m.version
+                await ws.send_bytes(encode_message(ConsentMsg(m.version, accept)))
+                continue
             if isinstance(m, WaitingMsg):
                 deadline = None
                 self._emit(Waiting(m.room, m.lobby_id))
@@ -331,6 +349,13 @@ class Session:
                 await ws.send_bytes(frame)
             except (ConnectionError, aiohttp.ClientError, RuntimeError):
                 self._outbox = self._outbox or frame  # resend after reconnecting
+
+    async def withdraw_consent(self) -> None:
+        """Withdraw consent given to the room's text: the server removes us from the room."""
+        if self.consent_version is None:
+            raise RuntimeError("this room did not ask for consent")
+        self.reconnect = False
+        await self.send_raw(encode_message(ConsentMsg(self.consent_version, False)))
 
     async def ping(self, timeout: float = 5.0) -> float:
         """Measure the round trip to the server, in seconds."""
@@ -555,6 +580,8 @@ def connect(url: str, room: str, name: str, **options: Any) -> Session:
     ``max_backoff`` (seconds), ``interpolation_delay`` (seconds), ``history`` (snapshots kept
     for sampling), ``connect_timeout``, ``ping_interval``, ``token`` (the signed join token;
     required unless the server runs without authentication), ``ssl`` (an ``ssl.SSLContext``
-    for ``wss://`` servers with their own certificate authority).
+    for ``wss://`` servers with their own certificate authority), ``consent`` (called with the
+    version and text of a room's consent form; return True to accept; without it such rooms
+    refuse the join with ``consent_required``).
     """
     return Session(url, room, name, **options)

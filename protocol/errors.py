@@ -33,6 +33,7 @@ class ErrorCode(enum.StrEnum):
     ROOM_LOCKED = "room_locked"  # the room takes no new members
     SESSION_ENDED = "session_ended"  # a host ended the session for everyone
     NOT_FOUND = "not_found"  # no such member
+    CONSENT_REQUIRED = "consent_required"  # consent declined, withdrawn or for another version
     STALE_INPUT = "stale_input"  # pose sequence number not newer than the last one applied
     TOO_SLOW = "too_slow"  # the member's connection cannot keep up and was closed
     SHUTTING_DOWN = "shutting_down"  # the server is stopping

@@ -223,6 +223,15 @@ class Pause(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class Consent(Message):
+    """Accept (or decline, or later withdraw) the room's consent text, named by its SHA-256."""
+
+    TYPE: ClassVar[str] = "consent"
+    version: str = _spec("str", max_len=64)
+    accept: bool = _spec("bool")
+
+
+@dataclass(frozen=True, slots=True)
 class RequestUnmute(Message):
     """A server-muted member asks the hosts to allow unmuting."""
 
@@ -239,6 +248,16 @@ class Waiting(Message):
     TYPE: ClassVar[str] = "waiting"
     room: str = _spec("str", pattern=ROOM_NAME_RE)
     lobby_id: int = _spec("int", lo=1, hi=2**32 - 1)
+
+
+@dataclass(frozen=True, slots=True)
+class ConsentRequired(Message):
+    """The room asks for consent to ``text`` (``version`` is its SHA-256, hex) before anything
+    of the room flows; answer with :class:`Consent`."""
+
+    TYPE: ClassVar[str] = "consent_required"
+    version: str = _spec("str", max_len=64)
+    text: str = _spec("str", max_len=65536)
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,10 +350,22 @@ class Error(Message):
 
 
 CLIENT_MESSAGES: dict[str, type[Message]] = {
-    m.TYPE: m for m in (Hello, Ping, Leave, Moderate, Pause, RequestUnmute)
+    m.TYPE: m for m in (Hello, Ping, Leave, Moderate, Pause, RequestUnmute, Consent)
 }
 SERVER_MESSAGES: dict[str, type[Message]] = {
-    m.TYPE: m for m in (Welcome, Joined, Left, Pong, Error, Waiting, Lobby, MemberState, RoomState)
+    m.TYPE: m
+    for m in (
+        Welcome,
+        Joined,
+        Left,
+        Pong,
+        Error,
+        Waiting,
+        Lobby,
+        MemberState,
+        RoomState,
+        ConsentRequired,
+    )
 }
 
 
@@ -467,6 +498,8 @@ __all__ += [
     "MAX_CONTROL_BYTES",
     "PROTOCOL_VERSION",
     "SERVER_MESSAGES",
+    "Consent",
+    "ConsentRequired",
     "Error",
     "Hello",
     "Joined",

@@ -48,6 +48,7 @@ class Identity:
     room: str
     role: str
     grants: frozenset[str]
+    pseudonym: str | None = None
 
     @property
     def hidden(self) -> bool:
@@ -126,7 +127,10 @@ def identity_from_claims(claims: dict[str, Any]) -> Identity:
         if unknown:
             raise ProtocolError(ErrorCode.UNAUTHORIZED, f"unknown grant {sorted(unknown)[0]!r}")
         granted = frozenset(grants)
-    return Identity(sub, name, claims["room"], role, granted)
+    pseudonym = claims.get("pseudonym")
+    if pseudonym is not None and (not isinstance(pseudonym, str) or not 0 < len(pseudonym) <= 64):
+        raise ProtocolError(ErrorCode.UNAUTHORIZED, "token pseudonym must be a short string")
+    return Identity(sub, name, claims["room"], role, granted, pseudonym)
 
 
 def mint_token(
@@ -138,6 +142,7 @@ def mint_token(
     role: str = "participant",
     ttl: float = 3600.0,
     grants: list[str] | None = None,
+    pseudonym: str | None = None,
 ) -> str:
     """An HS256 join token (what ``medverse token`` prints)."""
     if role not in ROLE_GRANTS:
@@ -155,6 +160,8 @@ def mint_token(
     }
     if grants is not None:
         claims["grants"] = grants
+    if pseudonym is not None:
+        claims["pseudonym"] = pseudonym
     return jwt.encode(claims, secret, algorithm="HS256")
 
 

@@ -62,6 +62,13 @@ class ServerConfig:
     #: Days to keep audit entries' content (their hashes stay so the log still verifies);
     #: 0 keeps everything.
     audit_retention_days: float = 0.0
+    #: UTF-8 text members must accept before anything of a room flows (its SHA-256 is the
+    #: version they accept); empty: no consent step.
+    consent_file: str = ""
+    #: Rooms (regular expression, full match) that ask for consent when consent_file is set.
+    consent_rooms: str = ".*"
+    #: Rooms (regular expression, full match) where members appear only under pseudonyms.
+    pseudonymous_rooms: str = ""
     #: TLS certificate chain and private key (PEM) to serve wss:// directly.
     tls_cert: str = ""
     tls_key: str = ""

@@ -38,6 +38,9 @@ class Member:
 
     @property
     def name(self) -> str:
+        """What others see: the pseudonym in pseudonymous rooms, else the display name."""
+        if self.room.pseudonymous:
+            return self.identity.pseudonym or f"Participant {self.id}"
         return self.identity.name
 
     @property
@@ -66,6 +69,7 @@ class Room:
         self.close_timer: asyncio.TimerHandle | None = None
         self.keyframe_wanted = False
         self.entry = "open"  # open | lobby | locked
+        self.pseudonymous = False  # members appear only under pseudonyms
         self.ended = False
         self.banned: set[str] = set()  # token subjects barred for this session
         self.lobby: dict[int, Session] = {}  # lobby id -> waiting connection

@@ -17,6 +17,8 @@ from protocol.messages import (
     FRAME_CONTROL,
     FRAME_POSE,
     PROTOCOL_VERSION,
+    Consent,
+    ConsentRequired,
     Error,
     Hello,
     Leave,
@@ -55,6 +57,7 @@ CLOSE_TOO_SLOW = 4001
 CLOSE_REPLACED = 4002
 CLOSE_TOO_MANY_CONNECTIONS = 4003
 CLOSE_RATE_LIMIT = 4008
+CLOSE_CONSENT = 4011
 
 
 class Session:
@@ -71,6 +74,7 @@ class Session:
         self.peer = peer
         self.member: Member | None = None
         self.waiting: Identity | None = None  # in the lobby, as this identity
+        self.consent_pending: Identity | None = None  # asked to consent, as this identity
         self._lobby: tuple[Room, int] | None = None
         self._slots = 3
         self._closed = False
@@ -179,6 +183,8 @@ class Session:
                     self.send_error(err)
             elif not self._allow(len(data)):
                 return
+            elif self.consent_pending is not None:
+                self._on_consent_pending(data)
             elif self.member is None and self.waiting is None:
                 self._on_hello(data)
             elif self.member is None:
@@ -246,14 +252,25 @@ class Session:
             self.member = member
             self.send_welcome(resumed)
             return True
+        return self._enter(identity, consented=False)
+
+    def _enter(self, identity: Identity, consented: bool) -> bool:
+        """Entry checks, then consent, then the lobby or the room itself."""
+        world = self.world
         room = world.rooms.get(identity.room)
         refusal = moderation.entry_refusal(room, identity)
         if refusal is not None:
             world.record(
-                "join_refused", room=hello.room, actor=identity.subject, code=refusal.code.value
+                "join_refused", room=identity.room, actor=identity.subject, code=refusal.code.value
             )
             self.send_error(refusal, True)
             return False
+        policy = world.policy
+        if not consented and policy.needs_consent(identity.room):
+            assert policy.consent_text is not None
+            self.consent_pending = identity
+            self.send(ConsentRequired(policy.consent_version, policy.consent_text))
+            return True
         if room is not None and moderation.must_wait(room, identity):
             lobby_id = room.new_lobby_id()
             room.lobby[lobby_id] = self
@@ -268,6 +285,33 @@ class Session:
             self.send_error(err, True)
             return False
         return True
+
+    def _on_consent_pending(self, data: bytes) -> None:
+        """Before consent nothing of the room flows; only consent, ping and leave count."""
+        msg = decode_message(data, CLIENT_MESSAGES) if data[:1] == bytes((FRAME_CONTROL,)) else None
+        identity = self.consent_pending
+        assert identity is not None
+        if isinstance(msg, Consent):
+            version = self.world.policy.consent_version
+            self.consent_pending = None
+            if msg.accept and msg.version == version:
+                self.world.record(
+                    "consent", room=identity.room, actor=identity.subject, version=version
+                )
+                if not self._enter(identity, consented=True):
+                    self.close(CLOSE_POLICY, b"join refused")
+                return
+            self.world.record(
+                "consent_declined", room=identity.room, actor=identity.subject, version=msg.version
+            )
+            why = "consent declined" if msg.accept is False else "consent to an old version"
+            self._refuse(ProtocolError(ErrorCode.CONSENT_REQUIRED, why), CLOSE_CONSENT, b"consent")
+        elif isinstance(msg, Ping):
+            self.send(Pong(msg.id, msg.client_time, 0.0))
+        elif isinstance(msg, Leave):
+            self.close(CLOSE_NORMAL, b"left")
+        else:
+            self.send_error(ProtocolError(ErrorCode.CONSENT_REQUIRED, "answer the consent first"))
 
     def complete_join(self, identity: Identity) -> None:
         """Become a member (directly, or when a host admits us from the lobby)."""
@@ -382,6 +426,17 @@ class Session:
                 self.close(CLOSE_NORMAL, b"left")
             elif isinstance(msg, Hello):
                 self.send_error(ProtocolError(ErrorCode.ALREADY_JOINED, "already joined"))
+            elif isinstance(msg, Consent):
+                if not msg.accept:  # withdrawing consent means leaving the room
+                    world.record(
+                        "consent_withdrawn",
+                        room=member.room.name,
+                        actor=member.identity.subject,
+                        version=msg.version,
+                    )
+                    world.leave(member, "consent withdrawn")
+                    self.member = None
+                    self.close(CLOSE_CONSENT, b"consent withdrawn")
             elif isinstance(msg, Moderate | Pause | RequestUnmute):
                 try:
                     if isinstance(msg, Moderate):

@@ -21,6 +21,7 @@ from .audit import AuditLog
 from .auth import Identity, TokenVerifier
 from .config import ServerConfig
 from .metrics import Metrics
+from .policy import RoomPolicy
 from .room import Member, Room
 
 if TYPE_CHECKING:
@@ -69,6 +70,7 @@ class World:
         self.connections_by_address: dict[str, int] = {}
         #: Checks join tokens; None on a server running without authentication.
         self.verifier: TokenVerifier | None = None
+        self.policy = RoomPolicy(config)
         #: The tamper-evident audit log (opened when the app starts).
         self.audit: AuditLog | None = None
 
@@ -89,6 +91,7 @@ class World:
         room = self.rooms.get(room_name)
         if room is None:
             room = Room(self, room_name, self._next_segment, self.tick_no)
+            room.pseudonymous = self.policy.pseudonymous(room_name)
             self._next_segment += 1
             self.rooms[room_name] = room
             self._rooms_by_segment[room.segment] = room
