@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,7 @@ def _get(url: str) -> dict[str, Any]:
         return json.loads(r.read())
 
 
-def _pin(pid: int, cpu: int) -> None:
+def pin(pid: int, cpu: int) -> None:
     try:
         if len(os.sched_getaffinity(0)) > 1:
             psutil.Process(pid).cpu_affinity([cpu])
@@ -53,14 +54,21 @@ def _pin(pid: int, cpu: int) -> None:
         pass
 
 
-def run_one(clients: int, room_size: int, seconds: float) -> dict[str, Any]:
+def run_one(
+    clients: int,
+    room_size: int,
+    seconds: float,
+    extra: Callable[[int, dict[str, str]], list[subprocess.Popen[bytes]]] | None = None,
+) -> dict[str, Any]:
+    """One measured run. ``extra(port, env)`` may start more processes (attackers) against the
+    server before the load generator connects; they are stopped with the server."""
     port = _free_port()
     # Real join tokens: the server checks one per headset, the load generator mints them.
     env = dict(
         os.environ,
         PYTHONPATH=str(ROOT),
         MEDVERSE_AUTH_SECRET=secrets.token_urlsafe(48),
-        MEDVERSE_MAX_CONNECTIONS_PER_ADDRESS=str(clients + 16),  # every headset is 127.0.0.1
+        MEDVERSE_MAX_CONNECTIONS_PER_ADDRESS=str(clients + 64),  # every headset is 127.0.0.1
         MEDVERSE_DATA_DIR=tempfile.mkdtemp(prefix="medverse-capacity-"),
     )
     server = subprocess.Popen(
@@ -77,8 +85,9 @@ def run_one(clients: int, room_size: int, seconds: float) -> dict[str, Any]:
         env=env,
         cwd=ROOT,
     )
-    _pin(server.pid, 0)
+    pin(server.pid, 0)
     base = f"http://127.0.0.1:{port}"
+    extras: list[subprocess.Popen[bytes]] = []
     try:
         for _ in range(200):
             try:
@@ -86,6 +95,7 @@ def run_one(clients: int, room_size: int, seconds: float) -> dict[str, Any]:
                 break
             except OSError:
                 time.sleep(0.05)
+        extras = extra(port, env) if extra is not None else []
         out = Path(tempfile.mkdtemp()) / "load.json"
         cmd = [
             sys.executable,
@@ -112,7 +122,7 @@ def run_one(clients: int, room_size: int, seconds: float) -> dict[str, Any]:
         load = subprocess.Popen(
             cmd, env=env, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
         )
-        _pin(load.pid, 1)
+        pin(load.pid, 1)
         proc = psutil.Process(server.pid)
         lproc = psutil.Process(load.pid)
         start = None
@@ -160,6 +170,9 @@ def run_one(clients: int, room_size: int, seconds: float) -> dict[str, Any]:
             "seconds": report["seconds"],
         }
     finally:
+        for p in extras:
+            p.kill()
+            p.wait()
         server.terminate()
         try:
             server.wait(10)
