@@ -165,3 +165,44 @@ def test_websocket_parser_reassembles_fragments_and_answers_pings() -> None:
         assert t.written.endswith(struct.pack("!H", 1002) + b"client frames must be masked")
 
     asyncio.run(run())
+
+
+async def test_live_hostile_flood_leaves_good_members_at_rate() -> None:
+    """Random, truncated, oversized, deeply nested and flooding frames against a live server."""
+    import time
+
+    from benchmarks.hostile import ROOM, attack
+    from client_sdk import Pose, connect
+    from server.auth import mint_token
+
+    from .conftest import run_server
+
+    secret = "f" * 48
+
+    def tok(who: str) -> str:
+        return mint_token(secret.encode(), room=ROOM, identity=who)
+
+    with run_server(auth_secret=secret) as srv:
+        good = [connect(srv.url, room=ROOM, name="g", token=tok(f"good{i}")) for i in range(3)]
+        await asyncio.gather(*(g.start() for g in good))
+        try:
+            flood = asyncio.ensure_future(attack(srv.url, tok("attacker"), 3.0, seed=7))
+            await asyncio.sleep(0.5)
+            f0 = [g.frames_received for g in good]
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 2.0:
+                for i, g in enumerate(good):
+                    g.send_pose(head=Pose((float(i), 1.6, 0.0)))
+                await asyncio.sleep(1 / 30)
+            rates = [
+                (g.frames_received - a) / (time.monotonic() - t0)
+                for g, a in zip(good, f0, strict=True)
+            ]
+            stats = await flood
+            assert stats["sent"] > 1000
+            assert min(rates) > 25, rates
+            assert '"status": "ok"' in srv.get("/health")
+            for g in good:
+                assert g.avatars[good[0].member_id].head is not None
+        finally:
+            await asyncio.gather(*(g.close() for g in good))
