@@ -25,6 +25,7 @@ from protocol.messages import (
     Error,
     Hello,
     Leave,
+    Message,
     Ping,
     Pong,
     Welcome,
@@ -45,7 +46,7 @@ from protocol.messages import (
     Waiting as WaitingMsg,
 )
 from protocol.quant import dequantize_positions, dequantize_rotations
-from protocol.snapshot import FRAME_STATE, Snapshot, SnapshotDecoder
+from protocol.snapshot import FRAME_STATE, OBJECT_ID_BASE, Snapshot, SnapshotDecoder
 
 from .types import (
     Avatar,
@@ -182,6 +183,10 @@ class Session:
         self.bytes_received = 0
         #: Called with (local receive time, snapshot) after every state frame (for tools).
         self.on_state: Any = None
+        # Feature clients (objects, audio) hook in here: handlers of their server messages,
+        # and callbacks run after every (re)connection with the welcome.
+        self._handlers: dict[type[Message], list[Callable[[Message], None]]] = {}
+        self._connected_hooks: list[Callable[[Welcome], None]] = []
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -259,7 +264,17 @@ class Session:
         self._connected.set()
         if self._outbox is not None:
             self._out_ready.set()
+        for hook in self._connected_hooks:
+            hook(welcome)
         return welcome
+
+    def add_handler(self, cls: type[Message], handler: Callable[[Message], None]) -> None:
+        """Call ``handler`` with every server message of type ``cls`` (for feature clients)."""
+        self._handlers.setdefault(cls, []).append(handler)
+
+    def add_connected_hook(self, hook: Callable[[Welcome], None]) -> None:
+        """Call ``hook`` with the welcome after every connection, first and resumed."""
+        self._connected_hooks.append(hook)
 
     async def _await_welcome(self, ws: aiohttp.ClientWebSocketResponse) -> Welcome:
         """Read until ``welcome``. In a room with a lobby the wait lasts until a host admits
@@ -329,6 +344,10 @@ class Session:
         self._outbox = encode_pose(self._seq, data)
         self._out_ready.set()
         return self._seq
+
+    async def send_message(self, msg: Message) -> None:
+        """Send one control message now; raises ConnectionError while disconnected."""
+        await self.send_raw(encode_message(msg))
 
     async def send_raw(self, frame: bytes) -> None:
         """Send one frame as is (for tools and tests that speak the protocol directly)."""
@@ -469,6 +488,9 @@ class Session:
                     fut.set_result(self.rtt)
             elif isinstance(m, Error):
                 self._emit(ErrorEvent(m.code, m.message, m.fatal))
+            else:
+                for handler in self._handlers.get(type(m), ()):
+                    handler(m)
 
     def _emit(self, ev: Event) -> None:
         if self._events.full():
@@ -518,10 +540,14 @@ class Session:
         rot = dequantize_rotations(snap.rot_index, snap.rot)
         out: dict[int, Avatar] = {}
         start = 0
-        for mid, n in zip(snap.ids.tolist(), snap.slots.tolist(), strict=True):
+        for mid, n, flags in zip(
+            snap.ids.tolist(), snap.slots.tolist(), snap.flags.tolist(), strict=True
+        ):
+            if mid >= OBJECT_ID_BASE:
+                break  # shared objects follow the avatars (ids are ascending)
             rows = slice(start, start + n)
             poses = _poses(pos[rows], rot[rows], snap.present[rows])
-            out[mid] = Avatar(mid, self._name_of(mid), poses, self._sample)
+            out[mid] = Avatar(mid, self._name_of(mid), poses, self._sample, flags=flags)
             start += n
         return out
 
@@ -568,7 +594,16 @@ class Session:
                 both[:, None], _slerp(q0, q1, alpha), np.where(sb.present[rb][:, None], q1, q0)
             )
             present = sa.present[ra] | sb.present[rb] if alpha < 0.5 else sb.present[rb]
-        return Avatar(member_id, self._name_of(member_id), _poses(pa, qa, present), self._sample)
+        snap_b = b[1]
+        i_b = int(np.searchsorted(snap_b.ids, member_id))
+        flags = int(snap_b.flags[i_b]) if rb is not None else 0
+        return Avatar(
+            member_id,
+            self._name_of(member_id),
+            _poses(pa, qa, present),
+            self._sample,
+            flags=flags,
+        )
 
 
 def connect(url: str, room: str, name: str, **options: Any) -> Session:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from protocol.snapshot import FLAG_SPEAKING
+
 Vec3 = tuple[float, float, float]
 Quat = tuple[float, float, float, float]
 
@@ -29,6 +31,13 @@ class Avatar:
     _sampler: Callable[[int, float], Avatar | None] | None = field(
         default=None, repr=False, compare=False
     )
+    #: The entity flags from the state (see ``protocol.snapshot``: ``FLAG_SPEAKING``, ...).
+    flags: int = 0
+
+    @property
+    def speaking(self) -> bool:
+        """True while the member is talking (the server sets it from their voice level)."""
+        return bool(self.flags & FLAG_SPEAKING)
 
     @property
     def head(self) -> Pose | None:

@@ -369,6 +369,18 @@ SERVER_MESSAGES: dict[str, type[Message]] = {
 }
 
 
+def register_messages(
+    client: Sequence[type[Message]] = (), server: Sequence[type[Message]] = ()
+) -> None:
+    """Add a feature's message types (client to server, server to client) to the registries
+    the decoders use. Types are unique across the protocol."""
+    for registry, classes in ((CLIENT_MESSAGES, client), (SERVER_MESSAGES, server)):
+        for cls in classes:
+            if not cls.TYPE or registry.get(cls.TYPE, cls) is not cls:
+                raise ValueError(f"message type {cls.TYPE!r} is already taken")
+            registry[cls.TYPE] = cls
+
+
 def encode_message(msg: Message) -> bytes:
     """A control frame: ``0x01`` then the msgpack map."""
     return bytes((FRAME_CONTROL,)) + msgpack.packb(msg.to_wire(), use_bin_type=True)

@@ -27,6 +27,10 @@ MAX_SLOTS = 16
 MAX_ENTITY_ID = (1 << 32) - 1
 #: Composite ids of the world encoder: segment (room) in the high bits.
 SEGMENT_SHIFT = 32
+#: Entity ids from here up are shared objects; below are members' avatars.
+OBJECT_ID_BASE = 1 << 31
+#: Entity flag bits (the codec carries flags opaquely; these are their meanings).
+FLAG_SPEAKING = 0x01  # an avatar whose member is talking now
 #: Refuse to decode frames describing more than this many entities or pose rows.
 MAX_ENTITIES = 4096
 

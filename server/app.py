@@ -90,6 +90,8 @@ def create_app(config: ServerConfig | None = None) -> web.Application:
     async def on_startup(app: web.Application) -> None:
         world.audit = AuditLog(cfg.data_dir, retention_days=cfg.audit_retention_days)
         world.audit.append("server_start", auth="off" if cfg.no_auth else "tokens")
+        for feature in world.features:
+            await feature.start()
         world.start()
 
     async def on_shutdown(app: web.Application) -> None:
@@ -100,6 +102,8 @@ def create_app(config: ServerConfig | None = None) -> web.Application:
 
     async def on_cleanup(app: web.Application) -> None:
         await world.stop()
+        for feature in reversed(world.features):
+            await feature.stop()
         if world.audit is not None:
             world.audit.append("server_stop")
             world.audit.close()

@@ -137,11 +137,13 @@ def handle(session: Session, msg: Moderate) -> None:
         target.unmute_requested = False
         world.record("muted", room=room.name, actor=actor, subject=target.identity.subject)
         room.broadcast(state_of(target))
+        world.notify("member_muted", target, True)
     elif action == "allow_unmute":
         target.muted = False
         target.unmute_requested = False
         world.record("unmute_allowed", room=room.name, actor=actor, subject=target.identity.subject)
         room.broadcast(state_of(target))
+        world.notify("member_muted", target, False)
 
 
 def admit(room: Room, lobby_id: int, actor: str) -> None:
@@ -177,3 +179,4 @@ def set_paused(session: Session, paused: bool) -> None:
         m.room.keyframe_wanted = True
         session.send_welcome(resumed=True)  # the member list may have changed meanwhile
     notify_hosts(m.room, state_of(m))
+    session.world.notify("member_paused", m, paused)

@@ -251,6 +251,7 @@ class Session:
         if member is not None:
             self.member = member
             self.send_welcome(resumed)
+            world.notify("member_resumed", member)
             return True
         return self._enter(identity, consented=False)
 
@@ -319,6 +320,7 @@ class Session:
         self._lobby = None
         self.member = self.world.join(identity, self._slots, self)
         self.send_welcome(False)
+        self.world.notify("member_joined", self.member)
 
     def send_welcome(self, resumed: bool) -> None:
         member = self.member
@@ -445,6 +447,11 @@ class Session:
                         moderation.set_paused(self, msg.paused)
                     else:
                         moderation.request_unmute(self)
+                except ProtocolError as err:
+                    self.send_error(err)
+            elif (handler := world.handlers.get(type(msg))) is not None:
+                try:
+                    handler(self, member, msg)
                 except ProtocolError as err:
                     self.send_error(err)
             else:

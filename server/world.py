@@ -20,6 +20,7 @@ from protocol.snapshot import MAX_SLOTS, SEGMENT_SHIFT, Snapshot, WorldEncoder
 from .audit import AuditLog
 from .auth import Identity, TokenVerifier
 from .config import ServerConfig
+from .features import Feature, Handler
 from .metrics import Metrics
 from .policy import RoomPolicy
 from .room import Member, Room
@@ -73,6 +74,27 @@ class World:
         self.policy = RoomPolicy(config)
         #: The tamper-evident audit log (opened when the app starts).
         self.audit: AuditLog | None = None
+        #: Plugged-in room features (audio, shared objects, ...) and their message handlers.
+        self.features: list[Feature] = []
+        self.handlers: dict[type, Handler] = {}
+
+    # ----------------------------------------------------------------- features
+
+    def add_feature(self, feature: Feature) -> None:
+        """Plug a feature in: it gets lifecycle hooks and handles its control messages."""
+        for cls, handler in feature.handlers.items():
+            if cls in self.handlers:
+                raise ValueError(f"two features handle {cls.__name__}")
+            self.handlers[cls] = handler
+        self.features.append(feature)
+
+    def notify(self, hook: str, *args: object) -> None:
+        """Call ``hook`` on every feature; a failing feature is logged, never propagated."""
+        for f in self.features:
+            try:
+                getattr(f, hook)(*args)
+            except Exception:
+                log.exception("feature %s failed in %s", type(f).__name__, hook)
 
     # ----------------------------------------------------------------- clock
 
@@ -96,6 +118,7 @@ class World:
             self.rooms[room_name] = room
             self._rooms_by_segment[room.segment] = room
             self.metrics.rooms.set(len(self.rooms))
+            self.notify("room_created", room)
         if len(room.members) >= self.config.max_members_per_room:
             raise ProtocolError(ErrorCode.ROOM_FULL, f"room {room_name} is full")
         if room.close_timer is not None:
@@ -157,6 +180,7 @@ class World:
         member.session = None
         loop = asyncio.get_running_loop()
         member.grace = loop.call_later(self.config.resume_grace, self.leave, member, "disconnected")
+        self.notify("member_disconnected", member)
 
     def leave(self, member: Member, reason: str) -> None:
         """Remove a member now and tell the room."""
@@ -179,6 +203,7 @@ class World:
             reason=reason,
         )
         room.announce_leave(member, reason)
+        self.notify("member_left", member, reason)
         if not room.members:
             loop = asyncio.get_running_loop()
             room.close_timer = loop.call_later(self.config.room_linger, self._close_room, room)
@@ -189,7 +214,45 @@ class World:
         del self.rooms[room.name]
         del self._rooms_by_segment[room.segment]
         self.metrics.rooms.set(len(self.rooms))
+        self.notify("room_closed", room)
         log.info("room %s closed", room.name)
+
+    def alloc_entity(self, room: Room, entity_id: int, slots: int) -> int:
+        """Give a non-member entity (a shared object, ...) of ``room`` a row block in the state.
+
+        ``entity_id`` is the id on the wire, unique in the room; member ids are below
+        ``protocol.snapshot.OBJECT_ID_BASE`` and other entities use ids from there up.
+        Returns the row block index for :meth:`write_entity` and :meth:`free_entity`.
+        """
+        return self._alloc_row(room.segment, entity_id, slots)
+
+    def free_entity(self, row: int) -> None:
+        """Take an entity out of the state (it is removed from every member's view)."""
+        self._free_row(row)
+
+    def write_entity(
+        self,
+        row: int,
+        present: np.ndarray,
+        pos: np.ndarray,
+        rot_index: np.ndarray,
+        rot: np.ndarray,
+    ) -> None:
+        """Set an entity's quantized pose rows (as ``protocol.quant`` produces them); the next
+        tick sends the change."""
+        n = len(present)
+        self._present[row, :n] = present
+        self._pos[row, :n] = pos
+        self._rot_index[row, :n] = rot_index
+        self._rot[row, :n] = rot
+
+    def set_flags(self, row: int, flags: int) -> None:
+        """Set an entity's 8 flag bits (e.g. ``FLAG_SPEAKING`` on an avatar)."""
+        if row >= 0:
+            self._flags[row] = flags
+
+    def flags_of(self, row: int) -> int:
+        return int(self._flags[row]) if row >= 0 else 0
 
     def _alloc_row(self, segment: int, mid: int, slots: int) -> int:
         if not self._free:
@@ -371,6 +434,8 @@ class World:
             work = time.perf_counter() - t0
             self.metrics.tick_seconds.observe(work)
             self.tick_work.append(work)
+            if self.features:
+                self.notify("after_tick", n)
             if len(self.tick_work) > 16384:
                 del self.tick_work[:8192]
             self._flush_counters()
