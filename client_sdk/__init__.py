@@ -6,6 +6,7 @@ async with connect("ws://127.0.0.1:8750", room="demo", name="Dr A") as session:
     session.send_pose(head=Pose((0, 1.6, 0), (0, 0, 0, 1)))
 """
 
+from .assets import AssetClient, AssetError, AssetInfo
 from .session import JoinError, Session, connect
 from .types import (
     Avatar,
@@ -21,6 +22,9 @@ from .types import (
 )
 
 __all__ = [
+    "AssetClient",
+    "AssetError",
+    "AssetInfo",
     "Avatar",
     "Closed",
     "ErrorEvent",

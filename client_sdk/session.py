@@ -7,6 +7,7 @@ import bisect
 import contextlib
 import logging
 import math
+import os
 import random
 import time
 from collections import deque
@@ -48,6 +49,7 @@ from protocol.messages import (
 from protocol.quant import dequantize_positions, dequantize_rotations
 from protocol.snapshot import FRAME_STATE, OBJECT_ID_BASE, Snapshot, SnapshotDecoder
 
+from .assets import AssetClient, AssetInfo
 from .types import (
     Avatar,
     Closed,
@@ -187,6 +189,7 @@ class Session:
         # and callbacks run after every (re)connection with the welcome.
         self._handlers: dict[type[Message], list[Callable[[Message], None]]] = {}
         self._connected_hooks: list[Callable[[Welcome], None]] = []
+        self._assets: AssetClient | None = None
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -230,6 +233,8 @@ class Session:
                 await t
         if self._http is not None:
             await self._http.close()
+        if self._assets is not None:
+            await self._assets.close()
         self._finish("closed by the application")
 
     async def _open(self) -> Welcome:
@@ -344,6 +349,23 @@ class Session:
         self._outbox = encode_pose(self._seq, data)
         self._out_ready.set()
         return self._seq
+
+    @property
+    def assets(self) -> AssetClient:
+        """The room's 3D models over HTTP (upload, list, download), with this session's token."""
+        if self._assets is None:
+            self._assets = AssetClient(self.url, self.room, self.token, ssl=self._ssl)
+        return self._assets
+
+    async def upload_asset(
+        self,
+        source: str | os.PathLike[str] | bytes,
+        name: str | None = None,
+        files: dict[str, bytes] | None = None,
+    ) -> AssetInfo:
+        """Upload a glTF model to the room (see :meth:`AssetClient.upload`); returns its
+        listing, whose ``sha256`` names it when spawning it as an object."""
+        return await self.assets.upload(source, name, files)
 
     async def send_message(self, msg: Message) -> None:
         """Send one control message now; raises ConnectionError while disconnected."""

@@ -32,7 +32,8 @@ class ErrorCode(enum.StrEnum):
     BANNED = "banned"  # removed and barred from this session
     ROOM_LOCKED = "room_locked"  # the room takes no new members
     SESSION_ENDED = "session_ended"  # a host ended the session for everyone
-    NOT_FOUND = "not_found"  # no such member
+    NOT_FOUND = "not_found"  # no such member, object, annotation or asset
+    INVALID_ASSET = "invalid_asset"  # an upload that is not a glTF 2.0 model we accept
     CONSENT_REQUIRED = "consent_required"  # consent declined, withdrawn or for another version
     STALE_INPUT = "stale_input"  # pose sequence number not newer than the last one applied
     TOO_SLOW = "too_slow"  # the member's connection cannot keep up and was closed

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from aiohttp import web
 
+from .assets import AssetService, AssetStore
 from .audit import AuditLog
 from .auth import SECRET_FILE, TokenVerifier, load_or_create_secret
 from .config import ServerConfig
@@ -86,10 +87,13 @@ def create_app(config: ServerConfig | None = None) -> web.Application:
     app.router.add_get("/ws", websocket_handler)
     app.router.add_get("/health", _health)
     app.router.add_get("/metrics", _metrics)
+    assets = AssetService(world, None)  # the store opens with the app
+    assets.routes(app)
 
     async def on_startup(app: web.Application) -> None:
         world.audit = AuditLog(cfg.data_dir, retention_days=cfg.audit_retention_days)
         world.audit.append("server_start", auth="off" if cfg.no_auth else "tokens")
+        assets.store = world.assets = AssetStore(cfg.data_dir)
         for feature in world.features:
             await feature.start()
         world.start()
@@ -104,6 +108,9 @@ def create_app(config: ServerConfig | None = None) -> web.Application:
         await world.stop()
         for feature in reversed(world.features):
             await feature.stop()
+        if world.assets is not None:
+            world.assets.close()
+            world.assets = None
         if world.audit is not None:
             world.audit.append("server_stop")
             world.audit.close()

@@ -72,6 +72,10 @@ class ServerConfig:
     #: TLS certificate chain and private key (PEM) to serve wss:// directly.
     tls_cert: str = ""
     tls_key: str = ""
+    #: Largest 3D model an upload may be, in bytes (a .glb, or a .gltf with its files).
+    max_asset_bytes: int = 128 * 1024 * 1024
+    #: Most assets one room may list.
+    max_assets_per_room: int = 256
 
     def __post_init__(self) -> None:
         if not 10 <= self.tick_rate <= 90:

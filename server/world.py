@@ -26,6 +26,7 @@ from .policy import RoomPolicy
 from .room import Member, Room
 
 if TYPE_CHECKING:
+    from .assets import AssetStore
     from .session import Session
 
 log = logging.getLogger("medverse.world")
@@ -74,6 +75,8 @@ class World:
         self.policy = RoomPolicy(config)
         #: The tamper-evident audit log (opened when the app starts).
         self.audit: AuditLog | None = None
+        #: Uploaded 3D models (opened when the app starts).
+        self.assets: AssetStore | None = None
         #: Plugged-in room features (audio, shared objects, ...) and their message handlers.
         self.features: list[Feature] = []
         self.handlers: dict[type, Handler] = {}

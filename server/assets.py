@@ -1,0 +1,521 @@
+"""3D model assets: upload over HTTP, validation, content-addressed storage, resumable download.
+
+``POST /rooms/{room}/assets`` takes a binary glTF (``.glb``) as the request body, or a
+``multipart/form-data`` upload of a ``.gltf`` with the files it names (packed into one ``.glb``).
+The model is validated (:mod:`server.gltf`), stored once per content under its SHA-256 (the same
+model uploaded twice, to any room, is kept once) and listed in the room with its name, size, hash,
+uploader and time. ``GET /rooms/{room}/assets/{sha256}`` serves it with a strong ETag (the hash)
+and byte ranges, so a headset can resume a large download.
+
+Every request carries the member's join token (``Authorization: Bearer ...``) for that room;
+uploading needs the ``upload_assets`` grant. An asset is visible only in the rooms it was uploaded
+to: asking another room for it is ``not_found``, whether or not its bytes exist.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import mmap
+import os
+import re
+import sqlite3
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import BodyPartReader, web
+
+from protocol.errors import ErrorCode, ProtocolError
+from protocol.messages import ROOM_NAME_RE
+
+from .auth import ROLE_GRANTS, Identity
+from .gltf import InvalidAsset, ModelInfo, pack_gltf, validate_glb
+
+if TYPE_CHECKING:
+    from .world import World
+
+log = logging.getLogger("medverse.assets")
+
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_NAME_RE = re.compile(r"^[^\x00-\x1f\x7f/\\]{1,128}$")
+_CHUNK = 256 * 1024
+
+_HTTP_STATUS = {
+    ErrorCode.UNAUTHORIZED: 401,
+    ErrorCode.TOKEN_EXPIRED: 401,
+    ErrorCode.FORBIDDEN: 403,
+    ErrorCode.BANNED: 403,
+    ErrorCode.SESSION_ENDED: 403,
+    ErrorCode.NOT_FOUND: 404,
+    ErrorCode.OVERSIZED: 413,
+    ErrorCode.RATE_LIMITED: 429,
+    ErrorCode.ROOM_FULL: 409,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class AssetInfo:
+    """One asset as a room lists it."""
+
+    sha256: str
+    name: str
+    size: int
+    uploader: str  # the uploader's display name (the identity is in the audit log)
+    uploaded_at: float  # Unix time
+    nodes: tuple[str, ...]  # named glTF nodes: what view state can show or hide
+    generator: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["nodes"] = list(self.nodes)
+        return d
+
+
+class AssetStore:
+    """Blobs under ``<data_dir>/assets/`` named by hash, metadata in SQLite.
+
+    The interface (``info``, ``list``, ``add``, ``remove``, ``blob_path``) is all the server
+    uses, so another backend (object storage and PostgreSQL) can replace this one.
+    """
+
+    def __init__(self, data_dir: str | Path) -> None:
+        self.root = Path(data_dir) / "assets"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.root / "incoming"
+        self.tmp.mkdir(exist_ok=True)
+        for stale in self.tmp.iterdir():  # uploads cut short by a crash
+            with contextlib.suppress(OSError):
+                stale.unlink()
+        # Writes run in a worker thread (they fsync); one lock serializes every use.
+        self._db = sqlite3.connect(
+            self.root / "assets.sqlite3", isolation_level=None, check_same_thread=False
+        )
+        self._lock = threading.Lock()
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(
+            """
+            CREATE TABLE IF NOT EXISTS blobs (
+                sha256 TEXT PRIMARY KEY, size INTEGER NOT NULL, model TEXT NOT NULL,
+                stored_at REAL NOT NULL);
+            CREATE TABLE IF NOT EXISTS room_assets (
+                room TEXT NOT NULL, sha256 TEXT NOT NULL REFERENCES blobs(sha256),
+                name TEXT NOT NULL, uploader TEXT NOT NULL, uploader_subject TEXT NOT NULL,
+                uploaded_at REAL NOT NULL, PRIMARY KEY (room, sha256));
+            """
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def blob_path(self, sha256: str) -> Path:
+        return self.root / sha256[:2] / f"{sha256}.glb"
+
+    def info(self, room: str, sha256: str) -> AssetInfo | None:
+        """The asset ``sha256`` as listed in ``room`` (None if it was never uploaded there)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT r.sha256, r.name, b.size, r.uploader, r.uploaded_at, b.model "
+                "FROM room_assets r JOIN blobs b USING (sha256) WHERE r.room = ? AND r.sha256 = ?",
+                (room, sha256),
+            ).fetchone()
+        return _row_info(row) if row else None
+
+    def list(self, room: str) -> list[AssetInfo]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT r.sha256, r.name, b.size, r.uploader, r.uploaded_at, b.model "
+                "FROM room_assets r JOIN blobs b USING (sha256) WHERE r.room = ? "
+                "ORDER BY r.uploaded_at, r.sha256",
+                (room,),
+            ).fetchall()
+        return [_row_info(r) for r in rows]
+
+    def count(self, room: str) -> int:
+        with self._lock:
+            row = self._db.execute("SELECT COUNT(*) FROM room_assets WHERE room = ?", (room,))
+            return int(row.fetchone()[0])
+
+    def add(
+        self, room: str, name: str, identity: Identity, staged: Path, sha256: str, model: ModelInfo
+    ) -> tuple[AssetInfo, bool]:
+        """Keep a validated, staged file and list it in ``room``; durable on return.
+
+        Returns the listing and whether it is new to the room. The file is moved into place
+        (fsynced first) only if no blob with this hash exists yet: stored once.
+        """
+        dest = self.blob_path(sha256)
+        size = staged.stat().st_size
+        if not dest.exists():
+            dest.parent.mkdir(exist_ok=True)
+            with open(staged, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(staged, dest)
+            _fsync_dir(dest.parent)
+        else:
+            staged.unlink()
+        now = time.time()
+        meta = json.dumps(
+            {"nodes": list(model.nodes), "generator": model.generator, "meshes": model.meshes}
+        )
+        with self._lock, self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute(
+                "INSERT OR IGNORE INTO blobs VALUES (?, ?, ?, ?)", (sha256, size, meta, now)
+            )
+            cur = self._db.execute(
+                "INSERT OR IGNORE INTO room_assets VALUES (?, ?, ?, ?, ?, ?)",
+                (room, sha256, name, identity.name, identity.subject, now),
+            )
+            new = cur.rowcount == 1
+        info = self.info(room, sha256)
+        assert info is not None
+        return info, new
+
+    def remove(self, room: str, sha256: str) -> bool:
+        """Unlist an asset from a room; its bytes go when no room lists them any more."""
+        with self._lock, self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            cur = self._db.execute(
+                "DELETE FROM room_assets WHERE room = ? AND sha256 = ?", (room, sha256)
+            )
+            if cur.rowcount == 0:
+                return False
+            left = self._db.execute(
+                "SELECT COUNT(*) FROM room_assets WHERE sha256 = ?", (sha256,)
+            ).fetchone()[0]
+            if left == 0:
+                self._db.execute("DELETE FROM blobs WHERE sha256 = ?", (sha256,))
+        if left == 0:
+            with contextlib.suppress(FileNotFoundError):
+                self.blob_path(sha256).unlink()
+        return True
+
+    def uploader_subject(self, room: str, sha256: str) -> str | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT uploader_subject FROM room_assets WHERE room = ? AND sha256 = ?",
+                (room, sha256),
+            ).fetchone()
+        return row[0] if row else None
+
+
+def _row_info(row: tuple[Any, ...]) -> AssetInfo:
+    model = json.loads(row[5])
+    return AssetInfo(
+        row[0], row[1], row[2], row[3], row[4], tuple(model["nodes"]), model["generator"]
+    )
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- HTTP
+
+
+def http_error(err: ProtocolError, status: int | None = None) -> web.HTTPException:
+    """A typed error as an HTTP response: the same codes as on the WebSocket, in JSON."""
+    body = json.dumps({"error": {"code": err.code.value, "message": err.message}})
+    exc = web.HTTPException(text=body, content_type="application/json")
+    exc.set_status(status or _HTTP_STATUS.get(err.code, 400))
+    return exc
+
+
+def http_identity(request: web.Request, world: World, room: str) -> Identity:
+    """Who is asking, from the bearer token for ``room``; fails closed with a typed error.
+
+    A server running without authentication treats every caller as an anonymous participant
+    who may also upload (there is nobody to grant it on such a server).
+    """
+    if not ROOM_NAME_RE.match(room):
+        raise http_error(ProtocolError(ErrorCode.OUT_OF_RANGE, "bad room name"))
+    verifier = world.verifier
+    if verifier is None:
+        grants = ROLE_GRANTS["participant"] | {"upload_assets"}
+        return Identity(f"anonymous:{request.remote}", "anonymous", room, "participant", grants)
+    auth = request.headers.get("Authorization", "")
+    scheme, _, token = auth.partition(" ")
+    try:
+        if scheme.lower() != "bearer" or not token.strip():
+            raise ProtocolError(ErrorCode.UNAUTHORIZED, "an Authorization: Bearer token is needed")
+        identity = verifier.verify(token.strip(), room)
+    except ProtocolError as err:
+        world.metrics.auth_refusals.labels(err.code.value).inc()
+        world.record(
+            "http_refused", room=room, peer=request.remote, path=request.path, code=err.code.value
+        )
+        raise http_error(err) from None
+    live = world.rooms.get(room)
+    if live is not None and identity.subject in live.banned:
+        raise http_error(ProtocolError(ErrorCode.BANNED, "you were removed from this session"))
+    return identity
+
+
+class AssetService:
+    """The HTTP side of the asset store: routes, limits and audit."""
+
+    def __init__(self, world: World, store: AssetStore | None) -> None:
+        self.world = world
+        self._store = store
+        self.max_bytes = world.config.max_asset_bytes
+        self._uploads_by_address: dict[str, int] = {}
+
+    @property
+    def store(self) -> AssetStore:
+        if self._store is None:
+            raise web.HTTPServiceUnavailable(text="the asset store is not open")
+        return self._store
+
+    @store.setter
+    def store(self, store: AssetStore) -> None:
+        self._store = store
+
+    def routes(self, app: web.Application) -> None:
+        app.router.add_post("/rooms/{room}/assets", self.upload)
+        app.router.add_get("/rooms/{room}/assets", self.listing)
+        app.router.add_get("/rooms/{room}/assets/{sha256}", self.download)
+        app.router.add_get("/rooms/{room}/assets/{sha256}/info", self.metadata)
+        app.router.add_delete("/rooms/{room}/assets/{sha256}", self.delete)
+
+    def _lookup(self, request: web.Request) -> tuple[str, Identity, AssetInfo]:
+        room = request.match_info["room"]
+        identity = http_identity(request, self.world, room)
+        sha = request.match_info["sha256"]
+        info = self.store.info(room, sha) if SHA256_RE.match(sha) else None
+        if info is None:
+            raise http_error(ProtocolError(ErrorCode.NOT_FOUND, "no such asset in this room"))
+        return room, identity, info
+
+    async def listing(self, request: web.Request) -> web.Response:
+        room = request.match_info["room"]
+        http_identity(request, self.world, room)
+        return web.json_response({"assets": [a.to_json() for a in self.store.list(room)]})
+
+    async def metadata(self, request: web.Request) -> web.Response:
+        _, _, info = self._lookup(request)
+        return web.json_response(info.to_json())
+
+    async def delete(self, request: web.Request) -> web.Response:
+        room, identity, info = self._lookup(request)
+        if not identity.can("moderate") and (
+            self.store.uploader_subject(room, info.sha256) != identity.subject
+        ):
+            raise http_error(
+                ProtocolError(ErrorCode.FORBIDDEN, "only the uploader or a host may remove it")
+            )
+        await asyncio.to_thread(self.store.remove, room, info.sha256)
+        self.world.record("asset_removed", room=room, actor=identity.subject, subject=info.sha256)
+        return web.json_response({"removed": info.sha256})
+
+    async def download(self, request: web.Request) -> web.StreamResponse:
+        _, _, info = self._lookup(request)
+        path = self.store.blob_path(info.sha256)
+        etag = f'"{info.sha256}"'
+        headers = {
+            "ETag": etag,
+            "Accept-Ranges": "bytes",
+            "Content-Type": "model/gltf-binary",
+            "Cache-Control": "private, max-age=31536000, immutable",
+        }
+        inm = request.headers.get("If-None-Match")
+        if inm is not None and (inm.strip() == "*" or etag in [t.strip() for t in inm.split(",")]):
+            return web.Response(status=304, headers=headers)
+        size = info.size
+        start, end = 0, size - 1
+        status = 200
+        rng = request.headers.get("Range")
+        if_range = request.headers.get("If-Range")
+        # A multi-range request is answered whole (allowed by RFC 9110); headsets resume with
+        # one open range.
+        if rng is not None and "," not in rng and (if_range is None or if_range.strip() == etag):
+            parsed = _parse_range(rng, size)
+            if parsed is None:
+                headers["Content-Range"] = f"bytes */{size}"
+                raise web.HTTPRequestRangeNotSatisfiable(headers=headers)
+            start, end = parsed
+            status = 206
+            headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+        headers["Content-Length"] = str(end - start + 1)
+        resp = web.StreamResponse(status=status, headers=headers)
+        await resp.prepare(request)
+        if request.method == "HEAD":
+            return resp
+        loop = asyncio.get_running_loop()
+        with open(path, "rb") as f:
+            f.seek(start)
+            left = end - start + 1
+            while left > 0:
+                chunk = await loop.run_in_executor(None, f.read, min(_CHUNK, left))
+                if not chunk:
+                    break
+                left -= len(chunk)
+                await resp.write(chunk)
+        await resp.write_eof()
+        return resp
+
+    async def upload(self, request: web.Request) -> web.Response:
+        room = request.match_info["room"]
+        identity = http_identity(request, self.world, room)
+        if not identity.can("upload_assets"):
+            raise http_error(
+                ProtocolError(ErrorCode.FORBIDDEN, f"role {identity.role} may not upload assets")
+            )
+        if request.content_length is not None and request.content_length > self.max_bytes:
+            raise http_error(
+                ProtocolError(ErrorCode.OVERSIZED, f"assets are limited to {self.max_bytes} bytes")
+            )
+        if self.store.count(room) >= self.world.config.max_assets_per_room:
+            raise http_error(ProtocolError(ErrorCode.ROOM_FULL, "this room has its maximum assets"))
+        addr = request.remote or "?"
+        busy = self._uploads_by_address.get(addr, 0)
+        if busy >= 2:
+            raise http_error(
+                ProtocolError(ErrorCode.RATE_LIMITED, "two uploads at a time per address")
+            )
+        self._uploads_by_address[addr] = busy + 1
+        staged: Path | None = None
+        try:
+            if request.content_type == "multipart/form-data":
+                name, staged, sha, model = await self._receive_gltf(request)
+            else:
+                name = request.query.get("name", "model.glb")
+                staged, sha, model = await self._receive_glb(request)
+            if not _NAME_RE.match(name):
+                raise http_error(ProtocolError(ErrorCode.OUT_OF_RANGE, "bad asset name"))
+            info, new = await asyncio.to_thread(
+                self.store.add, room, name, identity, staged, sha, model
+            )
+            staged = None
+        except InvalidAsset as exc:
+            raise http_error(ProtocolError(ErrorCode.INVALID_ASSET, str(exc)), 422) from None
+        finally:
+            if staged is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    staged.unlink()
+            left = self._uploads_by_address.get(addr, 1) - 1
+            if left > 0:
+                self._uploads_by_address[addr] = left
+            else:
+                self._uploads_by_address.pop(addr, None)
+        if new:
+            self.world.record(
+                "asset_uploaded",
+                room=room,
+                actor=identity.subject,
+                subject=info.sha256,
+                size=info.size,
+                name=info.name,
+            )
+        return web.json_response(info.to_json(), status=201 if new else 200)
+
+    def _too_big(self) -> web.HTTPException:
+        return http_error(
+            ProtocolError(ErrorCode.OVERSIZED, f"assets are limited to {self.max_bytes} bytes")
+        )
+
+    async def _receive_glb(self, request: web.Request) -> tuple[Path, str, ModelInfo]:
+        """Stream the body to a staging file (hashing as it comes), then validate it."""
+        fd, name = tempfile.mkstemp(dir=self.store.tmp, suffix=".glb")
+        staged = Path(name)
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            with os.fdopen(fd, "wb") as f:
+                async for chunk in request.content.iter_chunked(_CHUNK):
+                    size += len(chunk)
+                    if size > self.max_bytes:
+                        raise self._too_big()
+                    digest.update(chunk)
+                    f.write(chunk)
+            model = await asyncio.to_thread(_validate_file, staged)
+        except BaseException:
+            staged.unlink(missing_ok=True)
+            raise
+        return staged, digest.hexdigest(), model
+
+    async def _receive_gltf(self, request: web.Request) -> tuple[str, Path, str, ModelInfo]:
+        """A ``.gltf`` part plus its files, packed into one ``.glb`` and validated."""
+        reader = await request.multipart()
+        gltf: bytes | None = None
+        gltf_name = "model.gltf"
+        files: dict[str, bytes] = {}
+        total = 0
+        while True:
+            part = await reader.next()
+            if part is None:
+                break
+            if not isinstance(part, BodyPartReader):
+                raise InvalidAsset("nested multipart bodies are not accepted")
+            data = bytearray()
+            while chunk := await part.read_chunk(_CHUNK):
+                total += len(chunk)
+                if total > self.max_bytes:
+                    raise self._too_big()
+                data += chunk
+            filename = part.filename or part.name or ""
+            if part.name == "gltf" or (gltf is None and filename.lower().endswith(".gltf")):
+                gltf = bytes(data)
+                gltf_name = filename or gltf_name
+            else:
+                if len(files) >= 256:
+                    raise InvalidAsset("at most 256 files with one .gltf")
+                files[filename] = bytes(data)
+        if gltf is None:
+            raise InvalidAsset("the multipart upload has no .gltf part (name it 'gltf')")
+        glb = await asyncio.to_thread(pack_gltf, gltf, files)
+        if len(glb) > self.max_bytes:
+            raise self._too_big()
+        model = await asyncio.to_thread(validate_glb, glb)
+        fd, path = tempfile.mkstemp(dir=self.store.tmp, suffix=".glb")
+        with os.fdopen(fd, "wb") as f:
+            f.write(glb)
+        name = gltf_name.rsplit(".", 1)[0] + ".glb"
+        return name, Path(path), hashlib.sha256(glb).hexdigest(), model
+
+
+def _validate_file(path: Path) -> ModelInfo:
+    size = path.stat().st_size
+    if size == 0:
+        raise InvalidAsset("empty upload")
+    message = ""
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        try:
+            return validate_glb(mm)
+        except InvalidAsset as exc:
+            # Keep nothing of the traceback: its frames hold views of the map, which must be
+            # released before the map can close.
+            message = str(exc)
+    raise InvalidAsset(message)
+
+
+def _parse_range(header: str, size: int) -> tuple[int, int] | None:
+    """One ``bytes=a-b`` / ``a-`` / ``-n`` range within ``size`` (None: not satisfiable)."""
+    m = re.fullmatch(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", header)
+    if m is None or size == 0:
+        return None
+    a, b = m.group(1), m.group(2)
+    if a == "" and b == "":
+        return None
+    if a == "":
+        n = int(b)
+        if n == 0:
+            return None
+        return max(0, size - n), size - 1
+    start = int(a)
+    end = int(b) if b else size - 1
+    if start >= size or end < start:
+        return None
+    return start, min(end, size - 1)
