@@ -22,13 +22,21 @@ from protocol.messages import (
     FRAME_CONTROL,
     PROTOCOL_VERSION,
     SERVER_MESSAGES,
+    ChangeRole,
     ConsentRequired,
     Error,
+    Grants,
     Hello,
     Leave,
+    Lobby,
+    MemberState,
     Message,
+    Moderate,
+    Pause,
     Ping,
     Pong,
+    RequestUnmute,
+    RoomState,
     Welcome,
     decode_message,
     encode_message,
@@ -53,10 +61,14 @@ from .assets import AssetClient, AssetInfo
 from .types import (
     Avatar,
     Closed,
+    EntryChanged,
     ErrorEvent,
     Event,
+    GrantsChanged,
     Joined,
     Left,
+    LobbyChanged,
+    MemberStateChanged,
     Pose,
     Reconnecting,
     Resumed,
@@ -190,6 +202,9 @@ class Session:
         self._handlers: dict[type[Message], list[Callable[[Message], None]]] = {}
         self._connected_hooks: list[Callable[[Welcome], None]] = []
         self._assets: AssetClient | None = None
+        #: Our role and grants as a host last changed them (None: as the join token says).
+        self.role: str | None = None
+        self.grants: frozenset[str] | None = None
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -391,6 +406,38 @@ class Session:
             except (ConnectionError, aiohttp.ClientError, RuntimeError):
                 self._outbox = self._outbox or frame  # resend after reconnecting
 
+    # ----------------------------------------------------------------- moderation
+
+    async def moderate(
+        self, action: str, member_id: int | None = None, reason: str | None = None
+    ) -> None:
+        """A host's action (needs the ``moderate`` grant; refusals arrive as error events):
+        ``admit``/``deny`` a lobby member, ``remove``/``ban`` a member (``reason`` is shown to
+        them), ``mute``/``allow_unmute`` a member's audio on the server, ``lock``/``unlock``/
+        ``lobby``/``open`` the room, or ``end`` the session for everyone."""
+        await self.send_message(Moderate(action, member_id, reason))
+
+    async def change_role(
+        self,
+        member_id: int,
+        role: str | None = None,
+        *,
+        grant: str | None = None,
+        allow: bool | None = None,
+    ) -> None:
+        """A host gives a member another ``role``, or gives (``allow=True``) or takes one
+        ``grant``; everyone concerned gets a :class:`GrantsChanged` event."""
+        await self.send_message(ChangeRole(member_id, role, grant, allow))
+
+    async def pause(self, paused: bool = True) -> None:
+        """Step out of the room (or back in): while paused nobody sees or hears us and we
+        receive nothing."""
+        await self.send_message(Pause(paused))
+
+    async def request_unmute(self) -> None:
+        """Ask the hosts to allow unmuting after a server mute."""
+        await self.send_message(RequestUnmute())
+
     async def withdraw_consent(self) -> None:
         """Withdraw consent given to the room's text: the server removes us from the room."""
         if self.consent_version is None:
@@ -510,6 +557,16 @@ class Session:
                     fut.set_result(self.rtt)
             elif isinstance(m, Error):
                 self._emit(ErrorEvent(m.code, m.message, m.fatal))
+            elif isinstance(m, MemberState):
+                self._emit(MemberStateChanged(m.member_id, m.paused, m.muted, m.unmute_requested))
+            elif isinstance(m, Lobby):
+                self._emit(LobbyChanged(tuple((w.id, w.name) for w in m.members)))
+            elif isinstance(m, RoomState):
+                self._emit(EntryChanged(m.entry))
+            elif isinstance(m, Grants):
+                if m.member_id == self.member_id:
+                    self.role, self.grants = m.role, frozenset(m.grants)
+                self._emit(GrantsChanged(m.member_id, m.role, frozenset(m.grants)))
             else:
                 for handler in self._handlers.get(type(m), ()):
                     handler(m)

@@ -128,4 +128,54 @@ class Waiting:
     type: str = "waiting"
 
 
-Event = Joined | Left | ErrorEvent | Reconnecting | Resumed | Closed | Waiting
+@dataclass(frozen=True, slots=True)
+class MemberStateChanged:
+    """A member paused or came back (hosts see it), was muted or unmuted on the server
+    (everyone sees it), or asks to be unmuted (hosts see it)."""
+
+    member_id: int
+    paused: bool
+    muted: bool
+    unmute_requested: bool
+    type: str = "member_state"
+
+
+@dataclass(frozen=True, slots=True)
+class LobbyChanged:
+    """To hosts: who waits in the lobby, as (lobby id, name) pairs to admit or deny."""
+
+    waiting: tuple[tuple[int, str], ...]
+    type: str = "lobby"
+
+
+@dataclass(frozen=True, slots=True)
+class EntryChanged:
+    """The room's entry mode is now ``open``, ``lobby`` or ``locked``."""
+
+    entry: str
+    type: str = "entry"
+
+
+@dataclass(frozen=True, slots=True)
+class GrantsChanged:
+    """A host changed a member's role or grants (ours, or, for hosts, anyone's)."""
+
+    member_id: int
+    role: str
+    grants: frozenset[str]
+    type: str = "grants"
+
+
+Event = (
+    Joined
+    | Left
+    | ErrorEvent
+    | Reconnecting
+    | Resumed
+    | Closed
+    | Waiting
+    | MemberStateChanged
+    | LobbyChanged
+    | EntryChanged
+    | GrantsChanged
+)

@@ -98,6 +98,13 @@ def _check(name: str, spec: Spec, value: Any) -> Any:
             raise ProtocolError(ErrorCode.OUT_OF_RANGE, f"{name} longer than {spec.max_len}")
         if spec.pattern is not None and not spec.pattern.match(value):
             raise ProtocolError(ErrorCode.OUT_OF_RANGE, f"{name} has characters not allowed")
+    elif k == "strs":
+        if not isinstance(value, list) or len(value) > (spec.hi or 16):
+            raise ProtocolError(ErrorCode.BAD_FIELD, f"{name} must be a short list")
+        for item in value:
+            if not isinstance(item, str) or len(item) > (spec.max_len or 64):
+                raise ProtocolError(ErrorCode.BAD_FIELD, f"{name} entries must be short strings")
+        return tuple(value)
     elif k == "members":
         if not isinstance(value, list) or len(value) > 10_000:
             raise ProtocolError(ErrorCode.BAD_FIELD, f"{name} must be a list")
@@ -126,6 +133,8 @@ class Message:
                 continue
             if f.metadata["spec"].kind == "members":
                 v = [m.to_wire() for m in v]
+            elif f.metadata["spec"].kind == "strs":
+                v = list(v)
             elif isinstance(v, ErrorCode):
                 v = v.value
             out[f.name] = v
@@ -213,6 +222,25 @@ class Moderate(Message):
     reason: str | None = _spec("str", max_len=256, optional=True)
 
 
+ROLE_NAMES = re.compile(r"^(host|participant|observer)$")
+GRANT_NAMES = re.compile(
+    r"^(publish_audio|manipulate_objects|annotate|upload_assets|moderate|hidden)$"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeRole(Message):
+    """A host changes a member's ``role`` (its grants become the role's), or gives
+    (``allow`` true) or takes away one ``grant``. Give either ``role`` or ``grant`` and
+    ``allow``."""
+
+    TYPE: ClassVar[str] = "change_role"
+    member_id: int = _spec("int", lo=1, hi=2**32 - 1)
+    role: str | None = _spec("str", pattern=ROLE_NAMES, optional=True)
+    grant: str | None = _spec("str", pattern=GRANT_NAMES, optional=True)
+    allow: bool | None = _spec("bool", optional=True)
+
+
 @dataclass(frozen=True, slots=True)
 class Pause(Message):
     """Patient control: step out (``paused`` true) or back in. While paused the member's avatar
@@ -278,6 +306,16 @@ class MemberState(Message):
     paused: bool = _spec("bool")
     muted: bool = _spec("bool")
     unmute_requested: bool = _spec("bool")
+
+
+@dataclass(frozen=True, slots=True)
+class Grants(Message):
+    """A member's role and grants changed (to that member and to hosts)."""
+
+    TYPE: ClassVar[str] = "grants"
+    member_id: int = _spec("int", lo=1, hi=2**32 - 1)
+    role: str = _spec("str", max_len=16)
+    grants: tuple[str, ...] = _spec("strs", hi=16, max_len=32)
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,7 +388,7 @@ class Error(Message):
 
 
 CLIENT_MESSAGES: dict[str, type[Message]] = {
-    m.TYPE: m for m in (Hello, Ping, Leave, Moderate, Pause, RequestUnmute, Consent)
+    m.TYPE: m for m in (Hello, Ping, Leave, Moderate, ChangeRole, Pause, RequestUnmute, Consent)
 }
 SERVER_MESSAGES: dict[str, type[Message]] = {
     m.TYPE: m
@@ -365,6 +403,7 @@ SERVER_MESSAGES: dict[str, type[Message]] = {
         MemberState,
         RoomState,
         ConsentRequired,
+        Grants,
     )
 }
 
@@ -510,9 +549,11 @@ __all__ += [
     "MAX_CONTROL_BYTES",
     "PROTOCOL_VERSION",
     "SERVER_MESSAGES",
+    "ChangeRole",
     "Consent",
     "ConsentRequired",
     "Error",
+    "Grants",
     "Hello",
     "Joined",
     "Leave",
@@ -537,4 +578,5 @@ __all__ += [
     "encode_pose",
     "pose_frame_size",
     "pose_sequence",
+    "register_messages",
 ]

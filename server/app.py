@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from aiohttp import web
 
+from .admin import AdminAPI
 from .assets import AssetService, AssetStore
 from .audit import AuditLog
 from .auth import SECRET_FILE, TokenVerifier, load_or_create_secret
@@ -89,6 +90,7 @@ def create_app(config: ServerConfig | None = None) -> web.Application:
     app.router.add_get("/metrics", _metrics)
     assets = AssetService(world, None)  # the store opens with the app
     assets.routes(app)
+    AdminAPI(world).routes(app)
 
     async def on_startup(app: web.Application) -> None:
         world.audit = AuditLog(cfg.data_dir, retention_days=cfg.audit_retention_days)

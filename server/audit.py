@@ -318,6 +318,25 @@ class AuditLog:
         )
         self._signed_size = size
 
+    def signed_head(self) -> dict[str, Any] | None:
+        """The newest signed tree head, with the public key that verifies it (hex)."""
+        self.sign()
+        row = self._db.execute(
+            "SELECT size, time_ms, root, signature FROM tree_heads ORDER BY size DESC LIMIT 1"
+        ).fetchone()
+        if row is None:
+            return None
+        public = self._key.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+        return {
+            "size": row[0],
+            "time_ms": row[1],
+            "root": bytes(row[2]).hex(),
+            "signature": bytes(row[3]).hex(),
+            "public_key": public.hex(),
+        }
+
     def prune(self) -> int:
         """Drop the content of entries past the retention period, keeping their leaf hashes
         (so the tree still verifies). Returns how many were pruned."""

@@ -36,6 +36,8 @@ ROLE_GRANTS: dict[str, frozenset[str]] = {
     "observer": frozenset({"hidden"}),
 }
 ALGORITHMS_HS = ["HS256"]
+#: The role of operators' tokens for the admin HTTP API (never valid for joining a room).
+ADMIN_ROLE = "admin"
 SECRET_FILE = "auth_secret"
 
 
@@ -107,6 +109,37 @@ class TokenVerifier:
         if claims["room"] != room:
             raise ProtocolError(ErrorCode.UNAUTHORIZED, "join token is for another room")
         return identity_from_claims(claims)
+
+    def verify_admin(self, token: str) -> str:
+        """The subject of a valid admin token (role ``admin``, room ``*``); typed error else.
+
+        Admin tokens are for the operators' HTTP API only: no room accepts them for a join.
+        """
+        try:
+            claims = jwt.decode(
+                token,
+                self._key,
+                algorithms=self._algorithms,
+                options={"require": ["exp", "sub", "room", "role"]},
+                leeway=5,
+            )
+        except jwt.ExpiredSignatureError:
+            raise ProtocolError(ErrorCode.TOKEN_EXPIRED, "admin token expired") from None
+        except jwt.InvalidTokenError as exc:
+            raise ProtocolError(ErrorCode.UNAUTHORIZED, f"invalid admin token: {exc}") from None
+        if claims["role"] != ADMIN_ROLE or claims["room"] != "*":
+            raise ProtocolError(ErrorCode.FORBIDDEN, "not an admin token")
+        sub = claims["sub"]
+        if not isinstance(sub, str) or not 0 < len(sub) <= 128:
+            raise ProtocolError(ErrorCode.UNAUTHORIZED, "token sub must be a short string")
+        return sub
+
+
+def mint_admin_token(secret: bytes, *, identity: str, ttl: float = 3600.0) -> str:
+    """An HS256 token for the admin HTTP API (``medverse token --admin``)."""
+    now = int(time.time())
+    claims = {"sub": identity, "room": "*", "role": ADMIN_ROLE, "iat": now, "exp": now + int(ttl)}
+    return jwt.encode(claims, secret, algorithm="HS256")
 
 
 def identity_from_claims(claims: dict[str, Any]) -> Identity:

@@ -42,13 +42,16 @@ def _add_token(sub: argparse._SubParsersAction) -> None:
             "or the secret in the data directory)."
         ),
     )
-    p.add_argument("--room", required=True)
+    p.add_argument("--room", default=None, help="the room the token admits to")
     p.add_argument("--identity", required=True, help="the token's subject (who this is)")
     p.add_argument("--name", default=None, help="display name others see (default: identity)")
     p.add_argument("--role", default="participant", choices=["host", "participant", "observer"])
     p.add_argument("--ttl", default="1h", help="lifetime: 90s, 30m, 1h, 2d")
     p.add_argument("--grants", default=None, help="comma-separated grants replacing the role's")
     p.add_argument("--data-dir", default=None, help="(env MEDVERSE_DATA_DIR)")
+    p.add_argument(
+        "--admin", action="store_true", help="an operator's token for /admin (no --room)"
+    )
 
 
 def _add_audit(sub: argparse._SubParsersAction) -> None:
@@ -83,10 +86,19 @@ def _audit(args: argparse.Namespace) -> int:
 
 
 def _token(args: argparse.Namespace) -> int:
-    from .auth import load_or_create_secret, mint_token, parse_ttl
+    from .auth import load_or_create_secret, mint_admin_token, mint_token, parse_ttl
 
     cfg = ServerConfig.from_env(data_dir=args.data_dir)
     secret = cfg.auth_secret.encode() if cfg.auth_secret else load_or_create_secret(cfg.data_dir)[0]
+    if args.admin:
+        if args.room is not None:
+            print("error: an admin token names no room", file=sys.stderr)
+            return 2
+        print(mint_admin_token(secret, identity=args.identity, ttl=parse_ttl(args.ttl)))
+        return 0
+    if args.room is None:
+        print("error: --room is required (or --admin)", file=sys.stderr)
+        return 2
     grants = [g.strip() for g in args.grants.split(",") if g.strip()] if args.grants else None
     print(
         mint_token(

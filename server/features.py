@@ -61,5 +61,9 @@ class Feature:
     def member_muted(self, member: Member, muted: bool) -> None:
         """A host muted a member's audio on the server, or allowed it again."""
 
+    def member_grants_changed(self, member: Member) -> None:
+        """A host changed the member's role or grants (``member.identity`` is the new one);
+        stop whatever the member may no longer do."""
+
     def after_tick(self, tick: int) -> None:
         """Called after each world tick (keep it cheap; it runs on the tick's time budget)."""

@@ -8,10 +8,21 @@ pause: their avatar disappears for others and they receive nothing until they co
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from protocol.errors import ErrorCode, ProtocolError
-from protocol.messages import Lobby, MemberInfo, MemberState, Moderate, RoomState
+from protocol.messages import (
+    ChangeRole,
+    Grants,
+    Lobby,
+    MemberInfo,
+    MemberState,
+    Moderate,
+    RoomState,
+)
+
+from .auth import ROLE_GRANTS
 
 if TYPE_CHECKING:
     from .auth import Identity
@@ -77,19 +88,7 @@ def handle(session: Session, msg: Moderate) -> None:
                 admit(room, lid, actor)
         return
     if action == "end":
-        world.record("session_ended", room=room.name, actor=actor)
-        room.ended = True
-        err = ProtocolError(ErrorCode.SESSION_ENDED, msg.reason or "the host ended the session")
-        for lid in list(room.lobby):
-            s = room.lobby.pop(lid)
-            s.send_error(err, True)
-            s.close(CLOSE_MODERATION, b"session ended")
-        for m in list(room.members.values()):
-            if m.session is not None:
-                m.session.send_error(err, True)
-                m.session.close(CLOSE_MODERATION, b"session ended")
-                m.session.member = None
-            world.leave(m, "session ended")
+        end_session(room, actor, msg.reason or "the host ended the session")
         return
     if msg.member_id is None:
         raise ProtocolError(ErrorCode.BAD_FIELD, f"{action} needs member_id")
@@ -146,6 +145,24 @@ def handle(session: Session, msg: Moderate) -> None:
         world.notify("member_muted", target, False)
 
 
+def end_session(room: Room, actor: str, reason: str) -> None:
+    """End the session for everyone in the room and its lobby; nobody may enter again."""
+    world = room.world
+    world.record("session_ended", room=room.name, actor=actor)
+    room.ended = True
+    err = ProtocolError(ErrorCode.SESSION_ENDED, reason)
+    for lid in list(room.lobby):
+        s = room.lobby.pop(lid)
+        s.send_error(err, True)
+        s.close(CLOSE_MODERATION, b"session ended")
+    for m in list(room.members.values()):
+        if m.session is not None:
+            m.session.send_error(err, True)
+            m.session.close(CLOSE_MODERATION, b"session ended")
+            m.session.member = None
+        world.leave(m, "session ended")
+
+
 def admit(room: Room, lobby_id: int, actor: str) -> None:
     s = room.lobby.pop(lobby_id)
     ident = s.waiting
@@ -180,3 +197,53 @@ def set_paused(session: Session, paused: bool) -> None:
         session.send_welcome(resumed=True)  # the member list may have changed meanwhile
     notify_hosts(m.room, state_of(m))
     session.world.notify("member_paused", m, paused)
+
+
+def change_role(session: Session, msg: ChangeRole) -> None:
+    """A host changes a member's role, or gives or takes one grant; the member and the hosts
+    are told, the change is audited, and features re-check what the member may do.
+
+    Being hidden is decided at join (an observer has no avatar in the state), so ``hidden`` and
+    moves to or from the observer role are refused for a member already in the room.
+    """
+    member = session.member
+    assert member is not None
+    member.identity.require("moderate")
+    room = member.room
+    target = room.members.get(msg.member_id)
+    if target is None:
+        raise ProtocolError(ErrorCode.NOT_FOUND, "no such member")
+    ident = target.identity
+    if (msg.role is None) == (msg.grant is None) or (msg.grant is not None and msg.allow is None):
+        raise ProtocolError(ErrorCode.BAD_FIELD, "give either role, or grant and allow")
+    if msg.role is not None:
+        if "observer" in (msg.role, ident.role):
+            raise ProtocolError(ErrorCode.FORBIDDEN, "observers are chosen at join")
+        new = replace(ident, role=msg.role, grants=ROLE_GRANTS[msg.role])
+        change: dict[str, object] = {"role": msg.role}
+    else:
+        assert msg.grant is not None
+        if msg.grant == "hidden":
+            raise ProtocolError(ErrorCode.FORBIDDEN, "hidden is chosen at join")
+        grants = ident.grants | {msg.grant} if msg.allow else ident.grants - {msg.grant}
+        new = replace(ident, grants=frozenset(grants))
+        change = {"grant": msg.grant, "allow": bool(msg.allow)}
+    if new == ident:
+        return
+    target.identity = new
+    world = session.world
+    world.record(
+        "role_changed",
+        room=room.name,
+        actor=member.identity.subject,
+        subject=ident.subject,
+        member=target.id,
+        **change,
+    )
+    update = Grants(target.id, new.role, tuple(sorted(new.grants)))
+    if target.session is not None:
+        target.session.send(update)
+    for h in hosts(room):
+        if h is not target and h.session is not None:
+            h.session.send(update)
+    world.notify("member_grants_changed", target)

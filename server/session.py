@@ -17,6 +17,7 @@ from protocol.messages import (
     FRAME_CONTROL,
     FRAME_POSE,
     PROTOCOL_VERSION,
+    ChangeRole,
     Consent,
     ConsentRequired,
     Error,
@@ -439,10 +440,12 @@ class Session:
                     world.leave(member, "consent withdrawn")
                     self.member = None
                     self.close(CLOSE_CONSENT, b"consent withdrawn")
-            elif isinstance(msg, Moderate | Pause | RequestUnmute):
+            elif isinstance(msg, Moderate | ChangeRole | Pause | RequestUnmute):
                 try:
                     if isinstance(msg, Moderate):
                         moderation.handle(self, msg)
+                    elif isinstance(msg, ChangeRole):
+                        moderation.change_role(self, msg)
                     elif isinstance(msg, Pause):
                         moderation.set_paused(self, msg.paused)
                     else:

@@ -231,3 +231,72 @@ async def test_denied_sdk_join_raises(srv: ServerProcess) -> None:
         await asyncio.wait_for(starting, 5)
     assert e.value.code == "denied"
     await host.close()
+
+
+async def next_event(session: object, kind: type, timeout: float = 5.0) -> object:
+    async def find() -> object:
+        async for ev in session.events():  # type: ignore[attr-defined]
+            if isinstance(ev, kind):
+                return ev
+        raise AssertionError("session closed")
+
+    return await asyncio.wait_for(find(), timeout)
+
+
+async def test_hosts_change_roles_and_grants(srv: ServerProcess) -> None:
+    from client_sdk import EntryChanged, ErrorEvent, GrantsChanged
+
+    room = "roles"
+    host = connect(srv.url, room, "Dr H", token=tok(room, "dr-h", "host"), reconnect=False)
+    nurse = connect(srv.url, room, "Nurse", token=tok(room, "nurse"), reconnect=False)
+    student = connect(srv.url, room, "Student", token=tok(room, "stu", "observer"))
+    async with host, nurse, student:
+        # A participant may not change anyone's role, and may not moderate.
+        await nurse.change_role(host.member_id, "participant")
+        assert (await next_event(nurse, ErrorEvent)).code == "forbidden"  # type: ignore[attr-defined]
+        await nurse.moderate("lock")
+        assert (await next_event(nurse, ErrorEvent)).code == "forbidden"  # type: ignore[attr-defined]
+        # Promoted to host, the nurse can lock the room; the change reaches her and the host.
+        await host.change_role(nurse.member_id, "host")
+        ev = await next_event(nurse, GrantsChanged)
+        assert ev.role == "host" and "moderate" in ev.grants  # type: ignore[attr-defined]
+        assert nurse.role == "host" and nurse.grants is not None and "moderate" in nurse.grants
+        ev = await next_event(host, GrantsChanged)
+        assert ev.member_id == nurse.member_id  # type: ignore[attr-defined]
+        await nurse.moderate("lock")
+        assert (await next_event(host, EntryChanged)).entry == "locked"  # type: ignore[attr-defined]
+        await nurse.moderate("unlock")
+        # Taking one grant away: back to no moderation.
+        await host.change_role(nurse.member_id, grant="moderate", allow=False)
+        ev = await next_event(nurse, GrantsChanged)
+        assert "moderate" not in ev.grants and "annotate" in ev.grants  # type: ignore[attr-defined]
+        await nurse.moderate("lock")
+        assert (await next_event(nurse, ErrorEvent)).code == "forbidden"  # type: ignore[attr-defined]
+        # Hidden-ness is fixed at join; malformed and unknown requests are typed errors.
+        for kw, code in (
+            ({"member_id": nurse.member_id, "grant": "hidden", "allow": True}, "forbidden"),
+            ({"member_id": nurse.member_id, "role": "observer"}, "forbidden"),
+            ({"member_id": student.member_id, "role": "host"}, "forbidden"),
+            ({"member_id": nurse.member_id, "role": "host", "grant": "annotate"}, "bad_field"),
+            ({"member_id": nurse.member_id, "grant": "annotate"}, "bad_field"),
+            ({"member_id": 9999, "role": "host"}, "not_found"),
+        ):
+            await host.change_role(**kw)  # type: ignore[arg-type]
+            assert (await next_event(host, ErrorEvent)).code == code, kw  # type: ignore[attr-defined]
+        for bad in (
+            {"t": "change_role", "member_id": nurse.member_id, "role": "admin"},
+            {"t": "change_role", "member_id": nurse.member_id, "grant": "root", "allow": True},
+            {"t": "change_role", "member_id": -1, "role": "host"},
+            {"t": "change_role", "role": "host"},
+        ):
+            import msgpack
+
+            await host.send_raw(b"\x01" + msgpack.packb(bad))
+            err = await next_event(host, ErrorEvent)
+            assert err.code in ("out_of_range", "bad_field"), bad  # type: ignore[attr-defined]
+    db = sqlite3.connect(f"file:{srv.data_dir / DB_FILE}?mode=ro", uri=True)  # type: ignore[attr-defined]
+    try:
+        rows = db.execute("SELECT COUNT(*) FROM entries WHERE kind = 'role_changed'").fetchone()
+    finally:
+        db.close()
+    assert rows[0] == 2
