@@ -113,3 +113,20 @@ async def test_list_rooms_end_a_session_and_read_the_audit_head(srv: ServerProce
     assert status == 200 and proof
     status, body = await call(srv, "GET", "/admin/audit/proof/999999", admin())
     assert (status, body["error"]["code"]) == (404, "not_found")
+
+
+def test_cli_mints_admin_tokens() -> None:
+    import os
+    import subprocess
+    import sys
+
+    from server.auth import TokenVerifier
+
+    from .conftest import ROOT
+
+    env = dict(os.environ, MEDVERSE_AUTH_SECRET=SECRET, PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "server.cli", "token", "--admin", "--identity", "ops"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, cwd=ROOT)
+    assert TokenVerifier(secret=SECRET.encode()).verify_admin(out.stdout.strip()) == "ops"
+    bad = subprocess.run([*cmd, "--room", "x"], env=env, capture_output=True, cwd=ROOT)
+    assert bad.returncode == 2
