@@ -6,6 +6,16 @@ async with connect("ws://127.0.0.1:8750", room="demo", name="Dr A") as session:
     session.send_pose(head=Pose((0, 1.6, 0), (0, 0, 0, 1)))
 """
 
+from .audio import (
+    AudioClient,
+    AudioError,
+    LevelMeter,
+    RoomAudioRules,
+    ToneTrack,
+    file_track,
+    microphone_track,
+    tone_track,
+)
 from .session import JoinError, Session, connect
 from .types import (
     Avatar,
@@ -21,6 +31,8 @@ from .types import (
 )
 
 __all__ = [
+    "AudioClient",
+    "AudioError",
     "Avatar",
     "Closed",
     "ErrorEvent",
@@ -28,10 +40,16 @@ __all__ = [
     "JoinError",
     "Joined",
     "Left",
+    "LevelMeter",
     "Pose",
     "Reconnecting",
     "Resumed",
+    "RoomAudioRules",
     "Session",
+    "ToneTrack",
     "Waiting",
     "connect",
+    "file_track",
+    "microphone_track",
+    "tone_track",
 ]

@@ -48,6 +48,7 @@ from protocol.messages import (
 from protocol.quant import dequantize_positions, dequantize_rotations
 from protocol.snapshot import FRAME_STATE, OBJECT_ID_BASE, Snapshot, SnapshotDecoder
 
+from .audio import AudioClient
 from .types import (
     Avatar,
     Closed,
@@ -187,6 +188,14 @@ class Session:
         # and callbacks run after every (re)connection with the welcome.
         self._handlers: dict[type[Message], list[Callable[[Message], None]]] = {}
         self._connected_hooks: list[Callable[[Welcome], None]] = []
+        self._audio: AudioClient | None = None
+
+    @property
+    def audio(self) -> AudioClient:
+        """This member's spatial audio (publish, receive the mix, mute, routing rules)."""
+        if self._audio is None:
+            self._audio = AudioClient(self)
+        return self._audio
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -218,6 +227,9 @@ class Session:
         if self._closing:
             return
         self._closing = True
+        if self._audio is not None:
+            with contextlib.suppress(Exception):
+                await self._audio.close()
         ws = self._ws
         if ws is not None and not ws.closed:
             with contextlib.suppress(Exception):
@@ -488,6 +500,8 @@ class Session:
                     fut.set_result(self.rtt)
             elif isinstance(m, Error):
                 self._emit(ErrorEvent(m.code, m.message, m.fatal))
+                for handler in self._handlers.get(Error, ()):
+                    handler(m)
             else:
                 for handler in self._handlers.get(type(m), ()):
                     handler(m)
