@@ -46,7 +46,13 @@ from protocol.audio import (
     pairs,
 )
 from protocol.messages import Error, Message, Welcome
-from protocol.rtc import DEFAULT_HOST_ADDRESSES, restrict_ice_addresses, set_jitter_prefetch
+from protocol.rtc import (
+    DEFAULT_HOST_ADDRESSES,
+    EncodedInbox,
+    capture_encoded,
+    restrict_ice_addresses,
+    set_jitter_prefetch,
+)
 
 if TYPE_CHECKING:
     from .session import Session
@@ -254,6 +260,8 @@ class AudioClient:
         self.pc: RTCPeerConnection | None = None
         self.mix: MediaStreamTrack | None = None
         self.published: MediaStreamTrack | None = None
+        #: With ``start(decode=False)``: the received encoded frames, counted, not decoded.
+        self.inbox: EncodedInbox | None = None
         self._answer: asyncio.Future[AudioAnswer] | None = None
         self._restart: asyncio.Task[Any] | None = None
         self._rules_changed = asyncio.Event()
@@ -264,10 +272,13 @@ class AudioClient:
         session.add_connected_hook(self._on_connected)
 
     async def start(
-        self, track: MediaStreamTrack | None = None, timeout: float = 10.0
+        self, track: MediaStreamTrack | None = None, timeout: float = 10.0, decode: bool = True
     ) -> MediaStreamTrack:
         """Connect audio: publish ``track`` (any aiortc audio track; None to only listen) and
-        return the track of the mix made for us. Raises :class:`AudioError` if refused."""
+        return the track of the mix made for us. Raises :class:`AudioError` if refused.
+
+        ``decode=False`` is for load generators: the mix is not decoded, its encoded frames
+        are only counted in :attr:`inbox` (the returned track then yields nothing)."""
         await self.close()
         restrict_ice_addresses(self.host_addresses)
         pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
@@ -284,13 +295,17 @@ class AudioClient:
             pc.addTransceiver(track, direction="sendrecv")
         else:
             pc.addTransceiver("audio", direction="recvonly")
+        set_jitter_prefetch(pc, self.jitter_frames)
+        self.inbox = None
+        if not decode:
+            self.inbox = EncodedInbox(depth=4)
+            capture_encoded(pc, self.inbox)
         await pc.setLocalDescription(await pc.createOffer())
         self._answer = asyncio.get_running_loop().create_future()
         try:
             await self.session.send_message(AudioOffer(pc.localDescription.sdp, track is not None))
             answer = await asyncio.wait_for(self._answer, timeout)
             await pc.setRemoteDescription(RTCSessionDescription(answer.sdp, "answer"))
-            set_jitter_prefetch(pc, self.jitter_frames)
             self.mix = await asyncio.wait_for(got, timeout)
         except BaseException:
             await self.close()

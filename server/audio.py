@@ -21,17 +21,22 @@ import fractions
 import logging
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
+import av
 import numpy as np
 from aiortc import (
     MediaStreamTrack,
     RTCConfiguration,
     RTCPeerConnection,
+    RTCRtpSender,
     RTCSessionDescription,
 )
+from aiortc.codecs import get_decoder
 from aiortc.mediastreams import MediaStreamError
 from av import AudioFrame
+from av.packet import Packet
 from prometheus_client import Counter, Gauge, Histogram
 
 from protocol.audio import (
@@ -50,7 +55,12 @@ from protocol.audio import (
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.messages import Message
 from protocol.quant import dequantize_positions, dequantize_rotations
-from protocol.rtc import restrict_ice_addresses, set_jitter_prefetch
+from protocol.rtc import (
+    EncodedInbox,
+    capture_encoded,
+    restrict_ice_addresses,
+    set_jitter_prefetch,
+)
 from protocol.snapshot import FLAG_SPEAKING
 
 from .features import Feature
@@ -79,6 +89,10 @@ TIME_BASE = fractions.Fraction(1, SAMPLE_RATE)
 #: Offers a member may make per minute, and how long one negotiation may take.
 OFFERS_PER_MINUTE = 10
 NEGOTIATION_TIMEOUT = 10.0
+#: The only codec the mixer takes and sends.
+OPUS = [
+    c for c in RTCRtpSender.getCapabilities("audio").codecs if c.mimeType.lower() == "audio/opus"
+]
 #: Frames a listener's outgoing track may hold before the oldest is dropped (encoder behind).
 OUT_DEPTH = 3
 #: Seconds the speaking flag holds after the voice falls below the lower threshold.
@@ -88,44 +102,75 @@ DEGRADE_FRAMES = 50
 
 
 class MixTrack(MediaStreamTrack):
-    """The outgoing stereo track of one listener: frames the mixer pushes, handed to aiortc's
-    encoder in order. Keeps at most ``OUT_DEPTH`` frames (newest win)."""
+    """The outgoing stereo track of one listener.
+
+    It owns the listener's Opus encoder: the mixer encodes every listener's frame in one batch
+    on the encoder thread (:func:`encode_batch`) and pushes the packets here, which aiortc sends
+    as they are (so aiortc neither re-encodes nor computes a level per frame in Python). Keeps at
+    most ``OUT_DEPTH`` packets (newest win).
+    """
 
     kind = "audio"
 
-    def __init__(self, on_drop: Any = None) -> None:
+    def __init__(self, bitrate: int, on_drop: Any = None) -> None:
         super().__init__()
-        self._frames: deque[np.ndarray] = deque()
+        self._packets: deque[Packet] = deque()
         self._ready = asyncio.Event()
-        self._pts = 0
         self._on_drop = on_drop
+        self.encoder = OpusStream(bitrate)
 
-    def push(self, pcm: np.ndarray) -> None:
-        """Queue one interleaved int16 stereo frame (FRAME_SAMPLES x 2)."""
-        if len(self._frames) >= OUT_DEPTH:
-            self._frames.popleft()
-            if self._on_drop is not None:
-                self._on_drop()
-        self._frames.append(pcm)
+    def push(self, packets: list[Packet]) -> None:
+        for packet in packets:
+            if len(self._packets) >= OUT_DEPTH:
+                self._packets.popleft()
+                if self._on_drop is not None:
+                    self._on_drop()
+            self._packets.append(packet)
         self._ready.set()
 
-    async def recv(self) -> AudioFrame:
-        while not self._frames:
+    async def recv(self) -> Packet:
+        while not self._packets:
             if self.readyState != "live":
                 raise MediaStreamError
             self._ready.clear()
             await self._ready.wait()
-        pcm = self._frames.popleft()
-        frame = AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="stereo")
-        frame.sample_rate = SAMPLE_RATE
-        frame.pts = self._pts
-        frame.time_base = TIME_BASE
-        self._pts += FRAME_SAMPLES
-        return frame
+        return self._packets.popleft()
 
     def stop(self) -> None:
         super().stop()
         self._ready.set()
+
+
+class OpusStream:
+    """One listener's Opus encoder (48 kHz stereo, 20 ms frames)."""
+
+    def __init__(self, bitrate: int) -> None:
+        codec = av.CodecContext.create("libopus", "w")
+        codec.bit_rate = bitrate
+        codec.format = "s16"
+        codec.layout = "stereo"
+        codec.sample_rate = SAMPLE_RATE
+        codec.time_base = TIME_BASE
+        codec.options = {"application": "voip"}
+        self.codec = codec
+        self.pts = 0
+
+    def encode(self, pcm: np.ndarray) -> list[Packet]:
+        """Encode one interleaved int16 stereo frame (FRAME_SAMPLES x 2)."""
+        frame = AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="stereo")
+        frame.sample_rate = SAMPLE_RATE
+        frame.pts = self.pts
+        frame.time_base = TIME_BASE
+        self.pts += FRAME_SAMPLES
+        packets = self.codec.encode(frame)
+        for p in packets:
+            p.time_base = TIME_BASE
+        return packets
+
+
+def encode_batch(jobs: list[tuple[MixTrack, np.ndarray]]) -> list[tuple[MixTrack, list[Packet]]]:
+    """Encode one frame for each listener (runs on the encoder thread; libopus releases the GIL)."""
+    return [(track, track.encoder.encode(pcm)) for track, pcm in jobs]
 
 
 class Peer:
@@ -136,7 +181,7 @@ class Peer:
         self.out = out
         self.publish = publish
         self.reader: asyncio.Task[None] | None = None
-        self.connected = False
+        self.inbox: SpeakerInbox | None = None
 
     async def close(self) -> None:
         self.out.stop()
@@ -144,6 +189,21 @@ class Peer:
             self.reader.cancel()
         with contextlib.suppress(Exception):
             await self.pc.close()
+
+
+class SpeakerInbox(EncodedInbox):
+    """A publisher's encoded frames straight from its receiver, and its decoder."""
+
+    def __init__(self) -> None:
+        super().__init__(depth=2 * RING)
+        self.decoder: Any = None
+        self.codec_name = ""
+
+
+def mono_of(frame: AudioFrame) -> np.ndarray:
+    """A decoded s16 frame as mono float32 samples (full scale 1.0)."""
+    pcm = frame.to_ndarray().reshape(-1, len(frame.layout.channels))
+    return pcm.sum(axis=1, dtype=np.float32) * (1.0 / (32768 * pcm.shape[1]))
 
 
 class RoomAudio:
@@ -159,6 +219,8 @@ class RoomAudio:
         self._alloc(8)
         self.rules_dirty = False
         self.speaking_ids: tuple[int, ...] = ()
+        self.version = 0  # bumped by every membership or rule change
+        self._gains: tuple[tuple[int, int], np.ndarray] | None = None
 
     # ----------------------------------------------------------------- slots
 
@@ -193,6 +255,8 @@ class RoomAudio:
         grow("level", (cap,), np.float64, -120.0)
         self._free.extend(range(cap - 1, old - 1, -1))
         self._carry: dict[int, np.ndarray] = getattr(self, "_carry", {})
+        #: Publishing slots whose encoded frames we take from aiortc's receiver directly.
+        self.inboxes: dict[int, SpeakerInbox] = getattr(self, "inboxes", {})
 
     def add(self, member: Member) -> int:
         if member.id in self.slot_of:
@@ -217,6 +281,7 @@ class RoomAudio:
         self.wpos[s] = self.rpos[s] = 0
         self.level[s] = -120.0
         self.rules_dirty = True
+        self.version += 1
         return s
 
     def remove(self, member: Member) -> None:
@@ -230,8 +295,10 @@ class RoomAudio:
         self.ignore[s, :] = False
         self.ignore[:, s] = False
         self._carry.pop(s, None)
+        self.inboxes.pop(s, None)
         self._free.append(s)
         self.rules_dirty = True
+        self.version += 1
 
     def write(self, s: int, mono: np.ndarray) -> None:
         """Store a speaker's decoded mono samples; whole 20 ms frames go into its ring."""
@@ -247,10 +314,35 @@ class RoomAudio:
 
     # ----------------------------------------------------------------- the mix
 
-    def mix_frame(self, now: float) -> None:
-        """Mix one 20 ms frame for every listener of the room and push it to their tracks."""
+    def decode_pending(self) -> None:
+        """Decode what each publishing speaker sent since the last frame (one decode per
+        speaker and frame; more only after network jitter) into its ring."""
+        f = self.feature
+        for s, box in self.inboxes.items():
+            frames = box.frames
+            while len(frames) > RING:  # far behind: keep latency bounded
+                frames.popleft()
+                f.dropped_in += 1
+            while frames:
+                codec, encoded = frames.popleft()
+                if box.decoder is None or box.codec_name != codec.name:
+                    box.decoder = get_decoder(codec)
+                    box.codec_name = codec.name
+                try:
+                    decoded = box.decoder.decode(encoded)
+                except av.FFmpegError:
+                    f.decode_errors += 1
+                    continue
+                for frame in decoded:
+                    self.write(s, mono_of(frame))
+
+    def mix_frame(self, now: float) -> list[tuple[MixTrack, np.ndarray]]:
+        """Mix one 20 ms frame for every listener of the room; returns (track, frame) pairs to
+        encode."""
         f = self.feature
         cfg = f.config
+        if self.inboxes:
+            self.decode_pending()
         spk = np.flatnonzero(self.speaker & (self.wpos > self.rpos))
         backlog = self.wpos[spk] - self.rpos[spk]
         late = backlog > RING - 1
@@ -268,7 +360,7 @@ class RoomAudio:
         spk, frames, level = spk[live], frames[live], level[live]
         lis = np.flatnonzero(self.listener)
         if lis.size == 0:
-            return
+            return []
         if spk.size == 0:
             out = np.zeros((lis.size, FRAME_SAMPLES, 2), np.int16)
         else:
@@ -279,36 +371,48 @@ class RoomAudio:
                 gains *= keep_loudest(loud, cap)[:, :, None]
                 f.degraded += 1
             out = mix(gains.astype(np.float32), frames)
-        for i, s in enumerate(lis.tolist()):  # one push per listener: bytes out
+        f.mixed += 1
+        jobs = []
+        for i, s in enumerate(lis.tolist()):  # one frame per listener: bytes out
             peer = self.peers.get(int(self.member_id[s]))
             if peer is not None:
-                peer.out.push(out[i])
-        f.mixed += 1
+                jobs.append((peer.out, out[i]))
+        return jobs
 
     def gains(self, lis: np.ndarray, spk: np.ndarray) -> np.ndarray:
-        """Gain tensor (L, S, 2) under head poses and every routing rule."""
-        world = self.feature.world
-        cfg = self.feature.config
-        slots = np.concatenate((lis, spk))
-        rows = self.row[slots]
-        has_row = rows >= 0
-        present = np.zeros(slots.size, np.bool_)
-        pos = np.zeros((slots.size, 3))
-        quat = np.zeros((slots.size, 4))
+        """Gain tensor (L, S, 2) under head poses and every routing rule; a paused listener
+        hears nothing."""
+        g = self.all_gains()[np.ix_(lis, spk)]
+        g *= ~self.paused[lis][:, None, None]
+        return g
+
+    def all_gains(self) -> np.ndarray:
+        """Gains (cap, cap, 2) between every pair of slots. Poses change once per world tick
+        and rules rarely, while frames come at 50 Hz: recomputed only when either changed."""
+        key = (self.feature.world.tick_no, self.version)
+        if self._gains is not None and self._gains[0] == key:
+            return self._gains[1]
+        slots = np.arange(self.cap)
+        rows = self.row
+        has_row = (rows >= 0) & self.used
+        present = np.zeros(self.cap, np.bool_)
+        pos = np.zeros((self.cap, 3))
+        quat = np.zeros((self.cap, 4))
         quat[:, 3] = 1.0
         if has_row.any():
-            p, mm, ri, rc = world.poses_of(rows[has_row])
+            p, mm, ri, rc = self.feature.world.poses_of(rows[has_row])
             present[has_row] = p
             pos[has_row] = dequantize_positions(mm)
             quat[has_row] = dequantize_rotations(ri, rc)
-        n = lis.size
-        g = spatial_gains(present[:n], pos[:n], quat[:n], present[n:], pos[n:], f_spatial(cfg))
-        heard, fixed = route_mask(lis, spk, self.zone, self.broadcast, self.whisper, self.ignore)
+        g = spatial_gains(present, pos, quat, present, pos, f_spatial(self.feature.config))
+        heard, fixed = route_mask(
+            slots, slots, self.zone, self.broadcast, self.whisper, self.ignore
+        )
         # Broadcast and whisper: a fixed level, centred (sqrt(1/2) per ear, like a source ahead).
-        level = np.where(self.whisper[spk] >= 0, 1.0, self.broadcast[spk]) * np.sqrt(0.5)
+        level = np.where(self.whisper >= 0, 1.0, self.broadcast) * np.sqrt(0.5)
         g = np.where(fixed[:, :, None], level[None, :, None], g)
         g *= heard[:, :, None]
-        g *= ~self.paused[lis][:, None, None]
+        self._gains = (key, g)
         return g
 
     def _update_speaking(self, now: float) -> None:
@@ -390,11 +494,15 @@ class AudioFeature(Feature):
         self._offers: dict[int, deque[float]] = {}
         self._rules_timer: asyncio.TimerHandle | None = None
         self._background: set[asyncio.Future[None]] = set()
+        # One encoder thread: every listener's frame is encoded there in one batch, in order.
+        self._encoder = ThreadPoolExecutor(1, thread_name_prefix="medverse-opus")
+        self._encoding = 0  # batches handed to the encoder thread and not back yet
         self.mixed = 0
         self.late = 0
         self.dropped_in = 0
         self.dropped_out = 0
         self.degraded = 0
+        self.decode_errors = 0
         self._degrade_left = 0
         self.mix_times: deque[float] = deque(maxlen=3000)
         r = world.metrics.registry
@@ -441,6 +549,7 @@ class AudioFeature(Feature):
                 await self._task
         for t in list(self._negotiating.values()):
             t.cancel()
+        self._encoder.shutdown(wait=False, cancel_futures=True)
         for ra in self.rooms.values():
             for p in list(ra.peers.values()):
                 await p.close()
@@ -546,17 +655,13 @@ class AudioFeature(Feature):
         if old is not None:
             self.m_peers.dec()
             ra.speaker[s] = ra.listener[s] = False
+            ra.inboxes.pop(s, None)
             await old.close()
+        # Only a member allowed to publish who asked to is ever read: any track a client
+        # manages to send otherwise is never decoded or mixed.
         pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        out = MixTrack(on_drop=self._count_drop)
+        out = MixTrack(self.config.audio_bitrate, on_drop=self._count_drop)
         peer = Peer(pc, out, offer.publish)
-
-        @pc.on("track")
-        def on_track(track: MediaStreamTrack) -> None:
-            # Only a member allowed to publish who asked to is ever read; any other track
-            # a client manages to send is left unread (and so never mixed).
-            if track.kind == "audio" and peer.publish and peer.reader is None:
-                peer.reader = asyncio.ensure_future(self._read(ra, member, track))
 
         @pc.on("connectionstatechange")
         async def on_state() -> None:
@@ -568,6 +673,16 @@ class AudioFeature(Feature):
             async with asyncio.timeout(NEGOTIATION_TIMEOUT):
                 await pc.setRemoteDescription(RTCSessionDescription(offer.sdp, "offer"))
                 set_jitter_prefetch(pc, self.config.audio_jitter_frames)
+                for t in pc.getTransceivers():
+                    t.setCodecPreferences(OPUS)  # the mixer decodes and encodes Opus only
+                if offer.publish:
+                    inbox = SpeakerInbox()
+                    if capture_encoded(pc, inbox):
+                        peer.inbox = inbox
+                    else:  # an aiortc without the receiver queue we replace: read the track
+                        tracks = [r.track for r in pc.getReceivers() if r.track is not None]
+                        if tracks:
+                            peer.reader = asyncio.ensure_future(self._read(ra, member, tracks[0]))
                 pc.addTrack(out)
                 await pc.setLocalDescription(await pc.createAnswer())
         except (Exception, asyncio.CancelledError) as exc:
@@ -586,6 +701,9 @@ class AudioFeature(Feature):
         ra.peers[member.id] = peer
         self.m_peers.inc()
         ra.listener[s] = True
+        if peer.inbox is not None:
+            ra.inboxes[s] = peer.inbox
+            ra.speaker[s] = True
         if member.session is not None:
             member.session.send(AudioAnswer(pc.localDescription.sdp, offer.publish))
 
@@ -595,6 +713,7 @@ class AudioFeature(Feature):
         s = ra.slot_of.get(member.id)
         if s is not None:
             ra.speaker[s] = ra.listener[s] = False
+            ra.inboxes.pop(s, None)
         self._close_later(peer)
 
     def _close_later(self, peer: Peer) -> None:
@@ -611,14 +730,11 @@ class AudioFeature(Feature):
         try:
             while True:
                 frame = await track.recv()
-                pcm = frame.to_ndarray()
-                channels = len(frame.layout.channels)
                 if frame.format.name != "s16":
                     continue  # aiortc's Opus decoder gives s16; anything else is not ours
-                mono = pcm.reshape(-1, channels).mean(axis=1, dtype=np.float32) * (1 / 32768)
                 if ra.slot_of.get(member.id) != s:
                     return
-                ra.write(s, mono)
+                ra.write(s, mono_of(frame))
         except MediaStreamError:
             pass
         finally:
@@ -631,8 +747,10 @@ class AudioFeature(Feature):
     # ----------------------------------------------------------------- rules
 
     def _schedule_rules(self, ra: RoomAudio) -> None:
-        """Coalesce rule changes: members get the new rules at most every 50 ms."""
+        """Coalesce rule changes: members get the new rules at most every 50 ms (the mixer
+        applies them from the next frame)."""
         ra.rules_dirty = True
+        ra.version += 1
         if self._rules_timer is None:
             self._rules_timer = asyncio.get_running_loop().call_later(0.05, self._flush_rules)
 
@@ -719,13 +837,16 @@ class AudioFeature(Feature):
                 self._degrade_left = DEGRADE_FRAMES
             t0 = time.perf_counter()
             now = time.monotonic()
+            jobs: list[tuple[MixTrack, np.ndarray]] = []
             for ra in list(self.rooms.values()):
                 if ra.peers:
                     try:
-                        ra.mix_frame(now)
+                        jobs += ra.mix_frame(now)
                     except Exception:
                         log.exception("audio mix failed in room %s", ra.room.name)
             work = time.perf_counter() - t0
+            if jobs:
+                self._encode(jobs)
             if work > budget or lag > budget:
                 self._degrade_left = DEGRADE_FRAMES
             elif self._degrade_left > 0:
@@ -735,6 +856,30 @@ class AudioFeature(Feature):
                 self.m_mix.observe(work)
             if n % 50 == 0:
                 self._flush_metrics()
+
+    def _encode(self, jobs: list[tuple[MixTrack, np.ndarray]]) -> None:
+        """Hand this frame's listener mixes to the encoder thread; packets go to the tracks
+        when it is done. If the encoder is two frames behind, this frame is dropped."""
+        if self._encoding >= 2:
+            self.dropped_out += len(jobs)
+            self._degrade_left = DEGRADE_FRAMES
+            return
+        self._encoding += 1
+        loop = asyncio.get_running_loop()
+        fut = loop.run_in_executor(self._encoder, encode_batch, jobs)
+        fut.add_done_callback(self._encoded)
+
+    def _encoded(self, fut: asyncio.Future[list[tuple[MixTrack, list[Packet]]]]) -> None:
+        self._encoding -= 1
+        if fut.cancelled():
+            return
+        exc = fut.exception()
+        if exc is not None:
+            log.error("audio encoding failed: %r", exc)
+            return
+        for track, packets in fut.result():
+            if track.readyState == "live":
+                track.push(packets)
 
     def _flush_metrics(self) -> None:
         for kind in self._reported:

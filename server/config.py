@@ -90,6 +90,8 @@ class ServerConfig:
     audio_degraded_speakers: int = 6
     #: Mix time per 20 ms frame (ms) above which the mixer degrades for a second.
     audio_mix_budget_ms: float = 8.0
+    #: Opus bitrate of each listener's stereo mix, bits per second.
+    audio_bitrate: int = 64000
     #: Received 20 ms frames held before decoding (aiortc holds 4; 1 suits a LAN).
     audio_jitter_frames: int = 1
 
