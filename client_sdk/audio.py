@@ -250,8 +250,9 @@ class AudioClient:
         env = os.environ.get("MEDVERSE_RTC_HOST_ADDRESSES")
         #: Addresses ICE gathers on (set before :meth:`start`).
         self.host_addresses: str | tuple[str, ...] = env or DEFAULT_HOST_ADDRESSES
-        #: Received frames held before decoding (aiortc's default is 4).
-        self.jitter_frames = 1
+        #: Received 20 ms frames held before decoding (aiortc's default is 4). 0 decodes each
+        #: packet at once and leaves smoothing to the audio output's own buffer.
+        self.jitter_frames = 0
         self.rules = RoomAudioRules()
         self.speaking: tuple[int, ...] = ()
         #: Called with the new :class:`RoomAudioRules` / speaking tuple when they change.

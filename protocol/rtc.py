@@ -54,19 +54,47 @@ def configured_addresses() -> tuple[str, ...] | None:
     return _configured
 
 
-def set_jitter_prefetch(pc: Any, frames: int) -> None:
-    """Release received audio after ``frames`` 20 ms frames instead of aiortc's fixed 4.
+class ImmediateAudioBuffer:
+    """A jitter "buffer" for audio that hands each RTP packet on as soon as it arrives.
 
-    aiortc's audio receivers hold four frames (80 ms) before decoding; on a LAN or loopback
-    one or two is enough, and each frame held adds 20 ms of mouth-to-ear latency.
+    aiortc's buffer releases a frame only when a packet of the next frame has arrived (and its
+    audio buffer waits for four), which adds 20 ms (80 ms) per hop. An Opus packet is a whole
+    frame, so it can be decoded at once; duplicates and packets older than the last one handed
+    on are dropped. Smoothing jitter is then left to whoever plays the audio: the server's
+    mixer keeps up to three frames per speaker, a client's audio output keeps its own buffer.
+    """
+
+    def __init__(self) -> None:
+        self._last: int | None = None
+
+    def add(self, packet: Any) -> tuple[bool, Any]:
+        from aiortc.jitterbuffer import JitterFrame
+
+        seq = packet.sequence_number
+        if self._last is not None:
+            ahead = (seq - self._last) & 0xFFFF
+            if ahead == 0 or (ahead >= 0x8000 and 0x10000 - ahead < 512):
+                return False, None  # a duplicate, or late: an older frame than one handed on
+        self._last = seq
+        return False, JitterFrame(data=packet._data, timestamp=packet.timestamp)
+
+
+def set_jitter_prefetch(pc: Any, frames: int) -> None:
+    """Hold received audio for ``frames`` 20 ms frames before decoding (aiortc holds 4);
+    0 hands every packet on at once (:class:`ImmediateAudioBuffer`).
+
+    Each frame held adds 20 ms of mouth-to-ear latency; on a LAN or loopback none is needed.
     """
     from aiortc.jitterbuffer import JitterBuffer
 
     for transceiver in pc.getTransceivers():
         if transceiver.kind == "audio":
-            transceiver.receiver._RTCRtpReceiver__jitter_buffer = JitterBuffer(
-                capacity=16, prefetch=max(0, frames)
+            buffer = (
+                ImmediateAudioBuffer()
+                if frames <= 0
+                else JitterBuffer(capacity=16, prefetch=frames)
             )
+            transceiver.receiver._RTCRtpReceiver__jitter_buffer = buffer
 
 
 class EncodedInbox:

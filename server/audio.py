@@ -21,7 +21,6 @@ import fractions
 import logging
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import av
@@ -33,7 +32,6 @@ from aiortc import (
     RTCRtpSender,
     RTCSessionDescription,
 )
-from aiortc.codecs import get_decoder
 from aiortc.mediastreams import MediaStreamError
 from av import AudioFrame
 from av.packet import Packet
@@ -93,6 +91,8 @@ NEGOTIATION_TIMEOUT = 10.0
 OPUS = [
     c for c in RTCRtpSender.getCapabilities("audio").codecs if c.mimeType.lower() == "audio/opus"
 ]
+#: Listener frames encoded between two yields to the event loop (about 0.2 ms each).
+ENCODE_CHUNK = 4
 #: Frames a listener's outgoing track may hold before the oldest is dropped (encoder behind).
 OUT_DEPTH = 3
 #: Seconds the speaking flag holds after the voice falls below the lower threshold.
@@ -104,10 +104,9 @@ DEGRADE_FRAMES = 50
 class MixTrack(MediaStreamTrack):
     """The outgoing stereo track of one listener.
 
-    It owns the listener's Opus encoder: the mixer encodes every listener's frame in one batch
-    on the encoder thread (:func:`encode_batch`) and pushes the packets here, which aiortc sends
-    as they are (so aiortc neither re-encodes nor computes a level per frame in Python). Keeps at
-    most ``OUT_DEPTH`` packets (newest win).
+    It owns the listener's Opus encoder: the mixer encodes each listener's frame once and pushes
+    the packets here, which aiortc sends as they are (so aiortc neither re-encodes nor computes
+    a level per frame in Python). Keeps at most ``OUT_DEPTH`` packets (newest win).
     """
 
     kind = "audio"
@@ -168,11 +167,6 @@ class OpusStream:
         return packets
 
 
-def encode_batch(jobs: list[tuple[MixTrack, np.ndarray]]) -> list[tuple[MixTrack, list[Packet]]]:
-    """Encode one frame for each listener (runs on the encoder thread; libopus releases the GIL)."""
-    return [(track, track.encoder.encode(pcm)) for track, pcm in jobs]
-
-
 class Peer:
     """One member's WebRTC connection to the server."""
 
@@ -192,18 +186,29 @@ class Peer:
 
 
 class SpeakerInbox(EncodedInbox):
-    """A publisher's encoded frames straight from its receiver, and its decoder."""
+    """A publisher's encoded frames straight from its receiver, and its Opus decoder (mono:
+    libopus downmixes a stereo stream itself, cheaper than decoding both channels)."""
 
     def __init__(self) -> None:
         super().__init__(depth=2 * RING)
-        self.decoder: Any = None
-        self.codec_name = ""
+        codec = av.CodecContext.create("libopus", "r")
+        codec.layout = "mono"
+        codec.sample_rate = SAMPLE_RATE
+        codec.format = "s16"
+        self.decoder = codec
+
+    def decode(self, data: bytes) -> list[AudioFrame]:
+        return self.decoder.decode(av.Packet(data))  # type: ignore[return-value]
 
 
 def mono_of(frame: AudioFrame) -> np.ndarray:
     """A decoded s16 frame as mono float32 samples (full scale 1.0)."""
-    pcm = frame.to_ndarray().reshape(-1, len(frame.layout.channels))
-    return pcm.sum(axis=1, dtype=np.float32) * (1.0 / (32768 * pcm.shape[1]))
+    channels = len(frame.layout.channels)
+    pcm = frame.to_ndarray().reshape(-1)
+    if channels == 1:
+        return pcm * np.float32(1 / 32768)
+    pcm = pcm.reshape(-1, channels)
+    return pcm.sum(axis=1, dtype=np.float32) * np.float32(1 / (32768 * channels))
 
 
 class RoomAudio:
@@ -323,13 +328,10 @@ class RoomAudio:
             while len(frames) > RING:  # far behind: keep latency bounded
                 frames.popleft()
                 f.dropped_in += 1
-            while frames:
-                codec, encoded = frames.popleft()
-                if box.decoder is None or box.codec_name != codec.name:
-                    box.decoder = get_decoder(codec)
-                    box.codec_name = codec.name
+            while frames:  # only Opus is negotiated (see OPUS)
+                _codec, encoded = frames.popleft()
                 try:
-                    decoded = box.decoder.decode(encoded)
+                    decoded = box.decode(encoded.data)
                 except av.FFmpegError:
                     f.decode_errors += 1
                     continue
@@ -494,9 +496,6 @@ class AudioFeature(Feature):
         self._offers: dict[int, deque[float]] = {}
         self._rules_timer: asyncio.TimerHandle | None = None
         self._background: set[asyncio.Future[None]] = set()
-        # One encoder thread: every listener's frame is encoded there in one batch, in order.
-        self._encoder = ThreadPoolExecutor(1, thread_name_prefix="medverse-opus")
-        self._encoding = 0  # batches handed to the encoder thread and not back yet
         self.mixed = 0
         self.late = 0
         self.dropped_in = 0
@@ -549,7 +548,6 @@ class AudioFeature(Feature):
                 await self._task
         for t in list(self._negotiating.values()):
             t.cancel()
-        self._encoder.shutdown(wait=False, cancel_futures=True)
         for ra in self.rooms.values():
             for p in list(ra.peers.values()):
                 await p.close()
@@ -845,41 +843,31 @@ class AudioFeature(Feature):
                     except Exception:
                         log.exception("audio mix failed in room %s", ra.room.name)
             work = time.perf_counter() - t0
-            if jobs:
-                self._encode(jobs)
-            if work > budget or lag > budget:
+            if work > budget:
                 self._degrade_left = DEGRADE_FRAMES
             elif self._degrade_left > 0:
                 self._degrade_left -= 1
-            if self.rooms and any(ra.peers for ra in self.rooms.values()):
+            if jobs:
                 self.mix_times.append(work)
                 self.m_mix.observe(work)
+                await self._encode(jobs, due + FRAME_SECONDS)
             if n % 50 == 0:
                 self._flush_metrics()
 
-    def _encode(self, jobs: list[tuple[MixTrack, np.ndarray]]) -> None:
-        """Hand this frame's listener mixes to the encoder thread; packets go to the tracks
-        when it is done. If the encoder is two frames behind, this frame is dropped."""
-        if self._encoding >= 2:
-            self.dropped_out += len(jobs)
-            self._degrade_left = DEGRADE_FRAMES
-            return
-        self._encoding += 1
+    async def _encode(self, jobs: list[tuple[MixTrack, np.ndarray]], deadline: float) -> None:
+        """Encode this frame for every listener, a few at a time, yielding to the event loop
+        between chunks so that no tick waits for more than one chunk. Listeners not reached by
+        ``deadline`` (the next frame is due) lose this frame, counted as dropped."""
         loop = asyncio.get_running_loop()
-        fut = loop.run_in_executor(self._encoder, encode_batch, jobs)
-        fut.add_done_callback(self._encoded)
-
-    def _encoded(self, fut: asyncio.Future[list[tuple[MixTrack, list[Packet]]]]) -> None:
-        self._encoding -= 1
-        if fut.cancelled():
-            return
-        exc = fut.exception()
-        if exc is not None:
-            log.error("audio encoding failed: %r", exc)
-            return
-        for track, packets in fut.result():
-            if track.readyState == "live":
-                track.push(packets)
+        for i in range(0, len(jobs), ENCODE_CHUNK):
+            if loop.time() > deadline:
+                self.dropped_out += len(jobs) - i
+                self._degrade_left = DEGRADE_FRAMES
+                return
+            for track, pcm in jobs[i : i + ENCODE_CHUNK]:
+                if track.readyState == "live":
+                    track.push(track.encoder.encode(pcm))
+            await asyncio.sleep(0)
 
     def _flush_metrics(self) -> None:
         for kind in self._reported:

@@ -89,11 +89,12 @@ class ServerConfig:
     #: Speakers per listener while the mixer is behind (it degrades to the loudest ones).
     audio_degraded_speakers: int = 6
     #: Mix time per 20 ms frame (ms) above which the mixer degrades for a second.
-    audio_mix_budget_ms: float = 8.0
+    audio_mix_budget_ms: float = 10.0
     #: Opus bitrate of each listener's stereo mix, bits per second.
     audio_bitrate: int = 64000
-    #: Received 20 ms frames held before decoding (aiortc holds 4; 1 suits a LAN).
-    audio_jitter_frames: int = 1
+    #: Received 20 ms frames aiortc holds before the mixer gets them (aiortc's default is 4).
+    #: 0 hands each packet on at once; the mixer then absorbs up to 60 ms of jitter itself.
+    audio_jitter_frames: int = 0
 
     def __post_init__(self) -> None:
         if not 10 <= self.tick_rate <= 90:
