@@ -161,10 +161,7 @@ class OpusStream:
         frame.pts = self.pts
         frame.time_base = TIME_BASE
         self.pts += FRAME_SAMPLES
-        packets = self.codec.encode(frame)
-        for p in packets:
-            p.time_base = TIME_BASE
-        return packets
+        return self.codec.encode(frame)  # packets carry the codec's 1/48000 time base
 
 
 class Peer:
