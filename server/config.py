@@ -92,6 +92,8 @@ class ServerConfig:
     audio_mix_budget_ms: float = 10.0
     #: Opus bitrate of each listener's stereo mix, bits per second.
     audio_bitrate: int = 64000
+    #: Opus encoder complexity of the mixes, 0-10 (10 is aiortc's; 5 costs about half).
+    audio_complexity: int = 5
     #: Received 20 ms frames aiortc holds before the mixer gets them (aiortc's default is 4).
     #: 0 hands each packet on at once; the mixer then absorbs up to 60 ms of jitter itself.
     audio_jitter_frames: int = 0
@@ -111,6 +113,8 @@ class ServerConfig:
             raise ValueError("audio_ref_distance must be > 0 and <= audio_max_distance")
         if self.audio_rolloff < 0:
             raise ValueError("audio_rolloff must be >= 0")
+        if not 0 <= self.audio_complexity <= 10:
+            raise ValueError("audio_complexity must be 0-10")
         if not 0 <= self.audio_jitter_frames <= 8:
             raise ValueError("audio_jitter_frames must be 0-8")
         from protocol.rtc import parse_addresses

@@ -13,13 +13,27 @@ import contextlib
 import itertools
 import json
 import math
+import sqlite3
+import tempfile
 import time
+import wave
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 
 import msgpack
+import numpy as np
 import pytest
 
-from client_sdk import AudioError, LevelMeter, Pose, Session, ToneTrack, connect, tone_track
+from client_sdk import (
+    AudioError,
+    LevelMeter,
+    Pose,
+    Session,
+    ToneTrack,
+    connect,
+    file_track,
+    tone_track,
+)
 from protocol.audio import (
     AudioBroadcast,
     AudioIgnore,
@@ -40,6 +54,7 @@ from protocol.messages import (
     encode_message,
 )
 from protocol.rtc import configured_addresses
+from server.audit import DB_FILE
 from server.auth import mint_token
 
 from .conftest import ServerProcess, run_server
@@ -53,7 +68,11 @@ LOUD = -45.0  # dBFS: clearly hears a -20 dBFS tone within a few metres
 
 @pytest.fixture(scope="module")
 def srv() -> Iterator[ServerProcess]:
-    with run_server(auth_secret=SECRET, room_linger=0.2, rtc_host_addresses="127.0.0.1") as s:
+    data = tempfile.mkdtemp(prefix="medverse-audio-")
+    with run_server(
+        auth_secret=SECRET, room_linger=0.2, rtc_host_addresses="127.0.0.1", data_dir=data
+    ) as s:
+        s.data_dir = Path(data)  # type: ignore[attr-defined]
         yield s
 
 
@@ -238,6 +257,17 @@ async def test_zones_whisper_broadcast_and_ignore(srv: ServerProcess) -> None:
         await out1.session.audio.mute(True)
         await host.session.audio.wait_rules(lambda r: out1.id in r.self_muted)
         await until(lv(host), lambda x: loudest(x) <= SILENT)
+    # The hosts' routing changes are audited: who, for whom, what; never any audio.
+    db = sqlite3.connect(srv.data_dir / DB_FILE)  # type: ignore[attr-defined]
+    rows = db.execute(
+        "SELECT kind, actor, subject, detail FROM entries WHERE room = ? AND kind LIKE 'audio%'",
+        (room,),
+    ).fetchall()
+    db.close()
+    kinds = [r[0] for r in rows]
+    assert kinds.count("audio_zone") == 2 and kinds.count("audio_broadcast") == 2
+    assert {r[2] for r in rows if r[0] == "audio_zone"} == {"z1", "z2"}
+    assert all(r[1] == "host" for r in rows)
 
 
 def last_loud_after(meter: LevelMeter, t0: float) -> float | None:
@@ -425,3 +455,22 @@ def test_mixer_degrades_to_loudest() -> None:
 
     with run_server(auth_secret=SECRET, audio_max_speakers=1) as s:
         asyncio.run(main(s.url))
+
+
+async def test_publish_a_file(srv: ServerProcess, tmp_path: Path) -> None:
+    """Any aiortc track can be published: here a WAV file through aiortc's media player."""
+    path = tmp_path / "voice.wav"
+    t = np.arange(48000 * 3) / 48000
+    pcm = (0.1 * math.sqrt(2) * np.sin(2 * np.pi * 330 * t) * 32767).astype(np.int16)
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(48000)
+        w.writeframes(pcm.tobytes())
+    async with bot(srv.url, "file", "listener", publish=False) as lis:
+        async with connect(srv.url, room="file", name="f", token=tok("file", "reader")) as s:
+            s.send_pose(head=head(0.0, -1.0))
+            await s.audio.start(file_track(str(path)))
+            # -20 dBFS, centred (-3 dB per ear), and aiortc's encoder upmixes the mono file to
+            # stereo at -3 dB.
+            await until(lv(lis), lambda x: abs(loudest(x) - (-20.0 - 6.0)) < 2.0)
