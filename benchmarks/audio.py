@@ -12,9 +12,11 @@ frame leaves bot 0's track to the moment bot 1's decoded frame arrives.
 
 Measured over the window: server CPU (% of one core, psutil on the server pid), mix time per
 20 ms frame p50/p99 (the server's own clock, ``/health``), the mixer's late frames, speaker
-frames skipped and listener frames dropped, frames each listener received per second (50 is
-real time), and click latency p50/p99. Targets: 12 members <= 50 % of one core; 24 members in
-real time with no dropped frames; mouth-to-ear added on loopback p50 <= 60 ms.
+frames dropped (more than three waiting) or trimmed (a standing extra frame after jitter),
+listener frames dropped, frames the bots themselves sent late (load generator behind), frames
+each listener received per second (50 is real time), and click latency p50/p99. Targets:
+12 members <= 50 % of one core; 24 members in real time with no dropped frames; mouth-to-ear
+added on loopback p50 <= 60 ms.
 """
 
 from __future__ import annotations
@@ -83,6 +85,7 @@ class LoopedTone(MediaStreamTrack):
         self._t0: float | None = None
         self._clicking = False
         self.click_times: list[float] = []
+        self.late_sends = 0
 
     def click(self) -> None:
         self._clicking = True
@@ -93,6 +96,8 @@ class LoopedTone(MediaStreamTrack):
         delay = self._t0 + self._n * FRAME_SAMPLES / SAMPLE_RATE - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
+        elif delay < -0.04:
+            self.late_sends += 1  # the load generator itself fell behind (then catches up)
         data = self._steady
         if self._clicking:
             self._clicking = False
@@ -158,10 +163,13 @@ async def load(url: str, first: int, count: int, total: int) -> dict[str, Any]:
     clicker = tones[0] if first == 0 else None
     while time.monotonic() < t_start:
         await asyncio.sleep(0.01)
+    for tone in tones:
+        tone.late_sends = 0
     while time.monotonic() < t_end:
         if clicker is not None:
             clicker.click()
         await asyncio.sleep(0.5)
+    late_sends = sum(t.late_sends for t in tones)
     await asyncio.sleep(0.5)
     received = []
     for s, m in zip(sessions, meters, strict=True):
@@ -183,7 +191,12 @@ async def load(url: str, first: int, count: int, total: int) -> dict[str, Any]:
             m.stop()
     for s in sessions:
         await s.close()
-    return {"fps": received, "latency_ms": latencies, "clicks": report_clicks}
+    return {
+        "fps": received,
+        "latency_ms": latencies,
+        "clicks": report_clicks,
+        "bot_late_sends": late_sends,
+    }
 
 
 def run_one(members: int, seconds: float) -> dict[str, Any]:
@@ -288,6 +301,7 @@ def run_one(members: int, seconds: float) -> dict[str, Any]:
         "mix_ms_p99": mix_ms.get("p99"),
         "late_frames": a1["late"] - a0["late"],
         "dropped_speaker_frames": a1["dropped_in"] - a0["dropped_in"],
+        "trimmed_speaker_frames": a1["trimmed"] - a0["trimmed"],
         "dropped_listener_frames": a1["dropped_out"] - a0["dropped_out"],
         "degraded_frames": a1["degraded"] - a0["degraded"],
         "frames_mixed": a1["frames_mixed"] - a0["frames_mixed"],
@@ -296,6 +310,7 @@ def run_one(members: int, seconds: float) -> dict[str, Any]:
         "click_latency_ms_p50": round(float(np.percentile(lat, 50)), 1) if lat.size else None,
         "click_latency_ms_p99": round(float(np.percentile(lat, 99)), 1) if lat.size else None,
         "clicks_sent": clicks,
+        "bot_late_sends": sum(r["bot_late_sends"] for r in reports),
         "clicks_detected": int(lat.size),
         "tick_ms_p99": h1.get("tick_work_ms", {}).get("p99"),
         "tick_overruns": h1["tick_overruns"] - h0["tick_overruns"],
@@ -321,8 +336,9 @@ def main() -> int:
         runs.append(run_one(n, args.seconds))
     header = (
         f"{'members':>7} {'server CPU %':>12} {'mix p50 ms':>10} {'mix p99 ms':>10} "
-        f"{'late':>5} {'drop in':>7} {'drop out':>8} {'degraded':>8} {'fps min':>7} "
-        f"{'m2e p50 ms':>10} {'m2e p99 ms':>10} {'clicks':>7} {'loadgen CPU %':>13}"
+        f"{'late':>5} {'drop in':>7} {'trim':>5} {'drop out':>8} {'degraded':>8} {'fps min':>7} "
+        f"{'m2e p50 ms':>10} {'m2e p99 ms':>10} {'clicks':>7} {'loadgen CPU %':>13} "
+        f"{'bot late':>8}"
     )
     print(header)
     print("-" * len(header))
@@ -330,10 +346,12 @@ def main() -> int:
         print(
             f"{r['members']:>7} {r['server_cpu_percent']:>12.1f} {r['mix_ms_p50']:>10.3f} "
             f"{r['mix_ms_p99']:>10.3f} {r['late_frames']:>5} {r['dropped_speaker_frames']:>7} "
+            f"{r['trimmed_speaker_frames']:>5} "
             f"{r['dropped_listener_frames']:>8} {r['degraded_frames']:>8} "
             f"{r['listener_fps_min']:>7.1f} {r['click_latency_ms_p50'] or float('nan'):>10.1f} "
             f"{r['click_latency_ms_p99'] or float('nan'):>10.1f} "
-            f"{r['clicks_detected']:>3}/{r['clicks_sent']:<3} {r['loadgen_cpu_percent']:>13.1f}"
+            f"{r['clicks_detected']:>3}/{r['clicks_sent']:<3} {r['loadgen_cpu_percent']:>13.1f} "
+            f"{r['bot_late_sends']:>8}"
         )
     RESULTS.mkdir(parents=True, exist_ok=True)
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())

@@ -97,6 +97,8 @@ ENCODE_CHUNK = 4
 OUT_DEPTH = 3
 #: Seconds the speaking flag holds after the voice falls below the lower threshold.
 SPEAKING_HANGOVER = 0.3
+#: Frames over which a speaker's smallest backlog is watched (see RoomAudio.mix_frame).
+TRIM_WINDOW = 50
 #: How long the mixer stays degraded after it last fell behind, in frames.
 DEGRADE_FRAMES = 50
 
@@ -224,6 +226,7 @@ class RoomAudio:
         self.rules_dirty = False
         self.speaking_ids: tuple[int, ...] = ()
         self.version = 0  # bumped by every membership or rule change
+        self._frames_in_window = 0
         self._gains: tuple[tuple[int, int], np.ndarray] | None = None
 
     # ----------------------------------------------------------------- slots
@@ -254,6 +257,7 @@ class RoomAudio:
         grow("ring", (cap, RING, FRAME_SAMPLES), np.float32)
         grow("wpos", (cap,), np.int64)
         grow("rpos", (cap,), np.int64)
+        grow("min_backlog", (cap,), np.int64, RING)
         grow("speaking", (cap,), np.bool_)
         grow("speak_until", (cap,), np.float64)
         grow("level", (cap,), np.float64, -120.0)
@@ -350,6 +354,21 @@ class RoomAudio:
         if late.any():  # keep latency bounded: skip to the newest complete frame
             f.dropped_in += int((backlog[late] - 1).sum())
             self.rpos[spk[late]] = self.wpos[spk[late]] - 1
+            backlog[late] = 1
+        # A speaker whose backlog never fell below two frames for a whole second (after a
+        # burst: a stalled sender catching up) loses one frame, so latency comes back down.
+        low = np.zeros(self.cap, np.int64)
+        low[spk] = backlog
+        np.minimum(self.min_backlog, low, out=self.min_backlog)
+        self._frames_in_window += 1
+        if self._frames_in_window >= TRIM_WINDOW:
+            trim = np.flatnonzero(self.min_backlog >= 2)
+            if trim.size:
+                self.rpos[trim] += 1
+                f.trimmed += int(trim.size)
+            self.min_backlog[:] = RING
+            self._frames_in_window = 0
+            spk = np.flatnonzero(self.speaker & (self.wpos > self.rpos))
         frames = self.ring[spk, self.rpos[spk] % RING]  # (S, N)
         self.rpos[spk] += 1
         level = dbfs(np.sqrt(np.mean(np.square(frames, dtype=np.float64), axis=1)))
@@ -501,6 +520,7 @@ class AudioFeature(Feature):
         self.dropped_out = 0
         self.degraded = 0
         self.decode_errors = 0
+        self.trimmed = 0
         self._degrade_left = 0
         self.mix_times: deque[float] = deque(maxlen=3000)
         r = world.metrics.registry
@@ -512,8 +532,9 @@ class AudioFeature(Feature):
         )
         self.m_frames = Counter(
             "medverse_audio_frames_total",
-            "Audio frames: mixed, late (mixer behind), dropped_in (speaker frames skipped), "
-            "dropped_out (listener frames the encoder did not take in time), degraded (mixed "
+            "Audio frames: mixed, late (mixer behind), dropped_in (speaker frames skipped: more "
+            "than three waiting), trimmed (a speaker's standing extra frame dropped to bring "
+            "latency down), dropped_out (listener frames not encoded in time), degraded (mixed "
             "with each listener's loudest speakers only)",
             ["kind"],
             registry=r,
@@ -524,7 +545,9 @@ class AudioFeature(Feature):
             "Speakers mixed per listener now (0: all; set when the mixer degrades)",
             registry=r,
         )
-        self._reported = {"mixed": 0, "late": 0, "dropped_in": 0, "dropped_out": 0, "degraded": 0}
+        self._reported = dict.fromkeys(
+            ("mixed", "late", "dropped_in", "trimmed", "dropped_out", "degraded"), 0
+        )
         self.handlers = {
             AudioOffer: self._on_offer,
             AudioMute: self._on_mute,
@@ -899,6 +922,7 @@ class AudioFeature(Feature):
             "frames_mixed": self.mixed,
             "late": self.late,
             "dropped_in": self.dropped_in,
+            "trimmed": self.trimmed,
             "dropped_out": self.dropped_out,
             "degraded": self.degraded,
             "speaker_cap": self.speaker_cap(),
