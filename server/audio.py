@@ -338,8 +338,14 @@ class RoomAudio:
                 except av.FFmpegError:
                     f.decode_errors += 1
                     continue
-                for frame in decoded:
-                    self.write(s, mono_of(frame))
+                for frame in decoded:  # mono s16: read the plane itself (to_ndarray stacks)
+                    pcm = np.frombuffer(frame.planes[0], np.int16, frame.samples)
+                    if frame.samples == FRAME_SAMPLES and s not in self._carry:
+                        k = self.wpos[s] % RING
+                        np.multiply(pcm, np.float32(1 / 32768), out=self.ring[s, k])
+                        self.wpos[s] += 1
+                    else:
+                        self.write(s, pcm * np.float32(1 / 32768))
 
     def mix_frame(self, now: float) -> list[tuple[MixTrack, np.ndarray]]:
         """Mix one 20 ms frame for every listener of the room; returns (track, frame) pairs to
