@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
+import av
 import msgpack
 import numpy as np
 import pytest
@@ -139,3 +141,103 @@ def test_int_lists_are_validated(values: list) -> None:
     out = decode_message(frame, SERVER_MESSAGES)
     ok = all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**32 for v in values)
     assert isinstance(out, AudioSpeaking) == ok
+
+
+def _room_audio(n: int) -> tuple[Any, Any, list[bytes]]:
+    """A room's audio state with ``n`` publishing members in a 2 m circle, and Opus packets
+    of a -30 dBFS tone (no network: frames go straight into the speakers' inboxes)."""
+    from server.audio import AudioFeature, MixTrack, Peer, RoomAudio, SpeakerInbox
+    from server.auth import anonymous
+    from server.config import ServerConfig
+    from server.metrics import Metrics
+    from server.room import Member, Room
+    from server.world import World
+
+    world = World(ServerConfig(no_auth=True), Metrics())
+    feature = AudioFeature(world)
+    room = Room(world, "r", 1, 0)
+    ra = RoomAudio(feature, room)
+    codec = av.CodecContext.create("libopus", "w")
+    codec.bit_rate = 32000
+    codec.format = "s16"
+    codec.layout = "stereo"
+    codec.sample_rate = 48000
+    t = np.arange(960 * 12) / 48000
+    tone = (0.0316 * math.sqrt(2) * np.sin(2 * np.pi * 300 * t) * 32767).astype(np.int16)
+    packets: list[bytes] = []
+    for i in range(12):
+        f = av.AudioFrame.from_ndarray(
+            np.repeat(tone[i * 960 : (i + 1) * 960], 2).reshape(1, -1),
+            format="s16",
+            layout="stereo",
+        )
+        f.sample_rate = 48000
+        f.pts = i * 960
+        packets += [bytes(p) for p in codec.encode(f)]
+    for i in range(n):
+        m = Member(i + 1, anonymous(f"b{i}", "r", f"s{i}"), 3, room, -1, None)
+        m.index = world.alloc_entity(room, m.id, 3)
+        room.members[m.id] = m
+        s = ra.add(m)
+        ra.inboxes[s] = SpeakerInbox()
+        ra.speaker[s] = ra.listener[s] = True
+        ra.peers[m.id] = Peer(None, MixTrack(64000), True)  # type: ignore[arg-type]
+        a = 2 * math.pi * i / n
+        q = np.zeros((3, 3), np.int64)
+        world.write_entity(
+            m.index,
+            np.array([True, False, False]),
+            np.array([[int(2000 * math.sin(a)), 1600, int(2000 * math.cos(a))], [0] * 3, [0] * 3]),
+            np.zeros(3, np.uint8),
+            q,
+        )
+    return ra, feature, packets[-6:]
+
+
+def _feed(ra: Any, packets: list[bytes], slots: list[int] | None = None, k: int = 0) -> None:
+    from aiortc.jitterbuffer import JitterFrame
+
+    for s, box in ra.inboxes.items():
+        if slots is None or s in slots:
+            box.put((None, JitterFrame(packets[k % len(packets)], 0)))
+
+
+def test_mixer_bounds_speaker_backlog_and_trims_standing_delay() -> None:
+    ra, feature, packets = _room_audio(3)
+    for k in range(10):
+        _feed(ra, packets, k=k)
+        jobs = ra.mix_frame(float(k))
+    assert len(jobs) == 3 and all(pcm.shape == (960, 2) for _, pcm in jobs)
+    assert all(np.abs(pcm).max() > 100 for _, pcm in jobs)  # everyone hears the others
+    assert feature.dropped_in == 0 and feature.trimmed == 0
+    # A stalled sender catching up: six frames at once. Latency stays bounded (drops).
+    for k in range(6):
+        _feed(ra, packets, [0], k)
+    _feed(ra, packets, [1, 2])
+    ra.mix_frame(10.0)
+    assert feature.dropped_in >= 2
+    assert ra.wpos[0] - ra.rpos[0] <= 3
+    # One extra frame that stays for a whole window is trimmed away.
+    ra._frames_in_window = 0
+    ra.min_backlog[:] = 4
+    _feed(ra, packets, [1])
+    for k in range(60):
+        _feed(ra, packets, k=k)
+        ra.mix_frame(11.0 + k)
+    assert feature.trimmed >= 1
+    assert (ra.wpos[:3] - ra.rpos[:3]).max() <= 1
+
+
+def test_mixer_never_mixes_yourself_nor_a_server_muted_member() -> None:
+    ra, _, packets = _room_audio(2)
+    for k in range(5):  # only member 1 (slot 0) talks
+        _feed(ra, packets, [0], k)
+        jobs = dict((id(t), pcm) for t, pcm in ra.mix_frame(float(k)))
+    own = jobs[id(ra.peers[1].out)]
+    other = jobs[id(ra.peers[2].out)]
+    assert not own.any()  # digital silence, not just quiet
+    assert np.abs(other).max() > 100
+    ra.server_muted[0] = True
+    _feed(ra, packets, [0])
+    jobs = dict((id(t), pcm) for t, pcm in ra.mix_frame(6.0))
+    assert not jobs[id(ra.peers[2].out)].any()
