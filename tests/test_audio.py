@@ -28,6 +28,7 @@ from client_sdk import (
     AudioError,
     LevelMeter,
     Pose,
+    RoomAudioRules,
     Session,
     ToneTrack,
     connect,
@@ -474,3 +475,31 @@ async def test_publish_a_file(srv: ServerProcess, tmp_path: Path) -> None:
             # -20 dBFS, centred (-3 dB per ear), and aiortc's encoder upmixes the mono file to
             # stereo at -3 dB.
             await until(lv(lis), lambda x: abs(loudest(x) - (-20.0 - 6.0)) < 2.0)
+
+
+async def test_audio_survives_a_room_reconnect(srv: ServerProcess) -> None:
+    """The WebRTC connection is the member's, not the WebSocket's: a dropped room connection
+    that resumes within the grace window keeps the audio flowing, and the rules come back."""
+    async with (
+        bot(srv.url, "resume", "listener", publish=False) as lis,
+        bot(srv.url, "resume", "speaker", (0.0, -1.0)) as spk,
+    ):
+        spk.talk()
+        await until(lv(lis), lambda x: loudest(x) > LOUD)
+        await spk.session.audio.mute(True)
+        await lis.session.audio.wait_rules(lambda r: spk.id in r.self_muted)
+        await spk.session.audio.mute(False)
+        await lis.session.audio.wait_rules(lambda r: not r.self_muted)
+        lis.session.audio.rules = RoomAudioRules(zones={999: 1})  # stale: must be replaced
+        ws = lis.session._ws
+        assert ws is not None
+        await ws.close()  # the room connection drops (no leave message)
+        events = lis.session.events()
+        while (ev := await asyncio.wait_for(anext(events), 5)).type != "resumed":
+            pass
+        assert ev.same_member  # type: ignore[union-attr]
+        await lis.session.audio.wait_rules(lambda r: r.zones == {})
+        t0 = time.monotonic()
+        await asyncio.sleep(0.3)
+        assert loudest(lis.meter.levels(time.monotonic() - t0)) > LOUD
+        assert lis.session.audio.pc is not None
