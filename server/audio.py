@@ -64,12 +64,15 @@ from protocol.snapshot import FLAG_SPEAKING
 from .features import Feature
 from .mixer import (
     FRAME_SAMPLES,
+    MAX_ITD,
     RING,
     SAMPLE_RATE,
     Spatial,
     dbfs,
+    interaural_delays,
     keep_loudest,
     mix,
+    mix_delayed,
     route_mask,
     spatial_gains,
 )
@@ -227,7 +230,7 @@ class RoomAudio:
         self.speaking_ids: tuple[int, ...] = ()
         self.version = 0  # bumped by every membership or rule change
         self._frames_in_window = 0
-        self._gains: tuple[tuple[int, int], np.ndarray] | None = None
+        self._gains: tuple[tuple[int, int], np.ndarray, np.ndarray] | None = None
 
     # ----------------------------------------------------------------- slots
 
@@ -258,6 +261,7 @@ class RoomAudio:
         grow("wpos", (cap,), np.int64)
         grow("rpos", (cap,), np.int64)
         grow("min_backlog", (cap,), np.int64, RING)
+        grow("tail", (cap, MAX_ITD), np.float32)
         grow("speaking", (cap,), np.bool_)
         grow("speak_until", (cap,), np.float64)
         grow("level", (cap,), np.float64, -120.0)
@@ -377,6 +381,11 @@ class RoomAudio:
             spk = np.flatnonzero(self.speaker & (self.wpos > self.rpos))
         frames = self.ring[spk, self.rpos[spk] % RING]  # (S, N)
         self.rpos[spk] += 1
+        history = None
+        if cfg.audio_interaural_delay:  # each speaker's last samples, for the far ear's delay
+            history = np.concatenate((self.tail[spk], frames), axis=1)  # (S, MAX_ITD + N)
+            self.tail[:] = 0.0
+            self.tail[spk] = frames[:, -MAX_ITD:]
         level = dbfs(np.sqrt(np.mean(np.square(frames, dtype=np.float64), axis=1)))
         allowed = ~(self.server_muted | self.self_muted | self.paused)
         self.level[:] = -120.0
@@ -384,19 +393,24 @@ class RoomAudio:
         self._update_speaking(now)
         live = allowed[spk] & (level > cfg.audio_silence_dbfs)
         spk, frames, level = spk[live], frames[live], level[live]
+        if history is not None:
+            history = history[live]
         lis = np.flatnonzero(self.listener)
         if lis.size == 0:
             return []
         if spk.size == 0:
             out = np.zeros((lis.size, FRAME_SAMPLES, 2), np.int16)
         else:
-            gains = self.gains(lis, spk)
+            gains, delays = self.gains(lis, spk)
             cap = f.speaker_cap()
             if cap > 0 and spk.size > cap:
                 loud = gains.max(axis=2) * (10.0 ** (level / 20.0))[None, :]
                 gains *= keep_loudest(loud, cap)[:, :, None]
                 f.degraded += 1
-            out = mix(gains.astype(np.float32), frames)
+            if history is not None:
+                out = mix_delayed(gains.astype(np.float32), delays, history)
+            else:
+                out = mix(gains.astype(np.float32), frames)
         f.mixed += 1
         jobs = []
         for i, s in enumerate(lis.tolist()):  # one frame per listener: bytes out
@@ -405,19 +419,22 @@ class RoomAudio:
                 jobs.append((peer.out, out[i]))
         return jobs
 
-    def gains(self, lis: np.ndarray, spk: np.ndarray) -> np.ndarray:
-        """Gain tensor (L, S, 2) under head poses and every routing rule; a paused listener
-        hears nothing."""
-        g = self.all_gains()[np.ix_(lis, spk)]
+    def gains(self, lis: np.ndarray, spk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Gains (L, S, 2) under head poses and every routing rule (a paused listener hears
+        nothing), and each ear's delay in samples."""
+        g_all, d_all = self.all_gains()
+        pick = np.ix_(lis, spk)
+        g = g_all[pick]
         g *= ~self.paused[lis][:, None, None]
-        return g
+        return g, d_all[pick]
 
-    def all_gains(self) -> np.ndarray:
-        """Gains (cap, cap, 2) between every pair of slots. Poses change once per world tick
-        and rules rarely, while frames come at 50 Hz: recomputed only when either changed."""
+    def all_gains(self) -> tuple[np.ndarray, np.ndarray]:
+        """Gains and ear delays (cap, cap, 2) between every pair of slots. Poses change once
+        per world tick and rules rarely, while frames come at 50 Hz: recomputed only when
+        either changed."""
         key = (self.feature.world.tick_no, self.version)
         if self._gains is not None and self._gains[0] == key:
-            return self._gains[1]
+            return self._gains[1], self._gains[2]
         slots = np.arange(self.cap)
         rows = self.row
         has_row = (rows >= 0) & self.used
@@ -438,8 +455,13 @@ class RoomAudio:
         level = np.where(self.whisper >= 0, 1.0, self.broadcast) * np.sqrt(0.5)
         g = np.where(fixed[:, :, None], level[None, :, None], g)
         g *= heard[:, :, None]
-        self._gains = (key, g)
-        return g
+        if self.feature.config.audio_interaural_delay:
+            delays = interaural_delays(present, pos, quat, present, pos)
+            delays *= ~fixed[:, :, None]
+        else:
+            delays = np.zeros(g.shape, np.int64)
+        self._gains = (key, g, delays)
+        return g, delays
 
     def _update_speaking(self, now: float) -> None:
         cfg = self.feature.config

@@ -80,6 +80,8 @@ class ServerConfig:
     audio_ref_distance: float = 1.0
     audio_rolloff: float = 1.0
     audio_max_distance: float = 20.0
+    #: Delay the ear away from a source by up to 0.6 ms (interaural time difference).
+    audio_interaural_delay: bool = True
     #: Speaker frames below this level (dBFS) are not mixed at all.
     audio_silence_dbfs: float = -60.0
     #: Voice level (dBFS) that sets the speaking flag; it clears 10 dB lower after 0.3 s.

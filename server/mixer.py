@@ -22,6 +22,9 @@ FRAME_SAMPLES = 960  # 20 ms at 48 kHz
 RING = 4
 #: Floor of level measurements (digital silence would be -inf).
 MIN_DBFS = -120.0
+#: Largest interaural delay, samples (0.625 ms at 48 kHz), and its quantization step.
+MAX_ITD = 30
+ITD_STEP = 6
 
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
@@ -73,20 +76,44 @@ def spatial_gains(
     frame (a source straight to the left is all left). A pair where either head is untracked
     is heard centred at the reference level.
     """
-    d = s_pos[None, :, :] - l_pos[:, None, :]  # (L, S, 3) world frame
-    rot = rotation_matrices(l_quat)  # head to world
-    local = np.einsum("lji,lsj->lsi", rot, d)  # world to head frame: R^T d
-    dist = np.linalg.norm(d, axis=-1)
+    dist, pan = geometry(l_pos, l_quat, s_pos)
     ref = model.ref_distance
     clamped = np.maximum(dist, ref)
     att = ref / (ref + model.rolloff * (clamped - ref))
     att = np.where(dist > model.max_distance, 0.0, att)
-    pan = np.where(dist > 1e-6, local[..., 0] / np.maximum(dist, 1e-6), 0.0)  # -1 left .. 1 right
-    theta = (np.clip(pan, -1.0, 1.0) + 1.0) * (math.pi / 4)
+    theta = (pan + 1.0) * (math.pi / 4)
     tracked = l_present[:, None] & s_present[None, :]
     att = np.where(tracked, att, 1.0)
     theta = np.where(tracked, theta, math.pi / 4)
     return np.stack((att * np.cos(theta), att * np.sin(theta)), axis=-1)
+
+
+def geometry(l_pos: F64, l_quat: F64, s_pos: F64) -> tuple[F64, F64]:
+    """Distance (L, S) of each speaker from each listener's head, and its lateral direction
+    in the head frame, -1 (straight left) .. 1 (straight right)."""
+    d = s_pos[None, :, :] - l_pos[:, None, :]  # (L, S, 3) world frame
+    rot = rotation_matrices(l_quat)  # head to world
+    local = np.einsum("lji,lsj->lsi", rot, d)  # world to head frame: R^T d
+    dist = np.linalg.norm(d, axis=-1)
+    pan = np.where(dist > 1e-6, local[..., 0] / np.maximum(dist, 1e-6), 0.0)
+    return dist, np.clip(pan, -1.0, 1.0)
+
+
+def interaural_delays(
+    l_present: npt.NDArray[np.bool_],
+    l_pos: F64,
+    l_quat: F64,
+    s_present: npt.NDArray[np.bool_],
+    s_pos: F64,
+) -> npt.NDArray[np.int64]:
+    """Delay in samples (L, S, 2) of each ear: the ear away from the source hears it up to
+    ``MAX_ITD`` samples later (about 0.6 ms, a head's width), in steps of ``ITD_STEP`` so
+    that a frame needs only a few matrix products. Untracked pairs get none."""
+    _, pan = geometry(l_pos, l_quat, s_pos)
+    lag = np.rint(np.abs(pan) * (MAX_ITD / ITD_STEP)).astype(np.int64) * ITD_STEP
+    lag *= l_present[:, None] & s_present[None, :]
+    # A source on the left (pan < 0) reaches the right ear late, and the other way round.
+    return np.stack((np.where(pan > 0, lag, 0), np.where(pan < 0, lag, 0)), axis=-1)
 
 
 def route_mask(
@@ -127,6 +154,22 @@ def keep_loudest(loudness: F64, n: int) -> npt.NDArray[np.bool_]:
     rank = np.empty_like(order)
     np.put_along_axis(rank, order, np.arange(loudness.shape[1])[None, :], axis=1)
     return keep & (rank < n)
+
+
+def mix_delayed(gains: F32, delays: npt.NDArray[np.int64], history: F32) -> npt.NDArray[np.int16]:
+    """Like :func:`mix` with a delay per ear: ``history`` (S, MAX_ITD + N) holds each
+    speaker's last MAX_ITD samples of the previous frame, then this frame. One matrix product
+    per distinct delay (at most MAX_ITD / ITD_STEP + 1)."""
+    n_l, n_s, _ = gains.shape
+    n = history.shape[1] - MAX_ITD
+    out = np.zeros((n_l * 2, n), np.float32)
+    g_all = gains.transpose(0, 2, 1).reshape(n_l * 2, n_s)
+    d_all = delays.transpose(0, 2, 1).reshape(n_l * 2, n_s)
+    for d in np.unique(d_all[g_all != 0]).tolist():  # one product per delay step in use
+        g = np.where(d_all == d, g_all, 0.0).astype(np.float32)
+        out += g @ history[:, MAX_ITD - d : MAX_ITD - d + n]
+    out = out.reshape(n_l, 2, n).transpose(0, 2, 1)
+    return (np.clip(out, -1.0, 32767 / 32768) * 32768.0).astype(np.int16)
 
 
 def mix(gains: F32, frames: F32) -> npt.NDArray[np.int16]:

@@ -241,3 +241,25 @@ def test_mixer_never_mixes_yourself_nor_a_server_muted_member() -> None:
     _feed(ra, packets, [0])
     jobs = dict((id(t), pcm) for t, pcm in ra.mix_frame(6.0))
     assert not jobs[id(ra.peers[2].out)].any()
+
+
+def test_interaural_delay_on_the_far_ear() -> None:
+    from server.mixer import ITD_STEP, MAX_ITD, interaural_delays, mix_delayed
+
+    one = np.array([True])
+    src = np.array([[-2.0 * math.sin(math.pi / 4), 0.0, -2.0 * math.cos(math.pi / 4)]])
+    d = interaural_delays(one, np.zeros((1, 3)), IDENTITY, one, src)  # 45 degrees left
+    want = round(MAX_ITD * math.sin(math.pi / 4) / ITD_STEP) * ITD_STEP
+    assert d[0, 0].tolist() == [0, want]  # the right ear hears it later
+    ahead = interaural_delays(one, np.zeros((1, 3)), IDENTITY, one, np.array([[0, 0, -2.0]]))
+    assert ahead.tolist() == [[[0, 0]]]
+    # An impulse reaches the left ear at once and the right ear ``want`` samples later; the
+    # previous frame's tail carries a late sample across the frame boundary.
+    history = np.zeros((1, MAX_ITD + 960), np.float32)
+    history[0, MAX_ITD + 100] = 0.5
+    history[0, MAX_ITD - 3] = 0.5  # 3 samples before this frame began
+    gains = spatial_gains(one, np.zeros((1, 3)), IDENTITY, one, src, Spatial())
+    out = mix_delayed(gains.astype(np.float32), d, history)
+    left, right = out[0, :, 0], out[0, :, 1]
+    assert np.flatnonzero(left).tolist() == [100]
+    assert np.flatnonzero(right).tolist() == [want - 3, 100 + want]
