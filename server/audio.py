@@ -915,14 +915,15 @@ class AudioFeature(Feature):
             if jobs:
                 self.mix_times.append(work)
                 self.m_mix.observe(work)
-                await self._encode(jobs, due + FRAME_SECONDS)
+                await self._encode(jobs, due + 2 * FRAME_SECONDS)
             if n % 50 == 0:
                 self._flush_metrics()
 
     async def _encode(self, jobs: list[tuple[MixTrack, np.ndarray]], deadline: float) -> None:
         """Encode this frame for every listener, a few at a time, yielding to the event loop
         between chunks so that no tick waits for more than one chunk. Listeners not reached by
-        ``deadline`` (the next frame is due) lose this frame, counted as dropped."""
+        ``deadline`` (a whole frame late: the tracks hold a few, so being late by less costs
+        nothing) lose this frame, counted as dropped."""
         loop = asyncio.get_running_loop()
         for i in range(0, len(jobs), ENCODE_CHUNK):
             if loop.time() > deadline:
