@@ -216,11 +216,13 @@ async def test_zones_whisper_broadcast_and_ignore(srv: ServerProcess) -> None:
         assert loudest(out2.meter.levels(0.5)) <= SILENT
         assert loudest(host.meter.levels(0.5)) <= SILENT
         z1.talk(None)
+        await until(lv(z2), lambda x: loudest(x) <= SILENT)  # z1's last frames have passed
         out1.talk()
         await until(lv(out2), lambda x: loudest(x) > LOUD)
+        t0 = time.monotonic()
         await asyncio.sleep(0.3)
-        assert loudest(z1.meter.levels(0.3)) <= SILENT
-        assert loudest(z2.meter.levels(0.3)) <= SILENT
+        assert loudest(z1.meter.levels(time.monotonic() - t0)) <= SILENT
+        assert loudest(z2.meter.levels(time.monotonic() - t0)) <= SILENT
         out1.talk(None)
         # Whisper: only the target hears the host, others nothing.
         await h.whisper(out2.id)
