@@ -11,7 +11,8 @@ the click in its mix: mouth-to-ear latency through the server, from the moment t
 frame leaves bot 0's track to the moment bot 1's decoded frame arrives.
 
 Measured over the window: server CPU (% of one core, psutil on the server pid), mix time per
-20 ms frame p50/p99 (the server's own clock, ``/health``), the mixer's late frames, speaker
+20 ms frame p50/p99 (decoding every speaker and mixing every listener; the server's own
+clock, ``/health``) and encoding time per frame for all listeners, the mixer's late frames, speaker
 frames dropped (more than three waiting) or trimmed (a standing extra frame after jitter),
 listener frames dropped, frames the bots themselves sent late (load generator behind), frames
 each listener received per second (50 is real time), and click latency p50/p99. Targets:
@@ -314,6 +315,8 @@ def run_one(members: int, seconds: float) -> dict[str, Any]:
         "loadgen_processes": len(loads),
         "mix_ms_p50": mix_ms.get("p50"),
         "mix_ms_p99": mix_ms.get("p99"),
+        "encode_ms_p50": a1.get("encode_ms", {}).get("p50"),
+        "encode_ms_p99": a1.get("encode_ms", {}).get("p99"),
         "late_frames": a1["late"] - a0["late"],
         "dropped_speaker_frames": a1["dropped_in"] - a0["dropped_in"],
         "trimmed_speaker_frames": a1["trimmed"] - a0["trimmed"],
@@ -351,6 +354,7 @@ def main() -> int:
         runs.append(run_one(n, args.seconds))
     header = (
         f"{'members':>7} {'server CPU %':>12} {'mix p50 ms':>10} {'mix p99 ms':>10} "
+        f"{'enc p50 ms':>10} {'enc p99 ms':>10} "
         f"{'late':>5} {'drop in':>7} {'trim':>5} {'drop out':>8} {'degraded':>8} {'fps min':>7} "
         f"{'m2e p50 ms':>10} {'m2e p99 ms':>10} {'clicks':>7} {'loadgen CPU %':>13} "
         f"{'bot late':>8}"
@@ -360,7 +364,8 @@ def main() -> int:
     for r in runs:
         print(
             f"{r['members']:>7} {r['server_cpu_percent']:>12.1f} {r['mix_ms_p50']:>10.3f} "
-            f"{r['mix_ms_p99']:>10.3f} {r['late_frames']:>5} {r['dropped_speaker_frames']:>7} "
+            f"{r['mix_ms_p99']:>10.3f} {r['encode_ms_p50']:>10.3f} {r['encode_ms_p99']:>10.3f} "
+            f"{r['late_frames']:>5} {r['dropped_speaker_frames']:>7} "
             f"{r['trimmed_speaker_frames']:>5} "
             f"{r['dropped_listener_frames']:>8} {r['degraded_frames']:>8} "
             f"{r['listener_fps_min']:>7.1f} {r['click_latency_ms_p50'] or float('nan'):>10.1f} "

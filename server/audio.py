@@ -550,7 +550,8 @@ class AudioFeature(Feature):
         self.decode_errors = 0
         self.trimmed = 0
         self._degrade_left = 0
-        self.mix_times: deque[float] = deque(maxlen=3000)
+        self.mix_times: deque[float] = deque(maxlen=3000)  # decode + mix, per frame
+        self.encode_times: deque[float] = deque(maxlen=3000)  # all listeners, per frame
         r = world.metrics.registry
         self.m_mix = Histogram(
             "medverse_audio_mix_seconds",
@@ -925,15 +926,19 @@ class AudioFeature(Feature):
         ``deadline`` (a whole frame late: the tracks hold a few, so being late by less costs
         nothing) lose this frame, counted as dropped."""
         loop = asyncio.get_running_loop()
+        spent = 0.0
         for i in range(0, len(jobs), ENCODE_CHUNK):
             if loop.time() > deadline:
                 self.dropped_out += len(jobs) - i
                 self._degrade_left = DEGRADE_FRAMES
-                return
+                break
+            t0 = time.perf_counter()
             for track, pcm in jobs[i : i + ENCODE_CHUNK]:
                 if track.readyState == "live":
                     track.push(track.encoder.encode(pcm))
+            spent += time.perf_counter() - t0
             await asyncio.sleep(0)
+        self.encode_times.append(spent)
 
     def _flush_metrics(self) -> None:
         for kind in self._reported:
@@ -945,7 +950,6 @@ class AudioFeature(Feature):
 
     def health(self) -> dict[str, object]:
         """Summary for ``/health``: peers, mix time percentiles, late/dropped/degraded frames."""
-        times = np.array(self.mix_times) * 1000.0
         body: dict[str, object] = {
             "peers": sum(len(ra.peers) for ra in self.rooms.values()),
             "frames_mixed": self.mixed,
@@ -956,11 +960,13 @@ class AudioFeature(Feature):
             "degraded": self.degraded,
             "speaker_cap": self.speaker_cap(),
         }
-        if times.size:
-            body["mix_ms"] = {
-                "frames": int(times.size),
-                "p50": round(float(np.percentile(times, 50)), 3),
-                "p99": round(float(np.percentile(times, 99)), 3),
-                "max": round(float(times.max()), 3),
-            }
+        for name, values in (("mix_ms", self.mix_times), ("encode_ms", self.encode_times)):
+            times = np.array(values) * 1000.0
+            if times.size:
+                body[name] = {
+                    "frames": int(times.size),
+                    "p50": round(float(np.percentile(times, 50)), 3),
+                    "p99": round(float(np.percentile(times, 99)), 3),
+                    "max": round(float(times.max()), 3),
+                }
         return {"audio": body}
