@@ -2,11 +2,12 @@
 
 Each member negotiates one aiortc peer connection over its room connection
 (:class:`protocol.audio.AudioOffer` -> :class:`protocol.audio.AudioAnswer`). A publisher's
-microphone track is decoded once (aiortc's receiver thread) and written, as mono float frames,
-into its slot of the room's ring buffer. Every 20 ms the mixer takes one frame per speaker,
-builds the listeners x speakers x 2 gain tensor from head poses and routing rules
-(:mod:`server.mixer`) and mixes all listeners with one matrix product; each listener's stereo
-frame goes to its outgoing track, which aiortc encodes once per listener.
+Opus packets are taken from aiortc's RTP receiver as they arrive (no decoder thread; see
+:func:`protocol.rtc.capture_encoded`). Every 20 ms the mixer decodes one frame per speaker into
+its slot of the room's ring buffer (mono float), builds the listeners x speakers x 2 gain
+tensor from head poses and routing rules (:mod:`server.mixer`), mixes all listeners with one
+matrix product (one per interaural delay step) and encodes each listener's stereo frame once;
+aiortc sends those packets as they are.
 
 Rules the server enforces in the gain matrix, whatever a client does: a host's server mute, a
 paused member (heard by nobody, hears nothing), self mute, zones, broadcast speakers, whispers
@@ -773,7 +774,8 @@ class AudioFeature(Feature):
         task.add_done_callback(self._background.discard)
 
     async def _read(self, ra: RoomAudio, member: Member, track: MediaStreamTrack) -> None:
-        """Decode loop of one speaker: aiortc decodes in its receiver thread; we keep mono."""
+        """Fallback for an aiortc whose receiver we cannot tap (see ``capture_encoded``): read
+        the frames aiortc decoded in its receiver thread and keep them as mono."""
         s = ra.slot_of.get(member.id)
         if s is None:
             return
