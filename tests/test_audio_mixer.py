@@ -263,3 +263,25 @@ def test_interaural_delay_on_the_far_ear() -> None:
     left, right = out[0, :, 0], out[0, :, 1]
     assert np.flatnonzero(left).tolist() == [100]
     assert np.flatnonzero(right).tolist() == [want - 3, 100 + want]
+
+
+def test_immediate_audio_buffer_hands_packets_on_in_order() -> None:
+    from aiortc.rtp import RtpPacket
+
+    from protocol.rtc import ImmediateAudioBuffer
+
+    buf = ImmediateAudioBuffer()
+
+    def add(seq: int) -> bytes | None:
+        p = RtpPacket(payload_type=96, sequence_number=seq, timestamp=seq * 960)
+        p._data = bytes([seq & 0xFF])  # type: ignore[attr-defined]
+        _, frame = buf.add(p)
+        return None if frame is None else frame.data
+
+    assert add(65534) == b"\xfe"
+    assert add(65535) == b"\xff"
+    assert add(0) == b"\x00"  # wraps around
+    assert add(0) is None  # duplicate
+    assert add(65535) is None  # late: older than one already handed on
+    assert add(3) == b"\x03"  # a gap is fine (lost packets)
+    assert add(30000) == b"\x30"  # a jump far ahead (a restarted stream) is taken
