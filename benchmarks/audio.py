@@ -317,6 +317,8 @@ def run_one(members: int, seconds: float) -> dict[str, Any]:
         "mix_ms_p99": mix_ms.get("p99"),
         "encode_ms_p50": a1.get("encode_ms", {}).get("p50"),
         "encode_ms_p99": a1.get("encode_ms", {}).get("p99"),
+        "loop_hold_ms_p99": a1.get("loop_hold_ms", {}).get("p99"),
+        "loop_hold_ms_max": a1.get("loop_hold_ms", {}).get("max"),
         "late_frames": a1["late"] - a0["late"],
         "dropped_speaker_frames": a1["dropped_in"] - a0["dropped_in"],
         "trimmed_speaker_frames": a1["trimmed"] - a0["trimmed"],
