@@ -76,7 +76,12 @@ class ImmediateAudioBuffer:
             if ahead == 0 or (ahead >= 0x8000 and 0x10000 - ahead < 512):
                 return False, None  # a duplicate, or late: an older frame than one handed on
         self._last = seq
-        return False, JitterFrame(data=packet._data, timestamp=packet.timestamp)
+        frame = JitterFrame(data=packet._data, timestamp=packet.timestamp)
+        # The sender's own level for this packet (RFC 6464, -dBov), when it sends one: a
+        # mixer can leave a silent speaker's packet undecoded.
+        level = packet.extensions.audio_level
+        frame.audio_level = None if level is None else -int(level[1])  # type: ignore[attr-defined]
+        return False, frame
 
 
 def set_jitter_prefetch(pc: Any, frames: int) -> None:

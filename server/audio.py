@@ -334,6 +334,7 @@ class RoomAudio:
         frame (one decode per speaker and frame; more only after network jitter) into its
         ring."""
         f = self.feature
+        quiet = f.config.audio_silence_dbfs - 10.0  # senders' level estimates are rough
         for s in list(self.inboxes) if slots is None else slots:
             box = self.inboxes.get(s)
             if box is None:
@@ -344,6 +345,14 @@ class RoomAudio:
                 f.dropped_in += 1
             while frames:  # only Opus is negotiated (see OPUS)
                 _codec, encoded = frames.popleft()
+                level = getattr(encoded, "audio_level", None)
+                if level is not None and level < quiet and s not in self._carry:
+                    # The sender says this frame is silence: no need to decode it (a client
+                    # that lies about it only silences itself).
+                    self.ring[s, self.wpos[s] % RING] = 0.0
+                    self.wpos[s] += 1
+                    f.silent_skipped += 1
+                    continue
                 try:
                     decoded = box.decode(encoded.data)
                 except av.FFmpegError:
@@ -556,6 +565,7 @@ class AudioFeature(Feature):
         self.degraded = 0
         self.decode_errors = 0
         self.trimmed = 0
+        self.silent_skipped = 0  # speaker frames left undecoded: their sender marked them silent
         self._degrade_left = 0
         self.mix_times: deque[float] = deque(maxlen=3000)  # decode + mix, per frame
         self.encode_times: deque[float] = deque(maxlen=3000)  # all listeners, per frame
@@ -987,6 +997,7 @@ class AudioFeature(Feature):
             "late": self.late,
             "dropped_in": self.dropped_in,
             "trimmed": self.trimmed,
+            "silent_undecoded": self.silent_skipped,
             "dropped_out": self.dropped_out,
             "degraded": self.degraded,
             "speaker_cap": self.speaker_cap(),

@@ -285,3 +285,25 @@ def test_immediate_audio_buffer_hands_packets_on_in_order() -> None:
     assert add(65535) is None  # late: older than one already handed on
     assert add(3) == b"\x03"  # a gap is fine (lost packets)
     assert add(30000) == b"\x30"  # a jump far ahead (a restarted stream) is taken
+    p = RtpPacket(payload_type=96, sequence_number=30001, timestamp=1)
+    p._data = b"x"  # type: ignore[attr-defined]
+    p.extensions.audio_level = (False, 90)  # the sender's RFC 6464 level: -90 dBov
+    assert buf.add(p)[1].audio_level == -90
+
+
+def test_frames_their_sender_marks_silent_are_not_decoded() -> None:
+    from aiortc.jitterbuffer import JitterFrame
+
+    ra, feature, packets = _room_audio(2)
+    for k in range(3):
+        frame = JitterFrame(packets[k], 0)
+        frame.audio_level = -127  # type: ignore[attr-defined]
+        ra.inboxes[0].put((None, frame))
+        jobs = ra.mix_frame(float(k))
+    assert feature.silent_skipped == 3
+    assert all(not pcm.any() for _, pcm in jobs)
+    frame = JitterFrame(packets[3], 0)
+    frame.audio_level = -30  # type: ignore[attr-defined]
+    ra.inboxes[0].put((None, frame))
+    jobs = ra.mix_frame(3.0)
+    assert feature.silent_skipped == 3 and any(pcm.any() for _, pcm in jobs)
