@@ -7,6 +7,16 @@ async with connect("ws://127.0.0.1:8750", room="demo", name="Dr A") as session:
 """
 
 from .assets import AssetClient, AssetError, AssetInfo
+from .audio import (
+    AudioClient,
+    AudioError,
+    LevelMeter,
+    RoomAudioRules,
+    ToneTrack,
+    file_track,
+    microphone_track,
+    tone_track,
+)
 from .session import JoinError, Session, connect
 from .types import (
     Avatar,
@@ -29,6 +39,8 @@ __all__ = [
     "AssetClient",
     "AssetError",
     "AssetInfo",
+    "AudioClient",
+    "AudioError",
     "Avatar",
     "Closed",
     "EntryChanged",
@@ -38,12 +50,18 @@ __all__ = [
     "JoinError",
     "Joined",
     "Left",
+    "LevelMeter",
     "LobbyChanged",
     "MemberStateChanged",
     "Pose",
     "Reconnecting",
     "Resumed",
+    "RoomAudioRules",
     "Session",
+    "ToneTrack",
     "Waiting",
     "connect",
+    "file_track",
+    "microphone_track",
+    "tone_track",
 ]

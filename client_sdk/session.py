@@ -58,6 +58,7 @@ from protocol.quant import dequantize_positions, dequantize_rotations
 from protocol.snapshot import FRAME_STATE, OBJECT_ID_BASE, Snapshot, SnapshotDecoder
 
 from .assets import AssetClient, AssetInfo
+from .audio import AudioClient
 from .types import (
     Avatar,
     Closed,
@@ -205,6 +206,14 @@ class Session:
         #: Our role and grants as a host last changed them (None: as the join token says).
         self.role: str | None = None
         self.grants: frozenset[str] | None = None
+        self._audio: AudioClient | None = None
+
+    @property
+    def audio(self) -> AudioClient:
+        """This member's spatial audio (publish, receive the mix, mute, routing rules)."""
+        if self._audio is None:
+            self._audio = AudioClient(self)
+        return self._audio
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -236,6 +245,9 @@ class Session:
         if self._closing:
             return
         self._closing = True
+        if self._audio is not None:
+            with contextlib.suppress(Exception):
+                await self._audio.close()
         ws = self._ws
         if ws is not None and not ws.closed:
             with contextlib.suppress(Exception):
@@ -567,7 +579,8 @@ class Session:
                 if m.member_id == self.member_id:
                     self.role, self.grants = m.role, frozenset(m.grants)
                 self._emit(GrantsChanged(m.member_id, m.role, frozenset(m.grants)))
-            else:
+            if not isinstance(m, ProtocolError):
+                # Feature clients see every message of their types, the core's too.
                 for handler in self._handlers.get(type(m), ()):
                     handler(m)
 

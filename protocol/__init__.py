@@ -3,6 +3,7 @@
 See ``protocol/SPEC.md`` for the byte-level format.
 """
 
+from . import audio  # registers the spatial audio messages
 from .errors import ErrorCode, ProtocolError
 from .quant import (
     dequantize_positions,
@@ -21,6 +22,7 @@ __all__ = [
     "SnapshotDecoder",
     "SnapshotEncoder",
     "WorldEncoder",
+    "audio",
     "dequantize_positions",
     "dequantize_rotations",
     "quantize_positions",

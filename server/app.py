@@ -15,6 +15,7 @@ from aiohttp import web
 
 from .admin import AdminAPI
 from .assets import AssetService, AssetStore
+from .audio import AudioFeature
 from .audit import AuditLog
 from .auth import SECRET_FILE, TokenVerifier, load_or_create_secret
 from .config import ServerConfig
@@ -51,6 +52,10 @@ async def _health(request: web.Request) -> web.Response:
             "p99": round(float(np.percentile(work, 99)), 3),
             "max": round(float(work.max()), 3),
         }
+    for feature in world.features:
+        health = getattr(feature, "health", None)
+        if health is not None:
+            body.update(health())
     return web.Response(text=json.dumps(body), content_type="application/json")
 
 
@@ -83,6 +88,7 @@ def create_app(config: ServerConfig | None = None) -> web.Application:
     app = web.Application()
     world = World(cfg, Metrics())
     world.verifier = make_verifier(cfg)
+    world.add_feature(AudioFeature(world))
     app[CONFIG_KEY] = cfg
     app[WORLD_KEY] = world
     app.router.add_get("/ws", websocket_handler)

@@ -76,6 +76,33 @@ class ServerConfig:
     max_asset_bytes: int = 128 * 1024 * 1024
     #: Most assets one room may list.
     max_assets_per_room: int = 256
+    #: Addresses WebRTC (ICE) gathers host candidates on, comma-separated. The default keeps
+    #: media on loopback for development; production names its public address(es).
+    rtc_host_addresses: str = "127.0.0.1"
+    #: Distance model: full level within the reference distance (m), then
+    #: ref / (ref + rolloff * (d - ref)); silent beyond the maximum distance (m).
+    audio_ref_distance: float = 1.0
+    audio_rolloff: float = 1.0
+    audio_max_distance: float = 20.0
+    #: Delay the ear away from a source by up to 0.6 ms (interaural time difference).
+    audio_interaural_delay: bool = True
+    #: Speaker frames below this level (dBFS) are not mixed at all.
+    audio_silence_dbfs: float = -60.0
+    #: Voice level (dBFS) that sets the speaking flag; it clears 10 dB lower after 0.3 s.
+    audio_speaking_dbfs: float = -40.0
+    #: Speakers mixed per listener (their loudest; 0: all of them).
+    audio_max_speakers: int = 0
+    #: Speakers per listener while the mixer is behind (it degrades to the loudest ones).
+    audio_degraded_speakers: int = 6
+    #: Mix time per 20 ms frame (ms) above which the mixer degrades for a second.
+    audio_mix_budget_ms: float = 10.0
+    #: Opus bitrate of each listener's stereo mix, bits per second.
+    audio_bitrate: int = 64000
+    #: Opus encoder complexity of the mixes, 0-10 (10 is aiortc's; 5 costs about half).
+    audio_complexity: int = 5
+    #: Received 20 ms frames aiortc holds before the mixer gets them (aiortc's default is 4).
+    #: 0 hands each packet on at once; the mixer then absorbs up to 60 ms of jitter itself.
+    audio_jitter_frames: int = 0
 
     def __post_init__(self) -> None:
         if not 10 <= self.tick_rate <= 90:
@@ -88,6 +115,17 @@ class ServerConfig:
             raise ValueError("tls_cert and tls_key go together")
         if self.auth_secret and self.auth_public_key:
             raise ValueError("give auth_secret or auth_public_key, not both")
+        if not 0 < self.audio_ref_distance <= self.audio_max_distance:
+            raise ValueError("audio_ref_distance must be > 0 and <= audio_max_distance")
+        if self.audio_rolloff < 0:
+            raise ValueError("audio_rolloff must be >= 0")
+        if not 0 <= self.audio_complexity <= 10:
+            raise ValueError("audio_complexity must be 0-10")
+        if not 0 <= self.audio_jitter_frames <= 8:
+            raise ValueError("audio_jitter_frames must be 0-8")
+        from protocol.rtc import parse_addresses
+
+        parse_addresses(self.rtc_host_addresses)  # fail at start, not at the first offer
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> ServerConfig:

@@ -257,6 +257,18 @@ class World:
     def flags_of(self, row: int) -> int:
         return int(self._flags[row]) if row >= 0 else 0
 
+    def poses_of(
+        self, rows: np.ndarray, slot: int = 0
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Quantized pose ``slot`` of entity rows (all >= 0), as of the last tick: present (N,),
+        position mm (N, 3), rotation index (N,) and smallest-three components (N, 3)."""
+        return (
+            self._present[rows, slot],
+            self._pos[rows, slot],
+            self._rot_index[rows, slot],
+            self._rot[rows, slot],
+        )
+
     def _alloc_row(self, segment: int, mid: int, slots: int) -> int:
         if not self._free:
             self._grow()

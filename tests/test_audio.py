@@ -1,0 +1,507 @@
+"""Spatial audio end to end: real aiortc peers on both ends, on 127.0.0.1 only.
+
+Bots publish tones; listeners measure what arrives (dBFS per channel from the received
+frames). Covers panning, distance and its cut-off, never hearing yourself, zones, whispers,
+broadcast, ignore, server mute within 100 ms whatever the client does, pause both ways, the
+speaking flag, role refusals and malformed or flooding signaling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import math
+import sqlite3
+import tempfile
+import time
+import wave
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+
+from client_sdk import (
+    AudioError,
+    LevelMeter,
+    Pose,
+    RoomAudioRules,
+    Session,
+    ToneTrack,
+    connect,
+    file_track,
+    tone_track,
+)
+from protocol.audio import (
+    AudioBroadcast,
+    AudioIgnore,
+    AudioMute,
+    AudioOffer,
+    AudioRules,
+    AudioWhisper,
+    AudioZone,
+)
+from protocol.messages import (
+    PROTOCOL_VERSION,
+    Hello,
+    Moderate,
+    Pause,
+    Ping,
+    Pong,
+    Welcome,
+    encode_message,
+)
+from protocol.rtc import configured_addresses
+from server.audit import DB_FILE
+from server.auth import mint_token
+
+from .conftest import ServerProcess, run_server
+from .helpers import RawClient, quat_about_y
+
+SECRET = "a" * 48
+HEAD_Y = 1.6
+SILENT = -60.0  # dBFS: "does not hear"
+LOUD = -45.0  # dBFS: clearly hears a -20 dBFS tone within a few metres
+
+
+@pytest.fixture(scope="module")
+def srv() -> Iterator[ServerProcess]:
+    data = tempfile.mkdtemp(prefix="medverse-audio-")
+    with run_server(
+        auth_secret=SECRET, room_linger=0.2, rtc_host_addresses="127.0.0.1", data_dir=data
+    ) as s:
+        s.data_dir = Path(data)  # type: ignore[attr-defined]
+        yield s
+
+
+def tok(room: str, who: str, role: str = "participant", grants: list[str] | None = None) -> str:
+    return mint_token(SECRET.encode(), room=room, identity=who, name=who, role=role, grants=grants)
+
+
+def head(x: float, z: float, yaw: float = 0.0) -> Pose:
+    return Pose((x, HEAD_Y, z), quat_about_y(yaw))
+
+
+class Bot:
+    """A member with a tone it can switch on and off and a meter on the mix it receives."""
+
+    def __init__(self, session: Session, tone: ToneTrack | None, meter: LevelMeter) -> None:
+        self.session = session
+        self.tone = tone
+        self.meter = meter
+
+    @property
+    def id(self) -> int:
+        return self.session.member_id
+
+    def talk(self, level: float | None = -20.0) -> None:
+        assert self.tone is not None
+        self.tone.level_dbfs = level
+
+    def at(self, x: float, z: float, yaw: float = 0.0) -> None:
+        self.session.send_pose(head=head(x, z, yaw))
+
+
+@contextlib.asynccontextmanager
+async def bot(
+    url: str,
+    room: str,
+    who: str,
+    pos: tuple[float, float] = (0.0, 0.0),
+    *,
+    role: str = "participant",
+    publish: bool = True,
+    freq: float = 440.0,
+) -> AsyncIterator[Bot]:
+    async with connect(url, room=room, name=who, token=tok(room, who, role)) as s:
+        s.send_pose(head=head(*pos))
+        tone = tone_track(freq, None) if publish else None
+        mix = await s.audio.start(tone)
+        meter = LevelMeter(mix)
+        try:
+            yield Bot(s, tone, meter)
+        finally:
+            meter.stop()
+
+
+async def until(
+    fn: Callable[[], tuple[float, float]],
+    ok: Callable[[tuple[float, float]], bool],
+    timeout: float = 3.0,
+) -> tuple[float, float]:
+    """Poll levels until ``ok`` holds (returning them) or fail with the last ones."""
+    deadline = time.monotonic() + timeout
+    last = fn()
+    while not ok(last):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"levels never satisfied the check: {last}")
+        await asyncio.sleep(0.05)
+        last = fn()
+    return last
+
+
+def lv(b: Bot, seconds: float = 0.2) -> Callable[[], tuple[float, float]]:
+    return lambda: b.meter.levels(seconds)
+
+
+def loudest(levels: tuple[float, float]) -> float:
+    return max(levels)
+
+
+# --------------------------------------------------------------------------- spatial
+
+
+async def test_panning_distance_cutoff_and_self(srv: ServerProcess) -> None:
+    async with (
+        bot(srv.url, "spatial", "listener", publish=False) as lis,
+        bot(srv.url, "spatial", "speaker", (-1.0, 0.0)) as spk,
+    ):
+        assert configured_addresses() == ("127.0.0.1",)
+        spk.talk(-20.0)
+        # 90 degrees to the listener's left (listener faces -Z): left louder by >= 6 dB.
+        await until(lv(lis), lambda x: x[0] > LOUD and x[0] - x[1] >= 6.0)
+        # ... and on the right the channels swap.
+        spk.at(1.0, 0.0)
+        await until(lv(lis), lambda x: x[1] > LOUD and x[1] - x[0] >= 6.0)
+        # Turning the listener's head around swaps them back: panning follows the head.
+        lis.at(0.0, 0.0, math.pi)
+        await until(lv(lis), lambda x: x[0] > LOUD and x[0] - x[1] >= 6.0)
+        lis.at(0.0, 0.0)
+        # Level falls monotonically with distance (straight ahead), silent beyond the maximum.
+        levels = []
+        for d in (1.0, 2.0, 4.0, 8.0, 16.0):
+            spk.at(0.0, -d)
+            want = -20.0 - 20 * math.log10(d) - 3.0  # inverse distance, centred (-3 dB per ear)
+            got = await until(lv(lis), lambda x, w=want: abs(loudest(x) - w) < 2.0)
+            levels.append(loudest(got))
+        assert all(a > b + 4.0 for a, b in itertools.pairwise(levels)), levels
+        spk.at(0.0, -25.0)  # the default maximum distance is 20 m
+        await until(lv(lis), lambda x: loudest(x) <= SILENT)
+        # The speaker never hears its own voice.
+        spk.at(0.0, -1.0)
+        await until(lv(lis), lambda x: loudest(x) > LOUD)
+        assert loudest(spk.meter.levels(1.0)) <= SILENT
+        # The speaking flag and active-speaker events follow the voice.
+        assert lis.session.audio.speaking == (spk.id,)
+        assert lis.session.avatars[spk.id].speaking
+        spk.talk(None)
+        await until(lv(lis), lambda x: loudest(x) <= SILENT)
+        deadline = time.monotonic() + 2
+        while lis.session.audio.speaking or lis.session.avatars[spk.id].speaking:
+            assert time.monotonic() < deadline, "speaking flag stuck"
+            await asyncio.sleep(0.05)
+
+
+async def test_zones_whisper_broadcast_and_ignore(srv: ServerProcess) -> None:
+    room = "routing"
+    async with (
+        bot(srv.url, room, "host", (0.0, -2.0), role="host") as host,
+        bot(srv.url, room, "z1", (-1.0, 0.0)) as z1,
+        bot(srv.url, room, "z2", (1.0, 0.0)) as z2,
+        bot(srv.url, room, "out1", (0.0, 1.0)) as out1,
+        bot(srv.url, room, "out2", (0.0, 2.0)) as out2,
+    ):
+        h = host.session.audio
+        await h.set_zone(z1.id, 7)
+        await h.set_zone(z2.id, 7)
+        for b in (host, z1, out1):  # rules are room state every member learns
+            await b.session.audio.wait_rules(lambda r: r.zones == {z1.id: 7, z2.id: 7})
+        # Zone members hear each other; outside members hear nothing of them, and vice versa.
+        z1.talk()
+        await until(lv(z2), lambda x: loudest(x) > LOUD)
+        assert loudest(out1.meter.levels(0.5)) <= SILENT
+        assert loudest(out2.meter.levels(0.5)) <= SILENT
+        assert loudest(host.meter.levels(0.5)) <= SILENT
+        z1.talk(None)
+        await until(lv(z2), lambda x: loudest(x) <= SILENT)  # z1's last frames have passed
+        out1.talk()
+        await until(lv(out2), lambda x: loudest(x) > LOUD)
+        t0 = time.monotonic()
+        await asyncio.sleep(0.3)
+        assert loudest(z1.meter.levels(time.monotonic() - t0)) <= SILENT
+        assert loudest(z2.meter.levels(time.monotonic() - t0)) <= SILENT
+        out1.talk(None)
+        # Whisper: only the target hears the host, others nothing.
+        await h.whisper(out2.id)
+        await out2.session.audio.wait_rules(lambda r: r.whispers == {host.id: out2.id})
+        assert out1.session.audio.rules.whispers == {}  # private to the pair (and hosts)
+        host.talk()
+        await until(lv(out2), lambda x: loudest(x) > LOUD)
+        await asyncio.sleep(0.3)
+        assert loudest(out1.meter.levels(0.3)) <= SILENT
+        # Broadcast: heard by everyone, zones included, at the set level regardless of distance.
+        await h.whisper(None)
+        host.at(0.0, -40.0)
+        await h.broadcast(host.id, True, 0.5)
+        await z1.session.audio.wait_rules(lambda r: r.broadcast == {host.id: 0.5})
+        want = -20.0 + 20 * math.log10(0.5) - 3.0
+        for b in (z1, z2, out1, out2):
+            await until(lv(b), lambda x, w=want: abs(loudest(x) - w) < 2.0)
+        await h.broadcast(host.id, False)
+        await until(lv(out1), lambda x: loudest(x) <= SILENT)  # 40 m away: beyond the maximum
+        # Ignore works both ways.
+        host.talk(None)
+        await asyncio.sleep(0.2)  # let the host's last frames pass before it moves close
+        host.at(0.0, -2.0)
+        await out1.session.audio.ignore(out2.id)
+        await out1.session.audio.wait_rules(lambda r: r.ignored == frozenset({out2.id}))
+        assert out2.session.audio.rules.ignored == frozenset()
+        out2.talk()
+        await until(lv(host), lambda x: loudest(x) > LOUD)
+        assert loudest(out1.meter.levels(0.4)) <= SILENT
+        out2.talk(None)
+        out1.talk()
+        await until(lv(host), lambda x: loudest(x) > LOUD)
+        assert loudest(out2.meter.levels(0.4)) <= SILENT
+        # Self mute: nobody hears us, and everyone learns it.
+        await out1.session.audio.mute(True)
+        await host.session.audio.wait_rules(lambda r: out1.id in r.self_muted)
+        await until(lv(host), lambda x: loudest(x) <= SILENT)
+    # The hosts' routing changes are audited: who, for whom, what; never any audio.
+    db = sqlite3.connect(srv.data_dir / DB_FILE)  # type: ignore[attr-defined]
+    rows = db.execute(
+        "SELECT kind, actor, subject, detail FROM entries WHERE room = ? AND kind LIKE 'audio%'",
+        (room,),
+    ).fetchall()
+    db.close()
+    kinds = [r[0] for r in rows]
+    assert kinds.count("audio_zone") == 2 and kinds.count("audio_broadcast") == 2
+    assert {r[2] for r in rows if r[0] == "audio_zone"} == {"z1", "z2"}
+    assert all(r[1] == "host" for r in rows)
+
+
+def last_loud_after(meter: LevelMeter, t0: float) -> float | None:
+    """Arrival time of the last received frame after ``t0`` louder than SILENT."""
+    last = None
+    for arrival, left, right, _ in meter.frames:
+        if arrival >= t0 and 20 * math.log10(max(left, right, 1e-9)) > SILENT:
+            last = arrival
+    return last
+
+
+async def test_server_mute_and_pause(srv: ServerProcess) -> None:
+    room = "muting"
+    async with (
+        bot(srv.url, room, "host", (0.0, -1.0), role="host") as host,
+        bot(srv.url, room, "patient", (-1.0, 0.0)) as pat,
+        bot(srv.url, room, "other", (1.0, 0.0)) as other,
+    ):
+        pat.talk()
+        await until(lv(host), lambda x: loudest(x) > LOUD)
+        await until(lv(other), lambda x: loudest(x) > LOUD)
+        t0 = time.monotonic()
+        await host.session.send_message(Moderate("mute", pat.id))
+        # Whatever the muted client does (unmute itself, renegotiate, keep talking louder) ...
+        await pat.session.audio.mute(False)
+        pat.talk(-6.0)
+        await asyncio.sleep(0.6)
+        for b in (host, other):
+            last = last_loud_after(b.meter, t0)
+            assert last is None or last - t0 <= 0.1, f"heard {last - t0:.3f} s after the mute"
+        mix = await pat.session.audio.start(pat.tone)
+        pat.meter.stop()
+        pat.meter = LevelMeter(mix)
+        await asyncio.sleep(0.6)
+        assert loudest(host.meter.levels(0.5)) <= SILENT
+        assert loudest(other.meter.levels(0.5)) <= SILENT
+        # The muted member still hears the room.
+        other.talk()
+        await until(lv(pat), lambda x: loudest(x) > LOUD)
+        await host.session.send_message(Moderate("allow_unmute", pat.id))
+        await until(lv(host), lambda x: loudest(x) > -30.0)  # the patient (louder) again
+        # Pause: heard by nobody and hears nothing, whatever it sends; back on resume.
+        other.talk(None)
+        await pat.session.send_message(Pause(True))
+        await until(lv(host), lambda x: loudest(x) <= SILENT)
+        await until(lv(other), lambda x: loudest(x) <= SILENT)
+        t_paused = time.monotonic()
+        other.talk()
+        await until(lv(host), lambda x: loudest(x) > LOUD)
+        await asyncio.sleep(0.3)
+        assert loudest(pat.meter.levels(time.monotonic() - t_paused)) <= SILENT
+        await pat.session.send_message(Pause(False))
+        await until(lv(pat), lambda x: loudest(x) > LOUD)
+        other.talk(None)
+        await until(lv(host), lambda x: loudest(x) > -30.0)
+
+
+# --------------------------------------------------------------------------- who may do what
+
+
+async def test_roles_refused(srv: ServerProcess) -> None:
+    room = "roles"
+    async with connect(srv.url, room=room, name="o", token=tok(room, "obs", "observer")) as obs:
+        with pytest.raises(AudioError) as err:
+            await obs.audio.start(tone_track())
+        assert err.value.code == "forbidden"
+        # Observers listen: a receive-only offer works and they hear the room.
+        mix = await obs.audio.start(None)
+        meter = LevelMeter(mix)
+        tk = tok(room, "quiet", grants=["annotate"])
+        async with connect(srv.url, room=room, name="q", token=tk) as quiet:
+            with pytest.raises(AudioError) as err:
+                await quiet.audio.start(tone_track())
+            assert err.value.code == "forbidden"
+            # A participant without the grant may not whisper, set zones or broadcast.
+            for msg in (AudioWhisper(obs.member_id), AudioZone(quiet.member_id, 1)):
+                await quiet.send_message(msg)
+            async with bot(srv.url, room, "talker", (0.0, -1.0)) as talker:
+                talker.talk()
+                await until(lambda: meter.levels(0.2), lambda x: loudest(x) > LOUD)
+                await talker.session.send_message(AudioBroadcast(talker.id, True))
+                codes = []
+                async for ev in talker.session.events():
+                    if ev.type == "error":
+                        codes.append(ev.code)
+                        break
+                assert codes == ["forbidden"]
+        meter.stop()
+
+
+async def raw_member(url: str, room: str, who: str) -> tuple[RawClient, Welcome]:
+    raw = await RawClient.open(url)
+    hello = Hello(PROTOCOL_VERSION, room, who, 3, None, tok(room, who))
+    await raw.ws.send_bytes(encode_message(hello))
+    w = await raw.next_control()
+    assert isinstance(w, Welcome)
+    return raw, w
+
+
+async def test_malformed_and_flooding_signaling(srv: ServerProcess) -> None:
+    room = "badaudio"
+    async with (
+        bot(srv.url, room, "good-l", publish=False) as good,
+        bot(srv.url, room, "good-s", (0.0, -1.0)) as speaker,
+    ):
+        speaker.talk()
+        await until(lv(good), lambda x: loudest(x) > LOUD)
+        raw, w = await raw_member(srv.url, room, "mallory")
+        sdp_ok = (
+            "v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 96\r\n"
+        )
+
+        async def expect(frame: bytes, code: str) -> None:
+            await raw.ws.send_bytes(frame)
+            err = await raw.next_error()
+            assert (err.code, err.fatal) == (code, False), (frame[:60], err)
+
+        cases: list[tuple[bytes, str]] = [
+            (encode_message(AudioOffer("hello", False)), "out_of_range"),  # not SDP
+            (encode_message(AudioOffer(sdp_ok + "m=video 9 x 96\r\n", False)), "bad_field"),
+            (encode_message(AudioOffer(sdp_ok.replace("audio", "video"), False)), "bad_field"),
+            (encode_message(AudioOffer(sdp_ok + "a=sendonly\r\n", False)), "bad_field"),
+            (encode_message(AudioOffer(sdp_ok + "a=recvonly\r\n", True)), "bad_field"),
+            (encode_message(AudioOffer(sdp_ok + "a=inactive\r\n", False)), "bad_field"),
+            (encode_message(AudioOffer(sdp_ok + "x" * 5000, False)), "oversized"),
+            (
+                b"\x01" + msgpack.packb({"t": "audio_offer", "sdp": 5, "publish": 1}),
+                "bad_field",
+            ),
+            (
+                b"\x01"
+                + msgpack.packb({"t": "audio_offer", "sdp": sdp_ok, "publish": True, "extra": 1}),
+                "bad_field",
+            ),
+            (encode_message(AudioZone(w.member_id, 70000)), "out_of_range"),
+            (encode_message(AudioIgnore(0, True)), "out_of_range"),
+            (encode_message(AudioIgnore(w.member_id, True)), "bad_field"),  # yourself
+            (encode_message(AudioIgnore(999999, True)), "not_found"),
+            (encode_message(AudioWhisper(w.member_id)), "bad_field"),  # yourself
+            (encode_message(AudioWhisper(424242)), "not_found"),
+            (encode_message(AudioMute("yes")), "bad_field"),  # type: ignore[arg-type]
+            (encode_message(AudioRules((), (), (), (), ())), "unknown_type"),  # server-only
+        ]
+        for frame, code in cases:
+            await expect(frame, code)
+        # An offer that passes the checks but is no usable SDP: refused once aiortc reads it.
+        await expect(encode_message(AudioOffer(sdp_ok + "a=recvonly\r\n", False)), "bad_field")
+        # Flooding offers: a few are negotiated, the rest refused as rate limited.
+        codes = set()
+        for _ in range(15):
+            await raw.ws.send_bytes(encode_message(AudioOffer(sdp_ok + "a=recvonly\r\n", False)))
+        deadline = time.monotonic() + 5
+        while "rate_limited" not in codes and time.monotonic() < deadline:
+            codes.add((await raw.next_error()).code)
+        assert "rate_limited" in codes
+        # Flooding rule changes: coalesced, the server and the others carry on.
+        for i in range(100):
+            await raw.ws.send_bytes(encode_message(AudioMute(i % 2 == 0)))
+        await raw.ws.send_bytes(encode_message(Ping(7, 1.0)))
+        while not isinstance(m := await raw.next_control(), Pong):
+            assert m.TYPE in ("audio_rules", "error", "audio_speaking"), m
+        await until(lv(good), lambda x: loudest(x) > LOUD)
+        health = json.loads(srv.get("/health"))
+        assert health["audio"]["peers"] >= 2 and health["audio"]["mix_ms"]["p99"] < 20
+        assert "medverse_audio_mix_seconds" in srv.get("/metrics")
+        await raw.close()
+
+
+def test_mixer_degrades_to_loudest() -> None:
+    """With a cap of one speaker per listener, the loudest one is the one heard."""
+
+    async def main(url: str) -> None:
+        room = "cap"
+        async with (
+            bot(url, room, "l", publish=False) as lis,
+            bot(url, room, "near", (0.0, -1.0), freq=440.0) as near,
+            bot(url, room, "far", (0.0, -4.0), freq=660.0) as far,
+        ):
+            near.talk()
+            far.talk()
+            want = -20.0 - 3.0  # the near one alone (1 m: reference level), not the sum
+            await until(lv(lis), lambda x: abs(loudest(x) - want) < 1.5)
+            near.talk(None)
+            await until(lv(lis), lambda x: abs(loudest(x) - (want - 12.0)) < 1.5)
+
+    with run_server(auth_secret=SECRET, audio_max_speakers=1) as s:
+        asyncio.run(main(s.url))
+
+
+async def test_publish_a_file(srv: ServerProcess, tmp_path: Path) -> None:
+    """Any aiortc track can be published: here a WAV file through aiortc's media player."""
+    path = tmp_path / "voice.wav"
+    t = np.arange(48000 * 3) / 48000
+    pcm = (0.1 * math.sqrt(2) * np.sin(2 * np.pi * 330 * t) * 32767).astype(np.int16)
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(48000)
+        w.writeframes(pcm.tobytes())
+    async with bot(srv.url, "file", "listener", publish=False) as lis:
+        async with connect(srv.url, room="file", name="f", token=tok("file", "reader")) as s:
+            s.send_pose(head=head(0.0, -1.0))
+            await s.audio.start(file_track(str(path)))
+            # -20 dBFS, centred (-3 dB per ear), and aiortc's encoder upmixes the mono file to
+            # stereo at -3 dB.
+            await until(lv(lis), lambda x: abs(loudest(x) - (-20.0 - 6.0)) < 2.0)
+
+
+async def test_audio_survives_a_room_reconnect(srv: ServerProcess) -> None:
+    """The WebRTC connection is the member's, not the WebSocket's: a dropped room connection
+    that resumes within the grace window keeps the audio flowing, and the rules come back."""
+    async with (
+        bot(srv.url, "resume", "listener", publish=False) as lis,
+        bot(srv.url, "resume", "speaker", (0.0, -1.0)) as spk,
+    ):
+        spk.talk()
+        await until(lv(lis), lambda x: loudest(x) > LOUD)
+        await spk.session.audio.mute(True)
+        await lis.session.audio.wait_rules(lambda r: spk.id in r.self_muted)
+        await spk.session.audio.mute(False)
+        await lis.session.audio.wait_rules(lambda r: not r.self_muted)
+        lis.session.audio.rules = RoomAudioRules(zones={999: 1})  # stale: must be replaced
+        ws = lis.session._ws
+        assert ws is not None
+        await ws.close()  # the room connection drops (no leave message)
+        events = lis.session.events()
+        while (ev := await asyncio.wait_for(anext(events), 5)).type != "resumed":
+            pass
+        assert ev.same_member  # type: ignore[union-attr]
+        await lis.session.audio.wait_rules(lambda r: r.zones == {})
+        t0 = time.monotonic()
+        await asyncio.sleep(0.3)
+        assert loudest(lis.meter.levels(time.monotonic() - t0)) > LOUD
+        assert lis.session.audio.pc is not None
