@@ -6,6 +6,19 @@ async with connect("ws://127.0.0.1:8750", room="demo", name="Dr A") as session:
     session.send_pose(head=Pose((0, 1.6, 0), (0, 0, 0, 1)))
 """
 
+from .objects import (
+    Annotation,
+    AnnotationChanged,
+    HandoverRequested,
+    LockChanged,
+    MoveRefused,
+    ObjectAdded,
+    ObjectError,
+    ObjectRemoved,
+    ObjectsSynced,
+    SharedObject,
+    ViewChanged,
+)
 from .session import JoinError, Session, connect
 from .types import (
     Avatar,
@@ -21,17 +34,28 @@ from .types import (
 )
 
 __all__ = [
+    "Annotation",
+    "AnnotationChanged",
     "Avatar",
     "Closed",
     "ErrorEvent",
     "Event",
+    "HandoverRequested",
     "JoinError",
     "Joined",
     "Left",
+    "LockChanged",
+    "MoveRefused",
+    "ObjectAdded",
+    "ObjectError",
+    "ObjectRemoved",
+    "ObjectsSynced",
     "Pose",
     "Reconnecting",
     "Resumed",
     "Session",
+    "SharedObject",
+    "ViewChanged",
     "Waiting",
     "connect",
 ]

@@ -48,6 +48,7 @@ from protocol.messages import (
 from protocol.quant import dequantize_positions, dequantize_rotations
 from protocol.snapshot import FRAME_STATE, OBJECT_ID_BASE, Snapshot, SnapshotDecoder
 
+from .objects import ObjectsAPI, ObjectsClient
 from .types import (
     Avatar,
     Closed,
@@ -119,7 +120,7 @@ def _slerp(q0: np.ndarray, q1: np.ndarray, a: float) -> np.ndarray:
     return out / np.linalg.norm(out, axis=-1, keepdims=True)
 
 
-class Session:
+class Session(ObjectsAPI):
     """A member's connection to a room. Create it with :func:`connect`.
 
     Attributes kept current while connected: ``member_id``, ``room``, ``rate`` (ticks per
@@ -187,6 +188,9 @@ class Session:
         # and callbacks run after every (re)connection with the welcome.
         self._handlers: dict[type[Message], list[Callable[[Message], None]]] = {}
         self._connected_hooks: list[Callable[[Welcome], None]] = []
+        #: The room's shared objects ({object_id: SharedObject}); the object calls (spawn,
+        #: grab, move, release, annotate, ...) are methods of the session.
+        self.objects = ObjectsClient(self)
 
     # ----------------------------------------------------------------- lifecycle
 

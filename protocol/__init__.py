@@ -3,6 +3,7 @@
 See ``protocol/SPEC.md`` for the byte-level format.
 """
 
+from . import objects  # registers the shared-object messages
 from .errors import ErrorCode, ProtocolError
 from .quant import (
     dequantize_positions,
@@ -23,6 +24,7 @@ __all__ = [
     "WorldEncoder",
     "dequantize_positions",
     "dequantize_rotations",
+    "objects",
     "quantize_positions",
     "quantize_rotations",
     "rotation_error_deg",

@@ -69,6 +69,13 @@ class ServerConfig:
     consent_rooms: str = ".*"
     #: Rooms (regular expression, full match) where members appear only under pseudonyms.
     pseudonymous_rooms: str = ""
+    #: Seconds without a move or view change after which an object's lease ends by itself.
+    object_lease_timeout: float = 5.0
+    #: Seconds between writes of moved objects' transforms to storage (at most 1 s).
+    object_flush_interval: float = 0.5
+    #: Objects one room may hold, and annotations one object may carry.
+    max_objects_per_room: int = 256
+    max_annotations_per_object: int = 1024
     #: TLS certificate chain and private key (PEM) to serve wss:// directly.
     tls_cert: str = ""
     tls_key: str = ""
@@ -82,6 +89,10 @@ class ServerConfig:
             raise ValueError("send_soft_limit must not exceed send_hard_limit")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert and tls_key go together")
+        if not 0 < self.object_flush_interval <= 1.0:
+            raise ValueError("object_flush_interval must be in (0, 1] seconds")
+        if self.object_lease_timeout <= 0:
+            raise ValueError("object_lease_timeout must be positive")
         if self.auth_secret and self.auth_public_key:
             raise ValueError("give auth_secret or auth_public_key, not both")
 
