@@ -286,6 +286,7 @@ class ObjectsClient(Mapping[int, SharedObject]):
         fut: asyncio.Future[ObjectAck] = asyncio.get_running_loop().create_future()
         self._pending[req] = fut
         try:
+            await self._flush_moves()  # moves made before this call reach the server first
             await self._s.send_message(make(req))
             return await asyncio.wait_for(fut, timeout)
         finally:
@@ -324,11 +325,14 @@ class ObjectsClient(Mapping[int, SharedObject]):
         while True:
             await self._move_ready.wait()
             self._move_ready.clear()
-            frames, self._moves = list(self._moves.values()), {}
-            for frame in frames:
-                with contextlib.suppress(ConnectionError, RuntimeError, OSError):
-                    await self._s.send_raw(frame)
+            await self._flush_moves()
             await asyncio.sleep(1.0 / max(1, self._s.rate))
+
+    async def _flush_moves(self) -> None:
+        frames, self._moves = list(self._moves.values()), {}
+        for frame in frames:
+            with contextlib.suppress(ConnectionError, RuntimeError, OSError):
+                await self._s.send_raw(frame)
 
     # ----------------------------------------------------------------- state
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import sqlite3
 import tempfile
@@ -12,6 +13,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 
 from client_sdk import (
@@ -23,12 +25,15 @@ from client_sdk import (
     Session,
     connect,
 )
+from protocol.errors import ProtocolError
+from protocol.messages import PROTOCOL_VERSION, Error, Hello, Welcome, encode_message
+from protocol.objects import Move, ObjectRefused, decode_move, encode_move
 from protocol.snapshot import OBJECT_ID_BASE
 from server.audit import DB_FILE
 from server.auth import mint_token
 
 from .conftest import ServerProcess, run_server
-from .helpers import wait_for
+from .helpers import RawClient, wait_for
 
 SECRET = "o" * 48
 ASSET = "ab" * 32  # a well-formed SHA-256 (no asset service in these tests)
@@ -343,3 +348,186 @@ async def test_pause_ends_leases_and_resyncs(srv: ServerProcess) -> None:
         await a.send_raw(encode_message(Pause(False)))
         await a.objects.wait_synced()
         await wait_for(lambda: a.objects.annotation(aid) is not None)
+
+
+# --------------------------------------------------------------------------- hostile input
+
+
+def ctl(**fields: Any) -> bytes:
+    return b"\x01" + msgpack.packb(fields)
+
+
+def good(kind: str) -> dict[str, Any]:
+    """A valid message of each client type (object 1, annotation 1)."""
+    return {
+        "obj_spawn": {
+            "t": "obj_spawn",
+            "req": 1,
+            "asset": ASSET,
+            "position": [0, 1, 0],
+            "rotation": [0, 0, 0, 1],
+            "scale": 1.0,
+        },
+        "obj_grab": {"t": "obj_grab", "req": 1, "object_id": 1},
+        "obj_release": {"t": "obj_release", "req": 1, "object_id": 1},
+        "obj_request": {"t": "obj_request", "req": 1, "object_id": 1},
+        "obj_yield": {"t": "obj_yield", "req": 1, "object_id": 1, "to": 1},
+        "obj_view": {"t": "obj_view", "req": 1, "object_id": 1, "nodes": {"skin": False}},
+        "obj_remove": {"t": "obj_remove", "req": 1, "object_id": 1},
+        "obj_force_release": {"t": "obj_force_release", "req": 1, "object_id": 1},
+        "anno_create": {
+            "t": "anno_create",
+            "req": 1,
+            "object_id": 1,
+            "kind": "pin",
+            "points": [[0, 0, 0]],
+            "text": "x",
+        },
+        "anno_edit": {"t": "anno_edit", "req": 1, "annotation_id": 1, "text": "y"},
+        "anno_delete": {"t": "anno_delete", "req": 1, "annotation_id": 1},
+    }[kind]
+
+
+CLIENT_TYPES = [
+    "obj_spawn",
+    "obj_grab",
+    "obj_release",
+    "obj_request",
+    "obj_yield",
+    "obj_view",
+    "obj_remove",
+    "obj_force_release",
+    "anno_create",
+    "anno_edit",
+    "anno_delete",
+]
+
+
+def bad_frames() -> list[tuple[str, bytes, str]]:
+    """(what, frame, expected error code) for every client message and the move frame."""
+    cases: list[tuple[str, bytes, str]] = []
+    for kind in CLIENT_TYPES:
+        g = good(kind)
+        cases += [
+            (f"{kind} wrong type", ctl(**{**g, "req": "one"}), "bad_field"),
+            (f"{kind} missing req", ctl(**{k: v for k, v in g.items() if k != "req"}), "bad_field"),
+            (f"{kind} extra field", ctl(**g, extra=1), "bad_field"),
+            (f"{kind} negative req", ctl(**{**g, "req": -1}), "out_of_range"),
+            (f"{kind} oversized", ctl(**g, pad="x" * 5000), "oversized"),
+            (f"{kind} truncated", ctl(**g)[:-3], "malformed"),
+        ]
+    sp = good("obj_spawn")
+    view = good("obj_view")
+    anno = good("anno_create")
+    cases += [
+        ("spawn NaN", ctl(**{**sp, "position": [float("nan"), 0, 0]}), "out_of_range"),
+        ("spawn far", ctl(**{**sp, "position": [1e7, 0, 0]}), "out_of_range"),
+        ("spawn 2-vector", ctl(**{**sp, "position": [0, 0]}), "bad_field"),
+        ("spawn zero quat", ctl(**{**sp, "rotation": [0, 0, 0, 0]}), "out_of_range"),
+        ("spawn scale 0", ctl(**{**sp, "scale": 0.0}), "out_of_range"),
+        ("spawn scale huge", ctl(**{**sp, "scale": 1e6}), "out_of_range"),
+        ("spawn bad asset", ctl(**{**sp, "asset": "AB" * 32}), "out_of_range"),
+        ("spawn short asset", ctl(**{**sp, "asset": "ab"}), "out_of_range"),
+        ("object id 0", ctl(**{**good("obj_grab"), "object_id": 0}), "out_of_range"),
+        ("object id huge", ctl(**{**good("obj_grab"), "object_id": 2**40}), "out_of_range"),
+        ("view bool as int", ctl(**{**view, "nodes": {"skin": 0}}), "bad_field"),
+        ("view bad name", ctl(**{**view, "nodes": {"a\x00": True}}), "out_of_range"),
+        ("view 65 nodes", ctl(**{**view, "nodes": {f"n{i}": 1 for i in range(65)}}), "malformed"),
+        ("view flat plane", ctl(**{**view, "plane": [0, 0, 0, 1]}), "out_of_range"),
+        ("view plane far", ctl(**{**view, "plane": [0, 1, 0, 1e6]}), "out_of_range"),
+        ("anno no points", ctl(**{**anno, "points": []}), "bad_field"),
+        ("anno 129 points", ctl(**{**anno, "points": [[0, 0, 0]] * 129}), "bad_field"),
+        ("anno NaN point", ctl(**{**anno, "points": [[0, float("inf"), 0]]}), "out_of_range"),
+        ("anno kind", ctl(**{**anno, "kind": "circle"}), "out_of_range"),
+        ("anno long text", ctl(**{**anno, "text": "x" * 1025}), "out_of_range"),
+        ("anno color", ctl(**{**anno, "color": 1 << 24}), "out_of_range"),
+        ("anno nested", ctl(**{**anno, "points": [[[0, 0, 0]]]}), "bad_field"),
+    ]
+    mv = encode_move(1, 1, (0.0, 1.0, 0.0), (0.0, 0.0, 0.0, 1.0), 1.0)
+    o, q = (0.0, 0.0, 0.0), (0.0, 0.0, 0.0, 1.0)
+    cases += [
+        ("move truncated", mv[:-1], "malformed"),
+        ("move oversized", mv + b"\x00", "oversized"),
+        ("move reserved", mv[:1] + b"\x01" + mv[2:], "malformed"),
+        ("move NaN", encode_move(1, 2, (math.nan, 0.0, 0.0), (0.0, 0.0, 0.0, 1.0)), "out_of_range"),
+        ("move far", encode_move(1, 3, (0.0, 2e4, 0.0), (0.0, 0.0, 0.0, 1.0)), "out_of_range"),
+        ("move bad quat", encode_move(1, 4, o, (0.0, 0.0, 0.0, 3.0)), "out_of_range"),
+        ("move scale", encode_move(1, 5, o, q, 0.0), "out_of_range"),
+        ("move object 0", encode_move(0, 6, o, q), "out_of_range"),
+    ]
+    return cases
+
+
+async def raw_member(url: str, room: str, who: str) -> RawClient:
+    raw = await RawClient.open(url)
+    await raw.ws.send_bytes(
+        encode_message(Hello(PROTOCOL_VERSION, room, who, 3, None, tok(room, who)))
+    )
+    assert isinstance(await raw.next_control(), Welcome)
+    return raw
+
+
+async def next_answer(raw: RawClient) -> Error | ObjectRefused:
+    while True:
+        m = await raw.next_control()
+        if isinstance(m, Error | ObjectRefused):
+            return m
+
+
+async def test_bad_object_input_gets_typed_errors_and_others_carry_on(srv: ServerProcess) -> None:
+    async with member(srv.url, "hostile", "good") as good_member:
+        oid = await good_member.spawn(ASSET)
+        assert oid == 1
+        aid = await good_member.annotate(oid, "pin", [(0, 0, 0)], text="keep me")
+        raw = await raw_member(srv.url, "hostile", "bad")
+        for what, frame, code in bad_frames():
+            await raw.ws.send_bytes(frame)
+            answer = await next_answer(raw)
+            assert answer.code == code, what
+            assert not getattr(answer, "fatal", False), what
+            await asyncio.sleep(0.05)  # error replies are rate limited per connection
+        # Valid frames that the handlers refuse, each with its request id.
+        await raw.ws.send_bytes(ctl(**{**good("anno_create"), "req": 77, "kind": "measure"}))
+        answer = await next_answer(raw)
+        assert isinstance(answer, ObjectRefused)
+        assert (answer.req, answer.code) == (77, "out_of_range")
+        await raw.ws.send_bytes(ctl(**{**good("anno_delete"), "req": 78, "annotation_id": aid}))
+        answer = await next_answer(raw)
+        assert isinstance(answer, ObjectRefused) and (answer.req, answer.code) == (78, "forbidden")
+        # Flooding: grabs and moves far beyond the message rate are refused, not queued.
+        frames_before = good_member.frames_received
+        grab = ctl(**{**good("obj_grab"), "object_id": 999})
+        for i in range(400):
+            move = encode_move(999, 100 + i, (0.0, 1.0, 0.0), (0.0, 0.0, 0.0, 1.0))
+            await raw.ws.send_bytes(grab if i % 2 else move)
+        codes: set[str] = set()
+        with contextlib.suppress(TimeoutError):
+            while "rate_limited" not in codes:
+                codes.add((await next_answer(raw)).code)
+        assert {"rate_limited", "not_found"} <= codes
+        # The good member carries on: state keeps flowing, its calls still work, and the
+        # object and its annotation are as they were.
+        await good_member.grab(oid)
+        good_member.move(oid, (0.3, 1.0, 0.0))
+        await wait_for(lambda: close(good_member.objects[oid].position, (0.3, 1.0, 0.0)))
+        await good_member.release(oid)
+        assert good_member.objects[oid].annotations[aid].text == "keep me"
+        assert await good_member.ping() < 1.0
+        await asyncio.sleep(0.3)
+        assert good_member.frames_received > frames_before + 5
+        await raw.close()
+
+
+def test_move_frames_round_trip_and_never_raise() -> None:
+    mv = decode_move(encode_move(7, 9, (1.0, 2.0, 3.0), (0.0, 0.0, 0.0, 1.0), 0.5))
+    assert not isinstance(mv, ProtocolError)
+    assert (mv.object_id, mv.seq, mv.position, mv.rotation, mv.scale) == (
+        7,
+        9,
+        (1.0, 2.0, 3.0),
+        (0.0, 0.0, 0.0, 1.0),
+        0.5,
+    )
+    for n in range(0, 60):
+        data = bytes((0x04,)) + bytes(range(n))
+        assert isinstance(decode_move(data), Move | ProtocolError)
