@@ -92,8 +92,8 @@ class LiveObject:
     last_active: float = 0.0  # when the holder last did something with it (monotonic)
     requests: set[int] = field(default_factory=set)  # member ids asking for a hand-over
     last_seq: int = -1  # the holder's newest applied move
-    dirty: bool = False  # transform changed since the last flush
     removing: bool = False  # removal is being committed
+    annotations: int = 0  # how many annotations it carries
 
 
 @dataclass(eq=False)
@@ -121,6 +121,7 @@ class ObjectsFeature(Feature):
         self._writer: ThreadPoolExecutor | None = None
         self._timers: list[asyncio.TimerHandle] = []
         self._held: set[LiveObject] = set()
+        self._dirty: set[LiveObject] = set()  # moved since the last flush
         # id(member) -> (tokens, monotonic time of the last refill)
         self._refusal_tokens: dict[int, tuple[float, float]] = {}
         _, ident_rot = quantize_rotations(np.array([[0.0, 0.0, 0.0, 1.0]]))
@@ -192,13 +193,13 @@ class ObjectsFeature(Feature):
 
     def flush(self, room: str | None = None) -> None:
         """Queue the moved objects' transforms (of one room, or all) for writing."""
-        rows: list[TransformRow] = []
-        for ro in [self.rooms[room]] if room in self.rooms else self.rooms.values():
-            for obj in ro.objects.values():
-                if obj.dirty and not obj.removing:
-                    obj.dirty = False
-                    r = obj.rec
-                    rows.append(TransformRow(r.room, r.id, r.position, r.rotation, r.scale))
+        picked = [o for o in self._dirty if room is None or o.rec.room == room]
+        self._dirty.difference_update(picked)
+        rows = [
+            TransformRow(o.rec.room, o.rec.id, o.rec.position, o.rec.rotation, o.rec.scale)
+            for o in picked
+            if not o.removing
+        ]
         if rows and self._writer is not None:
             self._writer.submit(self._write_transforms, rows)
 
@@ -248,6 +249,9 @@ class ObjectsFeature(Feature):
         )
         for rec in record.objects:
             ro.objects[rec.id] = self._materialize(room, rec)
+        for a in record.annotations:
+            if a.object_id in ro.objects:
+                ro.objects[a.object_id].annotations += 1
         self.rooms[room.name] = ro
 
     def room_closed(self, room: Room) -> None:
@@ -554,6 +558,7 @@ class ObjectsFeature(Feature):
 
         def done() -> None:
             self._held.discard(obj)
+            self._dirty.discard(obj)
             if self.rooms.get(ro.room.name) is ro and ro.objects.get(oid) is obj:
                 del ro.objects[oid]
                 self.world.free_entity(obj.row)
@@ -605,7 +610,7 @@ class ObjectsFeature(Feature):
         obj.last_active = time.monotonic()
         rec = obj.rec
         rec.position, rec.rotation, rec.scale = mv.position, mv.rotation, mv.scale
-        obj.dirty = True
+        self._dirty.add(obj)
         self._write_state(obj)
 
     # ----------------------------------------------------------------- annotations
@@ -615,8 +620,7 @@ class ObjectsFeature(Feature):
         ro = self._room(member)
         obj = self._object(ro, msg.object_id)
         _check_points(msg.kind, msg.points)
-        on_object = sum(1 for a in ro.annotations.values() if a.object_id == obj.rec.id)
-        if on_object >= self.config.max_annotations_per_object:
+        if obj.annotations >= self.config.max_annotations_per_object:
             raise Refusal(ErrorCode.LIMIT_REACHED, "the object carries its maximum of annotations")
         aid = ro.next_annotation_id
         ro.next_annotation_id += 1
@@ -637,6 +641,7 @@ class ObjectsFeature(Feature):
             ro.seq,
         )
         ro.annotations[aid] = anno
+        obj.annotations += 1
         out = _anno_msg(anno)
 
         def done() -> None:
@@ -700,6 +705,7 @@ class ObjectsFeature(Feature):
         ro.seq += 1
         seq = ro.seq
         del ro.annotations[anno.id]
+        ro.objects[anno.object_id].annotations -= 1
 
         def done() -> None:
             self._record(

@@ -15,6 +15,8 @@ from typing import Any
 
 import msgpack
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from client_sdk import (
     AnnotationChanged,
@@ -26,7 +28,16 @@ from client_sdk import (
     connect,
 )
 from protocol.errors import ProtocolError
-from protocol.messages import PROTOCOL_VERSION, Error, Hello, Welcome, encode_message
+from protocol.messages import (
+    CLIENT_MESSAGES,
+    PROTOCOL_VERSION,
+    Error,
+    Hello,
+    Message,
+    Welcome,
+    decode_message,
+    encode_message,
+)
 from protocol.objects import Move, ObjectRefused, decode_move, encode_move
 from protocol.snapshot import OBJECT_ID_BASE
 from server.audit import DB_FILE
@@ -48,6 +59,8 @@ def srv() -> Iterator[ServerProcess]:
         room_linger=0.3,
         resume_grace=0.5,
         object_lease_timeout=1.0,
+        max_objects_per_room=8,
+        max_annotations_per_object=6,
     ) as s:
         s.data_dir = Path(data)  # type: ignore[attr-defined]
         yield s
@@ -531,3 +544,58 @@ def test_move_frames_round_trip_and_never_raise() -> None:
     for n in range(0, 60):
         data = bytes((0x04,)) + bytes(range(n))
         assert isinstance(decode_move(data), Move | ProtocolError)
+
+
+async def test_limits_are_typed_refusals(srv: ServerProcess) -> None:
+    async with member(srv.url, "limits", "a") as a:
+        oids = [await a.spawn(ASSET) for _ in range(8)]
+        with pytest.raises(ObjectError) as e:
+            await a.spawn(ASSET)
+        assert e.value.code == "limit_reached"
+        for i in range(6):
+            await a.annotate(oids[0], "pin", [(0, 0, i / 10)])
+        with pytest.raises(ObjectError) as e:
+            await a.annotate(oids[0], "pin", [(0, 0, 0)])
+        assert e.value.code == "limit_reached"
+        await a.annotate(oids[1], "pin", [(0, 0, 0)])  # the limit is per object
+        await a.set_view(oids[0], nodes={f"node {i}": i % 2 == 0 for i in range(64)})
+        await a.set_view(oids[0], nodes={"node 3": True})  # changing one keeps 64
+        with pytest.raises(ObjectError) as e:
+            await a.set_view(oids[0], nodes={"one more": False})
+        assert e.value.code == "limit_reached"
+        await a.remove_object(oids[7])
+        await a.spawn(ASSET)  # room for one again
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    kind=st.sampled_from(CLIENT_TYPES),
+    key=st.sampled_from(
+        "req object_id asset position rotation scale name to nodes plane kind points text color"
+        " annotation_id zzz".split()
+    ),
+    value=st.recursive(
+        st.none()
+        | st.booleans()
+        | st.integers(-(2**63), 2**64 - 1)
+        | st.floats()
+        | st.text(max_size=80),
+        lambda c: st.lists(c, max_size=5) | st.dictionaries(st.text(max_size=8), c, max_size=5),
+        max_leaves=20,
+    ),
+)
+def test_object_messages_decode_or_give_typed_errors(kind: str, key: str, value: Any) -> None:
+    frame = ctl(**{**good(kind), key: value})
+    out = decode_message(frame, CLIENT_MESSAGES)
+    assert isinstance(out, Message | ProtocolError)
+    if isinstance(out, Message):  # what decodes re-encodes to a valid message of its type
+        assert type(decode_message(encode_message(out), CLIENT_MESSAGES)) is type(out)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(min_size=0, max_size=64))
+def test_move_decoder_never_raises(data: bytes) -> None:
+    out = decode_move(b"\x04" + data)
+    assert isinstance(out, Move | ProtocolError)
+    if isinstance(out, Move):
+        assert 1 <= out.object_id < 2**31 and 0.001 <= out.scale <= 1000
