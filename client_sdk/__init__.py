@@ -15,7 +15,6 @@ from .objects import (
     ObjectAdded,
     ObjectError,
     ObjectRemoved,
-    ObjectsSynced,
     SharedObject,
     ViewChanged,
 )
@@ -49,7 +48,6 @@ __all__ = [
     "ObjectAdded",
     "ObjectError",
     "ObjectRemoved",
-    "ObjectsSynced",
     "Pose",
     "Reconnecting",
     "Resumed",

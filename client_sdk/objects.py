@@ -11,7 +11,8 @@ dropped for the server's (a :class:`MoveRefused` event says so).
 
 Events (in ``session.events()``): :class:`ObjectAdded`, :class:`ObjectRemoved`,
 :class:`LockChanged`, :class:`HandoverRequested`, :class:`ViewChanged`,
-:class:`AnnotationChanged`, :class:`ObjectsSynced`, :class:`MoveRefused`.
+:class:`AnnotationChanged`, :class:`MoveRefused`. ``await session.objects.wait_synced()``
+returns once the room's full object list has arrived after (re)connecting.
 """
 
 from __future__ import annotations
@@ -198,15 +199,6 @@ class AnnotationChanged:
 
 
 @dataclass(frozen=True, slots=True)
-class ObjectsSynced:
-    """The room's full object state has arrived (after joining, resuming or un-pausing)."""
-
-    objects: int
-    annotations: int
-    type: str = "objects_synced"
-
-
-@dataclass(frozen=True, slots=True)
 class MoveRefused:
     """The server refused your move of ``object_id``; it shows the server's transform again."""
 
@@ -267,8 +259,14 @@ class ObjectsClient(Mapping[int, SharedObject]):
                 return a
         return None
 
+    @property
+    def synced(self) -> bool:
+        """True once the room's full object list has arrived on the current connection."""
+        return self._synced is not None and self._synced.is_set()
+
     async def wait_synced(self, timeout: float = 5.0) -> None:
-        """Wait until the room's object list has arrived after the current connection."""
+        """Wait until the room's object list has arrived after the current connection (or
+        after coming back from a pause)."""
         if self._synced is None:
             self._synced = asyncio.Event()
         await asyncio.wait_for(self._synced.wait(), timeout)
@@ -449,7 +447,6 @@ class ObjectsClient(Mapping[int, SharedObject]):
         if self._synced is None:
             self._synced = asyncio.Event()
         self._synced.set()
-        self._emit(ObjectsSynced(m.objects, m.annotations))
 
 
 def _vec(v: Sequence[float], n: int, what: str) -> tuple[float, ...]:
@@ -579,7 +576,6 @@ __all__ = [
     "ObjectRemoved",
     "ObjectsAPI",
     "ObjectsClient",
-    "ObjectsSynced",
     "SharedObject",
     "ViewChanged",
 ]
