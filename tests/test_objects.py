@@ -599,3 +599,32 @@ def test_move_decoder_never_raises(data: bytes) -> None:
     assert isinstance(out, Move | ProtocolError)
     if isinstance(out, Move):
         assert 1 <= out.object_id < 2**31 and 0.001 <= out.scale <= 1000
+
+
+async def test_refused_local_move_falls_back_to_the_server_state(srv: ServerProcess) -> None:
+    async with member(srv.url, "correct", "a") as a, member(srv.url, "correct", "b") as b:
+        oid = await a.spawn(ASSET, (0.0, 1.0, 0.0))
+        await wait_for(lambda: oid in b.objects)
+        # b believes it holds the object (say its lease just timed out): its move shows at
+        # once, the server refuses it, and b's view returns to the server's transform.
+        b.objects[oid].holder = b.member_id
+        b.move(oid, (3.0, 3.0, 3.0))
+        assert b.objects[oid].position == (3.0, 3.0, 3.0)
+        ev = await next_event(b, MoveRefused, object_id=oid)
+        assert ev.code == "not_holder"
+        assert close(b.objects[oid].position, (0.0, 1.0, 0.0))
+        assert close(a.objects[oid].position, (0.0, 1.0, 0.0))
+
+
+async def test_resumed_member_gets_the_full_list_again(srv: ServerProcess) -> None:
+    async with member(srv.url, "resync", "a") as a, member(srv.url, "resync", "b") as b:
+        oid = await a.spawn(ASSET)
+        await a.grab(oid)
+        assert a._ws is not None
+        a._ws._response.connection.transport.abort()  # type: ignore[union-attr]
+        ev = await next_event(b, LockChanged, object_id=oid, holder=None)
+        assert ev.reason == "disconnected"
+        aid = await b.annotate(oid, "pin", [(0, 0, 0)], text="while you were away")
+        await wait_for(lambda: a.objects.synced and a.objects.annotation(aid) is not None)
+        assert a.objects[oid].holder is None
+        await a.grab(oid)
