@@ -119,13 +119,11 @@ class ObjectsFeature(Feature):
         self._store = store
         self.rooms: dict[str, RoomObjects] = {}
         self._writer: ThreadPoolExecutor | None = None
-        self._timers: list[asyncio.TimerHandle] = []
+        self._timers: dict[str, asyncio.TimerHandle] = {}
         self._held: set[LiveObject] = set()
         self._dirty: set[LiveObject] = set()  # moved since the last flush
         # id(member) -> (tokens, monotonic time of the last refill)
         self._refusal_tokens: dict[int, tuple[float, float]] = {}
-        _, ident_rot = quantize_rotations(np.array([[0.0, 0.0, 0.0, 1.0]]))
-        self._ident_index, self._ident_rot = 3, ident_rot[0]
         self.handlers.update(
             {
                 Spawn: self._guard(self._spawn),
@@ -156,12 +154,11 @@ class ObjectsFeature(Feature):
             self._store = await asyncio.get_running_loop().run_in_executor(
                 self._writer, SQLiteObjectStore, self.config.data_dir
             )
-        self._schedule(self.config.object_flush_interval, self._flush_tick)
-        sweep = min(0.25, self.config.object_lease_timeout / 4)
-        self._schedule(sweep, self._sweep_tick, sweep)
+        self._flush_tick()
+        self._sweep_tick()
 
     async def stop(self) -> None:
-        for t in self._timers:
+        for t in self._timers.values():
             t.cancel()
         self._timers.clear()
         self.flush()
@@ -173,15 +170,13 @@ class ObjectsFeature(Feature):
             self._store.close()
             self._store = None
 
-    def _schedule(self, delay: float, fn: Callable[..., None], *args: Any) -> None:
-        self._timers = [t for t in self._timers if not t.cancelled()]
-        self._timers.append(asyncio.get_running_loop().call_later(delay, fn, *args))
-
     def _flush_tick(self) -> None:
         self.flush()
-        self._schedule(self.config.object_flush_interval, self._flush_tick)
+        loop = asyncio.get_running_loop()
+        interval = self.config.object_flush_interval
+        self._timers["flush"] = loop.call_later(interval, self._flush_tick)
 
-    def _sweep_tick(self, interval: float) -> None:
+    def _sweep_tick(self) -> None:
         """End leases whose holder has been idle for longer than the lease timeout."""
         if self._held:
             cutoff = time.monotonic() - self.config.object_lease_timeout
@@ -189,7 +184,8 @@ class ObjectsFeature(Feature):
                 ro = self.rooms.get(obj.rec.room)
                 if ro is not None:
                     self._set_holder(ro, obj, None, "timeout")
-        self._schedule(interval, self._sweep_tick, interval)
+        interval = min(0.25, self.config.object_lease_timeout / 4)
+        self._timers["sweep"] = asyncio.get_running_loop().call_later(interval, self._sweep_tick)
 
     def flush(self, room: str | None = None) -> None:
         """Queue the moved objects' transforms (of one room, or all) for writing."""
