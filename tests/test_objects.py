@@ -509,15 +509,23 @@ async def test_bad_object_input_gets_typed_errors_and_others_carry_on(srv: Serve
         assert isinstance(answer, ObjectRefused) and (answer.req, answer.code) == (78, "forbidden")
         # Flooding: grabs and moves far beyond the message rate are refused, not queued.
         frames_before = good_member.frames_received
-        grab = ctl(**{**good("obj_grab"), "object_id": 999})
-        for i in range(400):
-            move = encode_move(999, 100 + i, (0.0, 1.0, 0.0), (0.0, 0.0, 0.0, 1.0))
-            await raw.ws.send_bytes(grab if i % 2 else move)
+        # Every client message (naming an object or annotation that does not exist, so
+        # nothing changes; spawns until the room is full) and moves, far over the rate.
+        flood = [ctl(**{**good(k), "object_id": 999}) for k in CLIENT_TYPES if k[:3] == "obj"]
+        flood = [ctl(**good("obj_spawn")), *flood[1:]]
+        flood += [ctl(**{**good(k), "annotation_id": 999}) for k in ("anno_edit", "anno_delete")]
+        flood.append(ctl(**{**good("anno_create"), "object_id": 999}))
+        for i in range(420):  # over the burst, under the flood-close threshold
+            if i % 3:
+                await raw.ws.send_bytes(flood[i % len(flood)])
+            else:
+                move = encode_move(999, 100 + i, (0.0, 1.0, 0.0), (0.0, 0.0, 0.0, 1.0))
+                await raw.ws.send_bytes(move)
         codes: set[str] = set()
         with contextlib.suppress(TimeoutError):
             while "rate_limited" not in codes:
                 codes.add((await next_answer(raw)).code)
-        assert {"rate_limited", "not_found"} <= codes
+        assert {"rate_limited", "not_found", "forbidden"} <= codes
         # The good member carries on: state keeps flowing, its calls still work, and the
         # object and its annotation are as they were.
         await good_member.grab(oid)
