@@ -110,3 +110,33 @@ async def test_kill_right_after_an_ack_loses_nothing_acknowledged() -> None:
     assert [o.id for o in record.objects] == [oid]
     assert [a.id for a in record.annotations] == acked
     assert [a.text for a in record.annotations] == [str(i) for i in range(10)]
+
+
+def test_sqlite_store_round_trip_and_counters(tmp_path: Any) -> None:
+    from server.store import StoredAnnotation, StoredObject, TransformRow
+
+    store = SQLiteObjectStore(tmp_path)
+    o = StoredObject("r", 1, ASSET, "heart", "Dr A", "dr-a", 1.0, (0, 1, 0), (0, 0, 0, 1), 1.0)
+    store.put_object(o)
+    store.put_object(
+        StoredObject("r", 2, ASSET, "b", "Dr A", "dr-a", 2.0, (0, 0, 0), (0, 0, 0, 1), 2)
+    )
+    store.put_object(
+        StoredObject("other", 1, ASSET, "c", "x", "x", 3.0, (0, 0, 0), (0, 0, 0, 1), 1)
+    )
+    a = StoredAnnotation(
+        "r", 1, 2, "stroke", ((0, 0, 0), (1, 0, 0)), None, 7, "Dr A", "dr-a", 3, 4.0, None, 1
+    )
+    store.put_annotation(a)
+    store.put_transforms([TransformRow("r", 1, (1.0, 2.0, 3.0), (0.0, 1.0, 0.0, 0.0), 3.5)])
+    store.delete_object("r", 2, 1)  # takes its annotation along
+    store.close()
+    store = SQLiteObjectStore(tmp_path)
+    rec = store.load_room("r")
+    assert [x.id for x in rec.objects] == [1] and rec.annotations == []
+    heart = rec.objects[0]
+    assert (heart.position, heart.rotation, heart.scale) == ((1, 2, 3), (0, 1, 0, 0), 3.5)
+    # Ids and sequence numbers go on from the highest ever used, deleted or not.
+    assert (rec.next_object_id, rec.next_annotation_id, rec.seq) == (3, 2, 1)
+    assert store.load_room("never").objects == [] and store.room_names() == ["other", "r"]
+    store.close()
