@@ -128,6 +128,25 @@ class SharedObject:
             return local
         return c._state_transform(self.id) or self._initial
 
+    def sample(self, t: float) -> tuple[Vec3, Quat, float]:
+        """The transform at room time ``t`` (use ``session.render_time()``), interpolated
+        between buffered states like :meth:`Avatar.sample` (position and scale linearly,
+        rotation by slerp); your own pending move while you hold the object."""
+        c = self._client
+        if c is None:
+            return self._initial
+        local = c._local.get(self.id)
+        if local is not None:
+            return local
+        sampled = c._s._sample(entity_id(self.id), t)
+        if sampled is None or len(sampled.poses) < 2 or None in sampled.poses:
+            return self.transform
+        body, scale_row = sampled.poses[0], sampled.poses[1]
+        assert body is not None and scale_row is not None
+        # Row 1 carries the scale in thousandths as its x millimetres, so in metres it is the
+        # scale itself.
+        return body.position, body.rotation, scale_row.position[0]
+
     @property
     def pose(self) -> Pose:
         pos, rot, _ = self.transform

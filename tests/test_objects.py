@@ -176,6 +176,9 @@ async def test_only_the_holders_moves_count(srv: ServerProcess) -> None:
             a.move(oid, (0.25, 1.5, -0.5), rot, 1.5 + 0.1 * i)
             await asyncio.sleep(0.02)
         await wait_for(lambda: abs(c.objects[oid].scale - 2.4) < 1e-9)
+        await asyncio.sleep(0.2)
+        pos, q, scale = c.objects[oid].sample(c.render_time())  # interpolated for rendering
+        assert close(pos, (0.25, 1.5, -0.5)) and close(q, rot) and scale == pytest.approx(2.4)
         await a.release(oid)
         await wait_for(lambda: c.objects[oid].holder is None)
 
