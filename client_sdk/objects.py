@@ -123,7 +123,7 @@ class SharedObject:
         c = self._client
         if c is None:
             return self._initial
-        local = c._local.get(self.id)
+        local = c._own(self.id)
         if local is not None:
             return local
         return c._state_transform(self.id) or self._initial
@@ -135,7 +135,7 @@ class SharedObject:
         c = self._client
         if c is None:
             return self._initial
-        local = c._local.get(self.id)
+        local = c._own(self.id)
         if local is not None:
             return local
         sampled = c._s._sample(entity_id(self.id), t)
@@ -237,6 +237,9 @@ class ObjectsClient(Mapping[int, SharedObject]):
         self._s = session
         self._objects: dict[int, SharedObject] = {}
         self._local: dict[int, tuple[Vec3, Quat, float]] = {}
+        # After a release: our last transform and the room time until which the state (as
+        # rendered, a few ticks late) may not show it yet.
+        self._released: dict[int, tuple[tuple[Vec3, Quat, float], float]] = {}
         self._pending: dict[int, asyncio.Future[ObjectAck]] = {}
         self._moves: dict[int, bytes] = {}
         self._move_ready: asyncio.Event | None = None
@@ -353,6 +356,24 @@ class ObjectsClient(Mapping[int, SharedObject]):
 
     # ----------------------------------------------------------------- state
 
+    def _own(self, object_id: int) -> tuple[Vec3, Quat, float] | None:
+        """Our own transform of the object, while it should override the received state."""
+        local = self._local.get(object_id)
+        if local is not None:
+            return local
+        released = self._released.get(object_id)
+        if released is not None:
+            if self._s.render_time() <= released[1]:
+                return released[0]
+            del self._released[object_id]
+        return None
+
+    def _released_by_us(self, object_id: int) -> None:
+        """Keep showing our last move until the state rendered shows it (no jump back)."""
+        local = self._local.pop(object_id, None)
+        if local is not None:
+            self._released[object_id] = (local, self._s.room_time() + 1.0 / max(1, self._s.rate))
+
     def _state_transform(self, object_id: int) -> tuple[Vec3, Quat, float] | None:
         snap = self._s.snapshot
         rows = snap.rows_of(entity_id(object_id))
@@ -372,6 +393,7 @@ class ObjectsClient(Mapping[int, SharedObject]):
         """A fresh connection (or coming back from a pause): the server resends everything."""
         self._objects.clear()
         self._local.clear()
+        self._released.clear()
         if self._synced is not None:
             self._synced.clear()
         for fut in self._pending.values():
@@ -393,6 +415,7 @@ class ObjectsClient(Mapping[int, SharedObject]):
             return
         if m.object_id is not None:  # a refused move: show the server's transform again
             self._local.pop(m.object_id, None)
+            self._released.pop(m.object_id, None)
             self._emit(MoveRefused(m.object_id, m.code, m.holder))
 
     def _on_state(self, m: Message) -> None:
@@ -412,15 +435,21 @@ class ObjectsClient(Mapping[int, SharedObject]):
         assert isinstance(m, RemovedMsg)
         self._objects.pop(m.object_id, None)
         self._local.pop(m.object_id, None)
+        self._released.pop(m.object_id, None)
         self._emit(ObjectRemoved(m.object_id, m.by))
 
     def _on_lock(self, m: Message) -> None:
         assert isinstance(m, LockMsg)
         obj = self._objects.get(m.object_id)
+        me = self._s.member_id
+        was_mine = obj is not None and obj.holder == me
         if obj is not None:
             obj.holder = m.holder
-        if m.holder != self._s.member_id:
+        if m.holder is None and m.reason == "release" and was_mine:
+            self._released_by_us(m.object_id)  # our last move stands: no jump back
+        elif m.holder != me:
             self._local.pop(m.object_id, None)
+            self._released.pop(m.object_id, None)
         self._emit(LockChanged(m.object_id, m.holder, m.reason))
 
     def _on_handover(self, m: Message) -> None:
@@ -515,7 +544,6 @@ class ObjectsAPI:
     async def release(self, object_id: int) -> None:
         """Give the lease back."""
         await self.objects.request(lambda r: Release(r, object_id))
-        self.objects._local.pop(object_id, None)
 
     async def request_object(self, object_id: int) -> None:
         """Ask the holder to hand the object over (granted at once if it is free); a

@@ -179,8 +179,14 @@ async def test_only_the_holders_moves_count(srv: ServerProcess) -> None:
         await asyncio.sleep(0.2)
         pos, q, scale = c.objects[oid].sample(c.render_time())  # interpolated for rendering
         assert close(pos, (0.25, 1.5, -0.5)) and close(q, rot) and scale == pytest.approx(2.4)
+        last = a.objects[oid].transform
         await a.release(oid)
+        # The releaser keeps seeing its last move while the rendered state catches up.
+        assert a.objects[oid].sample(a.render_time()) == last
         await wait_for(lambda: c.objects[oid].holder is None)
+        await asyncio.sleep(0.3)  # three ticks of interpolation delay, and some
+        assert close(a.objects[oid].sample(a.render_time())[0], last[0])
+        assert oid not in a.objects._released  # now from the state again
 
 
 async def test_lease_times_out_and_hands_over(srv: ServerProcess) -> None:
