@@ -314,8 +314,8 @@ class ObjectsFeature(Feature):
     def _send_all(self, member: Member) -> None:
         s = member.session
         ro = self.rooms.get(member.room.name)
-        if s is None or ro is None:
-            return
+        if s is None or ro is None or member.paused:
+            return  # a paused member gets everything when it comes back
         live = [o for o in ro.objects.values() if not o.removing]
         for obj in live:
             s.send(self._state_msg(obj))
