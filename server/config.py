@@ -40,7 +40,8 @@ class ServerConfig:
     #: WebSocket ping interval in seconds (0 turns it off).
     heartbeat: float = 20.0
     log_level: str = "info"
-    #: Where the server keeps what must survive a restart (the generated token secret).
+    #: Where the server keeps what must survive a restart (the generated token secret, the
+    #: audit log, shared objects and annotations).
     data_dir: str = "medverse-data"
     #: HS256 secret for join tokens (at least 32 bytes). Empty: a secret is generated in the
     #: data directory on first start (unless a public key is given or auth is off).
