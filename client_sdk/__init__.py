@@ -17,6 +17,18 @@ from .audio import (
     microphone_track,
     tone_track,
 )
+from .objects import (
+    Annotation,
+    AnnotationChanged,
+    HandoverRequested,
+    LockChanged,
+    MoveRefused,
+    ObjectAdded,
+    ObjectError,
+    ObjectRemoved,
+    SharedObject,
+    ViewChanged,
+)
 from .session import JoinError, Session, connect
 from .types import (
     Avatar,
@@ -36,6 +48,8 @@ from .types import (
 )
 
 __all__ = [
+    "Annotation",
+    "AnnotationChanged",
     "AssetClient",
     "AssetError",
     "AssetInfo",
@@ -47,18 +61,26 @@ __all__ = [
     "ErrorEvent",
     "Event",
     "GrantsChanged",
+    "HandoverRequested",
     "JoinError",
     "Joined",
     "Left",
     "LevelMeter",
     "LobbyChanged",
+    "LockChanged",
     "MemberStateChanged",
+    "MoveRefused",
+    "ObjectAdded",
+    "ObjectError",
+    "ObjectRemoved",
     "Pose",
     "Reconnecting",
     "Resumed",
     "RoomAudioRules",
     "Session",
+    "SharedObject",
     "ToneTrack",
+    "ViewChanged",
     "Waiting",
     "connect",
     "file_track",

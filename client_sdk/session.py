@@ -59,6 +59,7 @@ from protocol.snapshot import FRAME_STATE, OBJECT_ID_BASE, Snapshot, SnapshotDec
 
 from .assets import AssetClient, AssetInfo
 from .audio import AudioClient
+from .objects import ObjectsAPI, ObjectsClient
 from .types import (
     Avatar,
     Closed,
@@ -134,7 +135,7 @@ def _slerp(q0: np.ndarray, q1: np.ndarray, a: float) -> np.ndarray:
     return out / np.linalg.norm(out, axis=-1, keepdims=True)
 
 
-class Session:
+class Session(ObjectsAPI):
     """A member's connection to a room. Create it with :func:`connect`.
 
     Attributes kept current while connected: ``member_id``, ``room``, ``rate`` (ticks per
@@ -207,6 +208,9 @@ class Session:
         self.role: str | None = None
         self.grants: frozenset[str] | None = None
         self._audio: AudioClient | None = None
+        #: The room's shared objects ({object_id: SharedObject}); the object calls (spawn,
+        #: grab, move, release, annotate, ...) are methods of the session.
+        self.objects = ObjectsClient(self)
 
     @property
     def audio(self) -> AudioClient:

@@ -3,7 +3,10 @@
 See ``protocol/SPEC.md`` for the byte-level format.
 """
 
-from . import audio  # registers the spatial audio messages
+from . import (
+    audio,  # registers the spatial audio messages
+    objects,  # registers the shared-object messages
+)
 from .errors import ErrorCode, ProtocolError
 from .quant import (
     dequantize_positions,
@@ -25,6 +28,7 @@ __all__ = [
     "audio",
     "dequantize_positions",
     "dequantize_rotations",
+    "objects",
     "quantize_positions",
     "quantize_rotations",
     "rotation_error_deg",

@@ -34,6 +34,9 @@ class ErrorCode(enum.StrEnum):
     SESSION_ENDED = "session_ended"  # a host ended the session for everyone
     NOT_FOUND = "not_found"  # no such member, object, annotation or asset
     INVALID_ASSET = "invalid_asset"  # an upload that is not a glTF 2.0 model we accept
+    OBJECT_LOCKED = "object_locked"  # another member holds the object's lease (names the holder)
+    NOT_HOLDER = "not_holder"  # moving or releasing an object without holding its lease
+    LIMIT_REACHED = "limit_reached"  # too many objects in the room or annotations on an object
     CONSENT_REQUIRED = "consent_required"  # consent declined, withdrawn or for another version
     STALE_INPUT = "stale_input"  # pose sequence number not newer than the last one applied
     TOO_SLOW = "too_slow"  # the member's connection cannot keep up and was closed

@@ -20,6 +20,7 @@ from .audit import AuditLog
 from .auth import SECRET_FILE, TokenVerifier, load_or_create_secret
 from .config import ServerConfig
 from .metrics import Metrics
+from .objects import ObjectsFeature
 from .session import CLOSE_GOING_AWAY, websocket_handler
 from .world import World
 
@@ -89,6 +90,7 @@ def create_app(config: ServerConfig | None = None) -> web.Application:
     world = World(cfg, Metrics())
     world.verifier = make_verifier(cfg)
     world.add_feature(AudioFeature(world))
+    world.add_feature(ObjectsFeature(world))
     app[CONFIG_KEY] = cfg
     app[WORLD_KEY] = world
     app.router.add_get("/ws", websocket_handler)

@@ -40,7 +40,8 @@ class ServerConfig:
     #: WebSocket ping interval in seconds (0 turns it off).
     heartbeat: float = 20.0
     log_level: str = "info"
-    #: Where the server keeps what must survive a restart (the generated token secret).
+    #: Where the server keeps what must survive a restart (the generated token secret, the
+    #: audit log, shared objects and annotations).
     data_dir: str = "medverse-data"
     #: HS256 secret for join tokens (at least 32 bytes). Empty: a secret is generated in the
     #: data directory on first start (unless a public key is given or auth is off).
@@ -69,6 +70,13 @@ class ServerConfig:
     consent_rooms: str = ".*"
     #: Rooms (regular expression, full match) where members appear only under pseudonyms.
     pseudonymous_rooms: str = ""
+    #: Seconds without a move or view change after which an object's lease ends by itself.
+    object_lease_timeout: float = 5.0
+    #: Seconds between writes of moved objects' transforms to storage (at most 1 s).
+    object_flush_interval: float = 0.5
+    #: Objects one room may hold, and annotations one object may carry.
+    max_objects_per_room: int = 256
+    max_annotations_per_object: int = 1024
     #: TLS certificate chain and private key (PEM) to serve wss:// directly.
     tls_cert: str = ""
     tls_key: str = ""
@@ -113,6 +121,10 @@ class ServerConfig:
             raise ValueError("send_soft_limit must not exceed send_hard_limit")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert and tls_key go together")
+        if not 0 < self.object_flush_interval <= 1.0:
+            raise ValueError("object_flush_interval must be in (0, 1] seconds")
+        if self.object_lease_timeout <= 0:
+            raise ValueError("object_lease_timeout must be positive")
         if self.auth_secret and self.auth_public_key:
             raise ValueError("give auth_secret or auth_public_key, not both")
         if not 0 < self.audio_ref_distance <= self.audio_max_distance:

@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 #: A control-message handler: (session, member, message). Raise ProtocolError to refuse it;
 #: the session sends the error to the member, who carries on.
 Handler = Callable[["Session", "Member", Message], None]
+#: A handler of a binary frame kind of its own (the whole frame, kind byte included).
+BinaryHandler = Callable[["Session", "Member", bytes], None]
 
 
 class Feature:
@@ -27,9 +29,13 @@ class Feature:
 
     #: Control messages this feature handles, by message class.
     handlers: dict[type[Message], Handler]
+    #: Binary frames this feature handles, by frame kind (first byte), for inputs too frequent
+    #: for msgpack (object moves).
+    binary_handlers: dict[int, BinaryHandler]
 
     def __init__(self) -> None:
         self.handlers = {}
+        self.binary_handlers = {}
 
     async def start(self) -> None:
         """Called once when the server starts (open storage, start timers)."""

@@ -461,6 +461,11 @@ class Session:
                 self.send_error(
                     ProtocolError(ErrorCode.UNKNOWN_TYPE, f"{msg.TYPE} is not for servers")
                 )
+        elif (binary := world.binary_handlers.get(kind)) is not None:
+            try:
+                binary(self, member, data)
+            except ProtocolError as err:
+                self.send_error(err)
         else:
             self.send_error(ProtocolError(ErrorCode.MALFORMED, f"unknown frame kind 0x{kind:02x}"))
 

@@ -20,7 +20,7 @@ from protocol.snapshot import MAX_SLOTS, SEGMENT_SHIFT, Snapshot, WorldEncoder
 from .audit import AuditLog
 from .auth import Identity, TokenVerifier
 from .config import ServerConfig
-from .features import Feature, Handler
+from .features import BinaryHandler, Feature, Handler
 from .metrics import Metrics
 from .policy import RoomPolicy
 from .room import Member, Room
@@ -80,6 +80,7 @@ class World:
         #: Plugged-in room features (audio, shared objects, ...) and their message handlers.
         self.features: list[Feature] = []
         self.handlers: dict[type, Handler] = {}
+        self.binary_handlers: dict[int, BinaryHandler] = {}
 
     # ----------------------------------------------------------------- features
 
@@ -89,6 +90,10 @@ class World:
             if cls in self.handlers:
                 raise ValueError(f"two features handle {cls.__name__}")
             self.handlers[cls] = handler
+        for kind, bhandler in feature.binary_handlers.items():
+            if kind in self.binary_handlers:
+                raise ValueError(f"two features handle frame kind 0x{kind:02x}")
+            self.binary_handlers[kind] = bhandler
         self.features.append(feature)
 
     def notify(self, hook: str, *args: object) -> None:

@@ -1,0 +1,338 @@
+"""Durable storage of shared objects and annotations, behind a small interface.
+
+:class:`ObjectStore` is what the objects feature needs: load a room, and commit object and
+annotation operations (each durable when the call returns) and batches of transforms. The
+embedded default, :class:`SQLiteObjectStore`, keeps one SQLite file in the data directory
+(WAL, ``synchronous=FULL``: a commit is on disk before the server acknowledges it, and a
+``kill -9`` loses nothing committed). A PostgreSQL backend implements the same methods.
+
+Every method is blocking; the server calls them from one dedicated writer thread, in order.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DB_FILE = "objects.sqlite3"
+
+Vec3 = tuple[float, float, float]
+Quat = tuple[float, float, float, float]
+
+
+@dataclass(slots=True)
+class StoredObject:
+    """An object as stored: identity, transform and shared view state."""
+
+    room: str
+    id: int
+    asset: str
+    name: str
+    author: str  # display name of the member who spawned it
+    author_subject: str  # token subject of that member
+    created: float
+    position: Vec3
+    rotation: Quat
+    scale: float
+    nodes: dict[str, bool] = field(default_factory=dict)
+    plane: tuple[float, ...] = ()
+
+
+@dataclass(slots=True)
+class StoredAnnotation:
+    """A pin, stroke or measurement in its object's local frame."""
+
+    room: str
+    id: int
+    object_id: int
+    kind: str
+    points: tuple[Vec3, ...]
+    text: str | None
+    color: int | None
+    author: str
+    author_subject: str
+    author_id: int
+    created: float
+    edited: float | None
+    seq: int
+
+
+@dataclass(slots=True)
+class RoomRecord:
+    """Everything stored about one room, and the counters to continue from."""
+
+    objects: list[StoredObject]
+    annotations: list[StoredAnnotation]  # in seq order
+    next_object_id: int
+    next_annotation_id: int
+    seq: int  # the last annotation change's sequence number
+
+
+@dataclass(slots=True)
+class TransformRow:
+    room: str
+    id: int
+    position: Vec3
+    rotation: Quat
+    scale: float
+
+
+class ObjectStore(ABC):
+    """Storage interface of the objects feature (one implementation per database)."""
+
+    @abstractmethod
+    def load_room(self, room: str) -> RoomRecord:
+        """The room's objects and annotations (empty for a room never used)."""
+
+    @abstractmethod
+    def room_names(self) -> list[str]:
+        """Every room with stored objects or annotations."""
+
+    @abstractmethod
+    def put_object(self, obj: StoredObject) -> None:
+        """Insert or replace an object (spawn, view state change); durable on return."""
+
+    @abstractmethod
+    def delete_object(self, room: str, object_id: int, seq: int) -> None:
+        """Delete an object and its annotations; durable on return."""
+
+    @abstractmethod
+    def put_annotation(self, anno: StoredAnnotation) -> None:
+        """Insert or replace an annotation; durable on return."""
+
+    @abstractmethod
+    def delete_annotation(self, room: str, annotation_id: int, seq: int) -> None:
+        """Delete an annotation; durable on return."""
+
+    @abstractmethod
+    def put_transforms(self, rows: Iterable[TransformRow]) -> None:
+        """Update the transforms of existing objects in one transaction."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS objects (
+    room TEXT NOT NULL,
+    id INTEGER NOT NULL,
+    asset TEXT NOT NULL,
+    name TEXT NOT NULL,
+    author TEXT NOT NULL,
+    author_subject TEXT NOT NULL,
+    created REAL NOT NULL,
+    px REAL, py REAL, pz REAL,
+    qx REAL, qy REAL, qz REAL, qw REAL,
+    scale REAL NOT NULL,
+    nodes TEXT NOT NULL,
+    plane TEXT NOT NULL,
+    PRIMARY KEY (room, id)
+);
+CREATE TABLE IF NOT EXISTS annotations (
+    room TEXT NOT NULL,
+    id INTEGER NOT NULL,
+    object_id INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    points TEXT NOT NULL,
+    text TEXT,
+    color INTEGER,
+    author TEXT NOT NULL,
+    author_subject TEXT NOT NULL,
+    author_id INTEGER NOT NULL,
+    created REAL NOT NULL,
+    edited REAL,
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (room, id)
+);
+CREATE INDEX IF NOT EXISTS annotations_by_object ON annotations (room, object_id);
+-- Counters survive deletions: ids and sequence numbers are never reused in a room.
+CREATE TABLE IF NOT EXISTS rooms (
+    room TEXT PRIMARY KEY,
+    next_object_id INTEGER NOT NULL DEFAULT 1,
+    next_annotation_id INTEGER NOT NULL DEFAULT 1,
+    seq INTEGER NOT NULL DEFAULT 0
+);
+"""
+
+
+class SQLiteObjectStore(ObjectStore):
+    """The embedded default: one SQLite database in the data directory."""
+
+    def __init__(self, data_dir: str | Path) -> None:
+        path = Path(data_dir)
+        path.mkdir(parents=True, exist_ok=True)
+        self.path = path / DB_FILE
+        # One connection used from the writer thread; the lock only guards misuse.
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")  # durable at commit, even on power loss
+        self._db.executescript(_SCHEMA)
+        self._lock = threading.Lock()
+
+    def _tx(self, statements: list[tuple[str, tuple[object, ...]]]) -> None:
+        with self._lock:
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for sql, args in statements:
+                    db.execute(sql, args)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+    @staticmethod
+    def _counters(room: str, obj: int = 0, anno: int = 0, seq: int = 0) -> list[tuple[str, tuple]]:
+        return [
+            ("INSERT OR IGNORE INTO rooms (room) VALUES (?)", (room,)),
+            (
+                "UPDATE rooms SET next_object_id = MAX(next_object_id, ?), "
+                "next_annotation_id = MAX(next_annotation_id, ?), seq = MAX(seq, ?) WHERE room = ?",
+                (obj, anno, seq, room),
+            ),
+        ]
+
+    def load_room(self, room: str) -> RoomRecord:
+        with self._lock:
+            db = self._db
+            objs = [
+                StoredObject(
+                    r[0],
+                    r[1],
+                    r[2],
+                    r[3],
+                    r[4],
+                    r[5],
+                    r[6],
+                    (r[7], r[8], r[9]),
+                    (r[10], r[11], r[12], r[13]),
+                    r[14],
+                    json.loads(r[15]),
+                    tuple(json.loads(r[16])),
+                )
+                for r in db.execute("SELECT * FROM objects WHERE room = ? ORDER BY id", (room,))
+            ]
+            annos = [
+                StoredAnnotation(
+                    r[0],
+                    r[1],
+                    r[2],
+                    r[3],
+                    tuple(tuple(p) for p in json.loads(r[4])),
+                    r[5],
+                    r[6],
+                    r[7],
+                    r[8],
+                    r[9],
+                    r[10],
+                    r[11],
+                    r[12],
+                )
+                for r in db.execute(
+                    "SELECT * FROM annotations WHERE room = ? ORDER BY seq", (room,)
+                )
+            ]
+            row = db.execute(
+                "SELECT next_object_id, next_annotation_id, seq FROM rooms WHERE room = ?", (room,)
+            ).fetchone()
+        nobj, nanno, seq = row if row else (1, 1, 0)
+        return RoomRecord(objs, annos, nobj, nanno, seq)  # type: ignore[arg-type]
+
+    def room_names(self) -> list[str]:
+        with self._lock:
+            return [r[0] for r in self._db.execute("SELECT room FROM rooms ORDER BY room")]
+
+    def put_object(self, o: StoredObject) -> None:
+        self._tx(
+            [
+                *self._counters(o.room, obj=o.id + 1),
+                (
+                    "INSERT OR REPLACE INTO objects VALUES "
+                    "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        o.room,
+                        o.id,
+                        o.asset,
+                        o.name,
+                        o.author,
+                        o.author_subject,
+                        o.created,
+                        *o.position,
+                        *o.rotation,
+                        o.scale,
+                        json.dumps(o.nodes, separators=(",", ":"), sort_keys=True),
+                        json.dumps(list(o.plane)),
+                    ),
+                ),
+            ]
+        )
+
+    def delete_object(self, room: str, object_id: int, seq: int) -> None:
+        self._tx(
+            [
+                *self._counters(room, obj=object_id + 1, seq=seq),
+                ("DELETE FROM annotations WHERE room = ? AND object_id = ?", (room, object_id)),
+                ("DELETE FROM objects WHERE room = ? AND id = ?", (room, object_id)),
+            ]
+        )
+
+    def put_annotation(self, a: StoredAnnotation) -> None:
+        self._tx(
+            [
+                *self._counters(a.room, anno=a.id + 1, seq=a.seq),
+                (
+                    "INSERT OR REPLACE INTO annotations VALUES "
+                    "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        a.room,
+                        a.id,
+                        a.object_id,
+                        a.kind,
+                        json.dumps([list(p) for p in a.points]),
+                        a.text,
+                        a.color,
+                        a.author,
+                        a.author_subject,
+                        a.author_id,
+                        a.created,
+                        a.edited,
+                        a.seq,
+                    ),
+                ),
+            ]
+        )
+
+    def delete_annotation(self, room: str, annotation_id: int, seq: int) -> None:
+        self._tx(
+            [
+                *self._counters(room, anno=annotation_id + 1, seq=seq),
+                ("DELETE FROM annotations WHERE room = ? AND id = ?", (room, annotation_id)),
+            ]
+        )
+
+    def put_transforms(self, rows: Iterable[TransformRow]) -> None:
+        batch = [(*r.position, *r.rotation, r.scale, r.room, r.id) for r in rows]
+        if not batch:
+            return
+        with self._lock:
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany(
+                    "UPDATE objects SET px = ?, py = ?, pz = ?, qx = ?, qy = ?, qz = ?, qw = ?, "
+                    "scale = ? WHERE room = ? AND id = ?",
+                    batch,
+                )
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
