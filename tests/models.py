@@ -63,3 +63,26 @@ def triangle_gltf(uri: str = "tri.bin") -> tuple[bytes, dict[str, bytes]]:
     doc, blob = triangle()
     doc["buffers"][0]["uri"] = uri
     return json.dumps(doc).encode(), {uri: blob}
+
+
+HEART = triangle_glb(nodes=("skin", "vessels", "heart"))
+KIDNEY = triangle_glb(nodes=("cortex", "kidney"))
+
+
+def sha256_of(model: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(model).hexdigest()
+
+
+async def provide(url: str, room: str, token: str | None = None, *models: bytes) -> list[str]:
+    """Upload models (default: HEART and KIDNEY) to ``room`` as the holder of ``token`` (a host,
+    or nobody on a server without authentication); returns their SHA-256s. Uploading again is
+    harmless, so every test may call it for its room."""
+    from client_sdk import AssetClient
+
+    client = AssetClient(url, room, token)
+    try:
+        return [(await client.upload(m)).sha256 for m in (models or (HEART, KIDNEY))]
+    finally:
+        await client.close()
