@@ -40,13 +40,14 @@ import numpy as np
 
 from client_sdk import ObjectError, Pose, Session, connect
 from protocol.snapshot import FRAME_STATE, HEADER_SIZE, OBJECT_ID_BASE, Snapshot, SnapshotEncoder
+from tests.models import HEART, provide, sha256_of
 
 from .capacity import RESULTS, ROOT, _free_port, pin
 
 MEMBERS = 12
 OBJECTS = 20
 MOVERS = 2
-ASSET = "5e" * 32
+ASSET = sha256_of(HEART)
 ROOM = "review"
 
 
@@ -175,6 +176,7 @@ async def load(url: str, seconds: float, rooms: int) -> dict[str, Any]:
     res: dict[str, Any] = {"members": MEMBERS, "objects": OBJECTS, "moving": MOVERS}
     res["no_objects"] = await phase(observer, seconds)
     lead = sessions[1]
+    await provide(url, ROOM, None, HEART)  # authentication is off: anyone may upload
     oids = [
         await lead.spawn(ASSET, (0.3 * (k % 5), 1.0, -0.5 * (k // 5)), name=f"model {k}")
         for k in range(OBJECTS)
@@ -214,6 +216,7 @@ async def load(url: str, seconds: float, rooms: int) -> dict[str, Any]:
     # More rooms, so that recovery restores several.
     for r in range(rooms):
         name = f"ward-{r}"
+        await provide(url, name, None, HEART)
         async with connect(url, room=name, name="lead", ping_interval=0) as s:
             await s.objects.wait_synced()
             ids = [await s.spawn(ASSET, (0.1 * k, 1.0, 0.0)) for k in range(OBJECTS)]

@@ -45,9 +45,11 @@ from server.auth import mint_token
 
 from .conftest import ServerProcess, run_server
 from .helpers import RawClient, wait_for
+from .models import HEART, KIDNEY, provide, sha256_of, triangle_glb
 
 SECRET = "o" * 48
-ASSET = "ab" * 32  # a well-formed SHA-256 (no asset service in these tests)
+ASSET = sha256_of(HEART)  # uploaded to each room by member() below
+OTHER_ASSET = sha256_of(KIDNEY)
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +77,7 @@ async def member(
     url: str, room: str, who: str, role: str = "participant", **kw: Any
 ) -> AsyncIterator[Session]:
     grants = kw.pop("grants", None)
+    await provide(url, room, tok(room, "curator", "host"))  # the models objects are made of
     s = connect(url, room=room, name=who, token=tok(room, who, role, grants), ping_interval=0, **kw)
     await s.start()
     try:
@@ -266,7 +269,7 @@ async def test_annotations_round_trip_in_order(srv: ServerProcess) -> None:
 async def test_late_joiner_sees_objects_view_state_and_annotations(srv: ServerProcess) -> None:
     async with member(srv.url, "late", "a") as a:
         heart = await a.spawn(ASSET, (0.0, 1.2, -0.8), name="heart")
-        liver = await a.spawn("cd" * 32, (1.0, 1.0, 0.0), scale=0.5, name="liver")
+        liver = await a.spawn(OTHER_ASSET, (1.0, 1.0, 0.0), scale=0.5, name="liver")
         await a.grab(heart)
         a.move(heart, (0.1, 1.3, -0.7), (0.0, 0.0, 0.0, 1.0), 2.0)
         await a.set_view(heart, nodes={"skin": False, "vessels": True}, plane=(0, 0, 1, 0.02))
@@ -645,3 +648,19 @@ async def test_resumed_member_gets_the_full_list_again(srv: ServerProcess) -> No
         await wait_for(lambda: a.objects.synced and a.objects.annotation(aid) is not None)
         assert a.objects[oid].holder is None
         await a.grab(oid)
+
+
+async def test_only_assets_of_the_room_can_be_spawned(srv: ServerProcess) -> None:
+    async with member(srv.url, "assets-only", "a") as a:
+        never_uploaded = sha256_of(b"no such model")
+        with pytest.raises(ObjectError) as err:
+            await a.spawn(never_uploaded)
+        assert err.value.code == "not_found"
+        assert await a.spawn(OTHER_ASSET)  # uploaded to this room by member()
+        # Uploaded to another room only: not this room's.
+        lonely = await provide(
+            srv.url, "other-room", tok("other-room", "curator", "host"), triangle_glb(("x",))
+        )
+        with pytest.raises(ObjectError) as err:
+            await a.spawn(lonely[0])
+        assert err.value.code == "not_found"

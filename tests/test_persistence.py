@@ -14,8 +14,10 @@ from server.store import SQLiteObjectStore
 
 from .conftest import run_server
 from .helpers import wait_for
+from .models import HEART, KIDNEY, provide, sha256_of
 
-ASSET = "0f" * 32
+ASSET = sha256_of(HEART)
+OTHER_ASSET = sha256_of(KIDNEY)
 
 
 def close(a: tuple[float, ...], b: tuple[float, ...], tol: float = 0.002) -> bool:
@@ -24,11 +26,12 @@ def close(a: tuple[float, ...], b: tuple[float, ...], tol: float = 0.002) -> boo
 
 async def build_case(url: str, room: str) -> dict[str, Any]:
     """A small case review; returns what the server acknowledged."""
+    await provide(url, room)  # a server without authentication: anyone may upload
     async with connect(url, room=room, name="surgeon", ping_interval=0) as s:
         await s.objects.wait_synced()
         heart = await s.spawn(ASSET, (0.0, 1.2, -0.6), name="heart")
         gone = await s.spawn(ASSET, (2.0, 0.0, 0.0), name="spare")
-        kidney = await s.spawn("1e" * 32, (0.5, 1.0, 0.0), scale=0.8, name="kidney")
+        kidney = await s.spawn(OTHER_ASSET, (0.5, 1.0, 0.0), scale=0.8, name="kidney")
         await s.grab(heart)
         for i in range(20):
             s.move(heart, (0.01 * i, 1.2, -0.6), (0.0, 0.0, 0.0, 1.0), 1.0 + 0.05 * i)
@@ -96,6 +99,7 @@ async def test_restart_keeps_every_acknowledged_operation(how: str) -> None:
 async def test_kill_right_after_an_ack_loses_nothing_acknowledged() -> None:
     data = tempfile.mkdtemp(prefix="medverse-persist-")
     with run_server(data_dir=data) as srv:
+        await provide(srv.url, "fast")
         async with connect(srv.url, room="fast", name="a", ping_interval=0) as s:
             await s.objects.wait_synced()
             oid = await s.spawn(ASSET)
