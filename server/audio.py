@@ -672,6 +672,16 @@ class AudioFeature(Feature):
         if not paused and member.session is not None:
             member.session.send(ra.rules_for(member))
 
+    def member_grants_changed(self, member: Member) -> None:
+        ra = self.rooms.get(member.room.name)
+        s = ra.slot_of.get(member.id) if ra is not None else None
+        if ra is None or s is None:
+            return
+        if not member.identity.can("publish_audio"):
+            # Whatever the client keeps sending is no longer read or mixed; it may still listen.
+            ra.speaker[s] = False
+            ra.inboxes.pop(s, None)
+
     def member_muted(self, member: Member, muted: bool) -> None:
         ra = self._ra(member)
         s = ra.slot_of.get(member.id)

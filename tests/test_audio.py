@@ -505,3 +505,27 @@ async def test_audio_survives_a_room_reconnect(srv: ServerProcess) -> None:
         await asyncio.sleep(0.3)
         assert loudest(lis.meter.levels(time.monotonic() - t0)) > LOUD
         assert lis.session.audio.pc is not None
+
+
+async def test_revoking_publish_audio_silences_at_once(srv: ServerProcess) -> None:
+    room = "revoke"
+    async with (
+        bot(srv.url, room, "host", (0.0, -1.0), role="host") as host,
+        bot(srv.url, room, "talker", (-1.0, 0.0)) as talker,
+    ):
+        talker.talk()
+        await until(lv(host), lambda x: loudest(x) > LOUD)
+        await host.session.change_role(talker.id, grant="publish_audio", allow=False)
+        await until(lv(host), lambda x: loudest(x) <= SILENT, timeout=1.0)
+        # The talker still hears the room, and cannot publish again without the grant.
+        host.talk()
+        await until(lv(talker), lambda x: loudest(x) > LOUD)
+        with pytest.raises(AudioError) as err:
+            await talker.session.audio.start(talker.tone)
+        assert err.value.code == "forbidden"
+        await host.session.change_role(talker.id, grant="publish_audio", allow=True)
+        await asyncio.sleep(0.1)
+        talker.tone = tone_track(440.0, -20.0)  # the refused attempt ended the old track
+        await talker.session.audio.start(talker.tone)
+        host.talk(None)
+        await until(lv(host), lambda x: loudest(x) > LOUD)
