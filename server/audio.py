@@ -232,6 +232,8 @@ class RoomAudio:
         self.rules_dirty = False
         self.speaking_ids: tuple[int, ...] = ()
         self.version = 0  # bumped by every membership or rule change
+        #: The rules each member was last sent (so unchanged rules are not sent again).
+        self.sent_rules: dict[int, AudioRules] = {}
         self._frames_in_window = 0
         self._gains: tuple[tuple[int, int], np.ndarray, np.ndarray] | None = None
 
@@ -302,6 +304,7 @@ class RoomAudio:
     def remove(self, member: Member) -> None:
         s = self.slot_of.pop(member.id, None)
         self.members.pop(member.id, None)
+        self.sent_rules.pop(member.id, None)
         if s is None:
             return
         self.used[s] = False
@@ -511,10 +514,11 @@ class RoomAudio:
 
     # ----------------------------------------------------------------- rules
 
-    def rules_for(self, member: Member) -> AudioRules:
-        """The rules as ``member`` may know them: whispers only its own unless it hosts."""
-        used = np.flatnonzero(self.used)
-        visible = [s for s in used.tolist() if not self.members_hidden(s)]
+    def _shared_rules(self) -> tuple[list[int], list[int], list[int], list[tuple[int, int]]]:
+        """The parts of the rules every member sees alike (zones, broadcast, self-muted), and
+        every whisper as (speaker id, target id)."""
+        used = np.flatnonzero(self.used).tolist()
+        visible = [s for s in used if not self.members_hidden(s)]
         ids = self.member_id
         zones = [x for s in visible if self.zone[s] for x in (int(ids[s]), int(self.zone[s]))]
         bc = [
@@ -523,22 +527,40 @@ class RoomAudio:
             if self.broadcast[s] > 0
             for x in (int(ids[s]), round(float(self.broadcast[s]) * 100))
         ]
-        host = member.identity.can("moderate")
-        whispers = []
-        for s in used.tolist():
-            t = int(self.whisper[s])
-            if t >= 0 and (host or member.id in (int(ids[s]), int(ids[t]))):
-                whispers += [int(ids[s]), int(ids[t])]
         muted = [int(ids[s]) for s in visible if self.self_muted[s]]
+        whispers = [
+            (int(ids[s]), int(ids[int(self.whisper[s])])) for s in used if self.whisper[s] >= 0
+        ]
+        return zones, bc, muted, whispers
+
+    def rules_for(
+        self,
+        member: Member,
+        shared: tuple[list[int], list[int], list[int], list[tuple[int, int]]] | None = None,
+    ) -> AudioRules:
+        """The rules as ``member`` may know them: whispers only its own unless it hosts."""
+        zones, bc, muted, all_whispers = shared if shared is not None else self._shared_rules()
+        host = member.identity.can("moderate")
+        whispers = [x for pair in all_whispers if host or member.id in pair for x in pair]
         me = self.slot_of.get(member.id)
+        ids = self.member_id
         ignored = [] if me is None else [int(ids[t]) for t in np.flatnonzero(self.ignore[me])]
-        return AudioRules(tuple(zones), tuple(bc), tuple(whispers), tuple(muted), tuple(ignored))
+        rules = AudioRules(tuple(zones), tuple(bc), tuple(whispers), tuple(muted), tuple(ignored))
+        self.sent_rules[member.id] = rules
+        return rules
 
     def send_rules(self) -> None:
+        """Send every member its rules if they changed since it last got them (a join or a
+        leave that touches no rule sends nothing to the others)."""
         self.rules_dirty = False
+        shared = self._shared_rules()
         for m in self.room.members.values():
-            if m.session is not None and not m.paused:
-                m.session.send(self.rules_for(m))
+            if m.session is None or m.paused:
+                continue
+            before = self.sent_rules.get(m.id)
+            rules = self.rules_for(m, shared)
+            if rules != before:
+                m.session.send(rules)
 
 
 def f_spatial(cfg: ServerConfig) -> Spatial:
