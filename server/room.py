@@ -68,6 +68,7 @@ class Room:
         self._last_tick: int | None = None  # room tick of the last frame sent
         self.close_timer: asyncio.TimerHandle | None = None
         self.keyframe_wanted = False
+        self.last_keyframe_tick = -(10**9)  # world tick of the room's last keyframe
         self.entry = "open"  # open | lobby | locked
         self.pseudonymous = False  # members appear only under pseudonyms
         self.ended = False

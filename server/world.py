@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("medverse.world")
 
+#: Fewest ticks between two keyframes of one room (3 ticks: 100 ms at 30 Hz).
+KEYFRAME_MIN_TICKS = 3
+
 
 class World:
     """All rooms of one server process and the tick loop that drives them."""
@@ -380,7 +383,18 @@ class World:
             self._refuse(refused)
         segments, bodies = self._encoder.encode(self.snapshot())
         seg_list = segments.tolist()
-        wanted = [s for s in seg_list if (r := self._rooms_by_segment.get(s)) and r.keyframe_wanted]
+        # Keyframes cost a whole encode of the room: build at most one per room every
+        # KEYFRAME_MIN_TICKS (a joiner waits at most that long), so members who join, resume
+        # or fall behind over and over cannot make the tick pay for one every tick.
+        wanted = [
+            s
+            for s in seg_list
+            if (r := self._rooms_by_segment.get(s))
+            and r.keyframe_wanted
+            and self.tick_no - r.last_keyframe_tick >= KEYFRAME_MIN_TICKS
+        ]
+        for s in wanted:
+            self._rooms_by_segment[s].last_keyframe_tick = self.tick_no
         keyframes = (
             dict(zip(wanted, self._encoder.keyframes(wanted), strict=True)) if wanted else {}
         )
