@@ -10,11 +10,11 @@ of it that member may know (``audio_rules``) and who is talking (``audio_speakin
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from .errors import ErrorCode, ProtocolError
-from .messages import MAX_CONTROL_BYTES, Message, _check, _spec, register_messages
+from .messages import MAX_CONTROL_BYTES, Message, Spec, _spec, register_messages
 
 #: Longest SDP accepted in a control frame (the frame itself is limited to MAX_CONTROL_BYTES).
 #: An aiortc audio-only offer with one host candidate is about 1.2 KB.
@@ -35,30 +35,10 @@ class AudioMessage(Message):
     __slots__ = ()
 
     @classmethod
-    def from_wire(cls, data: dict[str, Any]) -> Message:
-        known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
-        extra = set(data) - set(known) - {"t"}
-        if extra:
-            raise ProtocolError(
-                ErrorCode.BAD_FIELD, f"unexpected field {sorted(map(str, extra))[0]!r}"
-            )
-        kwargs: dict[str, Any] = {}
-        for name, f in known.items():
-            spec = f.metadata["spec"]
-            value = data.get(name)
-            if spec.kind == "int_list":
-                kwargs[name] = _check_int_list(name, value, spec.max_len or MAX_INT_LIST)
-            else:
-                kwargs[name] = _check(name, spec, value)
-        return cls(**kwargs)
-
-    def to_wire(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"t": self.TYPE}
-        for f in fields(self):  # type: ignore[arg-type]
-            v = getattr(self, f.name)
-            if v is not None:
-                out[f.name] = list(v) if isinstance(v, tuple) else v
-        return out
+    def check_field(cls, name: str, spec: Spec, value: Any) -> Any:
+        if spec.kind == "int_list":
+            return _check_int_list(name, value, spec.max_len or MAX_INT_LIST)
+        return super().check_field(name, spec, value)
 
 
 def _check_int_list(name: str, value: Any, max_len: int) -> tuple[int, ...]:

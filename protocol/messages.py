@@ -133,7 +133,7 @@ class Message:
                 continue
             if f.metadata["spec"].kind == "members":
                 v = [m.to_wire() for m in v]
-            elif f.metadata["spec"].kind == "strs":
+            elif isinstance(v, tuple):
                 v = list(v)
             elif isinstance(v, ErrorCode):
                 v = v.value
@@ -148,8 +148,13 @@ class Message:
             raise ProtocolError(
                 ErrorCode.BAD_FIELD, f"unexpected field {sorted(map(str, extra))[0]!r}"
             )
-        kwargs = {n: _check(n, f.metadata["spec"], data.get(n)) for n, f in known.items()}
+        kwargs = {n: cls.check_field(n, f.metadata["spec"], data.get(n)) for n, f in known.items()}
         return cls(**kwargs)
+
+    @classmethod
+    def check_field(cls, name: str, spec: Spec, value: Any) -> Any:
+        """Validate one field; message families with field kinds of their own override it."""
+        return _check(name, spec, value)
 
 
 @dataclass(frozen=True, slots=True)

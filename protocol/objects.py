@@ -16,14 +16,14 @@ from __future__ import annotations
 import math
 import re
 import struct
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
 
 from .errors import ErrorCode, ProtocolError
-from .messages import Message, _check, _spec, register_messages
+from .messages import Message, Spec, _spec, register_messages
 from .quant import POSITION_LIMIT_M, QUAT_NORM_MAX, QUAT_NORM_MIN
 from .snapshot import OBJECT_ID_BASE
 
@@ -141,30 +141,10 @@ class ObjectMessage(Message):
     __slots__ = ()
 
     @classmethod
-    def from_wire(cls, data: dict[str, Any]) -> Message:
-        known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
-        extra = set(data) - set(known) - {"t"}
-        if extra:
-            raise ProtocolError(
-                ErrorCode.BAD_FIELD, f"unexpected field {sorted(map(str, extra))[0]!r}"
-            )
-        kwargs = {}
-        for n, f in known.items():
-            spec = f.metadata["spec"]
-            v = data.get(n)
-            if spec.kind in _CUSTOM:
-                kwargs[n] = _check_custom(n, spec.kind, spec, v)
-            else:
-                kwargs[n] = _check(n, spec, v)
-        return cls(**kwargs)
-
-    def to_wire(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"t": self.TYPE}
-        for f in fields(self):  # type: ignore[arg-type]
-            v = getattr(self, f.name)
-            if v is not None:
-                out[f.name] = list(v) if isinstance(v, tuple) else v
-        return out
+    def check_field(cls, name: str, spec: Spec, value: Any) -> Any:
+        if spec.kind in _CUSTOM:
+            return _check_custom(name, spec.kind, spec, value)
+        return super().check_field(name, spec, value)
 
 
 def _req() -> Any:

@@ -92,10 +92,10 @@ class TokenVerifier:
                 raise ValueError("public key must be Ed25519 or RSA")
             self._key = key
 
-    def verify(self, token: str, room: str) -> Identity:
-        """The identity a valid token grants for ``room``; a typed ProtocolError otherwise."""
+    def _claims(self, token: str, kind: str) -> dict[str, Any]:
+        """The verified claims of a signed, unexpired token; typed errors otherwise."""
         try:
-            claims = jwt.decode(
+            return jwt.decode(
                 token,
                 self._key,
                 algorithms=self._algorithms,
@@ -103,9 +103,13 @@ class TokenVerifier:
                 leeway=5,
             )
         except jwt.ExpiredSignatureError:
-            raise ProtocolError(ErrorCode.TOKEN_EXPIRED, "join token expired") from None
+            raise ProtocolError(ErrorCode.TOKEN_EXPIRED, f"{kind} token expired") from None
         except jwt.InvalidTokenError as exc:
-            raise ProtocolError(ErrorCode.UNAUTHORIZED, f"invalid join token: {exc}") from None
+            raise ProtocolError(ErrorCode.UNAUTHORIZED, f"invalid {kind} token: {exc}") from None
+
+    def verify(self, token: str, room: str) -> Identity:
+        """The identity a valid token grants for ``room``; a typed ProtocolError otherwise."""
+        claims = self._claims(token, "join")
         if claims["room"] != room:
             raise ProtocolError(ErrorCode.UNAUTHORIZED, "join token is for another room")
         return identity_from_claims(claims)
@@ -115,18 +119,7 @@ class TokenVerifier:
 
         Admin tokens are for the operators' HTTP API only: no room accepts them for a join.
         """
-        try:
-            claims = jwt.decode(
-                token,
-                self._key,
-                algorithms=self._algorithms,
-                options={"require": ["exp", "sub", "room", "role"]},
-                leeway=5,
-            )
-        except jwt.ExpiredSignatureError:
-            raise ProtocolError(ErrorCode.TOKEN_EXPIRED, "admin token expired") from None
-        except jwt.InvalidTokenError as exc:
-            raise ProtocolError(ErrorCode.UNAUTHORIZED, f"invalid admin token: {exc}") from None
+        claims = self._claims(token, "admin")
         if claims["role"] != ADMIN_ROLE or claims["room"] != "*":
             raise ProtocolError(ErrorCode.FORBIDDEN, "not an admin token")
         sub = claims["sub"]
