@@ -71,5 +71,7 @@ class Feature:
         """A host changed the member's role or grants (``member.identity`` is the new one);
         stop whatever the member may no longer do."""
 
-    def after_tick(self, tick: int) -> None:
-        """Called after each world tick (keep it cheap; it runs on the tick's time budget)."""
+    def before_tick(self, tick: int) -> None:
+        """Called at the start of each world tick, before the state is encoded: write what
+        arrived since the last tick into the world's arrays, in one batch (keep it cheap; it
+        runs on the tick's time budget)."""

@@ -68,7 +68,8 @@ log = logging.getLogger("medverse.objects")
 #: Refused moves answered per second per member (a token bucket with this burst too): moves
 #: arrive at up to 90 Hz and the answers should not outgrow them.
 MOVE_REFUSALS_PER_SECOND = 30.0
-_PRESENT = np.ones(OBJECT_SLOTS, np.bool_)
+# The scale row's rotation is always the identity.
+_IDENTITY_INDEX, _IDENTITY_ROT = (a[0] for a in quantize_rotations(np.array([[0.0, 0, 0, 1]])))
 
 
 class Refusal(ProtocolError):
@@ -122,6 +123,7 @@ class ObjectsFeature(Feature):
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._held: set[LiveObject] = set()
         self._dirty: set[LiveObject] = set()  # moved since the last flush
+        self._moved: set[LiveObject] = set()  # moved since the last tick
         # id(member) -> (tokens, monotonic time of the last refill)
         self._refusal_tokens: dict[int, tuple[float, float]] = {}
         self.handlers.update(
@@ -257,6 +259,7 @@ class ObjectsFeature(Feature):
         self.flush(room.name)
         for obj in ro.objects.values():
             self._held.discard(obj)
+            self._moved.discard(obj)
             self.world.free_entity(obj.row)
         del self.rooms[room.name]
 
@@ -267,12 +270,29 @@ class ObjectsFeature(Feature):
         return obj
 
     def _write_state(self, obj: LiveObject) -> None:
-        r = obj.rec
-        pos = np.zeros((OBJECT_SLOTS, 3), np.int64)
-        pos[0] = quantize_positions(np.array([r.position]))[0]
-        pos[1, 0] = scale_to_state(r.scale)
-        index, rot = quantize_rotations(np.array([r.rotation, (0.0, 0.0, 0.0, 1.0)]))
-        self.world.write_entity(obj.row, _PRESENT, pos, index, rot)
+        self._write_states([obj])
+
+    def _write_states(self, objs: list[LiveObject]) -> None:
+        """Quantize the objects' transforms and scales into their state rows in one batch."""
+        n = len(objs)
+        recs = [o.rec for o in objs]
+        pos = np.zeros((n, OBJECT_SLOTS, 3), np.int64)
+        pos[:, 0] = quantize_positions(np.array([r.position for r in recs]))
+        pos[:, 1, 0] = [scale_to_state(r.scale) for r in recs]
+        index = np.zeros((n, OBJECT_SLOTS), np.uint8)
+        rot = np.zeros((n, OBJECT_SLOTS, 3), np.int64)
+        index[:, 0], rot[:, 0] = quantize_rotations(np.array([r.rotation for r in recs]))
+        index[:, 1], rot[:, 1] = _IDENTITY_INDEX, _IDENTITY_ROT
+        rows = np.fromiter((o.row for o in objs), np.int64, n)
+        self.world.write_entities(rows, np.ones((n, OBJECT_SLOTS), np.bool_), pos, index, rot)
+
+    def before_tick(self, tick: int) -> None:
+        """Write the transforms moved since the last tick (latest wins) in one batch."""
+        if self._moved:
+            objs = [o for o in self._moved if not o.removing]
+            self._moved.clear()
+            if objs:
+                self._write_states(objs)
 
     def _room(self, member: Member) -> RoomObjects:
         ro = self.rooms.get(member.room.name)
@@ -607,7 +627,7 @@ class ObjectsFeature(Feature):
         rec = obj.rec
         rec.position, rec.rotation, rec.scale = mv.position, mv.rotation, mv.scale
         self._dirty.add(obj)
-        self._write_state(obj)
+        self._moved.add(obj)  # quantized with the others at the next tick
 
     # ----------------------------------------------------------------- annotations
 

@@ -251,11 +251,23 @@ class World:
     ) -> None:
         """Set an entity's quantized pose rows (as ``protocol.quant`` produces them); the next
         tick sends the change."""
-        n = len(present)
-        self._present[row, :n] = present
-        self._pos[row, :n] = pos
-        self._rot_index[row, :n] = rot_index
-        self._rot[row, :n] = rot
+        self.write_entities(np.array([row]), present[None], pos[None], rot_index[None], rot[None])
+
+    def write_entities(
+        self,
+        rows: np.ndarray,
+        present: np.ndarray,
+        pos: np.ndarray,
+        rot_index: np.ndarray,
+        rot: np.ndarray,
+    ) -> None:
+        """:meth:`write_entity` for many entities of the same slot count at once: ``rows``
+        (N,), ``present`` (N, S), ``pos`` (N, S, 3), ``rot_index`` (N, S), ``rot`` (N, S, 3)."""
+        n = present.shape[1]
+        self._present[rows, :n] = present
+        self._pos[rows, :n] = pos
+        self._rot_index[rows, :n] = rot_index
+        self._rot[rows, :n] = rot
 
     def set_flags(self, row: int, flags: int) -> None:
         """Set an entity's 8 flag bits (e.g. ``FLAG_SPEAKING`` on an avatar)."""
@@ -378,6 +390,8 @@ class World:
 
     def tick(self) -> None:
         """One tick of every room."""
+        if self.features:
+            self.notify("before_tick", self.tick_no)
         refused = self._apply_inputs()
         if refused:
             self._refuse(refused)
@@ -468,8 +482,7 @@ class World:
             work = time.perf_counter() - t0
             self.metrics.tick_seconds.observe(work)
             self.tick_work.append(work)
-            if self.features:
-                self.notify("after_tick", n)
+
             if len(self.tick_work) > 16384:
                 del self.tick_work[:8192]
             self._flush_counters()
