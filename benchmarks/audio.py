@@ -41,7 +41,7 @@ import numpy as np
 import psutil
 from aiortc import MediaStreamTrack
 
-from .capacity import RESULTS, ROOT, _free_port, _get, pin
+from .capacity import RESULTS, ROOT, _free_port, _get, pin, start_server, wait_health
 
 ROOM = "audio-bench"
 SIZES = (4, 8, 12, 24)
@@ -226,21 +226,11 @@ def run_one(members: int, seconds: float) -> dict[str, Any]:
         MEDVERSE_DATA_DIR=tempfile.mkdtemp(prefix="medverse-audio-bench-"),
         MEDVERSE_RTC_HOST_ADDRESSES="127.0.0.1",
     )
-    server = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--log-level", "warn"],
-        env=env,
-        cwd=ROOT,
-    )
-    pin(server.pid, 0)
+    server = start_server(port, env, "warn")
     base = f"http://127.0.0.1:{port}"
     loads: list[subprocess.Popen[str]] = []
     try:
-        for _ in range(200):
-            try:
-                _get(base + "/health")
-                break
-            except OSError:
-                time.sleep(0.05)
+        wait_health(port)
         for first in range(0, members, BOTS_PER_PROCESS):
             count = min(BOTS_PER_PROCESS, members - first)
             p = subprocess.Popen(

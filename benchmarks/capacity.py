@@ -46,6 +46,39 @@ def _get(url: str) -> dict[str, Any]:
         return json.loads(r.read())
 
 
+def start_server(port: int, env: dict[str, str], log_level: str = "warning") -> subprocess.Popen:
+    """``medverse serve`` on 127.0.0.1:``port`` with ``env``, pinned to core 0."""
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "server.cli",
+            "serve",
+            "--port",
+            str(port),
+            "--log-level",
+            log_level,
+        ],
+        env=env,
+        cwd=ROOT,
+    )
+    pin(server.pid, 0)
+    return server
+
+
+def wait_health(port: int, timeout: float = 20.0, step: float = 0.05) -> None:
+    """Poll ``/health`` until the server answers; raises OSError after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            _get(f"http://127.0.0.1:{port}/health")
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(step)
+
+
 def pin(pid: int, cpu: int) -> None:
     try:
         if len(os.sched_getaffinity(0)) > 1:
@@ -71,30 +104,11 @@ def run_one(
         MEDVERSE_MAX_CONNECTIONS_PER_ADDRESS=str(clients + 64),  # every headset is 127.0.0.1
         MEDVERSE_DATA_DIR=tempfile.mkdtemp(prefix="medverse-capacity-"),
     )
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "server.cli",
-            "serve",
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-        ],
-        env=env,
-        cwd=ROOT,
-    )
-    pin(server.pid, 0)
+    server = start_server(port, env)
     base = f"http://127.0.0.1:{port}"
     extras: list[subprocess.Popen[bytes]] = []
     try:
-        for _ in range(200):
-            try:
-                _get(base + "/health")
-                break
-            except OSError:
-                time.sleep(0.05)
+        wait_health(port)
         extras = extra(port, env) if extra is not None else []
         out = Path(tempfile.mkdtemp()) / "load.json"
         cmd = [

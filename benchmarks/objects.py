@@ -33,7 +33,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from typing import Any
 
 import numpy as np
@@ -42,7 +41,8 @@ from client_sdk import ObjectError, Pose, Session, connect
 from protocol.snapshot import FRAME_STATE, HEADER_SIZE, OBJECT_ID_BASE, Snapshot, SnapshotEncoder
 from tests.models import HEART, provide, sha256_of
 
-from .capacity import RESULTS, ROOT, _free_port, pin
+from .capacity import RESULTS, ROOT, _free_port, pin, wait_health
+from .capacity import start_server as start_capacity_server
 
 MEMBERS = 12
 OBJECTS = 20
@@ -252,32 +252,14 @@ async def recover(url: str, expected: dict[str, list[int]], deadline: float) -> 
 
 
 def start_server(port: int, data: str) -> subprocess.Popen[bytes]:
-    env = dict(os.environ)
-    env.update(
-        {
-            "MEDVERSE_PORT": str(port),
-            "MEDVERSE_HOST": "127.0.0.1",
-            "MEDVERSE_DATA_DIR": data,
-            "MEDVERSE_NO_AUTH": "1",
-            "MEDVERSE_LOG_LEVEL": "error",
-            "PYTHONPATH": str(ROOT),
-        }
+    env = dict(
+        os.environ,
+        MEDVERSE_HOST="127.0.0.1",
+        MEDVERSE_DATA_DIR=data,
+        MEDVERSE_NO_AUTH="1",
+        PYTHONPATH=str(ROOT),
     )
-    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], env=env, cwd=ROOT)
-    pin(proc.pid, 0)
-    return proc
-
-
-def wait_health(port: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).read()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.01)
+    return start_capacity_server(port, env, "error")
 
 
 def main() -> int:
@@ -310,7 +292,7 @@ def main() -> int:
         server.wait()
         t0 = time.monotonic()
         server = start_server(port, data)
-        wait_health(port)
+        wait_health(port, step=0.01)  # fine-grained: this is the measured recovery
         t_listen = time.monotonic()
         t_done = asyncio.run(recover(url, res["expected"], t0 + 30))
         res["recovery_s"] = {
