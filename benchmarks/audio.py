@@ -124,7 +124,7 @@ def seat(i: int, n: int) -> tuple[tuple[float, float, float], tuple[float, float
 def skip_state(session: Any) -> None:
     """Bots need the room connection for signaling only: drop avatar state frames unread, so
     24 bots on one core spend their time on audio, not on decoding everyone's poses."""
-    from protocol.snapshot import FRAME_STATE
+    from medverse.protocol.snapshot import FRAME_STATE
 
     on_frame = session._on_frame
 
@@ -138,7 +138,7 @@ def skip_state(session: Any) -> None:
 def click_threshold(total: int) -> float:
     """Half the click's expected peak at bot 1 (distance and panning from bot 0's seat): far
     above the bed of everyone's tones, which are 30 dB quieter than the click."""
-    from server.mixer import Spatial, spatial_gains
+    from medverse.server.mixer import Spatial, spatial_gains
 
     (p0, _), (p1, q1) = seat(0, total), seat(1, total)
     g = spatial_gains(
@@ -154,8 +154,8 @@ def click_threshold(total: int) -> float:
 
 async def load(url: str, first: int, count: int, total: int) -> dict[str, Any]:
     """Run bots ``first .. first+count-1``; wait for the window on stdin; report JSON."""
-    from client_sdk import LevelMeter, Pose, connect
-    from server.auth import mint_token
+    from medverse.client_sdk import LevelMeter, Pose, connect
+    from medverse.server.auth import mint_token
 
     secret = os.environ["MEDVERSE_AUTH_SECRET"].encode()
     sessions = []

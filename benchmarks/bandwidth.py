@@ -34,7 +34,7 @@ import msgpack
 import numpy as np
 import numpy.typing as npt
 
-from client_sdk.motion import (
+from medverse.client_sdk.motion import (
     EVERYDAY,
     FAST_GAMES,
     HandProfile,
@@ -42,8 +42,8 @@ from client_sdk.motion import (
     load_head_trace,
     room_trajectories,
 )
-from client_sdk.motion import __doc__ as MOTION_DOC
-from protocol.quant import (
+from medverse.client_sdk.motion import __doc__ as MOTION_DOC
+from medverse.protocol.quant import (
     ROTATION_BITS,
     dequantize_positions,
     dequantize_rotations,
@@ -51,7 +51,7 @@ from protocol.quant import (
     quantize_rotations,
     rotation_error_deg,
 )
-from protocol.snapshot import HEADER_SIZE, Snapshot, SnapshotDecoder, SnapshotEncoder
+from medverse.protocol.snapshot import HEADER_SIZE, Snapshot, SnapshotDecoder, SnapshotEncoder
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TRACE = REPO_ROOT.parent / "shared" / "data" / "questset_head_right_60hz.csv"

@@ -52,7 +52,7 @@ def start_server(port: int, env: dict[str, str], log_level: str = "warning") -> 
         [
             sys.executable,
             "-m",
-            "server.cli",
+            "medverse.server.cli",
             "serve",
             "--port",
             str(port),
@@ -114,7 +114,7 @@ def run_one(
         cmd = [
             sys.executable,
             "-m",
-            "server.cli",
+            "medverse.server.cli",
             "loadtest",
             "--url",
             f"ws://127.0.0.1:{port}",

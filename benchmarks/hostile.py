@@ -32,7 +32,7 @@ from typing import Any
 
 import aiohttp
 
-from protocol.messages import PROTOCOL_VERSION, Hello, Ping, encode_message, encode_pose
+from medverse.protocol.messages import PROTOCOL_VERSION, Hello, Ping, encode_message, encode_pose
 
 from .capacity import RESULTS, ROOT, pin, run_one
 
@@ -122,7 +122,7 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.attacker:
-        from server.auth import mint_token
+        from medverse.server.auth import mint_token
 
         token = mint_token(
             os.environ["MEDVERSE_AUTH_SECRET"].encode(), room=ROOM, identity=f"attacker-{args.seed}"

@@ -37,8 +37,14 @@ from typing import Any
 
 import numpy as np
 
-from client_sdk import ObjectError, Pose, Session, connect
-from protocol.snapshot import FRAME_STATE, HEADER_SIZE, OBJECT_ID_BASE, Snapshot, SnapshotEncoder
+from medverse.client_sdk import ObjectError, Pose, Session, connect
+from medverse.protocol.snapshot import (
+    FRAME_STATE,
+    HEADER_SIZE,
+    OBJECT_ID_BASE,
+    Snapshot,
+    SnapshotEncoder,
+)
 from tests.models import HEART, provide, sha256_of
 
 from .capacity import RESULTS, ROOT, _free_port, pin, wait_health

@@ -1,6 +1,6 @@
 """medverse client SDK: a thin async client for headsets, desktop apps and bots.
 
-from client_sdk import connect, Pose
+from medverse.client_sdk import connect, Pose
 
 async with connect("ws://127.0.0.1:8750", room="demo", name="Dr A") as session:
     session.send_pose(head=Pose((0, 1.6, 0), (0, 0, 0, 1)))

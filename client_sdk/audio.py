@@ -33,7 +33,7 @@ from aiortc import (
 from aiortc.mediastreams import MediaStreamError
 from av import AudioFrame
 
-from protocol.audio import (
+from medverse.protocol.audio import (
     AudioAnswer,
     AudioBroadcast,
     AudioIgnore,
@@ -45,8 +45,8 @@ from protocol.audio import (
     AudioZone,
     pairs,
 )
-from protocol.messages import Error, Message, Welcome
-from protocol.rtc import (
+from medverse.protocol.messages import Error, Message, Welcome
+from medverse.protocol.rtc import (
     DEFAULT_HOST_ADDRESSES,
     EncodedInbox,
     capture_encoded,

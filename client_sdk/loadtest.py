@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from protocol.errors import ProtocolError
-from protocol.messages import (
+from medverse.protocol.errors import ProtocolError
+from medverse.protocol.messages import (
     FRAME_CONTROL,
     FRAME_POSE,
     PROTOCOL_VERSION,
@@ -39,8 +39,8 @@ from protocol.messages import (
     decode_message,
     encode_message,
 )
-from protocol.quant import quantize_positions
-from protocol.snapshot import FRAME_STATE, SnapshotDecoder
+from medverse.protocol.quant import quantize_positions
+from medverse.protocol.snapshot import FRAME_STATE, SnapshotDecoder
 
 from .motion import room_trajectories
 
@@ -251,7 +251,7 @@ class LoadRun:
         secret = self.args.secret or os.environ.get("MEDVERSE_AUTH_SECRET")
         if not secret:
             return None
-        from server.auth import mint_token
+        from medverse.server.auth import mint_token
 
         return mint_token(secret.encode(), room=room, identity=f"headset-{index}", ttl=3600)
 
@@ -441,7 +441,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run a load test; print the report as JSON (and write it to ``--json``)."""
-    from server.cli import run_loop
+    from medverse.server.cli import run_loop
 
     out: dict[str, Any] = {}
 

@@ -57,7 +57,7 @@ Profiles
 Measured statistics
 -------------------
 World frame, finite differences at 60 Hz over 132 s, 64 avatars (128 hands) from
-:func:`room_trajectories` (``python -m client_sdk.motion [trace.csv]`` prints them again):
+:func:`room_trajectories` (``python -m medverse.client_sdk.motion [trace.csv]`` prints them again):
 
 =================================  ==========  =======  ============  =========
 poses                              median m/s  p95 m/s  median deg/s  p95 deg/s

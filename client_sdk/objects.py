@@ -24,8 +24,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from protocol.messages import Message, Welcome
-from protocol.objects import (
+from medverse.protocol.messages import Message, Welcome
+from medverse.protocol.objects import (
     Annotate,
     AnnotationDeleted,
     AnnotationState,
@@ -47,13 +47,13 @@ from protocol.objects import (
     entity_id,
     scale_from_state,
 )
-from protocol.objects import HandoverRequested as HandoverMsg
-from protocol.objects import LockChanged as LockMsg
-from protocol.objects import ObjectRemoved as RemovedMsg
-from protocol.objects import (
+from medverse.protocol.objects import HandoverRequested as HandoverMsg
+from medverse.protocol.objects import LockChanged as LockMsg
+from medverse.protocol.objects import ObjectRemoved as RemovedMsg
+from medverse.protocol.objects import (
     ObjectsSynced as ObjectsSyncedMsg,
 )
-from protocol.quant import dequantize_positions, dequantize_rotations
+from medverse.protocol.quant import dequantize_positions, dequantize_rotations
 
 from .types import Pose, Quat, Vec3
 

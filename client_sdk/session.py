@@ -17,8 +17,8 @@ from typing import Any
 import aiohttp
 import numpy as np
 
-from protocol.errors import ErrorCode, ProtocolError
-from protocol.messages import (
+from medverse.protocol.errors import ErrorCode, ProtocolError
+from medverse.protocol.messages import (
     FRAME_CONTROL,
     PROTOCOL_VERSION,
     SERVER_MESSAGES,
@@ -42,20 +42,20 @@ from protocol.messages import (
     encode_message,
     encode_pose,
 )
-from protocol.messages import (
+from medverse.protocol.messages import (
     Consent as ConsentMsg,
 )
-from protocol.messages import (
+from medverse.protocol.messages import (
     Joined as JoinedMsg,
 )
-from protocol.messages import (
+from medverse.protocol.messages import (
     Left as LeftMsg,
 )
-from protocol.messages import (
+from medverse.protocol.messages import (
     Waiting as WaitingMsg,
 )
-from protocol.quant import dequantize_positions, dequantize_rotations
-from protocol.snapshot import FRAME_STATE, OBJECT_ID_BASE, Snapshot, SnapshotDecoder
+from medverse.protocol.quant import dequantize_positions, dequantize_rotations
+from medverse.protocol.snapshot import FRAME_STATE, OBJECT_ID_BASE, Snapshot, SnapshotDecoder
 
 from .assets import AssetClient, AssetInfo
 from .audio import AudioClient

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from protocol.snapshot import FLAG_SPEAKING
+from medverse.protocol.snapshot import FLAG_SPEAKING
 
 Vec3 = tuple[float, float, float]
 Quat = tuple[float, float, float, float]

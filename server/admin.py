@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from protocol.errors import ErrorCode, ProtocolError
+from medverse.protocol.errors import ErrorCode, ProtocolError
 
 from . import moderation
 from .assets import http_error

@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import BodyPartReader, web
 
-from protocol.errors import ErrorCode, ProtocolError
-from protocol.messages import ROOM_NAME_RE
+from medverse.protocol.errors import ErrorCode, ProtocolError
+from medverse.protocol.messages import ROOM_NAME_RE
 
 from .auth import ROLE_GRANTS, Identity
 from .gltf import InvalidAsset, ModelInfo, pack_gltf, validate_glb

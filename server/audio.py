@@ -38,7 +38,7 @@ from av import AudioFrame
 from av.packet import Packet
 from prometheus_client import Counter, Gauge, Histogram
 
-from protocol.audio import (
+from medverse.protocol.audio import (
     AudioAnswer,
     AudioBroadcast,
     AudioIgnore,
@@ -51,16 +51,16 @@ from protocol.audio import (
     audio_sections,
     offer_direction,
 )
-from protocol.errors import ErrorCode, ProtocolError
-from protocol.messages import Message
-from protocol.quant import dequantize_positions, dequantize_rotations
-from protocol.rtc import (
+from medverse.protocol.errors import ErrorCode, ProtocolError
+from medverse.protocol.messages import Message
+from medverse.protocol.quant import dequantize_positions, dequantize_rotations
+from medverse.protocol.rtc import (
     EncodedInbox,
     capture_encoded,
     restrict_ice_addresses,
     set_jitter_prefetch,
 )
-from protocol.snapshot import FLAG_SPEAKING
+from medverse.protocol.snapshot import FLAG_SPEAKING
 
 from .features import Feature
 from .mixer import (

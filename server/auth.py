@@ -21,7 +21,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from protocol.errors import ErrorCode, ProtocolError
+from medverse.protocol.errors import ErrorCode, ProtocolError
 
 #: Every grant the server checks.
 GRANTS = frozenset(

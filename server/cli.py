@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_token(sub)
     _add_audit(sub)
     try:
-        from client_sdk.loadtest import add_arguments as add_loadtest
+        from medverse.client_sdk.loadtest import add_arguments as add_loadtest
     except ImportError:
         add_loadtest = None
     if add_loadtest is not None:
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "audit":
         return _audit(args)
     if args.command == "loadtest":
-        from client_sdk.loadtest import run as run_loadtest
+        from medverse.client_sdk.loadtest import run as run_loadtest
 
         return run_loadtest(args)
     return 2

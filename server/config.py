@@ -135,7 +135,7 @@ class ServerConfig:
             raise ValueError("audio_complexity must be 0-10")
         if not 0 <= self.audio_jitter_frames <= 8:
             raise ValueError("audio_jitter_frames must be 0-8")
-        from protocol.rtc import parse_addresses
+        from medverse.protocol.rtc import parse_addresses
 
         parse_addresses(self.rtc_host_addresses)  # fail at start, not at the first offer
 

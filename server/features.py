@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from protocol.messages import Message
+from medverse.protocol.messages import Message
 
 if TYPE_CHECKING:
     from .room import Member, Room

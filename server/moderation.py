@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from protocol.errors import ErrorCode, ProtocolError
-from protocol.messages import (
+from medverse.protocol.errors import ErrorCode, ProtocolError
+from medverse.protocol.messages import (
     ChangeRole,
     Grants,
     Lobby,

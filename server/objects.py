@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from protocol.errors import ErrorCode, ProtocolError
-from protocol.messages import Message
-from protocol.objects import (
+from medverse.protocol.errors import ErrorCode, ProtocolError
+from medverse.protocol.messages import Message
+from medverse.protocol.objects import (
     FRAME_MOVE,
     OBJECT_SLOTS,
     POINTS_PER_KIND,
@@ -53,7 +53,7 @@ from protocol.objects import (
     entity_id,
     scale_to_state,
 )
-from protocol.quant import quantize_positions, quantize_rotations
+from medverse.protocol.quant import quantize_positions, quantize_rotations
 
 from .features import Feature
 from .store import ObjectStore, SQLiteObjectStore, StoredAnnotation, StoredObject, TransformRow

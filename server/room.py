@@ -7,8 +7,8 @@ import secrets
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from protocol.messages import Joined, Left, MemberInfo, Message, encode_message
-from protocol.snapshot import state_header
+from medverse.protocol.messages import Joined, Left, MemberInfo, Message, encode_message
+from medverse.protocol.snapshot import state_header
 
 from .auth import Identity
 from .wsframe import binary_frame

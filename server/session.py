@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from protocol.errors import ErrorCode, ProtocolError
-from protocol.messages import (
+from medverse.protocol.errors import ErrorCode, ProtocolError
+from medverse.protocol.messages import (
     CLIENT_MESSAGES,
     FRAME_CONTROL,
     FRAME_POSE,

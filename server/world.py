@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from protocol.errors import ErrorCode, ProtocolError
-from protocol.messages import decode_pose_batch
-from protocol.snapshot import MAX_SLOTS, SEGMENT_SHIFT, Snapshot, WorldEncoder
+from medverse.protocol.errors import ErrorCode, ProtocolError
+from medverse.protocol.messages import decode_pose_batch
+from medverse.protocol.snapshot import MAX_SLOTS, SEGMENT_SHIFT, Snapshot, WorldEncoder
 
 from .audit import AuditLog
 from .auth import Identity, TokenVerifier

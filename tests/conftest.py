@@ -64,8 +64,9 @@ def run_server(**settings: object) -> Iterator[ServerProcess]:
     env["MEDVERSE_HOST"] = "127.0.0.1"
     env["MEDVERSE_PORT"] = str(port)
     env.setdefault("MEDVERSE_LOG_LEVEL", "warning")
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], env=env, cwd=ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "medverse.server.cli", "serve"], env=env, cwd=ROOT
+    )
     cafile = str(settings["tls_cert"]) if settings.get("tls_cert") else None
     server = ServerProcess(proc, port, cafile)
     deadline = time.monotonic() + 20

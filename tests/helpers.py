@@ -9,7 +9,7 @@ from typing import Any
 
 import aiohttp
 
-from protocol.messages import (
+from medverse.protocol.messages import (
     FRAME_CONTROL,
     PROTOCOL_VERSION,
     SERVER_MESSAGES,

@@ -79,7 +79,7 @@ async def provide(url: str, room: str, token: str | None = None, *models: bytes)
     """Upload models (default: HEART and KIDNEY) to ``room`` as the holder of ``token`` (a host,
     or nobody on a server without authentication); returns their SHA-256s. Uploading again is
     harmless, so every test may call it for its room."""
-    from client_sdk import AssetClient
+    from medverse.client_sdk import AssetClient
 
     client = AssetClient(url, room, token)
     try:

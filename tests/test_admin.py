@@ -9,9 +9,9 @@ import aiohttp
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from client_sdk import Closed, ErrorEvent, connect
-from server.audit import tree_head_message
-from server.auth import mint_admin_token, mint_token
+from medverse.client_sdk import Closed, ErrorEvent, connect
+from medverse.server.audit import tree_head_message
+from medverse.server.auth import mint_admin_token, mint_token
 
 from .conftest import ServerProcess, run_server
 from .helpers import wait_for
@@ -63,7 +63,7 @@ async def test_admin_api_fails_closed(srv: ServerProcess, method: str, path: str
 
 
 async def test_admin_tokens_cannot_join_rooms(srv: ServerProcess) -> None:
-    from client_sdk import JoinError
+    from medverse.client_sdk import JoinError
 
     with pytest.raises(JoinError) as e:
         async with connect(srv.url, "any", "ops", token=admin(), reconnect=False):
@@ -120,12 +120,12 @@ def test_cli_mints_admin_tokens() -> None:
     import subprocess
     import sys
 
-    from server.auth import TokenVerifier
+    from medverse.server.auth import TokenVerifier
 
     from .conftest import ROOT
 
     env = dict(os.environ, MEDVERSE_AUTH_SECRET=SECRET, PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "server.cli", "token", "--admin", "--identity", "ops"]
+    cmd = [sys.executable, "-m", "medverse.server.cli", "token", "--admin", "--identity", "ops"]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, cwd=ROOT)
     assert TokenVerifier(secret=SECRET.encode()).verify_admin(out.stdout.strip()) == "ops"
     bad = subprocess.run([*cmd, "--room", "x"], env=env, capture_output=True, cwd=ROOT)

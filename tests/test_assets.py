@@ -15,8 +15,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from client_sdk import AssetClient, AssetError, Pose, connect
-from server.auth import mint_token
+from medverse.client_sdk import AssetClient, AssetError, Pose, connect
+from medverse.server.auth import mint_token
 
 from .conftest import ServerProcess, run_server
 from .helpers import wait_for

@@ -24,7 +24,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from client_sdk import (
+from medverse.client_sdk import (
     AudioError,
     LevelMeter,
     Pose,
@@ -35,7 +35,7 @@ from client_sdk import (
     file_track,
     tone_track,
 )
-from protocol.audio import (
+from medverse.protocol.audio import (
     AudioBroadcast,
     AudioIgnore,
     AudioMute,
@@ -44,7 +44,7 @@ from protocol.audio import (
     AudioWhisper,
     AudioZone,
 )
-from protocol.messages import (
+from medverse.protocol.messages import (
     PROTOCOL_VERSION,
     Hello,
     Moderate,
@@ -54,9 +54,9 @@ from protocol.messages import (
     Welcome,
     encode_message,
 )
-from protocol.rtc import configured_addresses
-from server.audit import DB_FILE
-from server.auth import mint_token
+from medverse.protocol.rtc import configured_addresses
+from medverse.server.audit import DB_FILE
+from medverse.server.auth import mint_token
 
 from .conftest import ServerProcess, run_server
 from .helpers import RawClient, quat_about_y

@@ -12,17 +12,22 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol.audio import (
+from medverse.protocol.audio import (
     AudioOffer,
     AudioRules,
     AudioSpeaking,
     audio_sections,
     offer_direction,
 )
-from protocol.errors import ProtocolError
-from protocol.messages import CLIENT_MESSAGES, SERVER_MESSAGES, decode_message, encode_message
-from protocol.rtc import parse_addresses
-from server.mixer import Spatial, dbfs, keep_loudest, mix, route_mask, spatial_gains
+from medverse.protocol.errors import ProtocolError
+from medverse.protocol.messages import (
+    CLIENT_MESSAGES,
+    SERVER_MESSAGES,
+    decode_message,
+    encode_message,
+)
+from medverse.protocol.rtc import parse_addresses
+from medverse.server.mixer import Spatial, dbfs, keep_loudest, mix, route_mask, spatial_gains
 
 IDENTITY = np.array([[0.0, 0.0, 0.0, 1.0]])
 
@@ -146,12 +151,12 @@ def test_int_lists_are_validated(values: list) -> None:
 def _room_audio(n: int) -> tuple[Any, Any, list[bytes]]:
     """A room's audio state with ``n`` publishing members in a 2 m circle, and Opus packets
     of a -30 dBFS tone (no network: frames go straight into the speakers' inboxes)."""
-    from server.audio import AudioFeature, MixTrack, Peer, RoomAudio, SpeakerInbox
-    from server.auth import anonymous
-    from server.config import ServerConfig
-    from server.metrics import Metrics
-    from server.room import Member, Room
-    from server.world import World
+    from medverse.server.audio import AudioFeature, MixTrack, Peer, RoomAudio, SpeakerInbox
+    from medverse.server.auth import anonymous
+    from medverse.server.config import ServerConfig
+    from medverse.server.metrics import Metrics
+    from medverse.server.room import Member, Room
+    from medverse.server.world import World
 
     world = World(ServerConfig(no_auth=True), Metrics())
     feature = AudioFeature(world)
@@ -244,7 +249,7 @@ def test_mixer_never_mixes_yourself_nor_a_server_muted_member() -> None:
 
 
 def test_interaural_delay_on_the_far_ear() -> None:
-    from server.mixer import ITD_STEP, MAX_ITD, interaural_delays, mix_delayed
+    from medverse.server.mixer import ITD_STEP, MAX_ITD, interaural_delays, mix_delayed
 
     one = np.array([True])
     src = np.array([[-2.0 * math.sin(math.pi / 4), 0.0, -2.0 * math.cos(math.pi / 4)]])
@@ -268,7 +273,7 @@ def test_interaural_delay_on_the_far_ear() -> None:
 def test_immediate_audio_buffer_hands_packets_on_in_order() -> None:
     from aiortc.rtp import RtpPacket
 
-    from protocol.rtc import ImmediateAudioBuffer
+    from medverse.protocol.rtc import ImmediateAudioBuffer
 
     buf = ImmediateAudioBuffer()
 

@@ -14,8 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from client_sdk import Pose, connect
-from server.audit import (
+from medverse.client_sdk import Pose, connect
+from medverse.server.audit import (
     DB_FILE,
     AuditLog,
     Frontier,
@@ -139,7 +139,7 @@ def test_tampering_is_detected(name: str, sql: str, args: tuple, expect: str) ->
 
 
 def test_rewriting_content_and_hash_consistently_breaks_the_signed_root() -> None:
-    from server.audit import entry_bytes
+    from medverse.server.audit import entry_bytes
 
     d = make_log()
     db = sqlite3.connect(d / DB_FILE)
@@ -168,14 +168,14 @@ def test_retention_prunes_content_but_keeps_the_tree() -> None:
 async def test_server_records_security_events_without_content() -> None:
     data = Path(tempfile.mkdtemp(prefix="medverse-audit-srv-"))
     secret = "k" * 48
-    from server.auth import mint_token
+    from medverse.server.auth import mint_token
 
     tok = mint_token(secret.encode(), room="ward", identity="dr-a", name="Dr A", role="host")
     with run_server(auth_secret=secret, data_dir=data) as srv:
         async with connect(srv.url, room="ward", name="x", token=tok) as s:
             s.send_pose(head=Pose((1.234, 1.6, 0.0)))
             await wait_for(lambda: s.avatars.get(s.member_id) and s.avatars[s.member_id].head)
-        from client_sdk import JoinError
+        from medverse.client_sdk import JoinError
 
         with pytest.raises(JoinError):
             async with connect(srv.url, room="ward", name="y", token="bogus"):
@@ -191,7 +191,7 @@ async def test_server_records_security_events_without_content() -> None:
     assert "1.234" not in text and "1234" not in text  # no pose content
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     out = subprocess.run(
-        [sys.executable, "-m", "server.cli", "audit", "verify", "--data-dir", str(data)],
+        [sys.executable, "-m", "medverse.server.cli", "audit", "verify", "--data-dir", str(data)],
         env=env,
         cwd=ROOT,
         capture_output=True,
@@ -199,7 +199,16 @@ async def test_server_records_security_events_without_content() -> None:
     )
     assert out.returncode == 0 and "OK" in out.stdout, out.stdout + out.stderr
     out = subprocess.run(
-        [sys.executable, "-m", "server.cli", "audit", "prove", "2", "--data-dir", str(data)],
+        [
+            sys.executable,
+            "-m",
+            "medverse.server.cli",
+            "audit",
+            "prove",
+            "2",
+            "--data-dir",
+            str(data),
+        ],
         env=env,
         cwd=ROOT,
         capture_output=True,
@@ -209,7 +218,7 @@ async def test_server_records_security_events_without_content() -> None:
     assert json.loads(out.stdout)["verified"] is True
     tamper(data, "UPDATE entries SET actor = 'someone-else' WHERE kind = 'join'")
     out = subprocess.run(
-        [sys.executable, "-m", "server.cli", "audit", "verify", "--data-dir", str(data)],
+        [sys.executable, "-m", "medverse.server.cli", "audit", "verify", "--data-dir", str(data)],
         env=env,
         cwd=ROOT,
         capture_output=True,

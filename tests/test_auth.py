@@ -21,11 +21,18 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
-from client_sdk import Joined, JoinError, Pose, connect
-from protocol.errors import ErrorCode, ProtocolError
-from protocol.messages import PROTOCOL_VERSION, Error, Hello, Welcome, encode_message, encode_pose
-from server.auth import TokenVerifier, mint_token, parse_ttl
-from server.config import ServerConfig
+from medverse.client_sdk import Joined, JoinError, Pose, connect
+from medverse.protocol.errors import ErrorCode, ProtocolError
+from medverse.protocol.messages import (
+    PROTOCOL_VERSION,
+    Error,
+    Hello,
+    Welcome,
+    encode_message,
+    encode_pose,
+)
+from medverse.server.auth import TokenVerifier, mint_token, parse_ttl
+from medverse.server.config import ServerConfig
 
 from .conftest import ROOT, run_server
 from .helpers import RawClient, wait_for
@@ -294,7 +301,7 @@ async def test_secure_by_default_creates_a_private_secret() -> None:
             [
                 sys.executable,
                 "-m",
-                "server.cli",
+                "medverse.server.cli",
                 "token",
                 "--room",
                 "demo",

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from protocol.errors import ProtocolError
-from protocol.quant import (
+from medverse.protocol.errors import ProtocolError
+from medverse.protocol.quant import (
     POSITION_LIMIT_M,
     ROTATION_MAX,
     dequantize_positions,
@@ -20,7 +20,7 @@ from protocol.quant import (
     quantize_rotations,
     rotation_error_deg,
 )
-from protocol.snapshot import (
+from medverse.protocol.snapshot import (
     MAX_SLOTS,
     SEGMENT_SHIFT,
     Snapshot,
@@ -28,7 +28,7 @@ from protocol.snapshot import (
     SnapshotEncoder,
     WorldEncoder,
 )
-from protocol.vectors.generate import snapshot_to_json
+from medverse.protocol.vectors.generate import snapshot_to_json
 from tests.test_vectors import spec_decode
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

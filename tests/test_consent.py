@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from client_sdk import JoinError, Pose, connect
-from protocol.messages import (
+from medverse.client_sdk import JoinError, Pose, connect
+from medverse.protocol.messages import (
     PROTOCOL_VERSION,
     Consent,
     ConsentRequired,
@@ -21,8 +21,8 @@ from protocol.messages import (
     encode_message,
     encode_pose,
 )
-from server.audit import DB_FILE
-from server.auth import mint_token
+from medverse.server.audit import DB_FILE
+from medverse.server.auth import mint_token
 
 from .conftest import ServerProcess, run_server
 from .helpers import RawClient, wait_for

@@ -9,8 +9,8 @@ import msgpack
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol.errors import ProtocolError
-from protocol.messages import (
+from medverse.protocol.errors import ProtocolError
+from medverse.protocol.messages import (
     CLIENT_MESSAGES,
     FRAME_CONTROL,
     FRAME_POSE,
@@ -20,7 +20,7 @@ from protocol.messages import (
     decode_pose_batch,
     pose_frame_size,
 )
-from server.wsproto import WebSocketConnection
+from medverse.server.wsproto import WebSocketConnection
 
 msgpack_values = st.recursive(
     st.none()
@@ -172,8 +172,8 @@ async def test_live_hostile_flood_leaves_good_members_at_rate() -> None:
     import time
 
     from benchmarks.hostile import ROOM, attack
-    from client_sdk import Pose, connect
-    from server.auth import mint_token
+    from medverse.client_sdk import Pose, connect
+    from medverse.server.auth import mint_token
 
     from .conftest import run_server
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from client_sdk import JoinError, Left, Pose, Waiting, connect
-from protocol.messages import (
+from medverse.client_sdk import JoinError, Left, Pose, Waiting, connect
+from medverse.protocol.messages import (
     PROTOCOL_VERSION,
     Error,
     Hello,
@@ -27,8 +27,8 @@ from protocol.messages import (
     encode_message,
     encode_pose,
 )
-from server.audit import DB_FILE
-from server.auth import mint_token
+from medverse.server.audit import DB_FILE
+from medverse.server.auth import mint_token
 
 from .conftest import ServerProcess, run_server
 from .helpers import RawClient, wait_for
@@ -244,7 +244,7 @@ async def next_event(session: object, kind: type, timeout: float = 5.0) -> objec
 
 
 async def test_hosts_change_roles_and_grants(srv: ServerProcess) -> None:
-    from client_sdk import EntryChanged, ErrorEvent, GrantsChanged
+    from medverse.client_sdk import EntryChanged, ErrorEvent, GrantsChanged
 
     room = "roles"
     host = connect(srv.url, room, "Dr H", token=tok(room, "dr-h", "host"), reconnect=False)

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from client_sdk import (
+from medverse.client_sdk import (
     AnnotationChanged,
     HandoverRequested,
     LockChanged,
@@ -27,8 +27,8 @@ from client_sdk import (
     Session,
     connect,
 )
-from protocol.errors import ProtocolError
-from protocol.messages import (
+from medverse.protocol.errors import ProtocolError
+from medverse.protocol.messages import (
     CLIENT_MESSAGES,
     PROTOCOL_VERSION,
     Error,
@@ -38,10 +38,10 @@ from protocol.messages import (
     decode_message,
     encode_message,
 )
-from protocol.objects import Move, ObjectRefused, decode_move, encode_move
-from protocol.snapshot import OBJECT_ID_BASE
-from server.audit import DB_FILE
-from server.auth import mint_token
+from medverse.protocol.objects import Move, ObjectRefused, decode_move, encode_move
+from medverse.protocol.snapshot import OBJECT_ID_BASE
+from medverse.server.audit import DB_FILE
+from medverse.server.auth import mint_token
 
 from .conftest import ServerProcess, run_server
 from .helpers import RawClient, wait_for
@@ -358,7 +358,7 @@ async def test_roles_hosts_and_audit(srv: ServerProcess) -> None:
 
 
 async def test_pause_ends_leases_and_resyncs(srv: ServerProcess) -> None:
-    from protocol.messages import Pause, encode_message
+    from medverse.protocol.messages import Pause, encode_message
 
     async with member(srv.url, "opause", "a") as a, member(srv.url, "opause", "b") as b:
         oid = await a.spawn(ASSET)

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from client_sdk import Session, connect
-from server.store import SQLiteObjectStore
+from medverse.client_sdk import Session, connect
+from medverse.server.store import SQLiteObjectStore
 
 from .conftest import run_server
 from .helpers import wait_for
@@ -117,7 +117,7 @@ async def test_kill_right_after_an_ack_loses_nothing_acknowledged() -> None:
 
 
 def test_sqlite_store_round_trip_and_counters(tmp_path: Any) -> None:
-    from server.store import StoredAnnotation, StoredObject, TransformRow
+    from medverse.server.store import StoredAnnotation, StoredObject, TransformRow
 
     store = SQLiteObjectStore(tmp_path)
     o = StoredObject("r", 1, ASSET, "heart", "Dr A", "dr-a", 1.0, (0, 1, 0), (0, 0, 0, 1), 1.0)

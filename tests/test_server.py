@@ -15,8 +15,8 @@ import numpy as np
 import psutil
 import pytest
 
-from client_sdk import Joined, Left, Pose, Reconnecting, Resumed, connect
-from protocol.messages import (
+from medverse.client_sdk import Joined, Left, Pose, Reconnecting, Resumed, connect
+from medverse.protocol.messages import (
     FRAME_POSE,
     PROTOCOL_VERSION,
     Error,
@@ -27,7 +27,7 @@ from protocol.messages import (
     encode_message,
     encode_pose,
 )
-from protocol.quant import rotation_error_deg
+from medverse.protocol.quant import rotation_error_deg
 
 from .conftest import ServerProcess, run_server
 from .helpers import RawClient, quat_about_y, wait_for
@@ -432,8 +432,8 @@ async def test_tick_rate_is_configurable() -> None:
 async def test_app_is_embeddable_in_another_aiohttp_app() -> None:
     from aiohttp import web
 
-    from server.app import create_app
-    from server.config import ServerConfig
+    from medverse.server.app import create_app
+    from medverse.server.config import ServerConfig
 
     from .conftest import free_port
 

@@ -10,12 +10,12 @@ from collections.abc import Iterator
 import aiohttp
 import pytest
 
-from client_sdk import AssetError, ObjectError, connect, tone_track
-from client_sdk.audio import AudioError
-from protocol.audio import AudioOffer
-from protocol.messages import PROTOCOL_VERSION, Hello, Moderate, Waiting, encode_message
-from protocol.objects import Spawn
-from server.auth import mint_token
+from medverse.client_sdk import AssetError, ObjectError, connect, tone_track
+from medverse.client_sdk.audio import AudioError
+from medverse.protocol.audio import AudioOffer
+from medverse.protocol.messages import PROTOCOL_VERSION, Hello, Moderate, Waiting, encode_message
+from medverse.protocol.objects import Spawn
+from medverse.server.auth import mint_token
 
 from .conftest import ServerProcess, run_server
 from .helpers import RawClient

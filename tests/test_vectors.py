@@ -14,14 +14,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from protocol.quant import (
+from medverse.protocol.quant import (
     dequantize_positions,
     dequantize_rotations,
     quantize_positions,
     quantize_rotations,
 )
-from protocol.snapshot import SnapshotDecoder, SnapshotEncoder
-from protocol.vectors import generate
+from medverse.protocol.snapshot import SnapshotDecoder, SnapshotEncoder
+from medverse.protocol.vectors import generate
 
 VECTORS = Path(generate.__file__).resolve().parent
 QUANT = json.loads((VECTORS / "quantization.json").read_text(encoding="utf-8"))

@@ -15,14 +15,14 @@ from typing import Any
 
 import numpy as np
 
-from protocol.quant import (
+from medverse.protocol.quant import (
     POSITION_LIMIT_M,
     dequantize_positions,
     dequantize_rotations,
     quantize_positions,
     quantize_rotations,
 )
-from protocol.snapshot import Snapshot, SnapshotEncoder
+from medverse.protocol.snapshot import Snapshot, SnapshotEncoder
 
 HERE = Path(__file__).resolve().parent
 H = math.sqrt(0.5)
