@@ -27,12 +27,12 @@ from typing import Any
 
 import numpy as np
 
+from medverse.protocol.catalog import SERVER_MESSAGES
 from medverse.protocol.errors import ProtocolError
 from medverse.protocol.messages import (
     FRAME_CONTROL,
     FRAME_POSE,
     PROTOCOL_VERSION,
-    SERVER_MESSAGES,
     Error,
     Hello,
     Welcome,

@@ -17,11 +17,11 @@ from typing import Any
 import aiohttp
 import numpy as np
 
+from medverse.protocol.catalog import SERVER_MESSAGES
 from medverse.protocol.errors import ErrorCode, ProtocolError
 from medverse.protocol.messages import (
     FRAME_CONTROL,
     PROTOCOL_VERSION,
-    SERVER_MESSAGES,
     ChangeRole,
     ConsentRequired,
     Error,

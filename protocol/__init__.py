@@ -3,9 +3,20 @@
 See ``protocol/SPEC.md`` for the byte-level format.
 """
 
-from . import (
-    audio,  # registers the spatial audio messages
-    objects,  # registers the shared-object messages
+from . import audio, objects
+from .catalog import CLIENT_MESSAGES, SERVER_MESSAGES
+from .connection import (
+    Connection,
+    Event,
+    FrameReceived,
+    Ignored,
+    LocalProtocolError,
+    MessageReceived,
+    PoseReceived,
+    Refused,
+    Role,
+    State,
+    StateReceived,
 )
 from .errors import ErrorCode, ProtocolError
 from .quant import (
@@ -19,11 +30,24 @@ from .quant import (
 from .snapshot import Snapshot, SnapshotDecoder, SnapshotEncoder, WorldEncoder, state_header
 
 __all__ = [
+    "CLIENT_MESSAGES",
+    "SERVER_MESSAGES",
+    "Connection",
     "ErrorCode",
+    "Event",
+    "FrameReceived",
+    "Ignored",
+    "LocalProtocolError",
+    "MessageReceived",
+    "PoseReceived",
     "ProtocolError",
+    "Refused",
+    "Role",
     "Snapshot",
     "SnapshotDecoder",
     "SnapshotEncoder",
+    "State",
+    "StateReceived",
     "WorldEncoder",
     "audio",
     "dequantize_positions",

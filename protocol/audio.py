@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from .errors import ErrorCode, ProtocolError
-from .messages import MAX_CONTROL_BYTES, Message, Spec, _spec, register_messages
+from .messages import MAX_CONTROL_BYTES, Message, Spec, _spec
 
 #: Longest SDP accepted in a control frame (the frame itself is limited to MAX_CONTROL_BYTES).
 #: An aiortc audio-only offer with one host candidate is about 1.2 KB.
@@ -152,9 +152,16 @@ class AudioSpeaking(AudioMessage):
     members: tuple[int, ...] = _spec("int_list", max_len=MAX_INT_LIST)
 
 
-CLIENT_AUDIO = (AudioOffer, AudioMute, AudioZone, AudioBroadcast, AudioWhisper, AudioIgnore)
-SERVER_AUDIO = (AudioAnswer, AudioRules, AudioSpeaking)
-register_messages(client=CLIENT_AUDIO, server=SERVER_AUDIO)
+#: The spatial audio messages clients send, and those the server sends.
+CLIENT_AUDIO: tuple[type[Message], ...] = (
+    AudioOffer,
+    AudioMute,
+    AudioZone,
+    AudioBroadcast,
+    AudioWhisper,
+    AudioIgnore,
+)
+SERVER_AUDIO: tuple[type[Message], ...] = (AudioAnswer, AudioRules, AudioSpeaking)
 
 
 def pairs(flat: tuple[int, ...]) -> list[tuple[int, int]]:

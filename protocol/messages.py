@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import re
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -392,37 +392,42 @@ class Error(Message):
         return cls(err.code.value, err.message[:1024], fatal)
 
 
-CLIENT_MESSAGES: dict[str, type[Message]] = {
-    m.TYPE: m for m in (Hello, Ping, Leave, Moderate, ChangeRole, Pause, RequestUnmute, Consent)
-}
-SERVER_MESSAGES: dict[str, type[Message]] = {
-    m.TYPE: m
-    for m in (
-        Welcome,
-        Joined,
-        Left,
-        Pong,
-        Error,
-        Waiting,
-        Lobby,
-        MemberState,
-        RoomState,
-        ConsentRequired,
-        Grants,
-    )
-}
+#: The core's messages: what every room speaks, whatever its plugins.
+CORE_CLIENT_MESSAGES: tuple[type[Message], ...] = (
+    Hello,
+    Ping,
+    Leave,
+    Moderate,
+    ChangeRole,
+    Pause,
+    RequestUnmute,
+    Consent,
+)
+CORE_SERVER_MESSAGES: tuple[type[Message], ...] = (
+    Welcome,
+    Joined,
+    Left,
+    Pong,
+    Error,
+    Waiting,
+    Lobby,
+    MemberState,
+    RoomState,
+    ConsentRequired,
+    Grants,
+)
 
 
-def register_messages(
-    client: Sequence[type[Message]] = (), server: Sequence[type[Message]] = ()
-) -> None:
-    """Add a feature's message types (client to server, server to client) to the registries
-    the decoders use. Types are unique across the protocol."""
-    for registry, classes in ((CLIENT_MESSAGES, client), (SERVER_MESSAGES, server)):
-        for cls in classes:
+def message_registry(*families: Sequence[type[Message]]) -> dict[str, type[Message]]:
+    """A decoder's registry (wire type -> class) of the given message families; a type named
+    twice is an error."""
+    registry: dict[str, type[Message]] = {}
+    for family in families:
+        for cls in family:
             if not cls.TYPE or registry.get(cls.TYPE, cls) is not cls:
                 raise ValueError(f"message type {cls.TYPE!r} is already taken")
             registry[cls.TYPE] = cls
+    return registry
 
 
 def encode_message(msg: Message) -> bytes:
@@ -432,7 +437,7 @@ def encode_message(msg: Message) -> bytes:
 
 def decode_message(
     frame: bytes | bytearray | memoryview,
-    registry: dict[str, type[Message]] = CLIENT_MESSAGES,
+    registry: Mapping[str, type[Message]],
     max_bytes: int = MAX_CONTROL_BYTES,
 ) -> Message | ProtocolError:
     """Decode a control frame; any problem comes back as a :class:`ProtocolError` value."""
@@ -548,12 +553,12 @@ def decode_pose_batch(frames: Sequence[bytes], slots: int) -> PoseBatch:
 
 
 __all__ += [
-    "CLIENT_MESSAGES",
+    "CORE_CLIENT_MESSAGES",
+    "CORE_SERVER_MESSAGES",
     "FRAME_CONTROL",
     "FRAME_POSE",
     "MAX_CONTROL_BYTES",
     "PROTOCOL_VERSION",
-    "SERVER_MESSAGES",
     "ChangeRole",
     "Consent",
     "ConsentRequired",
@@ -581,7 +586,7 @@ __all__ += [
     "decode_pose_batch",
     "encode_message",
     "encode_pose",
+    "message_registry",
     "pose_frame_size",
     "pose_sequence",
-    "register_messages",
 ]

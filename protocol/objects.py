@@ -23,7 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .errors import ErrorCode, ProtocolError
-from .messages import Message, Spec, _spec, register_messages
+from .messages import Message, Spec, _spec
 from .quant import POSITION_LIMIT_M, QUAT_NORM_MAX, QUAT_NORM_MIN
 from .snapshot import OBJECT_ID_BASE
 
@@ -407,32 +407,31 @@ class ObjectsSynced(ObjectMessage):
     annotations: int = _spec("int", lo=0, hi=MAX_U32)
 
 
-register_messages(
-    client=[
-        Spawn,
-        Grab,
-        Release,
-        RequestHandover,
-        Yield,
-        SetView,
-        Remove,
-        ForceRelease,
-        Annotate,
-        EditAnnotation,
-        DeleteAnnotation,
-    ],
-    server=[
-        ObjectAck,
-        ObjectRefused,
-        ObjectState,
-        ObjectRemoved,
-        LockChanged,
-        HandoverRequested,
-        ViewState,
-        AnnotationState,
-        AnnotationDeleted,
-        ObjectsSynced,
-    ],
+#: The shared-object messages clients send, and those the server sends.
+CLIENT_OBJECTS: tuple[type[Message], ...] = (
+    Spawn,
+    Grab,
+    Release,
+    RequestHandover,
+    Yield,
+    SetView,
+    Remove,
+    ForceRelease,
+    Annotate,
+    EditAnnotation,
+    DeleteAnnotation,
+)
+SERVER_OBJECTS: tuple[type[Message], ...] = (
+    ObjectAck,
+    ObjectRefused,
+    ObjectState,
+    ObjectRemoved,
+    LockChanged,
+    HandoverRequested,
+    ViewState,
+    AnnotationState,
+    AnnotationDeleted,
+    ObjectsSynced,
 )
 
 

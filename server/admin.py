@@ -8,25 +8,26 @@ running without authentication it refuses every request, since nobody could prov
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 from aiohttp import web
 
 from medverse.protocol.errors import ErrorCode, ProtocolError
 
-from . import moderation
-from .assets import http_error
-from .audit import prove
-
-if TYPE_CHECKING:
-    from .world import World
+from .audit import AuditLog, prove
+from .httpauth import HttpAuth, http_error
+from .registry import RoomRegistry
 
 
 class AdminAPI:
-    """Routes of the admin API for one world."""
+    """Routes of the admin API over this process's rooms."""
 
-    def __init__(self, world: World) -> None:
-        self.world = world
+    def __init__(
+        self, auth: HttpAuth, rooms: RoomRegistry, audit_log: Callable[[], AuditLog | None]
+    ) -> None:
+        self._auth = auth
+        self._rooms = rooms
+        self._audit_log = audit_log
 
     def routes(self, app: web.Application) -> None:
         app.router.add_get("/admin/rooms", self.rooms)
@@ -34,57 +35,17 @@ class AdminAPI:
         app.router.add_get("/admin/audit/head", self.audit_head)
         app.router.add_get("/admin/audit/proof/{entry}", self.audit_proof)
 
-    def _admin(self, request: web.Request) -> str:
-        """The operator's subject, or a typed refusal (recorded in the audit log)."""
-        world = self.world
-        verifier = world.verifier
-        try:
-            if verifier is None:
-                raise ProtocolError(
-                    ErrorCode.FORBIDDEN, "the admin API is off on a server without authentication"
-                )
-            scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not token.strip():
-                raise ProtocolError(ErrorCode.UNAUTHORIZED, "an admin bearer token is needed")
-            return verifier.verify_admin(token.strip())
-        except ProtocolError as err:
-            world.metrics.auth_refusals.labels(err.code.value).inc()
-            world.record(
-                "http_refused", peer=request.remote, path=request.path, code=err.code.value
-            )
-            raise http_error(err) from None
-
     async def rooms(self, request: web.Request) -> web.Response:
-        """Every live room: entry mode, lobby size and members (id, name, role, state)."""
-        self._admin(request)
-        out = []
-        for room in self.world.rooms.values():
-            out.append(
-                {
-                    "room": room.name,
-                    "entry": room.entry,
-                    "ended": room.ended,
-                    "lobby": len(room.lobby),
-                    "members": [
-                        {
-                            "id": m.id,
-                            "name": m.name,
-                            "role": m.identity.role,
-                            "connected": m.session is not None,
-                            "paused": m.paused,
-                            "muted": m.muted,
-                        }
-                        for m in room.members.values()
-                    ],
-                }
-            )
-        return web.json_response({"rooms": out})
+        """Every live room: its type, entry mode, lobby size and members (id, name, role,
+        state)."""
+        self._auth.admin(request)
+        return web.json_response({"rooms": [room.describe() for room in self._rooms]})
 
     async def end(self, request: web.Request) -> web.Response:
         """End a room's session for everyone (``{"reason": "..."}`` optional)."""
-        actor = self._admin(request)
+        actor = self._auth.admin(request)
         name = request.match_info["room"]
-        room = self.world.rooms.get(name)
+        room = self._rooms.get(name)
         if room is None:
             raise http_error(ProtocolError(ErrorCode.NOT_FOUND, "no such live room"))
         reason = "an administrator ended the session"
@@ -96,13 +57,13 @@ class AdminAPI:
             given = body.get("reason") if isinstance(body, dict) else None
             if isinstance(given, str) and 0 < len(given) <= 256:
                 reason = given
-        moderation.end_session(room, actor, reason)
+        room.end(actor, reason)
         return web.json_response({"ended": name})
 
     async def audit_head(self, request: web.Request) -> web.Response:
         """The newest signed tree head of the audit log and the key that verifies it."""
-        self._admin(request)
-        audit = self.world.audit
+        self._auth.admin(request)
+        audit = self._audit_log()
         head = audit.signed_head() if audit is not None else None
         if head is None:
             raise http_error(ProtocolError(ErrorCode.NOT_FOUND, "the audit log is empty"))
@@ -110,8 +71,8 @@ class AdminAPI:
 
     async def audit_proof(self, request: web.Request) -> web.Response:
         """An inclusion proof of entry N against the newest signed tree head."""
-        self._admin(request)
-        audit = self.world.audit
+        self._auth.admin(request)
+        audit = self._audit_log()
         if audit is None:
             raise http_error(ProtocolError(ErrorCode.NOT_FOUND, "the audit log is not open"))
         try:

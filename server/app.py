@@ -1,71 +1,72 @@
-"""The aiohttp application: ``/ws`` for rooms, ``/health`` and ``/metrics``.
+"""The aiohttp application: ``/ws`` for rooms, the asset and admin HTTP APIs, ``/health`` and
+``/metrics``.
 
-``create_app()`` returns a plain :class:`aiohttp.web.Application`, so medverse can run on its
-own (``medverse serve``) or be mounted in another aiohttp app with ``add_subapp``.
+``create_app(config, plugins=..., room_types=...)`` returns a plain
+:class:`aiohttp.web.Application`, so medverse can run on its own (``medverse serve``) or be
+mounted in another aiohttp app with ``add_subapp``. The data flows one way::
+
+    socket -> session (protocol state machine, limits) -> room (plugins) -> entity table
+           -> tick loop (one encode of every room) -> fan-out to the members' connections
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import socket
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from aiohttp import web
 
+from medverse.protocol.errors import ErrorCode, ProtocolError
+from medverse.protocol.messages import (
+    CORE_CLIENT_MESSAGES,
+    CORE_SERVER_MESSAGES,
+    message_registry,
+)
+
 from .admin import AdminAPI
 from .assets import AssetService, AssetStore
-from .audio import AudioFeature
-from .audit import AuditLog
-from .auth import SECRET_FILE, TokenVerifier, load_or_create_secret
+from .audio import SpatialAudio
+from .audit import AuditLog, AuditRecorder
+from .auth import SECRET_FILE, Identity, TokenVerifier, load_or_create_secret
+from .clock import FixedRateClock
 from .config import ServerConfig
-from .metrics import Metrics
-from .objects import ObjectsFeature
-from .session import CLOSE_GOING_AWAY, websocket_handler
-from .world import World
+from .entities import EntityTable
+from .httpauth import HttpAuth
+from .metrics import Metrics, Traffic
+from .moderation import Moderation
+from .objects import SharedObjects
+from .plugins import (
+    RoomPlugin,
+    RoomType,
+    ServerContext,
+    ServerPlugin,
+    as_server_plugin,
+    plugin_class,
+)
+from .policy import RoomPolicy
+from .registry import RoomRegistry
+from .room import RoomServices
+from .session import (
+    CLOSE_GOING_AWAY,
+    CLOSE_TOO_MANY_CONNECTIONS,
+    Session,
+    SessionServices,
+)
+from .tick import TickLoop
+from .wsproto import WebSocketConnection
 
 log = logging.getLogger("medverse")
 
-WORLD_KEY = web.AppKey("medverse.world", World)
-CONFIG_KEY = web.AppKey("medverse.config", ServerConfig)
 
-
-async def _health(request: web.Request) -> web.Response:
-    """Liveness and a summary; ``?ticks=N`` adds work-time percentiles of the last N ticks."""
-    world = request.app[WORLD_KEY]
-    body: dict[str, object] = {
-        "status": "ok",
-        "rooms": len(world.rooms),
-        "members": sum(len(r.members) for r in world.rooms.values()),
-        "tick": world.tick_no,
-        "tick_rate": world.config.tick_rate,
-        "tick_overruns": world.overruns,
-    }
-    try:
-        n = int(request.query.get("ticks", "0"))
-    except ValueError:
-        raise web.HTTPBadRequest(text="ticks must be an integer") from None
-    if n > 0 and world.tick_work:
-        work = np.array(world.tick_work[-n:]) * 1000.0
-        body["tick_work_ms"] = {
-            "ticks": int(work.size),
-            "p50": round(float(np.percentile(work, 50)), 3),
-            "p99": round(float(np.percentile(work, 99)), 3),
-            "max": round(float(work.max()), 3),
-        }
-    for feature in world.features:
-        health = getattr(feature, "health", None)
-        if health is not None:
-            body.update(health())
-    return web.Response(text=json.dumps(body), content_type="application/json")
-
-
-async def _metrics(request: web.Request) -> web.Response:
-    world = request.app[WORLD_KEY]
-    return web.Response(
-        body=world.metrics.render(),
-        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
-    )
+def default_plugins() -> list[ServerPlugin | type[RoomPlugin]]:
+    """The plugins every room runs unless told otherwise: moderation, spatial audio and shared
+    objects (fresh instances: each app gets its own)."""
+    return [Moderation, SpatialAudio(), SharedObjects()]
 
 
 def make_verifier(cfg: ServerConfig) -> TokenVerifier | None:
@@ -83,48 +84,225 @@ def make_verifier(cfg: ServerConfig) -> TokenVerifier | None:
     return TokenVerifier(secret=secret)
 
 
-def create_app(config: ServerConfig | None = None) -> web.Application:
-    """Build the medverse application with ``config`` (embedded defaults if None)."""
+class Server:
+    """One medverse server process: its parts, wired together once."""
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        plugins: Sequence[ServerPlugin | type[RoomPlugin]],
+        room_types: Sequence[RoomType] = (),
+    ) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.traffic = Traffic()
+        self.audit = AuditRecorder()
+        self.verifier = make_verifier(config)
+        self.policy = RoomPolicy(config)
+        self.plugins = [as_server_plugin(p) for p in plugins]
+        names = [p.name for p in self.plugins]
+        if len(set(names)) != len(names):
+            raise ValueError(f"two plugins have one name: {names}")
+        classes = [plugin_class(p) for p in self.plugins]
+        #: What clients may send and what the server sends: the core's messages and every
+        #: plugin's.
+        self.client_messages = message_registry(
+            CORE_CLIENT_MESSAGES, *(c.messages for c in classes)
+        )
+        self.server_messages = message_registry(
+            CORE_SERVER_MESSAGES, *(c.server_messages for c in classes)
+        )
+        self.clock = FixedRateClock(1.0 / config.tick_rate)
+        self.table = EntityTable()
+        self.rooms = RoomRegistry(
+            RoomServices(config, self.table, self.clock, self.traffic, self.audit),
+            self.plugins,
+            room_types,
+            pseudonymous=self.policy.pseudonymous,
+        )
+        self.tick = TickLoop(self.clock, self.table, self.rooms, self.metrics, self.traffic)
+        self.assets: AssetStore | None = None
+        self.connections_by_address: dict[str, int] = {}
+        self._sessions: set[Session] = set()
+        self.sessions = SessionServices(
+            config,
+            self.rooms,
+            self.verifier,
+            self.policy,
+            self.audit,
+            self.metrics,
+            self.traffic,
+            self.client_messages,
+            self.server_messages,
+        )
+        self.metrics.rooms.set_function(lambda: len(self.rooms))
+        self.metrics.members.set_function(self.rooms.member_count)
+        self.http_auth = HttpAuth(
+            self.verifier,
+            self.audit,
+            lambda code: self.metrics.auth_refusals.labels(code).inc(),
+            self._banned,
+        )
+
+    def _banned(self, identity: Identity) -> bool:
+        """Whether ``identity`` was banned from its (live) room for this session."""
+        answer = self.rooms.entry(identity)
+        return isinstance(answer, ProtocolError) and answer.code is ErrorCode.BANNED
+
+    # ----------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        cfg = self.config
+        self.audit.log = AuditLog(cfg.data_dir, retention_days=cfg.audit_retention_days)
+        self.audit.log.append("server_start", auth="off" if cfg.no_auth else "tokens")
+        self.assets = AssetStore(cfg.data_dir)
+        context = ServerContext(
+            cfg,
+            self.metrics.registry,
+            self.audit,
+            lambda code: self.metrics.protocol_errors.labels(code).inc(),
+            self.assets,
+        )
+        for plugin in self.plugins:
+            await plugin.start(context)
+        self.tick.start()
+
+    def close_sessions(self) -> None:
+        """Close every connection: the server is going away (members may resume elsewhere)."""
+        for session in list(self._sessions):
+            session.close(CLOSE_GOING_AWAY, b"server shutting down")
+
+    async def stop(self) -> None:
+        await self.tick.stop()
+        for plugin in reversed(self.plugins):
+            await plugin.stop()
+        self.rooms.close_all()
+        if self.assets is not None:
+            self.assets.close()
+            self.assets = None
+        if self.audit.log is not None:
+            self.audit.log.append("server_stop")
+            self.audit.log.close()
+            self.audit.log = None
+
+    # ----------------------------------------------------------------- HTTP
+
+    async def websocket(self, request: web.Request) -> web.StreamResponse:
+        """``GET /ws``: aiohttp does the opening handshake, then our parser takes the
+        transport and a :class:`Session` runs the connection."""
+        cfg = self.config
+        ws = web.WebSocketResponse(
+            compress=False, max_msg_size=cfg.max_frame_bytes, autoping=False, heartbeat=None
+        )
+        await ws.prepare(request)
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            return ws
+        sock = transport.get_extra_info("socket")
+        if sock is not None and cfg.socket_send_buffer > 0:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, cfg.socket_send_buffer)
+        conn = WebSocketConnection(cfg.max_frame_bytes)
+        session = Session(self.sessions, conn, request.remote)
+        conn.attach(transport, session)  # type: ignore[arg-type]
+        addr = request.remote or "?"
+        per_addr = self.connections_by_address
+        if 0 < cfg.max_connections_per_address <= per_addr.get(addr, 0):
+            self.audit("connection_refused", peer=addr, reason="too many connections")
+            session.send_error(
+                ProtocolError(
+                    ErrorCode.TOO_MANY_CONNECTIONS, "too many connections from your address"
+                ),
+                True,
+            )
+            session.close(CLOSE_TOO_MANY_CONNECTIONS, b"too many connections")
+            return ws
+        per_addr[addr] = per_addr.get(addr, 0) + 1
+        session.start()
+        self.metrics.connections.inc()
+        self._sessions.add(session)
+        try:
+            await conn.closed
+        finally:
+            self._sessions.discard(session)
+            self.metrics.connections.dec()
+            left = per_addr.get(addr, 1) - 1
+            if left > 0:
+                per_addr[addr] = left
+            else:
+                per_addr.pop(addr, None)
+        return ws
+
+    async def health(self, request: web.Request) -> web.Response:
+        """Liveness and a summary; ``?ticks=N`` adds work-time percentiles of the last N
+        ticks."""
+        body: dict[str, object] = {
+            "status": "ok",
+            "rooms": len(self.rooms),
+            "members": self.rooms.member_count(),
+            "tick": self.clock.tick,
+            "tick_rate": self.config.tick_rate,
+            "tick_overruns": self.clock.skipped,
+        }
+        try:
+            n = int(request.query.get("ticks", "0"))
+        except ValueError:
+            raise web.HTTPBadRequest(text="ticks must be an integer") from None
+        if n > 0 and self.tick.work:
+            work = np.array(self.tick.work[-n:]) * 1000.0
+            body["tick_work_ms"] = {
+                "ticks": int(work.size),
+                "p50": round(float(np.percentile(work, 50)), 3),
+                "p99": round(float(np.percentile(work, 99)), 3),
+                "max": round(float(work.max()), 3),
+            }
+        for plugin in self.plugins:
+            body.update(plugin.health())
+        return web.Response(text=json.dumps(body), content_type="application/json")
+
+    async def prometheus(self, request: web.Request) -> web.Response:
+        return web.Response(
+            body=self.metrics.render(),
+            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
+        )
+
+
+SERVER_KEY = web.AppKey("medverse.server", Server)
+
+
+def create_app(
+    config: ServerConfig | None = None,
+    plugins: Sequence[ServerPlugin | type[RoomPlugin]] | None = None,
+    room_types: Sequence[RoomType] = (),
+) -> web.Application:
+    """The medverse application with ``config`` (embedded defaults if None).
+
+    ``plugins`` are the room plugins the server offers (default: :func:`default_plugins`);
+    ``room_types`` choose which of them a room runs by its name (rooms no type matches run
+    them all). See :mod:`medverse.server.plugins`.
+    """
     cfg = config or ServerConfig()
+    server = Server(cfg, default_plugins() if plugins is None else plugins, room_types)
     app = web.Application()
-    world = World(cfg, Metrics())
-    world.verifier = make_verifier(cfg)
-    world.add_feature(AudioFeature(world))
-    world.add_feature(ObjectsFeature(world))
-    app[CONFIG_KEY] = cfg
-    app[WORLD_KEY] = world
-    app.router.add_get("/ws", websocket_handler)
-    app.router.add_get("/health", _health)
-    app.router.add_get("/metrics", _metrics)
-    assets = AssetService(world, None)  # the store opens with the app
+    app[SERVER_KEY] = server
+    app.router.add_get("/ws", server.websocket)
+    app.router.add_get("/health", server.health)
+    app.router.add_get("/metrics", server.prometheus)
+    assets = AssetService(
+        server.http_auth, server.audit, cfg.max_asset_bytes, cfg.max_assets_per_room
+    )
     assets.routes(app)
-    AdminAPI(world).routes(app)
+    AdminAPI(server.http_auth, server.rooms, lambda: server.audit.log).routes(app)
 
     async def on_startup(app: web.Application) -> None:
-        world.audit = AuditLog(cfg.data_dir, retention_days=cfg.audit_retention_days)
-        world.audit.append("server_start", auth="off" if cfg.no_auth else "tokens")
-        assets.store = world.assets = AssetStore(cfg.data_dir)
-        for feature in world.features:
-            await feature.start()
-        world.start()
+        await server.start()
+        assets.store = server.assets  # type: ignore[assignment]
 
     async def on_shutdown(app: web.Application) -> None:
-        for room in list(world.rooms.values()):
-            for m in list(room.members.values()):
-                if m.session is not None:
-                    m.session.close(CLOSE_GOING_AWAY, b"server shutting down")
+        server.close_sessions()
 
     async def on_cleanup(app: web.Application) -> None:
-        await world.stop()
-        for feature in reversed(world.features):
-            await feature.stop()
-        if world.assets is not None:
-            world.assets.close()
-            world.assets = None
-        if world.audit is not None:
-            world.audit.append("server_stop")
-            world.audit.close()
-            world.audit = None
+        await server.stop()
 
     app.on_startup.append(on_startup)
     app.on_shutdown.append(on_shutdown)

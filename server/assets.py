@@ -26,38 +26,24 @@ import sqlite3
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import BodyPartReader, web
 
 from medverse.protocol.errors import ErrorCode, ProtocolError
-from medverse.protocol.messages import ROOM_NAME_RE
 
-from .auth import ROLE_GRANTS, Identity
+from .auth import Identity
 from .gltf import InvalidAsset, ModelInfo, pack_gltf, validate_glb
-
-if TYPE_CHECKING:
-    from .world import World
+from .httpauth import HttpAuth, http_error
 
 log = logging.getLogger("medverse.assets")
 
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _NAME_RE = re.compile(r"^[^\x00-\x1f\x7f/\\]{1,128}$")
 _CHUNK = 256 * 1024
-
-_HTTP_STATUS = {
-    ErrorCode.UNAUTHORIZED: 401,
-    ErrorCode.TOKEN_EXPIRED: 401,
-    ErrorCode.FORBIDDEN: 403,
-    ErrorCode.BANNED: 403,
-    ErrorCode.SESSION_ENDED: 403,
-    ErrorCode.NOT_FOUND: 404,
-    ErrorCode.OVERSIZED: 413,
-    ErrorCode.RATE_LIMITED: 429,
-    ErrorCode.ROOM_FULL: 409,
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,51 +212,22 @@ def _fsync_dir(path: Path) -> None:
 # --------------------------------------------------------------------------- HTTP
 
 
-def http_error(err: ProtocolError, status: int | None = None) -> web.HTTPException:
-    """A typed error as an HTTP response: the same codes as on the WebSocket, in JSON."""
-    body = json.dumps({"error": {"code": err.code.value, "message": err.message}})
-    exc = web.HTTPException(text=body, content_type="application/json")
-    exc.set_status(status or _HTTP_STATUS.get(err.code, 400))
-    return exc
-
-
-def http_identity(request: web.Request, world: World, room: str) -> Identity:
-    """Who is asking, from the bearer token for ``room``; fails closed with a typed error.
-
-    A server running without authentication treats every caller as an anonymous participant
-    who may also upload (there is nobody to grant it on such a server).
-    """
-    if not ROOM_NAME_RE.match(room):
-        raise http_error(ProtocolError(ErrorCode.OUT_OF_RANGE, "bad room name"))
-    verifier = world.verifier
-    if verifier is None:
-        grants = ROLE_GRANTS["participant"] | {"upload_assets"}
-        return Identity(f"anonymous:{request.remote}", "anonymous", room, "participant", grants)
-    auth = request.headers.get("Authorization", "")
-    scheme, _, token = auth.partition(" ")
-    try:
-        if scheme.lower() != "bearer" or not token.strip():
-            raise ProtocolError(ErrorCode.UNAUTHORIZED, "an Authorization: Bearer token is needed")
-        identity = verifier.verify(token.strip(), room)
-    except ProtocolError as err:
-        world.metrics.auth_refusals.labels(err.code.value).inc()
-        world.record(
-            "http_refused", room=room, peer=request.remote, path=request.path, code=err.code.value
-        )
-        raise http_error(err) from None
-    live = world.rooms.get(room)
-    if live is not None and identity.subject in live.banned:
-        raise http_error(ProtocolError(ErrorCode.BANNED, "you were removed from this session"))
-    return identity
-
-
 class AssetService:
     """The HTTP side of the asset store: routes, limits and audit."""
 
-    def __init__(self, world: World, store: AssetStore | None) -> None:
-        self.world = world
+    def __init__(
+        self,
+        auth: HttpAuth,
+        audit: Callable[..., None],
+        max_bytes: int,
+        max_per_room: int,
+        store: AssetStore | None = None,
+    ) -> None:
+        self._auth = auth
+        self._audit = audit
         self._store = store
-        self.max_bytes = world.config.max_asset_bytes
+        self.max_bytes = max_bytes
+        self.max_per_room = max_per_room
         self._uploads_by_address: dict[str, int] = {}
 
     @property
@@ -292,7 +249,7 @@ class AssetService:
 
     def _lookup(self, request: web.Request) -> tuple[str, Identity, AssetInfo]:
         room = request.match_info["room"]
-        identity = http_identity(request, self.world, room)
+        identity = self._auth.room_identity(request, room)
         sha = request.match_info["sha256"]
         info = self.store.info(room, sha) if SHA256_RE.match(sha) else None
         if info is None:
@@ -301,7 +258,7 @@ class AssetService:
 
     async def listing(self, request: web.Request) -> web.Response:
         room = request.match_info["room"]
-        http_identity(request, self.world, room)
+        self._auth.room_identity(request, room)
         return web.json_response({"assets": [a.to_json() for a in self.store.list(room)]})
 
     async def metadata(self, request: web.Request) -> web.Response:
@@ -317,7 +274,7 @@ class AssetService:
                 ProtocolError(ErrorCode.FORBIDDEN, "only the uploader or a host may remove it")
             )
         await asyncio.to_thread(self.store.remove, room, info.sha256)
-        self.world.record("asset_removed", room=room, actor=identity.subject, subject=info.sha256)
+        self._audit("asset_removed", room=room, actor=identity.subject, subject=info.sha256)
         return web.json_response({"removed": info.sha256})
 
     async def download(self, request: web.Request) -> web.StreamResponse:
@@ -368,7 +325,7 @@ class AssetService:
 
     async def upload(self, request: web.Request) -> web.Response:
         room = request.match_info["room"]
-        identity = http_identity(request, self.world, room)
+        identity = self._auth.room_identity(request, room)
         if not identity.can("upload_assets"):
             raise http_error(
                 ProtocolError(ErrorCode.FORBIDDEN, f"role {identity.role} may not upload assets")
@@ -377,7 +334,7 @@ class AssetService:
             raise http_error(
                 ProtocolError(ErrorCode.OVERSIZED, f"assets are limited to {self.max_bytes} bytes")
             )
-        if self.store.count(room) >= self.world.config.max_assets_per_room:
+        if self.store.count(room) >= self.max_per_room:
             raise http_error(ProtocolError(ErrorCode.ROOM_FULL, "this room has its maximum assets"))
         addr = request.remote or "?"
         busy = self._uploads_by_address.get(addr, 0)
@@ -411,7 +368,7 @@ class AssetService:
             else:
                 self._uploads_by_address.pop(addr, None)
         if new:
-            self.world.record(
+            self._audit(
                 "asset_uploaded",
                 room=room,
                 actor=identity.subject,

@@ -22,7 +22,7 @@ import fractions
 import logging
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import av
 import numpy as np
@@ -62,7 +62,8 @@ from medverse.protocol.rtc import (
 )
 from medverse.protocol.snapshot import FLAG_SPEAKING
 
-from .features import Feature
+from .clock import FixedRateClock
+from .config import ServerConfig
 from .mixer import (
     FRAME_SAMPLES,
     MAX_ITD,
@@ -77,12 +78,7 @@ from .mixer import (
     route_mask,
     spatial_gains,
 )
-
-if TYPE_CHECKING:
-    from .config import ServerConfig
-    from .room import Member, Room
-    from .session import Session
-    from .world import World
+from .plugins import MemberView, RoomContext, RoomPlugin, ServerContext, ServerPlugin
 
 log = logging.getLogger("medverse.audio")
 
@@ -218,14 +214,22 @@ def mono_of(frame: AudioFrame) -> np.ndarray:
     return pcm.sum(axis=1, dtype=np.float32) * np.float32(1 / (32768 * channels))
 
 
-class RoomAudio:
-    """A room's audio state: one slot per member in numpy arrays, peers and routing rules."""
+class RoomAudio(RoomPlugin):
+    """A room's audio: one slot per member in numpy arrays, its peers and routing rules.
 
-    def __init__(self, feature: AudioFeature, room: Room) -> None:
-        self.feature = feature
-        self.room = room
+    The server-wide :class:`SpatialAudio` runs the mixer clock and calls :meth:`mix_frame`
+    every 20 ms; this plugin handles the room's signaling and rule messages.
+    """
+
+    name = "audio"
+    messages = (AudioOffer, AudioMute, AudioZone, AudioBroadcast, AudioWhisper, AudioIgnore)
+    server_messages = (AudioAnswer, AudioRules, AudioSpeaking)
+
+    def __init__(self, ctx: RoomContext, service: SpatialAudio) -> None:
+        super().__init__(ctx)
+        self.feature = service
         self.slot_of: dict[int, int] = {}  # member id -> slot
-        self.members: dict[int, Member] = {}  # member id -> member
+        self.members: dict[int, MemberView] = {}  # member id -> member
         self.peers: dict[int, Peer] = {}
         self._free: list[int] = []
         self._alloc(8)
@@ -236,6 +240,9 @@ class RoomAudio:
         self.sent_rules: dict[int, AudioRules] = {}
         self._frames_in_window = 0
         self._gains: tuple[tuple[int, int], np.ndarray, np.ndarray] | None = None
+        self._negotiating: dict[int, asyncio.Task[None]] = {}  # member id -> task
+        self._offers: dict[int, deque[float]] = {}  # member id -> recent offer times
+        self._rules_timer: asyncio.TimerHandle | None = None
 
     # ----------------------------------------------------------------- slots
 
@@ -275,7 +282,7 @@ class RoomAudio:
         #: Publishing slots whose encoded frames we take from aiortc's receiver directly.
         self.inboxes: dict[int, SpeakerInbox] = getattr(self, "inboxes", {})
 
-    def add(self, member: Member) -> int:
+    def add(self, member: MemberView) -> int:
         if member.id in self.slot_of:
             return self.slot_of[member.id]
         if not self._free:
@@ -285,7 +292,7 @@ class RoomAudio:
         self.members[member.id] = member
         self.used[s] = True
         self.member_id[s] = member.id
-        self.row[s] = member.index
+        self.row[s] = member.row
         self.server_muted[s] = member.muted
         self.paused[s] = member.paused
         for name in ("speaker", "listener", "self_muted", "speaking"):
@@ -301,7 +308,7 @@ class RoomAudio:
         self.version += 1
         return s
 
-    def remove(self, member: Member) -> None:
+    def remove(self, member: MemberView) -> None:
         s = self.slot_of.pop(member.id, None)
         self.members.pop(member.id, None)
         self.sent_rules.pop(member.id, None)
@@ -451,7 +458,7 @@ class RoomAudio:
         """Gains and ear delays (cap, cap, 2) between every pair of slots. Poses change once
         per world tick and rules rarely, while frames come at 50 Hz: recomputed only when
         either changed."""
-        key = (self.feature.world.tick_no, self.version)
+        key = (self.ctx.tick, self.version)
         if self._gains is not None and self._gains[0] == key:
             return self._gains[1], self._gains[2]
         slots = np.arange(self.cap)
@@ -462,7 +469,7 @@ class RoomAudio:
         quat = np.zeros((self.cap, 4))
         quat[:, 3] = 1.0
         if has_row.any():
-            p, mm, ri, rc = self.feature.world.poses_of(rows[has_row])
+            p, mm, ri, rc = self.ctx.entities.poses(rows[has_row])
             present[has_row] = p
             pos[has_row] = dequantize_positions(mm)
             quat[has_row] = dequantize_rotations(ri, rc)
@@ -492,13 +499,13 @@ class RoomAudio:
         if changed.size == 0:
             return
         self.speaking = speaking
-        world = self.feature.world
+        entities = self.ctx.entities
         for s in changed.tolist():  # only members whose flag flips
             row = int(self.row[s])
             if row >= 0:
-                flags = world.flags_of(row)
+                flags = entities.flags(row)
                 on_flag = flags | FLAG_SPEAKING if speaking[s] else flags & ~FLAG_SPEAKING
-                world.set_flags(row, on_flag)
+                entities.set_flags(row, on_flag)
         now_speaking = np.flatnonzero(speaking)
         order = now_speaking[np.argsort(-self.level[now_speaking], kind="stable")]
         ids = tuple(
@@ -506,7 +513,7 @@ class RoomAudio:
         )
         if ids != self.speaking_ids:
             self.speaking_ids = ids
-            self.room.broadcast(AudioSpeaking(ids))
+            self.ctx.broadcast(AudioSpeaking(ids))
 
     def members_hidden(self, s: int) -> bool:
         m = self.members.get(int(self.member_id[s]))
@@ -535,7 +542,7 @@ class RoomAudio:
 
     def rules_for(
         self,
-        member: Member,
+        member: MemberView,
         shared: tuple[list[int], list[int], list[int], list[tuple[int, int]]] | None = None,
     ) -> AudioRules:
         """The rules as ``member`` may know them: whispers only its own unless it hosts."""
@@ -554,31 +561,296 @@ class RoomAudio:
         leave that touches no rule sends nothing to the others)."""
         self.rules_dirty = False
         shared = self._shared_rules()
-        for m in self.room.members.values():
-            if m.session is None or m.paused:
+        for m in self.ctx.members.values():
+            if not m.connected or m.paused:
                 continue
             before = self.sent_rules.get(m.id)
             rules = self.rules_for(m, shared)
             if rules != before:
-                m.session.send(rules)
+                self.ctx.send(m, rules)
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def on_create(self) -> None:
+        self.feature.rooms[self.ctx.name] = self
+
+    def on_close(self) -> None:
+        if self.feature.rooms.get(self.ctx.name) is self:
+            del self.feature.rooms[self.ctx.name]
+        for t in list(self._negotiating.values()):
+            t.cancel()
+        for p in self.peers.values():
+            self.feature.m_peers.dec()
+            self.feature.close_later(p)
+        self.peers.clear()
+
+    def on_join(self, member: MemberView) -> None:
+        self.add(member)
+        self._schedule_rules()
+
+    def on_resume(self, member: MemberView) -> None:
+        self.add(member)
+        self.ctx.send(member, self.rules_for(member))
+
+    def on_leave(self, member: MemberView, reason: str) -> None:
+        task = self._negotiating.pop(member.id, None)
+        if task is not None:
+            task.cancel()
+        self._offers.pop(member.id, None)
+        peer = self.peers.pop(member.id, None)
+        if peer is not None:
+            self.feature.close_later(peer)
+            self.feature.m_peers.dec()
+        self.remove(member)
+        self._schedule_rules()
+
+    def on_pause(self, member: MemberView, paused: bool) -> None:
+        s = self.slot_of.get(member.id)
+        if s is not None:
+            self.paused[s] = paused
+        if not paused:
+            self.ctx.send(member, self.rules_for(member))
+
+    def on_member_changed(self, member: MemberView, what: str) -> None:
+        s = self.slot_of.get(member.id)
+        if s is None:
+            return
+        if what == "muted":
+            self.server_muted[s] = member.muted  # the next 20 ms frame already leaves them out
+        elif what == "grants" and not member.can("publish_audio"):
+            # Whatever the client keeps sending is no longer read or mixed; it may still listen.
+            self.speaker[s] = False
+            self.inboxes.pop(s, None)
+
+    # ----------------------------------------------------------------- messages
+
+    def on_message(self, member: MemberView, msg: Message) -> None:
+        if isinstance(msg, AudioOffer):
+            self._on_offer(member, msg)
+        elif isinstance(msg, AudioMute):
+            self.self_muted[self._target(member.id)] = msg.muted
+            self._schedule_rules()
+        elif isinstance(msg, AudioZone):
+            self._host(member)
+            self.zone[self._target(msg.member_id)] = msg.zone
+            self._audit(member, "audio_zone", msg.member_id, zone=msg.zone)
+            self._schedule_rules()
+        elif isinstance(msg, AudioBroadcast):
+            self._host(member)
+            gain = (100 if msg.gain is None else msg.gain) / 100.0
+            self.broadcast[self._target(msg.member_id)] = gain if msg.on else 0.0
+            self._audit(member, "audio_broadcast", msg.member_id, on=msg.on, gain=round(gain * 100))
+            self._schedule_rules()
+        elif isinstance(msg, AudioWhisper):
+            if not member.can("publish_audio"):
+                raise ProtocolError(
+                    ErrorCode.FORBIDDEN, f"role {member.identity.role} may not publish_audio"
+                )
+            me = self._target(member.id)
+            if msg.target is None:
+                self.whisper[me] = -1
+            else:
+                if msg.target == member.id:
+                    raise ProtocolError(ErrorCode.BAD_FIELD, "cannot whisper to yourself")
+                self.whisper[me] = self._target(msg.target)
+            self._schedule_rules()
+        elif isinstance(msg, AudioIgnore):
+            if msg.member_id == member.id:
+                raise ProtocolError(ErrorCode.BAD_FIELD, "cannot ignore yourself")
+            self.ignore[self._target(member.id), self._target(msg.member_id)] = msg.ignore
+            self._schedule_rules()
+
+    @staticmethod
+    def _host(member: MemberView) -> None:
+        if not member.can("moderate"):
+            raise ProtocolError(
+                ErrorCode.FORBIDDEN, f"role {member.identity.role} may not moderate"
+            )
+
+    def _target(self, member_id: int) -> int:
+        s = self.slot_of.get(member_id)
+        if s is None:
+            raise ProtocolError(ErrorCode.NOT_FOUND, "no such member")
+        return s
+
+    def _audit(self, host: MemberView, kind: str, target_id: int, **fields: object) -> None:
+        """Hosts' routing changes go to the audit log (who changed what for whom, no audio)."""
+        target = self.ctx.members.get(target_id)
+        self.ctx.audit(
+            kind,
+            actor=host.identity.subject,
+            subject=target.identity.subject if target is not None else str(target_id),
+            **fields,
+        )
+
+    def _schedule_rules(self) -> None:
+        """Coalesce rule changes: members get the new rules at most every 50 ms (the mixer
+        applies them from the next frame)."""
+        self.rules_dirty = True
+        self.version += 1
+        if self._rules_timer is None:
+            self._rules_timer = self.ctx.call_later(0.05, self._flush_rules)
+
+    def _flush_rules(self) -> None:
+        self._rules_timer = None
+        if self.rules_dirty:
+            self.send_rules()
+
+    # ----------------------------------------------------------------- signaling
+
+    def _on_offer(self, member: MemberView, msg: AudioOffer) -> None:
+        if msg.publish:
+            if member.hidden:
+                raise ProtocolError(ErrorCode.FORBIDDEN, "observers only listen")
+            if not member.can("publish_audio"):
+                raise ProtocolError(
+                    ErrorCode.FORBIDDEN, f"role {member.identity.role} may not publish_audio"
+                )
+        if audio_sections(msg.sdp) != ["audio"]:
+            raise ProtocolError(ErrorCode.BAD_FIELD, "the offer must have one audio section only")
+        direction = offer_direction(msg.sdp)
+        sends = direction in ("sendrecv", "sendonly")
+        if sends and not msg.publish:
+            if member.hidden or not member.can("publish_audio"):
+                raise ProtocolError(
+                    ErrorCode.FORBIDDEN,
+                    f"role {member.identity.role} may not publish audio; offer recvonly",
+                )
+            raise ProtocolError(ErrorCode.BAD_FIELD, "publish is false but the offer sends")
+        if msg.publish and not sends:
+            raise ProtocolError(ErrorCode.BAD_FIELD, "publish is true but the offer does not send")
+        if direction == "inactive":
+            raise ProtocolError(ErrorCode.BAD_FIELD, "the offer is inactive")
+        key = member.id
+        if key in self._negotiating:
+            raise ProtocolError(ErrorCode.RATE_LIMITED, "a negotiation is already under way")
+        now = time.monotonic()
+        recent = self._offers.setdefault(key, deque())
+        while recent and now - recent[0] > 60.0:
+            recent.popleft()
+        if len(recent) >= OFFERS_PER_MINUTE:
+            raise ProtocolError(ErrorCode.RATE_LIMITED, "too many audio offers; wait a minute")
+        recent.append(now)
+        task = self.ctx.spawn(self._negotiate(member, msg))
+        self._negotiating[key] = task
+        task.add_done_callback(lambda _t: self._negotiating.pop(key, None))
+
+    async def _negotiate(self, member: MemberView, offer: AudioOffer) -> None:
+        feature = self.feature
+        cfg = self.ctx.config
+        old = self.peers.pop(member.id, None)
+        s = self.slot_of.get(member.id)
+        if s is None:
+            s = self.add(member)
+        if old is not None:
+            feature.m_peers.dec()
+            self.speaker[s] = self.listener[s] = False
+            self.inboxes.pop(s, None)
+            await old.close()
+        # Only a member allowed to publish who asked to is ever read: any track a client
+        # manages to send otherwise is never decoded or mixed.
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        out = MixTrack(cfg.audio_bitrate, cfg.audio_complexity, on_drop=feature.count_drop)
+        peer = Peer(pc, out, offer.publish)
+
+        @pc.on("connectionstatechange")
+        async def on_state() -> None:
+            if pc.connectionState == "failed" and self.peers.get(member.id) is peer:
+                log.info("audio peer of member %d failed", member.id)
+                self._drop_peer(member, peer)
+
+        try:
+            async with asyncio.timeout(NEGOTIATION_TIMEOUT):
+                await pc.setRemoteDescription(RTCSessionDescription(offer.sdp, "offer"))
+                set_jitter_prefetch(pc, cfg.audio_jitter_frames)
+                for t in pc.getTransceivers():
+                    t.setCodecPreferences(OPUS)  # the mixer decodes and encodes Opus only
+                if offer.publish:
+                    inbox = SpeakerInbox()
+                    if capture_encoded(pc, inbox):
+                        peer.inbox = inbox
+                    else:  # an aiortc without the receiver queue we replace: read the track
+                        tracks = [r.track for r in pc.getReceivers() if r.track is not None]
+                        if tracks:
+                            peer.reader = asyncio.ensure_future(self._read(member, tracks[0]))
+                pc.addTrack(out)
+                await pc.setLocalDescription(await pc.createAnswer())
+        except (Exception, asyncio.CancelledError) as exc:
+            await peer.close()
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            log.info("audio offer of member %d refused: %r", member.id, exc)
+            self.ctx.error(
+                member, ProtocolError(ErrorCode.BAD_FIELD, "the audio offer could not be used")
+            )
+            return
+        if (
+            self.members.get(member.id) is not member
+            or feature.rooms.get(self.ctx.name) is not self
+        ):
+            await peer.close()  # left while we negotiated
+            return
+        self.peers[member.id] = peer
+        feature.m_peers.inc()
+        self.listener[s] = True
+        if peer.inbox is not None:
+            self.inboxes[s] = peer.inbox
+            self.speaker[s] = True
+        self.ctx.send(member, AudioAnswer(pc.localDescription.sdp, offer.publish))
+
+    def _drop_peer(self, member: MemberView, peer: Peer) -> None:
+        self.peers.pop(member.id, None)
+        self.feature.m_peers.dec()
+        s = self.slot_of.get(member.id)
+        if s is not None:
+            self.speaker[s] = self.listener[s] = False
+            self.inboxes.pop(s, None)
+        self.feature.close_later(peer)
+
+    async def _read(self, member: MemberView, track: MediaStreamTrack) -> None:
+        """Fallback for an aiortc whose receiver we cannot tap (see ``capture_encoded``): read
+        the frames aiortc decoded in its receiver thread and keep them as mono."""
+        s = self.slot_of.get(member.id)
+        if s is None:
+            return
+        self.speaker[s] = True
+        try:
+            while True:
+                frame = await track.recv()
+                if frame.format.name != "s16":
+                    continue  # aiortc's Opus decoder gives s16; anything else is not ours
+                if self.slot_of.get(member.id) != s:
+                    return
+                self.write(s, mono_of(frame))
+        except MediaStreamError:
+            pass
+        finally:
+            if self.slot_of.get(member.id) == s:
+                self.speaker[s] = False
+
+    async def shutdown(self) -> None:
+        """Cancel negotiations and close every peer now (the server is stopping)."""
+        for t in list(self._negotiating.values()):
+            t.cancel()
+        for p in list(self.peers.values()):
+            await p.close()
+        self.peers.clear()
 
 
 def f_spatial(cfg: ServerConfig) -> Spatial:
     return Spatial(cfg.audio_ref_distance, cfg.audio_rolloff, cfg.audio_max_distance)
 
 
-class AudioFeature(Feature):
-    """Spatial audio for every room (see the module docstring)."""
+class SpatialAudio(ServerPlugin):
+    """Spatial audio for every room: one mixer clock, the metrics, and a :class:`RoomAudio`
+    per room (see the module docstring)."""
 
-    def __init__(self, world: World) -> None:
-        super().__init__()
-        self.world = world
-        self.config = world.config
+    room_plugin = RoomAudio
+
+    def __init__(self) -> None:
+        self.config = ServerConfig()
         self.rooms: dict[str, RoomAudio] = {}
         self._task: asyncio.Task[None] | None = None
-        self._negotiating: dict[int, asyncio.Task[None]] = {}  # id(member) -> task
-        self._offers: dict[int, deque[float]] = {}
-        self._rules_timer: asyncio.TimerHandle | None = None
         self._background: set[asyncio.Future[None]] = set()
         self.mixed = 0
         self.late = 0
@@ -594,7 +866,18 @@ class AudioFeature(Feature):
         #: Per frame, the longest the mixer held the event loop without yielding.
         self.slice_times: deque[float] = deque(maxlen=3000)
         self._slice = 0.0
-        r = world.metrics.registry
+        self._reported = dict.fromkeys(
+            ("mixed", "late", "dropped_in", "trimmed", "dropped_out", "degraded"), 0
+        )
+
+    def create(self, ctx: RoomContext) -> RoomPlugin:
+        return RoomAudio(ctx, self)
+
+    # ----------------------------------------------------------------- lifecycle
+
+    async def start(self, server: ServerContext) -> None:
+        self.config = server.config
+        r = server.registry
         self.m_mix = Histogram(
             "medverse_audio_mix_seconds",
             "Time to mix one 20 ms frame for every listener of every room",
@@ -616,21 +899,6 @@ class AudioFeature(Feature):
             "Speakers mixed per listener now (0: all; set when the mixer degrades)",
             registry=r,
         )
-        self._reported = dict.fromkeys(
-            ("mixed", "late", "dropped_in", "trimmed", "dropped_out", "degraded"), 0
-        )
-        self.handlers = {
-            AudioOffer: self._on_offer,
-            AudioMute: self._on_mute,
-            AudioZone: self._on_zone,
-            AudioBroadcast: self._on_broadcast,
-            AudioWhisper: self._on_whisper,
-            AudioIgnore: self._on_ignore,
-        }
-
-    # ----------------------------------------------------------------- lifecycle
-
-    async def start(self) -> None:
         restrict_ice_addresses(self.config.rtc_host_addresses)
         self._task = asyncio.get_running_loop().create_task(self._run(), name="medverse-mixer")
 
@@ -639,291 +907,19 @@ class AudioFeature(Feature):
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        for t in list(self._negotiating.values()):
-            t.cancel()
-        for ra in self.rooms.values():
-            for p in list(ra.peers.values()):
-                await p.close()
-            ra.peers.clear()
+        for ra in list(self.rooms.values()):
+            await ra.shutdown()
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
 
-    def room_created(self, room: Room) -> None:
-        self.rooms[room.name] = RoomAudio(self, room)
-
-    def room_closed(self, room: Room) -> None:
-        ra = self.rooms.pop(room.name, None)
-        if ra is not None:
-            for p in ra.peers.values():
-                self._close_later(p)
-
-    def _ra(self, member: Member) -> RoomAudio:
-        ra = self.rooms.get(member.room.name)
-        if ra is None or ra.room is not member.room:
-            ra = self.rooms[member.room.name] = RoomAudio(self, member.room)
-        return ra
-
-    def member_joined(self, member: Member) -> None:
-        ra = self._ra(member)
-        ra.add(member)
-        self._schedule_rules(ra)
-
-    def member_resumed(self, member: Member) -> None:
-        ra = self._ra(member)
-        if member.session is not None:
-            member.session.send(ra.rules_for(member))
-
-    def member_left(self, member: Member, reason: str) -> None:
-        ra = self.rooms.get(member.room.name)
-        task = self._negotiating.pop(id(member), None)
-        if task is not None:
-            task.cancel()
-        self._offers.pop(id(member), None)
-        if ra is None:
-            return
-        peer = ra.peers.pop(member.id, None)
-        if peer is not None:
-            self._close_later(peer)
-            self.m_peers.dec()
-        ra.remove(member)
-        self._schedule_rules(ra)
-
-    def member_paused(self, member: Member, paused: bool) -> None:
-        ra = self._ra(member)
-        s = ra.slot_of.get(member.id)
-        if s is not None:
-            ra.paused[s] = paused
-        if not paused and member.session is not None:
-            member.session.send(ra.rules_for(member))
-
-    def member_grants_changed(self, member: Member) -> None:
-        ra = self.rooms.get(member.room.name)
-        s = ra.slot_of.get(member.id) if ra is not None else None
-        if ra is None or s is None:
-            return
-        if not member.identity.can("publish_audio"):
-            # Whatever the client keeps sending is no longer read or mixed; it may still listen.
-            ra.speaker[s] = False
-            ra.inboxes.pop(s, None)
-
-    def member_muted(self, member: Member, muted: bool) -> None:
-        ra = self._ra(member)
-        s = ra.slot_of.get(member.id)
-        if s is not None:
-            ra.server_muted[s] = muted  # the next 20 ms frame already leaves them out
-
-    # ----------------------------------------------------------------- signaling
-
-    def _on_offer(self, session: Session, member: Member, msg: Message) -> None:
-        assert isinstance(msg, AudioOffer)
-        if msg.publish:
-            if member.hidden:
-                raise ProtocolError(ErrorCode.FORBIDDEN, "observers only listen")
-            member.identity.require("publish_audio")
-        if audio_sections(msg.sdp) != ["audio"]:
-            raise ProtocolError(ErrorCode.BAD_FIELD, "the offer must have one audio section only")
-        direction = offer_direction(msg.sdp)
-        sends = direction in ("sendrecv", "sendonly")
-        if sends and not msg.publish:
-            if member.hidden or not member.identity.can("publish_audio"):
-                raise ProtocolError(
-                    ErrorCode.FORBIDDEN,
-                    f"role {member.identity.role} may not publish audio; offer recvonly",
-                )
-            raise ProtocolError(ErrorCode.BAD_FIELD, "publish is false but the offer sends")
-        if msg.publish and not sends:
-            raise ProtocolError(ErrorCode.BAD_FIELD, "publish is true but the offer does not send")
-        if direction == "inactive":
-            raise ProtocolError(ErrorCode.BAD_FIELD, "the offer is inactive")
-        key = id(member)
-        if key in self._negotiating:
-            raise ProtocolError(ErrorCode.RATE_LIMITED, "a negotiation is already under way")
-        now = time.monotonic()
-        recent = self._offers.setdefault(key, deque())
-        while recent and now - recent[0] > 60.0:
-            recent.popleft()
-        if len(recent) >= OFFERS_PER_MINUTE:
-            raise ProtocolError(ErrorCode.RATE_LIMITED, "too many audio offers; wait a minute")
-        recent.append(now)
-        task = asyncio.get_running_loop().create_task(self._negotiate(member, msg))
-        self._negotiating[key] = task
-        task.add_done_callback(lambda _t: self._negotiating.pop(key, None))
-
-    async def _negotiate(self, member: Member, offer: AudioOffer) -> None:
-        ra = self._ra(member)
-        old = ra.peers.pop(member.id, None)
-        s = ra.slot_of.get(member.id)
-        if s is None:
-            s = ra.add(member)
-        if old is not None:
-            self.m_peers.dec()
-            ra.speaker[s] = ra.listener[s] = False
-            ra.inboxes.pop(s, None)
-            await old.close()
-        # Only a member allowed to publish who asked to is ever read: any track a client
-        # manages to send otherwise is never decoded or mixed.
-        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        out = MixTrack(
-            self.config.audio_bitrate, self.config.audio_complexity, on_drop=self._count_drop
-        )
-        peer = Peer(pc, out, offer.publish)
-
-        @pc.on("connectionstatechange")
-        async def on_state() -> None:
-            if pc.connectionState == "failed" and ra.peers.get(member.id) is peer:
-                log.info("audio peer of member %d failed", member.id)
-                self._drop_peer(ra, member, peer)
-
-        try:
-            async with asyncio.timeout(NEGOTIATION_TIMEOUT):
-                await pc.setRemoteDescription(RTCSessionDescription(offer.sdp, "offer"))
-                set_jitter_prefetch(pc, self.config.audio_jitter_frames)
-                for t in pc.getTransceivers():
-                    t.setCodecPreferences(OPUS)  # the mixer decodes and encodes Opus only
-                if offer.publish:
-                    inbox = SpeakerInbox()
-                    if capture_encoded(pc, inbox):
-                        peer.inbox = inbox
-                    else:  # an aiortc without the receiver queue we replace: read the track
-                        tracks = [r.track for r in pc.getReceivers() if r.track is not None]
-                        if tracks:
-                            peer.reader = asyncio.ensure_future(self._read(ra, member, tracks[0]))
-                pc.addTrack(out)
-                await pc.setLocalDescription(await pc.createAnswer())
-        except (Exception, asyncio.CancelledError) as exc:
-            await peer.close()
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            log.info("audio offer of member %d refused: %r", member.id, exc)
-            if member.session is not None:
-                member.session.send_error(
-                    ProtocolError(ErrorCode.BAD_FIELD, "the audio offer could not be used")
-                )
-            return
-        if ra.members.get(member.id) is not member or self.rooms.get(ra.room.name) is not ra:
-            await peer.close()  # left while we negotiated
-            return
-        ra.peers[member.id] = peer
-        self.m_peers.inc()
-        ra.listener[s] = True
-        if peer.inbox is not None:
-            ra.inboxes[s] = peer.inbox
-            ra.speaker[s] = True
-        if member.session is not None:
-            member.session.send(AudioAnswer(pc.localDescription.sdp, offer.publish))
-
-    def _drop_peer(self, ra: RoomAudio, member: Member, peer: Peer) -> None:
-        ra.peers.pop(member.id, None)
-        self.m_peers.dec()
-        s = ra.slot_of.get(member.id)
-        if s is not None:
-            ra.speaker[s] = ra.listener[s] = False
-            ra.inboxes.pop(s, None)
-        self._close_later(peer)
-
-    def _close_later(self, peer: Peer) -> None:
+    def close_later(self, peer: Peer) -> None:
+        """Close a peer in the background (closing waits for aiortc's transports)."""
         task = asyncio.ensure_future(peer.close())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _read(self, ra: RoomAudio, member: Member, track: MediaStreamTrack) -> None:
-        """Fallback for an aiortc whose receiver we cannot tap (see ``capture_encoded``): read
-        the frames aiortc decoded in its receiver thread and keep them as mono."""
-        s = ra.slot_of.get(member.id)
-        if s is None:
-            return
-        ra.speaker[s] = True
-        try:
-            while True:
-                frame = await track.recv()
-                if frame.format.name != "s16":
-                    continue  # aiortc's Opus decoder gives s16; anything else is not ours
-                if ra.slot_of.get(member.id) != s:
-                    return
-                ra.write(s, mono_of(frame))
-        except MediaStreamError:
-            pass
-        finally:
-            if ra.slot_of.get(member.id) == s:
-                ra.speaker[s] = False
-
-    def _count_drop(self) -> None:
+    def count_drop(self) -> None:
         self.dropped_out += 1
-
-    # ----------------------------------------------------------------- rules
-
-    def _schedule_rules(self, ra: RoomAudio) -> None:
-        """Coalesce rule changes: members get the new rules at most every 50 ms (the mixer
-        applies them from the next frame)."""
-        ra.rules_dirty = True
-        ra.version += 1
-        if self._rules_timer is None:
-            self._rules_timer = asyncio.get_running_loop().call_later(0.05, self._flush_rules)
-
-    def _flush_rules(self) -> None:
-        self._rules_timer = None
-        for ra in self.rooms.values():
-            if ra.rules_dirty:
-                ra.send_rules()
-
-    def _target(self, ra: RoomAudio, member_id: int) -> int:
-        s = ra.slot_of.get(member_id)
-        if s is None:
-            raise ProtocolError(ErrorCode.NOT_FOUND, "no such member")
-        return s
-
-    def _on_mute(self, session: Session, member: Member, msg: Message) -> None:
-        assert isinstance(msg, AudioMute)
-        ra = self._ra(member)
-        ra.self_muted[self._target(ra, member.id)] = msg.muted
-        self._schedule_rules(ra)
-
-    def _on_zone(self, session: Session, member: Member, msg: Message) -> None:
-        assert isinstance(msg, AudioZone)
-        member.identity.require("moderate")
-        ra = self._ra(member)
-        ra.zone[self._target(ra, msg.member_id)] = msg.zone
-        self._audit(member, "audio_zone", msg.member_id, zone=msg.zone)
-        self._schedule_rules(ra)
-
-    def _on_broadcast(self, session: Session, member: Member, msg: Message) -> None:
-        assert isinstance(msg, AudioBroadcast)
-        member.identity.require("moderate")
-        ra = self._ra(member)
-        gain = (100 if msg.gain is None else msg.gain) / 100.0
-        ra.broadcast[self._target(ra, msg.member_id)] = gain if msg.on else 0.0
-        self._audit(member, "audio_broadcast", msg.member_id, on=msg.on, gain=round(gain * 100))
-        self._schedule_rules(ra)
-
-    def _audit(self, host: Member, kind: str, target_id: int, **fields: object) -> None:
-        """Hosts' routing changes go to the audit log (who changed what for whom, no audio)."""
-        target = host.room.members.get(target_id)
-        self.world.record(
-            kind,
-            room=host.room.name,
-            actor=host.identity.subject,
-            subject=target.identity.subject if target is not None else str(target_id),
-            **fields,
-        )
-
-    def _on_whisper(self, session: Session, member: Member, msg: Message) -> None:
-        assert isinstance(msg, AudioWhisper)
-        member.identity.require("publish_audio")
-        ra = self._ra(member)
-        me = self._target(ra, member.id)
-        if msg.target is None:
-            ra.whisper[me] = -1
-        else:
-            if msg.target == member.id:
-                raise ProtocolError(ErrorCode.BAD_FIELD, "cannot whisper to yourself")
-            ra.whisper[me] = self._target(ra, msg.target)
-        self._schedule_rules(ra)
-
-    def _on_ignore(self, session: Session, member: Member, msg: Message) -> None:
-        assert isinstance(msg, AudioIgnore)
-        ra = self._ra(member)
-        if msg.member_id == member.id:
-            raise ProtocolError(ErrorCode.BAD_FIELD, "cannot ignore yourself")
-        ra.ignore[self._target(ra, member.id), self._target(ra, msg.member_id)] = msg.ignore
-        self._schedule_rules(ra)
 
     # ----------------------------------------------------------------- the mixer clock
 
@@ -935,21 +931,13 @@ class AudioFeature(Feature):
         return cfg.audio_max_speakers
 
     async def _run(self) -> None:
-        """Mix every 20 ms, drift-corrected; a frame whose time has passed is skipped."""
-        loop = asyncio.get_running_loop()
+        """Mix every 20 ms on the fixed-rate clock; a frame whose time has passed is skipped."""
         budget = self.config.audio_mix_budget_ms / 1000.0
-        start = loop.time()
-        n = 0
+        clock = FixedRateClock(FRAME_SECONDS)
         while True:
-            n += 1
-            due = start + n * FRAME_SECONDS
-            delay = due - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            lag = loop.time() - due
-            if lag >= FRAME_SECONDS:
-                skip = int(lag / FRAME_SECONDS)
-                n += skip
+            n, skip = await clock.next()
+            due = clock.due(n)
+            if skip:
                 self.late += skip
                 self._degrade_left = DEGRADE_FRAMES
             self._slice = 0.0
@@ -969,7 +957,7 @@ class AudioFeature(Feature):
                     jobs += ra.mix_frame(time.monotonic(), decode=False)
                     work += self._took(t0)
                 except Exception:
-                    log.exception("audio mix failed in room %s", ra.room.name)
+                    log.exception("audio mix failed in room %s", ra.ctx.name)
             if work > budget:
                 self._degrade_left = DEGRADE_FRAMES
             elif self._degrade_left > 0:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import os
 import sqlite3
 import struct
@@ -356,6 +357,29 @@ class AuditLog:
 
 
 # --------------------------------------------------------------------------- verification
+
+
+class AuditRecorder:
+    """Where the server's parts record security-relevant events: appends to the audit log once
+    it is open (``log``), and never lets a failing append break a session or a room."""
+
+    def __init__(self) -> None:
+        self.log: AuditLog | None = None
+
+    def __call__(
+        self,
+        kind: str,
+        room: str | None = None,
+        actor: str | None = None,
+        subject: str | None = None,
+        **fields: Any,
+    ) -> None:
+        if self.log is None:
+            return
+        try:
+            self.log.append(kind, room=room, actor=actor, subject=subject, **fields)
+        except Exception:
+            logging.getLogger("medverse.audit").exception("audit append failed")
 
 
 @dataclass

@@ -1,12 +1,12 @@
-"""Shared 3D objects in rooms: spawning assets, exclusive leases, moves, view state,
+"""Shared 3D objects, as a room plugin: spawning assets, exclusive leases, moves, view state,
 annotations, and their persistence.
 
-Object transforms live in the world's entity table (ids from ``OBJECT_ID_BASE``), so they travel
-in the same delta-coded tick state as avatars and an object at rest costs one bit per tick.
+Object transforms are entities of the room's tick state (ids from ``OBJECT_ID_BASE``), so they
+travel in the same delta-coded state as avatars and an object at rest costs one bit per tick.
 Leases are in memory only (nobody holds anything after a restart). Everything else is
-committed to the :class:`~server.store.ObjectStore` by one writer thread, in request order, and
-becomes visible (broadcast) and acknowledged only once durable; moved transforms are written
-every ``object_flush_interval`` seconds.
+committed to the :class:`~.store.ObjectStore` by one writer thread shared by every room
+(:class:`SharedObjects`), in request order, and becomes visible (broadcast) and acknowledged
+only once durable; moved transforms are written every ``object_flush_interval`` seconds.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -55,13 +55,9 @@ from medverse.protocol.objects import (
 )
 from medverse.protocol.quant import quantize_positions, quantize_rotations
 
-from .features import Feature
+from .assets import AssetStore
+from .plugins import MemberView, RoomContext, RoomPlugin, ServerContext, ServerPlugin
 from .store import ObjectStore, SQLiteObjectStore, StoredAnnotation, StoredObject, TransformRow
-
-if TYPE_CHECKING:
-    from .room import Member, Room
-    from .session import Session
-    from .world import World
 
 log = logging.getLogger("medverse.objects")
 
@@ -88,8 +84,8 @@ class LiveObject:
     """An object of an open room: its stored record, state row and lease."""
 
     rec: StoredObject
-    row: int  # row block in the world's entity table
-    holder: Member | None = None
+    row: int  # row block in the room's entities
+    holder: MemberView | None = None
     last_active: float = 0.0  # when the holder last did something with it (monotonic)
     requests: set[int] = field(default_factory=set)  # member ids asking for a hand-over
     last_seq: int = -1  # the holder's newest applied move
@@ -97,64 +93,574 @@ class LiveObject:
     annotations: int = 0  # how many annotations it carries
 
 
-@dataclass(eq=False)
-class RoomObjects:
+class RoomObjects(RoomPlugin):
     """The objects and annotations of one open room."""
 
-    room: Room
-    objects: dict[int, LiveObject]
-    annotations: dict[int, StoredAnnotation]  # insertion order = seq order
-    next_object_id: int
-    next_annotation_id: int
-    seq: int
-    spawning: int = 0  # spawns being committed (count towards the room's limit)
+    name = "objects"
+    messages = (
+        Spawn,
+        Grab,
+        Release,
+        RequestHandover,
+        Yield,
+        SetView,
+        Remove,
+        ForceRelease,
+        Annotate,
+        EditAnnotation,
+        DeleteAnnotation,
+    )
+    server_messages = (
+        ObjectState,
+        ObjectRemoved,
+        ObjectsSynced,
+        LockChanged,
+        HandoverRequested,
+        ViewState,
+        AnnotationState,
+        AnnotationDeleted,
+        ObjectAck,
+        ObjectRefused,
+    )
+    frame_kinds = (FRAME_MOVE,)
 
-
-class ObjectsFeature(Feature):
-    """The shared-objects feature (register with ``world.add_feature``)."""
-
-    def __init__(self, world: World, store: ObjectStore | None = None) -> None:
-        super().__init__()
-        self.world = world
-        self.config = world.config
-        self._store = store
-        self.rooms: dict[str, RoomObjects] = {}
-        self._writer: ThreadPoolExecutor | None = None
-        self._timers: dict[str, asyncio.TimerHandle] = {}
-        self._held: set[LiveObject] = set()
-        self._dirty: set[LiveObject] = set()  # moved since the last flush
+    def __init__(self, ctx: RoomContext, service: SharedObjects) -> None:
+        super().__init__(ctx)
+        self.service = service
+        self.objects: dict[int, LiveObject] = {}
+        self.annotations: dict[int, StoredAnnotation] = {}  # insertion order = seq order
+        self.next_object_id = 1
+        self.next_annotation_id = 1
+        self.seq = 0
+        self.spawning = 0  # spawns being committed (count towards the room's limit)
+        self.loaded = False
         self._moved: set[LiveObject] = set()  # moved since the last tick
-        # id(member) -> (tokens, monotonic time of the last refill)
+        # member id -> (tokens, monotonic time of the last refill) for refused moves
         self._refusal_tokens: dict[int, tuple[float, float]] = {}
-        self.handlers.update(
-            {
-                Spawn: self._guard(self._spawn),
-                Grab: self._guard(self._grab),
-                Release: self._guard(self._release),
-                RequestHandover: self._guard(self._request),
-                Yield: self._guard(self._yield),
-                SetView: self._guard(self._set_view),
-                Remove: self._guard(self._remove),
-                ForceRelease: self._guard(self._force_release),
-                Annotate: self._guard(self._annotate),
-                EditAnnotation: self._guard(self._edit_annotation),
-                DeleteAnnotation: self._guard(self._delete_annotation),
-            }
-        )
-        self.binary_handlers[FRAME_MOVE] = self._move
+        self._handlers: dict[type[Message], Callable[[MemberView, Any], None]] = {
+            Spawn: self._spawn,
+            Grab: self._grab,
+            Release: self._release,
+            RequestHandover: self._request,
+            Yield: self._yield,
+            SetView: self._set_view,
+            Remove: self._remove,
+            ForceRelease: self._force_release,
+            Annotate: self._annotate,
+            EditAnnotation: self._edit_annotation,
+            DeleteAnnotation: self._delete_annotation,
+        }
 
     # ----------------------------------------------------------------- lifecycle
 
+    def on_create(self) -> None:
+        """Bring the room's stored objects back."""
+        record = self.service.load(self.ctx.name)
+        self.annotations = {a.id: a for a in record.annotations}
+        self.next_object_id = record.next_object_id
+        self.next_annotation_id = record.next_annotation_id
+        self.seq = record.seq
+        for rec in record.objects:
+            self.objects[rec.id] = self._materialize(rec)
+        for a in record.annotations:
+            if a.object_id in self.objects:
+                self.objects[a.object_id].annotations += 1
+        self.loaded = True
+        self.service.rooms[self.ctx.name] = self
+
+    def on_close(self) -> None:
+        service = self.service
+        service.flush(self.ctx.name)
+        for obj in self.objects.values():
+            service.held.discard(obj)
+            self.ctx.entities.free(obj.row)
+        self._moved.clear()
+        if service.rooms.get(self.ctx.name) is self:
+            del service.rooms[self.ctx.name]
+
+    def _alive(self) -> bool:
+        """Whether this room is still open (a commit may finish after it closed)."""
+        return self.service.rooms.get(self.ctx.name) is self
+
+    def _materialize(self, rec: StoredObject) -> LiveObject:
+        row = self.ctx.entities.alloc(entity_id(rec.id), OBJECT_SLOTS)
+        obj = LiveObject(rec, row)
+        self._write_states([obj])
+        return obj
+
+    def _write_states(self, objs: list[LiveObject]) -> None:
+        """Quantize the objects' transforms and scales into their state rows in one batch."""
+        n = len(objs)
+        recs = [o.rec for o in objs]
+        pos = np.zeros((n, OBJECT_SLOTS, 3), np.int64)
+        pos[:, 0] = quantize_positions(np.array([r.position for r in recs]))
+        pos[:, 1, 0] = [scale_to_state(r.scale) for r in recs]
+        index = np.zeros((n, OBJECT_SLOTS), np.uint8)
+        rot = np.zeros((n, OBJECT_SLOTS, 3), np.int64)
+        index[:, 0], rot[:, 0] = quantize_rotations(np.array([r.rotation for r in recs]))
+        index[:, 1], rot[:, 1] = _IDENTITY_INDEX, _IDENTITY_ROT
+        rows = np.fromiter((o.row for o in objs), np.int64, n)
+        self.ctx.entities.write(rows, np.ones((n, OBJECT_SLOTS), np.bool_), pos, index, rot)
+
+    def on_tick(self, tick: int) -> None:
+        """Write the transforms moved since the last tick (latest wins) in one batch."""
+        if self._moved:
+            objs = [o for o in self._moved if not o.removing]
+            self._moved.clear()
+            if objs:
+                self._write_states(objs)
+
+    # ----------------------------------------------------------------- members
+
+    def on_join(self, member: MemberView) -> None:
+        self._send_all(member)
+
+    def on_resume(self, member: MemberView) -> None:
+        self._send_all(member)  # it may have missed changes while disconnected
+
+    def on_pause(self, member: MemberView, paused: bool) -> None:
+        if paused:
+            self._drop_member(member, "paused")
+        else:
+            self._send_all(member)  # it received nothing while paused
+
+    def on_disconnect(self, member: MemberView) -> None:
+        self._drop_member(member, "disconnected")
+
+    def on_leave(self, member: MemberView, reason: str) -> None:
+        self._drop_member(member, "left")
+        self._refusal_tokens.pop(member.id, None)
+
+    def _drop_member(self, member: MemberView, reason: str) -> None:
+        """End the member's leases and hand-over requests at once."""
+        for obj in self.objects.values():
+            obj.requests.discard(member.id)
+            if obj.holder is member:
+                self.set_holder(obj, None, reason)
+
+    def _send_all(self, member: MemberView) -> None:
+        if not member.connected or member.paused:
+            return  # a paused member gets everything when it comes back
+        send = self.ctx.send
+        live = [o for o in self.objects.values() if not o.removing]
+        for obj in live:
+            send(member, self._state_msg(obj))
+        annos = [a for a in self.annotations.values() if a.object_id in self.objects]
+        for a in annos:
+            send(member, _anno_msg(a))
+        send(member, ObjectsSynced(len(live), len(annos)))
+
+    @staticmethod
+    def _state_msg(obj: LiveObject) -> ObjectState:
+        r = obj.rec
+        return ObjectState(
+            r.id,
+            r.asset,
+            r.name,
+            r.author,
+            r.position,
+            r.rotation,
+            r.scale,
+            r.nodes,
+            r.plane,
+            obj.holder.id if obj.holder is not None else None,
+        )
+
+    # ----------------------------------------------------------------- plumbing
+
+    def on_message(self, member: MemberView, msg: Message) -> None:
+        """Run the operation; a refusal is answered with ``obj_refused`` carrying its request
+        id (never raised: object clients match answers to requests)."""
+        try:
+            self._handlers[type(msg)](member, msg)
+        except ProtocolError as err:
+            self.service.count_refusal(err)
+            self.ctx.send(
+                member,
+                ObjectRefused(
+                    msg.req,  # type: ignore[attr-defined]
+                    err.code.value,
+                    err.message[:1024],
+                    getattr(err, "object_id", None) or getattr(msg, "object_id", None),
+                    getattr(err, "holder", None),
+                ),
+            )
+
+    @staticmethod
+    def _allowed(member: MemberView, grant: str) -> None:
+        if member.hidden:
+            raise Refusal(ErrorCode.FORBIDDEN, "observers receive only")
+        if member.paused:
+            raise Refusal(ErrorCode.FORBIDDEN, "paused members act on nothing")
+        if not member.can(grant):
+            raise Refusal(ErrorCode.FORBIDDEN, f"role {member.identity.role} may not {grant}")
+
+    def _object(self, object_id: int) -> LiveObject:
+        obj = self.objects.get(object_id)
+        if obj is None or obj.removing:
+            raise Refusal(ErrorCode.NOT_FOUND, f"no object {object_id}", object_id)
+        return obj
+
+    @staticmethod
+    def _locked(obj: LiveObject) -> Refusal:
+        h = obj.holder
+        assert h is not None
+        return Refusal(
+            ErrorCode.OBJECT_LOCKED,
+            f"object {obj.rec.id} is held by {h.name} (member {h.id})",
+            obj.rec.id,
+            h.id,
+        )
+
+    def set_holder(self, obj: LiveObject, holder: MemberView | None, why: str) -> None:
+        obj.holder = holder
+        obj.last_seq = -1
+        if holder is None:
+            self.service.held.discard(obj)
+        else:
+            obj.requests.discard(holder.id)
+            obj.last_active = time.monotonic()
+            self.service.held.add(obj)
+        self.ctx.broadcast(LockChanged(obj.rec.id, why, holder.id if holder else None))
+
+    def _record(self, kind: str, member: MemberView, subject: str, **fields: object) -> None:
+        self.ctx.audit(kind, actor=member.identity.subject, subject=subject, **fields)
+
+    def _failed(self, member: MemberView, req: int) -> Callable[[], None]:
+        return lambda: self.ctx.send(member, ObjectRefused(req, "internal", "storage failed"))
+
+    # ----------------------------------------------------------------- objects
+
+    def _spawn(self, member: MemberView, msg: Spawn) -> None:
+        self._allowed(member, "manipulate_objects")
+        room = self.ctx.name
+        assets = self.service.assets
+        if assets is not None and assets.info(room, msg.asset) is None:
+            raise Refusal(ErrorCode.NOT_FOUND, "no such asset in this room")
+        if len(self.objects) + self.spawning >= self.ctx.config.max_objects_per_room:
+            raise Refusal(ErrorCode.LIMIT_REACHED, "the room holds its maximum of objects")
+        oid = self.next_object_id
+        self.next_object_id += 1
+        rec = StoredObject(
+            room,
+            oid,
+            msg.asset,
+            msg.name or f"object {oid}",
+            member.name,
+            member.identity.subject,
+            time.time(),
+            msg.position,
+            msg.rotation,
+            msg.scale,
+        )
+        self.spawning += 1
+
+        def done() -> None:
+            self.spawning -= 1
+            if not self._alive():
+                return  # the room closed meanwhile; it is stored and comes back next time
+            obj = self.objects[oid] = self._materialize(rec)
+            self._record("object_spawned", member, f"object:{oid}", asset=msg.asset)
+            self.ctx.broadcast(self._state_msg(obj))
+            self.ctx.send(member, ObjectAck(msg.req, oid))
+
+        def failed() -> None:
+            self.spawning -= 1
+            self.ctx.send(member, ObjectRefused(msg.req, "internal", "storage failed"))
+
+        self.service.commit(self.service.store.put_object, replace(rec), done=done, failed=failed)
+
+    def _grab(self, member: MemberView, msg: Grab) -> None:
+        self._allowed(member, "manipulate_objects")
+        obj = self._object(msg.object_id)
+        if obj.holder is None:
+            self.set_holder(obj, member, "grab")
+        elif obj.holder is not member:
+            raise self._locked(obj)
+        else:
+            obj.last_active = time.monotonic()
+        self.ctx.send(member, ObjectAck(msg.req, msg.object_id))
+
+    def _release(self, member: MemberView, msg: Release) -> None:
+        self._allowed(member, "manipulate_objects")
+        obj = self._object(msg.object_id)
+        if obj.holder is None:
+            raise Refusal(ErrorCode.NOT_HOLDER, "nobody holds this object", msg.object_id)
+        if obj.holder is not member:
+            raise self._locked(obj)
+        self.set_holder(obj, None, "release")
+        self.ctx.send(member, ObjectAck(msg.req, msg.object_id))
+
+    def _request(self, member: MemberView, msg: RequestHandover) -> None:
+        self._allowed(member, "manipulate_objects")
+        obj = self._object(msg.object_id)
+        if obj.holder is None:
+            self.set_holder(obj, member, "grab")
+        elif obj.holder is not member:
+            obj.requests.add(member.id)
+            self.ctx.send(obj.holder, HandoverRequested(obj.rec.id, member.id))
+        self.ctx.send(member, ObjectAck(msg.req, msg.object_id))
+
+    def _yield(self, member: MemberView, msg: Yield) -> None:
+        self._allowed(member, "manipulate_objects")
+        obj = self._object(msg.object_id)
+        if obj.holder is not member:
+            if obj.holder is None:
+                raise Refusal(ErrorCode.NOT_HOLDER, "you do not hold this object", msg.object_id)
+            raise self._locked(obj)
+        target = self.ctx.members.get(msg.to)
+        if target is None or msg.to not in obj.requests or not target.connected:
+            raise Refusal(ErrorCode.NOT_FOUND, f"member {msg.to} has not asked for it")
+        self.set_holder(obj, target, "handover")
+        self.ctx.send(member, ObjectAck(msg.req, msg.object_id))
+
+    def _force_release(self, member: MemberView, msg: ForceRelease) -> None:
+        self._allowed(member, "moderate")
+        obj = self._object(msg.object_id)
+        if obj.holder is not None:
+            self._record(
+                "object_force_released",
+                member,
+                f"object:{obj.rec.id}",
+                holder=obj.holder.identity.subject,
+            )
+            self.set_holder(obj, None, "forced")
+        self.ctx.send(member, ObjectAck(msg.req, msg.object_id))
+
+    def _set_view(self, member: MemberView, msg: SetView) -> None:
+        self._allowed(member, "manipulate_objects")
+        obj = self._object(msg.object_id)
+        rec = obj.rec
+        nodes = {**rec.nodes, **(msg.nodes or {})}
+        if len(nodes) > 64:
+            raise Refusal(ErrorCode.LIMIT_REACHED, "at most 64 nodes in a visibility map")
+        rec.nodes = nodes
+        if msg.plane is not None:
+            rec.plane = msg.plane
+        if obj.holder is member:
+            obj.last_active = time.monotonic()
+        view = ViewState(rec.id, dict(nodes), rec.plane)
+
+        def done() -> None:
+            if self._alive():
+                self.ctx.broadcast(view)
+            self.ctx.send(member, ObjectAck(msg.req, rec.id))
+
+        self.service.commit(
+            self.service.store.put_object,
+            replace(rec),
+            done=done,
+            failed=self._failed(member, msg.req),
+        )
+
+    def _remove(self, member: MemberView, msg: Remove) -> None:
+        self._allowed(member, "manipulate_objects")
+        obj = self._object(msg.object_id)
+        if obj.holder is not None and obj.holder is not member:
+            raise self._locked(obj)
+        obj.removing = True
+        oid = obj.rec.id
+
+        def done() -> None:
+            self.service.held.discard(obj)
+            self.service.dirty.discard(obj)
+            if self._alive() and self.objects.get(oid) is obj:
+                del self.objects[oid]
+                self.ctx.entities.free(obj.row)
+                for aid in [a.id for a in self.annotations.values() if a.object_id == oid]:
+                    del self.annotations[aid]
+                self.ctx.broadcast(ObjectRemoved(oid, member.id))
+            self._record("object_removed", member, f"object:{oid}")
+            self.ctx.send(member, ObjectAck(msg.req, oid))
+
+        def failed() -> None:
+            obj.removing = False
+            self.ctx.send(member, ObjectRefused(msg.req, "internal", "storage failed"))
+
+        self.service.commit(
+            self.service.store.delete_object, self.ctx.name, oid, self.seq, done=done, failed=failed
+        )
+
+    def on_frame(self, member: MemberView, frame: bytes) -> None:
+        """A holder's new transform: applied to the state row at the next tick (latest wins);
+        a non-holder's is refused and changes nothing."""
+        mv = decode_move(frame)
+        if isinstance(mv, ProtocolError):
+            raise mv
+        if member.paused:
+            return  # nothing of a paused member reaches the room
+        obj = self.objects.get(mv.object_id)
+        try:
+            self._allowed(member, "manipulate_objects")
+            if obj is None or obj.removing:
+                raise Refusal(ErrorCode.NOT_FOUND, f"no object {mv.object_id}", mv.object_id)
+            if obj.holder is not member:
+                if obj.holder is None:
+                    raise Refusal(ErrorCode.NOT_HOLDER, "grab the object first", mv.object_id)
+                raise self._locked(obj)
+        except Refusal as err:
+            # Moves arrive at up to 90 Hz: refusals are answered at most
+            # MOVE_REFUSALS_PER_SECOND per member (a token bucket), the rest only counted.
+            now = time.monotonic()
+            rate = MOVE_REFUSALS_PER_SECOND
+            tokens, stamp = self._refusal_tokens.get(member.id, (rate, now))
+            tokens = min(rate, tokens + (now - stamp) * rate)
+            self.service.count_refusal(err)
+            self._refusal_tokens[member.id] = (tokens - 1.0 if tokens >= 1.0 else tokens, now)
+            if tokens >= 1.0:
+                self.ctx.send(
+                    member,
+                    ObjectRefused(mv.seq, err.code.value, err.message, mv.object_id, err.holder),
+                )
+            return
+        if mv.seq <= obj.last_seq:
+            return  # older than a move already applied
+        obj.last_seq = mv.seq
+        obj.last_active = time.monotonic()
+        rec = obj.rec
+        rec.position, rec.rotation, rec.scale = mv.position, mv.rotation, mv.scale
+        self.service.dirty.add(obj)
+        self._moved.add(obj)  # quantized with the others at the next tick
+
+    # ----------------------------------------------------------------- annotations
+
+    def _announce(
+        self, kind: str, member: MemberView, anno: StoredAnnotation, out: Message, req: int
+    ) -> Callable[[], None]:
+        """What follows a committed annotation change: the audit entry (ids and authors, never
+        the text), the broadcast (if the room is still open) and the author's ack."""
+
+        def done() -> None:
+            self._record(
+                kind,
+                member,
+                f"annotation:{anno.id}",
+                object=anno.object_id,
+                author=anno.author_subject,
+            )
+            if self._alive():
+                self.ctx.broadcast(out)
+            self.ctx.send(member, ObjectAck(req, anno.object_id, anno.id))
+
+        return done
+
+    def _annotate(self, member: MemberView, msg: Annotate) -> None:
+        self._allowed(member, "annotate")
+        obj = self._object(msg.object_id)
+        _check_points(msg.kind, msg.points)
+        if obj.annotations >= self.ctx.config.max_annotations_per_object:
+            raise Refusal(ErrorCode.LIMIT_REACHED, "the object carries its maximum of annotations")
+        aid = self.next_annotation_id
+        self.next_annotation_id += 1
+        self.seq += 1
+        anno = StoredAnnotation(
+            self.ctx.name,
+            aid,
+            obj.rec.id,
+            msg.kind,
+            msg.points,
+            msg.text,
+            msg.color,
+            member.name,
+            member.identity.subject,
+            member.id,
+            time.time(),
+            None,
+            self.seq,
+        )
+        self.annotations[aid] = anno
+        obj.annotations += 1
+        done = self._announce("annotation_created", member, anno, _anno_msg(anno), msg.req)
+        self.service.commit(
+            self.service.store.put_annotation, anno, done=done, failed=self._failed(member, msg.req)
+        )
+
+    def _own_annotation(self, member: MemberView, aid: int) -> StoredAnnotation:
+        self._allowed(member, "annotate")
+        anno = self.annotations.get(aid)
+        if anno is None or anno.object_id not in self.objects:
+            raise Refusal(ErrorCode.NOT_FOUND, f"no annotation {aid}")
+        if anno.author_subject != member.identity.subject and not member.can("moderate"):
+            raise Refusal(ErrorCode.FORBIDDEN, "only its author or a host may change it")
+        return anno
+
+    def _edit_annotation(self, member: MemberView, msg: EditAnnotation) -> None:
+        old = self._own_annotation(member, msg.annotation_id)
+        if msg.points is not None:
+            _check_points(old.kind, msg.points)
+        self.seq += 1
+        anno = replace(
+            old,
+            text=msg.text if msg.text is not None else old.text,
+            points=msg.points if msg.points is not None else old.points,
+            color=msg.color if msg.color is not None else old.color,
+            edited=time.time(),
+            seq=self.seq,
+        )
+        self.annotations.pop(anno.id)  # re-insert: the dict stays in seq order
+        self.annotations[anno.id] = anno
+        done = self._announce("annotation_edited", member, anno, _anno_msg(anno), msg.req)
+        self.service.commit(
+            self.service.store.put_annotation, anno, done=done, failed=self._failed(member, msg.req)
+        )
+
+    def _delete_annotation(self, member: MemberView, msg: DeleteAnnotation) -> None:
+        anno = self._own_annotation(member, msg.annotation_id)
+        self.seq += 1
+        seq = self.seq
+        del self.annotations[anno.id]
+        self.objects[anno.object_id].annotations -= 1
+        out = AnnotationDeleted(anno.id, anno.object_id, seq)
+        done = self._announce("annotation_deleted", member, anno, out, msg.req)
+        self.service.commit(
+            self.service.store.delete_annotation,
+            self.ctx.name,
+            anno.id,
+            seq,
+            done=done,
+            failed=self._failed(member, msg.req),
+        )
+
+
+class SharedObjects(ServerPlugin):
+    """The shared-objects plugin: one storage writer for every room, and per room a
+    :class:`RoomObjects`."""
+
+    def __init__(self, store: ObjectStore | None = None) -> None:
+        self._store = store
+        self._writer: ThreadPoolExecutor | None = None
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self.assets: AssetStore | None = None
+        self._count_error: Callable[[str], None] = lambda code: None
+        self.lease_timeout = 5.0
+        self.flush_interval = 0.5
+        self.rooms: dict[str, RoomObjects] = {}
+        #: Objects with a holder (for the lease timeout) and objects moved since the last flush.
+        self.held: set[LiveObject] = set()
+        self.dirty: set[LiveObject] = set()
+
+    room_plugin = RoomObjects
+
+    def create(self, ctx: RoomContext) -> RoomPlugin:
+        return RoomObjects(ctx, self)
+
     @property
     def store(self) -> ObjectStore:
-        assert self._store is not None, "the feature is not started"
+        assert self._store is not None, "the plugin is not started"
         return self._store
 
-    async def start(self) -> None:
+    # ----------------------------------------------------------------- lifecycle
+
+    async def start(self, server: ServerContext) -> None:
+        cfg = server.config
+        self.assets = server.assets
+        self._count_error = server.count_error
+        self.lease_timeout = cfg.object_lease_timeout
+        self.flush_interval = cfg.object_flush_interval
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="medverse-objects")
         if self._store is None:
             self._store = await asyncio.get_running_loop().run_in_executor(
-                self._writer, SQLiteObjectStore, self.config.data_dir
+                self._writer, SQLiteObjectStore, cfg.data_dir
             )
         self._flush_tick()
         self._sweep_tick()
@@ -175,24 +681,34 @@ class ObjectsFeature(Feature):
     def _flush_tick(self) -> None:
         self.flush()
         loop = asyncio.get_running_loop()
-        interval = self.config.object_flush_interval
-        self._timers["flush"] = loop.call_later(interval, self._flush_tick)
+        self._timers["flush"] = loop.call_later(self.flush_interval, self._flush_tick)
 
     def _sweep_tick(self) -> None:
         """End leases whose holder has been idle for longer than the lease timeout."""
-        if self._held:
-            cutoff = time.monotonic() - self.config.object_lease_timeout
-            for obj in [o for o in self._held if o.last_active < cutoff]:
+        if self.held:
+            cutoff = time.monotonic() - self.lease_timeout
+            for obj in [o for o in self.held if o.last_active < cutoff]:
                 ro = self.rooms.get(obj.rec.room)
                 if ro is not None:
-                    self._set_holder(ro, obj, None, "timeout")
-        interval = min(0.25, self.config.object_lease_timeout / 4)
+                    ro.set_holder(obj, None, "timeout")
+        interval = min(0.25, self.lease_timeout / 4)
         self._timers["sweep"] = asyncio.get_running_loop().call_later(interval, self._sweep_tick)
+
+    def count_refusal(self, err: ProtocolError) -> None:
+        """Count a refused operation with the server's protocol errors (by code)."""
+        self._count_error(err.code.value)
+
+    # ----------------------------------------------------------------- storage
+
+    def load(self, room: str) -> Any:
+        """Everything stored about ``room`` (waits for earlier writes of the same room)."""
+        assert self._writer is not None
+        return self._writer.submit(self.store.load_room, room).result()
 
     def flush(self, room: str | None = None) -> None:
         """Queue the moved objects' transforms (of one room, or all) for writing."""
-        picked = [o for o in self._dirty if room is None or o.rec.room == room]
-        self._dirty.difference_update(picked)
+        picked = [o for o in self.dirty if room is None or o.rec.room == room]
+        self.dirty.difference_update(picked)
         rows = [
             TransformRow(o.rec.room, o.rec.id, o.rec.position, o.rec.rotation, o.rec.scale)
             for o in picked
@@ -207,7 +723,7 @@ class ObjectsFeature(Feature):
         except Exception:
             log.exception("writing %d object transforms failed", len(rows))
 
-    def _commit(
+    def commit(
         self,
         fn: Callable[..., None],
         *args: Any,
@@ -229,520 +745,6 @@ class ObjectsFeature(Feature):
                 done()
 
         fut.add_done_callback(finished)
-
-    # ----------------------------------------------------------------- rooms
-
-    def room_created(self, room: Room) -> None:
-        """Bring the room's stored objects back (waits for earlier writes of the same room)."""
-        if self._writer is None:
-            return
-        record = self._writer.submit(self.store.load_room, room.name).result()
-        ro = RoomObjects(
-            room,
-            {},
-            {a.id: a for a in record.annotations},
-            record.next_object_id,
-            record.next_annotation_id,
-            record.seq,
-        )
-        for rec in record.objects:
-            ro.objects[rec.id] = self._materialize(room, rec)
-        for a in record.annotations:
-            if a.object_id in ro.objects:
-                ro.objects[a.object_id].annotations += 1
-        self.rooms[room.name] = ro
-
-    def room_closed(self, room: Room) -> None:
-        ro = self.rooms.get(room.name)
-        if ro is None or ro.room is not room:
-            return
-        self.flush(room.name)
-        for obj in ro.objects.values():
-            self._held.discard(obj)
-            self._moved.discard(obj)
-            self.world.free_entity(obj.row)
-        del self.rooms[room.name]
-
-    def _materialize(self, room: Room, rec: StoredObject) -> LiveObject:
-        row = self.world.alloc_entity(room, entity_id(rec.id), OBJECT_SLOTS)
-        obj = LiveObject(rec, row)
-        self._write_state(obj)
-        return obj
-
-    def _write_state(self, obj: LiveObject) -> None:
-        self._write_states([obj])
-
-    def _write_states(self, objs: list[LiveObject]) -> None:
-        """Quantize the objects' transforms and scales into their state rows in one batch."""
-        n = len(objs)
-        recs = [o.rec for o in objs]
-        pos = np.zeros((n, OBJECT_SLOTS, 3), np.int64)
-        pos[:, 0] = quantize_positions(np.array([r.position for r in recs]))
-        pos[:, 1, 0] = [scale_to_state(r.scale) for r in recs]
-        index = np.zeros((n, OBJECT_SLOTS), np.uint8)
-        rot = np.zeros((n, OBJECT_SLOTS, 3), np.int64)
-        index[:, 0], rot[:, 0] = quantize_rotations(np.array([r.rotation for r in recs]))
-        index[:, 1], rot[:, 1] = _IDENTITY_INDEX, _IDENTITY_ROT
-        rows = np.fromiter((o.row for o in objs), np.int64, n)
-        self.world.write_entities(rows, np.ones((n, OBJECT_SLOTS), np.bool_), pos, index, rot)
-
-    def before_tick(self, tick: int) -> None:
-        """Write the transforms moved since the last tick (latest wins) in one batch."""
-        if self._moved:
-            objs = [o for o in self._moved if not o.removing]
-            self._moved.clear()
-            if objs:
-                self._write_states(objs)
-
-    def _room(self, member: Member) -> RoomObjects:
-        ro = self.rooms.get(member.room.name)
-        if ro is None or ro.room is not member.room:
-            raise Refusal(ErrorCode.INTERNAL, "the room's objects are not loaded")
-        return ro
-
-    # ----------------------------------------------------------------- members
-
-    def member_joined(self, member: Member) -> None:
-        self._send_all(member)
-
-    def member_resumed(self, member: Member) -> None:
-        self._send_all(member)  # it may have missed changes while disconnected
-
-    def member_paused(self, member: Member, paused: bool) -> None:
-        if paused:
-            self._drop_member(member, "paused")
-        else:
-            self._send_all(member)  # it received nothing while paused
-
-    def member_disconnected(self, member: Member) -> None:
-        self._drop_member(member, "disconnected")
-
-    def member_left(self, member: Member, reason: str) -> None:
-        self._drop_member(member, "left")
-        self._refusal_tokens.pop(id(member), None)
-
-    def _drop_member(self, member: Member, reason: str) -> None:
-        """End the member's leases and hand-over requests at once."""
-        ro = self.rooms.get(member.room.name)
-        if ro is None:
-            return
-        for obj in ro.objects.values():
-            obj.requests.discard(member.id)
-            if obj.holder is member:
-                self._set_holder(ro, obj, None, reason)
-
-    def _send_all(self, member: Member) -> None:
-        s = member.session
-        ro = self.rooms.get(member.room.name)
-        if s is None or ro is None or member.paused:
-            return  # a paused member gets everything when it comes back
-        live = [o for o in ro.objects.values() if not o.removing]
-        for obj in live:
-            s.send(self._state_msg(obj))
-        annos = [a for a in ro.annotations.values() if a.object_id in ro.objects]
-        for a in annos:
-            s.send(_anno_msg(a))
-        s.send(ObjectsSynced(len(live), len(annos)))
-
-    @staticmethod
-    def _state_msg(obj: LiveObject) -> ObjectState:
-        r = obj.rec
-        return ObjectState(
-            r.id,
-            r.asset,
-            r.name,
-            r.author,
-            r.position,
-            r.rotation,
-            r.scale,
-            r.nodes,
-            r.plane,
-            obj.holder.id if obj.holder is not None else None,
-        )
-
-    # ----------------------------------------------------------------- plumbing
-
-    def _guard(
-        self, fn: Callable[[Session, Member, Any], None]
-    ) -> Callable[[Session, Member, Message], None]:
-        """Answer a refused operation with ``obj_refused`` carrying its request id."""
-
-        def handler(session: Session, member: Member, msg: Message) -> None:
-            try:
-                fn(session, member, msg)
-            except ProtocolError as err:
-                self.world.metrics.protocol_errors.labels(err.code.value).inc()
-                session.send(
-                    ObjectRefused(
-                        msg.req,  # type: ignore[attr-defined]
-                        err.code.value,
-                        err.message[:1024],
-                        getattr(err, "object_id", None) or getattr(msg, "object_id", None),
-                        getattr(err, "holder", None),
-                    )
-                )
-
-        return handler
-
-    @staticmethod
-    def _allowed(member: Member, grant: str) -> None:
-        if member.hidden:
-            raise Refusal(ErrorCode.FORBIDDEN, "observers receive only")
-        if member.paused:
-            raise Refusal(ErrorCode.FORBIDDEN, "paused members act on nothing")
-        if not member.identity.can(grant):
-            raise Refusal(ErrorCode.FORBIDDEN, f"role {member.identity.role} may not {grant}")
-
-    @staticmethod
-    def _object(ro: RoomObjects, object_id: int) -> LiveObject:
-        obj = ro.objects.get(object_id)
-        if obj is None or obj.removing:
-            raise Refusal(ErrorCode.NOT_FOUND, f"no object {object_id}", object_id)
-        return obj
-
-    @staticmethod
-    def _locked(obj: LiveObject) -> Refusal:
-        h = obj.holder
-        assert h is not None
-        return Refusal(
-            ErrorCode.OBJECT_LOCKED,
-            f"object {obj.rec.id} is held by {h.name} (member {h.id})",
-            obj.rec.id,
-            h.id,
-        )
-
-    @staticmethod
-    def _reply(member: Member, msg: Message) -> None:
-        s = member.session
-        if s is not None and not member.paused:
-            s.send(msg)
-
-    def _set_holder(
-        self, ro: RoomObjects, obj: LiveObject, holder: Member | None, why: str
-    ) -> None:
-        obj.holder = holder
-        obj.last_seq = -1
-        if holder is None:
-            self._held.discard(obj)
-        else:
-            obj.requests.discard(holder.id)
-            obj.last_active = time.monotonic()
-            self._held.add(obj)
-        ro.room.broadcast(LockChanged(obj.rec.id, why, holder.id if holder else None))
-
-    def _record(self, kind: str, member: Member, subject: str, **fields: object) -> None:
-        self.world.record(
-            kind, room=member.room.name, actor=member.identity.subject, subject=subject, **fields
-        )
-
-    # ----------------------------------------------------------------- objects
-
-    def _spawn(self, session: Session, member: Member, msg: Spawn) -> None:
-        self._allowed(member, "manipulate_objects")
-        ro = self._room(member)
-        checker = getattr(self.world, "assets", None)
-        if checker is not None and checker.info(member.room.name, msg.asset) is None:
-            raise Refusal(ErrorCode.NOT_FOUND, "no such asset in this room")
-        if len(ro.objects) + ro.spawning >= self.config.max_objects_per_room:
-            raise Refusal(ErrorCode.LIMIT_REACHED, "the room holds its maximum of objects")
-        oid = ro.next_object_id
-        ro.next_object_id += 1
-        rec = StoredObject(
-            member.room.name,
-            oid,
-            msg.asset,
-            msg.name or f"object {oid}",
-            member.name,
-            member.identity.subject,
-            time.time(),
-            msg.position,
-            msg.rotation,
-            msg.scale,
-        )
-        ro.spawning += 1
-
-        def done() -> None:
-            ro.spawning -= 1
-            if self.rooms.get(ro.room.name) is not ro:
-                return  # the room closed meanwhile; it is stored and comes back next time
-            obj = ro.objects[oid] = self._materialize(ro.room, rec)
-            self._record("object_spawned", member, f"object:{oid}", asset=msg.asset)
-            ro.room.broadcast(self._state_msg(obj))
-            self._reply(member, ObjectAck(msg.req, oid))
-
-        def failed() -> None:
-            ro.spawning -= 1
-            self._reply(member, ObjectRefused(msg.req, "internal", "storage failed"))
-
-        self._commit(self.store.put_object, replace(rec), done=done, failed=failed)
-
-    def _grab(self, session: Session, member: Member, msg: Grab) -> None:
-        self._allowed(member, "manipulate_objects")
-        ro = self._room(member)
-        obj = self._object(ro, msg.object_id)
-        if obj.holder is None:
-            self._set_holder(ro, obj, member, "grab")
-        elif obj.holder is not member:
-            raise self._locked(obj)
-        else:
-            obj.last_active = time.monotonic()
-        session.send(ObjectAck(msg.req, msg.object_id))
-
-    def _release(self, session: Session, member: Member, msg: Release) -> None:
-        self._allowed(member, "manipulate_objects")
-        ro = self._room(member)
-        obj = self._object(ro, msg.object_id)
-        if obj.holder is None:
-            raise Refusal(ErrorCode.NOT_HOLDER, "nobody holds this object", msg.object_id)
-        if obj.holder is not member:
-            raise self._locked(obj)
-        self._set_holder(ro, obj, None, "release")
-        session.send(ObjectAck(msg.req, msg.object_id))
-
-    def _request(self, session: Session, member: Member, msg: RequestHandover) -> None:
-        self._allowed(member, "manipulate_objects")
-        ro = self._room(member)
-        obj = self._object(ro, msg.object_id)
-        if obj.holder is None:
-            self._set_holder(ro, obj, member, "grab")
-        elif obj.holder is not member:
-            obj.requests.add(member.id)
-            self._reply(obj.holder, HandoverRequested(obj.rec.id, member.id))
-        session.send(ObjectAck(msg.req, msg.object_id))
-
-    def _yield(self, session: Session, member: Member, msg: Yield) -> None:
-        self._allowed(member, "manipulate_objects")
-        ro = self._room(member)
-        obj = self._object(ro, msg.object_id)
-        if obj.holder is not member:
-            if obj.holder is None:
-                raise Refusal(ErrorCode.NOT_HOLDER, "you do not hold this object", msg.object_id)
-            raise self._locked(obj)
-        target = member.room.members.get(msg.to)
-        if target is None or msg.to not in obj.requests or target.session is None:
-            raise Refusal(ErrorCode.NOT_FOUND, f"member {msg.to} has not asked for it")
-        self._set_holder(ro, obj, target, "handover")
-        session.send(ObjectAck(msg.req, msg.object_id))
-
-    def _force_release(self, session: Session, member: Member, msg: ForceRelease) -> None:
-        self._allowed(member, "moderate")
-        ro = self._room(member)
-        obj = self._object(ro, msg.object_id)
-        if obj.holder is not None:
-            self._record(
-                "object_force_released",
-                member,
-                f"object:{obj.rec.id}",
-                holder=obj.holder.identity.subject,
-            )
-            self._set_holder(ro, obj, None, "forced")
-        session.send(ObjectAck(msg.req, msg.object_id))
-
-    def _set_view(self, session: Session, member: Member, msg: SetView) -> None:
-        self._allowed(member, "manipulate_objects")
-        ro = self._room(member)
-        obj = self._object(ro, msg.object_id)
-        rec = obj.rec
-        nodes = {**rec.nodes, **(msg.nodes or {})}
-        if len(nodes) > 64:
-            raise Refusal(ErrorCode.LIMIT_REACHED, "at most 64 nodes in a visibility map")
-        rec.nodes = nodes
-        if msg.plane is not None:
-            rec.plane = msg.plane
-        if obj.holder is member:
-            obj.last_active = time.monotonic()
-        view = ViewState(rec.id, dict(nodes), rec.plane)
-
-        def done() -> None:
-            if self.rooms.get(ro.room.name) is ro:
-                ro.room.broadcast(view)
-            self._reply(member, ObjectAck(msg.req, rec.id))
-
-        self._commit(self.store.put_object, replace(rec), done=done, failed=self._fail(member, msg))
-
-    def _fail(self, member: Member, msg: Any) -> Callable[[], None]:
-        return lambda: self._reply(member, ObjectRefused(msg.req, "internal", "storage failed"))
-
-    def _remove(self, session: Session, member: Member, msg: Remove) -> None:
-        self._allowed(member, "manipulate_objects")
-        ro = self._room(member)
-        obj = self._object(ro, msg.object_id)
-        if obj.holder is not None and obj.holder is not member:
-            raise self._locked(obj)
-        obj.removing = True
-        oid = obj.rec.id
-
-        def done() -> None:
-            self._held.discard(obj)
-            self._dirty.discard(obj)
-            if self.rooms.get(ro.room.name) is ro and ro.objects.get(oid) is obj:
-                del ro.objects[oid]
-                self.world.free_entity(obj.row)
-                for aid in [a.id for a in ro.annotations.values() if a.object_id == oid]:
-                    del ro.annotations[aid]
-                ro.room.broadcast(ObjectRemoved(oid, member.id))
-            self._record("object_removed", member, f"object:{oid}")
-            self._reply(member, ObjectAck(msg.req, oid))
-
-        def failed() -> None:
-            obj.removing = False
-            self._reply(member, ObjectRefused(msg.req, "internal", "storage failed"))
-
-        self._commit(self.store.delete_object, ro.room.name, oid, ro.seq, done=done, failed=failed)
-
-    def _move(self, session: Session, member: Member, frame: bytes) -> None:
-        """A holder's new transform: applied at once to the state row (the next tick sends
-        it); a non-holder's is refused and changes nothing."""
-        mv = decode_move(frame)
-        if isinstance(mv, ProtocolError):
-            raise mv
-        if member.paused:
-            return  # nothing of a paused member reaches the room
-        ro = self.rooms.get(member.room.name)
-        obj = ro.objects.get(mv.object_id) if ro is not None else None
-        try:
-            self._allowed(member, "manipulate_objects")
-            if obj is None or obj.removing:
-                raise Refusal(ErrorCode.NOT_FOUND, f"no object {mv.object_id}", mv.object_id)
-            if obj.holder is not member:
-                if obj.holder is None:
-                    raise Refusal(ErrorCode.NOT_HOLDER, "grab the object first", mv.object_id)
-                raise self._locked(obj)
-        except Refusal as err:
-            now = time.monotonic()
-            rate = MOVE_REFUSALS_PER_SECOND
-            tokens, stamp = self._refusal_tokens.get(id(member), (rate, now))
-            tokens = min(rate, tokens + (now - stamp) * rate)
-            self.world.metrics.protocol_errors.labels(err.code.value).inc()
-            self._refusal_tokens[id(member)] = (tokens - 1.0 if tokens >= 1.0 else tokens, now)
-            if tokens >= 1.0:
-                session.send(
-                    ObjectRefused(mv.seq, err.code.value, err.message, mv.object_id, err.holder)
-                )
-            return
-        if mv.seq <= obj.last_seq:
-            return  # older than a move already applied
-        obj.last_seq = mv.seq
-        obj.last_active = time.monotonic()
-        rec = obj.rec
-        rec.position, rec.rotation, rec.scale = mv.position, mv.rotation, mv.scale
-        self._dirty.add(obj)
-        self._moved.add(obj)  # quantized with the others at the next tick
-
-    # ----------------------------------------------------------------- annotations
-
-    def _annotate(self, session: Session, member: Member, msg: Annotate) -> None:
-        self._allowed(member, "annotate")
-        ro = self._room(member)
-        obj = self._object(ro, msg.object_id)
-        _check_points(msg.kind, msg.points)
-        if obj.annotations >= self.config.max_annotations_per_object:
-            raise Refusal(ErrorCode.LIMIT_REACHED, "the object carries its maximum of annotations")
-        aid = ro.next_annotation_id
-        ro.next_annotation_id += 1
-        ro.seq += 1
-        anno = StoredAnnotation(
-            member.room.name,
-            aid,
-            obj.rec.id,
-            msg.kind,
-            msg.points,
-            msg.text,
-            msg.color,
-            member.name,
-            member.identity.subject,
-            member.id,
-            time.time(),
-            None,
-            ro.seq,
-        )
-        ro.annotations[aid] = anno
-        obj.annotations += 1
-        out = _anno_msg(anno)
-
-        def done() -> None:
-            self._record(
-                "annotation_created",
-                member,
-                f"annotation:{aid}",
-                object=obj.rec.id,
-                author=anno.author_subject,
-            )
-            if self.rooms.get(ro.room.name) is ro:
-                ro.room.broadcast(out)
-            self._reply(member, ObjectAck(msg.req, obj.rec.id, aid))
-
-        self._commit(self.store.put_annotation, anno, done=done, failed=self._fail(member, msg))
-
-    def _own_annotation(self, member: Member, ro: RoomObjects, aid: int) -> StoredAnnotation:
-        self._allowed(member, "annotate")
-        anno = ro.annotations.get(aid)
-        if anno is None or anno.object_id not in ro.objects:
-            raise Refusal(ErrorCode.NOT_FOUND, f"no annotation {aid}")
-        if anno.author_subject != member.identity.subject and not member.identity.can("moderate"):
-            raise Refusal(ErrorCode.FORBIDDEN, "only its author or a host may change it")
-        return anno
-
-    def _edit_annotation(self, session: Session, member: Member, msg: EditAnnotation) -> None:
-        ro = self._room(member)
-        old = self._own_annotation(member, ro, msg.annotation_id)
-        if msg.points is not None:
-            _check_points(old.kind, msg.points)
-        ro.seq += 1
-        anno = replace(
-            old,
-            text=msg.text if msg.text is not None else old.text,
-            points=msg.points if msg.points is not None else old.points,
-            color=msg.color if msg.color is not None else old.color,
-            edited=time.time(),
-            seq=ro.seq,
-        )
-        ro.annotations.pop(anno.id)  # re-insert: the dict stays in seq order
-        ro.annotations[anno.id] = anno
-        out = _anno_msg(anno)
-
-        def done() -> None:
-            self._record(
-                "annotation_edited",
-                member,
-                f"annotation:{anno.id}",
-                object=anno.object_id,
-                author=anno.author_subject,
-            )
-            if self.rooms.get(ro.room.name) is ro:
-                ro.room.broadcast(out)
-            self._reply(member, ObjectAck(msg.req, anno.object_id, anno.id))
-
-        self._commit(self.store.put_annotation, anno, done=done, failed=self._fail(member, msg))
-
-    def _delete_annotation(self, session: Session, member: Member, msg: DeleteAnnotation) -> None:
-        ro = self._room(member)
-        anno = self._own_annotation(member, ro, msg.annotation_id)
-        ro.seq += 1
-        seq = ro.seq
-        del ro.annotations[anno.id]
-        ro.objects[anno.object_id].annotations -= 1
-
-        def done() -> None:
-            self._record(
-                "annotation_deleted",
-                member,
-                f"annotation:{anno.id}",
-                object=anno.object_id,
-                author=anno.author_subject,
-            )
-            if self.rooms.get(ro.room.name) is ro:
-                ro.room.broadcast(AnnotationDeleted(anno.id, anno.object_id, seq))
-            self._reply(member, ObjectAck(msg.req, anno.object_id, anno.id))
-
-        self._commit(
-            self.store.delete_annotation,
-            ro.room.name,
-            anno.id,
-            seq,
-            done=done,
-            failed=self._fail(member, msg),
-        )
 
 
 def _check_points(kind: str, points: tuple[Any, ...]) -> None:

@@ -1,171 +1,674 @@
-"""Rooms and their members: membership, lifecycle and the per-room part of the fan-out."""
+"""A room: its members and lobby, its plugins, and its part of every tick's fan-out.
+
+Connections reach their room through a few methods (``join``, ``submit_pose``, ``handle``,
+``handle_frame``, ``set_paused``, ``leave``, ``disconnected``, ``reattach``) and the room
+reaches a connection only through the :class:`Link` it was given, so neither writes the other's
+state. Everything room-specific beyond membership and avatars (moderation, audio, shared
+objects, an application's own logic) is a plugin (:mod:`medverse.server.plugins`); the room
+calls their hooks and gives each of them this room's :class:`~.plugins.RoomContext`.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 
-from medverse.protocol.messages import Joined, Left, MemberInfo, Message, encode_message
+import numpy as np
+
+from medverse.protocol.errors import ErrorCode, ProtocolError
+from medverse.protocol.messages import (
+    PROTOCOL_VERSION,
+    Joined,
+    Left,
+    MemberInfo,
+    Message,
+    Welcome,
+    encode_message,
+    pose_sequence,
+)
 from medverse.protocol.snapshot import state_header
 
 from .auth import Identity
+from .clock import FixedRateClock
+from .config import ServerConfig
+from .entities import EntityTable
+from .metrics import Traffic
+from .plugins import MemberView, RoomPlugin, ServerPlugin, Wait
 from .wsframe import binary_frame
 
-if TYPE_CHECKING:
-    from .session import Session
-    from .world import World
+log = logging.getLogger("medverse.room")
+
+#: Close codes the room asks a connection to close with (RFC 6455 private range).
+CLOSE_REPLACED = 4002
+CLOSE_MODERATION = 4010
 
 
-@dataclass(eq=False)
+class Link(Protocol):
+    """A member's connection as the room sees it: ways to write to it and to close it."""
+
+    def send(self, msg: Message) -> bool:
+        """Send one control message; False if the connection is gone."""
+
+    def write(self, frame: bytes) -> bool:
+        """Write one prebuilt WebSocket frame; False if the connection is gone."""
+
+    def offer(self, frame: bytes, soft_limit: int) -> bool:
+        """Write ``frame`` unless more than ``soft_limit`` bytes are still unsent (latest
+        wins: a reader that is behind skips it); False if not written."""
+
+    def backlog(self) -> int:
+        """Bytes written but not yet sent."""
+
+    def send_error(self, err: ProtocolError, fatal: bool = False) -> None:
+        """Send a typed error (rate limited unless fatal)."""
+
+    def close(self, code: int, reason: bytes) -> None:
+        """Close the connection with a WebSocket close code."""
+
+    def admitted(self, member: Member) -> None:
+        """The connection, waiting in the lobby, is now ``member`` (a host admitted it)."""
+
+
 class Member:
-    """One member of a room. ``session`` is None while the member may still resume."""
+    """One member of a room (a :class:`~.plugins.MemberView` for plugins).
 
-    id: int
-    identity: Identity
-    slots: int
-    room: Room
-    index: int  # row block in the world's entity table; -1 for hidden members (no avatar)
-    session: Session | None = None
-    resume_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
-    last_seq: int = -1
-    needs_keyframe: bool = True
-    grace: asyncio.TimerHandle | None = None
-    paused: bool = False  # stepped out: invisible to others, receives nothing
-    muted: bool = False  # audio muted on the server by a host
-    unmute_requested: bool = False
+    Only this module writes a member's fields; ``link`` is None while the connection is down
+    and the member may still resume.
+    """
 
-    @property
-    def name(self) -> str:
-        """What others see: the pseudonym in pseudonymous rooms, else the display name."""
-        if self.room.pseudonymous:
-            return self.identity.pseudonym or f"Participant {self.id}"
-        return self.identity.name
+    __slots__ = (
+        "grace",
+        "id",
+        "identity",
+        "last_seq",
+        "link",
+        "muted",
+        "name",
+        "needs_keyframe",
+        "paused",
+        "resume_token",
+        "row",
+        "slots",
+    )
+
+    def __init__(
+        self, mid: int, identity: Identity, slots: int, row: int, link: Link, name: str
+    ) -> None:
+        self.id = mid
+        self.identity = identity
+        self.slots = slots
+        self.row = row  # avatar row block in the entity table; -1 for hidden members
+        self.link: Link | None = link
+        self.name = name
+        self.resume_token = secrets.token_urlsafe(24)
+        self.last_seq = -1
+        self.needs_keyframe = True
+        self.grace: asyncio.TimerHandle | None = None
+        self.paused = False
+        self.muted = False
 
     @property
     def hidden(self) -> bool:
         return self.identity.hidden
 
+    @property
+    def connected(self) -> bool:
+        return self.link is not None
+
+    def can(self, grant: str) -> bool:
+        return grant in self.identity.grants
+
     def info(self) -> MemberInfo:
         return MemberInfo(self.id, self.name)
 
+    def pose_refused(self) -> None:
+        """The tick's validation refused this member's pose (see ``EntityTable``)."""
+        if self.link is not None:
+            self.link.send_error(
+                ProtocolError(
+                    ErrorCode.OUT_OF_RANGE,
+                    "pose has NaN, infinity, an absurd position or a quaternion far from unit "
+                    "length",
+                )
+            )
+
+
+@dataclass
+class RoomServices:
+    """What the core gives every room: settings, the shared entity table and clock, the audit
+    log and the traffic counters."""
+
+    config: ServerConfig
+    table: EntityTable
+    clock: FixedRateClock
+    traffic: Traffic
+    #: ``audit(kind, room=..., actor=..., subject=..., **fields)``; never raises.
+    audit: Callable[..., None]
+
+
+@dataclass
+class LobbyEntry:
+    """A connection waiting in the lobby."""
+
+    identity: Identity
+    slots: int
+    link: Link
+
+
+class _RoomEntities:
+    """The room's view of the entity table (see :class:`~.plugins.Entities`)."""
+
+    __slots__ = ("_segment", "_table")
+
+    def __init__(self, table: EntityTable, segment: int) -> None:
+        self._table = table
+        self._segment = segment
+
+    def alloc(self, entity_id: int, slots: int) -> int:
+        return self._table.alloc(self._segment, entity_id, slots)
+
+    def free(self, row: int) -> None:
+        self._table.free(row)
+
+    def write(
+        self,
+        rows: np.ndarray,
+        present: np.ndarray,
+        pos: np.ndarray,
+        rot_index: np.ndarray,
+        rot: np.ndarray,
+    ) -> None:
+        self._table.write(rows, present, pos, rot_index, rot)
+
+    def poses(
+        self, rows: np.ndarray, slot: int = 0
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        return self._table.poses(rows, slot)
+
+    def flags(self, row: int) -> int:
+        return self._table.flags(row)
+
+    def set_flags(self, row: int, flags: int) -> None:
+        self._table.set_flags(row, flags)
+
 
 class Room:
-    """A room: created on first join, closed ``linger`` seconds after its last member left.
+    """A room: created on first join, closed ``room_linger`` seconds after its last member left.
 
-    The entity state lives in the world's arrays; the room keeps who is in it, turns the world
-    encoder's body for its segment into frames, and writes them to its members.
+    It is its plugins' :class:`~.plugins.RoomContext`.
     """
 
-    def __init__(self, world: World, name: str, segment: int, tick0: int) -> None:
-        self.world = world
+    def __init__(
+        self,
+        name: str,
+        segment: int,
+        services: RoomServices,
+        plugins: Sequence[ServerPlugin],
+        *,
+        kind: str = "default",
+        pseudonymous: bool = False,
+        on_empty: Callable[[Room], None] = lambda room: None,
+    ) -> None:
         self.name = name
+        self.kind = kind
+        #: The room's id in the tick state (high bits of its entities' keys).
         self.segment = segment
-        self.tick0 = tick0  # world tick at which this room's clock starts
-        self.members: dict[int, Member] = {}
+        self._services = services
+        self._config = services.config
+        self._table = services.table
+        self._clock = services.clock
+        self._traffic = services.traffic
+        self.tick0 = services.clock.tick  # world tick at which this room's clock starts
+        self.pseudonymous = pseudonymous
+        self._members: dict[int, Member] = {}
+        self._by_token: dict[str, Member] = {}
+        self._lobby: dict[int, LobbyEntry] = {}
         self._next_id = 1
-        self._last_tick: int | None = None  # room tick of the last frame sent
-        self.close_timer: asyncio.TimerHandle | None = None
-        self.keyframe_wanted = False
-        self.last_keyframe_tick = -(10**9)  # world tick of the room's last keyframe
-        self.entry = "open"  # open | lobby | locked
-        self.pseudonymous = False  # members appear only under pseudonyms
-        self.ended = False
-        self.banned: set[str] = set()  # token subjects barred for this session
-        self.lobby: dict[int, Session] = {}  # lobby id -> waiting connection
         self._next_lobby_id = 1
+        self._on_empty = on_empty
+        self._last_tick: int | None = None  # room tick of the last state frame sent
+        self._keyframe_wanted = False
+        self._last_keyframe_tick = -(10**9)  # world tick of the room's last keyframe
+        self.ended = False
+        self.closed = False
+        self._timers: set[asyncio.TimerHandle] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.entities = _RoomEntities(services.table, segment)
+        self.plugins: list[RoomPlugin] = [p.create(self) for p in plugins]
+        self._handlers: dict[type[Message], RoomPlugin] = {}
+        self._frame_handlers: dict[int, RoomPlugin] = {}
+        for p in self.plugins:
+            for cls in p.messages:
+                if cls in self._handlers:
+                    raise ValueError(f"two plugins of room {name} handle {cls.__name__}")
+                self._handlers[cls] = p
+            for kind_byte in p.frame_kinds:
+                if kind_byte in self._frame_handlers:
+                    raise ValueError(f"two plugins of room {name} take frame 0x{kind_byte:02x}")
+                self._frame_handlers[kind_byte] = p
+        self._tick_plugins = [p for p in self.plugins if type(p).on_tick is not RoomPlugin.on_tick]
 
-    def new_lobby_id(self) -> int:
+    # ----------------------------------------------------------------- RoomContext
+
+    @property
+    def config(self) -> ServerConfig:
+        return self._config
+
+    @property
+    def members(self) -> Mapping[int, MemberView]:
+        return self._members
+
+    @property
+    def lobby(self) -> Mapping[int, Identity]:
+        return {lid: e.identity for lid, e in self._lobby.items()}
+
+    @property
+    def tick(self) -> int:
+        return self._clock.tick - self.tick0
+
+    def time(self) -> float:
+        """Seconds on the room's clock now (tick T is at T / rate)."""
+        return self._clock.seconds() - self.tick0 * self._clock.period
+
+    def send(self, member: MemberView, msg: Message) -> None:
+        m = self._members.get(member.id)
+        if m is not None and m.link is not None:
+            m.link.send(msg)
+
+    def broadcast(
+        self,
+        msg: Message,
+        exclude: MemberView | None = None,
+        to: Callable[[MemberView], bool] | None = None,
+    ) -> None:
+        frame = binary_frame(encode_message(msg))
+        for m in self._members.values():
+            if m is exclude or m.link is None or m.paused or (to is not None and not to(m)):
+                continue
+            m.link.write(frame)
+
+    def error(self, member: MemberView, err: ProtocolError) -> None:
+        m = self._members.get(member.id)
+        if m is not None and m.link is not None:
+            m.link.send_error(err)
+
+    def audit(
+        self, kind: str, actor: str | None = None, subject: str | None = None, **fields: object
+    ) -> None:
+        self._services.audit(kind, room=self.name, actor=actor, subject=subject, **fields)
+
+    def call_later(self, delay: float, fn: Callable[[], None]) -> asyncio.TimerHandle:
+        def run() -> None:
+            self._timers.discard(handle)
+            if not self.closed:
+                fn()
+
+        handle = asyncio.get_running_loop().call_later(delay, run)
+        self._timers.add(handle)
+        return handle
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._tasks.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                log.error("task of room %s failed", self.name, exc_info=t.exception())
+
+        task.add_done_callback(done)
+        return task
+
+    def admit(self, lobby_id: int) -> None:
+        entry = self._lobby.pop(lobby_id, None)
+        if entry is None:
+            raise ProtocolError(ErrorCode.NOT_FOUND, "nobody with that id is waiting")
+        try:
+            member = self.join(entry.identity, entry.slots, entry.link)
+        except ProtocolError as err:
+            entry.link.send_error(err, True)
+            entry.link.close(CLOSE_MODERATION, b"join refused")
+        else:
+            entry.link.admitted(member)
+        self._notify("on_lobby_changed")
+
+    def deny(self, lobby_id: int, err: ProtocolError) -> None:
+        entry = self._lobby.pop(lobby_id, None)
+        if entry is None:
+            raise ProtocolError(ErrorCode.NOT_FOUND, "nobody with that id is waiting")
+        entry.link.send_error(err, True)
+        entry.link.close(CLOSE_MODERATION, b"denied")
+        self._notify("on_lobby_changed")
+
+    def remove(self, member: MemberView, err: ProtocolError, reason: str = "removed") -> None:
+        m = self._members.get(member.id)
+        if m is None:
+            raise ProtocolError(ErrorCode.NOT_FOUND, "no such member")
+        link, m.link = m.link, None
+        if link is not None:
+            link.send_error(err, True)
+            link.close(CLOSE_MODERATION, reason.encode()[:120])
+        self.leave(m, reason)
+
+    def set_muted(self, member: MemberView, muted: bool) -> None:
+        m = self._members[member.id]
+        m.muted = muted
+        self._notify("on_member_changed", m, "muted")
+
+    def set_identity(self, member: MemberView, identity: Identity) -> None:
+        m = self._members[member.id]
+        m.identity = identity
+        self._notify("on_member_changed", m, "grants")
+
+    def end(self, actor: str, reason: str) -> None:
+        self.audit("session_ended", actor=actor)
+        self.ended = True
+        err = ProtocolError(ErrorCode.SESSION_ENDED, reason)
+        for lid in list(self._lobby):
+            entry = self._lobby.pop(lid)
+            entry.link.send_error(err, True)
+            entry.link.close(CLOSE_MODERATION, b"session ended")
+        for m in list(self._members.values()):
+            self.remove(m, err, "session ended")
+
+    # ----------------------------------------------------------------- plugins
+
+    def _notify(self, hook: str, *args: object) -> None:
+        """Call ``hook`` on every plugin; a failing plugin is logged, never propagated."""
+        for p in self.plugins:
+            try:
+                getattr(p, hook)(*args)
+            except Exception:
+                log.exception("plugin %s of room %s failed in %s", p.name, self.name, hook)
+
+    def plugin(self, cls: type[RoomPlugin]) -> RoomPlugin | None:
+        """This room's instance of plugin class ``cls``, if its room type has it."""
+        return next((p for p in self.plugins if isinstance(p, cls)), None)
+
+    def describe(self) -> dict[str, object]:
+        """What operators see of the room (``GET /admin/rooms``)."""
+        out: dict[str, object] = {"room": self.name, "type": self.kind, "ended": self.ended}
+        for p in self.plugins:
+            out.update(p.describe())
+        out["lobby"] = len(self._lobby)
+        out["members"] = [
+            {
+                "id": m.id,
+                "name": m.name,
+                "role": m.identity.role,
+                "connected": m.link is not None,
+                "paused": m.paused,
+                "muted": m.muted,
+            }
+            for m in self._members.values()
+        ]
+        return out
+
+    def create(self) -> None:
+        """Run the plugins' ``on_create`` (once, right after the room is placed)."""
+        self._notify("on_create")
+
+    def close(self) -> None:
+        """Close the room (the registry calls this once it is empty and has lingered)."""
+        self.closed = True
+        err = ProtocolError(ErrorCode.SESSION_ENDED, "the room closed")
+        for lid in list(self._lobby):
+            entry = self._lobby.pop(lid)
+            entry.link.send_error(err, True)
+            entry.link.close(CLOSE_MODERATION, b"room closed")
+        for t in self._timers:
+            t.cancel()
+        self._timers.clear()
+        for task in self._tasks:
+            task.cancel()
+        self._notify("on_close")
+
+    # ----------------------------------------------------------------- membership
+
+    @property
+    def member_count(self) -> int:
+        return len(self._members)
+
+    def member(self, member_id: int) -> Member | None:
+        return self._members.get(member_id)
+
+    def entry(self, identity: Identity) -> Wait | ProtocolError | None:
+        """May ``identity`` enter now? None: yes; WAIT: through the lobby; an error: no.
+        A refusal by any plugin wins over a wait."""
+        if self.ended:
+            return ProtocolError(ErrorCode.SESSION_ENDED, "this session has ended")
+        wait: Wait | None = None
+        for p in self.plugins:
+            try:
+                answer = p.on_enter(identity)
+            except Exception:
+                log.exception("plugin %s of room %s failed in on_enter", p.name, self.name)
+                return ProtocolError(ErrorCode.INTERNAL, "entry check failed")
+            if isinstance(answer, ProtocolError):
+                return answer
+            if isinstance(answer, Wait):
+                wait = answer
+        return wait
+
+    def wait(self, identity: Identity, slots: int, link: Link) -> int:
+        """Put a connection in the lobby; returns its lobby id."""
         lid = self._next_lobby_id
         self._next_lobby_id += 1
+        self._lobby[lid] = LobbyEntry(identity, slots, link)
+        self._notify("on_lobby_changed")
         return lid
 
-    def room_tick(self, world_tick: int) -> int:
-        return world_tick - self.tick0
+    def leave_lobby(self, lobby_id: int) -> None:
+        """A lobby connection went away."""
+        if self._lobby.pop(lobby_id, None) is not None:
+            self._notify("on_lobby_changed")
 
-    def new_member_id(self) -> int:
+    def join(self, identity: Identity, slots: int, link: Link) -> Member:
+        """Add a member, send its welcome, tell the room and the plugins (raises
+        ``room_full``). Hidden members (observers) get no avatar and nobody is told."""
+        if len(self._members) >= self._config.max_members_per_room:
+            raise ProtocolError(ErrorCode.ROOM_FULL, f"room {self.name} is full")
         mid = self._next_id
         self._next_id += 1
-        return mid
-
-    def others(self, member: Member) -> list[MemberInfo]:
-        """The members ``member`` may know about: everyone else who is not hidden."""
-        return [m.info() for m in self.members.values() if m is not member and not m.hidden]
-
-    def broadcast(self, msg: Message, exclude: Member | None = None) -> None:
-        """Send a control message to every connected member (built once)."""
-        frame = binary_frame(encode_message(msg))
-        for m in self.members.values():
-            if m is not exclude and m.session is not None and not m.paused:
-                m.session.write(frame)
-
-    def announce_join(self, member: Member) -> None:
+        name = (identity.pseudonym or f"Participant {mid}") if self.pseudonymous else identity.name
+        row = -1
+        member = Member(mid, identity, slots, row, link, name)
+        if not identity.hidden:
+            member.row = self._table.alloc(self.segment, mid, slots, owner=member)
+        self._members[mid] = member
+        self._by_token[member.resume_token] = member
+        self._keyframe_wanted = True
+        self.audit(
+            "join", actor=identity.subject, subject=str(mid), name=identity.name, role=identity.role
+        )
         if not member.hidden:
-            self.broadcast(Joined(member.id, member.name), exclude=member)
+            self.broadcast(Joined(mid, member.name), exclude=member)
+        link.send(self.welcome(member, False))
+        self._notify("on_join", member)
+        return member
 
-    def announce_leave(self, member: Member, reason: str) -> None:
+    def welcome(self, member: Member, resumed: bool) -> Welcome:
+        """The ``welcome`` for ``member`` now (after a join, a resume or a pause)."""
+        return Welcome(
+            version=PROTOCOL_VERSION,
+            member_id=member.id,
+            room=self.name,
+            rate=self._config.tick_rate,
+            tick=self.tick,
+            resume=member.resume_token,
+            resumed=resumed,
+            members=tuple(
+                m.info() for m in self._members.values() if m is not member and not m.hidden
+            ),
+        )
+
+    def resumable(self, token: str) -> Member | None:
+        return self._by_token.get(token)
+
+    def reattach(self, member: Member, link: Link) -> None:
+        """A new connection takes over ``member`` within its grace window (the old one, if
+        still open, is closed) and gets its welcome."""
+        if member.grace is not None:
+            member.grace.cancel()
+            member.grace = None
+        old, member.link = member.link, link
+        if old is not None and old is not link:
+            old.close(CLOSE_REPLACED, b"replaced by a resumed connection")
+        member.needs_keyframe = True
+        self._keyframe_wanted = True
+        self.audit("resume", actor=member.identity.subject, subject=str(member.id))
+        link.send(self.welcome(member, True))
+        self._notify("on_resume", member)
+
+    def disconnected(self, member: Member, link: Link) -> None:
+        """``link`` dropped; if it still carries ``member``, keep its place for the resume grace
+        window."""
+        if member.link is not link or self._members.get(member.id) is not member:
+            return
+        member.link = None
+        loop = asyncio.get_running_loop()
+        member.grace = loop.call_later(
+            self._config.resume_grace, self.leave, member, "disconnected"
+        )
+        self._notify("on_disconnect", member)
+
+    def leave(self, member: Member, reason: str) -> None:
+        """Remove a member now and tell the room."""
+        if self._members.get(member.id) is not member:
+            return
+        if member.grace is not None:
+            member.grace.cancel()
+            member.grace = None
+        del self._members[member.id]
+        self._by_token.pop(member.resume_token, None)
+        if member.row >= 0:
+            self._table.free(member.row)
+        member.link = None
+        self.audit("leave", actor=member.identity.subject, subject=str(member.id), reason=reason)
         if not member.hidden:
             self.broadcast(Left(member.id, member.name, reason), exclude=member)
+        self._notify("on_leave", member, reason)
+        if not self._members:
+            self._on_empty(self)
+
+    # ----------------------------------------------------------------- input
+
+    def submit_pose(self, member: Member, frame: bytes) -> None:
+        """A structurally checked pose frame: kept for the next tick (latest wins)."""
+        if member.paused:
+            return  # stepped out: nothing of this member reaches the room
+        if member.hidden:
+            raise ProtocolError(ErrorCode.FORBIDDEN, "observers send no poses")
+        seq = pose_sequence(frame)
+        if seq <= member.last_seq:
+            return  # stale: an older pose than one already applied
+        member.last_seq = seq
+        self._table.submit_pose(member.row, member.slots, frame)
+
+    def handle(self, member: Member, msg: Message) -> None:
+        """A control message for a plugin; raises ProtocolError to refuse it."""
+        plugin = self._handlers.get(type(msg))
+        if plugin is None:
+            raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"{msg.TYPE} is not handled in this room")
+        plugin.on_message(member, msg)
+
+    def handle_frame(self, member: Member, frame: bytes) -> None:
+        """A binary frame of a plugin's kind; raises ProtocolError to refuse it."""
+        plugin = self._frame_handlers.get(frame[0])
+        if plugin is None:
+            raise ProtocolError(ErrorCode.MALFORMED, f"unknown frame kind 0x{frame[0]:02x}")
+        plugin.on_frame(member, frame)
+
+    def set_paused(self, member: Member, paused: bool) -> None:
+        """Step out of the room or back in (patient control). Coming back, the member gets a
+        new welcome (the member list may have changed meanwhile) and a keyframe."""
+        if member.paused == paused:
+            return
+        member.paused = paused
+        if paused:
+            if member.row >= 0:
+                self._table.hide(member.row)
+        else:
+            member.needs_keyframe = True
+            self._keyframe_wanted = True
+            if member.link is not None:
+                member.link.send(self.welcome(member, True))
+        self._notify("on_pause", member, paused)
+
+    # ----------------------------------------------------------------- tick
+
+    def before_tick(self, world_tick: int) -> None:
+        """Plugins write what arrived since the last tick into their entity rows."""
+        for p in self._tick_plugins:
+            try:
+                p.on_tick(world_tick)
+            except Exception:
+                log.exception("plugin %s of room %s failed in on_tick", p.name, self.name)
+
+    def take_keyframe(self, world_tick: int, min_ticks: int) -> bool:
+        """Whether this tick should build a keyframe for the room (someone needs one and the
+        last was at least ``min_ticks`` ago); if so, the room counts it as built."""
+        if self._keyframe_wanted and world_tick - self._last_keyframe_tick >= min_ticks:
+            self._last_keyframe_tick = world_tick
+            return True
+        return False
 
     def send_state(self, world_tick: int, body: bytes, keyframe_body: bytes | None) -> None:
         """Write this tick's delta to every member; keyframes to those who need one.
 
-        Latest wins: a member whose socket has more than the soft limit unsent gets nothing
+        Latest wins: a member whose connection has more than the soft limit unsent gets nothing
         this tick and a keyframe once it has caught up, so nothing queues behind a slow reader.
         """
         tick = world_tick - self.tick0
         gap = 0 if self._last_tick is None else tick - self._last_tick
         self._last_tick = tick
-        if not 0 < gap <= 255:
-            for m in self.members.values():
+        in_gap = 0 < gap <= 255
+        if not in_gap:
+            for m in self._members.values():
                 m.needs_keyframe = True
-        delta = binary_frame(state_header(tick, gap, False) + body) if 0 < gap <= 255 else None
+        delta = binary_frame(state_header(tick, gap, False) + body) if in_gap else None
         key = binary_frame(state_header(tick, 0, True) + keyframe_body) if keyframe_body else None
-        world = self.world
-        soft = world.config.send_soft_limit
+        soft = self._config.send_soft_limit
         wanted = False
         sent = 0
-        # The common case (delta to a member that keeps up) is two C calls; the rest is rare.
-        for m in self.members.values():
-            s = m.session
-            if s is None:
+        # The common case (a delta to a member that keeps up) is one call; the rest is rare.
+        for m in self._members.values():
+            link = m.link
+            if link is None:
                 continue
-            t = s.transport
-            if (
-                m.needs_keyframe
-                or m.paused
-                or delta is None
-                or t.is_closing()
-                or t.get_write_buffer_size() > soft
-            ):
-                wanted |= self._send_slow(m, s, delta, key, soft)
+            if m.needs_keyframe or m.paused or delta is None or not link.offer(delta, soft):
+                wanted |= self._send_slow(m, link, delta, key, soft)
                 continue
-            t.write(delta)
             sent += 1
+        traffic = self._traffic
         if sent:
-            world.sent_bytes += sent * len(delta)  # type: ignore[arg-type]
-            world.deltas_sent += sent
-        self.keyframe_wanted = wanted
+            traffic.sent_bytes += sent * len(delta)  # type: ignore[arg-type]
+            traffic.deltas_sent += sent
+        self._keyframe_wanted = wanted
 
     def _send_slow(
-        self, m: Member, s: Session, delta: bytes | None, key: bytes | None, soft: int
+        self, m: Member, link: Link, delta: bytes | None, key: bytes | None, soft: int
     ) -> bool:
         """A member that needs a keyframe or is behind; returns True if it still wants one."""
         if m.paused:
             return False
-        if s.transport_backlog() > soft:
+        traffic = self._traffic
+        if link.backlog() > soft:
             if not m.needs_keyframe:
                 m.needs_keyframe = True
-                self.world.skipped += 1
+                traffic.skipped += 1
             return True
         if m.needs_keyframe:
             if key is None:
                 return True
-            if s.write(key):
+            if link.write(key):
                 m.needs_keyframe = False
-                self.world.keyframes_sent += 1
+                traffic.keyframes_sent += 1
             return m.needs_keyframe
-        if delta is not None and s.write(delta):
-            self.world.deltas_sent += 1
+        if delta is not None and link.write(delta):
+            traffic.deltas_sent += 1
         return False

@@ -1,50 +1,56 @@
-"""One WebSocket connection: handshake, input, control messages, and writes with bounded memory."""
+"""One WebSocket connection on the server: the protocol state machine, limits, and its room.
+
+The session drives :class:`medverse.protocol.connection.Connection` (which decides what each
+state accepts), keeps the connection's limits (message and byte token buckets, error replies,
+the handshake timeout, the heartbeat), and talks to its room through the registry and the
+room's few methods. The room talks back only through this session's :class:`~.room.Link`
+methods (``send``, ``write``, ``offer``, ``backlog``, ``send_error``, ``close``,
+``admitted``). An exception while handling one message is logged and answered with an
+``internal`` error; it never reaches the room or the server.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import socket
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
-from aiohttp import web
-
+from medverse.protocol.connection import (
+    Connection,
+    FrameReceived,
+    Ignored,
+    LocalProtocolError,
+    MessageReceived,
+    PoseReceived,
+    Refused,
+    Role,
+    State,
+)
 from medverse.protocol.errors import ErrorCode, ProtocolError
 from medverse.protocol.messages import (
-    CLIENT_MESSAGES,
-    FRAME_CONTROL,
-    FRAME_POSE,
-    PROTOCOL_VERSION,
-    ChangeRole,
     Consent,
     ConsentRequired,
     Error,
     Hello,
     Leave,
     Message,
-    Moderate,
     Pause,
     Ping,
     Pong,
-    RequestUnmute,
     Waiting,
-    Welcome,
-    check_pose_frame,
-    decode_message,
-    encode_message,
-    pose_sequence,
 )
 
-from . import moderation
-from .auth import Identity, anonymous
+from .auth import Identity, TokenVerifier, anonymous
+from .config import ServerConfig
+from .metrics import Metrics, Traffic
+from .plugins import Wait
+from .policy import RoomPolicy
+from .registry import RoomRegistry
+from .room import Member, Room
 from .wsframe import binary_frame
 from .wsproto import OP_BINARY, OP_PING, WebSocketConnection, control_frame
-
-if TYPE_CHECKING:
-    from .room import Member, Room
-    from .world import World
 
 log = logging.getLogger("medverse.session")
 
@@ -55,34 +61,51 @@ CLOSE_PROTOCOL = 1002
 CLOSE_POLICY = 1008
 CLOSE_HANDSHAKE_TIMEOUT = 4000
 CLOSE_TOO_SLOW = 4001
-CLOSE_REPLACED = 4002
 CLOSE_TOO_MANY_CONNECTIONS = 4003
 CLOSE_RATE_LIMIT = 4008
 CLOSE_CONSENT = 4011
 
 
+@dataclass(frozen=True)
+class SessionServices:
+    """What every session of a server uses."""
+
+    config: ServerConfig
+    rooms: RoomRegistry
+    #: Checks join tokens; None on a server running without authentication.
+    verifier: TokenVerifier | None
+    policy: RoomPolicy
+    #: ``audit(kind, room=..., actor=..., subject=..., **fields)``; never raises.
+    audit: Callable[..., None]
+    metrics: Metrics
+    traffic: Traffic
+    #: The control messages clients may send and those the server sends (the core's and
+    #: the plugins').
+    client_messages: Mapping[str, type[Message]]
+    server_messages: Mapping[str, type[Message]]
+
+
 class Session:
-    """Server side of one connection, driven by :class:`WebSocketConnection` callbacks.
+    """Server side of one connection, driven by :class:`WebSocketConnection` callbacks."""
 
-    Never lets an exception escape into the room: a bug while handling one message is logged and
-    answered with an ``internal`` error.
-    """
-
-    def __init__(self, world: World, conn: WebSocketConnection, peer: str | None) -> None:
-        self.world = world
-        self.conn = conn
-        self.transport = conn.transport
+    def __init__(
+        self, services: SessionServices, ws: WebSocketConnection, peer: str | None
+    ) -> None:
+        self._s = services
+        self._ws = ws
         self.peer = peer
+        cfg = services.config
+        self.conn = Connection(
+            Role.SERVER,
+            client_messages=services.client_messages,
+            server_messages=services.server_messages,
+        )
         self.member: Member | None = None
-        self.waiting: Identity | None = None  # in the lobby, as this identity
-        self.consent_pending: Identity | None = None  # asked to consent, as this identity
-        self._lobby: tuple[Room, int] | None = None
-        self._slots = 3
+        self._consent: Identity | None = None  # asked to consent, as this identity
+        self._lobby: tuple[Room, int] | None = None  # waiting in this room's lobby
         self._closed = False
         self._handshake_timer: asyncio.TimerHandle | None = None
         self._heartbeat_timer: asyncio.TimerHandle | None = None
-        self._last_rx = 0.0
-        cfg = world.config
         # Token bucket for error replies: a flood of bad frames gets a few answers, not a queue.
         self._err_tokens = cfg.error_reply_rate
         self._err_stamp = time.monotonic()
@@ -93,44 +116,58 @@ class Session:
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._last_rx = loop.time()
-        self._handshake_timer = loop.call_later(
-            self.world.config.handshake_timeout, self._handshake_timeout
-        )
-        if self.world.config.heartbeat > 0:
-            self._heartbeat_timer = loop.call_later(self.world.config.heartbeat, self._heartbeat)
+        cfg = self._s.config
+        self._handshake_timer = loop.call_later(cfg.handshake_timeout, self._handshake_timeout)
+        if cfg.heartbeat > 0:
+            self._heartbeat_timer = loop.call_later(cfg.heartbeat, self._heartbeat)
 
-    # ----------------------------------------------------------------- output
+    # ----------------------------------------------------------------- Link (for the room)
 
-    def transport_backlog(self) -> int:
-        t = self.transport
+    def write(self, frame: bytes) -> bool:
+        """Write one prebuilt WebSocket frame; disconnect a member that stopped reading."""
+        t = self._ws.transport
+        if t is None or t.is_closing() or self._closed:
+            return False
+        if t.get_write_buffer_size() > self._s.config.send_hard_limit:
+            self._s.metrics.slow_disconnects.inc()
+            self._s.audit("closed_not_reading", peer=self.peer)
+            log.info("closing %s: %d bytes unsent", self.peer, t.get_write_buffer_size())
+            self._closed = True
+            self._ws.abort()  # the peer is not reading; a close frame would only queue
+            return False
+        t.write(frame)
+        self._s.traffic.sent_bytes += len(frame)
+        return True
+
+    def offer(self, frame: bytes, soft_limit: int) -> bool:
+        """Write ``frame`` unless more than ``soft_limit`` bytes wait (the room counts it)."""
+        t = self._ws.transport
+        if t is None or t.is_closing() or t.get_write_buffer_size() > soft_limit:
+            return False
+        t.write(frame)
+        return True
+
+    def backlog(self) -> int:
+        t = self._ws.transport
         if t is None or t.is_closing():
             return 0
         return t.get_write_buffer_size()
 
-    def write(self, frame: bytes) -> bool:
-        """Write one prebuilt WebSocket frame; disconnect a member that stopped reading."""
-        t = self.transport
-        if t is None or t.is_closing() or self._closed:
-            return False
-        if t.get_write_buffer_size() > self.world.config.send_hard_limit:
-            self.world.metrics.slow_disconnects.inc()
-            self.world.record("closed_not_reading", peer=self.peer)
-            log.info("closing %s: %d bytes unsent", self.peer, t.get_write_buffer_size())
-            self._closed = True
-            self.conn.abort()  # the peer is not reading; a close frame would only queue
-            return False
-        t.write(frame)
-        self.world.sent_bytes += len(frame)
-        return True
-
     def send(self, msg: Message) -> bool:
-        return self.write(binary_frame(encode_message(msg)))
+        """Send a control message through the state machine (which applies its transition)."""
+        if self._closed:
+            return False
+        try:
+            data = self.conn.send(msg)
+        except LocalProtocolError as exc:
+            log.warning("not sent to %s: %s", self.peer, exc)
+            return False
+        return self.write(binary_frame(data))
 
     def send_error(self, err: ProtocolError, fatal: bool = False) -> None:
-        self.world.metrics.protocol_errors.labels(err.code.value).inc()
+        self._s.metrics.protocol_errors.labels(err.code.value).inc()
         now = time.monotonic()
-        rate = self.world.config.error_reply_rate
+        rate = self._s.config.error_reply_rate
         self._err_tokens = min(rate, self._err_tokens + (now - self._err_stamp) * rate)
         self._err_stamp = now
         if self._err_tokens < 1 and not fatal:
@@ -140,29 +177,29 @@ class Session:
 
     def close(self, code: int, reason: bytes) -> None:
         self._closed = True
-        self.conn.close(code, reason)
+        self._ws.close(code, reason)
 
-    def detach(self, reason: str) -> None:
-        """Another connection took over this member; close this one."""
-        self.member = None
-        self.close(CLOSE_REPLACED, reason.encode()[:120])
+    def admitted(self, member: Member) -> None:
+        """A host let us in from the lobby (the room sent our welcome)."""
+        self._lobby = None
+        self.member = member
 
     # ----------------------------------------------------------------- timers
 
     def _handshake_timeout(self) -> None:
         self._handshake_timer = None
-        if self.member is None and not self._closed:
+        if self.conn.state is State.HELLO and not self._closed:
             self.send_error(ProtocolError(ErrorCode.HANDSHAKE_TIMEOUT, "no hello in time"), True)
             self.close(CLOSE_HANDSHAKE_TIMEOUT, b"handshake timeout")
 
     def _heartbeat(self) -> None:
         """Ping the peer; close a connection that has been silent for two intervals."""
         loop = asyncio.get_running_loop()
-        interval = self.world.config.heartbeat
+        interval = self._s.config.heartbeat
         if self._closed:
             return
-        if loop.time() - self.conn.last_rx > 2 * interval:
-            log.info("closing %s: silent for %.0f s", self.peer, loop.time() - self.conn.last_rx)
+        if loop.time() - self._ws.last_rx > 2 * interval:
+            log.info("closing %s: silent for %.0f s", self.peer, loop.time() - self._ws.last_rx)
             self.close(CLOSE_GOING_AWAY, b"heartbeat timeout")
             return
         self.write(control_frame(OP_PING))
@@ -172,194 +209,170 @@ class Session:
 
     def on_message(self, opcode: int, data: bytes) -> None:
         """One complete WebSocket message from the peer."""
-        self.world.received_bytes += len(data)
+        self._s.traffic.received_bytes += len(data)
         if self._closed:
             return
         try:
             if opcode != OP_BINARY:
-                err = ProtocolError(ErrorCode.MALFORMED, "binary frames only")
-                if self.member is None:
-                    self._refuse(err, CLOSE_PROTOCOL, b"binary frames only")
-                else:
-                    self.send_error(err)
-            elif not self._allow(len(data)):
-                return
-            elif self.consent_pending is not None:
-                self._on_consent_pending(data)
-            elif self.member is None and self.waiting is None:
-                self._on_hello(data)
-            elif self.member is None:
-                self._on_waiting(data)
-            else:
-                self._on_binary(data)
+                self._dispatch(self.conn.receive(data, text=True))
+            elif self._allow(len(data)):
+                self._dispatch(self.conn.receive(data))
         except Exception:  # a bug handling one message must not take the server down
             log.exception("session %s: error handling a message", self.peer)
             self.send_error(ProtocolError(ErrorCode.INTERNAL, "internal error"))
+
+    def _dispatch(self, event: object) -> None:
+        member = self.member
+        if type(event) is PoseReceived:
+            assert member is not None
+            try:
+                member_room(member, self._s.rooms).submit_pose(member, event.frame)
+            except ProtocolError as err:
+                self.send_error(err)
+        elif type(event) is MessageReceived:
+            self._on_control(event.message)
+        elif type(event) is FrameReceived:
+            assert member is not None
+            try:
+                member_room(member, self._s.rooms).handle_frame(member, event.frame)
+            except ProtocolError as err:
+                self.send_error(err)
+        elif type(event) is Refused:
+            err = event.error
+            if event.fatal:
+                code = CLOSE_POLICY if err.code is ErrorCode.UNSUPPORTED_VERSION else CLOSE_PROTOCOL
+                self._refuse(err, code, b"bad handshake" if code == CLOSE_PROTOCOL else b"refused")
+            else:
+                self.send_error(err)
+        else:
+            assert type(event) is Ignored, event
+
+    def _on_control(self, msg: Message) -> None:
+        member = self.member
+        if isinstance(msg, Hello):
+            self._on_hello(msg)
+        elif isinstance(msg, Ping):
+            room = member_room(member, self._s.rooms) if member is not None else None
+            self.send(Pong(msg.id, msg.client_time, room.time() if room is not None else 0.0))
+        elif isinstance(msg, Leave):
+            if member is not None:
+                member_room(member, self._s.rooms).leave(member, "left")
+            self.close(CLOSE_NORMAL, b"left")
+        elif isinstance(msg, Consent):
+            if self._consent is not None:
+                self._on_consent(msg)
+            elif member is not None and not msg.accept:
+                self._withdraw_consent(member, msg)
+        elif member is None:
+            raise AssertionError(f"{msg.TYPE} accepted before joining")
+        elif isinstance(msg, Pause):
+            member_room(member, self._s.rooms).set_paused(member, msg.paused)
+        else:
+            try:
+                member_room(member, self._s.rooms).handle(member, msg)
+            except ProtocolError as err:
+                self.send_error(err)
 
     def _refuse(self, err: ProtocolError, code: int, reason: bytes) -> None:
         self.send_error(err, True)
         self.close(code, reason)
 
-    def _on_hello(self, data: bytes) -> None:
-        hello = decode_message(data, CLIENT_MESSAGES)
-        if isinstance(hello, ProtocolError):
-            self._refuse(hello, CLOSE_PROTOCOL, b"bad handshake")
-            return
-        if not isinstance(hello, Hello):
-            err = ProtocolError(ErrorCode.HANDSHAKE_REQUIRED, "the first message must be hello")
-            self._refuse(err, CLOSE_PROTOCOL, b"bad handshake")
-            return
+    # ----------------------------------------------------------------- joining
+
+    def _on_hello(self, hello: Hello) -> None:
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
             self._handshake_timer = None
-        if not self._handshake(hello):
-            self.close(CLOSE_POLICY, b"join refused")
-
-    def _handshake(self, hello: Hello) -> bool:
-        world = self.world
-        if hello.version != PROTOCOL_VERSION:
-            self.send_error(
-                ProtocolError(
-                    ErrorCode.UNSUPPORTED_VERSION,
-                    f"server speaks protocol {PROTOCOL_VERSION}, client {hello.version}",
-                ),
-                True,
-            )
-            return False
+        s = self._s
         try:
             identity = self._identify(hello)
         except ProtocolError as err:
-            world.metrics.auth_refusals.labels(err.code.value).inc()
-            world.record("join_refused", room=hello.room, peer=self.peer, code=err.code.value)
+            s.metrics.auth_refusals.labels(err.code.value).inc()
+            s.audit("join_refused", room=hello.room, peer=self.peer, code=err.code.value)
             log.info("%s refused for room %s: %s", self.peer, hello.room, err)
-            self.send_error(err, True)
-            return False
-        member = None
-        resumed = False
+            self._refuse(err, CLOSE_POLICY, b"join refused")
+            return
         if hello.resume is not None:
-            member = world.find_resumable(hello.resume, hello.room)
+            member = s.rooms.resumable(hello.resume, hello.room)
             # With tokens, only the same subject may take a member over; without, the resume
             # token alone is the proof.
-            if member is None or (
-                world.verifier is not None and member.identity.subject != identity.subject
+            if member is not None and (
+                s.verifier is None or member.identity.subject == identity.subject
             ):
-                member = None
-                self.send_error(ProtocolError(ErrorCode.BAD_RESUME, "cannot resume; joining anew"))
-            else:
-                world.resume(member, self)
-                resumed = True
-        self._slots = hello.slots
-        if member is not None:
-            self.member = member
-            self.send_welcome(resumed)
-            world.notify("member_resumed", member)
-            return True
-        return self._enter(identity, consented=False)
-
-    def _enter(self, identity: Identity, consented: bool) -> bool:
-        """Entry checks, then consent, then the lobby or the room itself."""
-        world = self.world
-        room = world.rooms.get(identity.room)
-        refusal = moderation.entry_refusal(room, identity)
-        if refusal is not None:
-            world.record(
-                "join_refused", room=identity.room, actor=identity.subject, code=refusal.code.value
-            )
-            self.send_error(refusal, True)
-            return False
-        policy = world.policy
-        if not consented and policy.needs_consent(identity.room):
-            assert policy.consent_text is not None
-            self.consent_pending = identity
-            self.send(ConsentRequired(policy.consent_version, policy.consent_text))
-            return True
-        if room is not None and moderation.must_wait(room, identity):
-            lobby_id = room.new_lobby_id()
-            room.lobby[lobby_id] = self
-            self.waiting = identity
-            self._lobby = (room, lobby_id)
-            self.send(Waiting(room.name, lobby_id))
-            moderation.lobby_changed(room)
-            return True
-        try:
-            self.complete_join(identity)
-        except ProtocolError as err:
-            self.send_error(err, True)
-            return False
-        return True
-
-    def _on_consent_pending(self, data: bytes) -> None:
-        """Before consent nothing of the room flows; only consent, ping and leave count."""
-        msg = decode_message(data, CLIENT_MESSAGES) if data[:1] == bytes((FRAME_CONTROL,)) else None
-        identity = self.consent_pending
-        assert identity is not None
-        if isinstance(msg, Consent):
-            version = self.world.policy.consent_version
-            self.consent_pending = None
-            if msg.accept and msg.version == version:
-                self.world.record(
-                    "consent", room=identity.room, actor=identity.subject, version=version
-                )
-                if not self._enter(identity, consented=True):
-                    self.close(CLOSE_POLICY, b"join refused")
+                self.member = member
+                member_room(member, s.rooms).reattach(member, self)
                 return
-            self.world.record(
-                "consent_declined", room=identity.room, actor=identity.subject, version=msg.version
-            )
-            why = "consent declined" if msg.accept is False else "consent to an old version"
-            self._refuse(ProtocolError(ErrorCode.CONSENT_REQUIRED, why), CLOSE_CONSENT, b"consent")
-        elif isinstance(msg, Ping):
-            self.send(Pong(msg.id, msg.client_time, 0.0))
-        elif isinstance(msg, Leave):
-            self.close(CLOSE_NORMAL, b"left")
-        else:
-            self.send_error(ProtocolError(ErrorCode.CONSENT_REQUIRED, "answer the consent first"))
-
-    def complete_join(self, identity: Identity) -> None:
-        """Become a member (directly, or when a host admits us from the lobby)."""
-        self.waiting = None
-        self._lobby = None
-        self.member = self.world.join(identity, self._slots, self)
-        self.send_welcome(False)
-        self.world.notify("member_joined", self.member)
-
-    def send_welcome(self, resumed: bool) -> None:
-        member = self.member
-        assert member is not None
-        world = self.world
-        room = member.room
-        self.send(
-            Welcome(
-                version=PROTOCOL_VERSION,
-                member_id=member.id,
-                room=room.name,
-                rate=world.config.tick_rate,
-                tick=room.room_tick(world.tick_no),
-                resume=member.resume_token,
-                resumed=resumed,
-                members=tuple(room.others(member)),
-            )
-        )
-        log.debug(
-            "%s %s room %s as %d",
-            self.peer,
-            "resumed" if resumed else "joined",
-            room.name,
-            member.id,
-        )
+            self.send_error(ProtocolError(ErrorCode.BAD_RESUME, "cannot resume; joining anew"))
+        self._enter(identity, consented=False)
 
     def _identify(self, hello: Hello) -> Identity:
         """Who is joining: from the verified token, or anonymous on a server without auth."""
-        verifier = self.world.verifier
+        verifier = self._s.verifier
         if verifier is None:
             return anonymous(hello.name, hello.room, f"anonymous:{self.peer}:{id(self):x}")
         if not hello.token:
             raise ProtocolError(ErrorCode.UNAUTHORIZED, "a join token is required")
         return verifier.verify(hello.token, hello.room)
 
+    def _enter(self, identity: Identity, consented: bool) -> None:
+        """Entry checks, then consent, then the lobby or the room itself."""
+        s = self._s
+        answer = s.rooms.entry(identity)
+        if isinstance(answer, ProtocolError):
+            s.audit(
+                "join_refused", room=identity.room, actor=identity.subject, code=answer.code.value
+            )
+            self._refuse(answer, CLOSE_POLICY, b"join refused")
+            return
+        policy = s.policy
+        if not consented and policy.needs_consent(identity.room):
+            assert policy.consent_text is not None
+            self._consent = identity
+            self.send(ConsentRequired(policy.consent_version, policy.consent_text))
+            return
+        slots = self.conn.slots or 1
+        if isinstance(answer, Wait):
+            room = s.rooms.place(identity.room)
+            lobby_id = room.wait(identity, slots, self)
+            self._lobby = (room, lobby_id)
+            self.send(Waiting(room.name, lobby_id))
+            return
+        try:
+            self.member = s.rooms.join(identity, slots, self)
+        except ProtocolError as err:
+            self._refuse(err, CLOSE_POLICY, b"join refused")
+
+    def _on_consent(self, msg: Consent) -> None:
+        """The answer to ``consent_required``: enter, or be refused."""
+        identity = self._consent
+        assert identity is not None
+        self._consent = None
+        version = self._s.policy.consent_version
+        if msg.accept and msg.version == version:
+            self._s.audit("consent", room=identity.room, actor=identity.subject, version=version)
+            self._enter(identity, consented=True)
+            return
+        self._s.audit(
+            "consent_declined", room=identity.room, actor=identity.subject, version=msg.version
+        )
+        why = "consent declined" if msg.accept is False else "consent to an old version"
+        self._refuse(ProtocolError(ErrorCode.CONSENT_REQUIRED, why), CLOSE_CONSENT, b"consent")
+
+    def _withdraw_consent(self, member: Member, msg: Consent) -> None:
+        """Withdrawing consent means leaving the room."""
+        room = member_room(member, self._s.rooms)
+        self._s.audit(
+            "consent_withdrawn",
+            room=room.name,
+            actor=member.identity.subject,
+            version=msg.version,
+        )
+        room.leave(member, "consent withdrawn")
+        self.close(CLOSE_CONSENT, b"consent withdrawn")
+
     def _allow(self, size: int) -> bool:
         """Token buckets for messages and bytes; too many refusals close the connection."""
-        cfg = self.world.config
+        cfg = self._s.config
         now = time.monotonic()
         elapsed = now - self._rate_stamp
         self._rate_stamp = now
@@ -371,162 +384,48 @@ class Session:
             self._byte_tokens -= size
             return True
         self._violations += 1.0
-        self.world.metrics.protocol_errors.labels(ErrorCode.RATE_LIMITED.value).inc()
+        self._s.metrics.protocol_errors.labels(ErrorCode.RATE_LIMITED.value).inc()
         if self._violations > cfg.max_violations:
             log.info("closing %s: sustained flooding", self.peer)
-            self.world.record(
+            member = self.member
+            self._s.audit(
                 "closed_flooding",
-                room=self.member.room.name if self.member else None,
-                actor=self.member.identity.subject if self.member else None,
+                room=member_room(member, self._s.rooms).name if member else None,
+                actor=member.identity.subject if member else None,
                 peer=self.peer,
             )
-            self.send_error(ProtocolError(ErrorCode.RATE_LIMITED, "flooding; closing"), True)
-            self.close(CLOSE_RATE_LIMIT, b"rate limit")
+            self._refuse(
+                ProtocolError(ErrorCode.RATE_LIMITED, "flooding; closing"),
+                CLOSE_RATE_LIMIT,
+                b"rate limit",
+            )
         else:
             self.send_error(ProtocolError(ErrorCode.RATE_LIMITED, "message or byte rate exceeded"))
         return False
 
-    def _on_waiting(self, data: bytes) -> None:
-        """In the lobby: nothing of the room, only ping and leave."""
-        msg = decode_message(data, CLIENT_MESSAGES) if data[:1] == bytes((FRAME_CONTROL,)) else None
-        if isinstance(msg, Ping):
-            self.send(Pong(msg.id, msg.client_time, 0.0))
-        elif isinstance(msg, Leave):
-            self.close(CLOSE_NORMAL, b"left")
-        else:
-            self.send_error(ProtocolError(ErrorCode.FORBIDDEN, "waiting in the lobby"))
-
-    def _on_binary(self, data: bytes) -> None:
-        world = self.world
-        member = self.member
-        if member is None or not data:
-            return
-        kind = data[0]
-        if kind == FRAME_POSE:
-            if member.paused:
-                return  # stepped out: nothing of this member reaches the room
-            if member.hidden:
-                self.send_error(ProtocolError(ErrorCode.FORBIDDEN, "observers send no poses"))
-                return
-            err = check_pose_frame(data, member.slots)
-            if err is not None:
-                self.send_error(err)
-                return
-            seq = pose_sequence(data)
-            if seq <= member.last_seq:
-                return  # stale: an older pose than one already applied
-            member.last_seq = seq
-            world.submit_pose(member, data)
-        elif kind == FRAME_CONTROL:
-            msg = decode_message(data, CLIENT_MESSAGES)
-            if isinstance(msg, ProtocolError):
-                self.send_error(msg)
-            elif isinstance(msg, Ping):
-                self.send(Pong(msg.id, msg.client_time, world.room_time(member.room)))
-            elif isinstance(msg, Leave):
-                world.leave(member, "left")
-                self.member = None
-                self.close(CLOSE_NORMAL, b"left")
-            elif isinstance(msg, Hello):
-                self.send_error(ProtocolError(ErrorCode.ALREADY_JOINED, "already joined"))
-            elif isinstance(msg, Consent):
-                if not msg.accept:  # withdrawing consent means leaving the room
-                    world.record(
-                        "consent_withdrawn",
-                        room=member.room.name,
-                        actor=member.identity.subject,
-                        version=msg.version,
-                    )
-                    world.leave(member, "consent withdrawn")
-                    self.member = None
-                    self.close(CLOSE_CONSENT, b"consent withdrawn")
-            elif isinstance(msg, Moderate | ChangeRole | Pause | RequestUnmute):
-                try:
-                    if isinstance(msg, Moderate):
-                        moderation.handle(self, msg)
-                    elif isinstance(msg, ChangeRole):
-                        moderation.change_role(self, msg)
-                    elif isinstance(msg, Pause):
-                        moderation.set_paused(self, msg.paused)
-                    else:
-                        moderation.request_unmute(self)
-                except ProtocolError as err:
-                    self.send_error(err)
-            elif (handler := world.handlers.get(type(msg))) is not None:
-                try:
-                    handler(self, member, msg)
-                except ProtocolError as err:
-                    self.send_error(err)
-            else:
-                self.send_error(
-                    ProtocolError(ErrorCode.UNKNOWN_TYPE, f"{msg.TYPE} is not for servers")
-                )
-        elif (binary := world.binary_handlers.get(kind)) is not None:
-            try:
-                binary(self, member, data)
-            except ProtocolError as err:
-                self.send_error(err)
-        else:
-            self.send_error(ProtocolError(ErrorCode.MALFORMED, f"unknown frame kind 0x{kind:02x}"))
+    # ----------------------------------------------------------------- end
 
     def on_close(self) -> None:
         """The connection ended (either side)."""
         self._closed = True
+        self.conn.closed()
         if self._lobby is not None:
             room, lobby_id = self._lobby
             self._lobby = None
-            if room.lobby.pop(lobby_id, None) is not None:
-                moderation.lobby_changed(room)
+            room.leave_lobby(lobby_id)
         for timer in (self._handshake_timer, self._heartbeat_timer):
             if timer is not None:
                 timer.cancel()
         member = self.member
         self.member = None
-        if member is not None and member.session is self:
-            self.world.disconnected(member)
+        if member is not None:
+            room = self._s.rooms.get(member.identity.room)
+            if room is not None:
+                room.disconnected(member, self)
 
 
-async def websocket_handler(request: web.Request) -> web.StreamResponse:
-    """``GET /ws``: aiohttp does the opening handshake, then our parser takes the transport."""
-    from .app import WORLD_KEY
-
-    world = request.app[WORLD_KEY]
-    cfg = world.config
-    ws = web.WebSocketResponse(
-        compress=False, max_msg_size=cfg.max_frame_bytes, autoping=False, heartbeat=None
-    )
-    await ws.prepare(request)
-    transport = request.transport
-    if transport is None or transport.is_closing():
-        return ws
-    sock = transport.get_extra_info("socket")
-    if sock is not None and cfg.socket_send_buffer > 0:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, cfg.socket_send_buffer)
-    conn = WebSocketConnection(cfg.max_frame_bytes)
-    session = Session(world, conn, request.remote)
-    conn.attach(transport, session)  # type: ignore[arg-type]
-    session.transport = transport  # type: ignore[assignment]
-    addr = request.remote or "?"
-    per_addr = world.connections_by_address
-    if 0 < cfg.max_connections_per_address <= per_addr.get(addr, 0):
-        world.record("connection_refused", peer=addr, reason="too many connections")
-        session.send_error(
-            ProtocolError(ErrorCode.TOO_MANY_CONNECTIONS, "too many connections from your address"),
-            True,
-        )
-        session.close(CLOSE_TOO_MANY_CONNECTIONS, b"too many connections")
-        return ws
-    per_addr[addr] = per_addr.get(addr, 0) + 1
-    session.start()
-    world.metrics.connections.inc()
-    try:
-        await conn.closed
-    finally:
-        world.metrics.connections.dec()
-        left = per_addr.get(addr, 1) - 1
-        if left > 0:
-            per_addr[addr] = left
-        else:
-            per_addr.pop(addr, None)
-    return ws
+def member_room(member: Member, rooms: RoomRegistry) -> Room:
+    """The room a member belongs to."""
+    room = rooms.get(member.identity.room)
+    assert room is not None, "a member's room is open while it has members"
+    return room

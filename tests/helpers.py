@@ -9,10 +9,10 @@ from typing import Any
 
 import aiohttp
 
+from medverse.protocol.catalog import SERVER_MESSAGES
 from medverse.protocol.messages import (
     FRAME_CONTROL,
     PROTOCOL_VERSION,
-    SERVER_MESSAGES,
     Error,
     Hello,
     Message,

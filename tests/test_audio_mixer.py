@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 from typing import Any
 
@@ -19,10 +20,9 @@ from medverse.protocol.audio import (
     audio_sections,
     offer_direction,
 )
+from medverse.protocol.catalog import CLIENT_MESSAGES, SERVER_MESSAGES
 from medverse.protocol.errors import ProtocolError
 from medverse.protocol.messages import (
-    CLIENT_MESSAGES,
-    SERVER_MESSAGES,
     decode_message,
     encode_message,
 )
@@ -148,20 +148,49 @@ def test_int_lists_are_validated(values: list) -> None:
     assert isinstance(out, AudioSpeaking) == ok
 
 
+class _Link:
+    """A member's connection that takes everything (the mixer tests need no network)."""
+
+    def send(self, msg: object) -> bool:
+        return True
+
+    def write(self, frame: bytes) -> bool:
+        return True
+
+    def offer(self, frame: bytes, soft_limit: int) -> bool:
+        return True
+
+    def backlog(self) -> int:
+        return 0
+
+    def send_error(self, err: object, fatal: bool = False) -> None:
+        pass
+
+    def close(self, code: int, reason: bytes) -> None:
+        pass
+
+    def admitted(self, member: object) -> None:
+        pass
+
+
 def _room_audio(n: int) -> tuple[Any, Any, list[bytes]]:
     """A room's audio state with ``n`` publishing members in a 2 m circle, and Opus packets
     of a -30 dBFS tone (no network: frames go straight into the speakers' inboxes)."""
-    from medverse.server.audio import AudioFeature, MixTrack, Peer, RoomAudio, SpeakerInbox
+    from medverse.server.audio import MixTrack, Peer, SpatialAudio, SpeakerInbox
     from medverse.server.auth import anonymous
+    from medverse.server.clock import FixedRateClock
     from medverse.server.config import ServerConfig
-    from medverse.server.metrics import Metrics
-    from medverse.server.room import Member, Room
-    from medverse.server.world import World
+    from medverse.server.entities import EntityTable
+    from medverse.server.metrics import Traffic
+    from medverse.server.room import Room, RoomServices
 
-    world = World(ServerConfig(no_auth=True), Metrics())
-    feature = AudioFeature(world)
-    room = Room(world, "r", 1, 0)
-    ra = RoomAudio(feature, room)
+    cfg = ServerConfig(no_auth=True)
+    service = SpatialAudio()
+    service.config = cfg
+    table = EntityTable()
+    services = RoomServices(cfg, table, FixedRateClock(1 / 30), Traffic(), lambda *a, **k: None)
+    room = Room("r", 1, services, [service])
+    ra = room.plugins[0]
     codec = av.CodecContext.create("libopus", "w")
     codec.bit_rate = 32000
     codec.format = "s16"
@@ -179,24 +208,26 @@ def _room_audio(n: int) -> tuple[Any, Any, list[bytes]]:
         f.sample_rate = 48000
         f.pts = i * 960
         packets += [bytes(p) for p in codec.encode(f)]
-    for i in range(n):
-        m = Member(i + 1, anonymous(f"b{i}", "r", f"s{i}"), 3, room, -1, None)
-        m.index = world.alloc_entity(room, m.id, 3)
-        room.members[m.id] = m
-        s = ra.add(m)
+
+    async def join_all() -> list[Any]:  # plugins' timers want a running loop
+        return [room.join(anonymous(f"b{i}", "r", f"s{i}"), 3, _Link()) for i in range(n)]
+
+    for i, m in enumerate(asyncio.run(join_all())):
+        s = ra.slot_of[m.id]
         ra.inboxes[s] = SpeakerInbox()
         ra.speaker[s] = ra.listener[s] = True
         ra.peers[m.id] = Peer(None, MixTrack(64000), True)  # type: ignore[arg-type]
         a = 2 * math.pi * i / n
-        q = np.zeros((3, 3), np.int64)
-        world.write_entity(
-            m.index,
-            np.array([True, False, False]),
-            np.array([[int(2000 * math.sin(a)), 1600, int(2000 * math.cos(a))], [0] * 3, [0] * 3]),
-            np.zeros(3, np.uint8),
-            q,
+        table.write(
+            np.array([m.row]),
+            np.array([[True, False, False]]),
+            np.array(
+                [[[int(2000 * math.sin(a)), 1600, int(2000 * math.cos(a))], [0] * 3, [0] * 3]]
+            ),
+            np.zeros((1, 3), np.uint8),
+            np.zeros((1, 3, 3), np.int64),
         )
-    return ra, feature, packets[-6:]
+    return ra, service, packets[-6:]
 
 
 def _feed(ra: Any, packets: list[bytes], slots: list[int] | None = None, k: int = 0) -> None:

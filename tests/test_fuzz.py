@@ -9,12 +9,11 @@ import msgpack
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from medverse.protocol.catalog import CLIENT_MESSAGES, SERVER_MESSAGES
 from medverse.protocol.errors import ProtocolError
 from medverse.protocol.messages import (
-    CLIENT_MESSAGES,
     FRAME_CONTROL,
     FRAME_POSE,
-    SERVER_MESSAGES,
     check_pose_frame,
     decode_message,
     decode_pose_batch,

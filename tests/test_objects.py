@@ -27,9 +27,9 @@ from medverse.client_sdk import (
     Session,
     connect,
 )
+from medverse.protocol.catalog import CLIENT_MESSAGES
 from medverse.protocol.errors import ProtocolError
 from medverse.protocol.messages import (
-    CLIENT_MESSAGES,
     PROTOCOL_VERSION,
     Error,
     Hello,

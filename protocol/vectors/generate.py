@@ -4,6 +4,9 @@
 ``snapshots.json``: named sequences of quantized snapshots and the exact state frames that
 :class:`protocol.SnapshotEncoder` produces for them. Both files are deterministic; the tests in
 ``tests/test_vectors.py`` check the codec against them byte for byte, in both directions.
+``connection.json``: scripted sequences of frames received and messages sent by either end of
+a connection, with the event and state :class:`protocol.Connection` gives after each step
+(replayed by ``tests/test_connection.py``).
 """
 
 from __future__ import annotations
@@ -15,6 +18,36 @@ from typing import Any
 
 import numpy as np
 
+from medverse.protocol.connection import (
+    Connection,
+    Event,
+    FrameReceived,
+    Ignored,
+    LocalProtocolError,
+    MessageReceived,
+    Refused,
+    Role,
+)
+from medverse.protocol.messages import (
+    PROTOCOL_VERSION,
+    ChangeRole,
+    Consent,
+    ConsentRequired,
+    Error,
+    Hello,
+    Joined,
+    Leave,
+    MemberInfo,
+    Message,
+    Moderate,
+    Pause,
+    Ping,
+    Pong,
+    Waiting,
+    Welcome,
+    encode_message,
+    encode_pose,
+)
 from medverse.protocol.quant import (
     POSITION_LIMIT_M,
     dequantize_positions,
@@ -320,11 +353,312 @@ def snapshot_vectors() -> dict[str, Any]:
     }
 
 
+# --------------------------------------------------------------------------- connection
+
+# A script step: ("recv", frame) a binary message from the peer, ("text", data) a text message,
+# ("send", message) this end sends, ("closed",) the transport went away.
+ConnStep = tuple[str] | tuple[str, bytes] | tuple[str, Message]
+
+_HELLO = Hello(PROTOCOL_VERSION, "ward-3", "Dr A", 3, None, "token")
+_WELCOME = Welcome(PROTOCOL_VERSION, 7, "ward-3", 30, 1200, "r" * 32, False, (MemberInfo(2, "B"),))
+_CONSENT_TEXT = ConsentRequired("ab" * 32, "Nothing of this room is recorded.")
+_POSE = encode_pose(1, [((0.0, 1.6, 0.0), (0.0, 0.0, 0.0, 1.0)), None, None])
+_MOVE = bytes((0x04, 0, 0, 0, 1, 0, 0, 0)) + bytes(36)
+_STATE = bytes((0x02, 0x00, 0xB0, 0x04, 0x00, 0x00))  # opaque here: the machine only routes it
+
+
+def _c(msg: Message) -> ConnStep:
+    return ("recv", encode_message(msg))
+
+
+def _conn_cases() -> list[tuple[str, str, str, list[ConnStep]]]:
+    """(name, description, role, steps)."""
+    consent = Consent(_CONSENT_TEXT.version, True)
+    return [
+        (
+            "server_open_room",
+            "Hello, a non-fatal bad_resume then welcome; poses, a ping, a pause (poses "
+            "ignored), the way back (a fresh welcome), leave; nothing counts after it.",
+            "server",
+            [
+                _c(_HELLO),
+                ("send", Error("bad_resume", "cannot resume; joining anew", False)),
+                ("send", _WELCOME),
+                ("recv", _POSE),
+                _c(Ping(1, 0.25)),
+                ("send", Pong(1, 0.25, 40.0)),
+                ("send", Joined(9, "C")),
+                ("recv", _MOVE),
+                _c(Pause(True)),
+                ("recv", _POSE),
+                _c(Pause(False)),
+                ("send", _WELCOME),
+                _c(Leave()),
+                ("recv", _POSE),
+                ("send", Pong(2, 0.0, 41.0)),
+                ("closed",),
+            ],
+        ),
+        (
+            "server_consent_and_lobby",
+            "Consent asked, then the lobby, then admitted; what each state refuses.",
+            "server",
+            [
+                _c(_HELLO),
+                ("send", _CONSENT_TEXT),
+                ("recv", _POSE),
+                _c(Moderate("lock")),
+                ("recv", b"\x01\xc1"),
+                _c(Ping(1, 0.5)),
+                ("send", Pong(1, 0.5, 0.0)),
+                _c(consent),
+                ("send", Waiting("ward-3", 4)),
+                _c(consent),
+                ("recv", _POSE),
+                _c(Ping(2, 0.5)),
+                ("send", Welcome(PROTOCOL_VERSION, 8, "ward-3", 30, 1500, "s" * 32, False, ())),
+                ("recv", _POSE),
+            ],
+        ),
+        (
+            "server_first_frame_not_hello",
+            "A ping first: fatal handshake_required; the server sends the fatal error and "
+            "reads nothing more.",
+            "server",
+            [
+                _c(Ping(1, 0.0)),
+                _c(_HELLO),
+                ("send", Error("handshake_required", "the first message must be hello", True)),
+                ("send", Error("internal", "too late", False)),
+            ],
+        ),
+        (
+            "server_first_frame_pose",
+            "A pose first is not a control frame: fatal malformed.",
+            "server",
+            [("recv", _POSE)],
+        ),
+        (
+            "server_first_frame_text",
+            "A text message first: fatal malformed.",
+            "server",
+            [("text", b'{"t":"hello"}')],
+        ),
+        (
+            "server_wrong_version",
+            "A hello of another protocol version: fatal unsupported_version.",
+            "server",
+            [_c(Hello(PROTOCOL_VERSION + 1, "ward-3", "Dr A", 3))],
+        ),
+        (
+            "server_hello_pending",
+            "Before the server answers a hello: a second hello and a ping are refused "
+            "(non-fatal), leave is taken.",
+            "server",
+            [
+                _c(_HELLO),
+                _c(_HELLO),
+                _c(Ping(1, 0.0)),
+                ("recv", b"\x01\x80"),
+                _c(Leave()),
+            ],
+        ),
+        (
+            "server_joined_refusals",
+            "What a joined member gets refused (all non-fatal) or passed on as a frame, and "
+            "consent withdrawn (the server closes).",
+            "server",
+            [
+                _c(_HELLO),
+                ("send", _WELCOME),
+                ("recv", _POSE[:-4]),
+                ("recv", _POSE + b"\x00"),
+                ("recv", _POSE[:2] + b"\x08\x00" + _POSE[4:]),
+                ("recv", _STATE),
+                ("recv", b"\x7f"),
+                ("recv", b""),
+                ("text", b"hi"),
+                _c(_HELLO),
+                ("recv", b"\x01\x81\xa1t\xa8teleport"),
+                _c(ChangeRole(2, "host")),
+                ("send", Error("forbidden", "needs the moderate grant", False)),
+                ("send", _CONSENT_TEXT),
+                _c(Consent(_CONSENT_TEXT.version, False)),
+                ("recv", _POSE),
+            ],
+        ),
+        (
+            "server_lobby_text",
+            "A text message in the lobby is fatal (as before any welcome).",
+            "server",
+            [_c(_HELLO), ("send", Waiting("ward-3", 1)), ("text", b"hi")],
+        ),
+        (
+            "server_sends_out_of_turn",
+            "Sends the state does not allow raise a local error and change nothing.",
+            "server",
+            [
+                ("send", _WELCOME),
+                ("send", Joined(9, "C")),
+                ("send", _HELLO),
+                _c(_HELLO),
+                ("send", Joined(9, "C")),
+                ("send", _CONSENT_TEXT),
+                ("send", _CONSENT_TEXT),
+                ("send", _WELCOME),
+                ("send", Waiting("ward-3", 1)),
+                ("send", Error("removed", "a host removed you", True)),
+                ("send", Error("internal", "late", False)),
+                ("closed",),
+                ("send", Error("shutting_down", "bye", True)),
+            ],
+        ),
+        (
+            "client_join",
+            "Hello, welcome, state frames, a pause with frames in flight and a crossing "
+            "welcome, back in, leave.",
+            "client",
+            [
+                ("send", Ping(1, 0.0)),
+                ("send", Leave()),
+                ("send", _HELLO),
+                ("send", _HELLO),
+                ("send", Ping(1, 0.0)),
+                _c(_WELCOME),
+                ("recv", _STATE),
+                _c(Joined(9, "C")),
+                ("send", Pause(True)),
+                ("recv", _STATE),
+                _c(_WELCOME),
+                ("send", Pause(True)),
+                ("send", Pause(False)),
+                _c(_WELCOME),
+                ("send", Pause(False)),
+                ("send", Leave()),
+                ("recv", _STATE),
+                ("send", Leave()),
+            ],
+        ),
+        (
+            "client_consent_and_lobby",
+            "Consent, the lobby, admitted; out-of-place server messages are refused "
+            "(non-fatal); consent withdrawn at the end.",
+            "client",
+            [
+                ("send", _HELLO),
+                _c(Joined(9, "C")),
+                ("recv", _STATE),
+                _c(_CONSENT_TEXT),
+                ("send", Moderate("lock")),
+                ("send", consent),
+                ("send", Ping(1, 0.5)),
+                _c(Pong(1, 0.5, 0.0)),
+                _c(Joined(9, "C")),
+                _c(Waiting("ward-3", 2)),
+                ("send", consent),
+                _c(_CONSENT_TEXT),
+                _c(Joined(9, "C")),
+                _c(_WELCOME),
+                _c(Waiting("ward-3", 2)),
+                ("send", Consent(_CONSENT_TEXT.version, True)),
+                ("send", Consent(_CONSENT_TEXT.version, False)),
+            ],
+        ),
+        (
+            "client_refused",
+            "A server error before hello (non-fatal), then a fatal refusal of the join.",
+            "client",
+            [
+                _c(Error("rate_limited", "slow down", False)),
+                _c(_WELCOME),
+                ("send", _HELLO),
+                _c(Error("unauthorized", "a join token is required", True)),
+                _c(_WELCOME),
+                ("send", Leave()),
+            ],
+        ),
+        (
+            "client_bad_frames",
+            "What a client refuses from a server: all non-fatal.",
+            "client",
+            [
+                ("send", _HELLO),
+                _c(_WELCOME),
+                ("recv", b""),
+                ("text", b"hi"),
+                ("recv", b"\x01\xc1"),
+                _c(_HELLO),
+                ("recv", _MOVE),
+            ],
+        ),
+    ]
+
+
+def _event_json(event: Event) -> dict[str, Any]:
+    out: dict[str, Any] = {"event": type(event).__name__}
+    if isinstance(event, MessageReceived):
+        out["type"] = event.message.TYPE
+    elif isinstance(event, Refused):
+        out["code"] = event.error.code.value
+        out["fatal"] = event.fatal
+    elif isinstance(event, FrameReceived):
+        out["kind"] = event.kind
+    elif isinstance(event, Ignored):
+        out["reason"] = event.reason
+    return out
+
+
+def connection_vectors() -> dict[str, Any]:
+    cases = []
+    for name, description, role, steps in _conn_cases():
+        conn = Connection(Role(role))
+        out: list[dict[str, Any]] = []
+        for step in steps:
+            what = step[0]
+            rec: dict[str, Any]
+            if what in ("recv", "text"):
+                data = step[1]
+                assert isinstance(data, bytes)
+                rec = {"recv": data.hex()}
+                if what == "text":
+                    rec["text"] = True
+                rec |= _event_json(conn.receive(data, text=what == "text"))
+            elif what == "send":
+                msg = step[1]
+                assert isinstance(msg, Message)
+                rec = {"send": msg.to_wire()}
+                try:
+                    conn.send(msg)
+                except LocalProtocolError:
+                    rec["error"] = "local"
+            else:
+                rec = {"closed": True}
+                conn.closed()
+            rec["state"] = conn.state.value
+            out.append(rec)
+        cases.append({"name": name, "role": role, "description": description, "steps": out})
+    return {
+        "description": (
+            "Connection states (SPEC.md, 'Connection states'). Each case runs one end's state "
+            "machine from a new connection. A 'recv' step is one WebSocket message from the "
+            "peer (hex; 'text' true if it was a text message) with the event it gives: "
+            "'MessageReceived' (with the message 'type'), 'PoseReceived', 'StateReceived', "
+            "'FrameReceived' (with the frame 'kind'), 'Refused' (with the error 'code' and "
+            "whether it is 'fatal') or 'Ignored' (with the 'reason'). A 'send' step is a "
+            "message this end sends, as its wire map; 'error': 'local' means the state does "
+            "not allow it and nothing changes. A 'closed' step is the transport going away. "
+            "'state' is the state after the step."
+        ),
+        "cases": cases,
+    }
+
+
 def write(directory: Path = HERE) -> list[Path]:
     paths = []
     for name, data in (
         ("quantization.json", quantization_vectors()),
         ("snapshots.json", snapshot_vectors()),
+        ("connection.json", connection_vectors()),
     ):
         path = directory / name
         path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")

@@ -1,0 +1,103 @@
+"""Who is asking over HTTP: the asset routes take a member's join token for the room, the admin
+routes an operator's admin token. Every refusal is a typed error (the WebSocket's codes, as
+JSON) and is recorded in the audit log; both fail closed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+from aiohttp import web
+
+from medverse.protocol.errors import ErrorCode, ProtocolError
+from medverse.protocol.messages import ROOM_NAME_RE
+
+from .auth import ROLE_GRANTS, Identity, TokenVerifier
+
+_HTTP_STATUS = {
+    ErrorCode.UNAUTHORIZED: 401,
+    ErrorCode.TOKEN_EXPIRED: 401,
+    ErrorCode.FORBIDDEN: 403,
+    ErrorCode.BANNED: 403,
+    ErrorCode.SESSION_ENDED: 403,
+    ErrorCode.NOT_FOUND: 404,
+    ErrorCode.OVERSIZED: 413,
+    ErrorCode.RATE_LIMITED: 429,
+    ErrorCode.ROOM_FULL: 409,
+}
+
+
+def http_error(err: ProtocolError, status: int | None = None) -> web.HTTPException:
+    """A typed error as an HTTP response: the same codes as on the WebSocket, in JSON."""
+    body = json.dumps({"error": {"code": err.code.value, "message": err.message}})
+    exc = web.HTTPException(text=body, content_type="application/json")
+    exc.set_status(status or _HTTP_STATUS.get(err.code, 400))
+    return exc
+
+
+def _bearer(request: web.Request) -> str | None:
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+class HttpAuth:
+    """Checks the bearer tokens of HTTP requests."""
+
+    def __init__(
+        self,
+        verifier: TokenVerifier | None,
+        audit: Callable[..., None],
+        count_refusal: Callable[[str], None],
+        banned: Callable[[Identity], bool],
+    ) -> None:
+        self.verifier = verifier
+        self._audit = audit
+        self._count = count_refusal
+        self._banned = banned
+
+    def _refused(self, request: web.Request, err: ProtocolError, room: str | None) -> Exception:
+        self._count(err.code.value)
+        self._audit(
+            "http_refused", room=room, peer=request.remote, path=request.path, code=err.code.value
+        )
+        return http_error(err)
+
+    def room_identity(self, request: web.Request, room: str) -> Identity:
+        """Who is asking, from the bearer token for ``room``; fails closed with a typed error.
+
+        A server running without authentication treats every caller as an anonymous
+        participant who may also upload (there is nobody to grant it on such a server).
+        """
+        if not ROOM_NAME_RE.match(room):
+            raise http_error(ProtocolError(ErrorCode.OUT_OF_RANGE, "bad room name"))
+        if self.verifier is None:
+            grants = ROLE_GRANTS["participant"] | {"upload_assets"}
+            return Identity(f"anonymous:{request.remote}", "anonymous", room, "participant", grants)
+        try:
+            token = _bearer(request)
+            if token is None:
+                raise ProtocolError(
+                    ErrorCode.UNAUTHORIZED, "an Authorization: Bearer token is needed"
+                )
+            identity = self.verifier.verify(token, room)
+        except ProtocolError as err:
+            raise self._refused(request, err, room) from None
+        if self._banned(identity):
+            raise http_error(ProtocolError(ErrorCode.BANNED, "you were removed from this session"))
+        return identity
+
+    def admin(self, request: web.Request) -> str:
+        """The operator's subject from an admin token, or a typed refusal. The admin API is
+        off on a server without authentication: nobody could prove who they are."""
+        try:
+            if self.verifier is None:
+                raise ProtocolError(
+                    ErrorCode.FORBIDDEN, "the admin API is off on a server without authentication"
+                )
+            token = _bearer(request)
+            if token is None:
+                raise ProtocolError(ErrorCode.UNAUTHORIZED, "an admin bearer token is needed")
+            return self.verifier.verify_admin(token)
+        except ProtocolError as err:
+            raise self._refused(request, err, None) from None

@@ -1,0 +1,142 @@
+"""The room registry: which rooms this process runs, placing new ones, closing empty ones.
+
+A room is placed (created with the plugins of its room type) when someone first enters it and
+closed ``room_linger`` seconds after its last member left. The registry knows nothing of
+sockets: connections reach rooms through it with a :class:`~.room.Link`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterator, Sequence
+
+from medverse.protocol.errors import ProtocolError
+
+from .auth import Identity
+from .plugins import RoomType, ServerPlugin, Wait
+from .room import Link, Member, Room, RoomServices
+
+log = logging.getLogger("medverse.registry")
+
+
+class RoomRegistry:
+    """Every room of this process, by name and by state segment."""
+
+    def __init__(
+        self,
+        services: RoomServices,
+        plugins: Sequence[ServerPlugin],
+        room_types: Sequence[RoomType] = (),
+        pseudonymous: Callable[[str], bool] | None = None,
+    ) -> None:
+        self._services = services
+        self._plugins = {p.name: p for p in plugins}
+        self._default = list(plugins)
+        self._types = list(room_types)
+        for t in self._types:
+            unknown = [n for n in t.plugins if n not in self._plugins]
+            if unknown:
+                raise ValueError(f"room type {t.name} names unknown plugin(s) {unknown}")
+        self._pseudonymous = pseudonymous
+        self._rooms: dict[str, Room] = {}
+        self._by_segment: dict[int, Room] = {}
+        self._next_segment = 1
+        self._close_timers: dict[str, asyncio.TimerHandle] = {}
+
+    # ----------------------------------------------------------------- lookup
+
+    def __len__(self) -> int:
+        return len(self._rooms)
+
+    def __iter__(self) -> Iterator[Room]:
+        return iter(list(self._rooms.values()))
+
+    def get(self, name: str) -> Room | None:
+        return self._rooms.get(name)
+
+    def by_segment(self, segment: int) -> Room | None:
+        return self._by_segment.get(segment)
+
+    def member_count(self) -> int:
+        return sum(r.member_count for r in self._rooms.values())
+
+    def room_type(self, name: str) -> tuple[str, list[ServerPlugin]]:
+        """The room type a room of this name gets, and its plugins."""
+        for t in self._types:
+            if t.matches(name):
+                return t.name, [self._plugins[n] for n in t.plugins]
+        return "default", self._default
+
+    # ----------------------------------------------------------------- placement
+
+    def place(self, name: str) -> Room:
+        """The room called ``name``, created (with its plugins) if this process has none."""
+        room = self._rooms.get(name)
+        if room is not None:
+            return room
+        kind, plugins = self.room_type(name)
+        pseudonymous = self._pseudonymous is not None and self._pseudonymous(name)
+        room = Room(
+            name,
+            self._next_segment,
+            self._services,
+            plugins,
+            kind=kind,
+            pseudonymous=pseudonymous,
+            on_empty=self._empty,
+        )
+        self._next_segment += 1
+        self._rooms[name] = room
+        self._by_segment[room.segment] = room
+        room.create()
+        return room
+
+    def entry(self, identity: Identity) -> Wait | ProtocolError | None:
+        """May ``identity`` enter its room now (None), through the lobby (WAIT), or not? A room
+        that does not exist yet lets everyone in."""
+        room = self._rooms.get(identity.room)
+        return None if room is None else room.entry(identity)
+
+    def join(self, identity: Identity, slots: int, link: Link) -> Member:
+        """Add a member to its room, placing the room if needed (raises ``room_full``)."""
+        room = self.place(identity.room)
+        timer = self._close_timers.pop(room.name, None)
+        if timer is not None:
+            timer.cancel()
+        return room.join(identity, slots, link)
+
+    def resumable(self, token: str, room: str) -> Member | None:
+        """The member of ``room`` whose resume token this is, if it is still there."""
+        r = self._rooms.get(room)
+        return None if r is None else r.resumable(token)
+
+    # ----------------------------------------------------------------- closing
+
+    def _empty(self, room: Room) -> None:
+        old = self._close_timers.pop(room.name, None)
+        if old is not None:
+            old.cancel()
+        loop = asyncio.get_running_loop()
+        self._close_timers[room.name] = loop.call_later(
+            self._services.config.room_linger, self._close, room
+        )
+
+    def _close(self, room: Room) -> None:
+        self._close_timers.pop(room.name, None)
+        if room.member_count or self._rooms.get(room.name) is not room:
+            return
+        del self._rooms[room.name]
+        del self._by_segment[room.segment]
+        room.close()
+        log.info("room %s closed", room.name)
+
+    def close_all(self) -> None:
+        """Close every room now (the server is stopping)."""
+        for timer in self._close_timers.values():
+            timer.cancel()
+        self._close_timers.clear()
+        for room in list(self._rooms.values()):
+            del self._rooms[room.name]
+            del self._by_segment[room.segment]
+            room.close()
