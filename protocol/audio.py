@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from .errors import ErrorCode, ProtocolError
-from .messages import MAX_CONTROL_BYTES, Message, Spec, _spec
+from .messages import MAX_CONTROL_BYTES, Message, Spec, wire_field
 
 #: Longest SDP accepted in a control frame (the frame itself is limited to MAX_CONTROL_BYTES).
 #: An aiortc audio-only offer with one host candidate is about 1.2 KB.
@@ -65,8 +65,8 @@ class AudioOffer(AudioMessage):
     The server answers with :class:`AudioAnswer`."""
 
     TYPE: ClassVar[str] = "audio_offer"
-    sdp: str = _spec("str", max_len=MAX_SDP_CHARS, pattern=_SDP_RE)
-    publish: bool = _spec("bool")
+    sdp: str = wire_field("str", max_len=MAX_SDP_CHARS, pattern=_SDP_RE)
+    publish: bool = wire_field("bool")
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +75,7 @@ class AudioMute(AudioMessage):
     server-muted member stays silent whatever it sends."""
 
     TYPE: ClassVar[str] = "audio_mute"
-    muted: bool = _spec("bool")
+    muted: bool = wire_field("bool")
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,8 +84,8 @@ class AudioZone(AudioMessage):
     them out (0)."""
 
     TYPE: ClassVar[str] = "audio_zone"
-    member_id: int = _spec("int", **_MEMBER_ID)
-    zone: int = _spec("int", lo=0, hi=MAX_ZONE)
+    member_id: int = wire_field("int", **_MEMBER_ID)
+    zone: int = wire_field("int", lo=0, hi=MAX_ZONE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,9 +94,9 @@ class AudioBroadcast(AudioMessage):
     reference level regardless of distance and zones (``on`` false ends it)."""
 
     TYPE: ClassVar[str] = "audio_broadcast"
-    member_id: int = _spec("int", **_MEMBER_ID)
-    on: bool = _spec("bool")
-    gain: int | None = _spec("int", lo=0, hi=MAX_GAIN_PERCENT, optional=True)
+    member_id: int = wire_field("int", **_MEMBER_ID)
+    on: bool = wire_field("bool")
+    gain: int | None = wire_field("int", lo=0, hi=MAX_GAIN_PERCENT, optional=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +104,7 @@ class AudioWhisper(AudioMessage):
     """Whisper to one member: while it lasts only ``target`` hears us. No target ends it."""
 
     TYPE: ClassVar[str] = "audio_whisper"
-    target: int | None = _spec("int", **_MEMBER_ID, optional=True)
+    target: int | None = wire_field("int", **_MEMBER_ID, optional=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,8 +112,8 @@ class AudioIgnore(AudioMessage):
     """Stop hearing (and being heard by) a member, or undo it."""
 
     TYPE: ClassVar[str] = "audio_ignore"
-    member_id: int = _spec("int", **_MEMBER_ID)
-    ignore: bool = _spec("bool")
+    member_id: int = wire_field("int", **_MEMBER_ID)
+    ignore: bool = wire_field("bool")
 
 
 # --------------------------------------------------------------------------- server to client
@@ -124,8 +124,8 @@ class AudioAnswer(AudioMessage):
     """The server's SDP answer to :class:`AudioOffer` (its candidates included)."""
 
     TYPE: ClassVar[str] = "audio_answer"
-    sdp: str = _spec("str", max_len=65536)
-    publish: bool = _spec("bool")
+    sdp: str = wire_field("str", max_len=65536)
+    publish: bool = wire_field("bool")
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,11 +137,11 @@ class AudioRules(AudioMessage):
     ``self_muted`` member ids; ``ignored`` ids this member ignores."""
 
     TYPE: ClassVar[str] = "audio_rules"
-    zones: tuple[int, ...] = _spec("int_list", max_len=MAX_INT_LIST)
-    broadcast: tuple[int, ...] = _spec("int_list", max_len=MAX_INT_LIST)
-    whispers: tuple[int, ...] = _spec("int_list", max_len=MAX_INT_LIST)
-    self_muted: tuple[int, ...] = _spec("int_list", max_len=MAX_INT_LIST)
-    ignored: tuple[int, ...] = _spec("int_list", max_len=MAX_INT_LIST)
+    zones: tuple[int, ...] = wire_field("int_list", max_len=MAX_INT_LIST)
+    broadcast: tuple[int, ...] = wire_field("int_list", max_len=MAX_INT_LIST)
+    whispers: tuple[int, ...] = wire_field("int_list", max_len=MAX_INT_LIST)
+    self_muted: tuple[int, ...] = wire_field("int_list", max_len=MAX_INT_LIST)
+    ignored: tuple[int, ...] = wire_field("int_list", max_len=MAX_INT_LIST)
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,7 +149,7 @@ class AudioSpeaking(AudioMessage):
     """Who is talking now (member ids, loudest first); sent when the set changes."""
 
     TYPE: ClassVar[str] = "audio_speaking"
-    members: tuple[int, ...] = _spec("int_list", max_len=MAX_INT_LIST)
+    members: tuple[int, ...] = wire_field("int_list", max_len=MAX_INT_LIST)
 
 
 #: The spatial audio messages clients send, and those the server sends.

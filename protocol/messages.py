@@ -64,7 +64,18 @@ class Spec:
     optional: bool = False
 
 
-def _spec(kind: str, **kw: Any) -> Any:
+def wire_field(kind: str, **kw: Any) -> Any:
+    """A message dataclass field and how decoding checks it: ``kind`` is ``"int"``,
+    ``"float"``, ``"str"``, ``"bool"``, ``"strs"`` or ``"members"`` (message families may add
+    their own through :meth:`Message.check_field`), with ``lo``/``hi`` bounds, ``max_len``, a
+    ``pattern`` and ``optional`` (then ``default``, None unless given)::
+
+        @dataclass(frozen=True, slots=True)
+        class BreathingStart(Message):
+            TYPE: ClassVar[str] = "breathing_start"
+            object_id: int = wire_field("int", lo=1, hi=2**32 - 1)
+            period: float = wire_field("float", lo=2.0, hi=20.0)
+    """
     default = kw.pop("default", None)
     has_default = "optional" in kw and kw["optional"]
     meta = {"spec": Spec(kind, **kw)}
@@ -185,12 +196,12 @@ class Hello(Message):
     """First message on a connection: join ``room`` as ``name`` (or resume a member)."""
 
     TYPE: ClassVar[str] = "hello"
-    version: int = _spec("int", lo=0, hi=65535)
-    room: str = _spec("str", pattern=ROOM_NAME_RE)
-    name: str = _spec("str", max_len=MAX_NAME_CHARS, pattern=DISPLAY_NAME_RE)
-    slots: int = _spec("int", lo=1, hi=MAX_SLOTS)
-    resume: str | None = _spec("str", max_len=128, optional=True)
-    token: str | None = _spec("str", max_len=2048, optional=True)
+    version: int = wire_field("int", lo=0, hi=65535)
+    room: str = wire_field("str", pattern=ROOM_NAME_RE)
+    name: str = wire_field("str", max_len=MAX_NAME_CHARS, pattern=DISPLAY_NAME_RE)
+    slots: int = wire_field("int", lo=1, hi=MAX_SLOTS)
+    resume: str | None = wire_field("str", max_len=128, optional=True)
+    token: str | None = wire_field("str", max_len=2048, optional=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,8 +209,8 @@ class Ping(Message):
     """Round-trip probe; the server answers with :class:`Pong` at once."""
 
     TYPE: ClassVar[str] = "ping"
-    id: int = _spec("int", lo=0, hi=2**32 - 1)
-    client_time: float = _spec("float")
+    id: int = wire_field("int", lo=0, hi=2**32 - 1)
+    client_time: float = wire_field("float")
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,9 +233,9 @@ class Moderate(Message):
     session for everyone."""
 
     TYPE: ClassVar[str] = "moderate"
-    action: str = _spec("str", pattern=MODERATION_ACTIONS)
-    member_id: int | None = _spec("int", lo=1, hi=2**32 - 1, optional=True)
-    reason: str | None = _spec("str", max_len=256, optional=True)
+    action: str = wire_field("str", pattern=MODERATION_ACTIONS)
+    member_id: int | None = wire_field("int", lo=1, hi=2**32 - 1, optional=True)
+    reason: str | None = wire_field("str", max_len=256, optional=True)
 
 
 ROLE_NAMES = re.compile(r"^(host|participant|observer)$")
@@ -240,10 +251,10 @@ class ChangeRole(Message):
     ``allow``."""
 
     TYPE: ClassVar[str] = "change_role"
-    member_id: int = _spec("int", lo=1, hi=2**32 - 1)
-    role: str | None = _spec("str", pattern=ROLE_NAMES, optional=True)
-    grant: str | None = _spec("str", pattern=GRANT_NAMES, optional=True)
-    allow: bool | None = _spec("bool", optional=True)
+    member_id: int = wire_field("int", lo=1, hi=2**32 - 1)
+    role: str | None = wire_field("str", pattern=ROLE_NAMES, optional=True)
+    grant: str | None = wire_field("str", pattern=GRANT_NAMES, optional=True)
+    allow: bool | None = wire_field("bool", optional=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,7 +263,7 @@ class Pause(Message):
     is gone for others and the member receives nothing of the room."""
 
     TYPE: ClassVar[str] = "pause"
-    paused: bool = _spec("bool")
+    paused: bool = wire_field("bool")
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,8 +271,8 @@ class Consent(Message):
     """Accept (or decline, or later withdraw) the room's consent text, named by its SHA-256."""
 
     TYPE: ClassVar[str] = "consent"
-    version: str = _spec("str", max_len=64)
-    accept: bool = _spec("bool")
+    version: str = wire_field("str", max_len=64)
+    accept: bool = wire_field("bool")
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,8 +290,8 @@ class Waiting(Message):
     """The room has a lobby: wait until a host admits (``welcome`` follows) or denies you."""
 
     TYPE: ClassVar[str] = "waiting"
-    room: str = _spec("str", pattern=ROOM_NAME_RE)
-    lobby_id: int = _spec("int", lo=1, hi=2**32 - 1)
+    room: str = wire_field("str", pattern=ROOM_NAME_RE)
+    lobby_id: int = wire_field("int", lo=1, hi=2**32 - 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,8 +300,8 @@ class ConsentRequired(Message):
     of the room flows; answer with :class:`Consent`."""
 
     TYPE: ClassVar[str] = "consent_required"
-    version: str = _spec("str", max_len=64)
-    text: str = _spec("str", max_len=65536)
+    version: str = wire_field("str", max_len=64)
+    text: str = wire_field("str", max_len=65536)
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,7 +309,7 @@ class Lobby(Message):
     """To hosts: who is waiting in the lobby (``members`` ids are lobby ids for ``admit``)."""
 
     TYPE: ClassVar[str] = "lobby"
-    members: tuple[MemberInfo, ...] = _spec("members")
+    members: tuple[MemberInfo, ...] = wire_field("members")
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,10 +318,10 @@ class MemberState(Message):
     to be unmuted (to hosts)."""
 
     TYPE: ClassVar[str] = "member_state"
-    member_id: int = _spec("int", lo=1, hi=2**32 - 1)
-    paused: bool = _spec("bool")
-    muted: bool = _spec("bool")
-    unmute_requested: bool = _spec("bool")
+    member_id: int = wire_field("int", lo=1, hi=2**32 - 1)
+    paused: bool = wire_field("bool")
+    muted: bool = wire_field("bool")
+    unmute_requested: bool = wire_field("bool")
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,9 +329,9 @@ class Grants(Message):
     """A member's role and grants changed (to that member and to hosts)."""
 
     TYPE: ClassVar[str] = "grants"
-    member_id: int = _spec("int", lo=1, hi=2**32 - 1)
-    role: str = _spec("str", max_len=16)
-    grants: tuple[str, ...] = _spec("strs", hi=16, max_len=32)
+    member_id: int = wire_field("int", lo=1, hi=2**32 - 1)
+    role: str = wire_field("str", max_len=16)
+    grants: tuple[str, ...] = wire_field("strs", hi=16, max_len=32)
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,7 +339,7 @@ class RoomState(Message):
     """The room's entry mode changed: ``open``, ``lobby`` or ``locked``."""
 
     TYPE: ClassVar[str] = "room_state"
-    entry: str = _spec("str", max_len=16)
+    entry: str = wire_field("str", max_len=16)
 
 
 @dataclass(frozen=True, slots=True)
@@ -339,14 +350,14 @@ class Welcome(Message):
     """
 
     TYPE: ClassVar[str] = "welcome"
-    version: int = _spec("int", lo=0, hi=65535)
-    member_id: int = _spec("int", lo=1, hi=2**32 - 1)
-    room: str = _spec("str", pattern=ROOM_NAME_RE)
-    rate: int = _spec("int", lo=1, hi=1000)
-    tick: int = _spec("int", lo=0, hi=2**32 - 1)
-    resume: str = _spec("str", max_len=128)
-    resumed: bool = _spec("bool")
-    members: tuple[MemberInfo, ...] = _spec("members")
+    version: int = wire_field("int", lo=0, hi=65535)
+    member_id: int = wire_field("int", lo=1, hi=2**32 - 1)
+    room: str = wire_field("str", pattern=ROOM_NAME_RE)
+    rate: int = wire_field("int", lo=1, hi=1000)
+    tick: int = wire_field("int", lo=0, hi=2**32 - 1)
+    resume: str = wire_field("str", max_len=128)
+    resumed: bool = wire_field("bool")
+    members: tuple[MemberInfo, ...] = wire_field("members")
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,8 +365,8 @@ class Joined(Message):
     """A member entered the room."""
 
     TYPE: ClassVar[str] = "joined"
-    member_id: int = _spec("int", lo=1, hi=2**32 - 1)
-    name: str = _spec("str", max_len=MAX_NAME_CHARS)
+    member_id: int = wire_field("int", lo=1, hi=2**32 - 1)
+    name: str = wire_field("str", max_len=MAX_NAME_CHARS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -363,9 +374,9 @@ class Left(Message):
     """A member left the room (``reason``: left, disconnected, timeout, ...)."""
 
     TYPE: ClassVar[str] = "left"
-    member_id: int = _spec("int", lo=1, hi=2**32 - 1)
-    name: str = _spec("str", max_len=MAX_NAME_CHARS)
-    reason: str = _spec("str", max_len=64)
+    member_id: int = wire_field("int", lo=1, hi=2**32 - 1)
+    name: str = wire_field("str", max_len=MAX_NAME_CHARS)
+    reason: str = wire_field("str", max_len=64)
 
 
 @dataclass(frozen=True, slots=True)
@@ -373,9 +384,9 @@ class Pong(Message):
     """Answer to :class:`Ping`; ``room_time`` is the room clock in seconds when it was sent."""
 
     TYPE: ClassVar[str] = "pong"
-    id: int = _spec("int", lo=0, hi=2**32 - 1)
-    client_time: float = _spec("float")
-    room_time: float = _spec("float")
+    id: int = wire_field("int", lo=0, hi=2**32 - 1)
+    client_time: float = wire_field("float")
+    room_time: float = wire_field("float")
 
 
 @dataclass(frozen=True, slots=True)
@@ -383,9 +394,9 @@ class Error(Message):
     """A typed error. ``fatal`` errors are followed by the server closing the connection."""
 
     TYPE: ClassVar[str] = "error"
-    code: str = _spec("str", max_len=64)
-    message: str = _spec("str", max_len=1024)
-    fatal: bool = _spec("bool")
+    code: str = wire_field("str", max_len=64)
+    message: str = wire_field("str", max_len=1024)
+    fatal: bool = wire_field("bool")
 
     @classmethod
     def of(cls, err: ProtocolError, fatal: bool = False) -> Error:
@@ -589,4 +600,5 @@ __all__ += [
     "message_registry",
     "pose_frame_size",
     "pose_sequence",
+    "wire_field",
 ]

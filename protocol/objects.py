@@ -23,7 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .errors import ErrorCode, ProtocolError
-from .messages import Message, Spec, _spec
+from .messages import Message, Spec, wire_field
 from .quant import POSITION_LIMIT_M, QUAT_NORM_MAX, QUAT_NORM_MIN
 from .snapshot import OBJECT_ID_BASE
 
@@ -148,19 +148,19 @@ class ObjectMessage(Message):
 
 
 def _req() -> Any:
-    return _spec("int", lo=0, hi=MAX_U32)
+    return wire_field("int", lo=0, hi=MAX_U32)
 
 
 def _oid(optional: bool = False) -> Any:
-    return _spec("int", lo=1, hi=MAX_OBJECT_ID, optional=optional)
+    return wire_field("int", lo=1, hi=MAX_OBJECT_ID, optional=optional)
 
 
 def _aid(optional: bool = False) -> Any:
-    return _spec("int", lo=1, hi=MAX_U32, optional=optional)
+    return wire_field("int", lo=1, hi=MAX_U32, optional=optional)
 
 
 def _mid(optional: bool = False) -> Any:
-    return _spec("int", lo=1, hi=MAX_U32, optional=optional)
+    return wire_field("int", lo=1, hi=MAX_U32, optional=optional)
 
 
 # --------------------------------------------------------------------------- client to server
@@ -172,11 +172,11 @@ class Spawn(ObjectMessage):
 
     TYPE: ClassVar[str] = "obj_spawn"
     req: int = _req()
-    asset: str = _spec("str", pattern=SHA256_RE)
-    position: Vec3 = _spec("vec3")  # noqa: RUF009
-    rotation: Quat = _spec("quat")  # noqa: RUF009
-    scale: float = _spec("float", lo=MIN_SCALE, hi=MAX_SCALE)
-    name: str | None = _spec("str", max_len=64, pattern=NODE_NAME_RE, optional=True)
+    asset: str = wire_field("str", pattern=SHA256_RE)
+    position: Vec3 = wire_field("vec3")  # noqa: RUF009
+    rotation: Quat = wire_field("quat")  # noqa: RUF009
+    scale: float = wire_field("float", lo=MIN_SCALE, hi=MAX_SCALE)
+    name: str | None = wire_field("str", max_len=64, pattern=NODE_NAME_RE, optional=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,8 +224,8 @@ class SetView(ObjectMessage):
     TYPE: ClassVar[str] = "obj_view"
     req: int = _req()
     object_id: int = _oid()
-    nodes: dict[str, bool] | None = _spec("nodes", optional=True)  # noqa: RUF009
-    plane: tuple[float, ...] | None = _spec("plane", optional=True)
+    nodes: dict[str, bool] | None = wire_field("nodes", optional=True)  # noqa: RUF009
+    plane: tuple[float, ...] | None = wire_field("plane", optional=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,10 +255,10 @@ class Annotate(ObjectMessage):
     TYPE: ClassVar[str] = "anno_create"
     req: int = _req()
     object_id: int = _oid()
-    kind: str = _spec("str", pattern=ANNOTATION_KIND_RE)
-    points: tuple[Vec3, ...] = _spec("points")
-    text: str | None = _spec("str", max_len=MAX_TEXT_CHARS, optional=True)
-    color: int | None = _spec("int", lo=0, hi=0xFFFFFF, optional=True)
+    kind: str = wire_field("str", pattern=ANNOTATION_KIND_RE)
+    points: tuple[Vec3, ...] = wire_field("points")
+    text: str | None = wire_field("str", max_len=MAX_TEXT_CHARS, optional=True)
+    color: int | None = wire_field("int", lo=0, hi=0xFFFFFF, optional=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,9 +268,9 @@ class EditAnnotation(ObjectMessage):
     TYPE: ClassVar[str] = "anno_edit"
     req: int = _req()
     annotation_id: int = _aid()
-    text: str | None = _spec("str", max_len=MAX_TEXT_CHARS, optional=True)
-    points: tuple[Vec3, ...] | None = _spec("points", optional=True)
-    color: int | None = _spec("int", lo=0, hi=0xFFFFFF, optional=True)
+    text: str | None = wire_field("str", max_len=MAX_TEXT_CHARS, optional=True)
+    points: tuple[Vec3, ...] | None = wire_field("points", optional=True)
+    color: int | None = wire_field("int", lo=0, hi=0xFFFFFF, optional=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,8 +303,8 @@ class ObjectRefused(ObjectMessage):
 
     TYPE: ClassVar[str] = "obj_refused"
     req: int = _req()
-    code: str = _spec("str", max_len=64)
-    message: str = _spec("str", max_len=1024)
+    code: str = wire_field("str", max_len=64)
+    message: str = wire_field("str", max_len=1024)
     object_id: int | None = _oid(optional=True)
     holder: int | None = _mid(optional=True)
 
@@ -317,14 +317,14 @@ class ObjectState(ObjectMessage):
 
     TYPE: ClassVar[str] = "obj_state"
     object_id: int = _oid()
-    asset: str = _spec("str", pattern=SHA256_RE)
-    name: str = _spec("str", max_len=64)
-    author: str = _spec("str", max_len=64)
-    position: Vec3 = _spec("vec3")  # noqa: RUF009
-    rotation: Quat = _spec("quat")  # noqa: RUF009
-    scale: float = _spec("float", lo=MIN_SCALE, hi=MAX_SCALE)
-    nodes: dict[str, bool] = _spec("nodes")  # noqa: RUF009
-    plane: tuple[float, ...] = _spec("plane")
+    asset: str = wire_field("str", pattern=SHA256_RE)
+    name: str = wire_field("str", max_len=64)
+    author: str = wire_field("str", max_len=64)
+    position: Vec3 = wire_field("vec3")  # noqa: RUF009
+    rotation: Quat = wire_field("quat")  # noqa: RUF009
+    scale: float = wire_field("float", lo=MIN_SCALE, hi=MAX_SCALE)
+    nodes: dict[str, bool] = wire_field("nodes")  # noqa: RUF009
+    plane: tuple[float, ...] = wire_field("plane")
     holder: int | None = _mid(optional=True)
 
 
@@ -344,7 +344,7 @@ class LockChanged(ObjectMessage):
 
     TYPE: ClassVar[str] = "obj_lock"
     object_id: int = _oid()
-    reason: str = _spec("str", pattern=LOCK_REASON_RE)
+    reason: str = wire_field("str", pattern=LOCK_REASON_RE)
     holder: int | None = _mid(optional=True)
 
 
@@ -363,8 +363,8 @@ class ViewState(ObjectMessage):
 
     TYPE: ClassVar[str] = "obj_view_state"
     object_id: int = _oid()
-    nodes: dict[str, bool] = _spec("nodes")  # noqa: RUF009
-    plane: tuple[float, ...] = _spec("plane")
+    nodes: dict[str, bool] = wire_field("nodes")  # noqa: RUF009
+    plane: tuple[float, ...] = wire_field("plane")
 
 
 @dataclass(frozen=True, slots=True)
@@ -376,15 +376,15 @@ class AnnotationState(ObjectMessage):
     TYPE: ClassVar[str] = "anno"
     annotation_id: int = _aid()
     object_id: int = _oid()
-    kind: str = _spec("str", pattern=ANNOTATION_KIND_RE)
-    points: tuple[Vec3, ...] = _spec("points")
-    author: str = _spec("str", max_len=64)
+    kind: str = wire_field("str", pattern=ANNOTATION_KIND_RE)
+    points: tuple[Vec3, ...] = wire_field("points")
+    author: str = wire_field("str", max_len=64)
     author_id: int = _mid()
-    time: float = _spec("float", lo=0)
-    seq: int = _spec("int", lo=0, hi=2**53)
-    text: str | None = _spec("str", max_len=MAX_TEXT_CHARS, optional=True)
-    color: int | None = _spec("int", lo=0, hi=0xFFFFFF, optional=True)
-    edited: float | None = _spec("float", lo=0, optional=True)
+    time: float = wire_field("float", lo=0)
+    seq: int = wire_field("int", lo=0, hi=2**53)
+    text: str | None = wire_field("str", max_len=MAX_TEXT_CHARS, optional=True)
+    color: int | None = wire_field("int", lo=0, hi=0xFFFFFF, optional=True)
+    edited: float | None = wire_field("float", lo=0, optional=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -394,7 +394,7 @@ class AnnotationDeleted(ObjectMessage):
     TYPE: ClassVar[str] = "anno_deleted"
     annotation_id: int = _aid()
     object_id: int = _oid()
-    seq: int = _spec("int", lo=0, hi=2**53)
+    seq: int = wire_field("int", lo=0, hi=2**53)
 
 
 @dataclass(frozen=True, slots=True)
@@ -403,8 +403,8 @@ class ObjectsSynced(ObjectMessage):
     before this one is the room's full object state."""
 
     TYPE: ClassVar[str] = "obj_synced"
-    objects: int = _spec("int", lo=0, hi=MAX_U32)
-    annotations: int = _spec("int", lo=0, hi=MAX_U32)
+    objects: int = wire_field("int", lo=0, hi=MAX_U32)
+    annotations: int = wire_field("int", lo=0, hi=MAX_U32)
 
 
 #: The shared-object messages clients send, and those the server sends.
