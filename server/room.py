@@ -11,7 +11,7 @@ from medverse.protocol.messages import Joined, Left, MemberInfo, Message, encode
 from medverse.protocol.snapshot import state_header
 
 from .auth import Identity
-from .wsframe import binary_frame
+from .websocket import binary_frame
 
 if TYPE_CHECKING:
     from .session import Session

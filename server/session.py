@@ -39,8 +39,8 @@ from medverse.protocol.messages import (
 
 from . import moderation
 from .auth import Identity, anonymous
-from .wsframe import binary_frame
-from .wsproto import OP_BINARY, OP_PING, WebSocketConnection, control_frame
+from .transport import WebSocketConnection
+from .websocket import OP_BINARY, OP_PING, binary_frame, control_frame
 
 if TYPE_CHECKING:
     from .room import Member, Room
