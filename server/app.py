@@ -58,7 +58,7 @@ from .session import (
     SessionServices,
 )
 from .tick import TickLoop
-from .wsproto import WebSocketConnection
+from .transport import WebSocketConnection
 
 log = logging.getLogger("medverse")
 

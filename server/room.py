@@ -38,7 +38,7 @@ from .config import ServerConfig
 from .entities import EntityTable
 from .metrics import Traffic
 from .plugins import MemberView, RoomPlugin, ServerPlugin, Wait
-from .wsframe import binary_frame
+from .websocket import binary_frame
 
 log = logging.getLogger("medverse.room")
 

@@ -49,8 +49,8 @@ from .plugins import Wait
 from .policy import RoomPolicy
 from .registry import RoomRegistry
 from .room import Member, Room
-from .wsframe import binary_frame
-from .wsproto import OP_BINARY, OP_PING, WebSocketConnection, control_frame
+from .transport import WebSocketConnection
+from .websocket import OP_BINARY, OP_PING, binary_frame, control_frame
 
 log = logging.getLogger("medverse.session")
 

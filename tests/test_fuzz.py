@@ -19,7 +19,7 @@ from medverse.protocol.messages import (
     decode_pose_batch,
     pose_frame_size,
 )
-from medverse.server.wsproto import WebSocketConnection
+from medverse.server.transport import WebSocketConnection
 
 msgpack_values = st.recursive(
     st.none()

@@ -1,17 +1,44 @@
-"""RFC 6455 server side, after aiohttp's handshake: frames in, callbacks out.
+"""Per-message cost of reading client WebSocket frames: ``python -m benchmarks.wsparse``.
 
-aiohttp performs the opening handshake (``WebSocketResponse.prepare``); then the connection's
-transport is handed to :class:`WebSocketConnection`, which parses frames as bytes arrive and
-calls the session directly. Profiles of 1,000 headsets showed aiohttp's per-message path (a
-queue, a future and a task wake-up for every pose) costing about 20 us per message, more than
-the whole tick; this parser costs a few microseconds and needs no task per connection.
+Feeds masked pose frames, as a headset sends them (a 92-byte pose message: 8-byte header and
+three slots of 7 float32, in a 98-byte frame), to ``data_received`` of a connection attached to
+a fake transport, with a handler that only counts messages, and reports nanoseconds per message:
+
+* ``old``: ``WebSocketConnection`` as it was before the framing was split out (the parser inside
+  the asyncio protocol, copied verbatim below from ``server/wsproto.py`` at commit 85ee627);
+* ``new``: ``server.transport.WebSocketConnection`` over ``server.websocket.FrameParser``;
+* ``parser``: ``FrameParser.feed`` alone, for reference.
+
+Cases: one frame per read, ten frames per read, and one frame split over two reads (the
+buffering path). Each run parses ``--messages`` messages; runs of the implementations are
+interleaved so that drift of a shared machine hits them alike; the table gives the median and the
+minimum over ``--runs`` runs. Results: a table on stdout and ``benchmarks/results/wsparse.json``.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import json
+import os
+import platform
+import statistics
 import struct
-from typing import Protocol
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from medverse.protocol.messages import encode_pose
+from medverse.server.transport import WebSocketConnection
+from medverse.server.websocket import FrameParser
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+# ------------------------------------------------------------------ the implementation before
+
 
 OP_CONTINUATION = 0x0
 OP_TEXT = 0x1
@@ -27,7 +54,7 @@ CLOSE_PROTOCOL_ERROR = 1002
 CLOSE_TOO_BIG = 1009
 
 
-class MessageHandler(Protocol):
+class _OldHandler(Protocol):
     """What a connection reports to."""
 
     def on_message(self, opcode: int, payload: bytes) -> None: ...
@@ -53,8 +80,10 @@ def close_frame(code: int, reason: bytes = b"") -> bytes:
     return control_frame(OP_CLOSE, struct.pack("!H", code) + reason[:123])
 
 
-class WebSocketConnection(asyncio.Protocol):
-    """Frame parser and writer for one upgraded connection.
+class OldWebSocketConnection(asyncio.Protocol):
+    """``WebSocketConnection`` from ``server/wsproto.py`` at 85ee627, verbatim.
+
+    Frame parser and writer for one upgraded connection.
 
     Takes over the transport from aiohttp with :meth:`attach`; when the connection ends it tells
     the handler, then aiohttp's own protocol, so aiohttp's bookkeeping stays right.
@@ -63,7 +92,7 @@ class WebSocketConnection(asyncio.Protocol):
     def __init__(self, max_message: int) -> None:
         self.max_message = max_message
         self.transport: asyncio.Transport | None = None
-        self.handler: MessageHandler | None = None
+        self.handler: _OldHandler | None = None
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._buf = bytearray()
         self._frag_op = 0
@@ -76,7 +105,7 @@ class WebSocketConnection(asyncio.Protocol):
         #: Loop time of the last bytes received (for the heartbeat).
         self.last_rx = asyncio.get_running_loop().time()
 
-    def attach(self, transport: asyncio.Transport, handler: MessageHandler) -> None:
+    def attach(self, transport: asyncio.Transport, handler: _OldHandler) -> None:
         self.transport = transport
         self.handler = handler
         self._previous = transport.get_protocol()
@@ -224,3 +253,159 @@ class WebSocketConnection(asyncio.Protocol):
         self._closing = self._shut_down = True
         if self.transport is not None:
             self.transport.abort()
+
+
+# ------------------------------------------------------------------ harness
+
+
+class _Transport:
+    def write(self, data: bytes) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return False
+
+    def get_protocol(self) -> None:
+        return None
+
+    def set_protocol(self, protocol: object) -> None:
+        pass
+
+
+class _Counter:
+    def __init__(self) -> None:
+        self.n = 0
+
+    def on_message(self, opcode: int, payload: bytes) -> None:
+        self.n += 1
+
+    def on_close(self) -> None:
+        pass
+
+
+def pose_frame() -> bytes:
+    """A masked client frame carrying a three-slot pose message (92 bytes)."""
+    payload = encode_pose(
+        1234,
+        [
+            ((0.01, 1.62, -0.03), (0.0, 0.259, 0.0, 0.966)),
+            ((-0.21, 1.18, -0.32), (0.1, 0.2, 0.3, 0.927)),
+            ((0.22, 1.21, -0.29), (-0.1, 0.2, -0.3, 0.927)),
+        ],
+    )
+    assert len(payload) == 92
+    mask = os.urandom(4)
+    body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return struct.pack("!BB", 0x82, 0x80 | len(payload)) + mask + body
+
+
+def reads_for(case: str, frame: bytes) -> tuple[list[bytes], int]:
+    """The reads of one repetition of ``case`` and the messages they carry."""
+    if case == "1 per read":
+        return [frame], 1
+    if case == "10 per read":
+        return [frame * 10], 10
+    if case == "1 in 2 reads":
+        return [frame[:40], frame[40:]], 1
+    raise ValueError(case)
+
+
+def make_reader(impl: str) -> tuple[Callable[[bytes], Any], _Counter]:
+    counter = _Counter()
+    if impl == "parser":
+        return FrameParser(1 << 14).feed, counter
+    conn: OldWebSocketConnection | WebSocketConnection
+    conn = OldWebSocketConnection(1 << 14) if impl == "old" else WebSocketConnection(1 << 14)
+    conn.attach(_Transport(), counter)  # type: ignore[arg-type]
+    return conn.data_received, counter
+
+
+def time_one(impl: str, case: str, frame: bytes, messages: int) -> float:
+    """Nanoseconds per message over one run of ``messages`` messages."""
+    reads, per = reads_for(case, frame)
+    reps = messages // per
+    read, counter = make_reader(impl)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        for data in reads:
+            read(data)
+    elapsed = time.perf_counter() - t0
+    if impl != "parser":
+        assert counter.n == reps * per
+    return elapsed / (reps * per) * 1e9
+
+
+IMPLS = ("old", "new", "parser")
+CASES = ("1 per read", "10 per read", "1 in 2 reads")
+
+
+async def measure(runs: int, messages: int) -> list[dict[str, Any]]:
+    frame = pose_frame()
+    samples: dict[tuple[str, str], list[float]] = {(i, c): [] for i in IMPLS for c in CASES}
+    for impl in IMPLS:  # warm up
+        for case in CASES:
+            time_one(impl, case, frame, 2000)
+    for _ in range(runs):
+        for case in CASES:
+            for impl in IMPLS:
+                samples[impl, case].append(time_one(impl, case, frame, messages))
+    rows = []
+    for case in CASES:
+        old = statistics.median(samples["old", case])
+        for impl in IMPLS:
+            s = samples[impl, case]
+            rows.append(
+                {
+                    "case": case,
+                    "impl": impl,
+                    "ns_per_message_median": round(statistics.median(s), 1),
+                    "ns_per_message_min": round(min(s), 1),
+                    "vs_old_median": round(statistics.median(s) / old, 3),
+                    "runs_ns": [round(x, 1) for x in s],
+                }
+            )
+    return rows
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.wsparse", description=__doc__)
+    p.add_argument("--runs", type=int, default=9)
+    p.add_argument("--messages", type=int, default=200_000, help="messages per run")
+    args = p.parse_args()
+    try:
+        import uvloop  # the server's loop: its time() is what data_received calls
+
+        loop_name = "uvloop"
+        rows = uvloop.run(measure(args.runs, args.messages))
+    except ImportError:
+        loop_name = "asyncio"
+        rows = asyncio.run(measure(args.runs, args.messages))
+    header = f"{'case':<13} {'impl':<7} {'median ns/msg':>13} {'min ns/msg':>10} {'vs old':>7}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(
+            f"{r['case']:<13} {r['impl']:<7} {r['ns_per_message_median']:>13.0f} "
+            f"{r['ns_per_message_min']:>10.0f} {r['vs_old_median']:>7.2f}"
+        )
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "benchmark": "wsparse",
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "loop": loop_name,
+        "payload_bytes": 92,
+        "frame_bytes": len(pose_frame()),
+        "runs": args.runs,
+        "messages_per_run": args.messages,
+        "method": (
+            "data_received (or FrameParser.feed) on pre-built reads, fake transport, handler "
+            "counting messages; implementations interleaved run by run; ns per message"
+        ),
+        "rows": rows,
+    }
+    (RESULTS / "wsparse.json").write_text(json.dumps(doc, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
