@@ -110,7 +110,8 @@ class BitReader:
             return np.zeros(0, dtype=np.uint64)
         bits = self._take(count * width).reshape(count, width).astype(np.uint64)
         weights = np.uint64(1) << np.arange(width - 1, -1, -1, dtype=np.uint64)
-        return (bits * weights).sum(axis=1, dtype=np.uint64)
+        values: npt.NDArray[np.uint64] = (bits * weights).sum(axis=1, dtype=np.uint64)
+        return values
 
     def exp_golomb_lengths(self, count: int) -> npt.NDArray[np.int64]:
         """Read ``count`` unary prefixes; return each code's suffix width."""

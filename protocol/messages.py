@@ -443,7 +443,8 @@ def message_registry(*families: Sequence[type[Message]]) -> dict[str, type[Messa
 
 def encode_message(msg: Message) -> bytes:
     """A control frame: ``0x01`` then the msgpack map."""
-    return bytes((FRAME_CONTROL,)) + msgpack.packb(msg.to_wire(), use_bin_type=True)
+    body: bytes = msgpack.packb(msg.to_wire(), use_bin_type=True)
+    return bytes((FRAME_CONTROL,)) + body
 
 
 def decode_message(

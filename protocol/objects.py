@@ -120,14 +120,14 @@ def _check_custom(name: str, kind: str, spec: Any, v: Any) -> Any:
     if kind == "nodes":
         if not isinstance(v, dict) or len(v) > MAX_VIEW_NODES:
             raise ProtocolError(ErrorCode.BAD_FIELD, f"{name} must be a map of node names")
-        out: dict[str, bool] = {}
+        nodes: dict[str, bool] = {}
         for k, vis in v.items():
             if not isinstance(k, str) or not NODE_NAME_RE.match(k):
                 raise ProtocolError(ErrorCode.OUT_OF_RANGE, f"{name} has a bad node name")
             if not isinstance(vis, bool):
                 raise ProtocolError(ErrorCode.BAD_FIELD, f"{name} values must be booleans")
-            out[k] = vis
-        return out
+            nodes[k] = vis
+        return nodes
     raise AssertionError(kind)
 
 

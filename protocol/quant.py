@@ -94,7 +94,8 @@ def dequantize_rotations(index: IntArray, comps: IntArray) -> npt.NDArray[np.flo
     np.put_along_axis(out, idx[..., None], largest[..., None], axis=-1)
     np.put_along_axis(out, _OTHERS[idx], c, axis=-1)
     # Rounding can push the three over unit length; renormalize so callers always get unit quats.
-    return out / np.linalg.norm(out, axis=-1, keepdims=True)
+    unit: npt.NDArray[np.float64] = out / np.linalg.norm(out, axis=-1, keepdims=True)
+    return unit
 
 
 def validate_poses(pos: FloatArray, quat: FloatArray) -> npt.NDArray[np.bool_]:
@@ -109,7 +110,8 @@ def validate_poses(pos: FloatArray, quat: FloatArray) -> npt.NDArray[np.bool_]:
         in_range = (np.abs(p) <= POSITION_LIMIT_M).all(axis=-1)
         norm = np.sqrt(np.sum(q * q, axis=-1))
         unit = (norm >= QUAT_NORM_MIN) & (norm <= QUAT_NORM_MAX)
-    return finite & in_range & unit
+    ok: npt.NDArray[np.bool_] = finite & in_range & unit
+    return ok
 
 
 def rotation_error_deg(a: FloatArray, b: FloatArray) -> npt.NDArray[np.float64]:
@@ -119,4 +121,5 @@ def rotation_error_deg(a: FloatArray, b: FloatArray) -> npt.NDArray[np.float64]:
     a = a / np.linalg.norm(a, axis=-1, keepdims=True)
     b = b / np.linalg.norm(b, axis=-1, keepdims=True)
     dot = np.clip(np.abs(np.sum(a * b, axis=-1)), 0.0, 1.0)
-    return np.degrees(2.0 * np.arccos(dot))
+    degrees: npt.NDArray[np.float64] = np.degrees(2.0 * np.arccos(dot))
+    return degrees

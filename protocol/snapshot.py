@@ -235,12 +235,13 @@ def _zero_velocity(snap: Snapshot) -> tuple[I64, I64]:
 def _pack_rotation(index: npt.NDArray[np.uint8], rot: I64) -> npt.NDArray[np.uint64]:
     r = rot.astype(np.uint64)
     b = np.uint64(ROTATION_BITS)
-    return (
+    packed: npt.NDArray[np.uint64] = (
         (index.astype(np.uint64) << (b * np.uint64(3)))
         | (r[:, 0] << (b * np.uint64(2)))
         | (r[:, 1] << b)
         | r[:, 2]
     )
+    return packed
 
 
 def _unpack_rotation(packed: npt.NDArray[np.uint64]) -> tuple[npt.NDArray[np.uint8], I64]:

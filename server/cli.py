@@ -1,4 +1,8 @@
-"""``medverse`` command line: ``serve`` runs the room server, ``loadtest`` simulates headsets."""
+"""``medverse`` command line: ``serve`` runs the room server, ``loadtest`` simulates headsets.
+
+Each command imports what it needs when it runs: ``medverse token`` or ``medverse audit`` should
+not wait for the server's dependencies (aiohttp, aiortc, numpy) to load.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +13,12 @@ import signal
 import ssl
 import sys
 from dataclasses import fields
+from typing import TYPE_CHECKING
 
 from .config import ServerConfig
+
+if TYPE_CHECKING:
+    from aiohttp import web
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
@@ -114,12 +122,11 @@ def _token(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _serve(cfg: ServerConfig) -> None:
+async def _serve(cfg: ServerConfig, app: web.Application) -> None:
     from aiohttp import web
 
-    from .app import create_app
+    from .auth import load_or_create_secret, mint_token
 
-    app = create_app(cfg)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     ssl_ctx = None
@@ -134,8 +141,6 @@ async def _serve(cfg: ServerConfig) -> None:
         "medverse serving on %s://%s:%d/ws (tick %d Hz)", scheme, cfg.host, cfg.port, cfg.tick_rate
     )
     if not cfg.no_auth and not cfg.auth_secret and not cfg.auth_public_key:
-        from .auth import load_or_create_secret, mint_token
-
         secret, _ = load_or_create_secret(cfg.data_dir)
         token = mint_token(secret, room="demo", identity="dev", name="Developer", role="host")
         log.info("development token for room 'demo' (host, 1 h): %s", token)
@@ -145,6 +150,18 @@ async def _serve(cfg: ServerConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await runner.cleanup()
+
+
+def serve(cfg: ServerConfig, app: web.Application | None = None) -> None:
+    """Run ``app`` (default: ``create_app(cfg)``) on ``cfg.host:cfg.port`` until SIGINT or
+    SIGTERM, on uvloop, logging at ``cfg.log_level``. An application with plugins of its own
+    builds its app with :func:`~medverse.server.app.create_app` and serves it here."""
+    from .app import create_app
+
+    logging.basicConfig(
+        level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    run_loop(_serve(cfg, app if app is not None else create_app(cfg)))
 
 
 def run_loop(coro: object) -> None:
@@ -176,10 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = ServerConfig.from_env(**overrides)
         except ValueError as exc:
             parser.error(str(exc))
-        logging.basicConfig(
-            level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-        )
-        run_loop(_serve(cfg))
+        serve(cfg)
         return 0
     if args.command == "token":
         return _token(args)

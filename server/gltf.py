@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import mmap
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -95,8 +96,8 @@ def _check_lengths(doc: dict[str, Any], buffer_sizes: list[int]) -> ModelInfo:
         view_sizes.append(length)
     for i, acc in enumerate(_list(doc, "accessors")):
         count = _int(acc.get("count"), f"accessors[{i}].count", 1)
-        comp = _COMPONENT_BYTES.get(acc.get("componentType"))  # type: ignore[arg-type]
-        n = _TYPE_COUNT.get(acc.get("type"))  # type: ignore[arg-type]
+        comp = _COMPONENT_BYTES.get(acc.get("componentType"))
+        n = _TYPE_COUNT.get(acc.get("type"))
         if comp is None or n is None:
             raise InvalidAsset(f"accessors[{i}] has an unknown componentType or type")
         if "bufferView" not in acc:
@@ -126,7 +127,7 @@ def _check_lengths(doc: dict[str, Any], buffer_sizes: list[int]) -> ModelInfo:
     )
 
 
-def validate_glb(data: bytes | memoryview) -> ModelInfo:
+def validate_glb(data: bytes | memoryview | mmap.mmap) -> ModelInfo:
     """Check a binary glTF container and its declared lengths; raise :class:`InvalidAsset`."""
     mv = memoryview(data)
     if len(mv) < _HEADER.size:
@@ -235,7 +236,7 @@ def pack_gltf(gltf: bytes, files: dict[str, bytes]) -> bytes:
             data = _data_uri(uri, f"images[{i}]")
             mime = uri[5:].split(";", 1)[0] or "application/octet-stream"
         else:
-            data = files.get(uri)  # type: ignore[assignment]
+            data = files.get(uri)
             if data is None:
                 raise InvalidAsset(f"images[{i}] names {uri[:80]!r}, which was not uploaded")
             ext = "." + uri.rsplit(".", 1)[-1].lower() if "." in uri else ""

@@ -26,6 +26,8 @@ from medverse.protocol.errors import ErrorCode, ProtocolError
 from medverse.protocol.messages import Message
 from medverse.protocol.objects import (
     FRAME_MOVE,
+    MAX_SCALE,
+    MIN_SCALE,
     OBJECT_SLOTS,
     POINTS_PER_KIND,
     Annotate,
@@ -57,7 +59,15 @@ from medverse.protocol.quant import quantize_positions, quantize_rotations
 
 from .assets import AssetStore
 from .plugins import MemberView, RoomContext, RoomPlugin, ServerContext, ServerPlugin
-from .store import ObjectStore, SQLiteObjectStore, StoredAnnotation, StoredObject, TransformRow
+from .store import (
+    ObjectStore,
+    Quat,
+    SQLiteObjectStore,
+    StoredAnnotation,
+    StoredObject,
+    TransformRow,
+    Vec3,
+)
 
 log = logging.getLogger("medverse.objects")
 
@@ -480,6 +490,39 @@ class RoomObjects(RoomPlugin):
         self.service.commit(
             self.service.store.delete_object, self.ctx.name, oid, self.seq, done=done, failed=failed
         )
+
+    # ----------------------------------------------------------------- for other plugins
+
+    def transform(self, object_id: int) -> tuple[Vec3, Quat, float]:
+        """An object's position, rotation and scale now (raises ``not_found``)."""
+        rec = self._object(object_id).rec
+        return rec.position, rec.rotation, rec.scale
+
+    def drive(
+        self,
+        object_id: int,
+        position: Vec3 | None = None,
+        rotation: Quat | None = None,
+        scale: float | None = None,
+    ) -> None:
+        """Move an object from the server's side (another plugin's logic): like a holder's
+        move, it reaches every member with the next tick and is stored with the next flush.
+        Raises ``not_found``, or ``object_locked`` while a member holds the object (members'
+        hands win over scripts)."""
+        obj = self._object(object_id)
+        if obj.holder is not None:
+            raise self._locked(obj)
+        rec = obj.rec
+        if position is not None:
+            rec.position = position
+        if rotation is not None:
+            rec.rotation = rotation
+        if scale is not None:
+            if not MIN_SCALE <= scale <= MAX_SCALE:
+                raise Refusal(ErrorCode.OUT_OF_RANGE, f"scale must be {MIN_SCALE}-{MAX_SCALE}")
+            rec.scale = scale
+        self.service.dirty.add(obj)
+        self._moved.add(obj)
 
     def on_frame(self, member: MemberView, frame: bytes) -> None:
         """A holder's new transform: applied to the state row at the next tick (latest wins);

@@ -38,7 +38,7 @@ import asyncio
 import re
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
 import numpy as np
 
@@ -50,6 +50,9 @@ from .auth import Identity
 if TYPE_CHECKING:
     from .assets import AssetStore
     from .config import ServerConfig
+
+
+P = TypeVar("P", bound="RoomPlugin")
 
 
 class MemberView(Protocol):
@@ -177,6 +180,11 @@ class RoomContext(Protocol):
         self, kind: str, actor: str | None = None, subject: str | None = None, **fields: object
     ) -> None:
         """Append an entry for this room to the tamper-evident audit log (never content)."""
+
+    def plugin(self, cls: type[P]) -> P | None:
+        """This room's instance of another plugin class (None if the room's type does not run
+        it), for plugins built on others: e.g. ``ctx.plugin(RoomObjects)`` to drive a shared
+        object."""
 
     def call_later(self, delay: float, fn: Callable[[], None]) -> asyncio.TimerHandle:
         """Run ``fn`` after ``delay`` seconds, unless the room has closed by then."""

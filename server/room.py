@@ -37,7 +37,7 @@ from .clock import FixedRateClock
 from .config import ServerConfig
 from .entities import EntityTable
 from .metrics import Traffic
-from .plugins import MemberView, RoomPlugin, ServerPlugin, Wait
+from .plugins import MemberView, P, RoomPlugin, ServerPlugin, Wait
 from .websocket import binary_frame
 
 log = logging.getLogger("medverse.room")
@@ -385,7 +385,7 @@ class Room:
             except Exception:
                 log.exception("plugin %s of room %s failed in %s", p.name, self.name, hook)
 
-    def plugin(self, cls: type[RoomPlugin]) -> RoomPlugin | None:
+    def plugin(self, cls: type[P]) -> P | None:
         """This room's instance of plugin class ``cls``, if its room type has it."""
         return next((p for p in self.plugins if isinstance(p, cls)), None)
 
