@@ -6,6 +6,7 @@ import asyncio
 import struct
 
 import msgpack
+import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -20,6 +21,7 @@ from medverse.protocol.messages import (
     decode_pose_batch,
     pose_frame_size,
 )
+from medverse.protocol.quant import POSITION_LIMIT_M, dequantize_rotations, quantize_rotations
 from medverse.server.wsproto import WebSocketConnection
 
 msgpack_values = st.recursive(
@@ -85,14 +87,83 @@ def test_pose_frames_on_random_bytes(slots: int, data: bytes) -> None:
         assert batch.ok.shape == (1,)
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.integers(1, 4), st.lists(st.floats(width=32), min_size=7, max_size=7), st.integers(0, 15))
-def test_pose_values_are_validated_not_trusted(slots: int, floats: list, mask: int) -> None:
-    body = struct.pack("<7f", *floats) * slots
-    frame = struct.pack("<BBHI", FRAME_POSE, 0, mask & ((1 << slots) - 1), 1) + body
+def _near_unit(q: list[float], norm: float) -> list[float]:
+    """``q`` rescaled to ``norm`` (as float32, as a frame carries it); identity if ``q`` is ~0."""
+    v = np.array(q, np.float64)
+    length = float(np.linalg.norm(v))
+    if length < 1e-3:
+        return [0.0, 0.0, 0.0, 1.0]
+    return (v / length * norm).astype(np.float32).astype(np.float64).tolist()
+
+
+_F32_LIMIT = float(np.float32(POSITION_LIMIT_M))
+_F32_PAST_LIMIT = float(np.nextafter(np.float32(POSITION_LIMIT_M), np.float32(np.inf)))
+# Any float32 (NaN, infinities, huge), plausible coordinates, both sides of the limit, and
+# exact ties of the millimetre rounding (0.0625 m is 62.5 mm: round half to even gives 62).
+coordinates = st.one_of(
+    st.floats(width=32),
+    st.floats(-10_001.0, 10_001.0, width=32),
+    st.sampled_from([_F32_LIMIT, -_F32_LIMIT, _F32_PAST_LIMIT, -_F32_PAST_LIMIT]),
+    st.sampled_from([0.0625, -0.0625, 256.0625, -8192.0625]),
+)
+# Any four float32, or a quaternion whose norm is on either side of the accepted 0.9-1.1.
+quaternion_floats = st.one_of(
+    st.lists(st.floats(width=32), min_size=4, max_size=4),
+    st.builds(
+        _near_unit,
+        st.lists(st.floats(-1.0, 1.0), min_size=4, max_size=4),
+        st.floats(0.85, 1.15) | st.sampled_from([0.9, 1.1]),
+    ),
+)
+pose_floats = st.tuples(st.lists(coordinates, min_size=3, max_size=3), quaternion_floats).map(
+    lambda t: [*t[0], *t[1]]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 4), st.data())
+def test_pose_values_are_validated_not_trusted(slots: int, data: st.DataObject) -> None:
+    """SPEC.md "Pose frames" and "Pose quantization": a frame with any bad present pose is
+    refused whole; otherwise present slots are quantized, absent ones ignored."""
+    poses = data.draw(st.lists(pose_floats, min_size=slots, max_size=slots))
+    mask = data.draw(st.integers(0, (1 << slots) - 1))
+    frame = struct.pack("<BBHI", FRAME_POSE, 0, mask, 1) + b"".join(
+        struct.pack("<7f", *p) for p in poses
+    )
     assert len(frame) == pose_frame_size(slots)
     assert check_pose_frame(frame, slots) is None
-    decode_pose_batch([frame], slots)  # refuses or quantizes; never raises
+    batch = decode_pose_batch([frame], slots)
+
+    # The expectation, from the spec's rules: the frame's float32 values in binary64.
+    values = np.array(poses, np.float32).astype(np.float64)  # (slots, 7)
+    present = (mask >> np.arange(slots)) & 1 == 1
+    pos, quat = values[:, :3], values[:, 3:]
+    with np.errstate(invalid="ignore", over="ignore"):
+        norm = np.sqrt(np.sum(quat * quat, axis=1))
+        valid = (
+            np.isfinite(values).all(axis=1)
+            & (np.abs(pos) <= 10_000.0).all(axis=1)
+            & (norm >= 0.9)
+            & (norm <= 1.1)
+        )
+    accepted = bool(valid[present].all())
+    assert bool(batch.ok[0]) is accepted
+    if not accepted:
+        assert not batch.present[0].any()
+        return
+    assert np.array_equal(batch.present[0], present)
+    mm = np.rint(pos[present] / 0.001)  # round half to even, in binary64
+    assert (np.abs(mm) <= 10_000_000).all()
+    assert np.array_equal(batch.pos[0][present], mm)
+    # Rotations: the smallest-three code of the normalized quaternion (quantize_rotations
+    # itself is checked against the spec's vectors in test_vectors.py), within 0.2 degrees.
+    unit = quat[present] / norm[present, None]
+    index, codes = quantize_rotations(unit)
+    assert np.array_equal(batch.rot_index[0][present], index)
+    assert np.array_equal(batch.rot[0][present], codes)
+    back = dequantize_rotations(batch.rot_index[0][present], batch.rot[0][present])
+    angle = np.degrees(2 * np.arccos(np.clip(np.abs(np.sum(back * unit, axis=1)), 0.0, 1.0)))
+    assert (angle <= 0.2).all()
 
 
 class _Transport:
