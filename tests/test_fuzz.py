@@ -10,6 +10,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from medverse.client_sdk.loadtest import client_frame, server_frames
 from medverse.protocol.errors import ProtocolError
 from medverse.protocol.messages import (
     CLIENT_MESSAGES,
@@ -19,10 +20,20 @@ from medverse.protocol.messages import (
     check_pose_frame,
     decode_message,
     decode_pose_batch,
+    encode_pose,
+    encode_pose_frames,
     pose_frame_size,
 )
 from medverse.protocol.quant import POSITION_LIMIT_M, dequantize_rotations, quantize_rotations
-from medverse.server.wsproto import WebSocketConnection
+from medverse.server.wsframe import binary_frame
+from medverse.server.wsproto import (
+    OP_BINARY,
+    OP_CLOSE,
+    OP_PING,
+    WebSocketConnection,
+    close_frame,
+    control_frame,
+)
 
 msgpack_values = st.recursive(
     st.none()
@@ -236,6 +247,57 @@ def test_websocket_parser_reassembles_fragments_and_answers_pings() -> None:
         assert t.written.endswith(struct.pack("!H", 1002) + b"client frames must be masked")
 
     asyncio.run(run())
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 16), st.data())
+def test_pose_frames_encoded_in_bulk_match_encode_pose(slots: int, data: st.DataObject) -> None:
+    n = data.draw(st.integers(0, 5))
+    seqs = data.draw(st.lists(st.integers(0, 2**32 - 1), min_size=n, max_size=n))
+    masks = data.draw(st.lists(st.integers(0, (1 << slots) - 1), min_size=n, max_size=n))
+    finite = st.floats(-100.0, 100.0, width=32)
+    values = np.array(
+        data.draw(st.lists(finite, min_size=n * slots * 7, max_size=n * slots * 7)), np.float32
+    ).reshape(n, slots, 7)
+    identity = np.array([0, 0, 0, 0, 0, 0, 1], np.float32)
+    present = (np.array(masks, np.int64)[:, None] >> np.arange(slots)) & 1 == 1
+    values[~present] = identity  # what encode_pose writes for an absent slot
+    frames = encode_pose_frames(seqs, masks, values)
+    assert frames.shape == (n, pose_frame_size(slots))
+    for i in range(n):
+        poses = [
+            (values[i, k, :3].tolist(), values[i, k, 3:].tolist()) if present[i, k] else None
+            for k in range(slots)
+        ]
+        assert frames[i].tobytes() == encode_pose(seqs[i], poses)
+
+
+def test_load_generator_frames_read_by_the_server_and_back() -> None:
+    """The load generator's client frames parse in the server's reader; the server's frames
+    (binary of each length class, ping, close) parse in the load generator's reader."""
+    payloads = [b"", b"x" * 125, b"y" * 126, b"z" * 70_000]
+
+    async def run() -> None:
+        conn = WebSocketConnection(max_message=1 << 20)
+        handler = _Handler()
+        conn.attach(_Transport(), handler)  # type: ignore[arg-type]
+        stream = b"".join(client_frame(OP_BINARY, p) for p in payloads)
+        for i in range(0, len(stream), 1000):
+            conn.data_received(stream[i : i + 1000])
+        assert handler.messages == [(OP_BINARY, p) for p in payloads]
+
+    asyncio.run(run())
+    wire = [binary_frame(p) for p in payloads]
+    wire += [control_frame(OP_PING, b"hi"), close_frame(1000)]
+    stream = bytearray(b"".join(wire))
+    frames, used = server_frames(stream + b"\x82")  # and the start of one more
+    assert used == len(stream)
+    assert [(op, p) for op, p, _ in frames] == [
+        *((OP_BINARY, p) for p in payloads),
+        (OP_PING, b"hi"),
+        (OP_CLOSE, b"\x03\xe8"),
+    ]
+    assert [w for _, _, w in frames] == [len(f) for f in wire]
 
 
 async def test_live_hostile_flood_leaves_good_members_at_rate() -> None:
