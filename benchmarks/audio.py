@@ -155,7 +155,7 @@ def click_threshold(total: int) -> float:
 async def load(url: str, first: int, count: int, total: int) -> dict[str, Any]:
     """Run bots ``first .. first+count-1``; wait for the window on stdin; report JSON."""
     from medverse.client_sdk import LevelMeter, Pose, connect
-    from medverse.server.auth import mint_token
+    from medverse.protocol.tokens import mint_token
 
     secret = os.environ["MEDVERSE_AUTH_SECRET"].encode()
     sessions = []

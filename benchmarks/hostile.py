@@ -122,7 +122,7 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.attacker:
-        from medverse.server.auth import mint_token
+        from medverse.protocol.tokens import mint_token
 
         token = mint_token(
             os.environ["MEDVERSE_AUTH_SECRET"].encode(), room=ROOM, identity=f"attacker-{args.seed}"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import json
 import math
 import os
@@ -41,6 +42,7 @@ from medverse.protocol.messages import (
 )
 from medverse.protocol.quant import quantize_positions
 from medverse.protocol.snapshot import FRAME_STATE, SnapshotDecoder, state_tick
+from medverse.protocol.tokens import mint_token
 
 from .motion import room_trajectories
 
@@ -77,7 +79,7 @@ def server_frames(buf: bytearray) -> tuple[list[tuple[int, bytes, int]], int]:
     """The complete WebSocket frames at the start of ``buf`` as (opcode, payload, bytes on the
     wire), and how many bytes of ``buf`` they take.
 
-    This reads only what a medverse server sends (SPEC.md "Frames and control messages"):
+    This reads only what the room server sends (SPEC.md "Frames and control messages"):
     unmasked, final, uncompressed frames, from a server we are measuring, not defending
     against. The server's reader (``server/wsproto.py``) does the other direction's job:
     masked frames, fragments, size limits, protocol errors and the closing handshake.
@@ -269,8 +271,6 @@ class LoadRun:
         secret = self.args.secret or os.environ.get("MEDVERSE_AUTH_SECRET")
         if not secret:
             return None
-        from medverse.server.auth import mint_token
-
         return mint_token(secret.encode(), room=room, identity=f"headset-{index}", ttl=3600)
 
     def fail(self, why: str) -> None:
@@ -462,14 +462,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run a load test; print the report as JSON (and write it to ``--json``)."""
-    from medverse.server.cli import run_loop
-
     out: dict[str, Any] = {}
 
     async def main() -> None:
         out.update(await LoadRun(args).run())
 
-    run_loop(main())
+    # uvloop (a dependency except on Windows) drives a thousand sockets with far less CPU.
+    runner = asyncio.run
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        runner = uvloop.run
+    runner(main())
     text = json.dumps(out, indent=2)
     print(text)
     if args.json:
