@@ -349,6 +349,9 @@ class LoadRun:
             self.measuring = False
             if a.markers:
                 print("medverse-loadtest: window end", file=sys.stderr, flush=True)
+            if sender.done() and not sender.cancelled() and sender.exception() is not None:
+                # Headsets would sit still while the numbers look plausible: say so.
+                self.fail(f"the send loop stopped: {sender.exception()!r}")
             report = self._report(window, rooms, room_size, prep)
         finally:
             sender.cancel()
