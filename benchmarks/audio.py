@@ -32,7 +32,6 @@ import os
 import secrets
 import subprocess
 import sys
-import tempfile
 import time
 from typing import Any
 
@@ -41,7 +40,7 @@ import numpy as np
 import psutil
 from aiortc import MediaStreamTrack
 
-from .capacity import RESULTS, ROOT, _free_port, _get, pin, start_server, wait_health
+from .harness import RESULTS, run_server, spawn
 
 ROOM = "audio-bench"
 SIZES = (4, 8, 12, 24)
@@ -155,7 +154,7 @@ def click_threshold(total: int) -> float:
 async def load(url: str, first: int, count: int, total: int) -> dict[str, Any]:
     """Run bots ``first .. first+count-1``; wait for the window on stdin; report JSON."""
     from medverse.client_sdk import LevelMeter, Pose, connect
-    from medverse.server.auth import mint_token
+    from medverse.protocol.tokens import mint_token
 
     secret = os.environ["MEDVERSE_AUTH_SECRET"].encode()
     sessions = []
@@ -217,80 +216,57 @@ async def load(url: str, first: int, count: int, total: int) -> dict[str, Any]:
 
 
 def run_one(members: int, seconds: float) -> dict[str, Any]:
-    port = _free_port()
-    env = dict(
-        os.environ,
-        PYTHONPATH=str(ROOT),
-        MEDVERSE_AUTH_SECRET=secrets.token_urlsafe(48),
-        MEDVERSE_MAX_CONNECTIONS_PER_ADDRESS="512",
-        MEDVERSE_DATA_DIR=tempfile.mkdtemp(prefix="medverse-audio-bench-"),
-        MEDVERSE_RTC_HOST_ADDRESSES="127.0.0.1",
-    )
-    server = start_server(port, env, "warn")
-    base = f"http://127.0.0.1:{port}"
-    loads: list[subprocess.Popen[str]] = []
-    try:
-        wait_health(port)
-        for first in range(0, members, BOTS_PER_PROCESS):
-            count = min(BOTS_PER_PROCESS, members - first)
-            p = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "benchmarks.audio",
-                    "--load",
-                    f"ws://127.0.0.1:{port}",
-                    "--first",
-                    str(first),
-                    "--count",
-                    str(count),
-                    "--total",
-                    str(members),
-                ],
-                env=env,
-                cwd=ROOT,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                text=True,
-            )
-            pin(p.pid, 1)
-            loads.append(p)
-        for p in loads:
-            assert p.stdout is not None
-            if p.stdout.readline().strip() != "connected":
-                raise RuntimeError("a load generator failed to connect")
-        t_start = time.monotonic() + 2.0  # let every mix settle first
-        t_end = t_start + seconds
-        for p in loads:
-            assert p.stdin is not None
-            p.stdin.write(f"{t_start} {t_end}\n")
-            p.stdin.flush()
-        proc = psutil.Process(server.pid)
-        lprocs = [psutil.Process(p.pid) for p in loads]
-        time.sleep(max(0.0, t_start - time.monotonic()))
-        c0 = proc.cpu_times()
-        l0 = [lp.cpu_times() for lp in lprocs]
-        h0 = _get(base + "/health")
-        w0 = time.monotonic()
-        time.sleep(max(0.0, t_end - time.monotonic()))
-        c1 = proc.cpu_times()
-        l1 = [lp.cpu_times() for lp in lprocs]
-        wall = time.monotonic() - w0
-        h1 = _get(base + f"/health?ticks={int(wall * h0['tick_rate'])}")
-        reports = []
-        for p in loads:
-            out, _ = p.communicate(timeout=60)
-            reports.append(json.loads(out.strip().splitlines()[-1]))
-    finally:
-        for p in loads:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        server.terminate()
+    with run_server(
+        cpu=0,
+        auth_secret=secrets.token_urlsafe(48),
+        max_connections_per_address=512,
+        rtc_host_addresses="127.0.0.1",
+    ) as server:
+        loads: list[subprocess.Popen[str]] = []
         try:
-            server.wait(10)
-        except subprocess.TimeoutExpired:
-            server.kill()
+            for first in range(0, members, BOTS_PER_PROCESS):
+                count = min(BOTS_PER_PROCESS, members - first)
+                p = spawn(
+                    *("benchmarks.audio", "--load", server.url, "--first", str(first)),
+                    *("--count", str(count), "--total", str(members)),
+                    env=server.env,  # its MEDVERSE_AUTH_SECRET mints the bots' tokens
+                    cpu=1,
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
+                loads.append(p)
+            for p in loads:
+                assert p.stdout is not None
+                if p.stdout.readline().strip() != "connected":
+                    raise RuntimeError("a load generator failed to connect")
+            t_start = time.monotonic() + 2.0  # let every mix settle first
+            t_end = t_start + seconds
+            for p in loads:
+                assert p.stdin is not None
+                p.stdin.write(f"{t_start} {t_end}\n")
+                p.stdin.flush()
+            proc = psutil.Process(server.pid)
+            lprocs = [psutil.Process(p.pid) for p in loads]
+            time.sleep(max(0.0, t_start - time.monotonic()))
+            c0 = proc.cpu_times()
+            l0 = [lp.cpu_times() for lp in lprocs]
+            h0 = server.get_json("/health")
+            w0 = time.monotonic()
+            time.sleep(max(0.0, t_end - time.monotonic()))
+            c1 = proc.cpu_times()
+            l1 = [lp.cpu_times() for lp in lprocs]
+            wall = time.monotonic() - w0
+            h1 = server.get_json(f"/health?ticks={int(wall * h0['tick_rate'])}")
+            reports = []
+            for p in loads:
+                out, _ = p.communicate(timeout=60)
+                reports.append(json.loads(out.strip().splitlines()[-1]))
+        finally:
+            for p in loads:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
     cpu = (c1.user + c1.system - c0.user - c0.system) / wall * 100
     lcpu = sum(b.user + b.system - a.user - a.system for a, b in zip(l0, l1, strict=True))
     a0, a1 = h0["audio"], h1["audio"]

@@ -17,181 +17,108 @@ import json
 import os
 import platform
 import secrets
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import psutil
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
+from .harness import RESULTS, ServerProcess, run_server, spawn
+
 SCENARIOS: list[tuple[int, int]] = [(10, 0), (50, 0), (100, 0), (200, 0), (1000, 8)]
 COLYSEUS_CPU = {10: 4.5, 50: 9.8, 100: 15.8, 200: 29.0}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get(url: str) -> dict[str, Any]:
-    with urllib.request.urlopen(url, timeout=10) as r:
-        return json.loads(r.read())
-
-
-def start_server(port: int, env: dict[str, str], log_level: str = "warning") -> subprocess.Popen:
-    """``medverse serve`` on 127.0.0.1:``port`` with ``env``, pinned to core 0."""
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "medverse.server.cli",
-            "serve",
-            "--port",
-            str(port),
-            "--log-level",
-            log_level,
-        ],
-        env=env,
-        cwd=ROOT,
-    )
-    pin(server.pid, 0)
-    return server
-
-
-def wait_health(port: int, timeout: float = 20.0, step: float = 0.05) -> None:
-    """Poll ``/health`` until the server answers; raises OSError after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            _get(f"http://127.0.0.1:{port}/health")
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(step)
-
-
-def pin(pid: int, cpu: int) -> None:
-    try:
-        if len(os.sched_getaffinity(0)) > 1:
-            psutil.Process(pid).cpu_affinity([cpu])
-    except (AttributeError, OSError, psutil.Error):
-        pass
 
 
 def run_one(
     clients: int,
     room_size: int,
     seconds: float,
-    extra: Callable[[int, dict[str, str]], list[subprocess.Popen[bytes]]] | None = None,
+    extra: Callable[[ServerProcess], list[subprocess.Popen[bytes]]] | None = None,
 ) -> dict[str, Any]:
-    """One measured run. ``extra(port, env)`` may start more processes (attackers) against the
-    server before the load generator connects; they are stopped with the server."""
-    port = _free_port()
+    """One measured run. ``extra(server)`` may start more processes (attackers) against the
+    server before the load generator connects; they are stopped before the server."""
     # Real join tokens: the server checks one per headset, the load generator mints them.
-    env = dict(
-        os.environ,
-        PYTHONPATH=str(ROOT),
-        MEDVERSE_AUTH_SECRET=secrets.token_urlsafe(48),
-        MEDVERSE_MAX_CONNECTIONS_PER_ADDRESS=str(clients + 64),  # every headset is 127.0.0.1
-        MEDVERSE_DATA_DIR=tempfile.mkdtemp(prefix="medverse-capacity-"),
-    )
-    server = start_server(port, env)
-    base = f"http://127.0.0.1:{port}"
-    extras: list[subprocess.Popen[bytes]] = []
-    try:
-        wait_health(port)
-        extras = extra(port, env) if extra is not None else []
-        out = Path(tempfile.mkdtemp()) / "load.json"
-        cmd = [
-            sys.executable,
-            "-m",
-            "medverse.server.cli",
-            "loadtest",
-            "--url",
-            f"ws://127.0.0.1:{port}",
-            "--room",
-            "cap",
-            "--clients",
-            str(clients),
-            "--seconds",
-            str(seconds),
-            "--warmup",
-            "3",
-            "--quiet",
-            "--markers",
-            "--json",
-            str(out),
-        ]
-        if room_size:
-            cmd += ["--room-size", str(room_size)]
-        load = subprocess.Popen(
-            cmd, env=env, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
-        )
-        pin(load.pid, 1)
-        proc = psutil.Process(server.pid)
-        lproc = psutil.Process(load.pid)
-        start = None
-        assert load.stderr is not None
-        for line in load.stderr:
-            if "window start" in line:
-                c0 = proc.cpu_times()
-                l0 = lproc.cpu_times()
-                t0 = time.perf_counter()
-                h0 = _get(base + "/health")
-                start = True
-            elif "window end" in line and start:
-                c1 = proc.cpu_times()
-                l1 = lproc.cpu_times()
-                wall = time.perf_counter() - t0
-                h1 = _get(base + f"/health?ticks={int(wall * h0['tick_rate'])}")
-                break
-            else:
-                sys.stderr.write(line)
-        load.wait(120)
-        if start is None:
-            raise RuntimeError("load generator did not reach its measurement window")
-        report = json.loads(out.read_text())
-        cpu = (c1.user + c1.system - c0.user - c0.system) / wall * 100
-        lcpu = (l1.user + l1.system - l0.user - l0.system) / wall * 100
-        ticks = h1.get("tick_work_ms", {})
-        return {
-            "clients": clients,
-            "room_size": room_size or clients,
-            "rooms": report["rooms"],
-            "server_cpu_percent": round(cpu, 1),
-            "loadgen_cpu_percent": round(lcpu, 1),
-            "tick_ms_p50": ticks.get("p50"),
-            "tick_ms_p99": ticks.get("p99"),
-            "tick_ms_max": ticks.get("max"),
-            "tick_overruns": h1["tick_overruns"] - h0["tick_overruns"],
-            "latency_ms_p50": report["latency_ms_p50"],
-            "latency_ms_p99": report["latency_ms_p99"],
-            "latency_samples": report["latency_samples"],
-            "down_bytes_per_client_per_s": report["down_bytes_per_client_per_s"],
-            "state_frames_per_client_per_s_min": report["state_frames_per_client_per_s_min"],
-            "missed_ticks": report["missed_ticks"],
-            "rate_held": bool(report["rate_held"] and h1["tick_overruns"] == h0["tick_overruns"]),
-            "connected": report["connected"],
-            "seconds": report["seconds"],
-        }
-    finally:
-        for p in extras:
-            p.kill()
-            p.wait()
-        server.terminate()
+    with run_server(
+        cpu=0,
+        auth_secret=secrets.token_urlsafe(48),
+        max_connections_per_address=clients + 64,  # every headset is 127.0.0.1
+    ) as server:
+        extras = extra(server) if extra is not None else []
         try:
-            server.wait(10)
-        except subprocess.TimeoutExpired:
-            server.kill()
+            return _measure(server, clients, room_size, seconds)
+        finally:
+            for p in extras:
+                p.kill()
+                p.wait()
+
+
+def _measure(server: ServerProcess, clients: int, room_size: int, seconds: float) -> dict[str, Any]:
+    out = Path(tempfile.mkdtemp()) / "load.json"
+    args = ["--url", server.url, "--room", "cap", "--clients", str(clients)]
+    args += ["--seconds", str(seconds), "--warmup", "3", "--quiet", "--markers"]
+    args += ["--json", str(out)]
+    if room_size:
+        args += ["--room-size", str(room_size)]
+    load = spawn(
+        "medverse.server.cli",
+        "loadtest",
+        *args,
+        env=server.env,  # its MEDVERSE_AUTH_SECRET mints the headsets' tokens
+        cpu=1,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    proc = psutil.Process(server.pid)
+    lproc = psutil.Process(load.pid)
+    start = None
+    assert load.stderr is not None
+    for line in load.stderr:
+        if "window start" in line:
+            c0 = proc.cpu_times()
+            l0 = lproc.cpu_times()
+            t0 = time.perf_counter()
+            h0 = server.get_json("/health")
+            start = True
+        elif "window end" in line and start:
+            c1 = proc.cpu_times()
+            l1 = lproc.cpu_times()
+            wall = time.perf_counter() - t0
+            h1 = server.get_json(f"/health?ticks={int(wall * h0['tick_rate'])}")
+            break
+        else:
+            sys.stderr.write(line)
+    load.wait(120)
+    if start is None:
+        raise RuntimeError("load generator did not reach its measurement window")
+    report = json.loads(out.read_text())
+    cpu = (c1.user + c1.system - c0.user - c0.system) / wall * 100
+    lcpu = (l1.user + l1.system - l0.user - l0.system) / wall * 100
+    ticks = h1.get("tick_work_ms", {})
+    return {
+        "clients": clients,
+        "room_size": room_size or clients,
+        "rooms": report["rooms"],
+        "server_cpu_percent": round(cpu, 1),
+        "loadgen_cpu_percent": round(lcpu, 1),
+        "tick_ms_p50": ticks.get("p50"),
+        "tick_ms_p99": ticks.get("p99"),
+        "tick_ms_max": ticks.get("max"),
+        "tick_overruns": h1["tick_overruns"] - h0["tick_overruns"],
+        "latency_ms_p50": report["latency_ms_p50"],
+        "latency_ms_p99": report["latency_ms_p99"],
+        "latency_samples": report["latency_samples"],
+        "down_bytes_per_client_per_s": report["down_bytes_per_client_per_s"],
+        "state_frames_per_client_per_s_min": report["state_frames_per_client_per_s_min"],
+        "missed_ticks": report["missed_ticks"],
+        "rate_held": bool(report["rate_held"] and h1["tick_overruns"] == h0["tick_overruns"]),
+        "connected": report["connected"],
+        "seconds": report["seconds"],
+    }
 
 
 def main() -> int:

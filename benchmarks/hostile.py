@@ -28,13 +28,14 @@ import random
 import subprocess
 import sys
 import time
-from typing import Any
+from collections.abc import Callable
 
 import aiohttp
 
 from medverse.protocol.messages import PROTOCOL_VERSION, Hello, Ping, encode_message, encode_pose
 
-from .capacity import RESULTS, ROOT, pin, run_one
+from .capacity import run_one
+from .harness import RESULTS, ServerProcess, spawn
 
 ROOM = "cap"
 
@@ -85,29 +86,19 @@ async def attack(url: str, token: str, seconds: float, seed: int) -> dict[str, i
     return stats
 
 
-def _attackers(n: int, seconds: float) -> Any:
-    def start(port: int, env: dict[str, str]) -> list[subprocess.Popen[bytes]]:
-        procs = []
-        for i in range(n):
-            p = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "benchmarks.hostile",
-                    "--attacker",
-                    f"ws://127.0.0.1:{port}",
-                    "--seconds",
-                    str(seconds),
-                    "--seed",
-                    str(i),
-                ],
-                env=env,
-                cwd=ROOT,
+def _attackers(n: int, seconds: float) -> Callable[[ServerProcess], list[subprocess.Popen]]:
+    def start(server: ServerProcess) -> list[subprocess.Popen]:
+        procs = [
+            spawn(
+                *("benchmarks.hostile", "--attacker", server.url),
+                *("--seconds", str(seconds), "--seed", str(i)),
+                env=server.env,  # its MEDVERSE_AUTH_SECRET mints the attackers' tokens
+                cpu=1,  # share the load generator's core, not the server's
+                nice=19,
                 stdout=subprocess.DEVNULL,
-                preexec_fn=lambda: os.nice(19),
             )
-            pin(p.pid, 1)  # share the load generator's core, not the server's
-            procs.append(p)
+            for i in range(n)
+        ]
         time.sleep(1.0)  # the flood is on before the good members join
         return procs
 
@@ -122,7 +113,7 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.attacker:
-        from medverse.server.auth import mint_token
+        from medverse.protocol.tokens import mint_token
 
         token = mint_token(
             os.environ["MEDVERSE_AUTH_SECRET"].encode(), room=ROOM, identity=f"attacker-{args.seed}"

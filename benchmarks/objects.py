@@ -27,7 +27,6 @@ import argparse
 import asyncio
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -47,8 +46,7 @@ from medverse.protocol.snapshot import (
 )
 from tests.models import HEART, provide, sha256_of
 
-from .capacity import RESULTS, ROOT, _free_port, pin, wait_health
-from .capacity import start_server as start_capacity_server
+from .harness import RESULTS, ServerProcess, free_port, spawn, start_server
 
 MEMBERS = 12
 OBJECTS = 20
@@ -257,15 +255,9 @@ async def recover(url: str, expected: dict[str, list[int]], deadline: float) -> 
     return time.monotonic()
 
 
-def start_server(port: int, data: str) -> subprocess.Popen[bytes]:
-    env = dict(
-        os.environ,
-        MEDVERSE_HOST="127.0.0.1",
-        MEDVERSE_DATA_DIR=data,
-        MEDVERSE_NO_AUTH="1",
-        PYTHONPATH=str(ROOT),
-    )
-    return start_capacity_server(port, env, "error")
+def serve(port: int, data: str) -> ServerProcess:
+    """The server under test (authentication off) on core 0, on ``data``."""
+    return start_server(port=port, cpu=0, data_dir=data, log_level="error")
 
 
 def main() -> int:
@@ -278,37 +270,35 @@ def main() -> int:
         print(json.dumps(asyncio.run(load(args.load, args.seconds, args.rooms))))
         return 0
     data = tempfile.mkdtemp(prefix="medverse-bench-objects-")
-    port = _free_port()
-    url = f"ws://127.0.0.1:{port}"
-    server = start_server(port, data)
+    port = free_port()
+    server = serve(port, data)
     try:
-        wait_health(port)
-        gen = subprocess.run(
-            [
-                *(sys.executable, "-m", "benchmarks.objects", "--load", url),
-                *("--seconds", str(args.seconds), "--rooms", str(args.rooms)),
-            ],
-            cwd=ROOT,
-            capture_output=True,
-            check=True,
-            preexec_fn=lambda: pin(os.getpid(), 1),
+        server.wait_ready()
+        gen = spawn(
+            *("benchmarks.objects", "--load", server.url),
+            *("--seconds", str(args.seconds), "--rooms", str(args.rooms)),
+            cpu=1,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
         )
-        res = json.loads(gen.stdout)
-        server.send_signal(signal.SIGKILL)
-        server.wait()
+        out, err = gen.communicate()
+        if gen.returncode:
+            raise subprocess.CalledProcessError(gen.returncode, gen.args, out, err)
+        res = json.loads(out)
+        server.proc.send_signal(signal.SIGKILL)
+        server.proc.wait()
         t0 = time.monotonic()
-        server = start_server(port, data)
-        wait_health(port, step=0.01)  # fine-grained: this is the measured recovery
+        server = serve(port, data)
+        server.wait_ready(step=0.01)  # fine-grained: this is the measured recovery
         t_listen = time.monotonic()
-        t_done = asyncio.run(recover(url, res["expected"], t0 + 30))
+        t_done = asyncio.run(recover(server.url, res["expected"], t0 + 30))
         res["recovery_s"] = {
             "rooms": len(res["expected"]),
             "listening": t_listen - t0,
             "all_rooms_restored": t_done - t0,
         }
     finally:
-        server.terminate()
-        server.wait(10)
+        server.stop()
     report(res)
     return 0
 

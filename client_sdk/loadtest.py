@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import json
 import math
 import os
@@ -31,22 +32,73 @@ from medverse.protocol.catalog import SERVER_MESSAGES
 from medverse.protocol.errors import ProtocolError
 from medverse.protocol.messages import (
     FRAME_CONTROL,
-    FRAME_POSE,
     PROTOCOL_VERSION,
     Error,
     Hello,
     Welcome,
     decode_message,
     encode_message,
+    encode_pose_frames,
 )
 from medverse.protocol.quant import quantize_positions
-from medverse.protocol.snapshot import FRAME_STATE, SnapshotDecoder
+from medverse.protocol.snapshot import FRAME_STATE, SnapshotDecoder, state_tick
+from medverse.protocol.tokens import mint_token
 
 from .motion import room_trajectories
 
-_STATE_TICK = struct.Struct("<I")
-_POSE_HEADER = struct.Struct("<BBHI")
-_ALL_PRESENT = 0b111
+_SLOTS = 3  # head and both hands
+_ALL_PRESENT = (1 << _SLOTS) - 1
+
+# WebSocket opcodes (RFC 6455 section 5.2).
+_OP_BINARY = 0x2
+_OP_CLOSE = 0x8
+_OP_PING = 0x9
+_OP_PONG = 0xA
+_EXTENDED_LENGTH = {126: struct.Struct("!H"), 127: struct.Struct("!Q")}
+
+
+def client_frame(opcode: int, payload: bytes) -> bytes:
+    """One final WebSocket frame from a client, masked with a random key (RFC 6455 section
+    5.3: every client frame is masked)."""
+    n = len(payload)
+    mask = random.getrandbits(32).to_bytes(4, "little")
+    masked = (
+        int.from_bytes(payload, "little")
+        ^ int.from_bytes(mask * ((n + 3) // 4), "little") & ((1 << (8 * n)) - 1)
+    ).to_bytes(n, "little")
+    if n < 126:
+        head = bytes((0x80 | opcode, 0x80 | n))
+    elif n < 65536:
+        head = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, n)
+    else:
+        head = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, n)
+    return head + mask + masked
+
+
+def server_frames(buf: bytearray) -> tuple[list[tuple[int, bytes, int]], int]:
+    """The complete WebSocket frames at the start of ``buf`` as (opcode, payload, bytes on the
+    wire), and how many bytes of ``buf`` they take.
+
+    This reads only what the room server sends (SPEC.md "Frames and control messages"):
+    unmasked, final, uncompressed frames, from a server we are measuring, not defending
+    against. The server's reader (``server/wsproto.py``) does the other direction's job:
+    masked frames, fragments, size limits, protocol errors and the closing handshake.
+    """
+    out: list[tuple[int, bytes, int]] = []
+    pos, end = 0, len(buf)
+    while end - pos >= 2:
+        length, start = buf[pos + 1] & 0x7F, pos + 2
+        ext = _EXTENDED_LENGTH.get(length)
+        if ext is not None:
+            if end - start < ext.size:
+                break
+            (length,) = ext.unpack_from(buf, start)
+            start += ext.size
+        if end - start < length:
+            break
+        out.append((buf[pos] & 0x0F, bytes(buf[start : start + length]), start + length - pos))
+        pos = start + length
+    return out, pos
 
 
 def _default_trace() -> str | None:
@@ -88,7 +140,6 @@ class Headset(asyncio.Protocol):
         self.member_id = 0
         self.joined = asyncio.get_running_loop().create_future()
         self.closed = False
-        self.seq = 0
         self.last_tick: int | None = None
         self.stats = Stats()
         self.decoder = SnapshotDecoder() if probe else None
@@ -114,24 +165,12 @@ class Headset(asyncio.Protocol):
         if not self.joined.done():
             self.joined.set_exception(ConnectionError("connection lost before welcome"))
 
-    def send(self, payload: bytes) -> None:
-        """One masked binary frame (clients must mask, RFC 6455 section 5.3)."""
+    def send(self, payload: bytes, opcode: int = _OP_BINARY) -> None:
+        """One frame to the server (binary unless said otherwise)."""
         t = self.transport
         if t is None or self.closed:
             return
-        n = len(payload)
-        mask = random.getrandbits(32)
-        mask_bytes = mask.to_bytes(4, "little")
-        reps = (n + 3) // 4
-        masked = (
-            int.from_bytes(payload, "little")
-            ^ int.from_bytes(mask_bytes * reps, "little") & ((1 << (8 * n)) - 1)
-        ).to_bytes(n, "little")
-        if n < 126:
-            head = bytes((0x82, 0x80 | n))
-        else:
-            head = struct.pack("!BBH", 0x82, 0x80 | 126, n)
-        t.write(head + mask_bytes + masked)
+        t.write(client_frame(opcode, payload))
 
     def data_received(self, data: bytes) -> None:
         buf = self.buf
@@ -148,40 +187,20 @@ class Headset(asyncio.Protocol):
             del buf[: end + 4]
             self.upgraded = True
             token = self.run.token_for(self.room, self.index)
-            self.send(
-                encode_message(Hello(PROTOCOL_VERSION, self.room, f"h{self.index}", 3, None, token))
-            )
-        pos = 0
-        n = len(buf)
-        while n - pos >= 2:
-            b1 = buf[pos + 1] & 0x7F
-            hdr = 2
-            if b1 == 126:
-                if n - pos < 4:
-                    break
-                b1 = int.from_bytes(buf[pos + 2 : pos + 4], "big")
-                hdr = 4
-            elif b1 == 127:
-                if n - pos < 10:
-                    break
-                b1 = int.from_bytes(buf[pos + 2 : pos + 10], "big")
-                hdr = 10
-            if n - pos < hdr + b1:
-                break
-            opcode = buf[pos] & 0x0F
-            payload = bytes(buf[pos + hdr : pos + hdr + b1])
-            pos += hdr + b1
-            if opcode == 0x2:
-                self.on_message(payload, hdr + b1)
-            elif opcode == 0x9:  # ping: answer with a masked pong
-                assert self.transport is not None
-                self.transport.write(bytes((0x8A, 0x80 | len(payload))) + b"\0\0\0\0" + payload)
-            elif opcode == 0x8:
+            hello = Hello(PROTOCOL_VERSION, self.room, f"h{self.index}", _SLOTS, None, token)
+            self.send(encode_message(hello))
+        frames, used = server_frames(buf)
+        del buf[:used]
+        for opcode, payload, wire in frames:
+            if opcode == _OP_BINARY:
+                self.on_message(payload, wire)
+            elif opcode == _OP_PING:
+                self.send(payload, _OP_PONG)
+            elif opcode == _OP_CLOSE:
                 self.closed = True
                 assert self.transport is not None
                 self.transport.close()
                 break
-        del buf[:pos]
 
     # ----------------------------------------------------------------- protocol
 
@@ -191,7 +210,7 @@ class Headset(asyncio.Protocol):
         if kind == FRAME_STATE:
             st.frames += 1
             st.bytes += wire
-            tick = _STATE_TICK.unpack_from(data, 2)[0]
+            tick = state_tick(data)
             if self.last_tick is not None and tick - self.last_tick > 1:
                 st.missed_ticks += tick - self.last_tick - 1
             self.last_tick = tick
@@ -214,9 +233,10 @@ class Headset(asyncio.Protocol):
                 if isinstance(m, Error) and m.fatal and not self.joined.done():
                     self.joined.set_exception(ConnectionError(f"{m.code}: {m.message}"))
 
-    def send_pose(self, floats: bytes, qkey: bytes | None) -> None:
-        self.seq += 1
-        self.send(_POSE_HEADER.pack(FRAME_POSE, 0, _ALL_PRESENT, self.seq) + floats)
+    def send_pose(self, frame: bytes, qkey: bytes | None) -> None:
+        """Send a pose frame; ``qkey`` (the quantized positions in it) if this headset's
+        poses are timed by probes."""
+        self.send(frame)
         if qkey is not None:
             now = time.perf_counter()
             if qkey not in self.sent_keys:
@@ -251,8 +271,6 @@ class LoadRun:
         secret = self.args.secret or os.environ.get("MEDVERSE_AUTH_SECRET")
         if not secret:
             return None
-        from medverse.server.auth import mint_token
-
         return mint_token(secret.encode(), room=room, identity=f"headset-{index}", ttl=3600)
 
     def fail(self, why: str) -> None:
@@ -286,7 +304,7 @@ class LoadRun:
         t0 = time.perf_counter()
         pos, quat = room_trajectories(n, times, trace, seed=a.seed)
         poses = np.concatenate([pos, quat], axis=-1).astype(np.float32)  # (T, n, 3, 7)
-        self.frames = np.ascontiguousarray(poses.reshape(steps, n, 21))
+        self.poses = np.ascontiguousarray(poses)
         # Keys as the server will quantize them: from the float32 values actually sent.
         self.qkeys = quantize_positions(poses[..., :3].astype(np.float64)).astype(np.int64)
         prep = time.perf_counter() - t0
@@ -331,6 +349,9 @@ class LoadRun:
             self.measuring = False
             if a.markers:
                 print("medverse-loadtest: window end", file=sys.stderr, flush=True)
+            if sender.done() and not sender.cancelled() and sender.exception() is not None:
+                # Headsets would sit still while the numbers look plausible: say so.
+                self.fail(f"the send loop stopped: {sender.exception()!r}")
             report = self._report(window, rooms, room_size, prep)
         finally:
             sender.cancel()
@@ -342,25 +363,28 @@ class LoadRun:
         return report
 
     async def _send_loop(self) -> None:
-        """Every headset sends at the tick rate; phases are spread over the period."""
+        """Every headset sends at the tick rate; phases are spread over the period. Each
+        group's frames are built in one call; every headset sends once per round, so the
+        round number is every headset's sequence number."""
         groups = 8
         period = 1.0 / self.rate
         loop = asyncio.get_running_loop()
         start = loop.time()
         step = 0
-        n = len(self.headsets)
-        frames = self.frames
+        poses = self.poses
         qkeys = self.qkeys
-        watched = self.watched
-        steps = frames.shape[0]
+        steps = poses.shape[0]
+        members = [
+            (self.headsets[g::groups], self.watched[g::groups].tolist()) for g in range(groups)
+        ]
         while True:
             g = step % groups
-            t_idx = (step // groups) % steps
-            row = frames[t_idx]
-            krow = qkeys[t_idx]
-            for i in range(g, n, groups):
-                h = self.headsets[i]
-                h.send_pose(row[i].tobytes(), krow[i].tobytes() if watched[i] else None)
+            rnd, t_idx = step // groups, (step // groups) % steps
+            headsets, watched = members[g]
+            frames = encode_pose_frames(rnd + 1, _ALL_PRESENT, poses[t_idx, g::groups])
+            keys = qkeys[t_idx, g::groups]
+            for h, frame, key, w in zip(headsets, frames, keys, watched, strict=True):
+                h.send_pose(frame.tobytes(), key.tobytes() if w else None)
             step += 1
             delay = start + step * period / groups - loop.time()
             if delay > 0:
@@ -441,14 +465,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run a load test; print the report as JSON (and write it to ``--json``)."""
-    from medverse.server.cli import run_loop
-
     out: dict[str, Any] = {}
 
     async def main() -> None:
         out.update(await LoadRun(args).run())
 
-    run_loop(main())
+    # uvloop (a dependency except on Windows) drives a thousand sockets with far less CPU.
+    runner = asyncio.run
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        runner = uvloop.run
+    runner(main())
     text = json.dumps(out, indent=2)
     print(text)
     if args.json:

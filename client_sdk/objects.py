@@ -55,7 +55,7 @@ from medverse.protocol.objects import (
 )
 from medverse.protocol.quant import dequantize_positions, dequantize_rotations
 
-from .types import Pose, Quat, Vec3
+from .types import Pose, Quat, Vec3, from_message
 
 if TYPE_CHECKING:
     from .session import Session
@@ -416,7 +416,7 @@ class ObjectsClient(Mapping[int, SharedObject]):
         if m.object_id is not None:  # a refused move: show the server's transform again
             self._local.pop(m.object_id, None)
             self._released.pop(m.object_id, None)
-            self._emit(MoveRefused(m.object_id, m.code, m.holder))
+            self._emit(from_message(MoveRefused, m))
 
     def _on_state(self, m: Message) -> None:
         assert isinstance(m, ObjectState)
@@ -429,14 +429,14 @@ class ObjectsClient(Mapping[int, SharedObject]):
         obj.holder, obj.nodes, obj.plane = m.holder, dict(m.nodes), tuple(m.plane)
         obj._initial = (m.position, m.rotation, m.scale)
         if fresh:
-            self._emit(ObjectAdded(m.object_id))
+            self._emit(from_message(ObjectAdded, m))
 
     def _on_removed(self, m: Message) -> None:
         assert isinstance(m, RemovedMsg)
         self._objects.pop(m.object_id, None)
         self._local.pop(m.object_id, None)
         self._released.pop(m.object_id, None)
-        self._emit(ObjectRemoved(m.object_id, m.by))
+        self._emit(from_message(ObjectRemoved, m))
 
     def _on_lock(self, m: Message) -> None:
         assert isinstance(m, LockMsg)
@@ -450,18 +450,18 @@ class ObjectsClient(Mapping[int, SharedObject]):
         elif m.holder != me:
             self._local.pop(m.object_id, None)
             self._released.pop(m.object_id, None)
-        self._emit(LockChanged(m.object_id, m.holder, m.reason))
+        self._emit(from_message(LockChanged, m))
 
     def _on_handover(self, m: Message) -> None:
         assert isinstance(m, HandoverMsg)
-        self._emit(HandoverRequested(m.object_id, m.member_id))
+        self._emit(from_message(HandoverRequested, m))
 
     def _on_view(self, m: Message) -> None:
         assert isinstance(m, ViewState)
         obj = self._objects.get(m.object_id)
         if obj is not None:
             obj.nodes, obj.plane = dict(m.nodes), tuple(m.plane)
-            self._emit(ViewChanged(m.object_id))
+            self._emit(from_message(ViewChanged, m))
 
     def _on_anno(self, m: Message) -> None:
         assert isinstance(m, AnnotationState)
@@ -481,14 +481,14 @@ class ObjectsClient(Mapping[int, SharedObject]):
             m.edited,
             m.seq,
         )
-        self._emit(AnnotationChanged(m.annotation_id, m.object_id, False, m.seq))
+        self._emit(from_message(AnnotationChanged, m, deleted=False))
 
     def _on_anno_deleted(self, m: Message) -> None:
         assert isinstance(m, AnnotationDeleted)
         obj = self._objects.get(m.object_id)
         if obj is not None:
             obj.annotations.pop(m.annotation_id, None)
-        self._emit(AnnotationChanged(m.annotation_id, m.object_id, True, m.seq))
+        self._emit(from_message(AnnotationChanged, m, deleted=True))
 
     def _on_synced(self, m: Message) -> None:
         assert isinstance(m, ObjectsSyncedMsg)

@@ -75,6 +75,7 @@ from .types import (
     Reconnecting,
     Resumed,
     Waiting,
+    from_message,
 )
 
 log = logging.getLogger("medverse.client")
@@ -343,11 +344,11 @@ class Session(ObjectsAPI):
                 continue
             if isinstance(m, WaitingMsg):
                 deadline = None
-                self._emit(Waiting(m.room, m.lobby_id))
+                self._emit(from_message(Waiting, m))
             elif isinstance(m, Error):
                 if m.fatal:
                     raise JoinError(m.code, m.message)
-                self._emit(ErrorEvent(m.code, m.message, m.fatal))
+                self._emit(from_message(ErrorEvent, m))
 
     # ----------------------------------------------------------------- sending
 
@@ -561,28 +562,28 @@ class Session(ObjectsAPI):
             elif isinstance(m, JoinedMsg):
                 self.members[m.member_id] = m.name
                 self._avatars = None
-                self._emit(Joined(m.member_id, m.name))
+                self._emit(from_message(Joined, m))
             elif isinstance(m, LeftMsg):
                 self.members.pop(m.member_id, None)
                 self._avatars = None
-                self._emit(Left(m.member_id, m.name, m.reason))
+                self._emit(from_message(Left, m))
             elif isinstance(m, Pong):
                 fut = self._pings.get(m.id)
                 self.rtt = time.monotonic() - m.client_time
                 if fut is not None and not fut.done():
                     fut.set_result(self.rtt)
             elif isinstance(m, Error):
-                self._emit(ErrorEvent(m.code, m.message, m.fatal))
+                self._emit(from_message(ErrorEvent, m))
             elif isinstance(m, MemberState):
-                self._emit(MemberStateChanged(m.member_id, m.paused, m.muted, m.unmute_requested))
+                self._emit(from_message(MemberStateChanged, m))
             elif isinstance(m, Lobby):
                 self._emit(LobbyChanged(tuple((w.id, w.name) for w in m.members)))
             elif isinstance(m, RoomState):
-                self._emit(EntryChanged(m.entry))
+                self._emit(from_message(EntryChanged, m))
             elif isinstance(m, Grants):
                 if m.member_id == self.member_id:
                     self.role, self.grants = m.role, frozenset(m.grants)
-                self._emit(GrantsChanged(m.member_id, m.role, frozenset(m.grants)))
+                self._emit(from_message(GrantsChanged, m, grants=frozenset(m.grants)))
             if not isinstance(m, ProtocolError):
                 # Feature clients see every message of their types, the core's too.
                 for handler in self._handlers.get(type(m), ()):

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any, TypeVar
 
 from medverse.protocol.snapshot import FLAG_SPEAKING
 
 Vec3 = tuple[float, float, float]
 Quat = tuple[float, float, float, float]
+E = TypeVar("E")
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +63,17 @@ class Avatar:
             return self
         out = self._sampler(self.member_id, t)
         return self if out is None else out
+
+
+def from_message(event: type[E], msg: object, **values: Any) -> E:
+    """The SDK event ``event`` for a protocol message that carries its fields: every field of
+    the event not given in ``values`` is the message's field of the same name (``type`` keeps
+    the event's own default). Matching by name, not position, keeps an event right when its
+    fields are in another order than the message's (``LockChanged``)."""
+    for f in fields(event):  # type: ignore[arg-type]
+        if f.name != "type" and f.name not in values:
+            values[f.name] = getattr(msg, f.name)
+    return event(**values)
 
 
 @dataclass(frozen=True, slots=True)

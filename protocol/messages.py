@@ -49,6 +49,20 @@ def pose_frame_size(slots: int) -> int:
     return POSE_HEADER_SIZE + slots * POSE_SLOT_BYTES
 
 
+def pose_frame_dtype(slots: int) -> np.dtype:
+    """A pose frame of ``slots`` slots as one numpy record (the same bytes, field by field), for
+    reading or writing many frames in one array operation."""
+    return np.dtype(
+        [
+            ("kind", "u1"),
+            ("reserved", "u1"),
+            ("mask", "<u2"),
+            ("seq", "<u4"),
+            ("poses", "<f4", (slots, POSE_FLOATS)),
+        ]
+    )
+
+
 # --------------------------------------------------------------------------- field validation
 
 
@@ -512,6 +526,25 @@ def encode_pose(seq: int, poses: Sequence[PoseTuple | None]) -> bytes:
     )
 
 
+def encode_pose_frames(
+    seq: npt.ArrayLike, mask: npt.ArrayLike, poses: npt.ArrayLike
+) -> npt.NDArray[np.uint8]:
+    """Many pose frames in one call, for a sender of many avatars (the load generator).
+
+    ``poses`` is ``(N, slots, 7)``: x, y, z, qx, qy, qz, qw per slot, sent as float32 (absent
+    slots are sent as given); ``seq`` and ``mask`` are one value or one per frame. Row ``i``
+    of the result is the frame :func:`encode_pose` writes for the same values.
+    """
+    p = np.asarray(poses, dtype=np.float32)
+    dtype = pose_frame_dtype(p.shape[1])
+    out = np.zeros(p.shape[0], dtype)
+    out["kind"] = FRAME_POSE
+    out["mask"] = mask
+    out["seq"] = np.asarray(seq, dtype=np.int64) & 0xFFFFFFFF
+    out["poses"] = p
+    return out.view(np.uint8).reshape(p.shape[0], dtype.itemsize)  # also for no frames
+
+
 def pose_sequence(frame: bytes) -> int:
     """Sequence number of a pose frame whose length was already checked."""
     return int.from_bytes(frame[4:8], "little")
@@ -547,10 +580,7 @@ def decode_pose_batch(frames: Sequence[bytes], slots: int) -> PoseBatch:
     A frame is refused (``ok`` False) if any present pose has a NaN or infinite value, a
     coordinate beyond the position limit, or a quaternion whose norm is far from one.
     """
-    dtype = np.dtype(
-        [("head", "<u1", 2), ("mask", "<u2"), ("seq", "<u4"), ("poses", "<f4", (slots, 7))]
-    )
-    arr = np.frombuffer(b"".join(frames), dtype=dtype)
+    arr = np.frombuffer(b"".join(frames), dtype=pose_frame_dtype(slots))
     present = (arr["mask"][:, None] >> np.arange(slots, dtype=np.uint16)) & 1 == 1
     poses = arr["poses"].astype(np.float64)
     pos, quat = poses[..., :3], poses[..., 3:]
@@ -598,7 +628,9 @@ __all__ += [
     "decode_pose_batch",
     "encode_message",
     "encode_pose",
+    "encode_pose_frames",
     "message_registry",
+    "pose_frame_dtype",
     "pose_frame_size",
     "pose_sequence",
     "wire_field",

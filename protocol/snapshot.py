@@ -359,6 +359,12 @@ def state_header(tick: int, gap: int, keyframe: bool) -> bytes:
     return _HEADER.pack(FRAME_STATE, FLAG_KEYFRAME if keyframe else 0, tick, gap)
 
 
+def state_tick(frame: bytes | bytearray | memoryview) -> int:
+    """The tick in a state frame's header, for receivers that count frames without decoding
+    them (the frame must be at least the 7 header bytes; nothing else is checked)."""
+    return int(_HEADER.unpack_from(frame)[2])
+
+
 class WorldEncoder:
     """Encodes every room of a server in one vectorized pass.
 

@@ -1,10 +1,11 @@
-"""Signed join tokens (JWT), roles and grants.
+"""Signed join tokens (JWT): verification, identities, the deployment secret.
 
 A token names who joins (``sub``), how others see them (``name``), the room, a role and
-optionally an explicit grant list, and expires (``exp``). HS256 with a deployment secret by
-default; EdDSA (Ed25519) or RS256 with a public key for deployments whose identity provider
-signs the tokens. The server refuses, with a typed error, anything missing, expired, forged or
-made for another room.
+optionally an explicit grant list, and expires (``exp``); its claims, the roles and grants and
+minting are in ``medverse.protocol.tokens`` (part of the wire contract; re-exported here).
+HS256 with a deployment secret by default; EdDSA (Ed25519) or RS256 with a public key for
+deployments whose identity provider signs the tokens. The server refuses, with a typed error,
+anything missing, expired, forged or made for another room.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import os
 import re
 import secrets
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,22 +22,16 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from medverse.protocol.errors import ErrorCode, ProtocolError
-
-#: Every grant the server checks.
-GRANTS = frozenset(
-    {"publish_audio", "manipulate_objects", "annotate", "upload_assets", "moderate", "hidden"}
+from medverse.protocol.tokens import (
+    ADMIN_ROLE,
+    ADMIN_ROOM,
+    GRANTS,
+    ROLE_GRANTS,
+    mint_admin_token,
+    mint_token,
 )
-#: What each role may do unless the token lists its grants explicitly.
-ROLE_GRANTS: dict[str, frozenset[str]] = {
-    "host": frozenset(
-        {"publish_audio", "manipulate_objects", "annotate", "upload_assets", "moderate"}
-    ),
-    "participant": frozenset({"publish_audio", "manipulate_objects", "annotate"}),
-    "observer": frozenset({"hidden"}),
-}
+
 ALGORITHMS_HS = ["HS256"]
-#: The role of operators' tokens for the admin HTTP API (never valid for joining a room).
-ADMIN_ROLE = "admin"
 SECRET_FILE = "auth_secret"
 
 
@@ -120,19 +114,12 @@ class TokenVerifier:
         Admin tokens are for the operators' HTTP API only: no room accepts them for a join.
         """
         claims = self._claims(token, "admin")
-        if claims["role"] != ADMIN_ROLE or claims["room"] != "*":
+        if claims["role"] != ADMIN_ROLE or claims["room"] != ADMIN_ROOM:
             raise ProtocolError(ErrorCode.FORBIDDEN, "not an admin token")
         sub = claims["sub"]
         if not isinstance(sub, str) or not 0 < len(sub) <= 128:
             raise ProtocolError(ErrorCode.UNAUTHORIZED, "token sub must be a short string")
         return sub
-
-
-def mint_admin_token(secret: bytes, *, identity: str, ttl: float = 3600.0) -> str:
-    """An HS256 token for the admin HTTP API (``medverse token --admin``)."""
-    now = int(time.time())
-    claims = {"sub": identity, "room": "*", "role": ADMIN_ROLE, "iat": now, "exp": now + int(ttl)}
-    return jwt.encode(claims, secret, algorithm="HS256")
 
 
 def identity_from_claims(claims: dict[str, Any]) -> Identity:
@@ -159,38 +146,6 @@ def identity_from_claims(claims: dict[str, Any]) -> Identity:
     return Identity(sub, name, claims["room"], role, granted, pseudonym)
 
 
-def mint_token(
-    secret: bytes,
-    *,
-    room: str,
-    identity: str,
-    name: str | None = None,
-    role: str = "participant",
-    ttl: float = 3600.0,
-    grants: list[str] | None = None,
-    pseudonym: str | None = None,
-) -> str:
-    """An HS256 join token (what ``medverse token`` prints)."""
-    if role not in ROLE_GRANTS:
-        raise ValueError(f"role must be one of {sorted(ROLE_GRANTS)}")
-    if grants is not None and set(grants) - GRANTS:
-        raise ValueError(f"grants must be among {sorted(GRANTS)}")
-    now = int(time.time())
-    claims: dict[str, Any] = {
-        "sub": identity,
-        "name": name or identity,
-        "room": room,
-        "role": role,
-        "iat": now,
-        "exp": now + int(ttl),
-    }
-    if grants is not None:
-        claims["grants"] = grants
-    if pseudonym is not None:
-        claims["pseudonym"] = pseudonym
-    return jwt.encode(claims, secret, algorithm="HS256")
-
-
 def parse_ttl(text: str) -> float:
     """``90``, ``90s``, ``30m``, ``1h``, ``2d`` to seconds."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
@@ -213,3 +168,21 @@ def load_or_create_secret(data_dir: str | Path) -> tuple[bytes, bool]:
     with os.fdopen(fd, "wb") as f:
         f.write(secret + b"\n")
     return secret, True
+
+
+__all__ = [
+    "ADMIN_ROLE",
+    "ADMIN_ROOM",
+    "ALGORITHMS_HS",
+    "GRANTS",
+    "ROLE_GRANTS",
+    "SECRET_FILE",
+    "Identity",
+    "TokenVerifier",
+    "anonymous",
+    "identity_from_claims",
+    "load_or_create_secret",
+    "mint_admin_token",
+    "mint_token",
+    "parse_ttl",
+]

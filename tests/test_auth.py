@@ -14,6 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import aiohttp
 import jwt
 import pytest
 from cryptography import x509
@@ -231,10 +232,13 @@ async def test_connections_per_address_are_capped() -> None:
     with run_server(max_connections_per_address=3) as srv:
         raws = [await RawClient.open(srv.url) for _ in range(3)]
         extra = await RawClient.open(srv.url)
-        err = await extra.next_error()
+        # SPEC.md "Close codes": the refused connection gets a fatal error, then close 4003.
+        err = await extra.next_control()
+        assert isinstance(err, Error)
         assert (err.code, err.fatal) == ("too_many_connections", True)
         msg = await extra.ws.receive(timeout=5)
-        assert extra.ws.close_code == 4003 or msg.data == 4003
+        assert (msg.type, msg.data) == (aiohttp.WSMsgType.CLOSE, 4003)
+        assert extra.ws.close_code == 4003
         await extra.close()
         for r in raws:
             await r.close()

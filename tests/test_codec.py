@@ -29,7 +29,7 @@ from medverse.protocol.snapshot import (
     WorldEncoder,
 )
 from medverse.protocol.vectors.generate import snapshot_to_json
-from tests.test_vectors import spec_decode
+from tests.test_vectors import Refused, SpecState, spec_decode
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SLOW = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -300,8 +300,10 @@ class _Primed:
         self.frames = [enc.encode(t, s) for t, s in stream]
         self.snaps = [s for _, s in stream]
         self.dec = SnapshotDecoder()
+        self.spec: SpecState | None = None  # the same stream, read by the spec decoder
         for f in self.frames[:-1]:
             self.dec.decode(f)
+            self.spec = spec_decode(f, self.spec)
         self.state = self.dec._state
         self.next_frame = self.frames[-1]
 
@@ -316,27 +318,40 @@ def _rejects(primed: _Primed, frame: bytes) -> None:
     primed.assert_unchanged()
 
 
-def _rejects_or_accepts(primed: _Primed, frame: bytes) -> None:
-    """Garbage may, rarely, be a valid frame; anything else must be a ProtocolError."""
+def assert_decodes_as_specified(dec: SnapshotDecoder, spec: SpecState | None, frame: bytes) -> bool:
+    """Apply ``frame`` to ``dec``, whose state is ``spec``, and check the outcome SPEC.md gives
+    (decided by the scalar decoder written from the spec): refused with a ProtocolError and the
+    state unchanged, or accepted with the state now at the frame's tick, with the specified
+    snapshot and row velocities. Returns whether the frame was accepted."""
+    before = dec._state
     try:
-        primed.dec.decode(frame)
-    except ProtocolError:
+        expected = spec_decode(frame, spec)
+    except Refused:
+        with pytest.raises(ProtocolError):
+            dec.decode(frame)
+        assert dec._state is before
+        return False
+    snap = dec.decode(frame)
+    assert snapshot_to_json(snap) == expected.as_json()
+    assert dec.tick == expected.tick
+    vpos, vrot = expected.velocities()
+    assert dec._state is not None
+    assert dec._state.vpos.tolist() == vpos
+    assert dec._state.vrot.tolist() == vrot
+    return True
+
+
+def _as_specified(primed: _Primed, frame: bytes) -> None:
+    """Garbage may be a valid frame; which it is, and what it decodes to, SPEC.md says."""
+    if not assert_decodes_as_specified(primed.dec, primed.spec, frame):
         primed.assert_unchanged()
+    assert_decodes_as_specified(SnapshotDecoder(), None, frame)
 
 
 @FAST
 @given(seeds, st.binary(max_size=64))
-def test_random_bytes_raise_protocol_error(seed: int, junk: bytes) -> None:
-    _rejects_or_accepts(_Primed(seed), junk)
-    assert_fresh_decoder_rejects_or_accepts(junk)
-
-
-def assert_fresh_decoder_rejects_or_accepts(frame: bytes) -> None:
-    dec = SnapshotDecoder()
-    try:
-        dec.decode(frame)
-    except ProtocolError:
-        assert dec.tick is None
+def test_random_bytes_decode_as_specified(seed: int, junk: bytes) -> None:
+    _as_specified(_Primed(seed), junk)
 
 
 @FAST
@@ -344,8 +359,7 @@ def assert_fresh_decoder_rejects_or_accepts(frame: bytes) -> None:
 def test_random_bodies_behind_a_valid_header(seed: int, body: bytes, key: bool) -> None:
     primed = _Primed(seed)
     header = primed.next_frame[:7] if not key else bytes([2, 1]) + primed.next_frame[2:6] + b"\0"
-    _rejects_or_accepts(primed, header + body)
-    assert_fresh_decoder_rejects_or_accepts(header + body)
+    _as_specified(primed, header + body)
 
 
 @FAST
@@ -369,13 +383,13 @@ def test_trailing_data_raises(seed: int, extra: bytes) -> None:
 
 @FAST
 @given(seeds, st.data())
-def test_bit_flips_raise_protocol_error_or_decode(seed: int, data) -> None:
+def test_bit_flips_decode_as_specified(seed: int, data) -> None:
     primed = _Primed(seed)
     frame = bytearray(primed.next_frame)
     for _ in range(data.draw(st.integers(1, 3))):
         i = data.draw(st.integers(0, len(frame) - 1))
         frame[i] ^= 1 << data.draw(st.integers(0, 7))
-    _rejects_or_accepts(primed, bytes(frame))
+    _as_specified(primed, bytes(frame))
 
 
 @FAST
@@ -401,3 +415,56 @@ def test_keyframe_with_a_baseline_gap_raises() -> None:
     key = enc.encode(9, primed.snaps[0])
     _rejects(primed, key[:6] + b"\x01" + key[7:])
     _rejects(primed, b"\x03" + key[1:])
+
+
+# --------------------------------------------------------------------------- receiver checks
+
+
+def _eg0(values: list[int]) -> str:
+    """An EG0 list as a bit string: every prefix, then every suffix (SPEC.md "Bit stream")."""
+    codes = [bin(v + 1)[2:] for v in values]
+    return "".join("0" * (len(c) - 1) + "1" for c in codes) + "".join(c[1:] for c in codes)
+
+
+def _zz(v: int) -> int:
+    """Zigzag: -(2**39) codes as 2**40 - 1, whose EG0 prefix has 40 zeros."""
+    return 2 * v if v >= 0 else -2 * v - 1
+
+
+def _keyframe(ids: list[int], present_values: list[int] | None = None, pad: str = "") -> bytes:
+    """A keyframe of one-slot entities ``ids``: all absent, or (with the 9 values) the first
+    one present with rotation code (3, 511, 511, 511)."""
+    gaps = [b - a - 1 for a, b in zip([-1, *ids], ids, strict=False)]
+    bits = _eg0([0, len(ids), 0]) + _eg0(gaps) + "0000" * len(ids)
+    if present_values is None:
+        bits += "00" * len(ids)
+    else:
+        bits += "10" + "00" * (len(ids) - 1)
+        bits += f"{3 << 30 | 511 << 20 | 511 << 10 | 511:032b}"
+        bits += _eg0([_zz(v) for v in present_values])
+    bits += "0" * (-len(bits) % 8) + pad
+    return bytes([2, 1, 5, 0, 0, 0, 0]) + int(bits, 2).to_bytes(len(bits) // 8, "big")
+
+
+@pytest.mark.parametrize(
+    ("frame", "accepted"),
+    [
+        pytest.param(_keyframe([2**32 - 1]), True, id="largest id"),
+        pytest.param(_keyframe([2**32]), False, id="id over 32 bits"),
+        pytest.param(_keyframe([7], [-(2**39), *[0] * 8]), True, id="40-zero prefix"),
+        pytest.param(_keyframe([7], [-(2**40), *[0] * 8]), False, id="41-zero prefix"),
+        pytest.param(_keyframe(list(range(4096))), True, id="4096 entities"),
+        pytest.param(_keyframe(list(range(4097))), False, id="4097 entities"),
+        # [0, 8] takes 25 bits, so 7 padding bits; [3] takes 16 bits, so a zero byte is 8.
+        pytest.param(_keyframe([0, 8]), True, id="7 padding bits"),
+        pytest.param(_keyframe([0, 8])[:-1] + b"\x01", False, id="a one in the padding"),
+        pytest.param(_keyframe([3], pad="00000000"), False, id="8 padding bits"),
+        pytest.param(b"\x02\xff" + _keyframe([7])[2:], True, id="reserved flag bits set"),
+    ],
+)
+def test_receiver_check_boundaries(frame: bytes, accepted: bool) -> None:
+    """Frames at the edges of SPEC.md's receiver checks: the reference decoder and the spec
+    decoder agree, and on the outcome stated here."""
+    assert assert_decodes_as_specified(SnapshotDecoder(), None, frame) is accepted
+    primed = _Primed(5)
+    assert assert_decodes_as_specified(primed.dec, primed.spec, frame) is accepted

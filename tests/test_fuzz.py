@@ -6,9 +6,11 @@ import asyncio
 import struct
 
 import msgpack
+import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from medverse.client_sdk.loadtest import client_frame, server_frames
 from medverse.protocol.catalog import CLIENT_MESSAGES, SERVER_MESSAGES
 from medverse.protocol.errors import ProtocolError
 from medverse.protocol.messages import (
@@ -17,9 +19,20 @@ from medverse.protocol.messages import (
     check_pose_frame,
     decode_message,
     decode_pose_batch,
+    encode_pose,
+    encode_pose_frames,
     pose_frame_size,
 )
+from medverse.protocol.quant import POSITION_LIMIT_M, dequantize_rotations, quantize_rotations
 from medverse.server.transport import WebSocketConnection
+from medverse.server.websocket import (
+    OP_BINARY,
+    OP_CLOSE,
+    OP_PING,
+    binary_frame,
+    close_frame,
+    control_frame,
+)
 
 msgpack_values = st.recursive(
     st.none()
@@ -84,14 +97,83 @@ def test_pose_frames_on_random_bytes(slots: int, data: bytes) -> None:
         assert batch.ok.shape == (1,)
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.integers(1, 4), st.lists(st.floats(width=32), min_size=7, max_size=7), st.integers(0, 15))
-def test_pose_values_are_validated_not_trusted(slots: int, floats: list, mask: int) -> None:
-    body = struct.pack("<7f", *floats) * slots
-    frame = struct.pack("<BBHI", FRAME_POSE, 0, mask & ((1 << slots) - 1), 1) + body
+def _near_unit(q: list[float], norm: float) -> list[float]:
+    """``q`` rescaled to ``norm`` (as float32, as a frame carries it); identity if ``q`` is ~0."""
+    v = np.array(q, np.float64)
+    length = float(np.linalg.norm(v))
+    if length < 1e-3:
+        return [0.0, 0.0, 0.0, 1.0]
+    return (v / length * norm).astype(np.float32).astype(np.float64).tolist()
+
+
+_F32_LIMIT = float(np.float32(POSITION_LIMIT_M))
+_F32_PAST_LIMIT = float(np.nextafter(np.float32(POSITION_LIMIT_M), np.float32(np.inf)))
+# Any float32 (NaN, infinities, huge), plausible coordinates, both sides of the limit, and
+# exact ties of the millimetre rounding (0.0625 m is 62.5 mm: round half to even gives 62).
+coordinates = st.one_of(
+    st.floats(width=32),
+    st.floats(-10_001.0, 10_001.0, width=32),
+    st.sampled_from([_F32_LIMIT, -_F32_LIMIT, _F32_PAST_LIMIT, -_F32_PAST_LIMIT]),
+    st.sampled_from([0.0625, -0.0625, 256.0625, -8192.0625]),
+)
+# Any four float32, or a quaternion whose norm is on either side of the accepted 0.9-1.1.
+quaternion_floats = st.one_of(
+    st.lists(st.floats(width=32), min_size=4, max_size=4),
+    st.builds(
+        _near_unit,
+        st.lists(st.floats(-1.0, 1.0), min_size=4, max_size=4),
+        st.floats(0.85, 1.15) | st.sampled_from([0.9, 1.1]),
+    ),
+)
+pose_floats = st.tuples(st.lists(coordinates, min_size=3, max_size=3), quaternion_floats).map(
+    lambda t: [*t[0], *t[1]]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 4), st.data())
+def test_pose_values_are_validated_not_trusted(slots: int, data: st.DataObject) -> None:
+    """SPEC.md "Pose frames" and "Pose quantization": a frame with any bad present pose is
+    refused whole; otherwise present slots are quantized, absent ones ignored."""
+    poses = data.draw(st.lists(pose_floats, min_size=slots, max_size=slots))
+    mask = data.draw(st.integers(0, (1 << slots) - 1))
+    frame = struct.pack("<BBHI", FRAME_POSE, 0, mask, 1) + b"".join(
+        struct.pack("<7f", *p) for p in poses
+    )
     assert len(frame) == pose_frame_size(slots)
     assert check_pose_frame(frame, slots) is None
-    decode_pose_batch([frame], slots)  # refuses or quantizes; never raises
+    batch = decode_pose_batch([frame], slots)
+
+    # The expectation, from the spec's rules: the frame's float32 values in binary64.
+    values = np.array(poses, np.float32).astype(np.float64)  # (slots, 7)
+    present = (mask >> np.arange(slots)) & 1 == 1
+    pos, quat = values[:, :3], values[:, 3:]
+    with np.errstate(invalid="ignore", over="ignore"):
+        norm = np.sqrt(np.sum(quat * quat, axis=1))
+        valid = (
+            np.isfinite(values).all(axis=1)
+            & (np.abs(pos) <= 10_000.0).all(axis=1)
+            & (norm >= 0.9)
+            & (norm <= 1.1)
+        )
+    accepted = bool(valid[present].all())
+    assert bool(batch.ok[0]) is accepted
+    if not accepted:
+        assert not batch.present[0].any()
+        return
+    assert np.array_equal(batch.present[0], present)
+    mm = np.rint(pos[present] / 0.001)  # round half to even, in binary64
+    assert (np.abs(mm) <= 10_000_000).all()
+    assert np.array_equal(batch.pos[0][present], mm)
+    # Rotations: the smallest-three code of the normalized quaternion (quantize_rotations
+    # itself is checked against the spec's vectors in test_vectors.py), within 0.2 degrees.
+    unit = quat[present] / norm[present, None]
+    index, codes = quantize_rotations(unit)
+    assert np.array_equal(batch.rot_index[0][present], index)
+    assert np.array_equal(batch.rot[0][present], codes)
+    back = dequantize_rotations(batch.rot_index[0][present], batch.rot[0][present])
+    angle = np.degrees(2 * np.arccos(np.clip(np.abs(np.sum(back * unit, axis=1)), 0.0, 1.0)))
+    assert (angle <= 0.2).all()
 
 
 class _Transport:
@@ -164,6 +246,57 @@ def test_websocket_parser_reassembles_fragments_and_answers_pings() -> None:
         assert t.written.endswith(struct.pack("!H", 1002) + b"client frames must be masked")
 
     asyncio.run(run())
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 16), st.data())
+def test_pose_frames_encoded_in_bulk_match_encode_pose(slots: int, data: st.DataObject) -> None:
+    n = data.draw(st.integers(0, 5))
+    seqs = data.draw(st.lists(st.integers(0, 2**32 - 1), min_size=n, max_size=n))
+    masks = data.draw(st.lists(st.integers(0, (1 << slots) - 1), min_size=n, max_size=n))
+    finite = st.floats(-100.0, 100.0, width=32)
+    values = np.array(
+        data.draw(st.lists(finite, min_size=n * slots * 7, max_size=n * slots * 7)), np.float32
+    ).reshape(n, slots, 7)
+    identity = np.array([0, 0, 0, 0, 0, 0, 1], np.float32)
+    present = (np.array(masks, np.int64)[:, None] >> np.arange(slots)) & 1 == 1
+    values[~present] = identity  # what encode_pose writes for an absent slot
+    frames = encode_pose_frames(seqs, masks, values)
+    assert frames.shape == (n, pose_frame_size(slots))
+    for i in range(n):
+        poses = [
+            (values[i, k, :3].tolist(), values[i, k, 3:].tolist()) if present[i, k] else None
+            for k in range(slots)
+        ]
+        assert frames[i].tobytes() == encode_pose(seqs[i], poses)
+
+
+def test_load_generator_frames_read_by_the_server_and_back() -> None:
+    """The load generator's client frames parse in the server's reader; the server's frames
+    (binary of each length class, ping, close) parse in the load generator's reader."""
+    payloads = [b"", b"x" * 125, b"y" * 126, b"z" * 70_000]
+
+    async def run() -> None:
+        conn = WebSocketConnection(max_message=1 << 20)
+        handler = _Handler()
+        conn.attach(_Transport(), handler)  # type: ignore[arg-type]
+        stream = b"".join(client_frame(OP_BINARY, p) for p in payloads)
+        for i in range(0, len(stream), 1000):
+            conn.data_received(stream[i : i + 1000])
+        assert handler.messages == [(OP_BINARY, p) for p in payloads]
+
+    asyncio.run(run())
+    wire = [binary_frame(p) for p in payloads]
+    wire += [control_frame(OP_PING, b"hi"), close_frame(1000)]
+    stream = bytearray(b"".join(wire))
+    frames, used = server_frames(stream + b"\x82")  # and the start of one more
+    assert used == len(stream)
+    assert [(op, p) for op, p, _ in frames] == [
+        *((OP_BINARY, p) for p in payloads),
+        (OP_PING, b"hi"),
+        (OP_CLOSE, b"\x03\xe8"),
+    ]
+    assert [w for _, _, w in frames] == [len(f) for f in wire]
 
 
 async def test_live_hostile_flood_leaves_good_members_at_rate() -> None:

@@ -146,6 +146,15 @@ def test_worked_example_of_the_spec() -> None:
 # --------------------------------------------------------------------------- SPEC decoder
 
 
+class Refused(Exception):
+    """The frame fails one of the receiver checks of SPEC.md ("Receiver checks")."""
+
+
+#: SPEC.md bounds: entities per frame, zeros in an Exp-Golomb prefix.
+MAX_ENTITIES = 4096
+MAX_PREFIX_ZEROS = 40
+
+
 class Bits:
     def __init__(self, data: bytes) -> None:
         self.bits = "".join(f"{b:08b}" for b in data)
@@ -153,7 +162,7 @@ class Bits:
 
     def fixed(self, n: int) -> int:
         if self.pos + n > len(self.bits):
-            raise ValueError("truncated")
+            raise Refused("the stream ends before a section is complete")
         v = int(self.bits[self.pos : self.pos + n] or "0", 2)
         self.pos += n
         return v
@@ -164,7 +173,8 @@ class Bits:
             zeros = 0
             while self.fixed(1) == 0:
                 zeros += 1
-            assert zeros <= 40
+                if zeros > MAX_PREFIX_ZEROS:
+                    raise Refused("a prefix longer than 40 zeros")
             lengths.append(zeros)
         return [(1 << z) + self.fixed(z) - 1 for z in lengths]
 
@@ -200,6 +210,11 @@ class SpecState:
             "rot": [r["rot"] for r in flat],
         }
 
+    def velocities(self) -> tuple[list[list[int]], list[list[int]]]:
+        """Every row's ``vpos`` and ``vrot``, in row order."""
+        flat = [r for rs in self.rows for r in rs]
+        return [r["vpos"] for r in flat], [r["vrot"] for r in flat]
+
 
 def _absent() -> Row:
     zero = [0, 0, 0]
@@ -207,35 +222,55 @@ def _absent() -> Row:
 
 
 def spec_decode(frame: bytes, state: SpecState | None) -> SpecState:
-    kind, flags, tick, gap = frame[0], frame[1], int.from_bytes(frame[2:6], "little"), frame[6]
-    assert kind == 2
-    key = bool(flags & 1)
+    """The state after applying ``frame`` to ``state``, read the way SPEC.md says, one bit at a
+    time; raises :class:`Refused` for every frame a receiver must reject. ``state`` is never
+    modified."""
+    if len(frame) < 7 or frame[0] != 2:
+        raise Refused("not a state frame")
+    flags, tick, gap = frame[1], int.from_bytes(frame[2:6], "little"), frame[6]
+    key = bool(flags & 1)  # bits 1-7 are reserved and ignored
     if key:
-        assert gap == 0
+        if gap != 0:
+            raise Refused("a keyframe with a gap")
         base = SpecState(tick, [], [])
     else:
-        assert state is not None and gap > 0 and tick - gap == state.tick
+        if gap == 0 or state is None or tick - gap != state.tick:
+            raise Refused("a delta against a baseline not held")
         base = state
     r = Bits(frame[7:])
     n_removed, n_added, n_flags = r.eg0_list(3)
+    if n_removed > len(base.ents) or n_added > MAX_ENTITIES or n_flags > MAX_ENTITIES:
+        raise Refused("counts out of range")
+    if key and n_removed:
+        raise Refused("a keyframe removes entities")
     removed = r.gaps(n_removed)
     added = r.gaps(n_added)
+    if any(i > 2**32 - 1 for i in removed + added):
+        raise Refused("an id above 2**32 - 1")
     added_slots = [r.fixed(4) + 1 for _ in range(n_added)]
     old = {e[0]: (e, rows) for e, rows in zip(base.ents, base.rows, strict=True)}
-    assert all(i in old for i in removed)
-    new: dict[int, tuple[int, bool]] = {i: (old[i][0][1], True) for i in old if i not in removed}
-    for i, s in zip(added, added_slots, strict=True):
-        assert i not in new
-        new[i] = (s, False)
-    ids = sorted(new)
-    kept = [new[i][1] for i in ids]
+    if any(i not in old for i in removed):
+        raise Refused("removes an id not in the baseline")
+    slots_of = {i: old[i][0][1] for i in old if i not in removed}
+    if any(i in slots_of for i in added):
+        raise Refused("adds a remaining baseline entity")
+    slots_of.update(zip(added, added_slots, strict=True))
+    ids = sorted(slots_of)
+    if len(ids) > MAX_ENTITIES:
+        raise Refused("too many entities")
+    # Kept: in the baseline with the same slot count. That includes an id removed and added
+    # again with its slot count, which no encoder sends and receivers must not rely on; SPEC.md
+    # says the reference decoder reads it as kept, and so does this one.
+    kept = [i in old and old[i][0][1] == slots_of[i] for i in ids]
     flag_vals = [old[i][0][2] if k else 0 for i, k in zip(ids, kept, strict=True)]
     flag_idx = r.gaps(n_flags)
+    if flag_idx and flag_idx[-1] >= len(ids):
+        raise Refused("a flag index beyond the entities")
     for i in flag_idx:
         flag_vals[i] = r.fixed(8)
     changed = [r.fixed(1) if k else 1 for k in kept]
     modes = [
-        [r.fixed(2) if c else 0 for _ in range(new[i][0])]
+        [r.fixed(2) if c else 0 for _ in range(slots_of[i])]
         for i, c in zip(ids, changed, strict=True)
     ]
     rows: list[list[Row]] = []
@@ -250,18 +285,17 @@ def spec_decode(frame: bytes, state: SpecState | None) -> SpecState:
             i0 = src["idx"] if was else 0
             row = _absent()
             row.update(src=src, was=was, pp=pp, rp=rp, i0=i0, mode=mode)
+            if mode in (1, 3) and (key or not was):
+                raise Refused("a RESIDUAL or ABSENT row without a baseline pose")
             if mode == 0:
                 if was:
                     row.update(present=True, pos=pp, rot=rp, idx=i0)
             elif mode == 1:
-                assert was and not key
                 row.update(present=True, idx=i0)
                 n_values += 6
             elif mode == 2:
                 row.update(present=True)  # its rotation comes from the next section
                 n_values += 3
-            else:
-                assert was and not key
             ent_rows.append(row)
         rows.append(ent_rows)
     flat = [row for ent_rows in rows for row in ent_rows]
@@ -274,7 +308,8 @@ def spec_decode(frame: bytes, state: SpecState | None) -> SpecState:
         n_values = 9 * sum(row["present"] for row in flat)
     values = iter([unzigzag(z) for z in r.eg0_list(n_values)])
     rest = r.bits[r.pos :]
-    assert len(rest) < 8 and "1" not in rest
+    if len(rest) >= 8 or "1" in rest:
+        raise Refused("data after the last section")
     for row in flat:
         take = lambda n: [next(values) for _ in range(n)]  # noqa: E731
         if key:
@@ -291,6 +326,7 @@ def spec_decode(frame: bytes, state: SpecState | None) -> SpecState:
             row["vpos"] = [a - b for a, b in zip(row["pos"], src["pos"], strict=True)]
             if row["idx"] == src["idx"]:
                 row["vrot"] = [a - b for a, b in zip(row["rot"], src["rot"], strict=True)]
-    assert all(0 <= c <= 1023 for row in flat for c in row["rot"])
-    ents = [(i, new[i][0], f) for i, f in zip(ids, flag_vals, strict=True)]
+    if not all(0 <= c <= 1023 for row in flat for c in row["rot"]):
+        raise Refused("a rotation code outside 0..1023")
+    ents = [(i, slots_of[i], f) for i, f in zip(ids, flag_vals, strict=True)]
     return SpecState(tick, ents, rows)
