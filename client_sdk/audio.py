@@ -21,7 +21,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from aiortc import (
@@ -54,8 +54,7 @@ from medverse.protocol.rtc import (
     set_jitter_prefetch,
 )
 
-if TYPE_CHECKING:
-    from .session import Session
+from .feature import SessionLink
 
 SAMPLE_RATE = 48000
 FRAME_SAMPLES = 960
@@ -245,7 +244,7 @@ class AudioClient:
     error event if the member may not). :attr:`speaking` lists who is talking, loudest first.
     """
 
-    def __init__(self, session: Session) -> None:
+    def __init__(self, session: SessionLink) -> None:
         self.session = session
         env = os.environ.get("MEDVERSE_RTC_HOST_ADDRESSES")
         #: Addresses ICE gathers on (set before :meth:`start`).

@@ -22,7 +22,7 @@ import contextlib
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from medverse.protocol.messages import Message, Welcome
 from medverse.protocol.objects import (
@@ -55,10 +55,8 @@ from medverse.protocol.objects import (
 )
 from medverse.protocol.quant import dequantize_positions, dequantize_rotations
 
+from .feature import SessionLink
 from .types import Pose, Quat, Vec3, from_message
-
-if TYPE_CHECKING:
-    from .session import Session
 
 
 class ObjectError(Exception):
@@ -233,7 +231,7 @@ class MoveRefused:
 class ObjectsClient(Mapping[int, SharedObject]):
     """The room's shared objects, ``{object_id: SharedObject}`` (``session.objects``)."""
 
-    def __init__(self, session: Session) -> None:
+    def __init__(self, session: SessionLink) -> None:
         self._s = session
         self._objects: dict[int, SharedObject] = {}
         self._local: dict[int, tuple[Vec3, Quat, float]] = {}
@@ -333,8 +331,7 @@ class ObjectsClient(Mapping[int, SharedObject]):
         self._moves[object_id] = encode_move(object_id, seq, position, rotation, scale)
         if self._move_task is None:
             self._move_ready = asyncio.Event()
-            self._move_task = asyncio.get_running_loop().create_task(self._send_moves())
-            self._s._tasks.append(self._move_task)
+            self._move_task = self._s.run_task(self._send_moves())
         assert self._move_ready is not None
         self._move_ready.set()
         return seq
@@ -387,7 +384,7 @@ class ObjectsClient(Mapping[int, SharedObject]):
         return tuple(pos.tolist()), tuple(rot.tolist()), scale  # type: ignore[return-value]
 
     def _emit(self, ev: Any) -> None:
-        self._s._emit(ev)
+        self._s.emit(ev)
 
     def _on_welcome(self, welcome: Message) -> None:
         """A fresh connection (or coming back from a pause): the server resends everything."""

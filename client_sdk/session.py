@@ -11,16 +11,23 @@ import os
 import random
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Any
 
 import aiohttp
 import numpy as np
 
-from medverse.protocol.catalog import SERVER_MESSAGES
+from medverse.protocol.catalog import CLIENT_MESSAGES, SERVER_MESSAGES
+from medverse.protocol.connection import (
+    Connection,
+    MessageReceived,
+    Refused,
+    Role,
+    State,
+    StateReceived,
+)
 from medverse.protocol.errors import ErrorCode, ProtocolError
 from medverse.protocol.messages import (
-    FRAME_CONTROL,
     PROTOCOL_VERSION,
     ChangeRole,
     ConsentRequired,
@@ -38,8 +45,6 @@ from medverse.protocol.messages import (
     RequestUnmute,
     RoomState,
     Welcome,
-    decode_message,
-    encode_message,
     encode_pose,
 )
 from medverse.protocol.messages import (
@@ -55,7 +60,7 @@ from medverse.protocol.messages import (
     Waiting as WaitingMsg,
 )
 from medverse.protocol.quant import dequantize_positions, dequantize_rotations
-from medverse.protocol.snapshot import FRAME_STATE, OBJECT_ID_BASE, Snapshot, SnapshotDecoder
+from medverse.protocol.snapshot import OBJECT_ID_BASE, Snapshot, SnapshotDecoder
 
 from .assets import AssetClient, AssetInfo
 from .audio import AudioClient
@@ -159,6 +164,7 @@ class Session(ObjectsAPI):
         token: str | None = None,
         ssl: Any = None,
         consent: Callable[[str, str], bool] | None = None,
+        messages: Sequence[type[Message]] = (),
     ) -> None:
         self.url = _ws_url(url)
         self.room = room
@@ -178,6 +184,14 @@ class Session(ObjectsAPI):
         self.rtt: float | None = None
         self.members: dict[int, str] = {}
         self._interp = interpolation_delay
+        # What this client speaks: every family of the protocol, and an application's own
+        # (``messages``, or classes feature clients register with add_handler).
+        self._client_messages = dict(CLIENT_MESSAGES)
+        self._server_messages = dict(SERVER_MESSAGES)
+        for cls in messages:
+            self._learn(cls)
+        #: The connection's state machine (a new one per connection).
+        self._conn: Connection | None = None
         self._http: aiohttp.ClientSession | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._resume: str | None = None
@@ -214,6 +228,18 @@ class Session(ObjectsAPI):
         self.objects = ObjectsClient(self)
 
     @property
+    def state(self) -> State:
+        """Where the connection is: ``hello``, ``consent``, ``lobby``, ``joined``, ``paused``,
+        ``closing`` or ``closed`` (see protocol/SPEC.md, "Connection states")."""
+        return self._conn.state if self._conn is not None else State.CLOSED
+
+    def _learn(self, cls: type[Message]) -> None:
+        """Add an application's message class to both decoders' registries."""
+        for registry in (self._client_messages, self._server_messages):
+            if registry.setdefault(cls.TYPE, cls) is not cls:
+                raise ValueError(f"message type {cls.TYPE!r} is already taken")
+
+    @property
     def audio(self) -> AudioClient:
         """This member's spatial audio (publish, receive the mix, mute, routing rules)."""
         if self._audio is None:
@@ -238,7 +264,7 @@ class Session(ObjectsAPI):
             await self._http.close()
             raise
         loop = asyncio.get_running_loop()
-        self._tasks = [
+        self._tasks += [
             loop.create_task(self._run(), name="medverse-reader"),
             loop.create_task(self._sender(), name="medverse-sender"),
         ]
@@ -256,7 +282,8 @@ class Session(ObjectsAPI):
         ws = self._ws
         if ws is not None and not ws.closed:
             with contextlib.suppress(Exception):
-                await ws.send_bytes(encode_message(Leave()))
+                if self._conn is not None and self._conn.accepts(Leave):
+                    await ws.send_bytes(self._conn.send(Leave()))
                 await ws.close()
         for t in self._tasks:
             t.cancel()
@@ -280,15 +307,21 @@ class Session(ObjectsAPI):
             timeout=aiohttp.ClientWSTimeout(ws_close=2.0),
             ssl=self._ssl if self._ssl is not None else True,
         )
+        conn = Connection(
+            Role.CLIENT,
+            client_messages=self._client_messages,
+            server_messages=self._server_messages,
+        )
         try:
             hello = Hello(
                 PROTOCOL_VERSION, self.room, self.name, self.slots, self._resume, self.token
             )
-            await ws.send_bytes(encode_message(hello))
-            welcome = await asyncio.wait_for(self._await_welcome(ws), self.connect_timeout)
+            await ws.send_bytes(conn.send(hello))
+            welcome = await asyncio.wait_for(self._await_welcome(ws, conn), self.connect_timeout)
         except BaseException:
             await ws.close()
             raise
+        self._conn = conn
         self._ws = ws
         self.member_id = welcome.member_id
         self.rate = welcome.rate
@@ -305,17 +338,23 @@ class Session(ObjectsAPI):
             hook(welcome)
         return welcome
 
-    def add_handler(self, cls: type[Message], handler: Callable[[Message], None]) -> None:
-        """Call ``handler`` with every server message of type ``cls`` (for feature clients)."""
+    def add_handler(self, cls: type[Message], handler: Callable[[Any], None]) -> None:
+        """Call ``handler`` with every server message of type ``cls`` (for feature clients and
+        applications; a message class the protocol does not know is learnt)."""
+        if self._server_messages.get(cls.TYPE) is not cls:
+            self._learn(cls)
         self._handlers.setdefault(cls, []).append(handler)
 
     def add_connected_hook(self, hook: Callable[[Welcome], None]) -> None:
         """Call ``hook`` with the welcome after every connection, first and resumed."""
         self._connected_hooks.append(hook)
 
-    async def _await_welcome(self, ws: aiohttp.ClientWebSocketResponse) -> Welcome:
-        """Read until ``welcome``. In a room with a lobby the wait lasts until a host admits
-        us (a ``Waiting`` event says so) or denies us (``JoinError``)."""
+    async def _await_welcome(
+        self, ws: aiohttp.ClientWebSocketResponse, conn: Connection
+    ) -> Welcome:
+        """Read until ``welcome``, answering a consent request on the way. In a room with a
+        lobby the wait lasts until a host admits us (a ``Waiting`` event says so) or denies us
+        (``JoinError``)."""
         deadline: float | None = time.monotonic() + self.connect_timeout
         while True:
             timeout = None if deadline is None else max(0.01, deadline - time.monotonic())
@@ -330,25 +369,26 @@ class Session(ObjectsAPI):
                 aiohttp.WSMsgType.ERROR,
             ):
                 raise ConnectionError(f"connection closed during join ({ws.close_code})")
-            if msg.type != aiohttp.WSMsgType.BINARY or not msg.data:
+            if msg.type not in (aiohttp.WSMsgType.BINARY, aiohttp.WSMsgType.TEXT):
                 continue
-            if msg.data[0] != FRAME_CONTROL:
-                continue
-            m = decode_message(msg.data, SERVER_MESSAGES, max_bytes=1 << 24)
+            ev = conn.receive(msg.data, text=msg.type == aiohttp.WSMsgType.TEXT)
+            if not isinstance(ev, MessageReceived):
+                continue  # nothing else is expected before the welcome
+            m = ev.message
             if isinstance(m, Welcome):
                 return m
             if isinstance(m, ConsentRequired):
                 accept = bool(self.consent is not None and self.consent(m.version, m.text))
                 self.consent_version = m.version
-                await ws.send_bytes(encode_message(ConsentMsg(m.version, accept)))
+                await ws.send_bytes(conn.send(ConsentMsg(m.version, accept)))
                 continue
             if isinstance(m, WaitingMsg):
                 deadline = None
-                self._emit(from_message(Waiting, m))
+                self.emit(from_message(Waiting, m))
             elif isinstance(m, Error):
                 if m.fatal:
                     raise JoinError(m.code, m.message)
-                self._emit(from_message(ErrorEvent, m))
+                self.emit(from_message(ErrorEvent, m))
 
     # ----------------------------------------------------------------- sending
 
@@ -400,11 +440,21 @@ class Session(ObjectsAPI):
         return await self.assets.upload(source, name, files)
 
     async def send_message(self, msg: Message) -> None:
-        """Send one control message now; raises ConnectionError while disconnected."""
-        await self.send_raw(encode_message(msg))
+        """Send one control message now, through the connection's state machine. Raises
+        ConnectionError while disconnected, and
+        :class:`~medverse.protocol.connection.LocalProtocolError` if the protocol does not
+        allow ``msg`` in the connection's state (say, a room message while in the lobby)."""
+        conn = self._conn
+        if conn is None or conn.state in (State.CLOSING, State.CLOSED):
+            raise ConnectionError("not connected")
+        ws = self._ws
+        if ws is None or ws.closed:
+            raise ConnectionError("not connected")
+        await ws.send_bytes(conn.send(msg))
 
     async def send_raw(self, frame: bytes) -> None:
-        """Send one frame as is (for tools and tests that speak the protocol directly)."""
+        """Send one frame as is, bypassing the state machine (binary inputs such as object
+        moves, and tools and tests that speak the protocol byte by byte)."""
         ws = self._ws
         if ws is None or ws.closed:
             raise ConnectionError("not connected")
@@ -448,7 +498,9 @@ class Session(ObjectsAPI):
 
     async def pause(self, paused: bool = True) -> None:
         """Step out of the room (or back in): while paused nobody sees or hears us and we
-        receive nothing."""
+        receive nothing. Asking for the state we are in does nothing."""
+        if self.state is (State.PAUSED if paused else State.JOINED):
+            return
         await self.send_message(Pause(paused))
 
     async def request_unmute(self) -> None:
@@ -460,7 +512,7 @@ class Session(ObjectsAPI):
         if self.consent_version is None:
             raise RuntimeError("this room did not ask for consent")
         self.reconnect = False
-        await self.send_raw(encode_message(ConsentMsg(self.consent_version, False)))
+        await self.send_message(ConsentMsg(self.consent_version, False))
 
     async def ping(self, timeout: float = 5.0) -> float:
         """Measure the round trip to the server, in seconds."""
@@ -469,7 +521,7 @@ class Session(ObjectsAPI):
         fut: asyncio.Future[float] = asyncio.get_running_loop().create_future()
         self._pings[pid] = fut
         try:
-            await self.send_raw(encode_message(Ping(pid, time.monotonic())))
+            await self.send_message(Ping(pid, time.monotonic()))
             return await asyncio.wait_for(fut, timeout)
         finally:
             self._pings.pop(pid, None)
@@ -503,7 +555,7 @@ class Session(ObjectsAPI):
         while not self._closing:
             attempt += 1
             delay = min(self.max_backoff, 0.05 * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
-            self._emit(Reconnecting(attempt, delay))
+            self.emit(Reconnecting(attempt, delay))
             await asyncio.sleep(delay)
             try:
                 welcome = await self._open()
@@ -514,35 +566,36 @@ class Session(ObjectsAPI):
             except (aiohttp.ClientError, OSError, TimeoutError, ConnectionError):
                 continue
             else:
-                self._emit(
+                self.emit(
                     Resumed(welcome.member_id, welcome.resumed and welcome.member_id == old_id)
                 )
                 return True
         return False
 
     def _finish(self, reason: str) -> None:
-        self._emit(Closed(reason))
+        self.emit(Closed(reason))
         if not self._events.full():
             self._events.put_nowait(None)
 
     async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         try:
             async for msg in ws:
-                if msg.type == aiohttp.WSMsgType.BINARY and msg.data:
-                    self._on_frame(msg.data)
+                if msg.type in (aiohttp.WSMsgType.BINARY, aiohttp.WSMsgType.TEXT):
+                    self._on_frame(msg.data, msg.type == aiohttp.WSMsgType.TEXT)
         except (aiohttp.ClientError, ConnectionError) as exc:
             log.debug("connection lost: %s", exc)
 
-    def _on_frame(self, data: bytes) -> None:
+    def _on_frame(self, data: bytes, text: bool = False) -> None:
         self.bytes_received += len(data)
-        kind = data[0]
-        if kind == FRAME_STATE:
+        assert self._conn is not None
+        ev = self._conn.receive(data, text=text)
+        if type(ev) is StateReceived:
             now = time.monotonic()
             try:
-                snap = self._decoder.decode(data)
+                snap = self._decoder.decode(ev.frame)
             except ProtocolError as err:
                 # Our stream state is lost; reconnecting (resume) brings a fresh keyframe.
-                self._emit(ErrorEvent(err.code.value, err.message, False))
+                self.emit(ErrorEvent(err.code.value, err.message, False))
                 if self._ws is not None:
                     self._close_task = asyncio.ensure_future(self._ws.close())
                 return
@@ -555,44 +608,52 @@ class Session(ObjectsAPI):
             self._avatars = None
             if self.on_state is not None:
                 self.on_state(now, snap)
-        elif kind == FRAME_CONTROL:
-            m = decode_message(data, SERVER_MESSAGES, max_bytes=1 << 24)
-            if isinstance(m, ProtocolError):
-                self._emit(ErrorEvent(m.code.value, "from server: " + m.message, False))
-            elif isinstance(m, JoinedMsg):
+        elif type(ev) is Refused:
+            err = ev.error
+            self.emit(ErrorEvent(err.code.value, "from server: " + err.message, False))
+        elif type(ev) is MessageReceived:
+            m = ev.message
+            if isinstance(m, JoinedMsg):
                 self.members[m.member_id] = m.name
                 self._avatars = None
-                self._emit(from_message(Joined, m))
+                self.emit(from_message(Joined, m))
             elif isinstance(m, LeftMsg):
                 self.members.pop(m.member_id, None)
                 self._avatars = None
-                self._emit(from_message(Left, m))
+                self.emit(from_message(Left, m))
             elif isinstance(m, Pong):
                 fut = self._pings.get(m.id)
                 self.rtt = time.monotonic() - m.client_time
                 if fut is not None and not fut.done():
                     fut.set_result(self.rtt)
             elif isinstance(m, Error):
-                self._emit(from_message(ErrorEvent, m))
+                self.emit(from_message(ErrorEvent, m))
             elif isinstance(m, MemberState):
-                self._emit(from_message(MemberStateChanged, m))
+                self.emit(from_message(MemberStateChanged, m))
             elif isinstance(m, Lobby):
-                self._emit(LobbyChanged(tuple((w.id, w.name) for w in m.members)))
+                self.emit(LobbyChanged(tuple((w.id, w.name) for w in m.members)))
             elif isinstance(m, RoomState):
-                self._emit(from_message(EntryChanged, m))
+                self.emit(from_message(EntryChanged, m))
             elif isinstance(m, Grants):
                 if m.member_id == self.member_id:
                     self.role, self.grants = m.role, frozenset(m.grants)
-                self._emit(from_message(GrantsChanged, m, grants=frozenset(m.grants)))
-            if not isinstance(m, ProtocolError):
-                # Feature clients see every message of their types, the core's too.
-                for handler in self._handlers.get(type(m), ()):
-                    handler(m)
+                self.emit(from_message(GrantsChanged, m, grants=frozenset(m.grants)))
+            # Feature clients see every message of their types, the core's too.
+            for handler in self._handlers.get(type(m), ()):
+                handler(m)
 
-    def _emit(self, ev: Event) -> None:
+    def emit(self, ev: Event) -> None:
+        """Queue an event for :meth:`events` (feature clients add theirs); when the queue is
+        full the oldest is dropped rather than letting it grow without bound."""
         if self._events.full():
             self._events.get_nowait()  # drop the oldest rather than grow without bound
         self._events.put_nowait(ev)
+
+    def run_task(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run a task that is cancelled when the session closes (for feature clients)."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.append(task)
+        return task
 
     async def events(self) -> AsyncIterator[Event]:
         """Membership, error and connection events, in order, until the session is closed."""
@@ -714,6 +775,8 @@ def connect(url: str, room: str, name: str, **options: Any) -> Session:
     required unless the server runs without authentication), ``ssl`` (an ``ssl.SSLContext``
     for ``wss://`` servers with their own certificate authority), ``consent`` (called with the
     version and text of a room's consent form; return True to accept; without it such rooms
-    refuse the join with ``consent_required``).
+    refuse the join with ``consent_required``), ``messages`` (message classes of the server's
+    application plugins, so the session can send and decode them; receive them with
+    :meth:`Session.add_handler`).
     """
     return Session(url, room, name, **options)

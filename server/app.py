@@ -216,6 +216,9 @@ class Server:
                 True,
             )
             session.close(CLOSE_TOO_MANY_CONNECTIONS, b"too many connections")
+            # Wait for the close handshake: returning now would let aiohttp write a close
+            # frame of its own onto the transport our parser owns.
+            await conn.closed
             return ws
         per_addr[addr] = per_addr.get(addr, 0) + 1
         session.start()

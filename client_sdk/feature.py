@@ -1,0 +1,55 @@
+"""What a feature client (shared objects, audio, an application's own) gets from its session.
+
+Feature clients are given a :class:`SessionLink` rather than the session class itself, so they
+depend on a narrow interface and the session module depends on them, never the other way round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol
+
+from medverse.protocol.messages import Message, Welcome
+from medverse.protocol.snapshot import Snapshot
+
+
+class SessionLink(Protocol):
+    """The parts of a :class:`~medverse.client_sdk.session.Session` feature clients use."""
+
+    @property
+    def member_id(self) -> int:
+        """Our member id in the room (0 before the first welcome)."""
+
+    @property
+    def rate(self) -> int:
+        """The room's ticks per second."""
+
+    @property
+    def snapshot(self) -> Snapshot:
+        """The newest decoded room state."""
+
+    def room_time(self) -> float:
+        """The room clock now, in seconds."""
+
+    def render_time(self) -> float:
+        """Room time to render remote entities at (a few ticks in the past)."""
+
+    def add_handler(self, cls: type[Message], handler: Callable[[Any], None]) -> None:
+        """Call ``handler`` with every server message of type ``cls`` (registering ``cls``
+        with the session's decoder if it is not one of the protocol's own)."""
+
+    def add_connected_hook(self, hook: Callable[[Welcome], None]) -> None:
+        """Call ``hook`` with the welcome after every (re)connection."""
+
+    def emit(self, event: Any) -> None:
+        """Queue an event for ``session.events()``."""
+
+    def run_task(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run a task that ends with the session."""
+
+    async def send_message(self, msg: Message) -> None:
+        """Send one control message (through the connection's state machine)."""
+
+    async def send_raw(self, frame: bytes) -> None:
+        """Send one frame as is (binary inputs such as object moves)."""
