@@ -126,9 +126,11 @@ class ServerProcess:
 
 
 def start_server(
-    *, port: int | None = None, cpu: int | None = None, **settings: object
+    *, port: int | None = None, cpu: int | None = None, app: str | None = None, **settings: object
 ) -> ServerProcess:
     """Start ``medverse serve`` on 127.0.0.1 and return at once (see :meth:`wait_ready`).
+    ``app`` names a module to run instead (``python -m app``, e.g. ``examples.breathing``):
+    an application's own server, configured by the same environment variables.
 
     ``settings`` are ``ServerConfig`` fields (``auth_secret=...``, ``tick_rate=45``), passed as
     ``MEDVERSE_*`` environment variables. Unless given: a fresh temporary data directory, log
@@ -145,17 +147,18 @@ def start_server(
     env["MEDVERSE_HOST"] = "127.0.0.1"
     env["MEDVERSE_PORT"] = str(port)
     env.setdefault("MEDVERSE_LOG_LEVEL", "warning")
-    proc = spawn("medverse.server.cli", "serve", env=env, cpu=cpu)
+    command = (app,) if app is not None else ("medverse.server.cli", "serve")
+    proc = spawn(*command, env=env, cpu=cpu)
     cafile = str(settings["tls_cert"]) if settings.get("tls_cert") else None
     return ServerProcess(proc, port, env, cafile)
 
 
 @contextlib.contextmanager
 def run_server(
-    *, port: int | None = None, cpu: int | None = None, **settings: object
+    *, port: int | None = None, cpu: int | None = None, app: str | None = None, **settings: object
 ) -> Iterator[ServerProcess]:
     """A server as :func:`start_server` starts it, answering ``/health``; stopped afterwards."""
-    server = start_server(port=port, cpu=cpu, **settings)
+    server = start_server(port=port, cpu=cpu, app=app, **settings)
     try:
         server.wait_ready()
         yield server

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from medverse.protocol.errors import ProtocolError
 
 from .auth import Identity
-from .plugins import RoomType, ServerPlugin, Wait
+from .plugins import RoomType, ServerPlugin, Wait, plugin_class
 from .room import Link, Member, Room, RoomServices
 
 log = logging.getLogger("medverse.registry")
@@ -38,6 +38,10 @@ class RoomRegistry:
             unknown = [n for n in t.plugins if n not in self._plugins]
             if unknown:
                 raise ValueError(f"room type {t.name} names unknown plugin(s) {unknown}")
+        for name, chosen in [("default", self._default)] + [
+            (t.name, [self._plugins[n] for n in t.plugins]) for t in self._types
+        ]:
+            _check_claims(name, chosen)
         self._pseudonymous = pseudonymous
         self._rooms: dict[str, Room] = {}
         self._by_segment: dict[int, Room] = {}
@@ -140,3 +144,23 @@ class RoomRegistry:
             del self._rooms[room.name]
             del self._by_segment[room.segment]
             room.close()
+
+
+def _check_claims(kind: str, plugins: Sequence[ServerPlugin]) -> None:
+    """Refuse, when the server is built, a room type whose plugins claim one message type or
+    binary frame kind twice (a room could not know whom to give it)."""
+    messages: dict[str, str] = {}
+    frames: dict[int, str] = {}
+    for p in plugins:
+        cls = plugin_class(p)
+        for m in cls.messages:
+            if messages.setdefault(m.TYPE, p.name) != p.name:
+                raise ValueError(
+                    f"room type {kind}: plugins {messages[m.TYPE]} and {p.name} both take "
+                    f"{m.TYPE!r} messages"
+                )
+        for k in cls.frame_kinds:
+            if frames.setdefault(k, p.name) != p.name:
+                raise ValueError(
+                    f"room type {kind}: plugins {frames[k]} and {p.name} both take frame 0x{k:02x}"
+                )
