@@ -110,11 +110,6 @@ class RoomRegistry:
             timer.cancel()
         return room.join(identity, slots, link)
 
-    def resumable(self, token: str, room: str) -> Member | None:
-        """The member of ``room`` whose resume token this is, if it is still there."""
-        r = self._rooms.get(room)
-        return None if r is None else r.resumable(token)
-
     # ----------------------------------------------------------------- closing
 
     def _empty(self, room: Room) -> None:

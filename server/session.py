@@ -101,6 +101,7 @@ class Session:
             server_messages=services.server_messages,
         )
         self.member: Member | None = None
+        self._room: Room | None = None  # the member's room (set with ``member``)
         self._consent: Identity | None = None  # asked to consent, as this identity
         self._lobby: tuple[Room, int] | None = None  # waiting in this room's lobby
         self._closed = False
@@ -181,6 +182,8 @@ class Session:
 
     def admitted(self, member: Member) -> None:
         """A host let us in from the lobby (the room sent our welcome)."""
+        assert self._lobby is not None
+        self._room = self._lobby[0]
         self._lobby = None
         self.member = member
 
@@ -222,19 +225,19 @@ class Session:
             self.send_error(ProtocolError(ErrorCode.INTERNAL, "internal error"))
 
     def _dispatch(self, event: object) -> None:
-        member = self.member
+        member, room = self.member, self._room
         if type(event) is PoseReceived:
-            assert member is not None
+            assert member is not None and room is not None
             try:
-                member_room(member, self._s.rooms).submit_pose(member, event.frame)
+                room.submit_pose(member, event.frame)
             except ProtocolError as err:
                 self.send_error(err)
         elif type(event) is MessageReceived:
             self._on_control(event.message)
         elif type(event) is FrameReceived:
-            assert member is not None
+            assert member is not None and room is not None
             try:
-                member_room(member, self._s.rooms).handle_frame(member, event.frame)
+                room.handle_frame(member, event.frame)
             except ProtocolError as err:
                 self.send_error(err)
         elif type(event) is Refused:
@@ -248,28 +251,27 @@ class Session:
             assert type(event) is Ignored, event
 
     def _on_control(self, msg: Message) -> None:
-        member = self.member
+        member, room = self.member, self._room
         if isinstance(msg, Hello):
             self._on_hello(msg)
         elif isinstance(msg, Ping):
-            room = member_room(member, self._s.rooms) if member is not None else None
             self.send(Pong(msg.id, msg.client_time, room.time() if room is not None else 0.0))
         elif isinstance(msg, Leave):
-            if member is not None:
-                member_room(member, self._s.rooms).leave(member, "left")
+            if member is not None and room is not None:
+                room.leave(member, "left")
             self.close(CLOSE_NORMAL, b"left")
         elif isinstance(msg, Consent):
             if self._consent is not None:
                 self._on_consent(msg)
             elif member is not None and not msg.accept:
                 self._withdraw_consent(member, msg)
-        elif member is None:
+        elif member is None or room is None:
             raise AssertionError(f"{msg.TYPE} accepted before joining")
         elif isinstance(msg, Pause):
-            member_room(member, self._s.rooms).set_paused(member, msg.paused)
+            room.set_paused(member, msg.paused)
         else:
             try:
-                member_room(member, self._s.rooms).handle(member, msg)
+                room.handle(member, msg)
             except ProtocolError as err:
                 self.send_error(err)
 
@@ -292,15 +294,17 @@ class Session:
             log.info("%s refused for room %s: %s", self.peer, hello.room, err)
             self._refuse(err, CLOSE_POLICY, b"join refused")
             return
+        room = s.rooms.get(hello.room)
         if hello.resume is not None:
-            member = s.rooms.resumable(hello.resume, hello.room)
+            member = room.resumable(hello.resume) if room is not None else None
             # With tokens, only the same subject may take a member over; without, the resume
             # token alone is the proof.
             if member is not None and (
                 s.verifier is None or member.identity.subject == identity.subject
             ):
-                self.member = member
-                member_room(member, s.rooms).reattach(member, self)
+                assert room is not None
+                self.member, self._room = member, room
+                room.reattach(member, self)
                 return
             self.send_error(ProtocolError(ErrorCode.BAD_RESUME, "cannot resume; joining anew"))
         self._enter(identity, consented=False)
@@ -338,6 +342,7 @@ class Session:
             self.send(Waiting(room.name, lobby_id))
             return
         try:
+            self._room = s.rooms.place(identity.room)
             self.member = s.rooms.join(identity, slots, self)
         except ProtocolError as err:
             self._refuse(err, CLOSE_POLICY, b"join refused")
@@ -360,7 +365,8 @@ class Session:
 
     def _withdraw_consent(self, member: Member, msg: Consent) -> None:
         """Withdrawing consent means leaving the room."""
-        room = member_room(member, self._s.rooms)
+        room = self._room
+        assert room is not None
         self._s.audit(
             "consent_withdrawn",
             room=room.name,
@@ -390,7 +396,7 @@ class Session:
             member = self.member
             self._s.audit(
                 "closed_flooding",
-                room=member_room(member, self._s.rooms).name if member else None,
+                room=self._room.name if self._room is not None else None,
                 actor=member.identity.subject if member else None,
                 peer=self.peer,
             )
@@ -416,16 +422,7 @@ class Session:
         for timer in (self._handshake_timer, self._heartbeat_timer):
             if timer is not None:
                 timer.cancel()
-        member = self.member
-        self.member = None
-        if member is not None:
-            room = self._s.rooms.get(member.identity.room)
-            if room is not None:
-                room.disconnected(member, self)
-
-
-def member_room(member: Member, rooms: RoomRegistry) -> Room:
-    """The room a member belongs to."""
-    room = rooms.get(member.identity.room)
-    assert room is not None, "a member's room is open while it has members"
-    return room
+        member, room = self.member, self._room
+        self.member = self._room = None
+        if member is not None and room is not None:
+            room.disconnected(member, self)
