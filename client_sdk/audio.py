@@ -191,6 +191,8 @@ class LevelMeter:
         with contextlib.suppress(MediaStreamError, asyncio.CancelledError):
             while True:
                 frame = await self.track.recv()
+                if not isinstance(frame, AudioFrame):
+                    continue  # an audio track yields frames; anything else is not ours
                 now = time.monotonic()
                 pcm = frame.to_ndarray().astype(np.float32) / 32768.0
                 ch = len(frame.layout.channels)

@@ -13,6 +13,8 @@ from typing import Any, Protocol
 from medverse.protocol.messages import Message, Welcome
 from medverse.protocol.snapshot import Snapshot
 
+from .types import Avatar
+
 
 class SessionLink(Protocol):
     """The parts of a :class:`~medverse.client_sdk.session.Session` feature clients use."""
@@ -34,6 +36,9 @@ class SessionLink(Protocol):
 
     def render_time(self) -> float:
         """Room time to render remote entities at (a few ticks in the past)."""
+
+    def sample_entity(self, entity_id: int, t: float) -> Avatar | None:
+        """An entity of the tick state at room time ``t``, interpolated (None if absent)."""
 
     def add_handler(self, cls: type[Message], handler: Callable[[Any], None]) -> None:
         """Call ``handler`` with every server message of type ``cls`` (registering ``cls``

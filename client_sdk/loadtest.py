@@ -22,6 +22,7 @@ import struct
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,11 @@ def _default_trace() -> str | None:
     return None
 
 
+def _factory(protocol: asyncio.Protocol) -> Callable[[], asyncio.Protocol]:
+    """A protocol factory that returns ``protocol`` itself (one per connection)."""
+    return lambda: protocol
+
+
 @dataclass
 class Stats:
     """What one headset saw; counters are reset when the measurement window opens."""
@@ -150,9 +156,10 @@ class Headset(asyncio.Protocol):
     # ----------------------------------------------------------------- wire
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        # uvloop's transports are not subclasses of asyncio.Transport, but write like one.
+        self.transport = t = transport  # type: ignore[assignment]
         host = self.run.host
-        transport.write(
+        t.write(  # type: ignore[attr-defined]
             (
                 f"GET {self.run.path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n"
                 f"Connection: Upgrade\r\nSec-WebSocket-Key: {self._key}\r\n"
@@ -324,7 +331,7 @@ class LoadRun:
         for k in range(0, n, 50):
             batch = self.headsets[k : k + 50]
             await asyncio.gather(
-                *(loop.create_connection(lambda h=h: h, self.addr, self.port) for h in batch)
+                *(loop.create_connection(_factory(h), self.addr, self.port) for h in batch)
             )
             await asyncio.gather(*(h.joined for h in batch))
         for h in self.headsets:

@@ -179,7 +179,7 @@ def quat_from_rotvec(rv: F64) -> F64:
     return np.concatenate([rv * scale, np.cos(half)], axis=-1)
 
 
-def _quat_axis(angle: F64, axis: int) -> F64:
+def _quat_axis(angle: F64 | np.float64, axis: int) -> F64:
     q = np.zeros((*np.shape(angle), 4))
     q[..., axis] = np.sin(0.5 * angle)
     q[..., 3] = np.cos(0.5 * angle)
@@ -200,7 +200,7 @@ def _normalize(q: F64) -> F64:
     return q / np.linalg.norm(q, axis=-1, keepdims=True)
 
 
-def _rotate_y(vec: F64, yaw: F64) -> F64:
+def _rotate_y(vec: F64, yaw: F64 | np.float64) -> F64:
     """Rotate vectors (..., 3) about +Y by ``yaw`` radians (broadcast over the leading shape)."""
     c, s = np.cos(yaw), np.sin(yaw)
     x, y, z = vec[..., 0], vec[..., 1], vec[..., 2]

@@ -136,7 +136,7 @@ class SharedObject:
         local = c._own(self.id)
         if local is not None:
             return local
-        sampled = c._s._sample(entity_id(self.id), t)
+        sampled = c._s.sample_entity(entity_id(self.id), t)
         if sampled is None or len(sampled.poses) < 2 or None in sampled.poses:
             return self.transform
         body, scale_row = sampled.poses[0], sampled.poses[1]
@@ -257,7 +257,7 @@ class ObjectsClient(Mapping[int, SharedObject]):
             (ObjectsSyncedMsg, self._on_synced),
             (Welcome, self._on_welcome),  # after un-pausing: the full list follows
         ):
-            session.add_handler(cls, fn)  # type: ignore[arg-type]
+            session.add_handler(cls, fn)
         session.add_connected_hook(self._on_welcome)
 
     # ----------------------------------------------------------------- mapping
@@ -323,11 +323,9 @@ class ObjectsClient(Mapping[int, SharedObject]):
         obj = self._objects.get(object_id)
         if obj is not None and obj.holder == self._s.member_id:
             n = math.sqrt(sum(q * q for q in rotation)) or 1.0
-            self._local[object_id] = (
-                tuple(position),  # type: ignore[dict-item]
-                tuple(q / n for q in rotation),
-                float(scale),
-            )
+            x, y, z = (float(v) for v in position)
+            qx, qy, qz, qw = (q / n for q in rotation)
+            self._local[object_id] = ((x, y, z), (qx, qy, qz, qw), float(scale))
         self._moves[object_id] = encode_move(object_id, seq, position, rotation, scale)
         if self._move_task is None:
             self._move_ready = asyncio.Event()
@@ -381,7 +379,9 @@ class ObjectsClient(Mapping[int, SharedObject]):
             snap.rot_index[rows.start : rows.start + 1], snap.rot[rows.start : rows.start + 1]
         )[0]
         scale = float(scale_from_state(int(snap.pos[rows.start + 1, 0])))
-        return tuple(pos.tolist()), tuple(rot.tolist()), scale  # type: ignore[return-value]
+        px, py, pz = pos.tolist()
+        qx, qy, qz, qw = rot.tolist()
+        return (px, py, pz), (qx, qy, qz, qw), scale
 
     def _emit(self, ev: Any) -> None:
         self._s.emit(ev)

@@ -122,7 +122,7 @@ def _ws_url(url: str) -> str:
 def _poses(pos: np.ndarray, rot: np.ndarray, present: np.ndarray) -> tuple[Pose | None, ...]:
     """Rows of metres and quaternions as Pose values (None where a slot is absent)."""
     return tuple(
-        Pose(tuple(p), tuple(q)) if ok else None  # type: ignore[arg-type]
+        Pose((p[0], p[1], p[2]), (q[0], q[1], q[2], q[3])) if ok else None
         for p, q, ok in zip(pos.tolist(), rot.tolist(), present.tolist(), strict=True)
     )
 
@@ -609,8 +609,8 @@ class Session(ObjectsAPI):
             if self.on_state is not None:
                 self.on_state(now, snap)
         elif type(ev) is Refused:
-            err = ev.error
-            self.emit(ErrorEvent(err.code.value, "from server: " + err.message, False))
+            refusal = ev.error
+            self.emit(ErrorEvent(refusal.code.value, "from server: " + refusal.message, False))
         elif type(ev) is MessageReceived:
             m = ev.message
             if isinstance(m, JoinedMsg):
@@ -705,7 +705,7 @@ class Session(ObjectsAPI):
                 break  # shared objects follow the avatars (ids are ascending)
             rows = slice(start, start + n)
             poses = _poses(pos[rows], rot[rows], snap.present[rows])
-            out[mid] = Avatar(mid, self._name_of(mid), poses, self._sample, flags=flags)
+            out[mid] = Avatar(mid, self._name_of(mid), poses, self.sample_entity, flags=flags)
             start += n
         return out
 
@@ -714,7 +714,10 @@ class Session(ObjectsAPI):
             return self.members.get(member_id, self.name)
         return self.members.get(member_id)
 
-    def _sample(self, member_id: int, t: float) -> Avatar | None:
+    def sample_entity(self, member_id: int, t: float) -> Avatar | None:
+        """Entity ``member_id`` (an avatar, or a shared object's entity id) at room time ``t``,
+        interpolated between the buffered states on either side (positions linearly, rotations
+        by slerp); None if no buffered state has it."""
         hist = self._history
         if not hist:
             return None
@@ -759,7 +762,7 @@ class Session(ObjectsAPI):
             member_id,
             self._name_of(member_id),
             _poses(pa, qa, present),
-            self._sample,
+            self.sample_entity,
             flags=flags,
         )
 

@@ -45,7 +45,7 @@ def restrict_ice_addresses(spec: str | Iterable[str]) -> tuple[str, ...]:
             or (use_ipv6 and ipaddress.ip_address(a).version == 6)
         ]
 
-    aioice.ice.get_host_addresses = host_addresses  # type: ignore[assignment]
+    aioice.ice.get_host_addresses = host_addresses
     return addresses
 
 
