@@ -3,7 +3,7 @@
 Each member negotiates one aiortc peer connection over its room connection
 (:class:`protocol.audio.AudioOffer` -> :class:`protocol.audio.AudioAnswer`). A publisher's
 Opus packets are taken from aiortc's RTP receiver as they arrive (no decoder thread; see
-:func:`protocol.rtc.capture_encoded`). Every 20 ms the mixer decodes one frame per speaker into
+:func:`medverse.rtc.capture_encoded`). Every 20 ms the mixer decodes one frame per speaker into
 its slot of the room's ring buffer (mono float), builds the listeners x speakers x 2 gain
 tensor from head poses and routing rules (:mod:`server.mixer`), mixes all listeners with one
 matrix product (one per interaural delay step) and encodes each listener's stereo frame once;
@@ -54,13 +54,13 @@ from medverse.protocol.audio import (
 from medverse.protocol.errors import ErrorCode, ProtocolError
 from medverse.protocol.messages import Message
 from medverse.protocol.quant import dequantize_positions, dequantize_rotations
-from medverse.protocol.rtc import (
+from medverse.protocol.snapshot import FLAG_SPEAKING
+from medverse.rtc import (
     EncodedInbox,
     capture_encoded,
     restrict_ice_addresses,
     set_jitter_prefetch,
 )
-from medverse.protocol.snapshot import FLAG_SPEAKING
 
 from .clock import FixedRateClock
 from .config import ServerConfig
