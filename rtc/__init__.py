@@ -111,7 +111,7 @@ def restrict_ice_addresses(spec: str | Iterable[str]) -> tuple[str, ...]:
             or (use_ipv6 and ipaddress.ip_address(a).version == 6)
         ]
 
-    aioice.ice.get_host_addresses = host_addresses  # type: ignore[assignment]
+    aioice.ice.get_host_addresses = host_addresses
     return addresses
 
 
@@ -223,6 +223,6 @@ def capture_encoded(pc: RTCPeerConnection, inbox: EncodedInbox) -> bool:
         if transceiver.kind == "audio":
             if not hasattr(receiver, "_RTCRtpReceiver__decoder_queue"):
                 return False
-            receiver._RTCRtpReceiver__decoder_queue = inbox  # type: ignore[attr-defined]
+            receiver._RTCRtpReceiver__decoder_queue = inbox
             done = True
     return done
