@@ -137,7 +137,7 @@ def skip_state(session: Any) -> None:
 def click_threshold(total: int) -> float:
     """Half the click's expected peak at bot 1 (distance and panning from bot 0's seat): far
     above the bed of everyone's tones, which are 30 dB quieter than the click."""
-    from medverse.server.mixer import Spatial, spatial_gains
+    from medverse.server.audio.spatial import Spatial, spatial_gains
 
     (p0, _), (p1, q1) = seat(0, total), seat(1, total)
     g = spatial_gains(

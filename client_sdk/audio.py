@@ -5,9 +5,9 @@
         meter = LevelMeter(mix)                             # or play/record ``mix`` yourself
         await session.audio.mute(True)
 
-WebRTC runs through aiortc. ICE gathers host candidates only on the addresses named by
-``host_addresses`` (default: ``MEDVERSE_RTC_HOST_ADDRESSES``, else ``127.0.0.1``), and no STUN
-server is contacted.
+WebRTC runs through aiortc, set up by :mod:`medverse.rtc` like the server's. ICE gathers host
+candidates only on the addresses named by ``host_addresses`` (default:
+``MEDVERSE_RTC_HOST_ADDRESSES``, else ``127.0.0.1``), and no STUN server is contacted.
 """
 
 from __future__ import annotations
@@ -24,12 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from aiortc import (
-    MediaStreamTrack,
-    RTCConfiguration,
-    RTCPeerConnection,
-    RTCSessionDescription,
-)
+from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 from av import AudioFrame
 
@@ -46,10 +41,11 @@ from medverse.protocol.audio import (
     pairs,
 )
 from medverse.protocol.messages import Error, Message, Welcome
-from medverse.protocol.rtc import (
+from medverse.rtc import (
     DEFAULT_HOST_ADDRESSES,
     EncodedInbox,
     capture_encoded,
+    peer_connection,
     restrict_ice_addresses,
     set_jitter_prefetch,
 )
@@ -283,7 +279,7 @@ class AudioClient:
         are only counted in :attr:`inbox` (the returned track then yields nothing)."""
         await self.close()
         restrict_ice_addresses(self.host_addresses)
-        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        pc = peer_connection()
         self.pc = pc
         self.published = track
         got: asyncio.Future[MediaStreamTrack] = asyncio.get_running_loop().create_future()

@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+from medverse.rtc import parse_addresses
+
 
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
@@ -135,8 +137,6 @@ class ServerConfig:
             raise ValueError("audio_complexity must be 0-10")
         if not 0 <= self.audio_jitter_frames <= 8:
             raise ValueError("audio_jitter_frames must be 0-8")
-        from medverse.protocol.rtc import parse_addresses
-
         parse_addresses(self.rtc_host_addresses)  # fail at start, not at the first offer
 
     @classmethod

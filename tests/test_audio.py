@@ -54,7 +54,7 @@ from medverse.protocol.messages import (
     Welcome,
     encode_message,
 )
-from medverse.protocol.rtc import configured_addresses
+from medverse.rtc import configured_addresses
 from medverse.server.audit import DB_FILE
 from medverse.server.auth import mint_token
 

@@ -1,8 +1,10 @@
 """The spatial audio mixer's arithmetic: gains from head poses and routing rules, and the mix.
 
-Pure numpy, no I/O. A room's audio state is a set of slot arrays (one slot per member); every
-20 ms frame the room takes one frame from each speaker's ring, builds a listeners x speakers x 2
-gain tensor and mixes every listener's stereo frame with one matrix product.
+Pure numpy, no I/O. A room's audio state (:mod:`.mixing`) is a set of slot arrays (one slot per
+member); every 20 ms frame it takes one frame from each speaker's ring, builds a listeners x
+speakers x 2 gain tensor with these functions and mixes every listener's stereo frame with one
+matrix product; the int16 frames they return go on to each listener's Opus encoder
+(:mod:`.codec`).
 
 Coordinates follow the state protocol: metres, right-handed, +Y up, -Z forward, +X right.
 """

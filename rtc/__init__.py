@@ -1,0 +1,228 @@
+"""medverse's glue to aiortc and aioice: every workaround that reaches into their internals.
+
+The server (:mod:`medverse.server.audio`) and the SDK (:mod:`medverse.client_sdk.audio`) both
+build their WebRTC peers with this module; neither touches a private aiortc or aioice name
+itself, and the wire protocol (:mod:`medverse.protocol`) never imports either library. Received
+Opus frames leave here for the server's mixer (:class:`EncodedInbox`) or for an SDK track.
+
+Checked against aiortc 1.16.0 and aioice 0.13.0 (:data:`CHECKED_AGAINST`; pyproject.toml caps
+both below their next minor version). ``tests/test_rtc_glue.py`` fails, naming the field and
+what breaks, as soon as an upgrade removes or retypes anything listed here.
+
+1. **ICE host addresses** (:func:`restrict_ice_addresses`): replaces the module function
+   ``aioice.ice.get_host_addresses(use_ipv4, use_ipv6)``, which ``aioice.Connection.
+   gather_candidates`` looks up at call time. aioice gathers host candidates on every interface
+   except loopback; medverse names them (``127.0.0.1`` in development and tests, the public
+   address(es) in production). Process-wide, as aioice has no per-connection setting.
+2. **No STUN server** (:func:`peer_connection`): ``RTCConfiguration(iceServers=[])``. Public
+   API, but aiortc's default configuration asks ``stun.l.google.com`` for a reflexive candidate.
+3. **Audio handed on at once** (:func:`set_jitter_prefetch`, :class:`ImmediateAudioBuffer`):
+   replaces the private ``RTCRtpReceiver.__jitter_buffer`` (an ``aiortc.jitterbuffer.
+   JitterBuffer`` with prefetch 4 for audio), reads the depayloaded payload aiortc's receiver
+   leaves in the private ``RtpPacket._data``, and builds ``aiortc.jitterbuffer.JitterFrame``.
+   aiortc's buffer holds four 20 ms frames (80 ms) before anything is decoded.
+4. **Encoded frames instead of aiortc's decoder thread** (:func:`capture_encoded`,
+   :class:`EncodedInbox`): replaces the private ``RTCRtpReceiver.__decoder_queue``, a
+   ``queue.Queue`` into which the receiver puts ``(codec, frame)`` and from which the thread
+   running ``aiortc.rtcrtpreceiver.decoder_worker`` gets, ending on ``None``. The server's mixer
+   decodes every speaker once per 20 ms frame itself; aiortc's thread would decode each frame
+   again and schedule one event-loop task per decoded frame. The SDK's load generators only
+   count the encoded frames of their mix.
+
+Relied on, public but easy to miss: a track's ``recv()`` may return an ``av.Packet`` instead of
+a frame, and aiortc's sender then packetizes it as it is (``encoder.pack``) rather than encoding
+it. The server's mixer sends each listener's mix that way (it encodes once per listener itself).
+
+The few public aiortc classes the server needs are re-exported here, so that on the server
+aiortc is imported in this one place.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from collections import deque
+from collections.abc import Iterable
+from typing import Any
+
+import aioice.ice
+from aiortc import (
+    MediaStreamError,
+    MediaStreamTrack,
+    RTCConfiguration,
+    RTCPeerConnection,
+    RTCRtpSender,
+    RTCSessionDescription,
+)
+from aiortc.jitterbuffer import JitterBuffer, JitterFrame
+
+__all__ = [
+    "CHECKED_AGAINST",
+    "DEFAULT_HOST_ADDRESSES",
+    "EncodedInbox",
+    "ImmediateAudioBuffer",
+    "JitterFrame",
+    "MediaStreamError",
+    "MediaStreamTrack",
+    "RTCPeerConnection",
+    "RTCRtpSender",
+    "RTCSessionDescription",
+    "capture_encoded",
+    "configured_addresses",
+    "parse_addresses",
+    "peer_connection",
+    "restrict_ice_addresses",
+    "set_jitter_prefetch",
+]
+
+#: The versions every workaround above was read against and tested with.
+CHECKED_AGAINST = {"aiortc": "1.16.0", "aioice": "0.13.0"}
+
+#: The development default: WebRTC media stays on loopback.
+DEFAULT_HOST_ADDRESSES = ("127.0.0.1",)
+_configured: tuple[str, ...] | None = None
+
+
+# ----------------------------------------------------------------- 1. ICE host addresses
+
+
+def parse_addresses(spec: str | Iterable[str]) -> tuple[str, ...]:
+    """``"127.0.0.1, 203.0.113.7"`` (or a list) to a tuple of validated IP addresses."""
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    out = tuple(str(ipaddress.ip_address(a.strip())) for a in items if a.strip())
+    if not out:
+        raise ValueError("name at least one ICE host address")
+    return out
+
+
+def restrict_ice_addresses(spec: str | Iterable[str]) -> tuple[str, ...]:
+    """Make ICE gather host candidates on exactly these addresses (process-wide: aioice looks
+    its host addresses up through one module function). Returns the addresses."""
+    global _configured
+    addresses = parse_addresses(spec)
+    _configured = addresses
+
+    # aioice calls it with these keyword names: keep them.
+    def host_addresses(use_ipv4: bool, use_ipv6: bool) -> list[str]:
+        return [
+            a
+            for a in addresses
+            if (use_ipv4 and ipaddress.ip_address(a).version == 4)
+            or (use_ipv6 and ipaddress.ip_address(a).version == 6)
+        ]
+
+    aioice.ice.get_host_addresses = host_addresses
+    return addresses
+
+
+def configured_addresses() -> tuple[str, ...] | None:
+    """The addresses set by :func:`restrict_ice_addresses`, if it was called."""
+    return _configured
+
+
+# ----------------------------------------------------------------- 2. no STUN server
+
+
+def peer_connection() -> RTCPeerConnection:
+    """A new peer connection that asks no STUN server (host candidates only, see
+    :func:`restrict_ice_addresses`)."""
+    return RTCPeerConnection(RTCConfiguration(iceServers=[]))
+
+
+# ----------------------------------------------------------------- 3. audio handed on at once
+
+
+class ImmediateAudioBuffer:
+    """A jitter "buffer" for audio that hands each RTP packet on as soon as it arrives.
+
+    aiortc's buffer releases a frame only when a packet of the next frame has arrived (and its
+    audio buffer waits for four), which adds 20 ms (80 ms) per hop. An Opus packet is a whole
+    frame, so it can be decoded at once; duplicates and packets older than the last one handed
+    on are dropped. Smoothing jitter is then left to whoever plays the audio: the server's
+    mixer keeps up to three frames per speaker, a client's audio output keeps its own buffer.
+    """
+
+    def __init__(self) -> None:
+        self._last: int | None = None
+
+    def add(self, packet: Any) -> tuple[bool, JitterFrame | None]:
+        """Take one RTP packet (the receiver has depayloaded it into ``packet._data``);
+        returns (send a picture loss indication: never for audio, the frame or None)."""
+        seq = packet.sequence_number
+        if self._last is not None:
+            ahead = (seq - self._last) & 0xFFFF
+            if ahead == 0 or (ahead >= 0x8000 and 0x10000 - ahead < 512):
+                return False, None  # a duplicate, or late: an older frame than one handed on
+        self._last = seq
+        frame = JitterFrame(data=packet._data, timestamp=packet.timestamp)
+        # The sender's own level for this packet (RFC 6464, -dBov), when it sends one: a
+        # mixer can leave a silent speaker's packet undecoded.
+        level = packet.extensions.audio_level
+        frame.audio_level = None if level is None else -int(level[1])  # type: ignore[attr-defined]
+        return False, frame
+
+
+def set_jitter_prefetch(pc: RTCPeerConnection, frames: int) -> None:
+    """Hold received audio for ``frames`` 20 ms frames before decoding (aiortc holds 4);
+    0 hands every packet on at once (:class:`ImmediateAudioBuffer`).
+
+    Each frame held adds 20 ms of mouth-to-ear latency; on a LAN or loopback none is needed.
+    Call it once the audio transceiver exists and before media flows.
+    """
+    for transceiver in pc.getTransceivers():
+        if transceiver.kind == "audio":
+            buffer = (
+                ImmediateAudioBuffer()
+                if frames <= 0
+                else JitterBuffer(capacity=16, prefetch=frames)
+            )
+            receiver = transceiver.receiver
+            receiver._RTCRtpReceiver__jitter_buffer = buffer  # type: ignore[attr-defined]
+
+
+# ----------------------------------------------------------------- 4. encoded frames, no thread
+
+
+class EncodedInbox:
+    """Takes the place of an aiortc audio receiver's decoder queue: encoded frames leave the
+    jitter buffer into ``frames`` instead of a decoder thread.
+
+    aiortc hands every received frame to a decoder thread, which sends each decoded frame back
+    to the event loop as a new task. A mixer that decodes every speaker once per 20 ms tick
+    anyway saves all of that by taking the encoded frames directly (see :func:`capture_encoded`).
+    """
+
+    def __init__(self, depth: int = 8) -> None:
+        #: (codec parameters, :class:`JitterFrame`) in arrival order; the oldest go first when
+        #: more than ``depth`` wait.
+        self.frames: deque[tuple[Any, JitterFrame]] = deque(maxlen=depth)
+        self.received = 0
+        self.arrivals: deque[float] = deque(maxlen=4096)
+
+    def put(self, item: tuple[Any, JitterFrame] | None) -> None:
+        """Called by aiortc's receiver for each frame (and with None when it stops)."""
+        if item is not None:
+            self.frames.append(item)
+            self.received += 1
+            self.arrivals.append(time.monotonic())
+
+    def get(self) -> None:
+        """Called once by aiortc's decoder thread: None ends it at once, nothing is decoded
+        there."""
+        return None
+
+
+def capture_encoded(pc: RTCPeerConnection, inbox: EncodedInbox) -> bool:
+    """Route the encoded frames of ``pc``'s audio receiver into ``inbox``. Call it once the
+    audio transceiver exists and before the connection is up. Returns False if this
+    aiortc does not have the receiver attribute we replace (then frames arrive on the track as
+    usual)."""
+    done = False
+    for transceiver in pc.getTransceivers():
+        receiver = transceiver.receiver
+        if transceiver.kind == "audio":
+            if not hasattr(receiver, "_RTCRtpReceiver__decoder_queue"):
+                return False
+            receiver._RTCRtpReceiver__decoder_queue = inbox
+            done = True
+    return done

@@ -1,0 +1,247 @@
+"""medverse.rtc: the aiortc and aioice internals it relies on are still there, and its own parts.
+
+The first tests fail with a message naming the private field, the installed version and what
+would break: read it before raising the version caps in pyproject.toml. No network is used
+beyond binding one UDP socket on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import types
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import aioice
+import aioice.ice
+import aiortc
+import pytest
+from aiortc.codecs.opus import OpusEncoder
+from aiortc.jitterbuffer import JitterBuffer
+from aiortc.rtcrtpreceiver import RTCRtpReceiver, decoder_worker
+from aiortc.rtcrtpsender import RTCRtpSender
+from aiortc.rtp import HeaderExtensions, RtpPacket
+
+from medverse.rtc import (
+    CHECKED_AGAINST,
+    DEFAULT_HOST_ADDRESSES,
+    EncodedInbox,
+    ImmediateAudioBuffer,
+    JitterFrame,
+    capture_encoded,
+    configured_addresses,
+    parse_addresses,
+    peer_connection,
+    restrict_ice_addresses,
+    set_jitter_prefetch,
+)
+
+JITTER_BUFFER = "_RTCRtpReceiver__jitter_buffer"
+DECODER_QUEUE = "_RTCRtpReceiver__decoder_queue"
+
+
+def gone(library: str, field: str, breaks: str) -> str:
+    """The failure message: what is missing, in which version, and what it breaks."""
+    version = aiortc.__version__ if library == "aiortc" else aioice.__version__
+    return (
+        f"{library} {version} no longer has {field}: {breaks} "
+        f"(medverse.rtc was checked against {library} {CHECKED_AGAINST[library]}; "
+        "see the list in rtc/__init__.py)"
+    )
+
+
+def names_used(fn: Callable[..., Any]) -> set[str]:
+    """Every global and attribute name the function's code refers to (nested code included);
+    private ``self.__x`` appears name-mangled, as ``_Class__x``."""
+    out: set[str] = set()
+    stack = [fn.__code__]
+    while stack:
+        code = stack.pop()
+        out.update(code.co_names)
+        stack.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
+    return out
+
+
+@pytest.fixture
+def loopback_only() -> Iterator[None]:
+    """Put the process-wide ICE addresses back to the default after the test."""
+    yield
+    restrict_ice_addresses(DEFAULT_HOST_ADDRESSES)
+
+
+# ----------------------------------------------------------------- what aiortc and aioice keep
+
+
+async def test_the_aiortc_receiver_fields_the_glue_replaces_are_there() -> None:
+    pc = peer_connection()
+    try:
+        receiver = pc.addTransceiver("audio", direction="sendrecv").receiver
+        assert isinstance(getattr(receiver, JITTER_BUFFER, None), JitterBuffer), gone(
+            "aiortc",
+            "RTCRtpReceiver.__jitter_buffer (a JitterBuffer)",
+            "set_jitter_prefetch would change nothing, and every received audio frame would "
+            "wait 80 ms in aiortc's buffer (the mixer's and the SDK's)",
+        )
+        assert isinstance(getattr(receiver, DECODER_QUEUE, None), queue.Queue), gone(
+            "aiortc",
+            "RTCRtpReceiver.__decoder_queue (a queue.Queue)",
+            "capture_encoded would return False: the mixer would fall back to decoding in "
+            "aiortc's thread (one event-loop task per frame), and the SDK's "
+            "start(decode=False) would count nothing",
+        )
+    finally:
+        await pc.close()
+    on_packet = names_used(RTCRtpReceiver._handle_rtp_packet)
+    assert JITTER_BUFFER in on_packet, gone(
+        "aiortc",
+        "a receiver that hands each RTP packet to RTCRtpReceiver.__jitter_buffer",
+        "ImmediateAudioBuffer would never see a packet (80 ms more latency per hop)",
+    )
+    assert DECODER_QUEUE in on_packet, gone(
+        "aiortc",
+        "a receiver that puts each frame into RTCRtpReceiver.__decoder_queue",
+        "EncodedInbox would stay empty: no speaker would be heard",
+    )
+    assert "_data" in on_packet, gone(
+        "aiortc",
+        "RtpPacket._data (the depayloaded payload the receiver leaves on each packet)",
+        "ImmediateAudioBuffer would fail on every packet: no speaker would be heard",
+    )
+    assert DECODER_QUEUE in names_used(RTCRtpReceiver.receive), gone(
+        "aiortc",
+        "a decoder thread that reads RTCRtpReceiver.__decoder_queue",
+        "the thread EncodedInbox ends at once would decode every frame again",
+    )
+    assert "decoder_worker" in names_used(RTCRtpReceiver.receive), gone(
+        "aiortc",
+        "aiortc.rtcrtpreceiver.decoder_worker as the receiver's decoder thread",
+        "EncodedInbox.get may no longer end it",
+    )
+    assert hasattr(HeaderExtensions(), "audio_level"), gone(
+        "aiortc",
+        "RtpPacket.extensions.audio_level (RFC 6464)",
+        "ImmediateAudioBuffer would fail on every packet",
+    )
+
+
+async def test_aiortc_decoder_thread_ends_at_once_on_an_encoded_inbox() -> None:
+    out: asyncio.Queue[Any] = asyncio.Queue()
+    inbox = EncodedInbox()
+    thread = threading.Thread(
+        target=decoder_worker, args=(asyncio.get_running_loop(), inbox, out, threading.Event())
+    )
+    thread.start()
+    # The thread tells the track it ended (None) through the loop, then returns.
+    assert await asyncio.wait_for(out.get(), 5.0) is None, gone(
+        "aiortc",
+        "a decoder_worker(loop, input_q, output_q, error) that ends when input_q.get() "
+        "returns None",
+        "every tapped receiver would keep a decoder thread waiting",
+    )
+    await asyncio.to_thread(thread.join, 5.0)
+    assert not thread.is_alive()
+
+
+def test_aiortc_sends_a_tracks_encoded_packets_as_they_are() -> None:
+    assert callable(getattr(OpusEncoder, "pack", None)), gone(
+        "aiortc",
+        "OpusEncoder.pack (packetizing an av.Packet a track returns)",
+        "the mixer's MixTrack and the benchmark bots send pre-encoded packets and would fail",
+    )
+    assert "pack" in names_used(RTCRtpSender._next_encoded_frame), gone(
+        "aiortc",
+        "an RTCRtpSender that packs (rather than encodes) an av.Packet from track.recv()",
+        "the mixer's MixTrack would send nothing",
+    )
+
+
+async def test_aioice_gathers_only_the_named_addresses(loopback_only: None) -> None:
+    assert "get_host_addresses" in names_used(aioice.ice.Connection.gather_candidates), gone(
+        "aioice",
+        "aioice.ice.get_host_addresses, looked up by Connection.gather_candidates",
+        "restrict_ice_addresses would change nothing: ICE would gather on every interface",
+    )
+    restrict_ice_addresses("127.0.0.1")
+    conn = aioice.Connection(ice_controlling=True, components=1)
+    try:
+        await conn.gather_candidates()
+        hosts = {c.host for c in conn.local_candidates}
+    finally:
+        await conn.close()
+    assert hosts == {"127.0.0.1"}, gone(
+        "aioice",
+        "a gather_candidates that calls get_host_addresses(use_ipv4=..., use_ipv6=...)",
+        f"ICE gathered on {sorted(hosts)} instead of 127.0.0.1 only",
+    )
+
+
+# ----------------------------------------------------------------- the glue's own parts
+
+
+def test_parse_addresses() -> None:
+    assert parse_addresses(" 127.0.0.1 ,::1") == ("127.0.0.1", "::1")
+    assert parse_addresses(["::1"]) == ("::1",)
+    with pytest.raises(ValueError):
+        parse_addresses("localhost")
+    with pytest.raises(ValueError):
+        parse_addresses(" , ")
+
+
+def test_restrict_ice_addresses_by_family(loopback_only: None) -> None:
+    assert restrict_ice_addresses("127.0.0.1, ::1") == ("127.0.0.1", "::1")
+    assert configured_addresses() == ("127.0.0.1", "::1")
+    hosts = aioice.ice.get_host_addresses
+    assert hosts(use_ipv4=True, use_ipv6=False) == ["127.0.0.1"]
+    assert hosts(use_ipv4=False, use_ipv6=True) == ["::1"]
+    assert hosts(use_ipv4=True, use_ipv6=True) == ["127.0.0.1", "::1"]
+
+
+def test_immediate_audio_buffer_hands_packets_on_in_order() -> None:
+    buf = ImmediateAudioBuffer()
+
+    def add(seq: int) -> bytes | None:
+        p = RtpPacket(payload_type=96, sequence_number=seq, timestamp=seq * 960)
+        p._data = bytes([seq & 0xFF])  # type: ignore[attr-defined]
+        _, frame = buf.add(p)
+        return None if frame is None else frame.data
+
+    assert add(65534) == b"\xfe"
+    assert add(65535) == b"\xff"
+    assert add(0) == b"\x00"  # wraps around
+    assert add(0) is None  # duplicate
+    assert add(65535) is None  # late: older than one already handed on
+    assert add(3) == b"\x03"  # a gap is fine (lost packets)
+    assert add(30000) == b"\x30"  # a jump far ahead (a restarted stream) is taken
+    p = RtpPacket(payload_type=96, sequence_number=30001, timestamp=1)
+    p._data = b"x"  # type: ignore[attr-defined]
+    p.extensions.audio_level = (False, 90)  # the sender's RFC 6464 level: -90 dBov
+    frame = buf.add(p)[1]
+    assert frame is not None and frame.audio_level == -90  # type: ignore[attr-defined]
+
+
+async def test_jitter_prefetch_and_encoded_capture_take_the_receivers_place() -> None:
+    pc = peer_connection()
+    try:
+        receiver = pc.addTransceiver("audio", direction="recvonly").receiver
+        set_jitter_prefetch(pc, 0)
+        assert isinstance(getattr(receiver, JITTER_BUFFER), ImmediateAudioBuffer)
+        set_jitter_prefetch(pc, 2)
+        held = getattr(receiver, JITTER_BUFFER)
+        assert isinstance(held, JitterBuffer) and held.capacity == 16
+        inbox = EncodedInbox()
+        assert capture_encoded(pc, inbox)
+        assert getattr(receiver, DECODER_QUEUE) is inbox
+    finally:
+        await pc.close()
+
+
+def test_encoded_inbox_keeps_the_newest_frames() -> None:
+    inbox = EncodedInbox(depth=2)
+    for i in range(3):
+        inbox.put((None, JitterFrame(data=bytes([i]), timestamp=i * 960)))
+    inbox.put(None)  # what aiortc's receiver puts when it stops: ignored
+    assert [f.data for _, f in inbox.frames] == [b"\x01", b"\x02"]
+    assert inbox.received == 3 and len(inbox.arrivals) == 3
+    assert inbox.get() is None
