@@ -65,8 +65,8 @@ class MeteredSession(Session):
         self._obj_encoder = SnapshotEncoder()
         self._obj_tick: int | None = None
 
-    def _on_frame(self, data: bytes) -> None:
-        super()._on_frame(data)
+    def _on_frame(self, data: bytes, text: bool = False) -> None:
+        super()._on_frame(data, text)
         if data[0] != FRAME_STATE or self.tick is None:
             return
         self.frame_sizes.append(len(data))

@@ -60,7 +60,7 @@ from medverse.protocol.messages import (
     Waiting as WaitingMsg,
 )
 from medverse.protocol.quant import dequantize_positions, dequantize_rotations
-from medverse.protocol.snapshot import OBJECT_ID_BASE, Snapshot, SnapshotDecoder
+from medverse.protocol.snapshot import FRAME_STATE, OBJECT_ID_BASE, Snapshot, SnapshotDecoder
 
 from .assets import AssetClient, AssetInfo
 from .audio import AudioClient
@@ -84,6 +84,8 @@ from .types import (
 )
 
 log = logging.getLogger("medverse.client")
+
+_STATE_KIND = bytes((FRAME_STATE,))
 
 #: Errors after which reconnecting cannot help.
 _FINAL_CODES = {
@@ -165,8 +167,11 @@ class Session(ObjectsAPI):
         ssl: Any = None,
         consent: Callable[[str, str], bool] | None = None,
         messages: Sequence[type[Message]] = (),
+        receive_state: bool = True,
     ) -> None:
         self.url = _ws_url(url)
+        #: False: state frames are dropped unread (bots that use the room for signaling only).
+        self.receive_state = receive_state
         self.room = room
         self.name = name
         self.slots = slots
@@ -587,6 +592,8 @@ class Session(ObjectsAPI):
 
     def _on_frame(self, data: bytes, text: bool = False) -> None:
         self.bytes_received += len(data)
+        if not self.receive_state and data[:1] == _STATE_KIND:
+            return
         assert self._conn is not None
         ev = self._conn.receive(data, text=text)
         if type(ev) is StateReceived:
@@ -780,6 +787,7 @@ def connect(url: str, room: str, name: str, **options: Any) -> Session:
     version and text of a room's consent form; return True to accept; without it such rooms
     refuse the join with ``consent_required``), ``messages`` (message classes of the server's
     application plugins, so the session can send and decode them; receive them with
-    :meth:`Session.add_handler`).
+    :meth:`Session.add_handler`), ``receive_state`` (False: avatar and object state is dropped
+    unread, for bots that use the room only for signaling or messages).
     """
     return Session(url, room, name, **options)
