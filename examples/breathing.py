@@ -108,9 +108,12 @@ class BreathingExercise(RoomPlugin):
     def on_message(self, member: MemberView, msg: Message) -> None:
         if not member.can("moderate"):
             raise ProtocolError(ErrorCode.FORBIDDEN, "the therapist leads the exercise")
-        self._stop()
         if isinstance(msg, BreathingStart):
-            _, _, scale = self._objects().transform(msg.object_id)  # not_found if it is not
+            objects = self._objects()
+            _, _, scale = objects.transform(msg.object_id)  # not_found: the pace stays as it is
+            if self.pace is not None and self.pace.object_id == msg.object_id:
+                scale = self.pace.scale  # a new pace for the same orb: keep its own size
+            self._stop()
             self.pace = _Pace(
                 msg.object_id, msg.inhale, msg.exhale, msg.depth or 0.3, self.ctx.time(), scale
             )
@@ -121,6 +124,8 @@ class BreathingExercise(RoomPlugin):
                 inhale=msg.inhale,
                 exhale=msg.exhale,
             )
+        else:
+            self._stop()
         self.ctx.broadcast(self._state())
 
     def on_join(self, member: MemberView) -> None:
@@ -133,7 +138,10 @@ class BreathingExercise(RoomPlugin):
             return
         full = breath(self.ctx.time() - p.since, p.inhale, p.exhale)
         try:
-            self._objects().drive(p.object_id, scale=p.scale * (1.0 + p.depth * full))
+            # Every tick's size goes to the members, not to storage: the orb's own size stays
+            # stored, whenever the room closes.
+            scale = p.scale * (1.0 + p.depth * full)
+            self._objects().drive(p.object_id, scale=scale, store=False)
         except ProtocolError as err:
             if err.code is ErrorCode.NOT_FOUND:  # the orb was removed: the exercise ends
                 self.pace = None
@@ -141,6 +149,7 @@ class BreathingExercise(RoomPlugin):
             # object_locked: someone holds the orb; the breath goes on when they let go
 
     def _stop(self) -> None:
+        """End the exercise: the orb goes back to its own size."""
         p, self.pace = self.pace, None
         if p is not None:
             try:

@@ -146,8 +146,9 @@ class Server:
 
     def _banned(self, identity: Identity) -> bool:
         """Whether ``identity`` was banned from its (live) room for this session."""
-        answer = self.rooms.entry(identity)
-        return isinstance(answer, ProtocolError) and answer.code is ErrorCode.BANNED
+        room = self.rooms.get(identity.room)
+        moderation = room.plugin(Moderation) if room is not None else None
+        return moderation is not None and moderation.is_banned(identity.subject)
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -174,9 +175,9 @@ class Server:
 
     async def stop(self) -> None:
         await self.tick.stop()
+        self.rooms.close_all()  # rooms close (plugins' on_close) before their plugins stop
         for plugin in reversed(self.plugins):
             await plugin.stop()
-        self.rooms.close_all()
         if self.assets is not None:
             self.assets.close()
             self.assets = None

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass, fields, replace
 from typing import Any
-
-from medverse.rtc import parse_addresses
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +136,13 @@ class ServerConfig:
             raise ValueError("audio_complexity must be 0-10")
         if not 0 <= self.audio_jitter_frames <= 8:
             raise ValueError("audio_jitter_frames must be 0-8")
-        parse_addresses(self.rtc_host_addresses)  # fail at start, not at the first offer
+        # Fail at start, not at the first audio offer (medverse.rtc parses them again then;
+        # it is not imported here because it loads aiortc, which `medverse token` need not).
+        addresses = [a.strip() for a in self.rtc_host_addresses.split(",") if a.strip()]
+        if not addresses:
+            raise ValueError("rtc_host_addresses: name at least one ICE host address")
+        for a in addresses:
+            ipaddress.ip_address(a)
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> ServerConfig:

@@ -148,8 +148,9 @@ class EntityTable:
             if not d:
                 continue
             idx = np.fromiter(d.keys(), np.int64, len(d))
-            batch = decode_pose_batch(list(d.values()), slots)
-            d.clear()
+            frames = list(d.values())
+            d.clear()  # first: a batch that cannot be decoded must not wedge every later tick
+            batch = decode_pose_batch(frames, slots)
             ok = batch.ok
             good = idx[ok]
             self._present[good, :slots] = batch.present[ok]

@@ -34,6 +34,13 @@ def _is_host(m: MemberView) -> bool:
     return m.can("moderate")
 
 
+def _to_hosts(ctx: RoomContext, msg: Message) -> None:
+    """Tell every connected host, stepped out or not (they act on it when they come back)."""
+    for m in ctx.members.values():
+        if _is_host(m):
+            ctx.send(m, msg)
+
+
 class Moderation(RoomPlugin):
     """Entry control and host actions for one room."""
 
@@ -61,10 +68,15 @@ class Moderation(RoomPlugin):
 
     def on_lobby_changed(self) -> None:
         waiting = tuple(MemberInfo(lid, ident.name) for lid, ident in self.ctx.lobby.items())
-        self.ctx.broadcast(Lobby(waiting), to=_is_host)
+        _to_hosts(self.ctx, Lobby(waiting))
 
     def describe(self) -> dict[str, object]:
         return {"entry": self.entry}
+
+    def is_banned(self, subject: str) -> bool:
+        """Whether ``subject`` was banned from this room for the session (the asset routes
+        ask)."""
+        return subject in self.banned
 
     # ----------------------------------------------------------------- member state
 
@@ -72,7 +84,7 @@ class Moderation(RoomPlugin):
         return MemberState(m.id, m.paused, m.muted, m.id in self.unmute_requested)
 
     def on_pause(self, member: MemberView, paused: bool) -> None:
-        self.ctx.broadcast(self._state(member), to=_is_host)
+        _to_hosts(self.ctx, self._state(member))
 
     def on_leave(self, member: MemberView, reason: str) -> None:
         self.unmute_requested.discard(member.id)
@@ -83,7 +95,7 @@ class Moderation(RoomPlugin):
         if isinstance(msg, RequestUnmute):
             if member.muted:
                 self.unmute_requested.add(member.id)
-                self.ctx.broadcast(self._state(member), to=_is_host)
+                _to_hosts(self.ctx, self._state(member))
             return
         if not member.can("moderate"):
             raise ProtocolError(
@@ -149,8 +161,9 @@ class Moderation(RoomPlugin):
             ctx.broadcast(self._state(target))
 
     def _admit(self, lobby_id: int, actor: str) -> None:
-        self.ctx.audit("admitted", actor=actor, subject=self.ctx.lobby[lobby_id].subject)
-        self.ctx.admit(lobby_id)
+        subject = self.ctx.lobby[lobby_id].subject
+        self.ctx.admit(lobby_id)  # raises room_full (the waiter is turned away)
+        self.ctx.audit("admitted", actor=actor, subject=subject)
 
     def _change_role(self, host: MemberView, msg: ChangeRole) -> None:
         """A host changes a member's role, or gives or takes one grant; the member and the hosts
@@ -191,4 +204,6 @@ class Moderation(RoomPlugin):
         )
         ctx.set_identity(target, new)
         update = Grants(target.id, new.role, tuple(sorted(new.grants)))
-        ctx.broadcast(update, to=lambda m: m.id == target.id or _is_host(m))
+        for m in ctx.members.values():  # the member and the hosts, stepped out or not
+            if m.id == target.id or _is_host(m):
+                ctx.send(m, update)

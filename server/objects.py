@@ -25,11 +25,13 @@ import numpy as np
 from medverse.protocol.errors import ErrorCode, ProtocolError
 from medverse.protocol.messages import Message
 from medverse.protocol.objects import (
+    CLIENT_OBJECTS,
     FRAME_MOVE,
     MAX_SCALE,
     MIN_SCALE,
     OBJECT_SLOTS,
     POINTS_PER_KIND,
+    SERVER_OBJECTS,
     Annotate,
     AnnotationDeleted,
     AnnotationState,
@@ -107,31 +109,8 @@ class RoomObjects(RoomPlugin):
     """The objects and annotations of one open room."""
 
     name = "objects"
-    messages = (
-        Spawn,
-        Grab,
-        Release,
-        RequestHandover,
-        Yield,
-        SetView,
-        Remove,
-        ForceRelease,
-        Annotate,
-        EditAnnotation,
-        DeleteAnnotation,
-    )
-    server_messages = (
-        ObjectState,
-        ObjectRemoved,
-        ObjectsSynced,
-        LockChanged,
-        HandoverRequested,
-        ViewState,
-        AnnotationState,
-        AnnotationDeleted,
-        ObjectAck,
-        ObjectRefused,
-    )
+    messages = CLIENT_OBJECTS
+    server_messages = SERVER_OBJECTS
     frame_kinds = (FRAME_MOVE,)
 
     def __init__(self, ctx: RoomContext, service: SharedObjects) -> None:
@@ -282,6 +261,7 @@ class RoomObjects(RoomPlugin):
         """Run the operation; a refusal is answered with ``obj_refused`` carrying its request
         id (never raised: object clients match answers to requests)."""
         try:
+            self._check_loaded()
             self._handlers[type(msg)](member, msg)
         except ProtocolError as err:
             self.service.count_refusal(err)
@@ -504,11 +484,15 @@ class RoomObjects(RoomPlugin):
         position: Vec3 | None = None,
         rotation: Quat | None = None,
         scale: float | None = None,
+        *,
+        store: bool = True,
     ) -> None:
         """Move an object from the server's side (another plugin's logic): like a holder's
-        move, it reaches every member with the next tick and is stored with the next flush.
-        Raises ``not_found``, or ``object_locked`` while a member holds the object (members'
-        hands win over scripts)."""
+        move, it reaches every member with the next tick and, with ``store``, is stored with
+        the next flush (an animation that runs every tick passes ``store=False`` and stores
+        its resting transform once it ends). Raises ``not_found``, or ``object_locked`` while
+        a member holds the object (members' hands win over scripts)."""
+        self._check_loaded()
         obj = self._object(object_id)
         if obj.holder is not None:
             raise self._locked(obj)
@@ -521,12 +505,20 @@ class RoomObjects(RoomPlugin):
             if not MIN_SCALE <= scale <= MAX_SCALE:
                 raise Refusal(ErrorCode.OUT_OF_RANGE, f"scale must be {MIN_SCALE}-{MAX_SCALE}")
             rec.scale = scale
-        self.service.dirty.add(obj)
+        if store:
+            self.service.dirty.add(obj)
         self._moved.add(obj)
+
+    def _check_loaded(self) -> None:
+        """Refuse everything in a room whose stored objects could not be loaded: with empty
+        state, new ids would overwrite what is stored."""
+        if not self.loaded:
+            raise Refusal(ErrorCode.INTERNAL, "the room's objects are not loaded")
 
     def on_frame(self, member: MemberView, frame: bytes) -> None:
         """A holder's new transform: applied to the state row at the next tick (latest wins);
         a non-holder's is refused and changes nothing."""
+        self._check_loaded()
         mv = decode_move(frame)
         if isinstance(mv, ProtocolError):
             raise mv

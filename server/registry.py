@@ -97,10 +97,14 @@ class RoomRegistry:
         return room
 
     def entry(self, identity: Identity) -> Wait | ProtocolError | None:
-        """May ``identity`` enter its room now (None), through the lobby (WAIT), or not? A room
-        that does not exist yet lets everyone in."""
-        room = self._rooms.get(identity.room)
-        return None if room is None else room.entry(identity)
+        """May ``identity`` enter its room now (None), through the lobby (WAIT), or not? The
+        room is placed first, so its plugins decide for the first entrant too; a room that
+        nobody enters closes again after the linger time."""
+        room = self.place(identity.room)
+        answer = room.entry(identity)
+        if not room.member_count and room.name not in self._close_timers:
+            self._empty(room)  # cancelled when someone joins
+        return answer
 
     def join(self, identity: Identity, slots: int, link: Link) -> Member:
         """Add a member to its room, placing the room if needed (raises ``room_full``)."""

@@ -1,11 +1,12 @@
 """A room: its members and lobby, its plugins, and its part of every tick's fan-out.
 
 Connections reach their room through a few methods (``join``, ``submit_pose``, ``handle``,
-``handle_frame``, ``set_paused``, ``leave``, ``disconnected``, ``reattach``) and the room
-reaches a connection only through the :class:`Link` it was given, so neither writes the other's
-state. Everything room-specific beyond membership and avatars (moderation, audio, shared
-objects, an application's own logic) is a plugin (:mod:`medverse.server.plugins`); the room
-calls their hooks and gives each of them this room's :class:`~.plugins.RoomContext`.
+``handle_frame``, ``set_paused``, ``leave``, ``disconnected``, ``reattach``, ``wait``) and the
+room reaches a connection only through the :class:`Link` it was given, so neither writes the
+other's state. Everything room-specific beyond membership and avatars (moderation, audio, shared
+objects, an application's own logic) is a plugin (:mod:`medverse.server.plugins`): the room
+calls their hooks with read-only views of its members and gives each of them a
+:class:`RoomContext` of its own, which is all a plugin sees of the server.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import logging
 import secrets
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Protocol
 
 import numpy as np
@@ -28,6 +30,7 @@ from medverse.protocol.messages import (
     Message,
     Welcome,
     encode_message,
+    pose_frame_size,
     pose_sequence,
 )
 from medverse.protocol.snapshot import state_header
@@ -38,11 +41,12 @@ from .config import ServerConfig
 from .entities import EntityTable
 from .metrics import Traffic
 from .plugins import MemberView, P, RoomPlugin, ServerPlugin, Wait
-from .websocket import binary_frame
+from .rfc6455 import binary_frame
 
 log = logging.getLogger("medverse.room")
 
-#: Close codes the room asks a connection to close with (RFC 6455 private range).
+#: Close codes the room asks a connection to close with.
+CLOSE_POLICY = 1008
 CLOSE_REPLACED = 4002
 CLOSE_MODERATION = 4010
 
@@ -74,11 +78,9 @@ class Link(Protocol):
 
 
 class Member:
-    """One member of a room (a :class:`~.plugins.MemberView` for plugins).
-
-    Only this module writes a member's fields; ``link`` is None while the connection is down
-    and the member may still resume.
-    """
+    """One member of a room, as the core keeps it. Only this module writes its fields; ``link``
+    is None while the connection is down and the member may still resume. Plugins see
+    :attr:`view` instead."""
 
     __slots__ = (
         "grace",
@@ -93,6 +95,7 @@ class Member:
         "resume_token",
         "row",
         "slots",
+        "view",
     )
 
     def __init__(
@@ -110,17 +113,12 @@ class Member:
         self.grace: asyncio.TimerHandle | None = None
         self.paused = False
         self.muted = False
+        #: What plugins are given for this member: the same object for its whole stay.
+        self.view = _MemberView(self)
 
     @property
     def hidden(self) -> bool:
         return self.identity.hidden
-
-    @property
-    def connected(self) -> bool:
-        return self.link is not None
-
-    def can(self, grant: str) -> bool:
-        return grant in self.identity.grants
 
     def info(self) -> MemberInfo:
         return MemberInfo(self.id, self.name)
@@ -135,6 +133,53 @@ class Member:
                     "length",
                 )
             )
+
+
+class _MemberView:
+    """A member as plugins see it (:class:`~.plugins.MemberView`): read-only, no connection."""
+
+    __slots__ = ("_m",)
+
+    def __init__(self, member: Member) -> None:
+        self._m = member
+
+    def __repr__(self) -> str:
+        return f"<member {self._m.id} {self._m.name!r}>"
+
+    @property
+    def id(self) -> int:
+        return self._m.id
+
+    @property
+    def name(self) -> str:
+        return self._m.name
+
+    @property
+    def identity(self) -> Identity:
+        return self._m.identity
+
+    @property
+    def hidden(self) -> bool:
+        return self._m.identity.hidden
+
+    @property
+    def paused(self) -> bool:
+        return self._m.paused
+
+    @property
+    def muted(self) -> bool:
+        return self._m.muted
+
+    @property
+    def connected(self) -> bool:
+        return self._m.link is not None
+
+    @property
+    def row(self) -> int:
+        return self._m.row
+
+    def can(self, grant: str) -> bool:
+        return grant in self._m.identity.grants
 
 
 @dataclass
@@ -160,19 +205,41 @@ class LobbyEntry:
 
 
 class _RoomEntities:
-    """The room's view of the entity table (see :class:`~.plugins.Entities`)."""
+    """The room's rows of the entity table, for its plugins (:class:`~.plugins.Entities`).
 
-    __slots__ = ("_segment", "_table")
+    Plugins write and free only the rows they were given here, and read or flag those and the
+    avatars of the room's own members: another room's rows are out of reach.
+    """
 
-    def __init__(self, table: EntityTable, segment: int) -> None:
+    __slots__ = ("_avatar_rows", "_rows", "_segment", "_table")
+
+    def __init__(self, table: EntityTable, segment: int, avatar_rows: Callable[[], set[int]]):
         self._table = table
         self._segment = segment
+        self._rows: set[int] = set()
+        self._avatar_rows = avatar_rows
+
+    def _own(self, rows: np.ndarray | int, avatars: bool) -> None:
+        wanted = {rows} if isinstance(rows, int) else set(np.asarray(rows).tolist())
+        allowed = self._rows | self._avatar_rows() if avatars else self._rows
+        if not wanted <= allowed:
+            raise ValueError(f"rows {sorted(wanted - allowed)[:4]} are not this room's")
 
     def alloc(self, entity_id: int, slots: int) -> int:
-        return self._table.alloc(self._segment, entity_id, slots)
+        row = self._table.alloc(self._segment, entity_id, slots)
+        self._rows.add(row)
+        return row
 
     def free(self, row: int) -> None:
+        self._own(row, False)
+        self._rows.discard(row)
         self._table.free(row)
+
+    def free_all(self) -> None:
+        """Free what plugins left allocated (the room is closing)."""
+        for row in self._rows:
+            self._table.free(row)
+        self._rows.clear()
 
     def write(
         self,
@@ -182,25 +249,110 @@ class _RoomEntities:
         rot_index: np.ndarray,
         rot: np.ndarray,
     ) -> None:
+        self._own(rows, False)
         self._table.write(rows, present, pos, rot_index, rot)
 
     def poses(
         self, rows: np.ndarray, slot: int = 0
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        self._own(rows, True)
         return self._table.poses(rows, slot)
 
     def flags(self, row: int) -> int:
+        self._own(row, True)
         return self._table.flags(row)
 
     def set_flags(self, row: int, flags: int) -> None:
+        self._own(row, True)
         self._table.set_flags(row, flags)
 
 
-class Room:
-    """A room: created on first join, closed ``room_linger`` seconds after its last member left.
+class _Context:
+    """A plugin's :class:`~.plugins.RoomContext`: what it may see and do in its room, and
+    nothing of the room's connections or of the core's own methods."""
 
-    It is its plugins' :class:`~.plugins.RoomContext`.
-    """
+    __slots__ = ("_room",)
+
+    def __init__(self, room: Room) -> None:
+        self._room = room
+
+    @property
+    def name(self) -> str:
+        return self._room.name
+
+    @property
+    def config(self) -> ServerConfig:
+        return self._room.config
+
+    @property
+    def members(self) -> Mapping[int, MemberView]:
+        return self._room.views
+
+    @property
+    def lobby(self) -> Mapping[int, Identity]:
+        return self._room.lobby
+
+    @property
+    def tick(self) -> int:
+        return self._room.tick
+
+    @property
+    def entities(self) -> _RoomEntities:
+        return self._room.entities
+
+    def time(self) -> float:
+        return self._room.time()
+
+    def send(self, member: MemberView, msg: Message) -> None:
+        self._room.send(member.id, msg)
+
+    def broadcast(
+        self,
+        msg: Message,
+        exclude: MemberView | None = None,
+        to: Callable[[MemberView], bool] | None = None,
+    ) -> None:
+        self._room.broadcast(msg, exclude.id if exclude is not None else None, to)
+
+    def error(self, member: MemberView, err: ProtocolError) -> None:
+        self._room.error(member.id, err)
+
+    def audit(
+        self, kind: str, actor: str | None = None, subject: str | None = None, **fields: object
+    ) -> None:
+        self._room.audit(kind, actor, subject, **fields)
+
+    def plugin(self, cls: type[P]) -> P | None:
+        return self._room.plugin(cls)
+
+    def call_later(self, delay: float, fn: Callable[[], None]) -> asyncio.TimerHandle:
+        return self._room.call_later(delay, fn)
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        return self._room.spawn(coro)
+
+    def admit(self, lobby_id: int) -> None:
+        self._room.admit(lobby_id)
+
+    def deny(self, lobby_id: int, err: ProtocolError) -> None:
+        self._room.deny(lobby_id, err)
+
+    def remove(self, member: MemberView, err: ProtocolError, reason: str = "removed") -> None:
+        self._room.remove(member.id, err, reason)
+
+    def set_muted(self, member: MemberView, muted: bool) -> None:
+        self._room.set_muted(member.id, muted)
+
+    def set_identity(self, member: MemberView, identity: Identity) -> None:
+        self._room.set_identity(member.id, identity)
+
+    def end(self, actor: str, reason: str) -> None:
+        self._room.end(actor, reason)
+
+
+class Room:
+    """A room: created when someone first enters, closed ``room_linger`` seconds after its
+    last member left."""
 
     def __init__(
         self,
@@ -218,13 +370,16 @@ class Room:
         #: The room's id in the tick state (high bits of its entities' keys).
         self.segment = segment
         self._services = services
-        self._config = services.config
+        self.config = services.config
         self._table = services.table
         self._clock = services.clock
         self._traffic = services.traffic
         self.tick0 = services.clock.tick  # world tick at which this room's clock starts
         self.pseudonymous = pseudonymous
         self._members: dict[int, Member] = {}
+        self._views: dict[int, MemberView] = {}
+        #: The members as plugins see them (read-only).
+        self.views: Mapping[int, MemberView] = MappingProxyType(self._views)
         self._by_token: dict[str, Member] = {}
         self._lobby: dict[int, LobbyEntry] = {}
         self._next_id = 1
@@ -237,8 +392,8 @@ class Room:
         self.closed = False
         self._timers: set[asyncio.TimerHandle] = set()
         self._tasks: set[asyncio.Task[None]] = set()
-        self.entities = _RoomEntities(services.table, segment)
-        self.plugins: list[RoomPlugin] = [p.create(self) for p in plugins]
+        self.entities = _RoomEntities(services.table, segment, self._avatar_rows)
+        self.plugins: list[RoomPlugin] = [p.create(_Context(self)) for p in plugins]
         self._handlers: dict[type[Message], RoomPlugin] = {}
         self._frame_handlers: dict[int, RoomPlugin] = {}
         for p in self.plugins:
@@ -252,15 +407,10 @@ class Room:
                 self._frame_handlers[kind_byte] = p
         self._tick_plugins = [p for p in self.plugins if type(p).on_tick is not RoomPlugin.on_tick]
 
-    # ----------------------------------------------------------------- RoomContext
+    def _avatar_rows(self) -> set[int]:
+        return {m.row for m in self._members.values() if m.row >= 0}
 
-    @property
-    def config(self) -> ServerConfig:
-        return self._config
-
-    @property
-    def members(self) -> Mapping[int, MemberView]:
-        return self._members
+    # ----------------------------------------------------------------- what plugins use
 
     @property
     def lobby(self) -> Mapping[int, Identity]:
@@ -268,31 +418,36 @@ class Room:
 
     @property
     def tick(self) -> int:
+        """The room's tick now."""
         return self._clock.tick - self.tick0
 
     def time(self) -> float:
         """Seconds on the room's clock now (tick T is at T / rate)."""
         return self._clock.seconds() - self.tick0 * self._clock.period
 
-    def send(self, member: MemberView, msg: Message) -> None:
-        m = self._members.get(member.id)
+    def send(self, member_id: int, msg: Message) -> None:
+        """A control message to one connected member, paused or not (answers to its own
+        requests)."""
+        m = self._members.get(member_id)
         if m is not None and m.link is not None:
             m.link.send(msg)
 
     def broadcast(
         self,
         msg: Message,
-        exclude: MemberView | None = None,
+        exclude: int | None = None,
         to: Callable[[MemberView], bool] | None = None,
     ) -> None:
+        """A control message, encoded once, to every connected member not paused (those
+        ``to`` selects, if given)."""
         frame = binary_frame(encode_message(msg))
         for m in self._members.values():
-            if m is exclude or m.link is None or m.paused or (to is not None and not to(m)):
+            if m.id == exclude or m.link is None or m.paused or (to is not None and not to(m.view)):
                 continue
             m.link.write(frame)
 
-    def error(self, member: MemberView, err: ProtocolError) -> None:
-        m = self._members.get(member.id)
+    def error(self, member_id: int, err: ProtocolError) -> None:
+        m = self._members.get(member_id)
         if m is not None and m.link is not None:
             m.link.send_error(err)
 
@@ -302,16 +457,21 @@ class Room:
         self._services.audit(kind, room=self.name, actor=actor, subject=subject, **fields)
 
     def call_later(self, delay: float, fn: Callable[[], None]) -> asyncio.TimerHandle:
+        """Run ``fn`` after ``delay`` unless the room has closed by then."""
+
         def run() -> None:
             self._timers.discard(handle)
             if not self.closed:
                 fn()
 
+        if len(self._timers) > 64:  # forget handles a plugin cancelled
+            self._timers = {t for t in self._timers if not t.cancelled()}
         handle = asyncio.get_running_loop().call_later(delay, run)
         self._timers.add(handle)
         return handle
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """A task cancelled when the room closes; its failure is logged."""
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
 
@@ -324,6 +484,8 @@ class Room:
         return task
 
     def admit(self, lobby_id: int) -> None:
+        """Let a lobby connection in (raises ``not_found``, or ``room_full``: the waiter is
+        turned away and the host told)."""
         entry = self._lobby.pop(lobby_id, None)
         if entry is None:
             raise ProtocolError(ErrorCode.NOT_FOUND, "nobody with that id is waiting")
@@ -331,9 +493,10 @@ class Room:
             member = self.join(entry.identity, entry.slots, entry.link)
         except ProtocolError as err:
             entry.link.send_error(err, True)
-            entry.link.close(CLOSE_MODERATION, b"join refused")
-        else:
-            entry.link.admitted(member)
+            entry.link.close(CLOSE_POLICY, b"join refused")
+            self._notify("on_lobby_changed")
+            raise
+        entry.link.admitted(member)
         self._notify("on_lobby_changed")
 
     def deny(self, lobby_id: int, err: ProtocolError) -> None:
@@ -344,27 +507,35 @@ class Room:
         entry.link.close(CLOSE_MODERATION, b"denied")
         self._notify("on_lobby_changed")
 
-    def remove(self, member: MemberView, err: ProtocolError, reason: str = "removed") -> None:
-        m = self._members.get(member.id)
+    def _member(self, member_id: int) -> Member:
+        m = self._members.get(member_id)
         if m is None:
             raise ProtocolError(ErrorCode.NOT_FOUND, "no such member")
+        return m
+
+    def remove(self, member_id: int, err: ProtocolError, reason: str = "removed") -> None:
+        """Remove a member now: it gets ``err`` (fatal), its connection closes, it does not
+        resume, and the others see it leave with ``reason``."""
+        m = self._member(member_id)
         link, m.link = m.link, None
         if link is not None:
             link.send_error(err, True)
             link.close(CLOSE_MODERATION, reason.encode()[:120])
         self.leave(m, reason)
 
-    def set_muted(self, member: MemberView, muted: bool) -> None:
-        m = self._members[member.id]
+    def set_muted(self, member_id: int, muted: bool) -> None:
+        m = self._member(member_id)
         m.muted = muted
-        self._notify("on_member_changed", m, "muted")
+        self._notify("on_member_changed", m.view, "muted")
 
-    def set_identity(self, member: MemberView, identity: Identity) -> None:
-        m = self._members[member.id]
+    def set_identity(self, member_id: int, identity: Identity) -> None:
+        m = self._member(member_id)
         m.identity = identity
-        self._notify("on_member_changed", m, "grants")
+        self._notify("on_member_changed", m.view, "grants")
 
     def end(self, actor: str, reason: str) -> None:
+        """End the session for everyone in the room and its lobby; nobody may enter again
+        until the room has closed."""
         self.audit("session_ended", actor=actor)
         self.ended = True
         err = ProtocolError(ErrorCode.SESSION_ENDED, reason)
@@ -373,7 +544,7 @@ class Room:
             entry.link.send_error(err, True)
             entry.link.close(CLOSE_MODERATION, b"session ended")
         for m in list(self._members.values()):
-            self.remove(m, err, "session ended")
+            self.remove(m.id, err, "session ended")
 
     # ----------------------------------------------------------------- plugins
 
@@ -413,28 +584,31 @@ class Room:
         self._notify("on_create")
 
     def close(self) -> None:
-        """Close the room (the registry calls this once it is empty and has lingered)."""
+        """Close the room (the registry calls this once it is empty and has lingered, or when
+        the server stops)."""
         self.closed = True
         err = ProtocolError(ErrorCode.SESSION_ENDED, "the room closed")
         for lid in list(self._lobby):
             entry = self._lobby.pop(lid)
             entry.link.send_error(err, True)
             entry.link.close(CLOSE_MODERATION, b"room closed")
+        for m in self._members.values():
+            if m.grace is not None:
+                m.grace.cancel()
+                m.grace = None
         for t in self._timers:
             t.cancel()
         self._timers.clear()
         for task in self._tasks:
             task.cancel()
         self._notify("on_close")
+        self.entities.free_all()
 
     # ----------------------------------------------------------------- membership
 
     @property
     def member_count(self) -> int:
         return len(self._members)
-
-    def member(self, member_id: int) -> Member | None:
-        return self._members.get(member_id)
 
     def entry(self, identity: Identity) -> Wait | ProtocolError | None:
         """May ``identity`` enter now? None: yes; WAIT: through the lobby; an error: no.
@@ -455,12 +629,16 @@ class Room:
         return wait
 
     def wait(self, identity: Identity, slots: int, link: Link) -> int:
-        """Put a connection in the lobby; returns its lobby id."""
+        """Put a connection in the lobby; returns its lobby id. The caller sends ``waiting``,
+        then calls :meth:`lobby_changed` (so a plugin that admits at once finds the connection
+        ready to be admitted)."""
         lid = self._next_lobby_id
         self._next_lobby_id += 1
         self._lobby[lid] = LobbyEntry(identity, slots, link)
-        self._notify("on_lobby_changed")
         return lid
+
+    def lobby_changed(self) -> None:
+        self._notify("on_lobby_changed")
 
     def leave_lobby(self, lobby_id: int) -> None:
         """A lobby connection went away."""
@@ -470,25 +648,25 @@ class Room:
     def join(self, identity: Identity, slots: int, link: Link) -> Member:
         """Add a member, send its welcome, tell the room and the plugins (raises
         ``room_full``). Hidden members (observers) get no avatar and nobody is told."""
-        if len(self._members) >= self._config.max_members_per_room:
+        if len(self._members) >= self.config.max_members_per_room:
             raise ProtocolError(ErrorCode.ROOM_FULL, f"room {self.name} is full")
         mid = self._next_id
         self._next_id += 1
         name = (identity.pseudonym or f"Participant {mid}") if self.pseudonymous else identity.name
-        row = -1
-        member = Member(mid, identity, slots, row, link, name)
+        member = Member(mid, identity, slots, -1, link, name)
         if not identity.hidden:
             member.row = self._table.alloc(self.segment, mid, slots, owner=member)
         self._members[mid] = member
+        self._views[mid] = member.view
         self._by_token[member.resume_token] = member
         self._keyframe_wanted = True
         self.audit(
             "join", actor=identity.subject, subject=str(mid), name=identity.name, role=identity.role
         )
         if not member.hidden:
-            self.broadcast(Joined(mid, member.name), exclude=member)
+            self.broadcast(Joined(mid, member.name), exclude=mid)
         link.send(self.welcome(member, False))
-        self._notify("on_join", member)
+        self._notify("on_join", member.view)
         return member
 
     def welcome(self, member: Member, resumed: bool) -> Welcome:
@@ -497,7 +675,7 @@ class Room:
             version=PROTOCOL_VERSION,
             member_id=member.id,
             room=self.name,
-            rate=self._config.tick_rate,
+            rate=self.config.tick_rate,
             tick=self.tick,
             resume=member.resume_token,
             resumed=resumed,
@@ -506,23 +684,30 @@ class Room:
             ),
         )
 
-    def resumable(self, token: str) -> Member | None:
-        return self._by_token.get(token)
+    def resumable(self, token: str, slots: int) -> Member | None:
+        """The member this resume token names, if it is still here and its avatar has the
+        same number of pose slots as the new connection's (else the connection joins anew)."""
+        m = self._by_token.get(token)
+        return m if m is not None and m.slots == slots else None
 
     def reattach(self, member: Member, link: Link) -> None:
         """A new connection takes over ``member`` within its grace window (the old one, if
-        still open, is closed) and gets its welcome."""
+        still open, is closed) and gets its welcome. A new connection starts in the room, so
+        a member that had stepped out comes back with it."""
         if member.grace is not None:
             member.grace.cancel()
             member.grace = None
         old, member.link = member.link, link
         if old is not None and old is not link:
             old.close(CLOSE_REPLACED, b"replaced by a resumed connection")
+        was_paused, member.paused = member.paused, False
         member.needs_keyframe = True
         self._keyframe_wanted = True
         self.audit("resume", actor=member.identity.subject, subject=str(member.id))
         link.send(self.welcome(member, True))
-        self._notify("on_resume", member)
+        self._notify("on_resume", member.view)
+        if was_paused:
+            self._notify("on_pause", member.view, False)
 
     def disconnected(self, member: Member, link: Link) -> None:
         """``link`` dropped; if it still carries ``member``, keep its place for the resume grace
@@ -531,10 +716,8 @@ class Room:
             return
         member.link = None
         loop = asyncio.get_running_loop()
-        member.grace = loop.call_later(
-            self._config.resume_grace, self.leave, member, "disconnected"
-        )
-        self._notify("on_disconnect", member)
+        member.grace = loop.call_later(self.config.resume_grace, self.leave, member, "disconnected")
+        self._notify("on_disconnect", member.view)
 
     def leave(self, member: Member, reason: str) -> None:
         """Remove a member now and tell the room."""
@@ -544,14 +727,15 @@ class Room:
             member.grace.cancel()
             member.grace = None
         del self._members[member.id]
+        del self._views[member.id]
         self._by_token.pop(member.resume_token, None)
         if member.row >= 0:
             self._table.free(member.row)
         member.link = None
         self.audit("leave", actor=member.identity.subject, subject=str(member.id), reason=reason)
         if not member.hidden:
-            self.broadcast(Left(member.id, member.name, reason), exclude=member)
-        self._notify("on_leave", member, reason)
+            self.broadcast(Left(member.id, member.name, reason), exclude=member.id)
+        self._notify("on_leave", member.view, reason)
         if not self._members:
             self._on_empty(self)
 
@@ -563,6 +747,8 @@ class Room:
             return  # stepped out: nothing of this member reaches the room
         if member.hidden:
             raise ProtocolError(ErrorCode.FORBIDDEN, "observers send no poses")
+        if len(frame) != pose_frame_size(member.slots):  # the tick batches frames by size
+            raise ProtocolError(ErrorCode.MALFORMED, "pose frame does not match the avatar")
         seq = pose_sequence(frame)
         if seq <= member.last_seq:
             return  # stale: an older pose than one already applied
@@ -574,14 +760,14 @@ class Room:
         plugin = self._handlers.get(type(msg))
         if plugin is None:
             raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"{msg.TYPE} is not handled in this room")
-        plugin.on_message(member, msg)
+        plugin.on_message(member.view, msg)
 
     def handle_frame(self, member: Member, frame: bytes) -> None:
         """A binary frame of a plugin's kind; raises ProtocolError to refuse it."""
         plugin = self._frame_handlers.get(frame[0])
         if plugin is None:
             raise ProtocolError(ErrorCode.MALFORMED, f"unknown frame kind 0x{frame[0]:02x}")
-        plugin.on_frame(member, frame)
+        plugin.on_frame(member.view, frame)
 
     def set_paused(self, member: Member, paused: bool) -> None:
         """Step out of the room or back in (patient control). Coming back, the member gets a
@@ -597,7 +783,7 @@ class Room:
             self._keyframe_wanted = True
             if member.link is not None:
                 member.link.send(self.welcome(member, True))
-        self._notify("on_pause", member, paused)
+        self._notify("on_pause", member.view, paused)
 
     # ----------------------------------------------------------------- tick
 
@@ -632,7 +818,7 @@ class Room:
                 m.needs_keyframe = True
         delta = binary_frame(state_header(tick, gap, False) + body) if in_gap else None
         key = binary_frame(state_header(tick, 0, True) + keyframe_body) if keyframe_body else None
-        soft = self._config.send_soft_limit
+        soft = self.config.send_soft_limit
         wanted = False
         sent = 0
         # The common case (a delta to a member that keeps up) is one call; the rest is rare.

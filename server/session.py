@@ -48,9 +48,9 @@ from .metrics import Metrics, Traffic
 from .plugins import Wait
 from .policy import RoomPolicy
 from .registry import RoomRegistry
+from .rfc6455 import OP_BINARY, OP_PING, binary_frame, control_frame
 from .room import Member, Room
 from .transport import WebSocketConnection
-from .websocket import OP_BINARY, OP_PING, binary_frame, control_frame
 
 log = logging.getLogger("medverse.session")
 
@@ -296,7 +296,8 @@ class Session:
             return
         room = s.rooms.get(hello.room)
         if hello.resume is not None:
-            member = room.resumable(hello.resume) if room is not None else None
+            slots = hello.slots
+            member = room.resumable(hello.resume, slots) if room is not None else None
             # With tokens, only the same subject may take a member over; without, the resume
             # token alone is the proof.
             if member is not None and (
@@ -340,6 +341,7 @@ class Session:
             lobby_id = room.wait(identity, slots, self)
             self._lobby = (room, lobby_id)
             self.send(Waiting(room.name, lobby_id))
+            room.lobby_changed()  # the hosts learn of us once we can be admitted
             return
         try:
             self._room = s.rooms.place(identity.room)

@@ -24,8 +24,7 @@ from medverse.protocol.messages import (
     pose_frame_size,
 )
 from medverse.protocol.quant import POSITION_LIMIT_M, dequantize_rotations, quantize_rotations
-from medverse.server.transport import WebSocketConnection
-from medverse.server.websocket import (
+from medverse.server.rfc6455 import (
     OP_BINARY,
     OP_CLOSE,
     OP_PING,
@@ -33,6 +32,7 @@ from medverse.server.websocket import (
     close_frame,
     control_frame,
 )
+from medverse.server.transport import WebSocketConnection
 
 msgpack_values = st.recursive(
     st.none()

@@ -27,6 +27,7 @@ from medverse.protocol.messages import (
     encode_message,
     encode_pose,
 )
+from medverse.protocol.messages import Waiting as WaitingMsg
 from medverse.server.audit import DB_FILE
 from medverse.server.auth import mint_token
 
@@ -300,3 +301,65 @@ async def test_hosts_change_roles_and_grants(srv: ServerProcess) -> None:
     finally:
         db.close()
     assert rows[0] == 2
+
+
+async def test_a_host_who_stepped_out_still_sees_the_lobby(srv: ServerProcess) -> None:
+    host, hw = await raw_join(srv.url, "lobby-away", "therapist", "host")
+    assert isinstance(hw, Welcome)
+    await host.ws.send_bytes(encode_message(Moderate("lobby")))
+    await next_of(host, RoomState)
+    await host.ws.send_bytes(encode_message(Pause(True)))
+    patient, w = await raw_join(srv.url, "lobby-away", "patient")
+    assert isinstance(w, WaitingMsg)
+    lobby = await next_of(host, Lobby)
+    assert [m.name for m in lobby.members] == ["patient"]  # type: ignore[attr-defined]
+    await patient.close()
+    await host.close()
+
+
+async def test_admitting_into_a_full_room_turns_the_waiter_away_and_tells_the_host() -> None:
+    with run_server(auth_secret=SECRET, max_members_per_room=1) as s:
+        host, hw = await raw_join(s.url, "full", "therapist", "host")
+        assert isinstance(hw, Welcome)
+        await host.ws.send_bytes(encode_message(Moderate("lobby")))
+        await next_of(host, RoomState)
+        patient, w = await raw_join(s.url, "full", "patient")
+        assert isinstance(w, WaitingMsg)
+        await host.ws.send_bytes(encode_message(Moderate("admit", w.lobby_id)))
+        err = await patient.next_error()
+        assert (err.code, err.fatal) == ("room_full", True)
+        closing = await patient.ws.receive(timeout=5)
+        assert closing.type == aiohttp.WSMsgType.CLOSE and closing.data == 1008
+        err = await host.next_error()
+        assert (err.code, err.fatal) == ("room_full", False)
+        await patient.close()
+        await host.close()
+
+
+async def test_a_member_that_resumes_while_stepped_out_is_back(srv: ServerProcess) -> None:
+    """A new connection starts in the room (protocol state ``joined``): resuming ends a pause,
+    so the member is seen and hears again, and may pause again."""
+    room = "resume-paused"
+    a = connect(srv.url, room=room, name="a", token=tok(room, "a"), ping_interval=0)
+    b = connect(srv.url, room=room, name="b", token=tok(room, "b"), ping_interval=0)
+    async with a, b:
+        a.send_pose(head=Pose((1.0, 1.6, 0.0)))
+        await wait_for(lambda: a.member_id in b.avatars and b.avatars[a.member_id].head)
+        await a.pause(True)
+        await wait_for(
+            lambda: b.avatars.get(a.member_id) is None or not b.avatars[a.member_id].head
+        )
+        assert a._ws is not None
+        await a._ws.close()  # the connection drops; the SDK resumes the same member
+        await wait_for(lambda: a.state.value == "joined" and a._conn is not None, timeout=10)
+        a.send_pose(head=Pose((2.0, 1.6, 0.0)))
+        await wait_for(
+            lambda: (
+                (av := b.avatars.get(a.member_id)) is not None
+                and av.head is not None
+                and av.head.position[0] == pytest.approx(2.0)
+            ),
+            timeout=10,
+        )
+        await a.pause(True)  # and it can step out again
+        await wait_for(lambda: not b.avatars[a.member_id].head)

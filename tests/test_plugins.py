@@ -18,7 +18,7 @@ from examples.breathing import (
     BreathingStop,
     breath,
 )
-from medverse.client_sdk import ErrorEvent, Session, connect
+from medverse.client_sdk import ErrorEvent, JoinError, Session, connect
 from medverse.protocol.tokens import mint_token
 from medverse.server.app import create_app
 from medverse.server.config import ServerConfig
@@ -147,3 +147,125 @@ def test_two_plugins_may_not_take_one_message(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match="plugins A and B both take 'breathing_stop'"):
         create_app(cfg, plugins=[A, B])
+
+
+@pytest.fixture(scope="module")
+def gate() -> Iterator[ServerProcess]:
+    with run_server(app="tests.plugin_app", auth_secret=SECRET, room_linger=0.5) as s:
+        yield s
+
+
+async def test_a_plugin_decides_entry_for_a_rooms_first_entrant(gate: ServerProcess) -> None:
+    with pytest.raises(JoinError) as e:
+        await member(gate, "gate-1", "intruder").start()
+    assert e.value.code == "forbidden"
+
+
+async def test_a_plugin_may_admit_from_the_lobby_at_once(gate: ServerProcess) -> None:
+    async with member(gate, "gate-2", "Dr A", "host") as host:
+        s = member(gate, "gate-2", "Pat")
+        async with s:  # waits in the lobby and is admitted by the plugin straight away
+            assert s.member_id and s.state.value == "joined"
+            await _until(lambda: s.member_id in host.members)
+
+
+class _RecordingLink:
+    """A member's connection that keeps what the room sends it (no network)."""
+
+    def __init__(self) -> None:
+        self.sent: list[Any] = []
+
+    def send(self, msg: Any) -> bool:
+        self.sent.append(msg)
+        return True
+
+    def write(self, frame: bytes) -> bool:
+        return True
+
+    def offer(self, frame: bytes, soft_limit: int) -> bool:
+        return True
+
+    def backlog(self) -> int:
+        return 0
+
+    def send_error(self, err: Any, fatal: bool = False) -> None:
+        self.sent.append(err)
+
+    def close(self, code: int, reason: bytes) -> None:
+        pass
+
+    def admitted(self, member: Any) -> None:
+        pass
+
+
+def _room(
+    tmp_path: Path, plugins: list[Any], name: str = "r", segment: int = 1, table: Any = None
+) -> Any:
+    from medverse.server.clock import FixedRateClock
+    from medverse.server.entities import EntityTable
+    from medverse.server.metrics import Traffic
+    from medverse.server.plugins import as_server_plugin
+    from medverse.server.room import Room, RoomServices
+
+    cfg = ServerConfig(data_dir=str(tmp_path), no_auth=True)
+    table = EntityTable() if table is None else table
+    services = RoomServices(cfg, table, FixedRateClock(1 / 30), Traffic(), lambda *a, **k: None)
+    return Room(name, segment, services, [as_server_plugin(p) for p in plugins])
+
+
+async def test_a_room_whose_objects_did_not_load_refuses_object_operations(
+    tmp_path: Path,
+) -> None:
+    """Running on with empty state would give new objects the ids of stored ones."""
+    from medverse.protocol.objects import ObjectRefused, Spawn
+    from medverse.server.auth import anonymous
+    from medverse.server.objects import SharedObjects
+    from medverse.server.plugins import ServerContext
+    from medverse.server.store import SQLiteObjectStore
+
+    class Unreadable(SQLiteObjectStore):
+        def load_room(self, room: str) -> Any:
+            raise OSError("disk gone")
+
+    service = SharedObjects(Unreadable(str(tmp_path)))
+    cfg = ServerConfig(data_dir=str(tmp_path), no_auth=True)
+    await service.start(ServerContext(cfg, None, lambda *a, **k: None, lambda code: None))
+    try:
+        room = _room(tmp_path, [service])
+        link = _RecordingLink()
+        m = room.join(anonymous("a", "r", "a"), 3, link)
+        room.handle(m, Spawn(7, "0" * 64, (0.0, 0.0, 0.0), (0.0, 0.0, 0.0, 1.0), 1.0))
+        refused = [x for x in link.sent if isinstance(x, ObjectRefused)]
+        assert refused and refused[0].req == 7 and refused[0].code == "internal"
+    finally:
+        await service.stop()
+
+
+def test_plugins_reach_only_their_own_rooms_rows(tmp_path: Path) -> None:
+    import numpy as np
+
+    from medverse.protocol.snapshot import SEGMENT_SHIFT
+    from medverse.server.entities import EntityTable
+    from medverse.server.plugins import RoomPlugin as Base
+
+    class Grabby(Base):
+        pass
+
+    table = EntityTable()
+    a = _room(tmp_path, [Grabby], "a", 1, table)
+    b = _room(tmp_path, [Grabby], "b", 2, table)
+    mine = a.plugins[0].ctx.entities.alloc(2**31 + 1, 2)
+    theirs = b.plugins[0].ctx.entities.alloc(2**31 + 1, 2)
+    rows = np.array([theirs])
+    one = np.ones((1, 2), np.bool_)
+    zeros = np.zeros((1, 2, 3), np.int64)
+    with pytest.raises(ValueError, match="not this room's"):
+        a.plugins[0].ctx.entities.write(rows, one, zeros, np.zeros((1, 2), np.uint8), zeros)
+    with pytest.raises(ValueError, match="not this room's"):
+        a.plugins[0].ctx.entities.free(theirs)
+    a.plugins[0].ctx.entities.write(np.array([mine]), one, zeros, np.zeros((1, 2), np.uint8), zeros)
+    segments = table.snapshot().ids.astype(np.int64) >> SEGMENT_SHIFT
+    assert sorted(segments.tolist()) == [1, 2]
+    a.close()  # rows a plugin left behind go with its room
+    segments = table.snapshot().ids.astype(np.int64) >> SEGMENT_SHIFT
+    assert segments.tolist() == [2]

@@ -474,3 +474,29 @@ async def test_error_message_is_typed(server: ServerProcess) -> None:
         assert isinstance(err, Error) and err.code == "malformed" and err.message
     finally:
         await raw.close()
+
+
+async def test_resuming_with_other_slots_joins_anew_and_the_tick_goes_on(
+    server: ServerProcess,
+) -> None:
+    """A resume token names an avatar of so many pose slots: a connection with another number
+    joins as a new member (``bad_resume``), and nobody's state stops."""
+    room = "slots-resume"
+    async with connect(server.url, room=room, name="watcher", ping_interval=0) as watcher:
+        raw = await RawClient.open(server.url)
+        w = await raw.join(room, "three", slots=3)
+        assert isinstance(w, Welcome)
+        await raw.close()
+        raw = await RawClient.open(server.url)
+        await raw.ws.send_bytes(
+            encode_message(Hello(PROTOCOL_VERSION, room, "one", 1, w.resume, None))
+        )
+        err = await raw.next_control()
+        assert isinstance(err, Error) and err.code == "bad_resume"
+        w2 = await raw.next_control()
+        assert isinstance(w2, Welcome) and w2.member_id != w.member_id and not w2.resumed
+        await raw.ws.send_bytes(encode_pose(1, [((0.5, 1.5, 0.0), (0.0, 0.0, 0.0, 1.0))]))
+        frames = watcher.frames_received
+        await wait_for(lambda: watcher.frames_received > frames + 10)
+        await wait_for(lambda: (av := watcher.avatars.get(w2.member_id)) is not None and av.head)
+        await raw.close()

@@ -236,6 +236,44 @@ class RoomMix:
         self.speaker[s] = False
         self.inboxes.pop(s, None)
 
+    def set_speaking_source(self, s: int, on: bool) -> None:
+        """Slot ``s`` has (or no longer has) decoded audio coming from a fallback reader."""
+        self.speaker[s] = on
+
+    # The rules, one setter each (the gains are recomputed for the next frame).
+
+    def set_paused(self, s: int, paused: bool) -> None:
+        """A paused member is heard by nobody and hears nothing."""
+        self.paused[s] = paused
+
+    def set_server_muted(self, s: int, muted: bool) -> None:
+        """A host's mute: the next frame already leaves the member out."""
+        self.server_muted[s] = muted
+
+    def set_self_muted(self, s: int, muted: bool) -> None:
+        self.self_muted[s] = muted
+        self.changed()
+
+    def set_zone(self, s: int, zone: int) -> None:
+        """Members of a zone other than 0 hear only that zone (and broadcasts)."""
+        self.zone[s] = zone
+        self.changed()
+
+    def set_broadcast(self, s: int, gain: float) -> None:
+        """Everyone hears slot ``s`` at ``gain``, wherever they are (0: off)."""
+        self.broadcast[s] = gain
+        self.changed()
+
+    def set_whisper(self, s: int, target: int) -> None:
+        """Slot ``s`` is heard by slot ``target`` only (-1: by everyone again)."""
+        self.whisper[s] = target
+        self.changed()
+
+    def set_ignore(self, s: int, other: int, ignore: bool) -> None:
+        """Slot ``s`` does not hear slot ``other``."""
+        self.ignore[s, other] = ignore
+        self.changed()
+
     def changed(self) -> None:
         """A rule array changed: the gains are recomputed for the next frame."""
         self.version += 1

@@ -25,6 +25,8 @@ import numpy as np
 from prometheus_client import Counter, Gauge, Histogram
 
 from medverse.protocol.audio import (
+    CLIENT_AUDIO,
+    SERVER_AUDIO,
     AudioAnswer,
     AudioBroadcast,
     AudioIgnore,
@@ -76,8 +78,8 @@ class RoomAudio(RoomPlugin):
     """
 
     name = "audio"
-    messages = (AudioOffer, AudioMute, AudioZone, AudioBroadcast, AudioWhisper, AudioIgnore)
-    server_messages = (AudioAnswer, AudioRules, AudioSpeaking)
+    messages = CLIENT_AUDIO
+    server_messages = SERVER_AUDIO
 
     def __init__(self, ctx: RoomContext, counters: MixCounters, closer: PeerCloser) -> None:
         super().__init__(ctx)
@@ -225,7 +227,7 @@ class RoomAudio(RoomPlugin):
     def on_pause(self, member: MemberView, paused: bool) -> None:
         s = self.mix.slot_of.get(member.id)
         if s is not None:
-            self.mix.paused[s] = paused
+            self.mix.set_paused(s, paused)
         if not paused:
             self.ctx.send(member, self.rules_for(member))
 
@@ -234,7 +236,7 @@ class RoomAudio(RoomPlugin):
         if s is None:
             return
         if what == "muted":
-            self.mix.server_muted[s] = member.muted  # the next 20 ms frame leaves them out
+            self.mix.set_server_muted(s, member.muted)
         elif what == "grants" and not member.can("publish_audio"):
             # Whatever the client keeps sending is no longer read or mixed; it may still listen.
             self.mix.silence(s)
@@ -246,17 +248,17 @@ class RoomAudio(RoomPlugin):
         if isinstance(msg, AudioOffer):
             self._on_offer(member, msg)
         elif isinstance(msg, AudioMute):
-            mx.self_muted[self._target(member.id)] = msg.muted
+            mx.set_self_muted(self._target(member.id), msg.muted)
             self._schedule_rules()
         elif isinstance(msg, AudioZone):
             self._host(member)
-            mx.zone[self._target(msg.member_id)] = msg.zone
+            mx.set_zone(self._target(msg.member_id), msg.zone)
             self._audit(member, "audio_zone", msg.member_id, zone=msg.zone)
             self._schedule_rules()
         elif isinstance(msg, AudioBroadcast):
             self._host(member)
             gain = (100 if msg.gain is None else msg.gain) / 100.0
-            mx.broadcast[self._target(msg.member_id)] = gain if msg.on else 0.0
+            mx.set_broadcast(self._target(msg.member_id), gain if msg.on else 0.0)
             self._audit(member, "audio_broadcast", msg.member_id, on=msg.on, gain=round(gain * 100))
             self._schedule_rules()
         elif isinstance(msg, AudioWhisper):
@@ -266,16 +268,16 @@ class RoomAudio(RoomPlugin):
                 )
             me = self._target(member.id)
             if msg.target is None:
-                mx.whisper[me] = -1
+                mx.set_whisper(me, -1)
             else:
                 if msg.target == member.id:
                     raise ProtocolError(ErrorCode.BAD_FIELD, "cannot whisper to yourself")
-                mx.whisper[me] = self._target(msg.target)
+                mx.set_whisper(me, self._target(msg.target))
             self._schedule_rules()
         elif isinstance(msg, AudioIgnore):
             if msg.member_id == member.id:
                 raise ProtocolError(ErrorCode.BAD_FIELD, "cannot ignore yourself")
-            mx.ignore[self._target(member.id), self._target(msg.member_id)] = msg.ignore
+            mx.set_ignore(self._target(member.id), self._target(msg.member_id), msg.ignore)
             self._schedule_rules()
 
     @staticmethod
@@ -352,7 +354,7 @@ class RoomAudio(RoomPlugin):
         self.peers[member.id] = peer
         self.mix.attach(s, peer.inbox)
         if peer.track is not None:
-            peer.reader = asyncio.ensure_future(self._read(member, peer))
+            peer.start_reader(self._read(member, peer))
         self.ctx.send(member, AudioAnswer(peer.pc.localDescription.sdp, offer.publish))
 
     def _drop_peer(self, member: MemberView, peer: Peer) -> None:
@@ -367,7 +369,7 @@ class RoomAudio(RoomPlugin):
         s = self.mix.slot_of.get(member.id)
         if s is None or peer.track is None:
             return
-        self.mix.speaker[s] = True
+        self.mix.set_speaking_source(s, True)
 
         def write(mono: np.ndarray) -> bool:
             if self.mix.slot_of.get(member.id) != s:
@@ -379,7 +381,7 @@ class RoomAudio(RoomPlugin):
             await read_track(peer.track, write)
         finally:
             if self.mix.slot_of.get(member.id) == s:
-                self.mix.speaker[s] = False
+                self.mix.set_speaking_source(s, False)
 
 
 class SpatialAudio(ServerPlugin):

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import numpy as np
@@ -115,6 +115,10 @@ class Peer:
         #: Otherwise the speaker's decoded track, for :func:`read_track`.
         self.track: MediaStreamTrack | None = None
         self.reader: asyncio.Task[None] | None = None
+
+    def start_reader(self, reader: Coroutine[Any, Any, None]) -> None:
+        """Run the fallback reader of :attr:`track` until the peer closes."""
+        self.reader = asyncio.ensure_future(reader)
 
     async def close(self) -> None:
         """Stop the outgoing track and the fallback reader, and close the connection."""

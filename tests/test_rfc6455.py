@@ -12,8 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from medverse.server import transport as transport_module
-from medverse.server.transport import WebSocketConnection
-from medverse.server.websocket import (
+from medverse.server.rfc6455 import (
     OP_BINARY,
     OP_CLOSE,
     OP_CONTINUATION,
@@ -32,6 +31,7 @@ from medverse.server.websocket import (
     control_frame,
     unmask,
 )
+from medverse.server.transport import WebSocketConnection
 
 MASK = b"\x37\xfa\x21\x3d"
 
