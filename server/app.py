@@ -31,7 +31,7 @@ from medverse.protocol.messages import (
 from .admin import AdminAPI
 from .assets import AssetService, AssetStore
 from .audio import SpatialAudio
-from .audit import AuditLog, AuditRecorder
+from .audit import AuditRecorder
 from .auth import SECRET_FILE, Identity, TokenVerifier, load_or_create_secret
 from .clock import FixedRateClock
 from .config import ServerConfig
@@ -154,8 +154,9 @@ class Server:
 
     async def start(self) -> None:
         cfg = self.config
-        self.audit.log = AuditLog(cfg.data_dir, retention_days=cfg.audit_retention_days)
-        self.audit.log.append("server_start", auth="off" if cfg.no_auth else "tokens")
+        self.audit.open(
+            cfg.data_dir, cfg.audit_retention_days, auth="off" if cfg.no_auth else "tokens"
+        )
         self.assets = AssetStore(cfg.data_dir)
         context = ServerContext(
             cfg,
@@ -181,10 +182,7 @@ class Server:
         if self.assets is not None:
             self.assets.close()
             self.assets = None
-        if self.audit.log is not None:
-            self.audit.log.append("server_stop")
-            self.audit.log.close()
-            self.audit.log = None
+        self.audit.close()
 
     # ----------------------------------------------------------------- HTTP
 

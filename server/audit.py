@@ -364,7 +364,24 @@ class AuditRecorder:
     it is open (``log``), and never lets a failing append break a session or a room."""
 
     def __init__(self) -> None:
-        self.log: AuditLog | None = None
+        self._log: AuditLog | None = None
+
+    @property
+    def log(self) -> AuditLog | None:
+        """The open log (None before :meth:`open` and after :meth:`close`)."""
+        return self._log
+
+    def open(self, data_dir: str | Path, retention_days: float = 0.0, **fields: Any) -> None:
+        """Open the log in ``data_dir`` and record the server's start (with ``fields``)."""
+        self._log = AuditLog(data_dir, retention_days=retention_days)
+        self._log.append("server_start", **fields)
+
+    def close(self) -> None:
+        """Record the server's stop and close the log."""
+        if self._log is not None:
+            self._log.append("server_stop")
+            self._log.close()
+            self._log = None
 
     def __call__(
         self,
@@ -374,10 +391,10 @@ class AuditRecorder:
         subject: str | None = None,
         **fields: Any,
     ) -> None:
-        if self.log is None:
+        if self._log is None:
             return
         try:
-            self.log.append(kind, room=room, actor=actor, subject=subject, **fields)
+            self._log.append(kind, room=room, actor=actor, subject=subject, **fields)
         except Exception:
             logging.getLogger("medverse.audit").exception("audit append failed")
 
