@@ -234,6 +234,7 @@ def _room_audio(n: int) -> tuple[RoomAudio, MixCounters, list[bytes]]:
             np.zeros((1, 3), np.uint8),
             np.zeros((1, 3, 3), np.int64),
         )
+    ra.test_room, ra.test_table = room, table  # for tests that change the membership
     return ra, service.counters, packets[-6:]
 
 
@@ -322,3 +323,28 @@ def test_frames_their_sender_marks_silent_are_not_decoded() -> None:
     inbox.put((None, frame))
     jobs = ra.mix_frame(3.0, cap=0)
     assert counters.silent_skipped == 3 and any(pcm.any() for _, pcm in jobs)
+
+
+def test_a_speaker_who_leaves_flags_nothing_else() -> None:
+    """The speaking flag of a member who left is not written to its freed avatar row, which
+    may already be another entity's."""
+    from medverse.protocol.snapshot import FLAG_SPEAKING, OBJECT_ID_BASE
+
+    ra, _, packets = _room_audio(2)
+    for k in range(5):  # member 1 (slot 0) talks: its flag goes up
+        _feed(ra, packets, [0], k)
+        ra.mix_frame(float(k), cap=0)
+    room, table = ra.test_room, ra.test_table
+    first = room._members[1]
+    assert table.flags(first.row) & FLAG_SPEAKING
+    row = first.row
+
+    async def leave() -> None:  # plugins close peers and set timers on the running loop
+        room.leave(first, "left")
+
+    asyncio.run(leave())
+    other = table.alloc(9, OBJECT_ID_BASE + 1, 2)  # the freed row goes to another entity
+    assert other == row
+    for k in range(30):  # silence: the speaking flag would drop now
+        ra.mix_frame(10.0 + k, cap=0)
+    assert table.flags(other) == 0

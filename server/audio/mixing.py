@@ -209,6 +209,9 @@ class RoomMix:
         if s is None:
             return None
         self.used[s] = False
+        # The avatar row is freed with the member (and may soon be another entity's): no
+        # speaking flag may be written to it any more.
+        self.row[s] = -1
         self.speaker[s] = self.listener[s] = False
         self.whisper[self.whisper == s] = -1
         self.ignore[s, :] = False
