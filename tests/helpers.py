@@ -71,3 +71,33 @@ async def wait_for(cond: Any, timeout: float = 5.0, step: float = 0.02) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError("condition not met in time")
         await asyncio.sleep(step)
+
+
+class RecordingLink:
+    """A member's connection for rooms built in the test process (no network): it takes
+    everything and keeps the messages and errors the room sends it."""
+
+    def __init__(self) -> None:
+        self.sent: list[Any] = []
+
+    def send(self, msg: Any) -> bool:
+        self.sent.append(msg)
+        return True
+
+    def write(self, frame: bytes) -> bool:
+        return True
+
+    def offer(self, frame: bytes, soft_limit: int) -> bool:
+        return True
+
+    def backlog(self) -> int:
+        return 0
+
+    def send_error(self, err: Any, fatal: bool = False) -> None:
+        self.sent.append(err)
+
+    def close(self, code: int, reason: bytes) -> None:
+        pass
+
+    def admitted(self, member: Any) -> None:
+        pass

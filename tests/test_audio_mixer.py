@@ -42,6 +42,8 @@ from medverse.server.audio.spatial import (
     spatial_gains,
 )
 
+from .helpers import RecordingLink
+
 IDENTITY = np.array([[0.0, 0.0, 0.0, 1.0]])
 
 
@@ -156,31 +158,6 @@ def test_int_lists_are_validated(values: list) -> None:
     assert isinstance(out, AudioSpeaking) == ok
 
 
-class _Link:
-    """A member's connection that takes everything (the mixer tests need no network)."""
-
-    def send(self, msg: object) -> bool:
-        return True
-
-    def write(self, frame: bytes) -> bool:
-        return True
-
-    def offer(self, frame: bytes, soft_limit: int) -> bool:
-        return True
-
-    def backlog(self) -> int:
-        return 0
-
-    def send_error(self, err: object, fatal: bool = False) -> None:
-        pass
-
-    def close(self, code: int, reason: bytes) -> None:
-        pass
-
-    def admitted(self, member: object) -> None:
-        pass
-
-
 def _room_audio(n: int) -> tuple[RoomAudio, MixCounters, list[bytes]]:
     """A room's audio with ``n`` publishing members in a 2 m circle, its frame counters, and
     Opus packets of a -30 dBFS tone (no network: frames go straight into the speakers'
@@ -218,7 +195,7 @@ def _room_audio(n: int) -> tuple[RoomAudio, MixCounters, list[bytes]]:
         packets += [bytes(p) for p in codec.encode(f)]
 
     async def join_all() -> list[Any]:  # plugins' timers want a running loop
-        return [room.join(anonymous(f"b{i}", "r", f"s{i}"), 3, _Link()) for i in range(n)]
+        return [room.join(anonymous(f"b{i}", "r", f"s{i}"), 3, RecordingLink()) for i in range(n)]
 
     for i, m in enumerate(asyncio.run(join_all())):
         s = ra.mix.slot_of[m.id]

@@ -25,6 +25,7 @@ from medverse.server.config import ServerConfig
 from medverse.server.plugins import RoomPlugin, RoomType
 
 from .conftest import ServerProcess, run_server
+from .helpers import RecordingLink
 from .models import HEART, provide
 
 SECRET = "b" * 48
@@ -169,35 +170,6 @@ async def test_a_plugin_may_admit_from_the_lobby_at_once(gate: ServerProcess) ->
             await _until(lambda: s.member_id in host.members)
 
 
-class _RecordingLink:
-    """A member's connection that keeps what the room sends it (no network)."""
-
-    def __init__(self) -> None:
-        self.sent: list[Any] = []
-
-    def send(self, msg: Any) -> bool:
-        self.sent.append(msg)
-        return True
-
-    def write(self, frame: bytes) -> bool:
-        return True
-
-    def offer(self, frame: bytes, soft_limit: int) -> bool:
-        return True
-
-    def backlog(self) -> int:
-        return 0
-
-    def send_error(self, err: Any, fatal: bool = False) -> None:
-        self.sent.append(err)
-
-    def close(self, code: int, reason: bytes) -> None:
-        pass
-
-    def admitted(self, member: Any) -> None:
-        pass
-
-
 def _room(
     tmp_path: Path, plugins: list[Any], name: str = "r", segment: int = 1, table: Any = None
 ) -> Any:
@@ -232,7 +204,7 @@ async def test_a_room_whose_objects_did_not_load_refuses_object_operations(
     await service.start(ServerContext(cfg, None, lambda *a, **k: None, lambda code: None))
     try:
         room = _room(tmp_path, [service])
-        link = _RecordingLink()
+        link = RecordingLink()
         m = room.join(anonymous("a", "r", "a"), 3, link)
         room.handle(m, Spawn(7, "0" * 64, (0.0, 0.0, 0.0), (0.0, 0.0, 0.0, 1.0), 1.0))
         refused = [x for x in link.sent if isinstance(x, ObjectRefused)]
