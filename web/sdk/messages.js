@@ -95,7 +95,8 @@ defineFieldKind(
     checkRange(name, spec, v);
     return typeof v === "bigint" && v <= BigInt(Number.MAX_SAFE_INTEGER) + 1n ? Number(v) : v;
   },
-  (spec, v) => v,
+  // An integer field stays an integer on the wire, also beyond 2^53 - 1.
+  (spec, v) => (typeof v === "number" && Math.abs(v) > Number.MAX_SAFE_INTEGER ? BigInt(v) : v),
 );
 defineFieldKind(
   "float",
