@@ -273,12 +273,13 @@ function checkValue(name, spec, value) {
 
 // --------------------------------------------------------------------------- message types
 
-/** A message type: its wire `type` and its fields in declaration order. */
-export function defineMessage(type, fields = {}) {
+/** A message type: its wire `type`, its fields in declaration order and, for a type whose
+ * frames may be larger than the decoder's limit (an audio offer), `maxFrameBytes`. */
+export function defineMessage(type, fields = {}, { maxFrameBytes = 0 } = {}) {
   for (const spec of Object.values(fields)) {
     if (!KINDS.has(spec.kind)) throw new Error(`unknown field kind ${spec.kind}`);
   }
-  return Object.freeze({ type, fields: Object.freeze({ ...fields }) });
+  return Object.freeze({ type, fields: Object.freeze({ ...fields }), maxFrameBytes });
 }
 
 const int = (lo, hi, optional = false) => field("int", { lo, hi, optional });
@@ -371,15 +372,18 @@ export const CORE_SERVER_MESSAGES = [
 ];
 
 // Spatial audio (protocol/audio.py).
+/** Largest audio offer frame (a browser's SDP offer is larger than other control frames). */
+export const AUDIO_OFFER_MAX_BYTES = 16 * 1024;
 /** Longest SDP in an audio offer, in characters. */
-export const MAX_SDP_CHARS = MAX_CONTROL_BYTES - 96;
+export const MAX_SDP_CHARS = AUDIO_OFFER_MAX_BYTES - 96;
 const SDP_RE = /^v=0\r?\n/u;
 const intList = () => field("int_list", { maxLen: 1024 });
 
-export const AudioOffer = defineMessage("audio_offer", {
-  sdp: str({ maxLen: MAX_SDP_CHARS, pattern: SDP_RE }),
-  publish: bool(),
-});
+export const AudioOffer = defineMessage(
+  "audio_offer",
+  { sdp: str({ maxLen: MAX_SDP_CHARS, pattern: SDP_RE }), publish: bool() },
+  { maxFrameBytes: AUDIO_OFFER_MAX_BYTES },
+);
 export const AudioMute = defineMessage("audio_mute", { muted: bool() });
 export const AudioZone = defineMessage("audio_zone", { member_id: int(1, U32), zone: int(0, 65535) });
 export const AudioBroadcast = defineMessage("audio_broadcast", {
@@ -590,21 +594,30 @@ export function encodeMessage(msg, registry = ALL_MESSAGES) {
 }
 
 /** Decode a control frame with `registry`; returns the message or a ProtocolError (never
- * throws on bad input). */
+ * throws on bad input). A frame longer than `maxBytes` is oversized unless its type allows more
+ * (`maxFrameBytes`): it is then decoded as far as its type, as protocol/messages.py does. */
 export function decodeMessage(frame, registry, maxBytes = MAX_CONTROL_BYTES) {
-  if (frame.length > maxBytes) return new ProtocolError(ErrorCode.OVERSIZED, `control frame over ${maxBytes} bytes`);
-  if (frame.length < 2 || frame[0] !== FRAME_CONTROL) return new ProtocolError(ErrorCode.MALFORMED, "not a control frame");
+  const size = frame.length;
+  let limit = maxBytes;
+  if (size > maxBytes) {
+    limit = 0;
+    for (const def of registry.values()) limit = Math.max(limit, def.maxFrameBytes);
+  }
+  const oversized = () => new ProtocolError(ErrorCode.OVERSIZED, `control frame over ${maxBytes} bytes`);
+  if (size > limit) return oversized();
+  if (size < 2 || frame[0] !== FRAME_CONTROL) return new ProtocolError(ErrorCode.MALFORMED, "not a control frame");
   let data;
   try {
-    data = unpack(frame.subarray(1), { maxArrayLen: 1024, maxMapLen: 64, maxStrLen: maxBytes, maxBinLen: 0, maxExtLen: 0 });
+    data = unpack(frame.subarray(1), { maxArrayLen: 1024, maxMapLen: 64, maxStrLen: limit, maxBinLen: 0, maxExtLen: 0 });
   } catch (err) {
     if (!(err instanceof MsgpackError)) throw err;
-    return new ProtocolError(ErrorCode.MALFORMED, `bad msgpack: ${err.message}`);
+    return size > maxBytes ? oversized() : new ProtocolError(ErrorCode.MALFORMED, `bad msgpack: ${err.message}`);
   }
+  const kind = data instanceof Map ? data.get("t") : undefined;
+  const def = typeof kind === "string" ? registry.get(kind) : undefined;
+  if (size > maxBytes && (def === undefined || size > def.maxFrameBytes)) return oversized();
   if (!(data instanceof Map)) return new ProtocolError(ErrorCode.MALFORMED, "control frame is not a map");
-  const kind = data.get("t");
   if (typeof kind !== "string") return new ProtocolError(ErrorCode.BAD_FIELD, "missing message type 't'");
-  const def = registry.get(kind);
   if (def === undefined) {
     return new ProtocolError(ErrorCode.UNKNOWN_TYPE, `unknown message type ${JSON.stringify(kind.slice(0, 32))}`);
   }

@@ -7,8 +7,11 @@ import { decode as refDecode, encode as refEncode } from "@msgpack/msgpack";
 
 import { ErrorCode, ProtocolError } from "../sdk/errors.js";
 import {
+  AUDIO_OFFER_MAX_BYTES,
   CLIENT_MESSAGES,
+  CORE_CLIENT_MESSAGES,
   MAX_CONTROL_BYTES,
+  MAX_SDP_CHARS,
   SERVER_MESSAGES,
   checkPoseFrame,
   decodeMessage,
@@ -205,6 +208,23 @@ test("move frames: encode, decode and refusals", () => {
   assert.equal(code(decodeMove(reserved)), "malformed");
 });
 
-test("a client's control frames are bounded at MAX_CONTROL_BYTES", () => {
+test("control frames are bounded at 4096 bytes, audio offers at 16 KiB", () => {
   assert.equal(MAX_CONTROL_BYTES, 4096);
+  const sdp = "v=0\r\n" + "a=candidate:1 1 udp 2122260223 127.0.0.1 50000 typ host\r\n".repeat(100);
+  const offer = { t: "audio_offer", sdp, publish: true };
+  const f = encodeMessage(offer);
+  assert.ok(f.length > 5000 && f.length < AUDIO_OFFER_MAX_BYTES);
+  assert.deepEqual(decodeMessage(f, CLIENT_MESSAGES), offer);
+  // Without the audio family there is no larger type.
+  assert.equal(code(decodeMessage(f, messageRegistry(CORE_CLIENT_MESSAGES))), "oversized");
+  const refusals = [
+    encodeMessage({ t: "moderate", action: "mute", member_id: 2, reason: "x".repeat(MAX_CONTROL_BYTES) }),
+    Uint8Array.from([0x01, ...new Uint8Array(8000)]),
+    frame({ sdp: "x".repeat(5000) }),
+    encodeMessage({ t: "audio_offer", sdp: "v=0\n" + "x".repeat(AUDIO_OFFER_MAX_BYTES), publish: true }),
+  ];
+  for (const r of refusals) assert.equal(code(decodeMessage(r, CLIENT_MESSAGES)), "oversized");
+  const long = encodeMessage({ t: "audio_offer", sdp: "v=0\n" + "x".repeat(MAX_SDP_CHARS - 3), publish: true });
+  assert.ok(long.length <= AUDIO_OFFER_MAX_BYTES);
+  assert.equal(code(decodeMessage(long, CLIENT_MESSAGES)), "out_of_range");
 });
