@@ -53,6 +53,10 @@ class ServerConfig:
     no_auth: bool = False
     #: Open connections allowed from one IP address (0: unlimited).
     max_connections_per_address: int = 256
+    #: Open connections that have not sent a valid hello yet, from one address and in total
+    #: (0: unlimited). Each costs little, but a flood of them must not crowd out the members.
+    max_unidentified_per_address: int = 64
+    max_unidentified_connections: int = 1024
     #: Messages per second per connection (sustained), and the burst allowed above it.
     message_rate: float = 120.0
     message_burst: float = 240.0
