@@ -121,7 +121,7 @@ def _check(name: str, spec: Spec, value: Any) -> Any:
             raise ProtocolError(ErrorCode.BAD_FIELD, f"{name} must be a string")
         if spec.max_len is not None and len(value) > spec.max_len:
             raise ProtocolError(ErrorCode.OUT_OF_RANGE, f"{name} longer than {spec.max_len}")
-        if spec.pattern is not None and not spec.pattern.match(value):
+        if spec.pattern is not None and not spec.pattern.fullmatch(value):
             raise ProtocolError(ErrorCode.OUT_OF_RANGE, f"{name} has characters not allowed")
     elif k == "strs":
         if not isinstance(value, list) or len(value) > (spec.hi or 16):
