@@ -30,7 +30,7 @@ MAX_GAIN_PERCENT = 400
 #: Longest list of integers in an audio message (pairs count twice).
 MAX_INT_LIST = 1024
 _MEMBER_ID = {"lo": 1, "hi": 2**32 - 1}
-_SDP_RE = re.compile(r"^v=0\r?\n")
+_SDP_RE = re.compile(r"v=0\r?\n.*", re.DOTALL)  # a whole SDP: it begins with its version line
 
 
 class AudioMessage(Message):

@@ -11,6 +11,7 @@ mounted in another aiohttp app with ``add_subapp``. The data flows one way::
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -246,6 +247,8 @@ class Server:
             "tick": self.clock.tick,
             "tick_rate": self.config.tick_rate,
             "tick_overruns": self.clock.skipped,
+            "connections": len(self._sessions),
+            "tasks": len(asyncio.all_tasks()),
         }
         try:
             n = int(request.query.get("ticks", "0"))
