@@ -255,8 +255,8 @@ export class MedverseClient {
 
   // ----------------------------------------------------------------- events
 
-  /** Call `fn` with every event or server message of `type` ("*": every event); returns a
-   * function that removes it. */
+  /** Call `fn` with every event of `type` ("*": every event), or with every message of an
+   * application's own server message type; returns a function that removes it. */
   on(type, fn) {
     if (!this._listeners.has(type)) this._listeners.set(type, new Set());
     this._listeners.get(type).add(fn);
@@ -596,9 +596,10 @@ export class MedverseClient {
       this.emit({ type: "error", code: ev.error.code, message: `from server: ${ev.error.message}`, fatal: false });
     } else if (ev.event === "MessageReceived") {
       const m = ev.message;
+      // The client's own types become events; an application's go to its on(type) listeners.
       const handle = HANDLERS[m.t];
       if (handle !== undefined) handle(this, m);
-      for (const fn of this._listeners.get(m.t) ?? []) fn(m);
+      else for (const fn of this._listeners.get(m.t) ?? []) fn(m);
       if (m.t === "error" && m.fatal) return m;
     }
     return null;

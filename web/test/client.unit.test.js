@@ -82,6 +82,12 @@ test("an application's message types are one declaration away", async () => {
   c.on("breathing_state", (m) => got.push(m.phase));
   ws.deliver({ t: "breathing_state", phase: "inhale" }, messageRegistry([BreathingState]));
   assert.deepEqual(got, ["inhale"]);
+  // The client's own messages become events, delivered once.
+  const joinedEvents = [];
+  c.on("joined", (ev) => joinedEvents.push(ev));
+  ws.deliver({ t: "joined", member_id: 9, name: "Nurse" }, SERVER_MESSAGES);
+  assert.deepEqual(joinedEvents, [{ type: "joined", memberId: 9, name: "Nurse" }]);
+  assert.equal(c.members.get(9), "Nurse");
   c.send({ t: "breathing_start", object_id: 3, inhale: 4 });
   const [m] = ws.controls(messageRegistry([BreathingStart])).slice(-1);
   assert.deepEqual(m, { t: "breathing_start", object_id: 3, inhale: 4 });
