@@ -4,3 +4,4 @@ export * from "./quant.js";
 export * from "./messages.js";
 export * from "./snapshot.js";
 export * from "./connection.js";
+export * from "./client.js";

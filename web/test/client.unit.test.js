@@ -1,0 +1,137 @@
+// The client over a scripted WebSocket (no server): the pose rate, an application's own message
+// types, close codes and closing while waiting in a lobby.
+import assert from "node:assert/strict";
+import { test } from "node:test";
+
+import { CloseReason, MedverseClient } from "../sdk/client.js";
+import { FRAME_POSE, Hello, SERVER_MESSAGES, decodeMessage, defineMessage, encodeMessage, field, messageRegistry } from "../sdk/messages.js";
+
+/** A WebSocket the test plays the server of. */
+class FakeSocket {
+  static all = [];
+  constructor(url) {
+    this.url = url;
+    this.readyState = 0;
+    this.sent = [];
+    FakeSocket.all.push(this);
+    queueMicrotask(() => {
+      this.readyState = 1;
+      this.onopen?.();
+    });
+  }
+  send(data) {
+    this.sent.push(new Uint8Array(data));
+  }
+  close(code = 1000) {
+    if (this.readyState > 1) return;
+    this.readyState = 3;
+    queueMicrotask(() => this.onclose?.({ code }));
+  }
+  deliver(msg, registry) {
+    const bytes = encodeMessage(msg, registry);
+    this.onmessage?.({ data: bytes.buffer.slice(bytes.byteOffset, bytes.byteOffset + bytes.byteLength) });
+  }
+  controls(registry) {
+    return this.sent.filter((f) => f[0] === 1).map((f) => decodeMessage(f, registry, 1 << 20));
+  }
+}
+
+const welcome = (memberId = 7) => ({ t: "welcome", version: 1, member_id: memberId, room: "r", rate: 20, tick: 0, resume: "tok", resumed: false, members: [] });
+const tick = () => new Promise((r) => setTimeout(r, 0));
+
+async function joined(options = {}) {
+  FakeSocket.all = [];
+  const c = new MedverseClient({ url: "ws://server", room: "r", WebSocket: FakeSocket, pingInterval: 0, ...options });
+  const started = c.start();
+  await tick();
+  const ws = FakeSocket.all[0];
+  ws.deliver(welcome(), SERVER_MESSAGES);
+  await started;
+  return { c, ws };
+}
+
+test("hello names the room, the slots and the token; the URL gets /ws", async () => {
+  const { c, ws } = await joined({ token: "t0k", slots: 1 });
+  assert.equal(ws.url, "ws://server/ws");
+  const [h] = ws.controls(messageRegistry([Hello]));
+  assert.deepEqual([h.room, h.slots, h.token, h.resume], ["r", 1, "t0k", null]);
+  assert.equal(c.memberId, 7);
+  c.close();
+});
+
+test("poses are sent at most once per tick, the newest one", async () => {
+  const { c, ws } = await joined();
+  const poses = () => ws.sent.filter((f) => f[0] === FRAME_POSE);
+  for (let i = 0; i < 10; i++) c.sendPose({ position: [i, 0, 0] });
+  assert.equal(poses().length, 1); // the first at once
+  await new Promise((r) => setTimeout(r, 1000 / 20 + 30));
+  assert.equal(poses().length, 2); // then the newest, one tick later
+  const last = poses()[1];
+  const d = new DataView(last.buffer, last.byteOffset);
+  assert.equal(d.getUint32(4, true), 10);
+  assert.equal(d.getFloat32(8, true), 9);
+  assert.throws(() => c.sendPose({ position: [NaN, 0, 0] }), RangeError);
+  c.close();
+});
+
+test("an application's message types are one declaration away", async () => {
+  const BreathingStart = defineMessage("breathing_start", { object_id: field("int", { lo: 1, hi: 2 ** 31 - 1 }), inhale: field("float", { lo: 1, hi: 10 }) });
+  const BreathingState = defineMessage("breathing_state", { phase: field("str", { maxLen: 16 }) });
+  const { c, ws } = await joined({ messages: [BreathingStart, BreathingState] });
+  const got = [];
+  c.on("breathing_state", (m) => got.push(m.phase));
+  ws.deliver({ t: "breathing_state", phase: "inhale" }, messageRegistry([BreathingState]));
+  assert.deepEqual(got, ["inhale"]);
+  // The client's own messages become events, delivered once.
+  const joinedEvents = [];
+  c.on("joined", (ev) => joinedEvents.push(ev));
+  ws.deliver({ t: "joined", member_id: 9, name: "Nurse" }, SERVER_MESSAGES);
+  assert.deepEqual(joinedEvents, [{ type: "joined", memberId: 9, name: "Nurse" }]);
+  assert.equal(c.members.get(9), "Nurse");
+  c.send({ t: "breathing_start", object_id: 3, inhale: 4 });
+  const [m] = ws.controls(messageRegistry([BreathingStart])).slice(-1);
+  assert.deepEqual(m, { t: "breathing_start", object_id: 3, inhale: 4 });
+  c.close();
+});
+
+test("a connection replaced by a resumed one stops without reconnecting", async () => {
+  const { c, ws } = await joined();
+  const events = [];
+  c.on("*", (ev) => events.push(ev.type));
+  ws.close(4002);
+  await tick();
+  assert.deepEqual(events, ["closed"]);
+  assert.equal(c.closedReason, CloseReason.REPLACED);
+  assert.equal(FakeSocket.all.length, 1);
+});
+
+test("a dropped connection reconnects with the resume token", async () => {
+  const { c, ws } = await joined({ maxBackoff: 0.01 });
+  const resumed = new Promise((r) => c.on("resumed", r));
+  ws.readyState = 3;
+  ws.onclose({ code: 1006 });
+  while (FakeSocket.all.length < 2) await tick();
+  const ws2 = FakeSocket.all[1];
+  await tick();
+  assert.equal(ws2.controls(messageRegistry([Hello]))[0].resume, "tok");
+  ws2.deliver({ ...welcome(), resumed: true }, SERVER_MESSAGES);
+  assert.deepEqual(await resumed, { type: "resumed", memberId: 7, sameMember: true });
+  assert.equal(c.socket, ws2);
+  c.close();
+});
+
+test("closing while waiting in a lobby ends the join", async () => {
+  FakeSocket.all = [];
+  const c = new MedverseClient({ url: "ws://server/ws", room: "r", WebSocket: FakeSocket, pingInterval: 0 });
+  const events = [];
+  c.on("*", (ev) => events.push(ev));
+  const started = c.start();
+  await tick();
+  FakeSocket.all[0].deliver({ t: "waiting", room: "r", lobby_id: 4 }, SERVER_MESSAGES);
+  assert.equal(c.state, "lobby");
+  assert.deepEqual(events[0], { type: "waiting", room: "r", lobbyId: 4 });
+  c.close();
+  await assert.rejects(started);
+  assert.equal(events.at(-1).type, "closed");
+  assert.equal(events.at(-1).reason, CloseReason.LEFT);
+});
