@@ -410,10 +410,19 @@ class VerifyReport:
         return not self.problems
 
 
+def _open_readonly(data_dir: Path) -> sqlite3.Connection:
+    """The audit database of ``data_dir``, read-only; ValueError naming what is missing."""
+    if not data_dir.is_dir():
+        raise ValueError(f"no data directory {data_dir.resolve()}")
+    if not (data_dir / DB_FILE).is_file():
+        raise ValueError(f"no audit log in {data_dir.resolve()} ({DB_FILE} is missing)")
+    return sqlite3.connect(f"file:{data_dir / DB_FILE}?mode=ro", uri=True)
+
+
 def verify(data_dir: str | Path) -> VerifyReport:
     """Recompute every leaf and signed root; report each discrepancy found."""
     data_dir = Path(data_dir)
-    db = sqlite3.connect(f"file:{data_dir / DB_FILE}?mode=ro", uri=True)
+    db = _open_readonly(data_dir)
     pub = serialization.load_pem_public_key((data_dir / PUBLIC_KEY_FILE).read_bytes())
     assert isinstance(pub, Ed25519PublicKey)
     problems: list[str] = []
@@ -470,7 +479,7 @@ def verify(data_dir: str | Path) -> VerifyReport:
 def prove(data_dir: str | Path, seq: int) -> dict[str, Any]:
     """Inclusion proof of entry ``seq`` in the latest signed tree, checked before returning."""
     data_dir = Path(data_dir)
-    db = sqlite3.connect(f"file:{data_dir / DB_FILE}?mode=ro", uri=True)
+    db = _open_readonly(data_dir)
     head = db.execute(
         "SELECT size, time_ms, root, signature FROM tree_heads ORDER BY size DESC LIMIT 1"
     ).fetchone()

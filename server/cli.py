@@ -8,17 +8,50 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
 import signal
+import socket
+import sqlite3
 import ssl
 import sys
+import tempfile
 from dataclasses import fields
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
 from .config import ServerConfig
 
 if TYPE_CHECKING:
     from aiohttp import web
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: usage goes to ``--help``, the error to stderr, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class StartupError(Exception):
+    """Why the server cannot start, said in one line for the operator."""
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one line for the operator: what failed and why, no traceback."""
+    if isinstance(exc, OSError) and not isinstance(exc, StartupError):
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        text = f"{exc.filename}: {reason}" if exc.filename else reason
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
+
+
+def _fail(prog: str, exc: BaseException | str) -> int:
+    """Print ``prog: error: ...`` on one line to stderr; the exit code for bad input (2)."""
+    text = exc if isinstance(exc, str) else one_line(exc)
+    print(f"{prog}: error: {text}", file=sys.stderr)
+    return 2
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
@@ -36,7 +69,14 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         flag = "--" + f.name.replace("_", "-")
         env = f"env MEDVERSE_{f.name.upper()}"
         if isinstance(value, bool):
-            p.add_argument(flag, action="store_const", const=True, default=None, help=f"({env})")
+            # --flag and --no-flag: a setting that is on by default (or in the environment)
+            # can be turned off from the command line too.
+            p.add_argument(
+                flag,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=f"(default {'on' if value else 'off'}; {env})",
+            )
         else:
             p.add_argument(flag, type=type(value), default=None, help=f"(default {value!r}; {env})")
 
@@ -79,7 +119,10 @@ def _audit(args: argparse.Namespace) -> int:
 
     data_dir = ServerConfig.from_env(data_dir=args.data_dir).data_dir
     if args.audit_command == "verify":
-        report = verify(data_dir)
+        try:
+            report = verify(data_dir)
+        except (ValueError, OSError, sqlite3.Error) as exc:
+            return _fail("medverse audit verify", exc)
         print(f"{report.entries} entries, signed tree heads up to {report.signed_size}")
         for problem in report.problems:
             print("TAMPERED:", problem)
@@ -87,69 +130,155 @@ def _audit(args: argparse.Namespace) -> int:
         return 0 if report.ok else 1
     try:
         print(json.dumps(prove(data_dir, args.entry), indent=2))
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError, sqlite3.Error) as exc:
+        return _fail("medverse audit prove", exc)
     return 0
 
 
 def _token(args: argparse.Namespace) -> int:
-    from .auth import load_or_create_secret, mint_admin_token, mint_token, parse_ttl
+    from .auth import mint_admin_token, mint_token, parse_ttl
 
-    cfg = ServerConfig.from_env(data_dir=args.data_dir)
-    secret = cfg.auth_secret.encode() if cfg.auth_secret else load_or_create_secret(cfg.data_dir)[0]
-    if args.admin:
-        if args.room is not None:
-            print("error: an admin token names no room", file=sys.stderr)
-            return 2
-        print(mint_admin_token(secret, identity=args.identity, ttl=parse_ttl(args.ttl)))
-        return 0
-    if args.room is None:
-        print("error: --room is required (or --admin)", file=sys.stderr)
-        return 2
-    grants = [g.strip() for g in args.grants.split(",") if g.strip()] if args.grants else None
-    print(
-        mint_token(
-            secret,
+    prog = "medverse token"
+    try:
+        ttl = parse_ttl(args.ttl)
+        cfg = ServerConfig.from_env(data_dir=args.data_dir)
+        if args.admin:
+            if args.room is not None:
+                return _fail(prog, "an admin token names no room")
+            secret = _token_secret(cfg)
+            print(mint_admin_token(secret, identity=args.identity, ttl=ttl))
+            return 0
+        if args.room is None:
+            return _fail(prog, "--room is required (or --admin)")
+        grants = [g.strip() for g in args.grants.split(",") if g.strip()] if args.grants else None
+        token = mint_token(
+            _token_secret(cfg),
             room=args.room,
             identity=args.identity,
             name=args.name,
             role=args.role,
-            ttl=parse_ttl(args.ttl),
+            ttl=ttl,
             grants=grants,
         )
-    )
+    except (ValueError, OSError) as exc:
+        return _fail(prog, exc)
+    print(token)
     return 0
 
 
-async def _serve(cfg: ServerConfig, app: web.Application) -> None:
+def _token_secret(cfg: ServerConfig) -> bytes:
+    from .auth import load_or_create_secret
+
+    return cfg.auth_secret.encode() if cfg.auth_secret else load_or_create_secret(cfg.data_dir)[0]
+
+
+async def _serve(cfg: ServerConfig, app: web.Application, ssl_ctx: ssl.SSLContext | None) -> None:
     from aiohttp import web
 
     from .auth import load_or_create_secret, mint_token
 
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    ssl_ctx = None
-    if cfg.tls_cert:
-        ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ssl_ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
-    site = web.TCPSite(runner, cfg.host, cfg.port, ssl_context=ssl_ctx)
-    await site.start()
-    log = logging.getLogger("medverse")
-    scheme = "wss" if ssl_ctx else "ws"
-    log.info(
-        "medverse serving on %s://%s:%d/ws (tick %d Hz)", scheme, cfg.host, cfg.port, cfg.tick_rate
-    )
-    if not cfg.no_auth and not cfg.auth_secret and not cfg.auth_public_key:
-        secret, _ = load_or_create_secret(cfg.data_dir)
-        token = mint_token(secret, room="demo", identity="dev", name="Developer", role="host")
-        log.info("development token for room 'demo' (host, 1 h): %s", token)
+    # Signals first: a SIGTERM at any point from here on stops the server cleanly.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, cfg.host, cfg.port, ssl_context=ssl_ctx)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise StartupError(_bind_error(cfg, exc)) from None
+    _print_banner(cfg, ssl_ctx is not None)
+    log = logging.getLogger("medverse")
+    if not cfg.no_auth and not cfg.auth_secret and not cfg.auth_public_key:
+        secret, _ = load_or_create_secret(cfg.data_dir)
+        token = mint_token(secret, room="demo", identity="dev", name="Developer", role="host")
+        log.info("development token for room 'demo' (host, 1 h): %s", token)
     await stop.wait()
     await runner.cleanup()
+
+
+def _tls_context(cfg: ServerConfig) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise StartupError(
+            f"tls_cert {cfg.tls_cert} / tls_key {cfg.tls_key}: not a PEM certificate chain and "
+            f"its private key ({one_line(exc)})"
+        ) from None
+    return ctx
+
+
+def _bind_error(cfg: ServerConfig, exc: OSError) -> str:
+    """Why listening failed, for the operator: the port taken, or the address unknown."""
+    where = f"{cfg.host}:{cfg.port}"
+    if exc.errno == errno.EADDRINUSE:
+        return (
+            f"cannot listen on {where}: port {cfg.port} is in use (another process holds it; "
+            "stop it or pick another port with --port or MEDVERSE_PORT)"
+        )
+    if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:
+        return f"cannot listen on {where}: {cfg.host!r} is not an address of this machine"
+    if exc.errno == errno.EACCES:
+        return f"cannot listen on {where}: permission denied (ports below 1024 need privileges)"
+    return f"cannot listen on {where}: {one_line(exc)}"
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _print_banner(cfg: ServerConfig, tls: bool) -> None:
+    """Where to reach the server and where it keeps its data, on stdout at any log level."""
+    base = f"{'https' if tls else 'http'}://{_url_host(cfg.host)}:{cfg.port}"
+    ws = f"{'wss' if tls else 'ws'}://{_url_host(cfg.host)}:{cfg.port}/ws"
+    print(
+        f"medverse serving {base} (tick {cfg.tick_rate} Hz)\n"
+        f"  rooms    {ws}\n"
+        f"  health   {base}/health\n"
+        f"  metrics  {base}/metrics\n"
+        f"  data     {Path(cfg.data_dir).resolve()}",
+        flush=True,
+    )
+
+
+def check_listen(cfg: ServerConfig) -> None:
+    """Fail before anything is opened or created if the server could not listen: the port is
+    taken or the host is not an address of this machine. (Binding for real may still fail if
+    another process takes the port in between; that is reported the same way.)"""
+    try:
+        infos = socket.getaddrinfo(
+            cfg.host, cfg.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        for family, kind, proto, _, addr in infos:
+            with socket.socket(family, kind, proto) as s:
+                # As the server's own socket will: a port in TIME_WAIT is free to take.
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                s.bind(addr)
+    except OSError as exc:
+        raise StartupError(_bind_error(cfg, exc)) from None
+
+
+def prepare_data_dir(path: str) -> Path:
+    """The data directory, created if missing and checked to be a writable folder (a clear
+    error now rather than a traceback from the first file the server writes there)."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise StartupError(f"data_dir {p.resolve()}: exists and is not a folder")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=p):
+            pass
+    except OSError as exc:
+        raise StartupError(
+            f"data_dir {p.resolve()}: cannot write there ({one_line(exc)})"
+        ) from None
+    return p
 
 
 def serve(cfg: ServerConfig, app: web.Application | None = None) -> None:
@@ -161,7 +290,11 @@ def serve(cfg: ServerConfig, app: web.Application | None = None) -> None:
     logging.basicConfig(
         level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    run_loop(_serve(cfg, app if app is not None else create_app(cfg)))
+    # Everything that can be checked before the server opens or creates anything is.
+    check_listen(cfg)
+    prepare_data_dir(cfg.data_dir)
+    ssl_ctx = _tls_context(cfg) if cfg.tls_cert else None
+    run_loop(_serve(cfg, app if app is not None else create_app(cfg), ssl_ctx))
 
 
 def run_loop(coro: object) -> None:
@@ -174,8 +307,9 @@ def run_loop(coro: object) -> None:
         uvloop.run(coro)  # type: ignore[arg-type]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="medverse", description="medverse telepresence server")
+def build_parser() -> argparse.ArgumentParser:
+    """The ``medverse`` command's parser, with every subcommand."""
+    parser = _Parser(prog="medverse", description="medverse telepresence server")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve(sub)
     _add_token(sub)
@@ -186,24 +320,57 @@ def main(argv: list[str] | None = None) -> int:
         add_loadtest = None
     if add_loadtest is not None:
         add_loadtest(sub.add_parser("loadtest", help="simulate headsets against a server"))
-    args = parser.parse_args(argv)
+    return parser
+
+
+def serve_config(args: argparse.Namespace) -> ServerConfig:
+    """``medverse serve``'s settings: defaults, then ``MEDVERSE_*`` variables, then flags."""
+    return ServerConfig.from_env(**{f.name: getattr(args, f.name) for f in fields(ServerConfig)})
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.command == "serve":
-        overrides = {f.name: getattr(args, f.name) for f in fields(ServerConfig)}
         try:
-            cfg = ServerConfig.from_env(**overrides)
-        except ValueError as exc:
-            parser.error(str(exc))
-        serve(cfg)
+            serve(serve_config(args))
+        except (StartupError, ValueError, OSError, sqlite3.Error) as exc:
+            # Settings, files and the listening socket: the operator's to fix, so one line.
+            return _fail("medverse serve", exc)
         return 0
     if args.command == "token":
         return _token(args)
     if args.command == "audit":
         return _audit(args)
     if args.command == "loadtest":
-        from medverse.client_sdk.loadtest import run as run_loadtest
-
-        return run_loadtest(args)
+        return _loadtest(args)
     return 2
+
+
+def _loadtest(args: argparse.Namespace) -> int:
+    """``medverse loadtest``, with its bad input and unreachable servers said in one line."""
+    import os
+
+    from medverse.client_sdk.loadtest import run as run_loadtest
+
+    prog = "medverse loadtest"
+    for name, low in (("clients", 1), ("rate", 1), ("room_size", 0), ("probes", 0)):
+        if getattr(args, name) < low:
+            return _fail(prog, f"--{name.replace('_', '-')} must be at least {low}")
+    if not args.seconds > 0 or not args.warmup >= 0:
+        return _fail(prog, "--seconds must be > 0 and --warmup >= 0")
+    # A refused headset is reported below; the others' unread refusals need not be logged.
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    try:
+        return run_loadtest(args)
+    except ConnectionRefusedError as exc:
+        return _fail(prog, f"no server answers at {args.url} ({one_line(exc)})")
+    except ConnectionError as exc:  # a headset's join was refused
+        text = one_line(exc)
+        if "unauthorized" in text and not (args.secret or os.environ.get("MEDVERSE_AUTH_SECRET")):
+            text += " (give the server's token secret with --secret or MEDVERSE_AUTH_SECRET)"
+        return _fail(prog, f"{args.url}: {text}")
+    except (OSError, ValueError) as exc:
+        return _fail(prog, f"{args.url}: {one_line(exc)}")
 
 
 if __name__ == "__main__":
