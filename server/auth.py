@@ -160,6 +160,16 @@ def parse_ttl(text: str) -> float:
     return seconds
 
 
+def load_secret(data_dir: str | Path) -> bytes | None:
+    """The deployment secret kept in the data directory, or None if there is none. Never
+    creates one: a secret made by anything but the server would sign tokens it refuses."""
+    path = Path(data_dir) / SECRET_FILE
+    try:
+        return path.read_bytes().strip()
+    except FileNotFoundError:
+        return None
+
+
 def load_or_create_secret(data_dir: str | Path) -> tuple[bytes, bool]:
     """The deployment secret kept in the data directory (mode 0600); created on first use.
 
@@ -188,6 +198,7 @@ __all__ = [
     "anonymous",
     "identity_from_claims",
     "load_or_create_secret",
+    "load_secret",
     "mint_admin_token",
     "mint_token",
     "parse_ttl",

@@ -33,13 +33,13 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-class StartupError(Exception):
-    """Why the server cannot start, said in one line for the operator."""
+class CommandError(Exception):
+    """What the operator must fix (a setting, a file, a port), said in one line."""
 
 
 def one_line(exc: BaseException) -> str:
     """An exception as one line for the operator: what failed and why, no traceback."""
-    if isinstance(exc, OSError) and not isinstance(exc, StartupError):
+    if isinstance(exc, OSError):
         reason = exc.strerror or str(exc) or type(exc).__name__
         text = f"{exc.filename}: {reason}" if exc.filename else reason
     else:
@@ -87,7 +87,7 @@ def _add_token(sub: argparse._SubParsersAction) -> None:
         help="mint a join token",
         description=(
             "Print an HS256 join token signed with the deployment secret (MEDVERSE_AUTH_SECRET, "
-            "or the secret in the data directory)."
+            "or the secret `medverse serve` created in the data directory; never a new one)."
         ),
     )
     p.add_argument("--room", default=None, help="the room the token admits to")
@@ -160,16 +160,28 @@ def _token(args: argparse.Namespace) -> int:
             ttl=ttl,
             grants=grants,
         )
-    except (ValueError, OSError) as exc:
+    except (CommandError, ValueError, OSError) as exc:
         return _fail(prog, exc)
     print(token)
     return 0
 
 
 def _token_secret(cfg: ServerConfig) -> bytes:
-    from .auth import load_or_create_secret
+    """The secret the server signs with: ``MEDVERSE_AUTH_SECRET``, else the one ``medverse
+    serve`` created in the data directory. Minting never creates one (the server would refuse
+    every token signed with it), so none found is an error that says where it looked."""
+    from .auth import SECRET_FILE, load_secret
 
-    return cfg.auth_secret.encode() if cfg.auth_secret else load_or_create_secret(cfg.data_dir)[0]
+    if cfg.auth_secret:
+        return cfg.auth_secret.encode()
+    secret = load_secret(cfg.data_dir)
+    if secret is None:
+        raise CommandError(
+            f"no token secret: MEDVERSE_AUTH_SECRET is not set and "
+            f"{(Path(cfg.data_dir) / SECRET_FILE).resolve()} does not exist (give the server's "
+            "--data-dir, or MEDVERSE_AUTH_SECRET; `medverse serve` creates the secret)"
+        )
+    return secret
 
 
 async def _serve(cfg: ServerConfig, app: web.Application, ssl_ctx: ssl.SSLContext | None) -> None:
@@ -189,7 +201,7 @@ async def _serve(cfg: ServerConfig, app: web.Application, ssl_ctx: ssl.SSLContex
         await site.start()
     except OSError as exc:
         await runner.cleanup()
-        raise StartupError(_bind_error(cfg, exc)) from None
+        raise CommandError(_bind_error(cfg, exc)) from None
     _print_banner(cfg, ssl_ctx is not None)
     log = logging.getLogger("medverse")
     if not cfg.no_auth and not cfg.auth_secret and not cfg.auth_public_key:
@@ -205,7 +217,7 @@ def _tls_context(cfg: ServerConfig) -> ssl.SSLContext:
     try:
         ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
     except (OSError, ssl.SSLError) as exc:
-        raise StartupError(
+        raise CommandError(
             f"tls_cert {cfg.tls_cert} / tls_key {cfg.tls_key}: not a PEM certificate chain and "
             f"its private key ({one_line(exc)})"
         ) from None
@@ -261,7 +273,7 @@ def check_listen(cfg: ServerConfig) -> None:
                     s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 s.bind(addr)
     except OSError as exc:
-        raise StartupError(_bind_error(cfg, exc)) from None
+        raise CommandError(_bind_error(cfg, exc)) from None
 
 
 def prepare_data_dir(path: str) -> Path:
@@ -269,13 +281,13 @@ def prepare_data_dir(path: str) -> Path:
     error now rather than a traceback from the first file the server writes there)."""
     p = Path(path)
     if p.exists() and not p.is_dir():
-        raise StartupError(f"data_dir {p.resolve()}: exists and is not a folder")
+        raise CommandError(f"data_dir {p.resolve()}: exists and is not a folder")
     try:
         p.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=p):
             pass
     except OSError as exc:
-        raise StartupError(
+        raise CommandError(
             f"data_dir {p.resolve()}: cannot write there ({one_line(exc)})"
         ) from None
     return p
@@ -333,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         try:
             serve(serve_config(args))
-        except (StartupError, ValueError, OSError, sqlite3.Error) as exc:
+        except (CommandError, ValueError, OSError, sqlite3.Error) as exc:
             # Settings, files and the listening socket: the operator's to fix, so one line.
             return _fail("medverse serve", exc)
         return 0

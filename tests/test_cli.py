@@ -155,3 +155,29 @@ def test_serve_says_where_it_listens_and_keeps_its_data() -> None:
     assert f"ws://127.0.0.1:{port}/ws" in text
     assert str((workdir / "medverse-data").resolve()) in text
     assert proc.returncode == 0 and "Traceback" not in err, err
+
+
+def test_token_never_creates_a_secret(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDVERSE_")}
+    mint = ("token", "--room", "demo", "--identity", "dr-a", "--data-dir", str(tmp_path))
+    code, err = medverse(*mint, env=env)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert "MEDVERSE_AUTH_SECRET" in err and str(tmp_path / "auth_secret") in err, err
+    assert not (tmp_path / "auth_secret").exists()
+    code, err = medverse(*mint, "--admin", env=env)
+    assert code == 2 and not (tmp_path / "auth_secret").exists(), err
+    # The secret the server created is the one minting uses.
+    (tmp_path / "auth_secret").write_text(SECRET + "\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "medverse.server.cli", *mint],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    from medverse.server.auth import TokenVerifier
+
+    assert (
+        TokenVerifier(secret=SECRET.encode()).verify(out.stdout.strip(), "demo").subject == "dr-a"
+    )
