@@ -103,36 +103,115 @@ def _add_token(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_audit(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("audit", help="check or prove the audit log")
+    p = sub.add_parser("audit", help="read, check, prove or anchor the audit log")
     asub = p.add_subparsers(dest="audit_command", required=True)
+    data_help = "(env MEDVERSE_DATA_DIR)"
     v = asub.add_parser("verify", help="recompute the Merkle tree and check every signed head")
-    v.add_argument("--data-dir", default=None, help="(env MEDVERSE_DATA_DIR)")
+    v.add_argument("--data-dir", default=None, help=data_help)
+    v.add_argument(
+        "--against",
+        metavar="HEAD_FILE",
+        default=None,
+        help="a head saved earlier (medverse audit head): also prove the log still extends it",
+    )
     pr = asub.add_parser("prove", help="print an inclusion proof of entry N")
     pr.add_argument("entry", type=int)
-    pr.add_argument("--data-dir", default=None, help="(env MEDVERSE_DATA_DIR)")
+    pr.add_argument("--data-dir", default=None, help=data_help)
+    h = asub.add_parser(
+        "head", help="print the newest signed tree head, to keep where the server cannot write"
+    )
+    h.add_argument("--data-dir", default=None, help=data_help)
+    h.add_argument("--out", metavar="FILE", default=None, help="write it to FILE instead")
+    sh = asub.add_parser("show", help="print the entries, one line each")
+    sh.add_argument("--data-dir", default=None, help=data_help)
+    sh.add_argument(
+        "--since",
+        default=None,
+        help="2026-11-30, 2026-11-30T18:00 (UTC unless an offset is given), or a time back "
+        "from now: 90m, 2h, 7d",
+    )
+    sh.add_argument("--room", default=None, help="entries of this room")
+    sh.add_argument("--identity", default=None, help="entries whose actor or subject it is")
+
+
+def _since(text: str) -> float:
+    """``--since`` as Unix time: an ISO date or time (UTC unless it has an offset) or a
+    duration back from now."""
+    import re
+    import time
+    from datetime import UTC, datetime
+
+    from .auth import parse_ttl
+
+    if re.fullmatch(r"\s*\d+(?:\.\d+)?\s*[smhd]?\s*", text):
+        return time.time() - parse_ttl(text)
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(f"--since {text!r}: give 2026-11-30, 2026-11-30T18:00 or 2h") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.timestamp()
 
 
 def _audit(args: argparse.Namespace) -> int:
     import json
 
-    from .audit import prove, verify
+    from .audit import SavedHead, check_against, current_head, prove, read_entries, verify
 
+    prog = f"medverse audit {args.audit_command}"
     data_dir = ServerConfig.from_env(data_dir=args.data_dir).data_dir
-    if args.audit_command == "verify":
-        try:
-            report = verify(data_dir)
-        except (ValueError, OSError, sqlite3.Error) as exc:
-            return _fail("medverse audit verify", exc)
-        print(f"{report.entries} entries, signed tree heads up to {report.signed_size}")
-        for problem in report.problems:
-            print("TAMPERED:", problem)
-        print("OK: the log is intact" if report.ok else f"{len(report.problems)} problem(s) found")
-        return 0 if report.ok else 1
     try:
-        print(json.dumps(prove(data_dir, args.entry), indent=2))
-    except (ValueError, OSError, sqlite3.Error) as exc:
-        return _fail("medverse audit prove", exc)
-    return 0
+        if args.audit_command == "verify":
+            saved = None
+            if args.against:
+                try:
+                    saved = SavedHead.parse(json.loads(Path(args.against).read_text()))
+                except ValueError as exc:  # JSON errors are ValueErrors too
+                    raise CommandError(f"{args.against}: {one_line(exc)}") from None
+            report = verify(data_dir)
+            against = check_against(data_dir, saved) if saved is not None else None
+        elif args.audit_command == "prove":
+            print(json.dumps(prove(data_dir, args.entry), indent=2))
+            return 0
+        elif args.audit_command == "head":
+            text = json.dumps(current_head(data_dir), indent=2) + "\n"
+            if args.out:
+                _write_atomically(Path(args.out), text)
+            else:
+                print(text, end="")
+            return 0
+        else:
+            since = _since(args.since) if args.since else None
+            for line in read_entries(data_dir, since, args.room, args.identity):
+                print(line)
+            return 0
+    except (CommandError, ValueError, OSError, sqlite3.Error) as exc:
+        return _fail(prog, exc)
+    print(f"{report.entries} entries, signed tree heads up to {report.signed_size}")
+    for problem in report.problems:
+        print("TAMPERED:", problem)
+    if saved is not None:
+        if against is None:
+            print(f"consistent with the head saved at {saved.when()} ({saved.size} entries)")
+        else:
+            print("TAMPERED:", against)
+    ok = report.ok and against is None
+    problems = len(report.problems) + (against is not None)
+    print("OK: the log is intact" if ok else f"{problems} problem(s) found")
+    return 0 if ok else 1
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so a reader sees the old file or the new one, never half."""
+    import os
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def _token(args: argparse.Namespace) -> int:
