@@ -144,6 +144,11 @@ class Server:
             self._banned,
         )
 
+    def session_ended(self, room: str) -> bool:
+        """Whether a host ended ``room``'s session and the room has not closed since."""
+        live = self.rooms.get(room)
+        return live is not None and live.ended
+
     def _banned(self, identity: Identity) -> bool:
         """Whether ``identity`` was banned from its (live) room for this session."""
         room = self.rooms.get(identity.room)
@@ -291,7 +296,12 @@ def create_app(
     app.router.add_get("/health", server.health)
     app.router.add_get("/metrics", server.prometheus)
     assets = AssetService(
-        server.http_auth, server.audit, cfg.max_asset_bytes, cfg.max_assets_per_room
+        server.http_auth,
+        server.audit,
+        cfg.max_asset_bytes,
+        cfg.max_assets_per_room,
+        pseudonymous=server.policy.pseudonymous,
+        ended=server.session_ended,
     )
     assets.routes(app)
     AdminAPI(server.http_auth, server.rooms, lambda: server.audit.log).routes(app)

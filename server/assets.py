@@ -53,7 +53,9 @@ class AssetInfo:
     sha256: str
     name: str
     size: int
-    uploader: str  # the uploader's display name (the identity is in the audit log)
+    #: The uploader as the room shows members: the display name, or in pseudonymous rooms the
+    #: pseudonym (the identity is in the audit log).
+    uploader: str
     uploaded_at: float  # Unix time
     nodes: tuple[str, ...]  # named glTF nodes: what view state can show or hide
     generator: str | None
@@ -97,6 +99,13 @@ class AssetStore:
                 uploaded_at REAL NOT NULL, PRIMARY KEY (room, sha256));
             """
         )
+        # Whether ``uploader`` is a pseudonym (uploaded in a pseudonymous room), so a real name
+        # is never shown in one; databases from before the column hold real names only.
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(room_assets)")}
+        if "pseudonymous" not in columns:
+            self._db.execute(
+                "ALTER TABLE room_assets ADD COLUMN pseudonymous INTEGER NOT NULL DEFAULT 0"
+            )
 
     def close(self) -> None:
         with self._lock:
@@ -105,25 +114,28 @@ class AssetStore:
     def blob_path(self, sha256: str) -> Path:
         return self.root / sha256[:2] / f"{sha256}.glb"
 
-    def info(self, room: str, sha256: str) -> AssetInfo | None:
-        """The asset ``sha256`` as listed in ``room`` (None if it was never uploaded there)."""
+    def info(self, room: str, sha256: str, *, pseudonymous: bool = False) -> AssetInfo | None:
+        """The asset ``sha256`` as listed in ``room`` (None if it was never uploaded there);
+        ``pseudonymous``: the room shows pseudonyms only, so a real name never appears."""
         with self._lock:
             row = self._db.execute(
-                "SELECT r.sha256, r.name, b.size, r.uploader, r.uploaded_at, b.model "
-                "FROM room_assets r JOIN blobs b USING (sha256) WHERE r.room = ? AND r.sha256 = ?",
+                "SELECT r.sha256, r.name, b.size, r.uploader, r.uploaded_at, b.model, "
+                "r.pseudonymous FROM room_assets r JOIN blobs b USING (sha256) "
+                "WHERE r.room = ? AND r.sha256 = ?",
                 (room, sha256),
             ).fetchone()
-        return _row_info(row) if row else None
+        return _row_info(row, pseudonymous) if row else None
 
-    def list(self, room: str) -> list[AssetInfo]:
+    def list(self, room: str, *, pseudonymous: bool = False) -> list[AssetInfo]:
+        """Every asset listed in ``room``, oldest first (``pseudonymous`` as in :meth:`info`)."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT r.sha256, r.name, b.size, r.uploader, r.uploaded_at, b.model "
-                "FROM room_assets r JOIN blobs b USING (sha256) WHERE r.room = ? "
+                "SELECT r.sha256, r.name, b.size, r.uploader, r.uploaded_at, b.model, "
+                "r.pseudonymous FROM room_assets r JOIN blobs b USING (sha256) WHERE r.room = ? "
                 "ORDER BY r.uploaded_at, r.sha256",
                 (room,),
             ).fetchall()
-        return [_row_info(r) for r in rows]
+        return [_row_info(r, pseudonymous) for r in rows]
 
     def count(self, room: str) -> int:
         with self._lock:
@@ -131,12 +143,22 @@ class AssetStore:
             return int(row.fetchone()[0])
 
     def add(
-        self, room: str, name: str, identity: Identity, staged: Path, sha256: str, model: ModelInfo
+        self,
+        room: str,
+        name: str,
+        identity: Identity,
+        staged: Path,
+        sha256: str,
+        model: ModelInfo,
+        *,
+        pseudonymous: bool = False,
     ) -> tuple[AssetInfo, bool]:
         """Keep a validated, staged file and list it in ``room``; durable on return.
 
         Returns the listing and whether it is new to the room. The file is moved into place
-        (fsynced first) only if no blob with this hash exists yet: stored once.
+        (fsynced first) only if no blob with this hash exists yet: stored once. In a
+        ``pseudonymous`` room the uploader is kept under the pseudonym the room shows, never
+        the real name.
         """
         dest = self.blob_path(sha256)
         size = staged.stat().st_size
@@ -157,12 +179,14 @@ class AssetStore:
             self._db.execute(
                 "INSERT OR IGNORE INTO blobs VALUES (?, ?, ?, ?)", (sha256, size, meta, now)
             )
+            shown = pseudonym_of(identity) if pseudonymous else identity.name
             cur = self._db.execute(
-                "INSERT OR IGNORE INTO room_assets VALUES (?, ?, ?, ?, ?, ?)",
-                (room, sha256, name, identity.name, identity.subject, now),
+                "INSERT OR IGNORE INTO room_assets (room, sha256, name, uploader, "
+                "uploader_subject, uploaded_at, pseudonymous) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (room, sha256, name, shown, identity.subject, now, int(pseudonymous)),
             )
             new = cur.rowcount == 1
-        info = self.info(room, sha256)
+        info = self.info(room, sha256, pseudonymous=pseudonymous)
         assert info is not None
         return info, new
 
@@ -194,10 +218,23 @@ class AssetStore:
         return row[0] if row else None
 
 
-def _row_info(row: tuple[Any, ...]) -> AssetInfo:
+#: How an uploader without a pseudonym appears in a pseudonymous room over HTTP (the room's
+#: WebSocket adds the member id, which a stored upload does not have).
+ANONYMOUS_UPLOADER = "Participant"
+
+
+def pseudonym_of(identity: Identity) -> str:
+    """The name a pseudonymous room shows for ``identity`` in its asset listings."""
+    return identity.pseudonym or ANONYMOUS_UPLOADER
+
+
+def _row_info(row: tuple[Any, ...], pseudonymous: bool) -> AssetInfo:
     model = json.loads(row[5])
+    # A name stored as a real name (uploaded while the room was not pseudonymous) is not shown
+    # in a room that is now.
+    uploader = row[3] if row[6] or not pseudonymous else ANONYMOUS_UPLOADER
     return AssetInfo(
-        row[0], row[1], row[2], row[3], row[4], tuple(model["nodes"]), model["generator"]
+        row[0], row[1], row[2], uploader, row[4], tuple(model["nodes"]), model["generator"]
     )
 
 
@@ -222,10 +259,17 @@ class AssetService:
         max_bytes: int,
         max_per_room: int,
         store: AssetStore | None = None,
+        *,
+        pseudonymous: Callable[[str], bool] = lambda room: False,
+        ended: Callable[[str], bool] = lambda room: False,
     ) -> None:
         self._auth = auth
         self._audit = audit
         self._store = store
+        #: Whether a room shows pseudonyms only, and whether its session was ended by a host
+        #: (until the room closes): the same answers the room's WebSocket gives.
+        self._pseudonymous = pseudonymous
+        self._ended = ended
         self.max_bytes = max_bytes
         self.max_per_room = max_per_room
         self._uploads_by_address: dict[str, int] = {}
@@ -247,19 +291,30 @@ class AssetService:
         app.router.add_get("/rooms/{room}/assets/{sha256}/info", self.metadata)
         app.router.add_delete("/rooms/{room}/assets/{sha256}", self.delete)
 
-    def _lookup(self, request: web.Request) -> tuple[str, Identity, AssetInfo]:
+    def _member(self, request: web.Request) -> tuple[str, Identity]:
+        """The room and who asks (from the bearer token), refused with ``session_ended``
+        while the room's session is ended: nothing of it is listed, served or taken then."""
         room = request.match_info["room"]
         identity = self._auth.room_identity(request, room)
+        if self._ended(room):
+            raise http_error(ProtocolError(ErrorCode.SESSION_ENDED, "this session has ended"))
+        return room, identity
+
+    def _lookup(self, request: web.Request) -> tuple[str, Identity, AssetInfo]:
+        room, identity = self._member(request)
         sha = request.match_info["sha256"]
-        info = self.store.info(room, sha) if SHA256_RE.match(sha) else None
+        pseudonymous = self._pseudonymous(room)
+        info = (
+            self.store.info(room, sha, pseudonymous=pseudonymous) if SHA256_RE.match(sha) else None
+        )
         if info is None:
             raise http_error(ProtocolError(ErrorCode.NOT_FOUND, "no such asset in this room"))
         return room, identity, info
 
     async def listing(self, request: web.Request) -> web.Response:
-        room = request.match_info["room"]
-        self._auth.room_identity(request, room)
-        return web.json_response({"assets": [a.to_json() for a in self.store.list(room)]})
+        room, _ = self._member(request)
+        assets = self.store.list(room, pseudonymous=self._pseudonymous(room))
+        return web.json_response({"assets": [a.to_json() for a in assets]})
 
     async def metadata(self, request: web.Request) -> web.Response:
         _, _, info = self._lookup(request)
@@ -324,8 +379,7 @@ class AssetService:
         return resp
 
     async def upload(self, request: web.Request) -> web.Response:
-        room = request.match_info["room"]
-        identity = self._auth.room_identity(request, room)
+        room, identity = self._member(request)
         if not identity.can("upload_assets"):
             raise http_error(
                 ProtocolError(ErrorCode.FORBIDDEN, f"role {identity.role} may not upload assets")
@@ -352,8 +406,17 @@ class AssetService:
                 staged, sha, model = await self._receive_glb(request)
             if not _NAME_RE.match(name):
                 raise http_error(ProtocolError(ErrorCode.OUT_OF_RANGE, "bad asset name"))
+            if self._ended(room):  # ended while the body was coming in
+                raise http_error(ProtocolError(ErrorCode.SESSION_ENDED, "this session has ended"))
             info, new = await asyncio.to_thread(
-                self.store.add, room, name, identity, staged, sha, model
+                self.store.add,
+                room,
+                name,
+                identity,
+                staged,
+                sha,
+                model,
+                pseudonymous=self._pseudonymous(room),
             )
             staged = None
         except InvalidAsset as exc:
