@@ -366,16 +366,21 @@ class AssetService:
         if request.method == "HEAD":
             return resp
         loop = asyncio.get_running_loop()
-        with open(path, "rb") as f:
-            f.seek(start)
-            left = end - start + 1
-            while left > 0:
-                chunk = await loop.run_in_executor(None, f.read, min(_CHUNK, left))
-                if not chunk:
-                    break
-                left -= len(chunk)
-                await resp.write(chunk)
-        await resp.write_eof()
+        left = end - start + 1
+        try:
+            with open(path, "rb") as f:
+                f.seek(start)
+                while left > 0:
+                    chunk = await loop.run_in_executor(None, f.read, min(_CHUNK, left))
+                    if not chunk:
+                        break
+                    left -= len(chunk)
+                    await resp.write(chunk)
+            await resp.write_eof()
+        except ConnectionError:  # reset, or "connection lost" while waiting to write more
+            # The client went away (a headset taken off, a network change): it resumes with a
+            # Range request. Nothing went wrong here, so no traceback.
+            log.debug("download of %s ended by the client with %d bytes unsent", info.sha256, left)
         return resp
 
     async def upload(self, request: web.Request) -> web.Response:

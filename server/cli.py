@@ -273,7 +273,8 @@ async def _serve(cfg: ServerConfig, app: web.Application, ssl_ctx: ssl.SSLContex
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    # Handlers finish when their client disconnects (see medverse.server.httplog).
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, handler_cancellation=False)
     await runner.setup()
     site = web.TCPSite(runner, cfg.host, cfg.port, ssl_context=ssl_ctx)
     try:
@@ -377,10 +378,12 @@ def serve(cfg: ServerConfig, app: web.Application | None = None) -> None:
     SIGTERM, on uvloop, logging at ``cfg.log_level``. An application with plugins of its own
     builds its app with :func:`~medverse.server.app.create_app` and serves it here."""
     from .app import create_app
+    from .httplog import quiet_client_errors
 
     logging.basicConfig(
         level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    quiet_client_errors()  # clients' bad requests are one line each, not tracebacks
     # Everything that can be checked before the server opens or creates anything is.
     check_listen(cfg)
     prepare_data_dir(cfg.data_dir)
