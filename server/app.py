@@ -37,6 +37,7 @@ from .clock import FixedRateClock
 from .config import ServerConfig
 from .entities import EntityTable
 from .httpauth import HttpAuth
+from .integrity import AssetScrub, Integrity
 from .metrics import Metrics, Traffic
 from .moderation import Moderation
 from .objects import SharedObjects
@@ -122,6 +123,8 @@ class Server:
         )
         self.tick = TickLoop(self.clock, self.table, self.rooms, self.metrics, self.traffic)
         self.assets: AssetStore | None = None
+        self.integrity = Integrity(self.metrics.registry, self.audit)
+        self.scrub: AssetScrub | None = None
         self.connections_by_address: dict[str, int] = {}
         self._sessions: set[Session] = set()
         self.sessions = SessionServices(
@@ -172,6 +175,15 @@ class Server:
         )
         for plugin in self.plugins:
             await plugin.start(context)
+        # Stored data against what was acknowledged: objects now (before anyone can join),
+        # model files in the background.
+        for plugin in self.plugins:
+            if isinstance(plugin, SharedObjects):
+                await self.integrity.check_objects(
+                    plugin.store, cfg.data_dir, plugin.hold_back, cfg.serve_incomplete_objects
+                )
+        self.scrub = AssetScrub(self.assets, self.integrity, cfg.asset_scrub_interval)
+        self.scrub.start()
         self.tick.start()
 
     def close_sessions(self) -> None:
@@ -184,6 +196,9 @@ class Server:
         self.rooms.close_all()  # rooms close (plugins' on_close) before their plugins stop
         for plugin in reversed(self.plugins):
             await plugin.stop()
+        if self.scrub is not None:
+            await self.scrub.stop()
+            self.scrub = None
         if self.assets is not None:
             self.assets.close()
             self.assets = None
@@ -265,6 +280,9 @@ class Server:
             }
         for plugin in self.plugins:
             body.update(plugin.health())
+        body.update(self.integrity.health())
+        if not self.integrity.ok:
+            body["status"] = "degraded"
         return web.Response(text=json.dumps(body), content_type="application/json")
 
     async def prometheus(self, request: web.Request) -> web.Response:
@@ -302,6 +320,7 @@ def create_app(
         cfg.max_assets_per_room,
         pseudonymous=server.policy.pseudonymous,
         ended=server.session_ended,
+        report=server.integrity.asset_checked,
     )
     assets.routes(app)
     AdminAPI(server.http_auth, server.rooms, lambda: server.audit.log).routes(app)

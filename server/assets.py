@@ -7,6 +7,12 @@ model uploaded twice, to any room, is kept once) and listed in the room with its
 uploader and time. ``GET /rooms/{room}/assets/{sha256}`` serves it with a strong ETag (the hash)
 and byte ranges, so a headset can resume a large download.
 
+Stored files are checked against their hash before they are served (once per file version: the
+result is kept with the file's size, times and inode, so a large model is not re-hashed for
+every range request) and by a background scrub (:mod:`.integrity`); a file that no longer
+matches is refused with ``corrupt`` and reported, never served as if intact. Uploading the same
+model again replaces a damaged copy.
+
 Every request carries the member's join token (``Authorization: Bearer ...``) for that room;
 uploading needs the ``upload_assets`` grant. An asset is visible only in the rooms it was uploaded
 to: asking another room for it is ``not_found``, whether or not its bytes exist.
@@ -81,6 +87,10 @@ class AssetStore:
         for stale in self.tmp.iterdir():  # uploads cut short by a crash
             with contextlib.suppress(OSError):
                 stale.unlink()
+        # sha256 -> (size, mtime, ctime, inode) of the file when it was last hashed, and what
+        # was found (None: intact, else why not).
+        self._checked: dict[str, tuple[tuple[int, int, int, int], str | None]] = {}
+        self._checked_lock = threading.Lock()
         # Writes run in a worker thread (they fsync); one lock serializes every use.
         self._db = sqlite3.connect(
             self.root / "assets.sqlite3", isolation_level=None, check_same_thread=False
@@ -113,6 +123,60 @@ class AssetStore:
 
     def blob_path(self, sha256: str) -> Path:
         return self.root / sha256[:2] / f"{sha256}.glb"
+
+    def blob_hashes(self) -> list[str]:
+        """Every stored file's hash (what a scrub checks)."""
+        with self._lock:
+            return [r[0] for r in self._db.execute("SELECT sha256 FROM blobs ORDER BY sha256")]
+
+    def check(
+        self,
+        sha256: str,
+        *,
+        reread: bool = False,
+        pause: Callable[[int], bool] | None = None,
+    ) -> str | None:
+        """Whether the stored file still holds what its name promises: None if so, else why
+        not (missing, wrong size, content differs from its SHA-256). Blocking: call it from a
+        thread. The file is hashed unless it was hashed before with the same size, times and
+        inode (``reread`` hashes it anyway: bit rot changes none of them). ``pause(n)`` is
+        called after each chunk of ``n`` bytes read (to pace a background pass); it returns
+        False to stop, and the check then answers None without remembering anything."""
+        with self._lock:
+            row = self._db.execute("SELECT size FROM blobs WHERE sha256 = ?", (sha256,)).fetchone()
+        if row is None:
+            return None  # not stored (any more): nothing to vouch for
+        path = self.blob_path(sha256)
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return "the file is missing"
+        if st.st_size != row[0]:
+            return f"the file has {st.st_size} bytes, not {row[0]}"
+        key = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+        with self._checked_lock:
+            known = self._checked.get(sha256)
+        if known is not None and known[0] == key and not reread:
+            return known[1]
+        digest = hashlib.sha256()
+        try:
+            with open(path, "rb") as f:
+                while chunk := f.read(_CHUNK * 4):
+                    digest.update(chunk)
+                    if pause is not None and not pause(len(chunk)):
+                        return None
+        except FileNotFoundError:
+            return "the file is missing"
+        reason = None if digest.hexdigest() == sha256 else "its content differs from its SHA-256"
+        with self._checked_lock:
+            self._checked[sha256] = (key, reason)
+        return reason
+
+    def _hashed(self, sha256: str, path: Path) -> None:
+        """Remember that ``path`` was just written with content hashing to ``sha256``."""
+        st = path.stat()
+        with self._checked_lock:
+            self._checked[sha256] = ((st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino), None)
 
     def info(self, room: str, sha256: str, *, pseudonymous: bool = False) -> AssetInfo | None:
         """The asset ``sha256`` as listed in ``room`` (None if it was never uploaded there);
@@ -162,12 +226,14 @@ class AssetStore:
         """
         dest = self.blob_path(sha256)
         size = staged.stat().st_size
-        if not dest.exists():
+        # Stored once; but a stored copy found damaged is replaced by the good one uploaded.
+        if not dest.exists() or self.check(sha256) is not None:
             dest.parent.mkdir(exist_ok=True)
             with open(staged, "rb") as f:
                 os.fsync(f.fileno())
             os.replace(staged, dest)
             _fsync_dir(dest.parent)
+            self._hashed(sha256, dest)
         else:
             staged.unlink()
         now = time.time()
@@ -207,6 +273,8 @@ class AssetStore:
         if left == 0:
             with contextlib.suppress(FileNotFoundError):
                 self.blob_path(sha256).unlink()
+            with self._checked_lock:
+                self._checked.pop(sha256, None)
         return True
 
     def uploader_subject(self, room: str, sha256: str) -> str | None:
@@ -262,6 +330,7 @@ class AssetService:
         *,
         pseudonymous: Callable[[str], bool] = lambda room: False,
         ended: Callable[[str], bool] = lambda room: False,
+        report: Callable[[str, str | None, str], None] = lambda sha256, problem, how: None,
     ) -> None:
         self._auth = auth
         self._audit = audit
@@ -270,6 +339,10 @@ class AssetService:
         #: (until the room closes): the same answers the room's WebSocket gives.
         self._pseudonymous = pseudonymous
         self._ended = ended
+        #: Told what each check of a stored file found: (sha256, None or the problem, how it
+        #: was found), to log, count, audit and show in /health (see .integrity).
+        self._report = report
+        self._checking: dict[str, asyncio.Future[str | None]] = {}
         self.max_bytes = max_bytes
         self.max_per_room = max_per_room
         self._uploads_by_address: dict[str, int] = {}
@@ -329,8 +402,30 @@ class AssetService:
                 ProtocolError(ErrorCode.FORBIDDEN, "only the uploader or a host may remove it")
             )
         await asyncio.to_thread(self.store.remove, room, info.sha256)
+        if not self.store.blob_path(info.sha256).exists():
+            self._report(info.sha256, None, "removal")  # gone: nothing damaged is kept
         self._audit("asset_removed", room=room, actor=identity.subject, subject=info.sha256)
         return web.json_response({"removed": info.sha256})
+
+    async def _intact(self, sha256: str) -> None:
+        """Refuse (``corrupt``, HTTP 500) to serve a stored file that no longer matches its
+        hash. Checked in a thread, once for all requests that arrive meanwhile."""
+        fut = self._checking.get(sha256)
+        if fut is None:
+            fut = asyncio.ensure_future(asyncio.to_thread(self.store.check, sha256))
+            self._checking[sha256] = fut
+            fut.add_done_callback(lambda _: self._checking.pop(sha256, None))
+        problem = await asyncio.shield(fut)
+        self._report(sha256, problem, "download")
+        if problem is not None:
+            raise http_error(
+                ProtocolError(
+                    ErrorCode.CORRUPT,
+                    "the stored model is damaged and is not served (an operator was told; "
+                    "uploading it again repairs it)",
+                ),
+                500,
+            )
 
     async def download(self, request: web.Request) -> web.StreamResponse:
         _, _, info = self._lookup(request)
@@ -344,7 +439,8 @@ class AssetService:
         }
         inm = request.headers.get("If-None-Match")
         if inm is not None and (inm.strip() == "*" or etag in [t.strip() for t in inm.split(",")]):
-            return web.Response(status=304, headers=headers)
+            return web.Response(status=304, headers=headers)  # the client's copy is good
+        await self._intact(info.sha256)
         size = info.size
         start, end = 0, size - 1
         status = 200
@@ -435,6 +531,7 @@ class AssetService:
                 self._uploads_by_address[addr] = left
             else:
                 self._uploads_by_address.pop(addr, None)
+        self._report(info.sha256, None, "upload")  # the stored copy is the one just checked
         if new:
             self._audit(
                 "asset_uploaded",

@@ -674,7 +674,8 @@ def read_entries(
     actor or subject) select entries. The log holds no pose, audio or annotation content, so
     neither do these lines; entries past retention show as pruned."""
     db = _open_readonly(Path(data_dir))
-    where, args = ["1"], []
+    where: list[str] = ["1"]
+    args: list[object] = []
     if since is not None:
         where.append("time >= ?")
         args.append(since)

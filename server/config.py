@@ -80,6 +80,10 @@ class ServerConfig:
     #: Objects one room may hold, and annotations one object may carry.
     max_objects_per_room: int = 256
     max_annotations_per_object: int = 1024
+    #: Open a room's objects even when, at start, its stored objects lack changes the audit
+    #: log says were acknowledged (by default such a room's objects are refused until an
+    #: operator decides). The gap is reported either way.
+    serve_incomplete_objects: bool = False
     #: TLS certificate chain and private key (PEM) to serve wss:// directly.
     tls_cert: str = ""
     tls_key: str = ""
@@ -87,6 +91,9 @@ class ServerConfig:
     max_asset_bytes: int = 128 * 1024 * 1024
     #: Most assets one room may list.
     max_assets_per_room: int = 256
+    #: Seconds between background passes that re-read every stored model file and check it
+    #: against its SHA-256, at low priority (0: none; downloads are checked either way).
+    asset_scrub_interval: float = 3600.0
     #: Addresses WebRTC (ICE) gathers host candidates on, comma-separated. The default keeps
     #: media on loopback for development; production names its public address(es).
     rtc_host_addresses: str = "127.0.0.1"
@@ -130,7 +137,7 @@ class ServerConfig:
         _at_least(self, 0, "room_linger", "resume_grace", "heartbeat", "audit_retention_days")
         _at_least(self, 0, "send_soft_limit", "socket_send_buffer", "max_connections_per_address")
         _at_least(self, 0, "max_objects_per_room", "max_annotations_per_object")
-        _at_least(self, 0, "max_assets_per_room", "audio_max_speakers")
+        _at_least(self, 0, "max_assets_per_room", "audio_max_speakers", "asset_scrub_interval")
         _at_least(self, 1, "max_members_per_room", "max_violations", "send_hard_limit")
         _at_least(self, 1, "max_asset_bytes", "audio_degraded_speakers")
         _positive(self, "handshake_timeout", "error_reply_rate", "message_rate", "byte_rate")

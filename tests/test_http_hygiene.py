@@ -4,7 +4,6 @@ wrong port and clients that vanish mid-request or mid-download are one line at m
 from __future__ import annotations
 
 import json
-import os
 import socket
 import ssl
 import struct
@@ -17,7 +16,7 @@ from typing import IO
 
 import pytest
 
-from benchmarks.harness import ServerProcess, free_port, spawn
+from benchmarks.harness import ServerProcess, start_server
 
 from .models import triangle_glb
 from .test_auth import _self_signed
@@ -36,17 +35,8 @@ def logged() -> Iterator[tuple[list[ServerProcess], IO[str]]]:
 
 
 def serve_logging(log: IO[str], servers: list[ServerProcess], **settings: str) -> ServerProcess:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDVERSE_")}
-    env.update(
-        MEDVERSE_DATA_DIR=tempfile.mkdtemp(prefix="medverse-"),
-        MEDVERSE_NO_AUTH="1",
-        MEDVERSE_PORT=str(port),
-        MEDVERSE_LOG_LEVEL="debug",  # whatever is logged at all shows here
-        **{f"MEDVERSE_{k.upper()}": v for k, v in settings.items()},
-    )
-    proc = spawn("medverse.server.cli", "serve", env=env, stderr=log, stdout=log)
-    srv = ServerProcess(proc, port, env, settings.get("tls_cert"))
+    """A server logging at DEBUG (whatever is logged at all shows) into ``log``."""
+    srv = start_server(log=log, log_level="debug", **settings)
     servers.append(srv)
     srv.wait_ready()
     return srv
