@@ -160,7 +160,7 @@ def _audit(args: argparse.Namespace) -> int:
     from .audit import SavedHead, check_against, current_head, prove, read_entries, verify
 
     prog = f"medverse audit {args.audit_command}"
-    data_dir = ServerConfig.from_env(data_dir=args.data_dir).data_dir
+    data_dir = _data_dir(args.data_dir)
     try:
         if args.audit_command == "verify":
             saved = None
@@ -220,18 +220,18 @@ def _token(args: argparse.Namespace) -> int:
     prog = "medverse token"
     try:
         ttl = parse_ttl(args.ttl)
-        cfg = ServerConfig.from_env(data_dir=args.data_dir)
+        data_dir = _data_dir(args.data_dir)
         if args.admin:
             if args.room is not None:
                 return _fail(prog, "an admin token names no room")
-            secret = _token_secret(cfg)
+            secret = _token_secret(data_dir)
             print(mint_admin_token(secret, identity=args.identity, ttl=ttl))
             return 0
         if args.room is None:
             return _fail(prog, "--room is required (or --admin)")
         grants = [g.strip() for g in args.grants.split(",") if g.strip()] if args.grants else None
         token = mint_token(
-            _token_secret(cfg),
+            _token_secret(data_dir),
             room=args.room,
             identity=args.identity,
             name=args.name,
@@ -245,21 +245,32 @@ def _token(args: argparse.Namespace) -> int:
     return 0
 
 
-def _token_secret(cfg: ServerConfig) -> bytes:
+def _data_dir(flag: str | None) -> str:
+    """The data directory for commands that only read it: the flag, ``MEDVERSE_DATA_DIR``, or
+    the default. (Not the whole server configuration: a server setting in the environment,
+    such as a TLS key only the server may read, is no concern of ``token`` or ``audit``.)"""
+    import os
+
+    return flag or os.environ.get("MEDVERSE_DATA_DIR") or ServerConfig().data_dir
+
+
+def _token_secret(data_dir: str) -> bytes:
     """The secret the server signs with: ``MEDVERSE_AUTH_SECRET``, else the one ``medverse
     serve`` created in the data directory. Minting never creates one (the server would refuse
     every token signed with it), so none found is an error that says where it looked."""
+    import os
+
     from .auth import SECRET_FILE, load_secret
 
-    if cfg.auth_secret:
-        return cfg.auth_secret.encode()
-    secret = load_secret(cfg.data_dir)
+    secret = os.environ.get("MEDVERSE_AUTH_SECRET", "").encode() or load_secret(data_dir)
     if secret is None:
         raise CommandError(
             f"no token secret: MEDVERSE_AUTH_SECRET is not set and "
-            f"{(Path(cfg.data_dir) / SECRET_FILE).resolve()} does not exist (give the server's "
+            f"{(Path(data_dir) / SECRET_FILE).resolve()} does not exist (give the server's "
             "--data-dir, or MEDVERSE_AUTH_SECRET; `medverse serve` creates the secret)"
         )
+    if len(secret) < 32:
+        raise CommandError("the token secret is shorter than 32 bytes: the server refuses it")
     return secret
 
 

@@ -181,3 +181,20 @@ def test_token_never_creates_a_secret(tmp_path: Path) -> None:
     assert (
         TokenVerifier(secret=SECRET.encode()).verify(out.stdout.strip(), "demo").subject == "dr-a"
     )
+
+
+def test_token_and_audit_read_only_what_they_need_from_the_environment(tmp_path: Path) -> None:
+    # A server setting these commands do not use (here a TLS key nobody could read) does not
+    # stop them; a short secret does stop minting, in one line.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDVERSE_")}
+    env.update(MEDVERSE_TLS_CERT="/nowhere/cert.pem", MEDVERSE_TLS_KEY="/nowhere/key.pem")
+    env.update(MEDVERSE_DATA_DIR=str(tmp_path), MEDVERSE_HEARTBEAT="-1")
+    (tmp_path / "auth_secret").write_text(SECRET + "\n")
+    code, err = medverse("token", "--room", "demo", "--identity", "dr-a", env=env)
+    assert code == 0, err
+    code, err = medverse("audit", "verify", env=env)
+    assert code == 2 and "no audit log" in err and len(err.splitlines()) == 1, err
+    code, err = medverse(
+        "token", "--room", "demo", "--identity", "a", env=dict(env, MEDVERSE_AUTH_SECRET="short")
+    )
+    assert code == 2 and "32 bytes" in err and len(err.splitlines()) == 1, err
