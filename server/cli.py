@@ -70,13 +70,21 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         env = f"env MEDVERSE_{f.name.upper()}"
         if isinstance(value, bool):
             # --flag and --no-flag: a setting that is on by default (or in the environment)
-            # can be turned off from the command line too.
-            p.add_argument(
-                flag,
-                action=argparse.BooleanOptionalAction,
-                default=None,
-                help=f"(default {'on' if value else 'off'}; {env})",
-            )
+            # can be turned off from the command line too. A setting named no_x is turned on
+            # by --no-x and off by --x (not --no-no-x).
+            help_text = f"(default {'on' if value else 'off'}; {env})"
+            if f.name.startswith("no_"):
+                on, off = flag, "--" + f.name[3:].replace("_", "-")
+                group = p.add_mutually_exclusive_group()
+                group.add_argument(
+                    on, dest=f.name, action="store_const", const=True, help=help_text
+                )
+                group.add_argument(off, dest=f.name, action="store_const", const=False)
+                p.set_defaults(**{f.name: None})
+            else:
+                p.add_argument(
+                    flag, action=argparse.BooleanOptionalAction, default=None, help=help_text
+                )
         else:
             p.add_argument(flag, type=type(value), default=None, help=f"(default {value!r}; {env})")
 

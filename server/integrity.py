@@ -260,7 +260,12 @@ class Integrity:
         room that lacks acknowledged changes, and hold its objects back (``hold_back(room,
         why)``) unless ``serve_anyway``."""
         t0 = time.monotonic()
-        gaps = await asyncio.to_thread(find_gaps, store, data_dir)
+        try:
+            gaps = await asyncio.to_thread(find_gaps, store, data_dir)
+        except sqlite3.Error as exc:
+            # The server still starts: an unreadable audit log is its own problem to report.
+            log.error("objects could not be checked against the audit log: %s", exc)
+            return
         for room, gap in sorted(gaps.items()):
             gap.served = serve_anyway
             self.rooms[room] = gap

@@ -126,7 +126,7 @@ def test_boolean_settings_turn_off_by_flag(monkeypatch: pytest.MonkeyPatch) -> N
     off = parser.parse_args(["serve", "--no-audio-interaural-delay"])
     assert serve_config(off).audio_interaural_delay is False
     monkeypatch.setenv("MEDVERSE_NO_AUTH", "1")  # the flag wins over the environment
-    assert serve_config(parser.parse_args(["serve", "--no-no-auth"])).no_auth is False
+    assert serve_config(parser.parse_args(["serve", "--auth"])).no_auth is False
     assert serve_config(parser.parse_args(["serve"])).no_auth is True
 
 
