@@ -142,17 +142,17 @@ class AssetStore:
         inode (``reread`` hashes it anyway: bit rot changes none of them). ``pause(n)`` is
         called after each chunk of ``n`` bytes read (to pace a background pass); it returns
         False to stop, and the check then answers None without remembering anything."""
-        with self._lock:
-            row = self._db.execute("SELECT size FROM blobs WHERE sha256 = ?", (sha256,)).fetchone()
-        if row is None:
+        size = self._stored_size(sha256)
+        if size is None:
             return None  # not stored (any more): nothing to vouch for
         path = self.blob_path(sha256)
         try:
             st = path.stat()
         except FileNotFoundError:
-            return "the file is missing"
-        if st.st_size != row[0]:
-            return f"the file has {st.st_size} bytes, not {row[0]}"
+            # Removed from its last room meanwhile (the row goes before the file), or lost.
+            return None if self._stored_size(sha256) is None else "the file is missing"
+        if st.st_size != size:
+            return f"the file has {st.st_size} bytes, not {size}"
         key = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
         with self._checked_lock:
             known = self._checked.get(sha256)
@@ -166,11 +166,16 @@ class AssetStore:
                     if pause is not None and not pause(len(chunk)):
                         return None
         except FileNotFoundError:
-            return "the file is missing"
+            return None if self._stored_size(sha256) is None else "the file is missing"
         reason = None if digest.hexdigest() == sha256 else "its content differs from its SHA-256"
         with self._checked_lock:
             self._checked[sha256] = (key, reason)
         return reason
+
+    def _stored_size(self, sha256: str) -> int | None:
+        with self._lock:
+            row = self._db.execute("SELECT size FROM blobs WHERE sha256 = ?", (sha256,)).fetchone()
+        return None if row is None else int(row[0])
 
     def _hashed(self, sha256: str, path: Path) -> None:
         """Remember that ``path`` was just written with content hashing to ``sha256``."""

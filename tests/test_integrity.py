@@ -185,3 +185,33 @@ async def test_acknowledged_annotations_missing_at_start_hold_the_room_back() ->
     with run_server(auth_secret=SECRET, data_dir=data) as srv:
         health = srv.get_json("/health")
         assert health["status"] == "ok" and health["integrity"]["incomplete_rooms"] == {}
+
+
+def test_the_store_hashes_each_file_version_once_and_knows_lost_from_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from medverse.server import assets
+    from medverse.server.auth import Identity
+    from medverse.server.gltf import validate_glb
+
+    store = assets.AssetStore(tmp_path)
+    model = triangle_glb(nodes=("cached",), extra=1000)
+    sha = hashlib.sha256(model).hexdigest()
+    staged = store.tmp / "upload.glb"
+    staged.write_bytes(model)
+    who = Identity("dr-a", "Dr A", "r", "host", frozenset())
+    store.add("r", "m.glb", who, staged, sha, validate_glb(model))
+    hashed: list[int] = []
+    real = assets.hashlib.sha256
+    monkeypatch.setattr(assets.hashlib, "sha256", lambda *a: hashed.append(1) or real(*a))
+    for _ in range(5):  # range requests of one version: no re-hash (stored just now, hashed)
+        assert store.check(sha) is None
+    assert hashed == []
+    assert store.check(sha, reread=True) is None and hashed == [1]  # what a scrub does
+    flip_byte(store.blob_path(sha), 10)  # a new version (new mtime): hashed again
+    assert store.check(sha) == "its content differs from its SHA-256" and len(hashed) == 2
+    store.blob_path(sha).unlink()
+    assert store.check(sha) == "the file is missing"
+    store.remove("r", sha)  # removed from its last room: nothing to vouch for
+    assert store.check(sha) is None
+    store.close()
