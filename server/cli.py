@@ -183,7 +183,8 @@ def _audit(args: argparse.Namespace) -> int:
             print(json.dumps(prove(data_dir, args.entry), indent=2))
             return 0
         elif args.audit_command == "head":
-            text = json.dumps(current_head(data_dir), indent=2) + "\n"
+            # One line, as the admin API gives it: a log collector keeps it whole.
+            text = json.dumps(current_head(data_dir)) + "\n"
             if args.out:
                 _write_atomically(Path(args.out), text)
             else:
