@@ -23,7 +23,7 @@ import urllib.request
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -126,7 +126,12 @@ class ServerProcess:
 
 
 def start_server(
-    *, port: int | None = None, cpu: int | None = None, app: str | None = None, **settings: object
+    *,
+    port: int | None = None,
+    cpu: int | None = None,
+    app: str | None = None,
+    log: IO[Any] | None = None,
+    **settings: object,
 ) -> ServerProcess:
     """Start ``medverse serve`` on 127.0.0.1 and return at once (see :meth:`wait_ready`).
     ``app`` names a module to run instead (``python -m app``, e.g. ``examples.breathing``):
@@ -136,7 +141,8 @@ def start_server(
     ``MEDVERSE_*`` environment variables. Unless given: a fresh temporary data directory, log
     level ``warning`` (or ``MEDVERSE_LOG_LEVEL`` from our environment), and no authentication
     when neither ``auth_secret`` nor ``auth_public_key`` is set: most runs are about
-    synchronization, not tokens. ``port`` defaults to a free one; ``cpu`` pins the server.
+    synchronization, not tokens. ``port`` defaults to a free one; ``cpu`` pins the server;
+    ``log``, an open file, takes the server's stdout and stderr (to read what it logged).
     """
     port = free_port() if port is None else port
     env = dict(os.environ)
@@ -148,17 +154,23 @@ def start_server(
     env["MEDVERSE_PORT"] = str(port)
     env.setdefault("MEDVERSE_LOG_LEVEL", "warning")
     command = (app,) if app is not None else ("medverse.server.cli", "serve")
-    proc = spawn(*command, env=env, cpu=cpu)
+    output = {"stdout": log, "stderr": log} if log is not None else {}
+    proc = spawn(*command, env=env, cpu=cpu, **output)
     cafile = str(settings["tls_cert"]) if settings.get("tls_cert") else None
     return ServerProcess(proc, port, env, cafile)
 
 
 @contextlib.contextmanager
 def run_server(
-    *, port: int | None = None, cpu: int | None = None, app: str | None = None, **settings: object
+    *,
+    port: int | None = None,
+    cpu: int | None = None,
+    app: str | None = None,
+    log: IO[Any] | None = None,
+    **settings: object,
 ) -> Iterator[ServerProcess]:
     """A server as :func:`start_server` starts it, answering ``/health``; stopped afterwards."""
-    server = start_server(port=port, cpu=cpu, app=app, **settings)
+    server = start_server(port=port, cpu=cpu, app=app, log=log, **settings)
     try:
         server.wait_ready()
         yield server

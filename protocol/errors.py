@@ -34,6 +34,7 @@ class ErrorCode(enum.StrEnum):
     SESSION_ENDED = "session_ended"  # a host ended the session for everyone
     NOT_FOUND = "not_found"  # no such member, object, annotation or asset
     INVALID_ASSET = "invalid_asset"  # an upload that is not a glTF 2.0 model we accept
+    CORRUPT = "corrupt"  # stored data failed its integrity check and is not served
     OBJECT_LOCKED = "object_locked"  # another member holds the object's lease (names the holder)
     NOT_HOLDER = "not_holder"  # moving or releasing an object without holding its lease
     LIMIT_REACHED = "limit_reached"  # too many objects in the room or annotations on an object

@@ -75,9 +75,13 @@ class AdminAPI:
         audit = self._audit_log()
         if audit is None:
             raise http_error(ProtocolError(ErrorCode.NOT_FOUND, "the audit log is not open"))
+        raw = request.match_info["entry"]
+        if not (raw.isascii() and raw.isdigit() and len(raw) <= 18):
+            raise http_error(
+                ProtocolError(ErrorCode.BAD_FIELD, "the entry is a positive whole number"), 400
+            )
         try:
-            n = int(request.match_info["entry"])
             audit.sign()
-            return web.json_response(prove(audit.data_dir, n))
-        except ValueError as exc:
+            return web.json_response(prove(audit.data_dir, int(raw)))
+        except ValueError as exc:  # no signed head yet, or no such entry in it
             raise http_error(ProtocolError(ErrorCode.NOT_FOUND, str(exc)[:200])) from None

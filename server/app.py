@@ -38,6 +38,7 @@ from .clock import FixedRateClock
 from .config import ServerConfig
 from .entities import EntityTable
 from .httpauth import HttpAuth
+from .integrity import AssetScrub, Integrity
 from .limits import ConnectionBudget
 from .metrics import Metrics, Traffic
 from .moderation import Moderation
@@ -130,6 +131,8 @@ class Server:
             config.max_unidentified_per_address,
             config.max_unidentified_connections,
         )
+        self.integrity = Integrity(self.metrics.registry, self.audit)
+        self.scrub: AssetScrub | None = None
         self._sessions: set[Session] = set()
         self.sessions = SessionServices(
             config,
@@ -152,6 +155,11 @@ class Server:
             lambda code: self.metrics.auth_refusals.labels(code).inc(),
             self._banned,
         )
+
+    def session_ended(self, room: str) -> bool:
+        """Whether a host ended ``room``'s session and the room has not closed since."""
+        live = self.rooms.get(room)
+        return live is not None and live.ended
 
     def _banned(self, identity: Identity) -> bool:
         """Whether ``identity`` was banned from its (live) room for this session."""
@@ -176,6 +184,15 @@ class Server:
         )
         for plugin in self.plugins:
             await plugin.start(context)
+        # Stored data against what was acknowledged: objects now (before anyone can join),
+        # model files in the background.
+        for plugin in self.plugins:
+            if isinstance(plugin, SharedObjects):
+                await self.integrity.check_objects(
+                    plugin.store, cfg.data_dir, plugin.hold_back, cfg.serve_incomplete_objects
+                )
+        self.scrub = AssetScrub(self.assets, self.integrity, cfg.asset_scrub_interval)
+        self.scrub.start()
         self.tick.start()
 
     def close_sessions(self) -> None:
@@ -188,6 +205,9 @@ class Server:
         self.rooms.close_all()  # rooms close (plugins' on_close) before their plugins stop
         for plugin in reversed(self.plugins):
             await plugin.stop()
+        if self.scrub is not None:
+            await self.scrub.stop()
+            self.scrub = None
         if self.assets is not None:
             self.assets.close()
             self.assets = None
@@ -264,6 +284,9 @@ class Server:
             }
         for plugin in self.plugins:
             body.update(plugin.health())
+        body.update(self.integrity.health())
+        if not self.integrity.ok:
+            body["status"] = "degraded"
         return web.Response(text=json.dumps(body), content_type="application/json")
 
     async def prometheus(self, request: web.Request) -> web.Response:
@@ -295,7 +318,13 @@ def create_app(
     app.router.add_get("/health", server.health)
     app.router.add_get("/metrics", server.prometheus)
     assets = AssetService(
-        server.http_auth, server.audit, cfg.max_asset_bytes, cfg.max_assets_per_room
+        server.http_auth,
+        server.audit,
+        cfg.max_asset_bytes,
+        cfg.max_assets_per_room,
+        pseudonymous=server.policy.pseudonymous,
+        ended=server.session_ended,
+        report=server.integrity.asset_checked,
     )
     assets.routes(app)
     AdminAPI(server.http_auth, server.rooms, lambda: server.audit.log).routes(app)

@@ -7,6 +7,12 @@ model uploaded twice, to any room, is kept once) and listed in the room with its
 uploader and time. ``GET /rooms/{room}/assets/{sha256}`` serves it with a strong ETag (the hash)
 and byte ranges, so a headset can resume a large download.
 
+Stored files are checked against their hash before they are served (once per file version: the
+result is kept with the file's size, times and inode, so a large model is not re-hashed for
+every range request) and by a background scrub (:mod:`.integrity`); a file that no longer
+matches is refused with ``corrupt`` and reported, never served as if intact. Uploading the same
+model again replaces a damaged copy.
+
 Every request carries the member's join token (``Authorization: Bearer ...``) for that room;
 uploading needs the ``upload_assets`` grant. An asset is visible only in the rooms it was uploaded
 to: asking another room for it is ``not_found``, whether or not its bytes exist.
@@ -53,7 +59,9 @@ class AssetInfo:
     sha256: str
     name: str
     size: int
-    uploader: str  # the uploader's display name (the identity is in the audit log)
+    #: The uploader as the room shows members: the display name, or in pseudonymous rooms the
+    #: pseudonym (the identity is in the audit log).
+    uploader: str
     uploaded_at: float  # Unix time
     nodes: tuple[str, ...]  # named glTF nodes: what view state can show or hide
     generator: str | None
@@ -79,6 +87,10 @@ class AssetStore:
         for stale in self.tmp.iterdir():  # uploads cut short by a crash
             with contextlib.suppress(OSError):
                 stale.unlink()
+        # sha256 -> (size, mtime, ctime, inode) of the file when it was last hashed, and what
+        # was found (None: intact, else why not).
+        self._checked: dict[str, tuple[tuple[int, int, int, int], str | None]] = {}
+        self._checked_lock = threading.Lock()
         # Writes run in a worker thread (they fsync); one lock serializes every use.
         self._db = sqlite3.connect(
             self.root / "assets.sqlite3", isolation_level=None, check_same_thread=False
@@ -97,6 +109,13 @@ class AssetStore:
                 uploaded_at REAL NOT NULL, PRIMARY KEY (room, sha256));
             """
         )
+        # Whether ``uploader`` is a pseudonym (uploaded in a pseudonymous room), so a real name
+        # is never shown in one; databases from before the column hold real names only.
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(room_assets)")}
+        if "pseudonymous" not in columns:
+            self._db.execute(
+                "ALTER TABLE room_assets ADD COLUMN pseudonymous INTEGER NOT NULL DEFAULT 0"
+            )
 
     def close(self) -> None:
         with self._lock:
@@ -105,25 +124,87 @@ class AssetStore:
     def blob_path(self, sha256: str) -> Path:
         return self.root / sha256[:2] / f"{sha256}.glb"
 
-    def info(self, room: str, sha256: str) -> AssetInfo | None:
-        """The asset ``sha256`` as listed in ``room`` (None if it was never uploaded there)."""
+    def blob_hashes(self) -> list[str]:
+        """Every stored file's hash (what a scrub checks)."""
+        with self._lock:
+            return [r[0] for r in self._db.execute("SELECT sha256 FROM blobs ORDER BY sha256")]
+
+    def check(
+        self,
+        sha256: str,
+        *,
+        reread: bool = False,
+        pause: Callable[[int], bool] | None = None,
+    ) -> str | None:
+        """Whether the stored file still holds what its name promises: None if so, else why
+        not (missing, wrong size, content differs from its SHA-256). Blocking: call it from a
+        thread. The file is hashed unless it was hashed before with the same size, times and
+        inode (``reread`` hashes it anyway: bit rot changes none of them). ``pause(n)`` is
+        called after each chunk of ``n`` bytes read (to pace a background pass); it returns
+        False to stop, and the check then answers None without remembering anything."""
+        size = self._stored_size(sha256)
+        if size is None:
+            return None  # not stored (any more): nothing to vouch for
+        path = self.blob_path(sha256)
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            # Removed from its last room meanwhile (the row goes before the file), or lost.
+            return None if self._stored_size(sha256) is None else "the file is missing"
+        if st.st_size != size:
+            return f"the file has {st.st_size} bytes, not {size}"
+        key = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+        with self._checked_lock:
+            known = self._checked.get(sha256)
+        if known is not None and known[0] == key and not reread:
+            return known[1]
+        digest = hashlib.sha256()
+        try:
+            with open(path, "rb") as f:
+                while chunk := f.read(_CHUNK * 4):
+                    digest.update(chunk)
+                    if pause is not None and not pause(len(chunk)):
+                        return None
+        except FileNotFoundError:
+            return None if self._stored_size(sha256) is None else "the file is missing"
+        reason = None if digest.hexdigest() == sha256 else "its content differs from its SHA-256"
+        with self._checked_lock:
+            self._checked[sha256] = (key, reason)
+        return reason
+
+    def _stored_size(self, sha256: str) -> int | None:
+        with self._lock:
+            row = self._db.execute("SELECT size FROM blobs WHERE sha256 = ?", (sha256,)).fetchone()
+        return None if row is None else int(row[0])
+
+    def _hashed(self, sha256: str, path: Path) -> None:
+        """Remember that ``path`` was just written with content hashing to ``sha256``."""
+        st = path.stat()
+        with self._checked_lock:
+            self._checked[sha256] = ((st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino), None)
+
+    def info(self, room: str, sha256: str, *, pseudonymous: bool = False) -> AssetInfo | None:
+        """The asset ``sha256`` as listed in ``room`` (None if it was never uploaded there);
+        ``pseudonymous``: the room shows pseudonyms only, so a real name never appears."""
         with self._lock:
             row = self._db.execute(
-                "SELECT r.sha256, r.name, b.size, r.uploader, r.uploaded_at, b.model "
-                "FROM room_assets r JOIN blobs b USING (sha256) WHERE r.room = ? AND r.sha256 = ?",
+                "SELECT r.sha256, r.name, b.size, r.uploader, r.uploaded_at, b.model, "
+                "r.pseudonymous FROM room_assets r JOIN blobs b USING (sha256) "
+                "WHERE r.room = ? AND r.sha256 = ?",
                 (room, sha256),
             ).fetchone()
-        return _row_info(row) if row else None
+        return _row_info(row, pseudonymous) if row else None
 
-    def list(self, room: str) -> list[AssetInfo]:
+    def list(self, room: str, *, pseudonymous: bool = False) -> list[AssetInfo]:
+        """Every asset listed in ``room``, oldest first (``pseudonymous`` as in :meth:`info`)."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT r.sha256, r.name, b.size, r.uploader, r.uploaded_at, b.model "
-                "FROM room_assets r JOIN blobs b USING (sha256) WHERE r.room = ? "
+                "SELECT r.sha256, r.name, b.size, r.uploader, r.uploaded_at, b.model, "
+                "r.pseudonymous FROM room_assets r JOIN blobs b USING (sha256) WHERE r.room = ? "
                 "ORDER BY r.uploaded_at, r.sha256",
                 (room,),
             ).fetchall()
-        return [_row_info(r) for r in rows]
+        return [_row_info(r, pseudonymous) for r in rows]
 
     def count(self, room: str) -> int:
         with self._lock:
@@ -131,21 +212,33 @@ class AssetStore:
             return int(row.fetchone()[0])
 
     def add(
-        self, room: str, name: str, identity: Identity, staged: Path, sha256: str, model: ModelInfo
+        self,
+        room: str,
+        name: str,
+        identity: Identity,
+        staged: Path,
+        sha256: str,
+        model: ModelInfo,
+        *,
+        pseudonymous: bool = False,
     ) -> tuple[AssetInfo, bool]:
         """Keep a validated, staged file and list it in ``room``; durable on return.
 
         Returns the listing and whether it is new to the room. The file is moved into place
-        (fsynced first) only if no blob with this hash exists yet: stored once.
+        (fsynced first) only if no blob with this hash exists yet: stored once. In a
+        ``pseudonymous`` room the uploader is kept under the pseudonym the room shows, never
+        the real name.
         """
         dest = self.blob_path(sha256)
         size = staged.stat().st_size
-        if not dest.exists():
+        # Stored once; but a stored copy found damaged is replaced by the good one uploaded.
+        if not dest.exists() or self.check(sha256) is not None:
             dest.parent.mkdir(exist_ok=True)
             with open(staged, "rb") as f:
                 os.fsync(f.fileno())
             os.replace(staged, dest)
             _fsync_dir(dest.parent)
+            self._hashed(sha256, dest)
         else:
             staged.unlink()
         now = time.time()
@@ -157,12 +250,14 @@ class AssetStore:
             self._db.execute(
                 "INSERT OR IGNORE INTO blobs VALUES (?, ?, ?, ?)", (sha256, size, meta, now)
             )
+            shown = pseudonym_of(identity) if pseudonymous else identity.name
             cur = self._db.execute(
-                "INSERT OR IGNORE INTO room_assets VALUES (?, ?, ?, ?, ?, ?)",
-                (room, sha256, name, identity.name, identity.subject, now),
+                "INSERT OR IGNORE INTO room_assets (room, sha256, name, uploader, "
+                "uploader_subject, uploaded_at, pseudonymous) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (room, sha256, name, shown, identity.subject, now, int(pseudonymous)),
             )
             new = cur.rowcount == 1
-        info = self.info(room, sha256)
+        info = self.info(room, sha256, pseudonymous=pseudonymous)
         assert info is not None
         return info, new
 
@@ -183,6 +278,8 @@ class AssetStore:
         if left == 0:
             with contextlib.suppress(FileNotFoundError):
                 self.blob_path(sha256).unlink()
+            with self._checked_lock:
+                self._checked.pop(sha256, None)
         return True
 
     def uploader_subject(self, room: str, sha256: str) -> str | None:
@@ -194,10 +291,23 @@ class AssetStore:
         return row[0] if row else None
 
 
-def _row_info(row: tuple[Any, ...]) -> AssetInfo:
+#: How an uploader without a pseudonym appears in a pseudonymous room over HTTP (the room's
+#: WebSocket adds the member id, which a stored upload does not have).
+ANONYMOUS_UPLOADER = "Participant"
+
+
+def pseudonym_of(identity: Identity) -> str:
+    """The name a pseudonymous room shows for ``identity`` in its asset listings."""
+    return identity.pseudonym or ANONYMOUS_UPLOADER
+
+
+def _row_info(row: tuple[Any, ...], pseudonymous: bool) -> AssetInfo:
     model = json.loads(row[5])
+    # A name stored as a real name (uploaded while the room was not pseudonymous) is not shown
+    # in a room that is now.
+    uploader = row[3] if row[6] or not pseudonymous else ANONYMOUS_UPLOADER
     return AssetInfo(
-        row[0], row[1], row[2], row[3], row[4], tuple(model["nodes"]), model["generator"]
+        row[0], row[1], row[2], uploader, row[4], tuple(model["nodes"]), model["generator"]
     )
 
 
@@ -222,10 +332,22 @@ class AssetService:
         max_bytes: int,
         max_per_room: int,
         store: AssetStore | None = None,
+        *,
+        pseudonymous: Callable[[str], bool] = lambda room: False,
+        ended: Callable[[str], bool] = lambda room: False,
+        report: Callable[[str, str | None, str], None] = lambda sha256, problem, how: None,
     ) -> None:
         self._auth = auth
         self._audit = audit
         self._store = store
+        #: Whether a room shows pseudonyms only, and whether its session was ended by a host
+        #: (until the room closes): the same answers the room's WebSocket gives.
+        self._pseudonymous = pseudonymous
+        self._ended = ended
+        #: Told what each check of a stored file found: (sha256, None or the problem, how it
+        #: was found), to log, count, audit and show in /health (see .integrity).
+        self._report = report
+        self._checking: dict[str, asyncio.Future[str | None]] = {}
         self.max_bytes = max_bytes
         self.max_per_room = max_per_room
         self._uploads_by_address: dict[str, int] = {}
@@ -247,19 +369,30 @@ class AssetService:
         app.router.add_get("/rooms/{room}/assets/{sha256}/info", self.metadata)
         app.router.add_delete("/rooms/{room}/assets/{sha256}", self.delete)
 
-    def _lookup(self, request: web.Request) -> tuple[str, Identity, AssetInfo]:
+    def _member(self, request: web.Request) -> tuple[str, Identity]:
+        """The room and who asks (from the bearer token), refused with ``session_ended``
+        while the room's session is ended: nothing of it is listed, served or taken then."""
         room = request.match_info["room"]
         identity = self._auth.room_identity(request, room)
+        if self._ended(room):
+            raise http_error(ProtocolError(ErrorCode.SESSION_ENDED, "this session has ended"))
+        return room, identity
+
+    def _lookup(self, request: web.Request) -> tuple[str, Identity, AssetInfo]:
+        room, identity = self._member(request)
         sha = request.match_info["sha256"]
-        info = self.store.info(room, sha) if SHA256_RE.match(sha) else None
+        pseudonymous = self._pseudonymous(room)
+        info = (
+            self.store.info(room, sha, pseudonymous=pseudonymous) if SHA256_RE.match(sha) else None
+        )
         if info is None:
             raise http_error(ProtocolError(ErrorCode.NOT_FOUND, "no such asset in this room"))
         return room, identity, info
 
     async def listing(self, request: web.Request) -> web.Response:
-        room = request.match_info["room"]
-        self._auth.room_identity(request, room)
-        return web.json_response({"assets": [a.to_json() for a in self.store.list(room)]})
+        room, _ = self._member(request)
+        assets = self.store.list(room, pseudonymous=self._pseudonymous(room))
+        return web.json_response({"assets": [a.to_json() for a in assets]})
 
     async def metadata(self, request: web.Request) -> web.Response:
         _, _, info = self._lookup(request)
@@ -274,8 +407,30 @@ class AssetService:
                 ProtocolError(ErrorCode.FORBIDDEN, "only the uploader or a host may remove it")
             )
         await asyncio.to_thread(self.store.remove, room, info.sha256)
+        if not self.store.blob_path(info.sha256).exists():
+            self._report(info.sha256, None, "removal")  # gone: nothing damaged is kept
         self._audit("asset_removed", room=room, actor=identity.subject, subject=info.sha256)
         return web.json_response({"removed": info.sha256})
+
+    async def _intact(self, sha256: str) -> None:
+        """Refuse (``corrupt``, HTTP 500) to serve a stored file that no longer matches its
+        hash. Checked in a thread, once for all requests that arrive meanwhile."""
+        fut = self._checking.get(sha256)
+        if fut is None:
+            fut = asyncio.ensure_future(asyncio.to_thread(self.store.check, sha256))
+            self._checking[sha256] = fut
+            fut.add_done_callback(lambda _: self._checking.pop(sha256, None))
+        problem = await asyncio.shield(fut)
+        self._report(sha256, problem, "download")
+        if problem is not None:
+            raise http_error(
+                ProtocolError(
+                    ErrorCode.CORRUPT,
+                    "the stored model is damaged and is not served (an operator was told; "
+                    "uploading it again repairs it)",
+                ),
+                500,
+            )
 
     async def download(self, request: web.Request) -> web.StreamResponse:
         _, _, info = self._lookup(request)
@@ -289,7 +444,8 @@ class AssetService:
         }
         inm = request.headers.get("If-None-Match")
         if inm is not None and (inm.strip() == "*" or etag in [t.strip() for t in inm.split(",")]):
-            return web.Response(status=304, headers=headers)
+            return web.Response(status=304, headers=headers)  # the client's copy is good
+        await self._intact(info.sha256)
         size = info.size
         start, end = 0, size - 1
         status = 200
@@ -311,21 +467,25 @@ class AssetService:
         if request.method == "HEAD":
             return resp
         loop = asyncio.get_running_loop()
-        with open(path, "rb") as f:
-            f.seek(start)
-            left = end - start + 1
-            while left > 0:
-                chunk = await loop.run_in_executor(None, f.read, min(_CHUNK, left))
-                if not chunk:
-                    break
-                left -= len(chunk)
-                await resp.write(chunk)
-        await resp.write_eof()
+        left = end - start + 1
+        try:
+            with open(path, "rb") as f:
+                f.seek(start)
+                while left > 0:
+                    chunk = await loop.run_in_executor(None, f.read, min(_CHUNK, left))
+                    if not chunk:
+                        break
+                    left -= len(chunk)
+                    await resp.write(chunk)
+            await resp.write_eof()
+        except ConnectionError:  # reset, or "connection lost" while waiting to write more
+            # The client went away (a headset taken off, a network change): it resumes with a
+            # Range request. Nothing went wrong here, so no traceback.
+            log.debug("download of %s ended by the client with %d bytes unsent", info.sha256, left)
         return resp
 
     async def upload(self, request: web.Request) -> web.Response:
-        room = request.match_info["room"]
-        identity = self._auth.room_identity(request, room)
+        room, identity = self._member(request)
         if not identity.can("upload_assets"):
             raise http_error(
                 ProtocolError(ErrorCode.FORBIDDEN, f"role {identity.role} may not upload assets")
@@ -352,8 +512,17 @@ class AssetService:
                 staged, sha, model = await self._receive_glb(request)
             if not _NAME_RE.match(name):
                 raise http_error(ProtocolError(ErrorCode.OUT_OF_RANGE, "bad asset name"))
+            if self._ended(room):  # ended while the body was coming in
+                raise http_error(ProtocolError(ErrorCode.SESSION_ENDED, "this session has ended"))
             info, new = await asyncio.to_thread(
-                self.store.add, room, name, identity, staged, sha, model
+                self.store.add,
+                room,
+                name,
+                identity,
+                staged,
+                sha,
+                model,
+                pseudonymous=self._pseudonymous(room),
             )
             staged = None
         except InvalidAsset as exc:
@@ -367,6 +536,7 @@ class AssetService:
                 self._uploads_by_address[addr] = left
             else:
                 self._uploads_by_address.pop(addr, None)
+        self._report(info.sha256, None, "upload")  # the stored copy is the one just checked
         if new:
             self._audit(
                 "asset_uploaded",

@@ -410,13 +410,26 @@ class VerifyReport:
         return not self.problems
 
 
-def verify(data_dir: str | Path) -> VerifyReport:
-    """Recompute every leaf and signed root; report each discrepancy found."""
-    data_dir = Path(data_dir)
-    db = sqlite3.connect(f"file:{data_dir / DB_FILE}?mode=ro", uri=True)
+def _open_readonly(data_dir: Path) -> sqlite3.Connection:
+    """The audit database of ``data_dir``, read-only; ValueError naming what is missing."""
+    if not data_dir.is_dir():
+        raise ValueError(f"no data directory {data_dir.resolve()}")
+    if not (data_dir / DB_FILE).is_file():
+        raise ValueError(f"no audit log in {data_dir.resolve()} ({DB_FILE} is missing)")
+    return sqlite3.connect(f"file:{data_dir / DB_FILE}?mode=ro", uri=True)
+
+
+def _public_key(data_dir: Path) -> Ed25519PublicKey:
     pub = serialization.load_pem_public_key((data_dir / PUBLIC_KEY_FILE).read_bytes())
-    assert isinstance(pub, Ed25519PublicKey)
-    problems: list[str] = []
+    if not isinstance(pub, Ed25519PublicKey):
+        raise ValueError(f"{data_dir / PUBLIC_KEY_FILE} is not an Ed25519 public key")
+    return pub
+
+
+def _recompute(db: sqlite3.Connection, problems: list[str]) -> tuple[int, list[bytes]]:
+    """The number of rows and the leaf hash of every entry, recomputed from its content where
+    the content is kept (pruned entries keep only their stored hash); discrepancies are added
+    to ``problems``."""
     rows = db.execute(
         "SELECT rowid, seq, time, kind, room, actor, subject, detail, leaf, pruned FROM entries "
         "ORDER BY rowid"
@@ -438,6 +451,16 @@ def verify(data_dir: str | Path) -> VerifyReport:
                 stored = actual
         leaves.append(stored)
         expected += 1
+    return len(rows), leaves
+
+
+def verify(data_dir: str | Path) -> VerifyReport:
+    """Recompute every leaf and signed root; report each discrepancy found."""
+    data_dir = Path(data_dir)
+    db = _open_readonly(data_dir)
+    pub = _public_key(data_dir)
+    problems: list[str] = []
+    count, leaves = _recompute(db, problems)
     heads = db.execute(
         "SELECT size, time_ms, root, signature FROM tree_heads ORDER BY size"
     ).fetchall()
@@ -464,13 +487,13 @@ def verify(data_dir: str | Path) -> VerifyReport:
         prev = (size, root)
         signed = max(signed, size)
     db.close()
-    return VerifyReport(len(rows), signed, problems)
+    return VerifyReport(count, signed, problems)
 
 
 def prove(data_dir: str | Path, seq: int) -> dict[str, Any]:
     """Inclusion proof of entry ``seq`` in the latest signed tree, checked before returning."""
     data_dir = Path(data_dir)
-    db = sqlite3.connect(f"file:{data_dir / DB_FILE}?mode=ro", uri=True)
+    db = _open_readonly(data_dir)
     head = db.execute(
         "SELECT size, time_ms, root, signature FROM tree_heads ORDER BY size DESC LIMIT 1"
     ).fetchone()
@@ -501,3 +524,190 @@ def prove(data_dir: str | Path, seq: int) -> dict[str, Any]:
         "path": [p.hex() for p in proof],
         "verified": ok,
     }
+
+
+# --------------------------------------------------------------------------- saved heads
+
+#: Fields of a saved tree head (what ``GET /admin/audit/head`` and ``medverse audit head`` give).
+HEAD_FIELDS = ("size", "time_ms", "root", "signature", "public_key")
+
+
+def _raw_public_key(pub: Ed25519PublicKey) -> bytes:
+    return pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def current_head(data_dir: str | Path) -> dict[str, Any]:
+    """The newest signed tree head of the log in ``data_dir`` and the key that verifies it
+    (hex), as the admin API publishes it: keep it somewhere the server cannot write, and
+    :func:`check_against` proves later that the log still begins with what it covered.
+    Read-only (a running server signs a head within a second of each change); ValueError if
+    there is none or its signature does not verify."""
+    data_dir = Path(data_dir)
+    db = _open_readonly(data_dir)
+    try:
+        row = db.execute(
+            "SELECT size, time_ms, root, signature FROM tree_heads ORDER BY size DESC LIMIT 1"
+        ).fetchone()
+    finally:
+        db.close()
+    if row is None:
+        raise ValueError(f"the audit log in {data_dir.resolve()} has no signed tree head yet")
+    size, time_ms, root, sig = row
+    pub = _public_key(data_dir)
+    try:
+        pub.verify(bytes(sig), tree_head_message(size, time_ms, bytes(root)))
+    except InvalidSignature:
+        raise ValueError(f"the newest tree head (size {size}) has a bad signature") from None
+    return {
+        "size": size,
+        "time_ms": time_ms,
+        "root": bytes(root).hex(),
+        "signature": bytes(sig).hex(),
+        "public_key": _raw_public_key(pub).hex(),
+    }
+
+
+@dataclass(frozen=True)
+class SavedHead:
+    """A signed tree head kept elsewhere: ``size`` entries had root ``root`` at ``time_ms``."""
+
+    size: int
+    time_ms: int
+    root: bytes
+    signature: bytes
+    public_key: bytes
+
+    @classmethod
+    def parse(cls, obj: object) -> SavedHead:
+        """From the JSON object :func:`current_head` (or the admin API) gives; ValueError if
+        it is not one."""
+        if not isinstance(obj, dict) or any(k not in obj for k in HEAD_FIELDS):
+            raise ValueError(f"not a saved tree head (a JSON object with {', '.join(HEAD_FIELDS)})")
+        size, time_ms = obj["size"], obj["time_ms"]
+        if not isinstance(size, int) or not isinstance(time_ms, int) or size < 1 or time_ms < 0:
+            raise ValueError("a saved tree head's size and time_ms are positive integers")
+        try:
+            root, sig, key = (bytes.fromhex(obj[k]) for k in ("root", "signature", "public_key"))
+        except (TypeError, ValueError):
+            raise ValueError("a saved tree head's root, signature and public_key are hex") from None
+        if len(root) != 32 or len(key) != 32:
+            raise ValueError("a saved tree head's root and public_key are 32 bytes each")
+        return cls(size, time_ms, root, sig, key)
+
+    def when(self) -> str:
+        """When it was signed, in UTC."""
+        return _utc(self.time_ms / 1000)
+
+
+def check_against(data_dir: str | Path, head: SavedHead) -> str | None:
+    """Whether the log in ``data_dir`` is an extension of the log ``head`` was signed for
+    (RFC 6962/9162 consistency between that head and the log's newest signed head): None if
+    so, else one line saying what went wrong. Detects truncation, a different history (fork)
+    and the database rolled back to a copy older than the head, none of which the log alone
+    can show (whoever rewrites it can delete or re-sign its own heads too)."""
+    data_dir = Path(data_dir)
+    pub = _public_key(data_dir)
+    if _raw_public_key(pub) != head.public_key:
+        return (
+            "the saved head was signed with another key than this log's "
+            f"({PUBLIC_KEY_FILE} was replaced, or this is another log)"
+        )
+    try:
+        Ed25519PublicKey.from_public_bytes(head.public_key).verify(
+            head.signature, tree_head_message(head.size, head.time_ms, head.root)
+        )
+    except InvalidSignature:
+        return "the saved head's signature does not verify (the saved file was altered)"
+    db = _open_readonly(data_dir)
+    try:
+        _, leaves = _recompute(db, [])
+    finally:
+        db.close()
+    m, n = head.size, len(leaves)
+    if n < m:
+        return (
+            f"the log holds {n} entries but the head saved at {head.when()} covered {m}: "
+            "entries were deleted from its end (truncated), or the database was rolled back to "
+            "an earlier copy"
+        )
+    # The consistency proof from the saved head to the log as it is now (its signed heads are
+    # checked against the same leaves by verify()): built from this log's leaves, it
+    # reconstructs the saved root only if the first m entries are those the head covered.
+    if n == m:
+        ok = tree_root(leaves) == head.root
+    else:
+        proof = consistency_proof(m, leaves)
+        ok = verify_consistency(m, n, proof, head.root, tree_root(leaves))
+    if not ok:
+        return (
+            f"the first {m} entries are not those the head saved at {head.when()} covered: the "
+            "history was rewritten (a fork), or the database was rolled back to an earlier copy "
+            "and written to since"
+        )
+    return None
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _utc(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def _field(value: object) -> str:
+    """A value on one line: plain if it is a simple word, else JSON-quoted (so names or
+    reasons with spaces, quotes or line breaks cannot break or forge a line)."""
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    if text and all(c.isprintable() and not c.isspace() and c not in "\"'=" for c in text):
+        return text
+    return json.dumps(text, ensure_ascii=False)
+
+
+def read_entries(
+    data_dir: str | Path,
+    since: float | None = None,
+    room: str | None = None,
+    identity: str | None = None,
+) -> list[str]:
+    """The log's entries as lines for people, oldest first: sequence number, UTC time, kind,
+    room, actor, subject and details. ``since`` (Unix time), ``room`` and ``identity`` (the
+    actor or subject) select entries. The log holds no pose, audio or annotation content, so
+    neither do these lines; entries past retention show as pruned."""
+    db = _open_readonly(Path(data_dir))
+    where: list[str] = ["1"]
+    args: list[object] = []
+    if since is not None:
+        where.append("time >= ?")
+        args.append(since)
+    if room is not None:
+        where.append("room = ?")
+        args.append(room)
+    if identity is not None:
+        where.append("(actor = ? OR subject = ?)")
+        args += [identity, identity]
+    try:
+        rows = db.execute(
+            "SELECT seq, time, kind, room, actor, subject, detail, pruned FROM entries WHERE "
+            + " AND ".join(where)
+            + " ORDER BY seq",
+            args,
+        ).fetchall()
+    finally:
+        db.close()
+    lines = []
+    for seq, t, kind, room_, actor, subject, detail, pruned in rows:
+        parts = [f"{seq:>6}", _utc(t), _field(kind)]
+        if pruned:
+            parts.append("(content pruned after the retention period)")
+        for name, value in (("room", room_), ("actor", actor), ("subject", subject)):
+            if value is not None:
+                parts.append(f"{name}={_field(value)}")
+        try:
+            details = json.loads(detail) if detail else {}
+        except ValueError:
+            details = {"detail": detail}
+        if not isinstance(details, dict):
+            details = {"detail": details}
+        parts += [f"{_field(k)}={_field(v)}" for k, v in details.items()]
+        lines.append("  ".join(parts[:3]) + ("  " + " ".join(parts[3:]) if parts[3:] else ""))
+    return lines

@@ -77,13 +77,16 @@ class TokenVerifier:
             self._algorithms = ALGORITHMS_HS
         else:
             assert public_key_pem is not None
-            key = load_pem_public_key(public_key_pem)
+            try:
+                key = load_pem_public_key(public_key_pem)
+            except (ValueError, TypeError):
+                raise ValueError("auth_public_key: not a PEM public key") from None
             if isinstance(key, ed25519.Ed25519PublicKey):
                 self._algorithms = ["EdDSA"]
             elif isinstance(key, rsa.RSAPublicKey):
                 self._algorithms = ["RS256"]
             else:
-                raise ValueError("public key must be Ed25519 or RSA")
+                raise ValueError("auth_public_key: the key must be Ed25519 or RSA")
             self._key = key
 
     def _claims(self, token: str, kind: str) -> dict[str, Any]:
@@ -147,11 +150,24 @@ def identity_from_claims(claims: dict[str, Any]) -> Identity:
 
 
 def parse_ttl(text: str) -> float:
-    """``90``, ``90s``, ``30m``, ``1h``, ``2d`` to seconds."""
+    """``90``, ``90s``, ``30m``, ``1h``, ``2d`` to seconds (more than zero)."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
     if not m:
         raise ValueError(f"bad duration {text!r} (examples: 90s, 30m, 1h)")
-    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+    seconds = float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+    if seconds <= 0:
+        raise ValueError(f"duration {text!r} is not positive: the token would be born expired")
+    return seconds
+
+
+def load_secret(data_dir: str | Path) -> bytes | None:
+    """The deployment secret kept in the data directory, or None if there is none. Never
+    creates one: a secret made by anything but the server would sign tokens it refuses."""
+    path = Path(data_dir) / SECRET_FILE
+    try:
+        return path.read_bytes().strip()
+    except FileNotFoundError:
+        return None
 
 
 def load_or_create_secret(data_dir: str | Path) -> tuple[bytes, bool]:
@@ -182,6 +198,7 @@ __all__ = [
     "anonymous",
     "identity_from_claims",
     "load_or_create_secret",
+    "load_secret",
     "mint_admin_token",
     "mint_token",
     "parse_ttl",

@@ -8,17 +8,50 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
 import signal
+import socket
+import sqlite3
 import ssl
 import sys
+import tempfile
 from dataclasses import fields
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
 from .config import ServerConfig
 
 if TYPE_CHECKING:
     from aiohttp import web
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: usage goes to ``--help``, the error to stderr, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class CommandError(Exception):
+    """What the operator must fix (a setting, a file, a port), said in one line."""
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one line for the operator: what failed and why, no traceback."""
+    if isinstance(exc, OSError):
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        text = f"{exc.filename}: {reason}" if exc.filename else reason
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
+
+
+def _fail(prog: str, exc: BaseException | str) -> int:
+    """Print ``prog: error: ...`` on one line to stderr; the exit code for bad input (2)."""
+    text = exc if isinstance(exc, str) else one_line(exc)
+    print(f"{prog}: error: {text}", file=sys.stderr)
+    return 2
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
@@ -36,7 +69,22 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         flag = "--" + f.name.replace("_", "-")
         env = f"env MEDVERSE_{f.name.upper()}"
         if isinstance(value, bool):
-            p.add_argument(flag, action="store_const", const=True, default=None, help=f"({env})")
+            # --flag and --no-flag: a setting that is on by default (or in the environment)
+            # can be turned off from the command line too. A setting named no_x is turned on
+            # by --no-x and off by --x (not --no-no-x).
+            help_text = f"(default {'on' if value else 'off'}; {env})"
+            if f.name.startswith("no_"):
+                on, off = flag, "--" + f.name[3:].replace("_", "-")
+                group = p.add_mutually_exclusive_group()
+                group.add_argument(
+                    on, dest=f.name, action="store_const", const=True, help=help_text
+                )
+                group.add_argument(off, dest=f.name, action="store_const", const=False)
+                p.set_defaults(**{f.name: None})
+            else:
+                p.add_argument(
+                    flag, action=argparse.BooleanOptionalAction, default=None, help=help_text
+                )
         else:
             p.add_argument(flag, type=type(value), default=None, help=f"(default {value!r}; {env})")
 
@@ -47,7 +95,7 @@ def _add_token(sub: argparse._SubParsersAction) -> None:
         help="mint a join token",
         description=(
             "Print an HS256 join token signed with the deployment secret (MEDVERSE_AUTH_SECRET, "
-            "or the secret in the data directory)."
+            "or the secret `medverse serve` created in the data directory; never a new one)."
         ),
     )
     p.add_argument("--room", default=None, help="the room the token admits to")
@@ -63,93 +111,286 @@ def _add_token(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_audit(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("audit", help="check or prove the audit log")
+    p = sub.add_parser("audit", help="read, check, prove or anchor the audit log")
     asub = p.add_subparsers(dest="audit_command", required=True)
+    data_help = "(env MEDVERSE_DATA_DIR)"
     v = asub.add_parser("verify", help="recompute the Merkle tree and check every signed head")
-    v.add_argument("--data-dir", default=None, help="(env MEDVERSE_DATA_DIR)")
+    v.add_argument("--data-dir", default=None, help=data_help)
+    v.add_argument(
+        "--against",
+        metavar="HEAD_FILE",
+        default=None,
+        help="a head saved earlier (medverse audit head): also prove the log still extends it",
+    )
     pr = asub.add_parser("prove", help="print an inclusion proof of entry N")
     pr.add_argument("entry", type=int)
-    pr.add_argument("--data-dir", default=None, help="(env MEDVERSE_DATA_DIR)")
+    pr.add_argument("--data-dir", default=None, help=data_help)
+    h = asub.add_parser(
+        "head", help="print the newest signed tree head, to keep where the server cannot write"
+    )
+    h.add_argument("--data-dir", default=None, help=data_help)
+    h.add_argument("--out", metavar="FILE", default=None, help="write it to FILE instead")
+    sh = asub.add_parser("show", help="print the entries, one line each")
+    sh.add_argument("--data-dir", default=None, help=data_help)
+    sh.add_argument(
+        "--since",
+        default=None,
+        help="2026-11-30, 2026-11-30T18:00 (UTC unless an offset is given), or a time back "
+        "from now: 90m, 2h, 7d",
+    )
+    sh.add_argument("--room", default=None, help="entries of this room")
+    sh.add_argument("--identity", default=None, help="entries whose actor or subject it is")
+
+
+def _since(text: str) -> float:
+    """``--since`` as Unix time: an ISO date or time (UTC unless it has an offset) or a
+    duration back from now."""
+    import re
+    import time
+    from datetime import UTC, datetime
+
+    from .auth import parse_ttl
+
+    if re.fullmatch(r"\s*\d+(?:\.\d+)?\s*[smhd]?\s*", text):
+        return time.time() - parse_ttl(text)
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(f"--since {text!r}: give 2026-11-30, 2026-11-30T18:00 or 2h") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.timestamp()
 
 
 def _audit(args: argparse.Namespace) -> int:
     import json
 
-    from .audit import prove, verify
+    from .audit import SavedHead, check_against, current_head, prove, read_entries, verify
 
-    data_dir = ServerConfig.from_env(data_dir=args.data_dir).data_dir
-    if args.audit_command == "verify":
-        report = verify(data_dir)
-        print(f"{report.entries} entries, signed tree heads up to {report.signed_size}")
-        for problem in report.problems:
-            print("TAMPERED:", problem)
-        print("OK: the log is intact" if report.ok else f"{len(report.problems)} problem(s) found")
-        return 0 if report.ok else 1
+    prog = f"medverse audit {args.audit_command}"
+    data_dir = _data_dir(args.data_dir)
     try:
-        print(json.dumps(prove(data_dir, args.entry), indent=2))
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+        if args.audit_command == "verify":
+            saved = None
+            if args.against:
+                try:
+                    saved = SavedHead.parse(json.loads(Path(args.against).read_text()))
+                except ValueError as exc:  # JSON errors are ValueErrors too
+                    raise CommandError(f"{args.against}: {one_line(exc)}") from None
+            report = verify(data_dir)
+            against = check_against(data_dir, saved) if saved is not None else None
+        elif args.audit_command == "prove":
+            print(json.dumps(prove(data_dir, args.entry), indent=2))
+            return 0
+        elif args.audit_command == "head":
+            # One line, as the admin API gives it: a log collector keeps it whole.
+            text = json.dumps(current_head(data_dir)) + "\n"
+            if args.out:
+                _write_atomically(Path(args.out), text)
+            else:
+                print(text, end="")
+            return 0
+        else:
+            since = _since(args.since) if args.since else None
+            for line in read_entries(data_dir, since, args.room, args.identity):
+                print(line)
+            return 0
+    except (CommandError, ValueError, OSError, sqlite3.Error) as exc:
+        return _fail(prog, exc)
+    print(f"{report.entries} entries, signed tree heads up to {report.signed_size}")
+    for problem in report.problems:
+        print("TAMPERED:", problem)
+    if saved is not None:
+        if against is None:
+            print(f"consistent with the head saved at {saved.when()} ({saved.size} entries)")
+        else:
+            print("TAMPERED:", against)
+    ok = report.ok and against is None
+    problems = len(report.problems) + (against is not None)
+    print("OK: the log is intact" if ok else f"{problems} problem(s) found")
+    return 0 if ok else 1
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so a reader sees the old file or the new one, never half."""
+    import os
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def _token(args: argparse.Namespace) -> int:
-    from .auth import load_or_create_secret, mint_admin_token, mint_token, parse_ttl
+    from .auth import mint_admin_token, mint_token, parse_ttl
 
-    cfg = ServerConfig.from_env(data_dir=args.data_dir)
-    secret = cfg.auth_secret.encode() if cfg.auth_secret else load_or_create_secret(cfg.data_dir)[0]
-    if args.admin:
-        if args.room is not None:
-            print("error: an admin token names no room", file=sys.stderr)
-            return 2
-        print(mint_admin_token(secret, identity=args.identity, ttl=parse_ttl(args.ttl)))
-        return 0
-    if args.room is None:
-        print("error: --room is required (or --admin)", file=sys.stderr)
-        return 2
-    grants = [g.strip() for g in args.grants.split(",") if g.strip()] if args.grants else None
-    print(
-        mint_token(
-            secret,
+    prog = "medverse token"
+    try:
+        ttl = parse_ttl(args.ttl)
+        data_dir = _data_dir(args.data_dir)
+        if args.admin:
+            if args.room is not None:
+                return _fail(prog, "an admin token names no room")
+            secret = _token_secret(data_dir)
+            print(mint_admin_token(secret, identity=args.identity, ttl=ttl))
+            return 0
+        if args.room is None:
+            return _fail(prog, "--room is required (or --admin)")
+        grants = [g.strip() for g in args.grants.split(",") if g.strip()] if args.grants else None
+        token = mint_token(
+            _token_secret(data_dir),
             room=args.room,
             identity=args.identity,
             name=args.name,
             role=args.role,
-            ttl=parse_ttl(args.ttl),
+            ttl=ttl,
             grants=grants,
         )
-    )
+    except (CommandError, ValueError, OSError) as exc:
+        return _fail(prog, exc)
+    print(token)
     return 0
 
 
-async def _serve(cfg: ServerConfig, app: web.Application) -> None:
+def _data_dir(flag: str | None) -> str:
+    """The data directory for commands that only read it: the flag, ``MEDVERSE_DATA_DIR``, or
+    the default. (Not the whole server configuration: a server setting in the environment,
+    such as a TLS key only the server may read, is no concern of ``token`` or ``audit``.)"""
+    import os
+
+    return flag or os.environ.get("MEDVERSE_DATA_DIR") or ServerConfig().data_dir
+
+
+def _token_secret(data_dir: str) -> bytes:
+    """The secret the server signs with: ``MEDVERSE_AUTH_SECRET``, else the one ``medverse
+    serve`` created in the data directory. Minting never creates one (the server would refuse
+    every token signed with it), so none found is an error that says where it looked."""
+    import os
+
+    from .auth import SECRET_FILE, load_secret
+
+    secret = os.environ.get("MEDVERSE_AUTH_SECRET", "").encode() or load_secret(data_dir)
+    if secret is None:
+        raise CommandError(
+            f"no token secret: MEDVERSE_AUTH_SECRET is not set and "
+            f"{(Path(data_dir) / SECRET_FILE).resolve()} does not exist (give the server's "
+            "--data-dir, or MEDVERSE_AUTH_SECRET; `medverse serve` creates the secret)"
+        )
+    if len(secret) < 32:
+        raise CommandError("the token secret is shorter than 32 bytes: the server refuses it")
+    return secret
+
+
+async def _serve(cfg: ServerConfig, app: web.Application, ssl_ctx: ssl.SSLContext | None) -> None:
     from aiohttp import web
 
     from .auth import load_or_create_secret, mint_token
 
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    ssl_ctx = None
-    if cfg.tls_cert:
-        ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ssl_ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
-    site = web.TCPSite(runner, cfg.host, cfg.port, ssl_context=ssl_ctx)
-    await site.start()
-    log = logging.getLogger("medverse")
-    scheme = "wss" if ssl_ctx else "ws"
-    log.info(
-        "medverse serving on %s://%s:%d/ws (tick %d Hz)", scheme, cfg.host, cfg.port, cfg.tick_rate
-    )
-    if not cfg.no_auth and not cfg.auth_secret and not cfg.auth_public_key:
-        secret, _ = load_or_create_secret(cfg.data_dir)
-        token = mint_token(secret, room="demo", identity="dev", name="Developer", role="host")
-        log.info("development token for room 'demo' (host, 1 h): %s", token)
+    # Signals first: a SIGTERM at any point from here on stops the server cleanly.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    # Handlers finish when their client disconnects (see medverse.server.httplog).
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, handler_cancellation=False)
+    await runner.setup()
+    site = web.TCPSite(runner, cfg.host, cfg.port, ssl_context=ssl_ctx)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise CommandError(_bind_error(cfg, exc)) from None
+    _print_banner(cfg, ssl_ctx is not None)
+    log = logging.getLogger("medverse")
+    if not cfg.no_auth and not cfg.auth_secret and not cfg.auth_public_key:
+        secret, _ = load_or_create_secret(cfg.data_dir)
+        token = mint_token(secret, room="demo", identity="dev", name="Developer", role="host")
+        log.info("development token for room 'demo' (host, 1 h): %s", token)
     await stop.wait()
     await runner.cleanup()
+
+
+def _tls_context(cfg: ServerConfig) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise CommandError(
+            f"tls_cert {cfg.tls_cert} / tls_key {cfg.tls_key}: not a PEM certificate chain and "
+            f"its private key ({one_line(exc)})"
+        ) from None
+    return ctx
+
+
+def _bind_error(cfg: ServerConfig, exc: OSError) -> str:
+    """Why listening failed, for the operator: the port taken, or the address unknown."""
+    where = f"{cfg.host}:{cfg.port}"
+    if exc.errno == errno.EADDRINUSE:
+        return (
+            f"cannot listen on {where}: port {cfg.port} is in use (another process holds it; "
+            "stop it or pick another port with --port or MEDVERSE_PORT)"
+        )
+    if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:
+        return f"cannot listen on {where}: {cfg.host!r} is not an address of this machine"
+    if exc.errno == errno.EACCES:
+        return f"cannot listen on {where}: permission denied (ports below 1024 need privileges)"
+    return f"cannot listen on {where}: {one_line(exc)}"
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _print_banner(cfg: ServerConfig, tls: bool) -> None:
+    """Where to reach the server and where it keeps its data, on stdout at any log level."""
+    base = f"{'https' if tls else 'http'}://{_url_host(cfg.host)}:{cfg.port}"
+    ws = f"{'wss' if tls else 'ws'}://{_url_host(cfg.host)}:{cfg.port}/ws"
+    print(
+        f"medverse serving {base} (tick {cfg.tick_rate} Hz)\n"
+        f"  rooms    {ws}\n"
+        f"  health   {base}/health\n"
+        f"  metrics  {base}/metrics\n"
+        f"  data     {Path(cfg.data_dir).resolve()}",
+        flush=True,
+    )
+
+
+def check_listen(cfg: ServerConfig) -> None:
+    """Fail before anything is opened or created if the server could not listen: the port is
+    taken or the host is not an address of this machine. (Binding for real may still fail if
+    another process takes the port in between; that is reported the same way.)"""
+    try:
+        infos = socket.getaddrinfo(
+            cfg.host, cfg.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        for family, kind, proto, _, addr in infos:
+            with socket.socket(family, kind, proto) as s:
+                # As the server's own socket will: a port in TIME_WAIT is free to take.
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                s.bind(addr)
+    except OSError as exc:
+        raise CommandError(_bind_error(cfg, exc)) from None
+
+
+def prepare_data_dir(path: str) -> Path:
+    """The data directory, created if missing and checked to be a writable folder (a clear
+    error now rather than a traceback from the first file the server writes there)."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise CommandError(f"data_dir {p.resolve()}: exists and is not a folder")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=p):
+            pass
+    except OSError as exc:
+        raise CommandError(
+            f"data_dir {p.resolve()}: cannot write there ({one_line(exc)})"
+        ) from None
+    return p
 
 
 def serve(cfg: ServerConfig, app: web.Application | None = None) -> None:
@@ -157,11 +398,17 @@ def serve(cfg: ServerConfig, app: web.Application | None = None) -> None:
     SIGTERM, on uvloop, logging at ``cfg.log_level``. An application with plugins of its own
     builds its app with :func:`~medverse.server.app.create_app` and serves it here."""
     from .app import create_app
+    from .httplog import quiet_client_errors
 
     logging.basicConfig(
         level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    run_loop(_serve(cfg, app if app is not None else create_app(cfg)))
+    quiet_client_errors()  # clients' bad requests are one line each, not tracebacks
+    # Everything that can be checked before the server opens or creates anything is.
+    check_listen(cfg)
+    prepare_data_dir(cfg.data_dir)
+    ssl_ctx = _tls_context(cfg) if cfg.tls_cert else None
+    run_loop(_serve(cfg, app if app is not None else create_app(cfg), ssl_ctx))
 
 
 def run_loop(coro: object) -> None:
@@ -174,8 +421,9 @@ def run_loop(coro: object) -> None:
         uvloop.run(coro)  # type: ignore[arg-type]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="medverse", description="medverse telepresence server")
+def build_parser() -> argparse.ArgumentParser:
+    """The ``medverse`` command's parser, with every subcommand."""
+    parser = _Parser(prog="medverse", description="medverse telepresence server")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve(sub)
     _add_token(sub)
@@ -186,24 +434,57 @@ def main(argv: list[str] | None = None) -> int:
         add_loadtest = None
     if add_loadtest is not None:
         add_loadtest(sub.add_parser("loadtest", help="simulate headsets against a server"))
-    args = parser.parse_args(argv)
+    return parser
+
+
+def serve_config(args: argparse.Namespace) -> ServerConfig:
+    """``medverse serve``'s settings: defaults, then ``MEDVERSE_*`` variables, then flags."""
+    return ServerConfig.from_env(**{f.name: getattr(args, f.name) for f in fields(ServerConfig)})
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.command == "serve":
-        overrides = {f.name: getattr(args, f.name) for f in fields(ServerConfig)}
         try:
-            cfg = ServerConfig.from_env(**overrides)
-        except ValueError as exc:
-            parser.error(str(exc))
-        serve(cfg)
+            serve(serve_config(args))
+        except (CommandError, ValueError, OSError, sqlite3.Error) as exc:
+            # Settings, files and the listening socket: the operator's to fix, so one line.
+            return _fail("medverse serve", exc)
         return 0
     if args.command == "token":
         return _token(args)
     if args.command == "audit":
         return _audit(args)
     if args.command == "loadtest":
-        from medverse.client_sdk.loadtest import run as run_loadtest
-
-        return run_loadtest(args)
+        return _loadtest(args)
     return 2
+
+
+def _loadtest(args: argparse.Namespace) -> int:
+    """``medverse loadtest``, with its bad input and unreachable servers said in one line."""
+    import os
+
+    from medverse.client_sdk.loadtest import run as run_loadtest
+
+    prog = "medverse loadtest"
+    for name, low in (("clients", 1), ("rate", 1), ("room_size", 0), ("probes", 0)):
+        if getattr(args, name) < low:
+            return _fail(prog, f"--{name.replace('_', '-')} must be at least {low}")
+    if not args.seconds > 0 or not args.warmup >= 0:
+        return _fail(prog, "--seconds must be > 0 and --warmup >= 0")
+    # A refused headset is reported below; the others' unread refusals need not be logged.
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    try:
+        return run_loadtest(args)
+    except ConnectionRefusedError as exc:
+        return _fail(prog, f"no server answers at {args.url} ({one_line(exc)})")
+    except ConnectionError as exc:  # a headset's join was refused
+        text = one_line(exc)
+        if "unauthorized" in text and not (args.secret or os.environ.get("MEDVERSE_AUTH_SECRET")):
+            text += " (give the server's token secret with --secret or MEDVERSE_AUTH_SECRET)"
+        return _fail(prog, f"{args.url}: {text}")
+    except (OSError, ValueError) as exc:
+        return _fail(prog, f"{args.url}: {one_line(exc)}")
 
 
 if __name__ == "__main__":

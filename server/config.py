@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
+import re
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -82,6 +84,10 @@ class ServerConfig:
     #: Objects one room may hold, and annotations one object may carry.
     max_objects_per_room: int = 256
     max_annotations_per_object: int = 1024
+    #: Open a room's objects even when, at start, its stored objects lack changes the audit
+    #: log says were acknowledged (by default such a room's objects are refused until an
+    #: operator decides). The gap is reported either way.
+    serve_incomplete_objects: bool = False
     #: TLS certificate chain and private key (PEM) to serve wss:// directly.
     tls_cert: str = ""
     tls_key: str = ""
@@ -89,6 +95,9 @@ class ServerConfig:
     max_asset_bytes: int = 128 * 1024 * 1024
     #: Most assets one room may list.
     max_assets_per_room: int = 256
+    #: Seconds between background passes that re-read every stored model file and check it
+    #: against its SHA-256, at low priority (0: none; downloads are checked either way).
+    asset_scrub_interval: float = 3600.0
     #: Addresses WebRTC (ICE) gathers host candidates on, comma-separated. The default keeps
     #: media on loopback for development; production names its public address(es).
     rtc_host_addresses: str = "127.0.0.1"
@@ -118,12 +127,34 @@ class ServerConfig:
     audio_jitter_frames: int = 0
 
     def __post_init__(self) -> None:
-        if not 10 <= self.tick_rate <= 90:
-            raise ValueError("tick_rate must be between 10 and 90 Hz")
+        """Refuse values that cannot work, naming the setting: the server should fail at
+        start with one clear line, not later with a traceback (or run with a nonsense value)."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{f.name} must be a finite number, not {value!r}")
+        _check_host(self.host)
         if not 0 < self.port < 65536:
             raise ValueError("port must be 1-65535")
+        if not 10 <= self.tick_rate <= 90:
+            raise ValueError("tick_rate must be between 10 and 90 Hz")
+        _at_least(self, 0, "room_linger", "resume_grace", "heartbeat", "audit_retention_days")
+        _at_least(self, 0, "send_soft_limit", "socket_send_buffer", "max_connections_per_address")
+        _at_least(self, 0, "max_objects_per_room", "max_annotations_per_object")
+        _at_least(self, 0, "max_assets_per_room", "audio_max_speakers", "asset_scrub_interval")
+        _at_least(self, 1, "max_members_per_room", "max_violations", "send_hard_limit")
+        _at_least(self, 1, "max_asset_bytes", "audio_degraded_speakers")
+        _positive(self, "handshake_timeout", "error_reply_rate", "message_rate", "byte_rate")
+        _positive(self, "message_burst", "byte_burst", "audio_mix_budget_ms")
+        # A hello with its join token takes up to about 1 KB: smaller frames lock everyone out.
+        if self.max_frame_bytes < MIN_FRAME_BYTES:
+            raise ValueError(f"max_frame_bytes must be at least {MIN_FRAME_BYTES}")
         if self.send_soft_limit > self.send_hard_limit:
             raise ValueError("send_soft_limit must not exceed send_hard_limit")
+        if self.log_level.lower() not in LOG_LEVELS:
+            raise ValueError(f"log_level {self.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
+        if not self.data_dir:
+            raise ValueError("data_dir must name a folder")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert and tls_key go together")
         if not 0 < self.object_flush_interval <= 1.0:
@@ -132,10 +163,25 @@ class ServerConfig:
             raise ValueError("object_lease_timeout must be positive")
         if self.auth_secret and self.auth_public_key:
             raise ValueError("give auth_secret or auth_public_key, not both")
+        if self.auth_secret and len(self.auth_secret.encode()) < 32:
+            raise ValueError("auth_secret must be at least 32 bytes")
+        for name in ("consent_file", "tls_cert", "tls_key", "auth_public_key"):
+            path = getattr(self, name)
+            if path and not os.path.isfile(path):
+                raise ValueError(f"{name} {path}: no such file")
+        for name in ("consent_rooms", "pseudonymous_rooms"):
+            try:
+                re.compile(getattr(self, name))
+            except re.error as exc:
+                raise ValueError(f"{name} is not a valid regular expression: {exc}") from None
         if not 0 < self.audio_ref_distance <= self.audio_max_distance:
             raise ValueError("audio_ref_distance must be > 0 and <= audio_max_distance")
         if self.audio_rolloff < 0:
             raise ValueError("audio_rolloff must be >= 0")
+        if self.audio_silence_dbfs > 0 or self.audio_speaking_dbfs > 0:
+            raise ValueError("audio_silence_dbfs and audio_speaking_dbfs are levels <= 0 dBFS")
+        if not 6000 <= self.audio_bitrate <= 510000:
+            raise ValueError("audio_bitrate must be 6000-510000 (what Opus encodes)")
         if not 0 <= self.audio_complexity <= 10:
             raise ValueError("audio_complexity must be 0-10")
         if not 0 <= self.audio_jitter_frames <= 8:
@@ -146,7 +192,10 @@ class ServerConfig:
         if not addresses:
             raise ValueError("rtc_host_addresses: name at least one ICE host address")
         for a in addresses:
-            ipaddress.ip_address(a)
+            try:
+                ipaddress.ip_address(a)
+            except ValueError:
+                raise ValueError(f"rtc_host_addresses: {a!r} is not an IP address") from None
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> ServerConfig:
@@ -174,3 +223,35 @@ def parse_bool(text: str) -> bool:
     if t in ("0", "false", "no", "off", ""):
         return False
     raise ValueError(f"expected a boolean, got {text!r}")
+
+
+#: Smallest ``max_frame_bytes`` accepted: a hello carrying a join token needs about 1 KB.
+MIN_FRAME_BYTES = 1024
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def _check_host(host: str) -> None:
+    """An IP address or a host name (RFC 1123 labels); a name of digits and dots only must be
+    an IPv4 address (``0.0.0.0.0`` is a typo, not a name to look up)."""
+    try:
+        ipaddress.ip_address(host)
+        return
+    except ValueError:
+        pass
+    labels = host.rstrip(".").split(".")
+    numeric = all(label.isdigit() for label in labels)
+    if not host or numeric or not all(_HOST_LABEL.fullmatch(label) for label in labels):
+        raise ValueError(f"host {host!r} is not an IP address or a host name")
+
+
+def _at_least(cfg: ServerConfig, low: int, *names: str) -> None:
+    for name in names:
+        if getattr(cfg, name) < low:
+            raise ValueError(f"{name} must be >= {low}, not {getattr(cfg, name)!r}")
+
+
+def _positive(cfg: ServerConfig, *names: str) -> None:
+    for name in names:
+        if getattr(cfg, name) <= 0:
+            raise ValueError(f"{name} must be > 0, not {getattr(cfg, name)!r}")

@@ -143,7 +143,10 @@ class RoomObjects(RoomPlugin):
     # ----------------------------------------------------------------- lifecycle
 
     def on_create(self) -> None:
-        """Bring the room's stored objects back."""
+        """Bring the room's stored objects back (unless they are held back: see
+        :meth:`SharedObjects.hold_back`; the room then refuses every object operation)."""
+        if self.ctx.name in self.service.held_back:
+            return
         record = self.service.load(self.ctx.name)
         self.annotations = {a.id: a for a in record.annotations}
         self.next_object_id = record.next_object_id
@@ -513,6 +516,9 @@ class RoomObjects(RoomPlugin):
         """Refuse everything in a room whose stored objects could not be loaded: with empty
         state, new ids would overwrite what is stored."""
         if not self.loaded:
+            held = self.service.held_back.get(self.ctx.name)
+            if held is not None:
+                raise Refusal(ErrorCode.CORRUPT, held)
             raise Refusal(ErrorCode.INTERNAL, "the room's objects are not loaded")
 
     def on_frame(self, member: MemberView, frame: bytes) -> None:
@@ -673,6 +679,8 @@ class SharedObjects(ServerPlugin):
         #: Objects with a holder (for the lease timeout) and objects moved since the last flush.
         self.held: set[LiveObject] = set()
         self.dirty: set[LiveObject] = set()
+        #: Rooms whose stored objects must not be opened, and why (see :meth:`hold_back`).
+        self.held_back: dict[str, str] = {}
 
     room_plugin = RoomObjects
 
@@ -728,6 +736,12 @@ class SharedObjects(ServerPlugin):
                     ro.set_holder(obj, None, "timeout")
         interval = min(0.25, self.lease_timeout / 4)
         self._timers["sweep"] = asyncio.get_running_loop().call_later(interval, self._sweep_tick)
+
+    def hold_back(self, room: str, reason: str) -> None:
+        """Do not open ``room``'s stored objects: they lack changes that were acknowledged
+        (found at start by :mod:`.integrity`). Its members are refused every object operation
+        with ``corrupt`` and ``reason``, and nothing new is written over what is stored."""
+        self.held_back[room] = reason
 
     def count_refusal(self, err: ProtocolError) -> None:
         """Count a refused operation with the server's protocol errors (by code)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -113,6 +114,23 @@ async def test_list_rooms_end_a_session_and_read_the_audit_head(srv: ServerProce
     assert status == 200 and proof
     status, body = await call(srv, "GET", "/admin/audit/proof/999999", admin())
     assert (status, body["error"]["code"]) == (404, "not_found")
+    for bad in ("abc", "-1", "1.5", "%C2%B2", "9" * 40):
+        status, body = await call(srv, "GET", f"/admin/audit/proof/{bad}", admin())
+        assert (status, body["error"]["code"]) == (400, "bad_field"), bad
+        assert "int()" not in body["error"]["message"]
+
+
+async def test_a_head_collected_over_the_admin_api_anchors_the_log(
+    srv: ServerProcess, tmp_path: Path
+) -> None:
+    from medverse.server.audit import SavedHead, check_against
+
+    status, head = await call(srv, "GET", "/admin/audit/head", admin())
+    assert status == 200
+    data = srv.env["MEDVERSE_DATA_DIR"]
+    assert check_against(data, SavedHead.parse(head)) is None
+    grown = dict(head, size=head["size"] + 1000)  # a head the log never signed
+    assert "signature" in (check_against(data, SavedHead.parse(grown)) or "")
 
 
 def test_cli_mints_admin_tokens() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import hashlib
+import json
 import sqlite3
 import struct
 import tempfile
@@ -16,7 +17,7 @@ import aiohttp
 import pytest
 
 from medverse.client_sdk import AssetClient, AssetError, Pose, connect
-from medverse.server.auth import mint_token
+from medverse.server.auth import mint_admin_token, mint_token
 
 from .conftest import ServerProcess, run_server
 from .helpers import wait_for
@@ -37,7 +38,13 @@ def data_dir() -> str:
 
 @pytest.fixture(scope="module")
 def srv(data_dir: str) -> Iterator[ServerProcess]:
-    with run_server(auth_secret=SECRET, data_dir=data_dir, max_asset_bytes=LIMIT) as s:
+    with run_server(
+        auth_secret=SECRET,
+        data_dir=data_dir,
+        max_asset_bytes=LIMIT,
+        pseudonymous_rooms="pseudo-.*",
+        room_linger=0.5,
+    ) as s:
         yield s
 
 
@@ -295,3 +302,75 @@ async def test_uploads_do_not_disturb_the_room(srv: ServerProcess) -> None:
         await asyncio.sleep(max(0.0, 1.0 - (time.monotonic() - t0)))
         rate = (member.frames_received - n0) / (time.monotonic() - t0)
         assert rate > 25, rate
+
+
+async def get_json(srv: ServerProcess, path: str, token: str) -> tuple[int, dict]:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(srv.http + path, headers={"Authorization": f"Bearer {token}"}) as r,
+    ):
+        return r.status, await r.json(content_type=None)
+
+
+async def test_pseudonymous_rooms_show_no_real_name_over_http(srv: ServerProcess) -> None:
+    room = "pseudo-ward"
+    owl = tok(room=room, ident="dr-r", name="Dr Realname", pseudonym="Owl")
+    plain = tok(room=room, ident="dr-s", name="Dr Secretname")  # no pseudonym in the token
+    models = [triangle_glb(nodes=("p1",)), triangle_glb(nodes=("p2",))]
+    shas = [hashlib.sha256(m).hexdigest() for m in models]
+    answers: list[object] = []
+    for token, model in zip((owl, plain), models, strict=True):
+        status, reply = await raw_upload(srv, model, token, room=room, params={"name": "m.glb"})
+        assert status == 201, reply
+        answers.append(reply)
+    for path in (f"/rooms/{room}/assets", *(f"/rooms/{room}/assets/{h}/info" for h in shas)):
+        status, body = await get_json(srv, path, owl)
+        assert status == 200, body
+        answers.append(body)
+    # Every field of every answer: neither real name appears, only what the room shows.
+    text = json.dumps(answers)
+    assert "Realname" not in text and "Secretname" not in text, text
+    listing = {a["sha256"]: a["uploader"] for a in answers[2]["assets"]}  # type: ignore[index]
+    assert listing == {shas[0]: "Owl", shas[1]: "Participant"}
+    # The same person's upload in a room that is not pseudonymous shows the name, as its
+    # WebSocket does.
+    reply = (await raw_upload(srv, models[0], tok(room="open", name="Dr Realname"), room="open"))[1]
+    assert reply["uploader"] == "Dr Realname"
+
+
+async def test_an_ended_session_lists_and_takes_no_assets(srv: ServerProcess) -> None:
+    room = "ending"
+    host = tok(room=room)
+    model = triangle_glb(nodes=("before-end",))
+    sha = hashlib.sha256(model).hexdigest()
+    assert (await raw_upload(srv, model, host, room=room))[0] == 201
+    base = f"/rooms/{room}/assets"
+    async with connect(srv.url, room, "Dr A", token=host, reconnect=False):
+        assert (await get_json(srv, base, host))[0] == 200
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(
+                f"{srv.http}/admin/rooms/{room}/end",
+                headers={
+                    "Authorization": f"Bearer {mint_admin_token(SECRET.encode(), identity='ops')}"
+                },
+            ) as r,
+        ):
+            assert r.status == 200
+        # Ended: until the room closes nothing of it is listed, served or taken.
+        for path in (base, f"{base}/{sha}", f"{base}/{sha}/info"):
+            status, body = await get_json(srv, path, host)
+            assert (status, body["error"]["code"]) == (403, "session_ended"), path
+        status, reply = await raw_upload(srv, triangle_glb(nodes=("after-end",)), host, room=room)
+        assert (status, reply["error"]["code"]) == (403, "session_ended")
+
+    # The room closes after its linger time; a new session lists the room's assets again.
+    async def reopened() -> bool:
+        return (await get_json(srv, base, host))[0] == 200
+
+    deadline = time.monotonic() + 10
+    while not await reopened():
+        assert time.monotonic() < deadline, "the room did not close"
+        await asyncio.sleep(0.1)
+    status, body = await get_json(srv, base, host)
+    assert [a["sha256"] for a in body["assets"]] == [sha]

@@ -225,3 +225,155 @@ async def test_server_records_security_events_without_content() -> None:
         text=True,
     )
     assert out.returncode == 1 and "TAMPERED" in out.stdout
+
+
+# --------------------------------------------------------------------------- saved heads
+
+
+def audit_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """``medverse audit ARGS`` in this process: exit code, stdout, stderr."""
+    from medverse.server.cli import main
+
+    code = main(["audit", *args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def save_head(capsys: pytest.CaptureFixture[str], d: Path) -> Path:
+    head = d.parent / f"{d.name}-head.json"
+    code, _, err = audit_cli(capsys, "head", "--data-dir", str(d), "--out", str(head))
+    assert code == 0, err
+    return head
+
+
+def test_a_saved_head_is_the_admin_apis_head_and_verifies(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    d = make_log()
+    code, out, _ = audit_cli(capsys, "head", "--data-dir", str(d))
+    head = json.loads(out)
+    assert (
+        code == 0
+        and head["size"] == 20
+        and set(head)
+        == {
+            "size",
+            "time_ms",
+            "root",
+            "signature",
+            "public_key",
+        }
+    )
+    saved = save_head(capsys, d)
+    assert json.loads(saved.read_text()) == head
+    log = AuditLog(d)  # the log grows after the head was saved: still consistent
+    for i in range(13):
+        log.append("leave", room="ward", actor=f"user{i}")
+    log.close()
+    code, out, _ = audit_cli(capsys, "verify", "--data-dir", str(d), "--against", str(saved))
+    assert code == 0 and "consistent with the head saved" in out and "OK" in out, out
+
+
+def test_truncation_is_detected_against_a_saved_head(capsys: pytest.CaptureFixture[str]) -> None:
+    d = make_log()
+    saved = save_head(capsys, d)
+    # Delete the last three entries together with the signed heads that covered them: the
+    # log alone still verifies (it cannot know what it lost) ...
+    tamper(d, "DELETE FROM entries WHERE seq > 17")
+    tamper(d, "DELETE FROM tree_heads WHERE size > 17")
+    assert audit_cli(capsys, "verify", "--data-dir", str(d))[0] == 0
+    # ... but not against the head kept elsewhere.
+    code, out, _ = audit_cli(capsys, "verify", "--data-dir", str(d), "--against", str(saved))
+    (line,) = [x for x in out.splitlines() if x.startswith("TAMPERED")]
+    assert code == 1 and "holds 17 entries" in line and "truncated" in line, out
+
+
+def test_a_fork_is_detected_against_a_saved_head(capsys: pytest.CaptureFixture[str]) -> None:
+    d = make_log()
+    saved = save_head(capsys, d)
+    # Another history signed with the same key (whoever holds the key can rewrite and re-sign
+    # everything): consistent in itself, and as long as the one the head covered.
+    other = Path(tempfile.mkdtemp(prefix="medverse-audit-fork-"))
+    for name in ("audit_signing_key.pem", "audit_public_key.pem"):
+        (other / name).write_bytes((d / name).read_bytes())
+    log = AuditLog(other)
+    for i in range(25):
+        actor = "mallory" if i == 4 else f"user{i}"
+        log.append("join", room="ward", actor=actor, subject=str(i + 1), role="participant")
+    log.close()
+    assert audit_cli(capsys, "verify", "--data-dir", str(other))[0] == 0
+    code, out, _ = audit_cli(capsys, "verify", "--data-dir", str(other), "--against", str(saved))
+    (line,) = [x for x in out.splitlines() if x.startswith("TAMPERED")]
+    assert code == 1 and "first 20 entries" in line and "fork" in line, out
+
+
+def test_a_rolled_back_database_is_detected_against_a_saved_head(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    d = make_log(10)
+    backup = d.parent / f"{d.name}-backup.sqlite3"
+    backup.write_bytes((d / DB_FILE).read_bytes())  # an earlier copy of the database file
+    log = AuditLog(d)
+    for i in range(10):
+        log.append("removed", room="ward", actor="dr-a", subject=str(i + 1))
+    log.close()
+    saved = save_head(capsys, d)
+
+    def roll_back() -> None:
+        for suffix in ("-wal", "-shm"):
+            (d / (DB_FILE + suffix)).unlink(missing_ok=True)
+        (d / DB_FILE).write_bytes(backup.read_bytes())
+
+    roll_back()
+    assert audit_cli(capsys, "verify", "--data-dir", str(d))[0] == 0
+    code, out, _ = audit_cli(capsys, "verify", "--data-dir", str(d), "--against", str(saved))
+    assert code == 1 and "rolled back to an earlier copy" in out, out
+    # Rolled back, then written to for long enough to outgrow the saved head: still found.
+    log = AuditLog(d)
+    for i in range(15):
+        log.append("join", room="ward", actor=f"late{i}")
+    log.close()
+    assert audit_cli(capsys, "verify", "--data-dir", str(d))[0] == 0
+    code, out, _ = audit_cli(capsys, "verify", "--data-dir", str(d), "--against", str(saved))
+    assert code == 1 and "rolled back" in out and "first 20 entries" in out, out
+
+
+def test_a_head_from_another_log_or_altered_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    d, other = make_log(), make_log(5)
+    saved = save_head(capsys, other)  # another key
+    code, out, _ = audit_cli(capsys, "verify", "--data-dir", str(d), "--against", str(saved))
+    assert code == 1 and "another key" in out, out
+    saved = save_head(capsys, d)
+    head = json.loads(saved.read_text())
+    saved.write_text(json.dumps(dict(head, size=head["size"] - 1)))
+    code, out, _ = audit_cli(capsys, "verify", "--data-dir", str(d), "--against", str(saved))
+    assert code == 1 and "signature does not verify" in out, out
+    saved.write_text("{not json")
+    code, _, err = audit_cli(capsys, "verify", "--data-dir", str(d), "--against", str(saved))
+    assert code == 2 and len(err.splitlines()) == 1 and str(saved) in err, err
+
+
+def test_show_prints_one_line_per_entry_and_filters(capsys: pytest.CaptureFixture[str]) -> None:
+    d = Path(tempfile.mkdtemp(prefix="medverse-audit-show-"))
+    log = AuditLog(d)
+    log.append("join", room="ward", actor="dr-a", subject="1", name="Dr A", role="host")
+    log.append("join", room="clinic", actor="pat\nforged 99 line", subject="2", role="participant")
+    log.append("removed", room="ward", actor="dr-a", subject="3", reason="shouting, again")
+    log.close()
+    code, out, _ = audit_cli(capsys, "show", "--data-dir", str(d))
+    lines = out.splitlines()
+    assert code == 0 and len(lines) == 3, out
+    assert lines[0].split()[:3] == ["1", lines[0].split()[1], "join"]
+    assert "room=ward" in lines[0] and "actor=dr-a" in lines[0] and 'name="Dr A"' in lines[0]
+    assert 'actor="pat\\nforged 99 line"' in lines[1]  # a line break cannot forge an entry
+    assert 'reason="shouting, again"' in lines[2]
+    code, out, _ = audit_cli(capsys, "show", "--data-dir", str(d), "--room", "ward")
+    assert [line.split()[0] for line in out.splitlines()] == ["1", "3"]
+    code, out, _ = audit_cli(capsys, "show", "--data-dir", str(d), "--identity", "dr-a")
+    assert [line.split()[0] for line in out.splitlines()] == ["1", "3"]
+    code, out, _ = audit_cli(capsys, "show", "--data-dir", str(d), "--since", "1h")
+    assert len(out.splitlines()) == 3
+    code, out, _ = audit_cli(capsys, "show", "--data-dir", str(d), "--since", "2999-01-01")
+    assert code == 0 and out == ""
+    code, _, err = audit_cli(capsys, "show", "--data-dir", str(d), "--since", "last week")
+    assert code == 2 and "--since" in err
