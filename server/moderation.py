@@ -34,6 +34,15 @@ def _is_host(m: MemberView) -> bool:
     return m.can("moderate")
 
 
+def _named(ctx: RoomContext, member_id: int) -> MemberView:
+    """The member a host's message names. A hidden member (an observer) is answered exactly
+    as an id nobody has, so trying ids cannot find observers."""
+    m = ctx.members.get(member_id)
+    if m is None or m.hidden:
+        raise ProtocolError(ErrorCode.NOT_FOUND, "no such member")
+    return m
+
+
 def _to_hosts(ctx: RoomContext, msg: Message) -> None:
     """Tell every connected host, stepped out or not (they act on it when they come back)."""
     for m in ctx.members.values():
@@ -84,7 +93,8 @@ class Moderation(RoomPlugin):
         return MemberState(m.id, m.paused, m.muted, m.id in self.unmute_requested)
 
     def on_pause(self, member: MemberView, paused: bool) -> None:
-        _to_hosts(self.ctx, self._state(member))
+        if not member.hidden:  # nothing names an observer, not even to hosts
+            _to_hosts(self.ctx, self._state(member))
 
     def on_leave(self, member: MemberView, reason: str) -> None:
         self.unmute_requested.discard(member.id)
@@ -134,9 +144,7 @@ class Moderation(RoomPlugin):
                     msg.member_id, ProtocolError(ErrorCode.DENIED, msg.reason or "entry denied")
                 )
             return
-        target = ctx.members.get(msg.member_id)
-        if target is None:
-            raise ProtocolError(ErrorCode.NOT_FOUND, "no such member")
+        target = _named(ctx, msg.member_id)
         if action in ("remove", "ban"):
             if action == "ban":
                 self.banned.add(target.identity.subject)
@@ -173,9 +181,7 @@ class Moderation(RoomPlugin):
         and moves to or from the observer role are refused for a member already in the room.
         """
         ctx = self.ctx
-        target = ctx.members.get(msg.member_id)
-        if target is None:
-            raise ProtocolError(ErrorCode.NOT_FOUND, "no such member")
+        target = _named(ctx, msg.member_id)
         ident = target.identity
         if (msg.role is None) == (msg.grant is None) or (
             msg.grant is not None and msg.allow is None

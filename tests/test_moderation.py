@@ -277,7 +277,7 @@ async def test_hosts_change_roles_and_grants(srv: ServerProcess) -> None:
         for kw, code in (
             ({"member_id": nurse.member_id, "grant": "hidden", "allow": True}, "forbidden"),
             ({"member_id": nurse.member_id, "role": "observer"}, "forbidden"),
-            ({"member_id": student.member_id, "role": "host"}, "forbidden"),
+            ({"member_id": student.member_id, "role": "host"}, "not_found"),  # hidden
             ({"member_id": nurse.member_id, "role": "host", "grant": "annotate"}, "bad_field"),
             ({"member_id": nurse.member_id, "grant": "annotate"}, "bad_field"),
             ({"member_id": 9999, "role": "host"}, "not_found"),
