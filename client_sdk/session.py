@@ -633,6 +633,8 @@ class Session(ObjectsAPI):
                 self.rtt = time.monotonic() - m.client_time
                 if fut is not None and not fut.done():
                     fut.set_result(self.rtt)
+            elif isinstance(m, Welcome):
+                self._rewelcome(m)
             elif isinstance(m, Error):
                 self.emit(from_message(ErrorEvent, m))
             elif isinstance(m, MemberState):
@@ -648,6 +650,23 @@ class Session(ObjectsAPI):
             # Feature clients see every message of their types, the core's too.
             for handler in self._handlers.get(type(m), ()):
                 handler(m)
+
+    def _rewelcome(self, welcome: Welcome) -> None:
+        """A fresh welcome on the same connection (coming back from a pause): the room may
+        have changed while we received nothing, so the member list is the welcome's, and the
+        members who left or joined meanwhile are reported as such."""
+        self._resume = welcome.resume
+        now = {m.id: m.name for m in welcome.members}
+        for mid, name in self.members.items():
+            if mid not in now:
+                self.emit(Left(mid, name, "left while you were paused"))
+        for mid, name in now.items():
+            if mid not in self.members:
+                self.emit(Joined(mid, name))
+        self.members = now
+        # The states before the pause are no base for interpolating the ones after it.
+        self._history.clear()
+        self._avatars = None
 
     def emit(self, ev: Event) -> None:
         """Queue an event for :meth:`events` (feature clients add theirs); when the queue is

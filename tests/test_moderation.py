@@ -11,7 +11,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from medverse.client_sdk import JoinError, Left, Pose, Waiting, connect
+from medverse.client_sdk import Joined, JoinError, Left, Pose, Waiting, connect
 from medverse.protocol.messages import (
     PROTOCOL_VERSION,
     Error,
@@ -184,19 +184,45 @@ async def test_pause_hides_the_member_and_stops_their_stream(srv: ServerProcess)
         await patient.send_raw(encode_message(Pause(True)))
         state = await next_of(host, MemberState)
         assert state == MemberState(pid, True, False, False)
-        await wait_for(lambda: peer.avatars[pid].head is None, timeout=1.0)
+        # Stepped out: gone from the others' avatars altogether, not a figure without poses.
+        await wait_for(lambda: pid not in peer.avatars, timeout=1.0)
         await asyncio.sleep(0.1)
         frames = patient.frames_received
         patient.send_pose(head=Pose((0.9, 1.6, 0.0)))  # ignored while paused
         await asyncio.sleep(0.4)
         assert patient.frames_received == frames
-        assert peer.avatars[pid].head is None
+        assert pid not in peer.avatars
         await patient.send_raw(encode_message(Pause(False)))
         assert await next_of(host, MemberState) == MemberState(pid, False, False, False)
         await wait_for(lambda: patient.frames_received > frames + 5)
         patient.send_pose(head=Pose((0.7, 1.6, 0.0)))
-        await wait_for(lambda: peer.avatars[pid].head is not None)
+        await wait_for(lambda: pid in peer.avatars and peer.avatars[pid].head is not None)
     await host.close()
+
+
+async def test_coming_back_from_a_pause_brings_the_room_as_it_is_now(srv: ServerProcess) -> None:
+    """The welcome after a pause replaces the member list: who left meanwhile is gone, who
+    joined meanwhile has a name, and both are reported as events."""
+    room = "pause-fresh"
+    patient = connect(srv.url, room, "p", token=tok(room, "patient"), ping_interval=0)
+    leaver = connect(srv.url, room, "l", token=tok(room, "leaver"), ping_interval=0)
+    async with patient, leaver:
+        gone = leaver.member_id
+        await wait_for(lambda: gone in patient.members)
+        await patient.pause(True)
+        await leaver.close()
+        async with connect(srv.url, room, "n", token=tok(room, "newcomer")) as newcomer:
+            newcomer.send_pose(head=Pose((0.3, 1.6, 0.0)))
+            await asyncio.sleep(0.2)
+            await patient.pause(False)
+            new = newcomer.member_id
+            await wait_for(lambda: new in patient.members and gone not in patient.members)
+            assert patient.members[new] == "newcomer"
+            await wait_for(lambda: new in patient.avatars and patient.avatars[new].head)
+            assert patient.avatars[new].name == "newcomer"
+            assert gone not in patient.avatars
+            seen = [await next_event(patient, Left), await next_event(patient, Joined)]
+            assert (seen[0].member_id, seen[1].member_id) == (gone, new)  # type: ignore[attr-defined]
 
 
 async def test_mute_is_server_side_and_only_hosts_lift_it(srv: ServerProcess) -> None:
@@ -362,4 +388,4 @@ async def test_a_member_that_resumes_while_stepped_out_is_back(srv: ServerProces
             timeout=10,
         )
         await a.pause(True)  # and it can step out again
-        await wait_for(lambda: not b.avatars[a.member_id].head)
+        await wait_for(lambda: a.member_id not in b.avatars)
