@@ -103,6 +103,8 @@ _FINAL_CODES = {
     ErrorCode.DENIED.value,
     ErrorCode.REMOVED.value,
 }
+#: Close code of a connection the server closed after a consent withdrawal.
+CLOSE_CONSENT = 4011
 
 
 class JoinError(Exception):
@@ -215,6 +217,12 @@ class Session(ObjectsAPI):
         self._connected = asyncio.Event()
         self._avatars: dict[int, Avatar] | None = None
         self._close_task: asyncio.Future[Any] | None = None
+        #: How the session ended (None while it runs): see :class:`Closed`.
+        self.closed_reason: Closed | None = None
+        # Set when the server ended the session for good (a fatal error that reconnecting
+        # cannot undo, or our consent withdrawal): no reconnection follows.
+        self._ending: Closed | None = None
+        self._ended = asyncio.Event()
         self.frames_received = 0
         self.bytes_received = 0
         #: Called with (local receive time, snapshot) after every state frame (for tools).
@@ -299,7 +307,7 @@ class Session(ObjectsAPI):
             await self._http.close()
         if self._assets is not None:
             await self._assets.close()
-        self._finish("closed by the application")
+        self._finish(Closed("closed by the application", "closed"))
 
     async def _open(self) -> Welcome:
         assert self._http is not None
@@ -383,8 +391,17 @@ class Session(ObjectsAPI):
             if isinstance(m, Welcome):
                 return m
             if isinstance(m, ConsentRequired):
-                accept = bool(self.consent is not None and self.consent(m.version, m.text))
                 self.consent_version = m.version
+                if self.consent is None:
+                    # Decline (the server records it), but say what is missing rather than
+                    # report a refusal the user never made.
+                    await ws.send_bytes(conn.send(ConsentMsg(m.version, False)))
+                    raise JoinError(
+                        ErrorCode.CONSENT_REQUIRED.value,
+                        f"room {self.room} asks for consent and connect() was given no "
+                        "consent= callback to ask the user (consent=lambda version, text: ...)",
+                    )
+                accept = bool(self.consent(m.version, m.text))
                 await ws.send_bytes(conn.send(ConsentMsg(m.version, accept)))
                 continue
             if isinstance(m, WaitingMsg):
@@ -516,8 +533,11 @@ class Session(ObjectsAPI):
         """Withdraw consent given to the room's text: the server removes us from the room."""
         if self.consent_version is None:
             raise RuntimeError("this room did not ask for consent")
-        self.reconnect = False
+        self._ending = Closed("consent withdrawn", "consent_withdrawn")
         await self.send_message(ConsentMsg(self.consent_version, False))
+        # The server answers by removing us and closing the connection: that is the
+        # acknowledgement (nothing else can arrive once we have withdrawn).
+        await asyncio.wait_for(self._ended.wait(), self.connect_timeout)
 
     async def ping(self, timeout: float = 5.0) -> float:
         """Measure the round trip to the server, in seconds."""
@@ -548,8 +568,18 @@ class Session(ObjectsAPI):
             self._connected.clear()
             if self._closing:
                 return
+            ending = self._ending
+            if ending is None and ws.close_code == CLOSE_CONSENT and self.consent_version:
+                ending = Closed("consent withdrawn", "consent_withdrawn")
+            if ending is not None:
+                # A host removed, banned or denied us, ended the session, or we withdrew
+                # consent: trying again would only read as an attempt to get back in.
+                self._finish(ending)
+                return
             if not self.reconnect:
-                self._finish(f"connection closed ({ws.close_code})")
+                self._finish(
+                    Closed(f"connection closed ({ws.close_code})", "disconnected", "")
+                )
                 return
             if not await self._reconnect():
                 return
@@ -566,7 +596,7 @@ class Session(ObjectsAPI):
                 welcome = await self._open()
             except JoinError as err:
                 if err.code in _FINAL_CODES:
-                    self._finish(str(err))
+                    self._finish(Closed(str(err), err.code, err.message))
                     return False
             except (aiohttp.ClientError, OSError, TimeoutError, ConnectionError):
                 continue
@@ -577,10 +607,22 @@ class Session(ObjectsAPI):
                 return True
         return False
 
-    def _finish(self, reason: str) -> None:
-        self.emit(Closed(reason))
+    def _finish(self, ending: Closed) -> None:
+        """The session is over: say how, once, and end :meth:`events`."""
+        if self.closed_reason is not None:
+            return
+        self.closed_reason = ending
+        self._ended.set()
+        self.emit(ending)
         if not self._events.full():
             self._events.put_nowait(None)
+
+    async def wait_closed(self) -> Closed:
+        """Wait until the session has ended (a host ended it or removed us, we withdrew
+        consent, ...); returns how (see :class:`Closed`)."""
+        await self._ended.wait()
+        assert self.closed_reason is not None
+        return self.closed_reason
 
     async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         try:
@@ -636,6 +678,8 @@ class Session(ObjectsAPI):
             elif isinstance(m, Welcome):
                 self._rewelcome(m)
             elif isinstance(m, Error):
+                if m.fatal and m.code in _FINAL_CODES and self._ending is None:
+                    self._ending = Closed(f"{m.code}: {m.message}", m.code, m.message)
                 self.emit(from_message(ErrorEvent, m))
             elif isinstance(m, MemberState):
                 self.emit(from_message(MemberStateChanged, m))

@@ -126,9 +126,18 @@ class Resumed:
 
 @dataclass(frozen=True, slots=True)
 class Closed:
-    """The session ended for good (``reason`` says why); no more events follow."""
+    """The session ended for good; no more events follow.
+
+    ``code`` says why, for programs: an error code of the protocol when the server ended it
+    (``removed``, ``banned``, ``session_ended``, ``denied``, ``unauthorized``, ...),
+    ``consent_withdrawn`` after :meth:`Session.withdraw_consent`, ``closed`` when the
+    application closed it, ``disconnected`` when the connection was lost and not resumed.
+    ``message`` carries the host's own words (the reason given for a removal, a ban or the
+    end of the session); ``reason`` is one line for people."""
 
     reason: str
+    code: str = "closed"
+    message: str = ""
     type: str = "closed"
 
 

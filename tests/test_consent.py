@@ -100,10 +100,11 @@ async def test_declining_or_an_old_version_refuses(srv: ServerProcess) -> None:
         err = await raw.next_error()
         assert (err.code, err.fatal) == ("consent_required", True)
         await raw.close()
-    with pytest.raises(JoinError) as e:  # the SDK without a consent callback declines
+    with pytest.raises(JoinError) as e:  # the SDK without a consent callback says so
         async with connect(srv.url, room="therapy-2", name="x", token=tok("therapy-2", "d")):
             pass
-    assert e.value.code == "consent_required"
+    assert e.value.code == "consent_required" and "consent=" in e.value.message
+    assert "declined" not in e.value.message
     # Rooms outside consent_rooms and pseudonymous_rooms: straight in, real names.
     async with (
         connect(srv.url, room="ward", name="x", token=tok("ward", "e")) as s,
@@ -127,6 +128,10 @@ async def test_withdrawing_consent_leaves_the_room_and_is_audited(srv: ServerPro
             if getattr(ev, "type", "") == "left":
                 break
         assert (ev.member_id, ev.reason) == (hid, "consent withdrawn")  # type: ignore[union-attr]
+        # The withdrawal has its own ending, and the SDK does not come back.
+        assert h.closed_reason is not None and h.closed_reason.code == "consent_withdrawn"
+        await asyncio.sleep(0.3)
+        assert hid not in g.members and len(g.members) == 0
         await h.close()
     db = sqlite3.connect(srv.data_dir / DB_FILE)  # type: ignore[attr-defined]
     rows = db.execute(

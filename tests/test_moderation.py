@@ -389,3 +389,45 @@ async def test_a_member_that_resumes_while_stepped_out_is_back(srv: ServerProces
         )
         await a.pause(True)  # and it can step out again
         await wait_for(lambda: a.member_id not in b.avatars)
+
+
+async def test_fatal_endings_stop_the_sdk_with_the_hosts_words(srv: ServerProcess) -> None:
+    """Removed, banned or ended: the SDK stops with a typed Closed carrying the host's words,
+    and does not try to get back in (no join_refused in the audit log after the end)."""
+    from medverse.client_sdk import Closed, Reconnecting
+
+    room = "endings"
+    host, _ = await raw_join(srv.url, room, "lead", "host")
+    removed = connect(srv.url, room, "r", token=tok(room, "to-remove"), ping_interval=0)
+    banned = connect(srv.url, room, "b", token=tok(room, "to-ban"), ping_interval=0)
+    stayer = connect(srv.url, room, "s", token=tok(room, "stayer"), ping_interval=0)
+    await removed.start()
+    await banned.start()
+    await stayer.start()
+    try:
+        await host.ws.send_bytes(encode_message(Moderate("remove", removed.member_id, "be kind")))
+        await host.ws.send_bytes(encode_message(Moderate("ban", banned.member_id, "threats")))
+        await host.ws.send_bytes(encode_message(Moderate("end", reason="thank you all")))
+        ends = [await asyncio.wait_for(s.wait_closed(), 5) for s in (removed, banned, stayer)]
+        assert [(c.code, c.message) for c in ends] == [
+            ("removed", "be kind"),
+            ("banned", "threats"),
+            ("session_ended", "thank you all"),
+        ]
+        await asyncio.sleep(0.5)  # time enough for a reconnection to have been tried
+        for s in (removed, banned, stayer):
+            seen = []
+            async for ev in s.events():
+                seen.append(ev)
+            assert not any(isinstance(ev, Reconnecting) for ev in seen), seen
+            assert isinstance(seen[-1], Closed) and seen[-1] == s.closed_reason
+    finally:
+        for s in (removed, banned, stayer):
+            await s.close()
+        await host.close()
+    db = sqlite3.connect(srv.data_dir / DB_FILE)  # type: ignore[attr-defined]
+    refused = db.execute(
+        "SELECT actor FROM entries WHERE room = ? AND kind = 'join_refused'", (room,)
+    ).fetchall()
+    db.close()
+    assert refused == []
