@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import bisect
 import contextlib
+import json
 import logging
 import math
 import os
@@ -116,6 +118,30 @@ class JoinError(Exception):
         self.message = message
 
 
+def _token_claims(token: str) -> dict[str, Any]:
+    """The claims of a JWT, unverified (the server verifies; we only read our own name)."""
+    try:
+        payload = token.split(".")[1]
+        data = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (IndexError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _display_name(name: str | None, token: str | None) -> str:
+    """The name others will see: with a token, the token's ``name`` wins over ``name``."""
+    claimed = _token_claims(token).get("name") if token else None
+    if isinstance(claimed, str) and claimed:
+        if name is not None and name != claimed:
+            log.warning(
+                "connect(name=%r) is not what others see: the join token's name %r wins",
+                name,
+                claimed,
+            )
+        return claimed
+    return name or "member"
+
+
 def _ws_url(url: str) -> str:
     base = url.rstrip("/")
     scheme_end = base.find("://")
@@ -156,7 +182,7 @@ class Session(ObjectsAPI):
         self,
         url: str,
         room: str,
-        name: str,
+        name: str | None = None,
         *,
         slots: int = 3,
         reconnect: bool = True,
@@ -175,7 +201,9 @@ class Session(ObjectsAPI):
         #: False: state frames are dropped unread (bots that use the room for signaling only).
         self.receive_state = receive_state
         self.room = room
-        self.name = name
+        #: Our display name as the others see it: the join token's ``name`` (the server shows
+        #: that, or the token's pseudonym in pseudonymous rooms), else ``name``.
+        self.name = _display_name(name, token)
         self.slots = slots
         self.reconnect = reconnect
         self.max_backoff = max_backoff
@@ -498,13 +526,21 @@ class Session(ObjectsAPI):
     # ----------------------------------------------------------------- moderation
 
     async def moderate(
-        self, action: str, member_id: int | None = None, reason: str | None = None
+        self,
+        action: str,
+        member_id: int | None = None,
+        reason: str | None = None,
+        *,
+        duration: float | None = None,
     ) -> None:
         """A host's action (needs the ``moderate`` grant; refusals arrive as error events):
-        ``admit``/``deny`` a lobby member, ``remove``/``ban`` a member (``reason`` is shown to
-        them), ``mute``/``allow_unmute`` a member's audio on the server, ``lock``/``unlock``/
+        ``admit``/``deny`` a lobby member, ``remove`` a member from the session or ``ban`` its
+        identity from the room (for ``duration`` seconds, or until lifted; ``reason`` is shown
+        to them), ``unban`` a ban (``member_id`` is its id from :class:`BansChanged`),
+        ``mute``/``allow_unmute`` a member's audio on the server, ``lock``/``unlock``/
         ``lobby``/``open`` the room, or ``end`` the session for everyone."""
-        await self.send_message(Moderate(action, member_id, reason))
+        seconds = None if duration is None else max(1, round(duration))
+        await self.send_message(Moderate(action, member_id, reason, seconds))
 
     async def change_role(
         self,
@@ -577,9 +613,7 @@ class Session(ObjectsAPI):
                 self._finish(ending)
                 return
             if not self.reconnect:
-                self._finish(
-                    Closed(f"connection closed ({ws.close_code})", "disconnected", "")
-                )
+                self._finish(Closed(f"connection closed ({ws.close_code})", "disconnected", ""))
                 return
             if not await self._reconnect():
                 return
@@ -837,8 +871,12 @@ class Session(ObjectsAPI):
         )
 
 
-def connect(url: str, room: str, name: str, **options: Any) -> Session:
-    """Open a session to ``room`` on the server at ``url`` as ``name``.
+def connect(url: str, room: str, name: str | None = None, **options: Any) -> Session:
+    """Open a session to ``room`` on the server at ``url``.
+
+    Others see the display name the join token gives (or its pseudonym in pseudonymous rooms):
+    ``name`` only matters on a server without authentication, and a ``name`` that differs from
+    the token's is logged as ignored. ``session.name`` is the name others see.
 
     Use it as an async context manager (``async with connect(...) as session:``), or ``await
     session.start()`` and ``await session.close()`` yourself. Options: ``slots`` (pose slots of

@@ -130,14 +130,15 @@ def _check(name: str, spec: Spec, value: Any) -> Any:
             if not isinstance(item, str) or len(item) > (spec.max_len or 64):
                 raise ProtocolError(ErrorCode.BAD_FIELD, f"{name} entries must be short strings")
         return tuple(value)
-    elif k == "members":
+    elif k in ("members", "bans"):
         if not isinstance(value, list) or len(value) > 10_000:
             raise ProtocolError(ErrorCode.BAD_FIELD, f"{name} must be a list")
+        entry = MemberInfo if k == "members" else BanInfo
         out = []
         for item in value:
             if not isinstance(item, dict):
                 raise ProtocolError(ErrorCode.BAD_FIELD, f"{name} entries must be maps")
-            out.append(MemberInfo.from_wire(item))
+            out.append(entry.from_wire(item))
         return tuple(out)
     if (spec.lo is not None and value < spec.lo) or (spec.hi is not None and value > spec.hi):
         raise ProtocolError(ErrorCode.OUT_OF_RANGE, f"{name} out of range")
@@ -156,7 +157,7 @@ class Message:
             v = getattr(self, f.name)
             if v is None:
                 continue
-            if f.metadata["spec"].kind == "members":
+            if f.metadata["spec"].kind in ("members", "bans"):
                 v = [m.to_wire() for m in v]
             elif isinstance(v, tuple):
                 v = list(v)
@@ -184,21 +185,53 @@ class Message:
 
 @dataclass(frozen=True, slots=True)
 class MemberInfo:
-    """A member as others see it."""
+    """A member as others see it. ``identity`` is only in ``lobby`` entries (to hosts): the
+    verified identity, or its pseudonym in pseudonymous rooms, so two people with the same
+    name can be told apart."""
 
     id: int
     name: str
+    identity: str | None = None
 
     def to_wire(self) -> dict[str, Any]:
-        return {"id": self.id, "name": self.name}
+        out: dict[str, Any] = {"id": self.id, "name": self.name}
+        if self.identity is not None:
+            out["identity"] = self.identity
+        return out
 
     @classmethod
     def from_wire(cls, data: dict[str, Any]) -> MemberInfo:
-        if set(data) != {"id", "name"}:
-            raise ProtocolError(ErrorCode.BAD_FIELD, "member entries have id and name")
+        if not {"id", "name"} <= set(data) <= {"id", "name", "identity"}:
+            raise ProtocolError(ErrorCode.BAD_FIELD, "member entries have id, name, identity")
         return cls(
             _check("id", Spec("int", lo=1, hi=2**32 - 1), data["id"]),
             _check("name", Spec("str", max_len=MAX_NAME_CHARS), data["name"]),
+            _check("identity", Spec("str", max_len=128, optional=True), data.get("identity")),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class BanInfo:
+    """A ban in force, as hosts see it: ``id`` (to lift it), the ``name`` the banned member had
+    in the room, ``until`` (Unix seconds; 0: until a host lifts it) and the ``reason``."""
+
+    id: int
+    name: str
+    until: int
+    reason: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"id": self.id, "name": self.name, "until": self.until, "reason": self.reason}
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> BanInfo:
+        if set(data) != {"id", "name", "until", "reason"}:
+            raise ProtocolError(ErrorCode.BAD_FIELD, "ban entries have id, name, until, reason")
+        return cls(
+            _check("id", Spec("int", lo=1, hi=2**32 - 1), data["id"]),
+            _check("name", Spec("str", max_len=MAX_NAME_CHARS), data["name"]),
+            _check("until", Spec("int", lo=0, hi=2**63 - 1), data["until"]),
+            _check("reason", Spec("str", max_len=256), data["reason"]),
         )
 
 
@@ -235,21 +268,26 @@ class Leave(Message):
 
 
 MODERATION_ACTIONS = re.compile(
-    r"^(admit|deny|remove|ban|mute|allow_unmute|lock|unlock|lobby|open|end)$"
+    r"^(admit|deny|remove|ban|unban|mute|allow_unmute|lock|unlock|lobby|open|end)$"
 )
+#: Longest ban a host may give with a duration (ten years); without one a ban lasts until
+#: a host lifts it.
+MAX_BAN_SECONDS = 10 * 365 * 86400
 
 
 @dataclass(frozen=True, slots=True)
 class Moderate(Message):
-    """A host's action: ``admit``/``deny`` a lobby member; ``remove`` or ``ban`` (for the
-    session) a member with a ``reason`` shown to them; ``mute`` a member's audio on the server
-    or ``allow_unmute``; set entry to ``lock``/``unlock``/``lobby``/``open``; ``end`` the
-    session for everyone."""
+    """A host's action: ``admit``/``deny`` a lobby member; ``remove`` a member from the session
+    or ``ban`` its identity from the room name (for ``duration`` seconds, or until lifted) with
+    a ``reason`` shown to them; ``unban`` lifts ban ``member_id`` (an id from ``bans``);
+    ``mute`` a member's audio on the server or ``allow_unmute``; set entry to
+    ``lock``/``unlock``/``lobby``/``open``; ``end`` the session for everyone."""
 
     TYPE: ClassVar[str] = "moderate"
     action: str = wire_field("str", pattern=MODERATION_ACTIONS)
     member_id: int | None = wire_field("int", lo=1, hi=2**32 - 1, optional=True)
     reason: str | None = wire_field("str", max_len=256, optional=True)
+    duration: int | None = wire_field("int", lo=1, hi=MAX_BAN_SECONDS, optional=True)
 
 
 ROLE_NAMES = re.compile(r"^(host|participant|observer)$")
@@ -349,6 +387,15 @@ class Grants(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class Bans(Message):
+    """To hosts: the room's bans in force (when one is added, lifted, and when a host
+    joins)."""
+
+    TYPE: ClassVar[str] = "bans"
+    bans: tuple[BanInfo, ...] = wire_field("bans")
+
+
+@dataclass(frozen=True, slots=True)
 class RoomState(Message):
     """The room's entry mode changed: ``open``, ``lobby`` or ``locked``."""
 
@@ -440,6 +487,7 @@ CORE_SERVER_MESSAGES: tuple[type[Message], ...] = (
     RoomState,
     ConsentRequired,
     Grants,
+    Bans,
 )
 
 
@@ -599,8 +647,11 @@ __all__ += [
     "CORE_SERVER_MESSAGES",
     "FRAME_CONTROL",
     "FRAME_POSE",
+    "MAX_BAN_SECONDS",
     "MAX_CONTROL_BYTES",
     "PROTOCOL_VERSION",
+    "BanInfo",
+    "Bans",
     "ChangeRole",
     "Consent",
     "ConsentRequired",

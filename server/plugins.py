@@ -141,6 +141,10 @@ class RoomContext(Protocol):
         """The server's settings."""
 
     @property
+    def pseudonymous(self) -> bool:
+        """Whether members of this room appear only under pseudonyms."""
+
+    @property
     def members(self) -> Mapping[int, MemberView]:
         """Members by id, including those whose connection is down (``connected`` False)."""
 

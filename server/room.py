@@ -285,6 +285,10 @@ class _Context:
         return self._room.config
 
     @property
+    def pseudonymous(self) -> bool:
+        return self._room.pseudonymous
+
+    @property
     def members(self) -> Mapping[int, MemberView]:
         return self._room.views
 

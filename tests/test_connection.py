@@ -107,7 +107,7 @@ SERVER_SAMPLES: dict[str, dict[str, Any]] = {
     "pong": {"t": "pong", "id": 1, "client_time": 0.5, "room_time": 2.0},
     "error": {"t": "error", "code": "bad_resume", "message": "joining anew", "fatal": False},
     "waiting": WAITING.to_wire(),
-    "lobby": {"t": "lobby", "members": [{"id": 1, "name": "C"}]},
+    "lobby": {"t": "lobby", "members": [{"id": 1, "name": "C", "identity": "c-42"}]},
     "member_state": {
         "t": "member_state",
         "member_id": 2,
@@ -118,6 +118,7 @@ SERVER_SAMPLES: dict[str, dict[str, Any]] = {
     "room_state": {"t": "room_state", "entry": "locked"},
     "consent_required": CONSENT_REQUIRED.to_wire(),
     "grants": {"t": "grants", "member_id": 2, "role": "host", "grants": ["moderate"]},
+    "bans": {"t": "bans", "bans": [{"id": 1, "name": "C", "until": 0, "reason": "threats"}]},
     "audio_answer": {"t": "audio_answer", "sdp": "v=0\r\n", "publish": False},
     "audio_rules": {
         "t": "audio_rules",
