@@ -31,6 +31,8 @@ from medverse.protocol.connection import (
 from medverse.protocol.errors import ErrorCode, ProtocolError
 from medverse.protocol.messages import (
     PROTOCOL_VERSION,
+    Ack,
+    Bans,
     ChangeRole,
     ConsentRequired,
     Error,
@@ -44,6 +46,7 @@ from medverse.protocol.messages import (
     Pause,
     Ping,
     Pong,
+    RequestRefused,
     RequestUnmute,
     RoomState,
     Welcome,
@@ -69,6 +72,8 @@ from .audio import AudioClient
 from .objects import ObjectsAPI, ObjectsClient
 from .types import (
     Avatar,
+    BanEntry,
+    BansChanged,
     Closed,
     EntryChanged,
     ErrorEvent,
@@ -77,9 +82,11 @@ from .types import (
     Joined,
     Left,
     LobbyChanged,
+    LobbyEntry,
     MemberStateChanged,
     Pose,
     Reconnecting,
+    RefusedError,
     Resumed,
     Waiting,
     from_message,
@@ -251,6 +258,9 @@ class Session(ObjectsAPI):
         # cannot undo, or our consent withdrawal): no reconnection follows.
         self._ending: Closed | None = None
         self._ended = asyncio.Event()
+        # Acknowledged requests (moderation, pause, audio routing) waiting for their answer.
+        self._requests: dict[int, tuple[asyncio.Future[None], type[RefusedError]]] = {}
+        self._req = 0
         self.frames_received = 0
         self.bytes_received = 0
         #: Called with (local receive time, snapshot) after every state frame (for tools).
@@ -502,6 +512,45 @@ class Session(ObjectsAPI):
             raise ConnectionError("not connected")
         await ws.send_bytes(conn.send(msg))
 
+    async def request(
+        self,
+        make: Callable[[int], Message],
+        error: type[RefusedError] = RefusedError,
+        timeout: float | None = None,
+    ) -> None:
+        """Send ``make(req)``, a request with a ``req`` field, and return once the server has
+        applied it (``ack``); raise ``error(code, message)`` at once if it refused it, and
+        ConnectionError if the connection went away before the answer."""
+        self._req = (self._req + 1) & 0xFFFFFFFF
+        req = self._req
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._requests[req] = (fut, error)
+        try:
+            await self.send_message(make(req))
+            await asyncio.wait_for(fut, timeout or self.connect_timeout)
+        finally:
+            self._requests.pop(req, None)
+
+    def _answer(self, req: int, refusal: RequestRefused | None) -> None:
+        waiting = self._requests.get(req)
+        if waiting is None or waiting[0].done():
+            return
+        fut, error = waiting
+        if refusal is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(error(refusal.code, refusal.message))
+
+    def _drop_requests(self, ending: Closed | None) -> None:
+        """The connection is gone: requests still waiting get no answer on it."""
+        for fut, error in self._requests.values():
+            if fut.done():
+                continue
+            if ending is not None and ending.code not in ("closed", "disconnected"):
+                fut.set_exception(error(ending.code, ending.message or ending.reason))
+            else:
+                fut.set_exception(ConnectionError("the connection closed before the answer"))
+
     async def send_raw(self, frame: bytes) -> None:
         """Send one frame as is, bypassing the state machine (binary inputs such as object
         moves, and tools and tests that speak the protocol byte by byte)."""
@@ -533,14 +582,20 @@ class Session(ObjectsAPI):
         *,
         duration: float | None = None,
     ) -> None:
-        """A host's action (needs the ``moderate`` grant; refusals arrive as error events):
+        """A host's action (needs the ``moderate`` grant). Returns once the server has applied
+        it; raises :class:`RefusedError` (``forbidden``, ``not_found``, ...) if it refused:
         ``admit``/``deny`` a lobby member, ``remove`` a member from the session or ``ban`` its
         identity from the room (for ``duration`` seconds, or until lifted; ``reason`` is shown
         to them), ``unban`` a ban (``member_id`` is its id from :class:`BansChanged`),
         ``mute``/``allow_unmute`` a member's audio on the server, ``lock``/``unlock``/
         ``lobby``/``open`` the room, or ``end`` the session for everyone."""
         seconds = None if duration is None else max(1, round(duration))
-        await self.send_message(Moderate(action, member_id, reason, seconds))
+        try:
+            await self.request(lambda r: Moderate(action, member_id, reason, seconds, r))
+        except RefusedError as err:
+            # Ending the session ends ours too: the server closes us before it can answer.
+            if not (action == "end" and err.code == ErrorCode.SESSION_ENDED.value):
+                raise
 
     async def change_role(
         self,
@@ -551,19 +606,21 @@ class Session(ObjectsAPI):
         allow: bool | None = None,
     ) -> None:
         """A host gives a member another ``role``, or gives (``allow=True``) or takes one
-        ``grant``; everyone concerned gets a :class:`GrantsChanged` event."""
-        await self.send_message(ChangeRole(member_id, role, grant, allow))
+        ``grant``; everyone concerned gets a :class:`GrantsChanged` event. Returns once
+        applied; raises :class:`RefusedError` if refused."""
+        await self.request(lambda r: ChangeRole(member_id, role, grant, allow, r))
 
     async def pause(self, paused: bool = True) -> None:
         """Step out of the room (or back in): while paused nobody sees or hears us and we
-        receive nothing. Asking for the state we are in does nothing."""
+        receive nothing. Returns once the server has applied it (coming back: with the room
+        as it is now). Asking for the state we are in does nothing."""
         if self.state is (State.PAUSED if paused else State.JOINED):
             return
-        await self.send_message(Pause(paused))
+        await self.request(lambda r: Pause(paused, r))
 
     async def request_unmute(self) -> None:
         """Ask the hosts to allow unmuting after a server mute."""
-        await self.send_message(RequestUnmute())
+        await self.request(lambda r: RequestUnmute(r))
 
     async def withdraw_consent(self) -> None:
         """Withdraw consent given to the room's text: the server removes us from the room."""
@@ -604,6 +661,7 @@ class Session(ObjectsAPI):
             self._connected.clear()
             if self._closing:
                 return
+            self._drop_requests(self._ending)
             ending = self._ending
             if ending is None and ws.close_code == CLOSE_CONSENT and self.consent_version:
                 ending = Closed("consent withdrawn", "consent_withdrawn")
@@ -709,6 +767,10 @@ class Session(ObjectsAPI):
                 self.rtt = time.monotonic() - m.client_time
                 if fut is not None and not fut.done():
                     fut.set_result(self.rtt)
+            elif isinstance(m, Ack):
+                self._answer(m.req, None)
+            elif isinstance(m, RequestRefused):
+                self._answer(m.req, m)
             elif isinstance(m, Welcome):
                 self._rewelcome(m)
             elif isinstance(m, Error):
@@ -718,7 +780,18 @@ class Session(ObjectsAPI):
             elif isinstance(m, MemberState):
                 self.emit(from_message(MemberStateChanged, m))
             elif isinstance(m, Lobby):
-                self.emit(LobbyChanged(tuple((w.id, w.name) for w in m.members)))
+                self.emit(
+                    LobbyChanged(
+                        tuple((w.id, w.name) for w in m.members),
+                        tuple(LobbyEntry(w.id, w.name, w.identity) for w in m.members),
+                    )
+                )
+            elif isinstance(m, Bans):
+                self.emit(
+                    BansChanged(
+                        tuple(BanEntry(b.id, b.name, b.until or None, b.reason) for b in m.bans)
+                    )
+                )
             elif isinstance(m, RoomState):
                 self.emit(from_message(EntryChanged, m))
             elif isinstance(m, Grants):

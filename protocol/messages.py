@@ -149,7 +149,16 @@ class Message:
     """Base of every control message. ``TYPE`` is the value of ``"t"`` on the wire."""
 
     TYPE: ClassVar[str] = ""
+    #: True for client requests with an optional ``req`` that the server answers with ``ack``
+    #: or ``refused`` when ``req`` is given (plugins' own requests may opt in).
+    ACKED: ClassVar[bool] = False
     __slots__ = ()
+
+    @classmethod
+    def refusal(cls, req: int, err: ProtocolError) -> Message:
+        """The answer refusing request ``req`` of this type: ``refused`` (object messages
+        answer with their own ``obj_refused``)."""
+        return RequestRefused(req, err.code.value, err.message[:1024])
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {"t": self.TYPE}
@@ -283,11 +292,13 @@ class Moderate(Message):
     ``mute`` a member's audio on the server or ``allow_unmute``; set entry to
     ``lock``/``unlock``/``lobby``/``open``; ``end`` the session for everyone."""
 
+    ACKED: ClassVar[bool] = True
     TYPE: ClassVar[str] = "moderate"
     action: str = wire_field("str", pattern=MODERATION_ACTIONS)
     member_id: int | None = wire_field("int", lo=1, hi=2**32 - 1, optional=True)
     reason: str | None = wire_field("str", max_len=256, optional=True)
     duration: int | None = wire_field("int", lo=1, hi=MAX_BAN_SECONDS, optional=True)
+    req: int | None = wire_field("int", lo=0, hi=2**32 - 1, optional=True)
 
 
 ROLE_NAMES = re.compile(r"^(host|participant|observer)$")
@@ -302,11 +313,13 @@ class ChangeRole(Message):
     (``allow`` true) or takes away one ``grant``. Give either ``role`` or ``grant`` and
     ``allow``."""
 
+    ACKED: ClassVar[bool] = True
     TYPE: ClassVar[str] = "change_role"
     member_id: int = wire_field("int", lo=1, hi=2**32 - 1)
     role: str | None = wire_field("str", pattern=ROLE_NAMES, optional=True)
     grant: str | None = wire_field("str", pattern=GRANT_NAMES, optional=True)
     allow: bool | None = wire_field("bool", optional=True)
+    req: int | None = wire_field("int", lo=0, hi=2**32 - 1, optional=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,8 +327,10 @@ class Pause(Message):
     """Patient control: step out (``paused`` true) or back in. While paused the member's avatar
     is gone for others and the member receives nothing of the room."""
 
+    ACKED: ClassVar[bool] = True
     TYPE: ClassVar[str] = "pause"
     paused: bool = wire_field("bool")
+    req: int | None = wire_field("int", lo=0, hi=2**32 - 1, optional=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,7 +346,9 @@ class Consent(Message):
 class RequestUnmute(Message):
     """A server-muted member asks the hosts to allow unmuting."""
 
+    ACKED: ClassVar[bool] = True
     TYPE: ClassVar[str] = "request_unmute"
+    req: int | None = wire_field("int", lo=0, hi=2**32 - 1, optional=True)
 
 
 # --------------------------------------------------------------------------- server to client
@@ -451,6 +468,35 @@ class Pong(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class Ack(Message):
+    """Request ``req`` (a client message that carried it) was applied."""
+
+    TYPE: ClassVar[str] = "ack"
+    req: int = wire_field("int", lo=0, hi=2**32 - 1)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRefused(Message):
+    """Request ``req`` was refused with error ``code`` (nothing of it was applied); requests
+    without ``req`` get a plain ``error`` instead."""
+
+    TYPE: ClassVar[str] = "refused"
+    req: int = wire_field("int", lo=0, hi=2**32 - 1)
+    code: str = wire_field("str", max_len=64)
+    message: str = wire_field("str", max_len=1024)
+
+
+class RequestError(ProtocolError):
+    """A request that did not decode but whose ``req`` could be read: the server answers it
+    with :attr:`answer` (its family's refusal carrying that ``req``) instead of a plain
+    ``error``, so the client's call fails at once rather than waiting for an answer."""
+
+    def __init__(self, err: ProtocolError, answer: Message) -> None:
+        super().__init__(err.code, err.message)
+        self.answer = answer
+
+
+@dataclass(frozen=True, slots=True)
 class Error(Message):
     """A typed error. ``fatal`` errors are followed by the server closing the connection."""
 
@@ -488,6 +534,8 @@ CORE_SERVER_MESSAGES: tuple[type[Message], ...] = (
     ConsentRequired,
     Grants,
     Bans,
+    Ack,
+    RequestRefused,
 )
 
 
@@ -545,9 +593,23 @@ def decode_message(
     try:
         return cls.from_wire(data)
     except ProtocolError as err:
-        return err
+        return _answerable(cls, data, err)
     except (TypeError, ValueError) as exc:  # e.g. unhashable keys in nested maps
         return ProtocolError(ErrorCode.BAD_FIELD, f"bad {kind} message: {type(exc).__name__}")
+
+
+def _answerable(cls: type[Message], data: dict[str, Any], err: ProtocolError) -> ProtocolError:
+    """``err`` for a message of type ``cls`` that did not decode; a :class:`RequestError`
+    when the message is a request whose own ``req`` is valid (so the refusal can name it)."""
+    req = data.get("req")
+    if (
+        isinstance(req, int)
+        and not isinstance(req, bool)
+        and 0 <= req <= 2**32 - 1
+        and any(f.name == "req" for f in fields(cls))  # type: ignore[arg-type]
+    ):
+        return RequestError(err, cls.refusal(req, err))
+    return err
 
 
 # --------------------------------------------------------------------------- pose input
@@ -650,6 +712,7 @@ __all__ += [
     "MAX_BAN_SECONDS",
     "MAX_CONTROL_BYTES",
     "PROTOCOL_VERSION",
+    "Ack",
     "BanInfo",
     "Bans",
     "ChangeRole",
@@ -670,6 +733,8 @@ __all__ += [
     "Ping",
     "Pong",
     "PoseBatch",
+    "RequestError",
+    "RequestRefused",
     "RequestUnmute",
     "RoomState",
     "Waiting",

@@ -142,3 +142,32 @@ async def test_withdrawing_consent_leaves_the_room_and_is_audited(srv: ServerPro
     assert ("consent", "g") in kinds and ("consent", "h") in kinds
     assert ("consent_withdrawn", "h") in kinds
     assert all(VERSION in d for _, _, d in rows)
+
+
+async def test_the_lobby_shows_hosts_pseudonyms_in_pseudonymous_rooms(srv: ServerProcess) -> None:
+    from medverse.client_sdk import LobbyChanged
+
+    room = "therapy-lobby"
+    yes = lambda v, t: True  # noqa: E731
+    host_token = mint_token(SECRET.encode(), room=room, identity="dr", role="host")
+    async with connect(srv.url, room, token=host_token, consent=yes, ping_interval=0) as host:
+        await host.moderate("lobby")
+        waiting = [
+            connect(srv.url, room, token=tok(room, "alex", "Blue fox"), consent=yes),
+            connect(srv.url, room, token=tok(room, "alex-2"), consent=yes),
+        ]
+        starts = [asyncio.ensure_future(w.start()) for w in waiting]
+        entries: tuple = ()
+        async for ev in host.events():
+            if isinstance(ev, LobbyChanged) and len(ev.entries) == 2:
+                entries = ev.entries
+                break
+        names = [e.name for e in entries]
+        handles = [e.identity for e in entries]
+        assert "Blue fox" in names and not any("Real" in n or "alex" in n for n in names)
+        assert "Blue fox" in handles and len(set(handles)) == 2
+        assert not any("alex" in str(h) for h in handles)
+        for task in starts:
+            task.cancel()
+        for w in waiting:
+            await w.close()

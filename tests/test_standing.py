@@ -205,3 +205,26 @@ async def test_mutes_and_grant_changes_survive_leaving_and_rejoining(srv: Server
             await again.annotate(1, "pin", [(0.0, 0.0, 0.0)])
         assert e.value.code == "forbidden"
     await host.close()
+
+
+async def test_hosts_tell_apart_two_waiting_people_with_one_name(srv: ServerProcess) -> None:
+    from medverse.client_sdk import LobbyChanged
+
+    room = "same-names"
+    async with connect(srv.url, room, token=tok(room, "lead", "host"), ping_interval=0) as host:
+        await host.moderate("lobby")
+        waiters = []
+        for subject in ("sam-1", "sam-2"):
+            raw = await RawClient.open(srv.url)
+            t = mint_token(SECRET.encode(), room=room, identity=subject, name="Sam")
+            await raw.ws.send_bytes(encode_message(Hello(PROTOCOL_VERSION, room, "x", 3, None, t)))
+            assert isinstance(await raw.next_control(), Waiting)
+            waiters.append(raw)
+        entries: tuple = ()
+        async for ev in host.events():
+            if isinstance(ev, LobbyChanged) and len(ev.entries) == 2:
+                entries = ev.entries
+                break
+        assert [(e.name, e.identity) for e in entries] == [("Sam", "sam-1"), ("Sam", "sam-2")]
+        for raw in waiters:
+            await raw.close()
