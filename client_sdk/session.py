@@ -203,6 +203,8 @@ class Session(ObjectsAPI):
         consent: Callable[[str, str], bool] | None = None,
         messages: Sequence[type[Message]] = (),
         receive_state: bool = True,
+        on_waiting: Callable[[Waiting], None] | None = None,
+        lobby_timeout: float | None = None,
     ) -> None:
         self.url = _ws_url(url)
         #: False: state frames are dropped unread (bots that use the room for signaling only).
@@ -215,6 +217,13 @@ class Session(ObjectsAPI):
         self.reconnect = reconnect
         self.max_backoff = max_backoff
         self.connect_timeout = connect_timeout
+        #: Called when the room puts us in its lobby (start() goes on waiting for a host).
+        self.on_waiting = on_waiting
+        #: Seconds start() waits in a lobby before giving up (None: until admitted or
+        #: denied; an application may also cancel start() under its own time limit).
+        self.lobby_timeout = lobby_timeout
+        #: While start() waits in a lobby: the Waiting event (lobby id); None otherwise.
+        self.waiting: Waiting | None = None
         self.ping_interval = ping_interval
         self.token = token
         self._ssl = ssl
@@ -368,10 +377,16 @@ class Session(ObjectsAPI):
                 PROTOCOL_VERSION, self.room, self.name, self.slots, self._resume, self.token
             )
             await ws.send_bytes(conn.send(hello))
-            welcome = await asyncio.wait_for(self._await_welcome(ws, conn), self.connect_timeout)
+            # session.state shows the join as it goes (consent, lobby) while start() waits.
+            self._conn = conn
+            welcome = await self._await_welcome(ws, conn)
         except BaseException:
+            # An application's own time limit (a cancelled start()) lands here too: closing
+            # takes us out of the lobby.
+            self.waiting = None
             await ws.close()
             raise
+        self.waiting = None
         self._conn = conn
         self._ws = ws
         self.member_id = welcome.member_id
@@ -403,15 +418,20 @@ class Session(ObjectsAPI):
     async def _await_welcome(
         self, ws: aiohttp.ClientWebSocketResponse, conn: Connection
     ) -> Welcome:
-        """Read until ``welcome``, answering a consent request on the way. In a room with a
-        lobby the wait lasts until a host admits us (a ``Waiting`` event says so) or denies us
-        (``JoinError``)."""
+        """Read until ``welcome``, answering a consent request on the way, within
+        ``connect_timeout``. In a room with a lobby the wait goes on until a host admits us
+        (``Waiting`` event, ``on_waiting`` callback, :attr:`waiting`) or denies us
+        (``JoinError``), for at most ``lobby_timeout`` seconds if given (then TimeoutError)."""
         deadline: float | None = time.monotonic() + self.connect_timeout
         while True:
             timeout = None if deadline is None else max(0.01, deadline - time.monotonic())
             try:
                 msg = await ws.receive(timeout=timeout)
             except TimeoutError:
+                if self.waiting is not None:
+                    raise TimeoutError(
+                        f"not admitted from the lobby within {self.lobby_timeout} s"
+                    ) from None
                 raise TimeoutError("no welcome from the server in time") from None
             if msg.type in (
                 aiohttp.WSMsgType.CLOSE,
@@ -443,8 +463,13 @@ class Session(ObjectsAPI):
                 await ws.send_bytes(conn.send(ConsentMsg(m.version, accept)))
                 continue
             if isinstance(m, WaitingMsg):
-                deadline = None
-                self.emit(from_message(Waiting, m))
+                lobby = self.lobby_timeout
+                deadline = None if lobby is None else time.monotonic() + lobby
+                waiting = from_message(Waiting, m)
+                self.waiting = waiting
+                self.emit(waiting)
+                if self.on_waiting is not None:
+                    self.on_waiting(waiting)
             elif isinstance(m, Error):
                 if m.fatal:
                     raise JoinError(m.code, m.message)
@@ -962,6 +987,11 @@ def connect(url: str, room: str, name: str | None = None, **options: Any) -> Ses
     refuse the join with ``consent_required``), ``messages`` (message classes of the server's
     application plugins, so the session can send and decode them; receive them with
     :meth:`Session.add_handler`), ``receive_state`` (False: avatar and object state is dropped
-    unread, for bots that use the room only for signaling or messages).
+    unread, for bots that use the room only for signaling or messages), ``on_waiting``
+    (called with the :class:`Waiting` event when the room puts you in its lobby; meanwhile
+    ``session.state`` is ``lobby`` and ``session.waiting`` names the lobby id) and
+    ``lobby_timeout`` (seconds to wait there before ``start()`` raises TimeoutError; default:
+    until a host admits or denies you; wrapping ``start()`` in your own ``asyncio.timeout``
+    works as well, and leaves the lobby).
     """
     return Session(url, room, name, **options)

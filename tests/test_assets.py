@@ -295,3 +295,14 @@ async def test_uploads_do_not_disturb_the_room(srv: ServerProcess) -> None:
         await asyncio.sleep(max(0.0, 1.0 - (time.monotonic() - t0)))
         rate = (member.frames_received - n0) / (time.monotonic() - t0)
         assert rate > 25, rate
+
+
+async def test_the_asset_client_is_an_async_context_manager(srv: ServerProcess) -> None:
+    from medverse.client_sdk import AssetClient
+
+    async with AssetClient(srv.http, "ctx", tok("ctx")) as client:
+        info = await client.upload(triangle_glb(nodes=("ctx",)))
+        assert [a.sha256 for a in await client.list()] == [info.sha256]
+        http = client._http
+        assert http is not None and not http.closed
+    assert http.closed and client._http is None

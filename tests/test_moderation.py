@@ -436,3 +436,28 @@ async def test_fatal_endings_stop_the_sdk_with_the_hosts_words(srv: ServerProces
     ).fetchall()
     db.close()
     assert refused == []
+
+
+async def test_an_app_sees_the_lobby_and_keeps_its_own_time_limit(srv: ServerProcess) -> None:
+    from medverse.client_sdk import LobbyChanged
+
+    room = "lobby-wait"
+    async with connect(srv.url, room, token=tok(room, "lead", "host"), ping_interval=0) as host:
+        await host.moderate("lobby")
+        seen: list[Waiting] = []
+        patient = connect(srv.url, room, token=tok(room, "patient"), on_waiting=seen.append)
+        starting = asyncio.ensure_future(patient.start())
+        await wait_for(lambda: bool(seen))
+        assert patient.state.value == "lobby" and patient.waiting == seen[0]
+        # The application's own time limit: cancelling start() leaves the lobby.
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(starting, 0.3)
+        async for ev in host.events():
+            if isinstance(ev, LobbyChanged) and not ev.entries:
+                break
+        await patient.close()
+        # Or the SDK's: lobby_timeout.
+        late = connect(srv.url, room, token=tok(room, "late"), lobby_timeout=0.3)
+        with pytest.raises(TimeoutError, match="lobby"):
+            await late.start()
+        await late.close()
