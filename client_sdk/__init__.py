@@ -29,6 +29,7 @@ from .objects import (
     SharedObject,
     ViewChanged,
 )
+from .playback import AudioPlayer
 from .session import JoinError, Session, connect
 from .types import (
     Avatar,
@@ -59,6 +60,7 @@ __all__ = [
     "AssetInfo",
     "AudioClient",
     "AudioError",
+    "AudioPlayer",
     "Avatar",
     "BanEntry",
     "BansChanged",

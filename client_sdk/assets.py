@@ -180,6 +180,7 @@ class AssetClient:
         does not lead to the right hash is discarded and fetched again whole.
         """
         path = Path(dest)
+        path.parent.mkdir(parents=True, exist_ok=True)
         part = path.with_name(path.name + ".part")
         for attempt in range(2):
             have = part.stat().st_size if part.exists() else 0
