@@ -99,3 +99,18 @@ async def test_requests_without_req_still_get_plain_errors(srv: ServerProcess) -
     err = await raw.next_error()
     assert isinstance(err, Error) and (err.code, err.fatal) == ("forbidden", False)
     await raw.close()
+
+
+def test_the_tokens_name_wins_and_the_sdk_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    from medverse.client_sdk import Session
+
+    token = mint_token(SECRET.encode(), room=ROOM, identity="dr-a", name="Dr A")
+    with caplog.at_level("WARNING", logger="medverse.client"):
+        s = Session("ws://127.0.0.1:1", ROOM, "Someone Else", token=token)
+    assert s.name == "Dr A"
+    assert "token's name 'Dr A' wins" in caplog.text
+    caplog.clear()
+    assert Session("ws://127.0.0.1:1", ROOM, token=token).name == "Dr A"
+    assert Session("ws://127.0.0.1:1", ROOM, "Dr A", token=token).name == "Dr A"
+    assert Session("ws://127.0.0.1:1", ROOM, "Anon").name == "Anon"  # no token: as given
+    assert not caplog.text
