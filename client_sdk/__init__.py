@@ -29,9 +29,12 @@ from .objects import (
     SharedObject,
     ViewChanged,
 )
+from .playback import AudioPlayer
 from .session import JoinError, Session, connect
 from .types import (
     Avatar,
+    BanEntry,
+    BansChanged,
     Closed,
     EntryChanged,
     ErrorEvent,
@@ -40,9 +43,11 @@ from .types import (
     Joined,
     Left,
     LobbyChanged,
+    LobbyEntry,
     MemberStateChanged,
     Pose,
     Reconnecting,
+    RefusedError,
     Resumed,
     Waiting,
 )
@@ -55,7 +60,10 @@ __all__ = [
     "AssetInfo",
     "AudioClient",
     "AudioError",
+    "AudioPlayer",
     "Avatar",
+    "BanEntry",
+    "BansChanged",
     "Closed",
     "EntryChanged",
     "ErrorEvent",
@@ -67,6 +75,7 @@ __all__ = [
     "Left",
     "LevelMeter",
     "LobbyChanged",
+    "LobbyEntry",
     "LockChanged",
     "MemberStateChanged",
     "MoveRefused",
@@ -75,6 +84,7 @@ __all__ = [
     "ObjectRemoved",
     "Pose",
     "Reconnecting",
+    "RefusedError",
     "Resumed",
     "RoomAudioRules",
     "Session",

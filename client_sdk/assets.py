@@ -3,9 +3,9 @@
 Use it through a session (``await session.upload_asset("heart.glb")``) or on its own, e.g. to
 fetch a model before joining::
 
-    client = AssetClient("http://127.0.0.1:8750", room="case-42", token=token)
-    info = await client.upload("heart.glb")
-    await client.download(info.sha256, "cache/heart.glb")  # resumes a partial file
+    async with AssetClient("http://127.0.0.1:8750", room="case-42", token=token) as client:
+        info = await client.upload("heart.glb")
+        await client.download(info.sha256, "cache/heart.glb")  # resumes a partial file
 """
 
 from __future__ import annotations
@@ -64,7 +64,8 @@ def http_base(url: str) -> str:
 
 
 class AssetClient:
-    """HTTP calls for one room's assets."""
+    """HTTP calls for one room's assets; an async context manager (``async with``) that closes
+    its HTTP session on exit."""
 
     def __init__(
         self,
@@ -82,7 +83,14 @@ class AssetClient:
         self._http = http
         self._own_http = http is None
 
+    async def __aenter__(self) -> AssetClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
     async def close(self) -> None:
+        """Close the HTTP session it opened (one given to it stays open)."""
         if self._own_http and self._http is not None:
             await self._http.close()
             self._http = None
@@ -172,6 +180,7 @@ class AssetClient:
         does not lead to the right hash is discarded and fetched again whole.
         """
         path = Path(dest)
+        path.parent.mkdir(parents=True, exist_ok=True)
         part = path.with_name(path.name + ".part")
         for attempt in range(2):
             have = part.stat().st_size if part.exists() else 0

@@ -51,19 +51,16 @@ from medverse.rtc import (
 )
 
 from .feature import SessionLink
+from .types import RefusedError
 
 SAMPLE_RATE = 48000
 FRAME_SAMPLES = 960
 TIME_BASE = fractions.Fraction(1, SAMPLE_RATE)
 
 
-class AudioError(Exception):
-    """The server refused our audio offer (``code`` is the protocol error code)."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
+class AudioError(RefusedError):
+    """The server refused an audio call: the offer, or a routing change (``code`` is the
+    protocol error code)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,25 +316,29 @@ class AudioClient:
         if pc is not None:
             await pc.close()
 
+    # Routing calls return once the server applied them (the mixer uses them from its next
+    # frame; members get the new rules within 50 ms) and raise AudioError when refused.
+
     async def mute(self, muted: bool = True) -> None:
         """Self mute or unmute (the server stops mixing us; a host's mute is separate)."""
-        await self.session.send_message(AudioMute(muted))
+        await self.session.request(lambda r: AudioMute(muted, r), AudioError)
 
     async def set_zone(self, member_id: int, zone: int) -> None:
         """Host: put a member in a zone (members of a zone hear only each other); 0 clears."""
-        await self.session.send_message(AudioZone(member_id, zone))
+        await self.session.request(lambda r: AudioZone(member_id, zone, r), AudioError)
 
     async def broadcast(self, member_id: int, on: bool = True, gain: float = 1.0) -> None:
         """Host: make a member heard by everyone at ``gain`` (1.0 = reference level)."""
-        await self.session.send_message(AudioBroadcast(member_id, on, round(gain * 100)))
+        percent = round(gain * 100)
+        await self.session.request(lambda r: AudioBroadcast(member_id, on, percent, r), AudioError)
 
     async def whisper(self, target: int | None) -> None:
         """Whisper to one member (only they hear us) or stop (``None``)."""
-        await self.session.send_message(AudioWhisper(target))
+        await self.session.request(lambda r: AudioWhisper(target, r), AudioError)
 
     async def ignore(self, member_id: int, ignore: bool = True) -> None:
         """Stop hearing, and being heard by, a member (or undo it)."""
-        await self.session.send_message(AudioIgnore(member_id, ignore))
+        await self.session.request(lambda r: AudioIgnore(member_id, ignore, r), AudioError)
 
     async def wait_rules(
         self, predicate: Callable[[RoomAudioRules], bool], timeout: float = 5.0

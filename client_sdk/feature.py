@@ -13,7 +13,7 @@ from typing import Any, Protocol
 from medverse.protocol.messages import Message, Welcome
 from medverse.protocol.snapshot import Snapshot
 
-from .types import Avatar
+from .types import Avatar, RefusedError
 
 
 class SessionLink(Protocol):
@@ -58,3 +58,9 @@ class SessionLink(Protocol):
 
     async def send_raw(self, frame: bytes) -> None:
         """Send one frame as is (binary inputs such as object moves)."""
+
+    async def request(
+        self, make: Callable[[int], Message], error: type[RefusedError] = RefusedError
+    ) -> None:
+        """Send ``make(req)`` (a message with a ``req``) and return once the server
+        acknowledged it; raise ``error(code, message)`` if it refused it."""

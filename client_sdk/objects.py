@@ -56,10 +56,10 @@ from medverse.protocol.objects import (
 from medverse.protocol.quant import dequantize_positions, dequantize_rotations
 
 from .feature import SessionLink
-from .types import Pose, Quat, Vec3, from_message
+from .types import Pose, Quat, RefusedError, Vec3, from_message
 
 
-class ObjectError(Exception):
+class ObjectError(RefusedError):
     """The server refused an object operation. ``code`` is the protocol error code
     (``object_locked``, ``not_holder``, ``not_found``, ``forbidden``, ...); ``holder`` is the
     member holding the lease when the code is ``object_locked``."""
@@ -67,9 +67,7 @@ class ObjectError(Exception):
     def __init__(
         self, code: str, message: str, object_id: int | None = None, holder: int | None = None
     ) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
+        super().__init__(code, message)
         self.object_id = object_id
         self.holder = holder
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import bisect
 import contextlib
+import json
 import logging
 import math
 import os
@@ -29,6 +31,8 @@ from medverse.protocol.connection import (
 from medverse.protocol.errors import ErrorCode, ProtocolError
 from medverse.protocol.messages import (
     PROTOCOL_VERSION,
+    Ack,
+    Bans,
     ChangeRole,
     ConsentRequired,
     Error,
@@ -42,6 +46,7 @@ from medverse.protocol.messages import (
     Pause,
     Ping,
     Pong,
+    RequestRefused,
     RequestUnmute,
     RoomState,
     Welcome,
@@ -67,6 +72,8 @@ from .audio import AudioClient
 from .objects import ObjectsAPI, ObjectsClient
 from .types import (
     Avatar,
+    BanEntry,
+    BansChanged,
     Closed,
     EntryChanged,
     ErrorEvent,
@@ -75,9 +82,11 @@ from .types import (
     Joined,
     Left,
     LobbyChanged,
+    LobbyEntry,
     MemberStateChanged,
     Pose,
     Reconnecting,
+    RefusedError,
     Resumed,
     Waiting,
     from_message,
@@ -103,6 +112,8 @@ _FINAL_CODES = {
     ErrorCode.DENIED.value,
     ErrorCode.REMOVED.value,
 }
+#: Close code of a connection the server closed after a consent withdrawal.
+CLOSE_CONSENT = 4011
 
 
 class JoinError(Exception):
@@ -112,6 +123,30 @@ class JoinError(Exception):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+
+
+def _token_claims(token: str) -> dict[str, Any]:
+    """The claims of a JWT, unverified (the server verifies; we only read our own name)."""
+    try:
+        payload = token.split(".")[1]
+        data = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (IndexError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _display_name(name: str | None, token: str | None) -> str:
+    """The name others will see: with a token, the token's ``name`` wins over ``name``."""
+    claimed = _token_claims(token).get("name") if token else None
+    if isinstance(claimed, str) and claimed:
+        if name is not None and name != claimed:
+            log.warning(
+                "connect(name=%r) is not what others see: the join token's name %r wins",
+                name,
+                claimed,
+            )
+        return claimed
+    return name or "member"
 
 
 def _ws_url(url: str) -> str:
@@ -154,7 +189,7 @@ class Session(ObjectsAPI):
         self,
         url: str,
         room: str,
-        name: str,
+        name: str | None = None,
         *,
         slots: int = 3,
         reconnect: bool = True,
@@ -168,16 +203,27 @@ class Session(ObjectsAPI):
         consent: Callable[[str, str], bool] | None = None,
         messages: Sequence[type[Message]] = (),
         receive_state: bool = True,
+        on_waiting: Callable[[Waiting], None] | None = None,
+        lobby_timeout: float | None = None,
     ) -> None:
         self.url = _ws_url(url)
         #: False: state frames are dropped unread (bots that use the room for signaling only).
         self.receive_state = receive_state
         self.room = room
-        self.name = name
+        #: Our display name as the others see it: the join token's ``name`` (the server shows
+        #: that, or the token's pseudonym in pseudonymous rooms), else ``name``.
+        self.name = _display_name(name, token)
         self.slots = slots
         self.reconnect = reconnect
         self.max_backoff = max_backoff
         self.connect_timeout = connect_timeout
+        #: Called when the room puts us in its lobby (start() goes on waiting for a host).
+        self.on_waiting = on_waiting
+        #: Seconds start() waits in a lobby before giving up (None: until admitted or
+        #: denied; an application may also cancel start() under its own time limit).
+        self.lobby_timeout = lobby_timeout
+        #: While start() waits in a lobby: the Waiting event (lobby id); None otherwise.
+        self.waiting: Waiting | None = None
         self.ping_interval = ping_interval
         self.token = token
         self._ssl = ssl
@@ -215,6 +261,15 @@ class Session(ObjectsAPI):
         self._connected = asyncio.Event()
         self._avatars: dict[int, Avatar] | None = None
         self._close_task: asyncio.Future[Any] | None = None
+        #: How the session ended (None while it runs): see :class:`Closed`.
+        self.closed_reason: Closed | None = None
+        # Set when the server ended the session for good (a fatal error that reconnecting
+        # cannot undo, or our consent withdrawal): no reconnection follows.
+        self._ending: Closed | None = None
+        self._ended = asyncio.Event()
+        # Acknowledged requests (moderation, pause, audio routing) waiting for their answer.
+        self._requests: dict[int, tuple[asyncio.Future[None], type[RefusedError]]] = {}
+        self._req = 0
         self.frames_received = 0
         self.bytes_received = 0
         #: Called with (local receive time, snapshot) after every state frame (for tools).
@@ -299,7 +354,7 @@ class Session(ObjectsAPI):
             await self._http.close()
         if self._assets is not None:
             await self._assets.close()
-        self._finish("closed by the application")
+        self._finish(Closed("closed by the application", "closed"))
 
     async def _open(self) -> Welcome:
         assert self._http is not None
@@ -322,10 +377,16 @@ class Session(ObjectsAPI):
                 PROTOCOL_VERSION, self.room, self.name, self.slots, self._resume, self.token
             )
             await ws.send_bytes(conn.send(hello))
-            welcome = await asyncio.wait_for(self._await_welcome(ws, conn), self.connect_timeout)
+            # session.state shows the join as it goes (consent, lobby) while start() waits.
+            self._conn = conn
+            welcome = await self._await_welcome(ws, conn)
         except BaseException:
+            # An application's own time limit (a cancelled start()) lands here too: closing
+            # takes us out of the lobby.
+            self.waiting = None
             await ws.close()
             raise
+        self.waiting = None
         self._conn = conn
         self._ws = ws
         self.member_id = welcome.member_id
@@ -357,15 +418,20 @@ class Session(ObjectsAPI):
     async def _await_welcome(
         self, ws: aiohttp.ClientWebSocketResponse, conn: Connection
     ) -> Welcome:
-        """Read until ``welcome``, answering a consent request on the way. In a room with a
-        lobby the wait lasts until a host admits us (a ``Waiting`` event says so) or denies us
-        (``JoinError``)."""
+        """Read until ``welcome``, answering a consent request on the way, within
+        ``connect_timeout``. In a room with a lobby the wait goes on until a host admits us
+        (``Waiting`` event, ``on_waiting`` callback, :attr:`waiting`) or denies us
+        (``JoinError``), for at most ``lobby_timeout`` seconds if given (then TimeoutError)."""
         deadline: float | None = time.monotonic() + self.connect_timeout
         while True:
             timeout = None if deadline is None else max(0.01, deadline - time.monotonic())
             try:
                 msg = await ws.receive(timeout=timeout)
             except TimeoutError:
+                if self.waiting is not None:
+                    raise TimeoutError(
+                        f"not admitted from the lobby within {self.lobby_timeout} s"
+                    ) from None
                 raise TimeoutError("no welcome from the server in time") from None
             if msg.type in (
                 aiohttp.WSMsgType.CLOSE,
@@ -383,13 +449,27 @@ class Session(ObjectsAPI):
             if isinstance(m, Welcome):
                 return m
             if isinstance(m, ConsentRequired):
-                accept = bool(self.consent is not None and self.consent(m.version, m.text))
                 self.consent_version = m.version
+                if self.consent is None:
+                    # Decline (the server records it), but say what is missing rather than
+                    # report a refusal the user never made.
+                    await ws.send_bytes(conn.send(ConsentMsg(m.version, False)))
+                    raise JoinError(
+                        ErrorCode.CONSENT_REQUIRED.value,
+                        f"room {self.room} asks for consent and connect() was given no "
+                        "consent= callback to ask the user (consent=lambda version, text: ...)",
+                    )
+                accept = bool(self.consent(m.version, m.text))
                 await ws.send_bytes(conn.send(ConsentMsg(m.version, accept)))
                 continue
             if isinstance(m, WaitingMsg):
-                deadline = None
-                self.emit(from_message(Waiting, m))
+                lobby = self.lobby_timeout
+                deadline = None if lobby is None else time.monotonic() + lobby
+                waiting = from_message(Waiting, m)
+                self.waiting = waiting
+                self.emit(waiting)
+                if self.on_waiting is not None:
+                    self.on_waiting(waiting)
             elif isinstance(m, Error):
                 if m.fatal:
                     raise JoinError(m.code, m.message)
@@ -457,6 +537,45 @@ class Session(ObjectsAPI):
             raise ConnectionError("not connected")
         await ws.send_bytes(conn.send(msg))
 
+    async def request(
+        self,
+        make: Callable[[int], Message],
+        error: type[RefusedError] = RefusedError,
+        timeout: float | None = None,
+    ) -> None:
+        """Send ``make(req)``, a request with a ``req`` field, and return once the server has
+        applied it (``ack``); raise ``error(code, message)`` at once if it refused it, and
+        ConnectionError if the connection went away before the answer."""
+        self._req = (self._req + 1) & 0xFFFFFFFF
+        req = self._req
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._requests[req] = (fut, error)
+        try:
+            await self.send_message(make(req))
+            await asyncio.wait_for(fut, timeout or self.connect_timeout)
+        finally:
+            self._requests.pop(req, None)
+
+    def _answer(self, req: int, refusal: RequestRefused | None) -> None:
+        waiting = self._requests.get(req)
+        if waiting is None or waiting[0].done():
+            return
+        fut, error = waiting
+        if refusal is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(error(refusal.code, refusal.message))
+
+    def _drop_requests(self, ending: Closed | None) -> None:
+        """The connection is gone: requests still waiting get no answer on it."""
+        for fut, error in self._requests.values():
+            if fut.done():
+                continue
+            if ending is not None and ending.code not in ("closed", "disconnected"):
+                fut.set_exception(error(ending.code, ending.message or ending.reason))
+            else:
+                fut.set_exception(ConnectionError("the connection closed before the answer"))
+
     async def send_raw(self, frame: bytes) -> None:
         """Send one frame as is, bypassing the state machine (binary inputs such as object
         moves, and tools and tests that speak the protocol byte by byte)."""
@@ -481,13 +600,27 @@ class Session(ObjectsAPI):
     # ----------------------------------------------------------------- moderation
 
     async def moderate(
-        self, action: str, member_id: int | None = None, reason: str | None = None
+        self,
+        action: str,
+        member_id: int | None = None,
+        reason: str | None = None,
+        *,
+        duration: float | None = None,
     ) -> None:
-        """A host's action (needs the ``moderate`` grant; refusals arrive as error events):
-        ``admit``/``deny`` a lobby member, ``remove``/``ban`` a member (``reason`` is shown to
-        them), ``mute``/``allow_unmute`` a member's audio on the server, ``lock``/``unlock``/
+        """A host's action (needs the ``moderate`` grant). Returns once the server has applied
+        it; raises :class:`RefusedError` (``forbidden``, ``not_found``, ...) if it refused:
+        ``admit``/``deny`` a lobby member, ``remove`` a member from the session or ``ban`` its
+        identity from the room (for ``duration`` seconds, or until lifted; ``reason`` is shown
+        to them), ``unban`` a ban (``member_id`` is its id from :class:`BansChanged`),
+        ``mute``/``allow_unmute`` a member's audio on the server, ``lock``/``unlock``/
         ``lobby``/``open`` the room, or ``end`` the session for everyone."""
-        await self.send_message(Moderate(action, member_id, reason))
+        seconds = None if duration is None else max(1, round(duration))
+        try:
+            await self.request(lambda r: Moderate(action, member_id, reason, seconds, r))
+        except RefusedError as err:
+            # Ending the session ends ours too: the server closes us before it can answer.
+            if not (action == "end" and err.code == ErrorCode.SESSION_ENDED.value):
+                raise
 
     async def change_role(
         self,
@@ -498,26 +631,31 @@ class Session(ObjectsAPI):
         allow: bool | None = None,
     ) -> None:
         """A host gives a member another ``role``, or gives (``allow=True``) or takes one
-        ``grant``; everyone concerned gets a :class:`GrantsChanged` event."""
-        await self.send_message(ChangeRole(member_id, role, grant, allow))
+        ``grant``; everyone concerned gets a :class:`GrantsChanged` event. Returns once
+        applied; raises :class:`RefusedError` if refused."""
+        await self.request(lambda r: ChangeRole(member_id, role, grant, allow, r))
 
     async def pause(self, paused: bool = True) -> None:
         """Step out of the room (or back in): while paused nobody sees or hears us and we
-        receive nothing. Asking for the state we are in does nothing."""
+        receive nothing. Returns once the server has applied it (coming back: with the room
+        as it is now). Asking for the state we are in does nothing."""
         if self.state is (State.PAUSED if paused else State.JOINED):
             return
-        await self.send_message(Pause(paused))
+        await self.request(lambda r: Pause(paused, r))
 
     async def request_unmute(self) -> None:
         """Ask the hosts to allow unmuting after a server mute."""
-        await self.send_message(RequestUnmute())
+        await self.request(lambda r: RequestUnmute(r))
 
     async def withdraw_consent(self) -> None:
         """Withdraw consent given to the room's text: the server removes us from the room."""
         if self.consent_version is None:
             raise RuntimeError("this room did not ask for consent")
-        self.reconnect = False
+        self._ending = Closed("consent withdrawn", "consent_withdrawn")
         await self.send_message(ConsentMsg(self.consent_version, False))
+        # The server answers by removing us and closing the connection: that is the
+        # acknowledgement (nothing else can arrive once we have withdrawn).
+        await asyncio.wait_for(self._ended.wait(), self.connect_timeout)
 
     async def ping(self, timeout: float = 5.0) -> float:
         """Measure the round trip to the server, in seconds."""
@@ -548,8 +686,17 @@ class Session(ObjectsAPI):
             self._connected.clear()
             if self._closing:
                 return
+            self._drop_requests(self._ending)
+            ending = self._ending
+            if ending is None and ws.close_code == CLOSE_CONSENT and self.consent_version:
+                ending = Closed("consent withdrawn", "consent_withdrawn")
+            if ending is not None:
+                # A host removed, banned or denied us, ended the session, or we withdrew
+                # consent: trying again would only read as an attempt to get back in.
+                self._finish(ending)
+                return
             if not self.reconnect:
-                self._finish(f"connection closed ({ws.close_code})")
+                self._finish(Closed(f"connection closed ({ws.close_code})", "disconnected", ""))
                 return
             if not await self._reconnect():
                 return
@@ -566,7 +713,7 @@ class Session(ObjectsAPI):
                 welcome = await self._open()
             except JoinError as err:
                 if err.code in _FINAL_CODES:
-                    self._finish(str(err))
+                    self._finish(Closed(str(err), err.code, err.message))
                     return False
             except (aiohttp.ClientError, OSError, TimeoutError, ConnectionError):
                 continue
@@ -577,10 +724,22 @@ class Session(ObjectsAPI):
                 return True
         return False
 
-    def _finish(self, reason: str) -> None:
-        self.emit(Closed(reason))
+    def _finish(self, ending: Closed) -> None:
+        """The session is over: say how, once, and end :meth:`events`."""
+        if self.closed_reason is not None:
+            return
+        self.closed_reason = ending
+        self._ended.set()
+        self.emit(ending)
         if not self._events.full():
             self._events.put_nowait(None)
+
+    async def wait_closed(self) -> Closed:
+        """Wait until the session has ended (a host ended it or removed us, we withdrew
+        consent, ...); returns how (see :class:`Closed`)."""
+        await self._ended.wait()
+        assert self.closed_reason is not None
+        return self.closed_reason
 
     async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         try:
@@ -633,12 +792,31 @@ class Session(ObjectsAPI):
                 self.rtt = time.monotonic() - m.client_time
                 if fut is not None and not fut.done():
                     fut.set_result(self.rtt)
+            elif isinstance(m, Ack):
+                self._answer(m.req, None)
+            elif isinstance(m, RequestRefused):
+                self._answer(m.req, m)
+            elif isinstance(m, Welcome):
+                self._rewelcome(m)
             elif isinstance(m, Error):
+                if m.fatal and m.code in _FINAL_CODES and self._ending is None:
+                    self._ending = Closed(f"{m.code}: {m.message}", m.code, m.message)
                 self.emit(from_message(ErrorEvent, m))
             elif isinstance(m, MemberState):
                 self.emit(from_message(MemberStateChanged, m))
             elif isinstance(m, Lobby):
-                self.emit(LobbyChanged(tuple((w.id, w.name) for w in m.members)))
+                self.emit(
+                    LobbyChanged(
+                        tuple((w.id, w.name) for w in m.members),
+                        tuple(LobbyEntry(w.id, w.name, w.identity) for w in m.members),
+                    )
+                )
+            elif isinstance(m, Bans):
+                self.emit(
+                    BansChanged(
+                        tuple(BanEntry(b.id, b.name, b.until or None, b.reason) for b in m.bans)
+                    )
+                )
             elif isinstance(m, RoomState):
                 self.emit(from_message(EntryChanged, m))
             elif isinstance(m, Grants):
@@ -648,6 +826,23 @@ class Session(ObjectsAPI):
             # Feature clients see every message of their types, the core's too.
             for handler in self._handlers.get(type(m), ()):
                 handler(m)
+
+    def _rewelcome(self, welcome: Welcome) -> None:
+        """A fresh welcome on the same connection (coming back from a pause): the room may
+        have changed while we received nothing, so the member list is the welcome's, and the
+        members who left or joined meanwhile are reported as such."""
+        self._resume = welcome.resume
+        now = {m.id: m.name for m in welcome.members}
+        for mid, name in self.members.items():
+            if mid not in now:
+                self.emit(Left(mid, name, "left while you were paused"))
+        for mid, name in now.items():
+            if mid not in self.members:
+                self.emit(Joined(mid, name))
+        self.members = now
+        # The states before the pause are no base for interpolating the ones after it.
+        self._history.clear()
+        self._avatars = None
 
     def emit(self, ev: Event) -> None:
         """Queue an event for :meth:`events` (feature clients add theirs); when the queue is
@@ -774,8 +969,12 @@ class Session(ObjectsAPI):
         )
 
 
-def connect(url: str, room: str, name: str, **options: Any) -> Session:
-    """Open a session to ``room`` on the server at ``url`` as ``name``.
+def connect(url: str, room: str, name: str | None = None, **options: Any) -> Session:
+    """Open a session to ``room`` on the server at ``url``.
+
+    Others see the display name the join token gives (or its pseudonym in pseudonymous rooms):
+    ``name`` only matters on a server without authentication, and a ``name`` that differs from
+    the token's is logged as ignored. ``session.name`` is the name others see.
 
     Use it as an async context manager (``async with connect(...) as session:``), or ``await
     session.start()`` and ``await session.close()`` yourself. Options: ``slots`` (pose slots of
@@ -788,6 +987,11 @@ def connect(url: str, room: str, name: str, **options: Any) -> Session:
     refuse the join with ``consent_required``), ``messages`` (message classes of the server's
     application plugins, so the session can send and decode them; receive them with
     :meth:`Session.add_handler`), ``receive_state`` (False: avatar and object state is dropped
-    unread, for bots that use the room only for signaling or messages).
+    unread, for bots that use the room only for signaling or messages), ``on_waiting``
+    (called with the :class:`Waiting` event when the room puts you in its lobby; meanwhile
+    ``session.state`` is ``lobby`` and ``session.waiting`` names the lobby id) and
+    ``lobby_timeout`` (seconds to wait there before ``start()`` raises TimeoutError; default:
+    until a host admits or denies you; wrapping ``start()`` in your own ``asyncio.timeout``
+    works as well, and leaves the lobby).
     """
     return Session(url, room, name, **options)

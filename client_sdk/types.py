@@ -65,6 +65,18 @@ class Avatar:
         return self if out is None else out
 
 
+class RefusedError(Exception):
+    """The server refused a call: ``code`` is the protocol error code (``forbidden``,
+    ``not_found``, ``bad_field``, ...), ``message`` says why. Object and audio calls raise
+    its subclasses :class:`~medverse.client_sdk.ObjectError` and
+    :class:`~medverse.client_sdk.AudioError`."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
 def from_message(event: type[E], msg: object, **values: Any) -> E:
     """The SDK event ``event`` for a protocol message that carries its fields: every field of
     the event not given in ``values`` is the message's field of the same name (``type`` keeps
@@ -126,9 +138,18 @@ class Resumed:
 
 @dataclass(frozen=True, slots=True)
 class Closed:
-    """The session ended for good (``reason`` says why); no more events follow."""
+    """The session ended for good; no more events follow.
+
+    ``code`` says why, for programs: an error code of the protocol when the server ended it
+    (``removed``, ``banned``, ``session_ended``, ``denied``, ``unauthorized``, ...),
+    ``consent_withdrawn`` after :meth:`Session.withdraw_consent`, ``closed`` when the
+    application closed it, ``disconnected`` when the connection was lost and not resumed.
+    ``message`` carries the host's own words (the reason given for a removal, a ban or the
+    end of the session); ``reason`` is one line for people."""
 
     reason: str
+    code: str = "closed"
+    message: str = ""
     type: str = "closed"
 
 
@@ -154,11 +175,43 @@ class MemberStateChanged:
 
 
 @dataclass(frozen=True, slots=True)
+class LobbyEntry:
+    """Someone waiting in the lobby: ``id`` to admit or deny, the ``name`` shown, and the
+    verified ``identity`` (or pseudonym in pseudonymous rooms) that tells two people with the
+    same name apart."""
+
+    id: int
+    name: str
+    identity: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class LobbyChanged:
-    """To hosts: who waits in the lobby, as (lobby id, name) pairs to admit or deny."""
+    """To hosts: who waits in the lobby, as (lobby id, name) pairs to admit or deny, and
+    ``entries`` with each one's verified identity."""
 
     waiting: tuple[tuple[int, str], ...]
+    entries: tuple[LobbyEntry, ...] = ()
     type: str = "lobby"
+
+
+@dataclass(frozen=True, slots=True)
+class BanEntry:
+    """A ban in force: ``id`` (``session.moderate("unban", id)`` lifts it), the name the
+    member had, ``until`` (Unix seconds; None: until lifted) and the ``reason``."""
+
+    id: int
+    name: str
+    until: float | None
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class BansChanged:
+    """To hosts: the room's bans in force (when one is added or lifted, and on joining)."""
+
+    bans: tuple[BanEntry, ...]
+    type: str = "bans"
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +242,7 @@ Event = (
     | Waiting
     | MemberStateChanged
     | LobbyChanged
+    | BansChanged
     | EntryChanged
     | GrantsChanged
 )

@@ -79,8 +79,10 @@ class AudioMute(AudioMessage):
     """Self mute (``muted`` true) or unmute. A host's server mute is separate and stronger: a
     server-muted member stays silent whatever it sends."""
 
+    ACKED: ClassVar[bool] = True
     TYPE: ClassVar[str] = "audio_mute"
     muted: bool = wire_field("bool")
+    req: int | None = wire_field("int", lo=0, hi=2**32 - 1, optional=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,9 +90,11 @@ class AudioZone(AudioMessage):
     """Host: put a member in ``zone`` (1-65535; members of a zone hear only each other) or take
     them out (0)."""
 
+    ACKED: ClassVar[bool] = True
     TYPE: ClassVar[str] = "audio_zone"
     member_id: int = wire_field("int", **_MEMBER_ID)
     zone: int = wire_field("int", lo=0, hi=MAX_ZONE)
+    req: int | None = wire_field("int", lo=0, hi=2**32 - 1, optional=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,27 +102,33 @@ class AudioBroadcast(AudioMessage):
     """Host: make a member a broadcast speaker, heard by everyone at ``gain`` percent of the
     reference level regardless of distance and zones (``on`` false ends it)."""
 
+    ACKED: ClassVar[bool] = True
     TYPE: ClassVar[str] = "audio_broadcast"
     member_id: int = wire_field("int", **_MEMBER_ID)
     on: bool = wire_field("bool")
     gain: int | None = wire_field("int", lo=0, hi=MAX_GAIN_PERCENT, optional=True)
+    req: int | None = wire_field("int", lo=0, hi=2**32 - 1, optional=True)
 
 
 @dataclass(frozen=True, slots=True)
 class AudioWhisper(AudioMessage):
     """Whisper to one member: while it lasts only ``target`` hears us. No target ends it."""
 
+    ACKED: ClassVar[bool] = True
     TYPE: ClassVar[str] = "audio_whisper"
     target: int | None = wire_field("int", **_MEMBER_ID, optional=True)
+    req: int | None = wire_field("int", lo=0, hi=2**32 - 1, optional=True)
 
 
 @dataclass(frozen=True, slots=True)
 class AudioIgnore(AudioMessage):
     """Stop hearing (and being heard by) a member, or undo it."""
 
+    ACKED: ClassVar[bool] = True
     TYPE: ClassVar[str] = "audio_ignore"
     member_id: int = wire_field("int", **_MEMBER_ID)
     ignore: bool = wire_field("bool")
+    req: int | None = wire_field("int", lo=0, hi=2**32 - 1, optional=True)
 
 
 # --------------------------------------------------------------------------- server to client

@@ -130,14 +130,15 @@ def _check(name: str, spec: Spec, value: Any) -> Any:
             if not isinstance(item, str) or len(item) > (spec.max_len or 64):
                 raise ProtocolError(ErrorCode.BAD_FIELD, f"{name} entries must be short strings")
         return tuple(value)
-    elif k == "members":
+    elif k in ("members", "bans"):
         if not isinstance(value, list) or len(value) > 10_000:
             raise ProtocolError(ErrorCode.BAD_FIELD, f"{name} must be a list")
+        entry = MemberInfo if k == "members" else BanInfo
         out = []
         for item in value:
             if not isinstance(item, dict):
                 raise ProtocolError(ErrorCode.BAD_FIELD, f"{name} entries must be maps")
-            out.append(MemberInfo.from_wire(item))
+            out.append(entry.from_wire(item))
         return tuple(out)
     if (spec.lo is not None and value < spec.lo) or (spec.hi is not None and value > spec.hi):
         raise ProtocolError(ErrorCode.OUT_OF_RANGE, f"{name} out of range")
@@ -150,7 +151,16 @@ class Message:
     TYPE: ClassVar[str] = ""
     #: A larger frame limit for this type than the decoder's (0: none), e.g. an audio offer's.
     MAX_FRAME_BYTES: ClassVar[int] = 0
+    #: True for client requests with an optional ``req`` that the server answers with ``ack``
+    #: or ``refused`` when ``req`` is given (plugins' own requests may opt in).
+    ACKED: ClassVar[bool] = False
     __slots__ = ()
+
+    @classmethod
+    def refusal(cls, req: int, err: ProtocolError) -> Message:
+        """The answer refusing request ``req`` of this type: ``refused`` (object messages
+        answer with their own ``obj_refused``)."""
+        return RequestRefused(req, err.code.value, err.message[:1024])
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {"t": self.TYPE}
@@ -158,7 +168,7 @@ class Message:
             v = getattr(self, f.name)
             if v is None:
                 continue
-            if f.metadata["spec"].kind == "members":
+            if f.metadata["spec"].kind in ("members", "bans"):
                 v = [m.to_wire() for m in v]
             elif isinstance(v, tuple):
                 v = list(v)
@@ -186,21 +196,53 @@ class Message:
 
 @dataclass(frozen=True, slots=True)
 class MemberInfo:
-    """A member as others see it."""
+    """A member as others see it. ``identity`` is only in ``lobby`` entries (to hosts): the
+    verified identity, or its pseudonym in pseudonymous rooms, so two people with the same
+    name can be told apart."""
 
     id: int
     name: str
+    identity: str | None = None
 
     def to_wire(self) -> dict[str, Any]:
-        return {"id": self.id, "name": self.name}
+        out: dict[str, Any] = {"id": self.id, "name": self.name}
+        if self.identity is not None:
+            out["identity"] = self.identity
+        return out
 
     @classmethod
     def from_wire(cls, data: dict[str, Any]) -> MemberInfo:
-        if set(data) != {"id", "name"}:
-            raise ProtocolError(ErrorCode.BAD_FIELD, "member entries have id and name")
+        if not {"id", "name"} <= set(data) <= {"id", "name", "identity"}:
+            raise ProtocolError(ErrorCode.BAD_FIELD, "member entries have id, name, identity")
         return cls(
             _check("id", Spec("int", lo=1, hi=2**32 - 1), data["id"]),
             _check("name", Spec("str", max_len=MAX_NAME_CHARS), data["name"]),
+            _check("identity", Spec("str", max_len=128, optional=True), data.get("identity")),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class BanInfo:
+    """A ban in force, as hosts see it: ``id`` (to lift it), the ``name`` the banned member had
+    in the room, ``until`` (Unix seconds; 0: until a host lifts it) and the ``reason``."""
+
+    id: int
+    name: str
+    until: int
+    reason: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"id": self.id, "name": self.name, "until": self.until, "reason": self.reason}
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> BanInfo:
+        if set(data) != {"id", "name", "until", "reason"}:
+            raise ProtocolError(ErrorCode.BAD_FIELD, "ban entries have id, name, until, reason")
+        return cls(
+            _check("id", Spec("int", lo=1, hi=2**32 - 1), data["id"]),
+            _check("name", Spec("str", max_len=MAX_NAME_CHARS), data["name"]),
+            _check("until", Spec("int", lo=0, hi=2**63 - 1), data["until"]),
+            _check("reason", Spec("str", max_len=256), data["reason"]),
         )
 
 
@@ -237,21 +279,28 @@ class Leave(Message):
 
 
 MODERATION_ACTIONS = re.compile(
-    r"^(admit|deny|remove|ban|mute|allow_unmute|lock|unlock|lobby|open|end)$"
+    r"^(admit|deny|remove|ban|unban|mute|allow_unmute|lock|unlock|lobby|open|end)$"
 )
+#: Longest ban a host may give with a duration (ten years); without one a ban lasts until
+#: a host lifts it.
+MAX_BAN_SECONDS = 10 * 365 * 86400
 
 
 @dataclass(frozen=True, slots=True)
 class Moderate(Message):
-    """A host's action: ``admit``/``deny`` a lobby member; ``remove`` or ``ban`` (for the
-    session) a member with a ``reason`` shown to them; ``mute`` a member's audio on the server
-    or ``allow_unmute``; set entry to ``lock``/``unlock``/``lobby``/``open``; ``end`` the
-    session for everyone."""
+    """A host's action: ``admit``/``deny`` a lobby member; ``remove`` a member from the session
+    or ``ban`` its identity from the room name (for ``duration`` seconds, or until lifted) with
+    a ``reason`` shown to them; ``unban`` lifts ban ``member_id`` (an id from ``bans``);
+    ``mute`` a member's audio on the server or ``allow_unmute``; set entry to
+    ``lock``/``unlock``/``lobby``/``open``; ``end`` the session for everyone."""
 
+    ACKED: ClassVar[bool] = True
     TYPE: ClassVar[str] = "moderate"
     action: str = wire_field("str", pattern=MODERATION_ACTIONS)
     member_id: int | None = wire_field("int", lo=1, hi=2**32 - 1, optional=True)
     reason: str | None = wire_field("str", max_len=256, optional=True)
+    duration: int | None = wire_field("int", lo=1, hi=MAX_BAN_SECONDS, optional=True)
+    req: int | None = wire_field("int", lo=0, hi=2**32 - 1, optional=True)
 
 
 ROLE_NAMES = re.compile(r"^(host|participant|observer)$")
@@ -266,11 +315,13 @@ class ChangeRole(Message):
     (``allow`` true) or takes away one ``grant``. Give either ``role`` or ``grant`` and
     ``allow``."""
 
+    ACKED: ClassVar[bool] = True
     TYPE: ClassVar[str] = "change_role"
     member_id: int = wire_field("int", lo=1, hi=2**32 - 1)
     role: str | None = wire_field("str", pattern=ROLE_NAMES, optional=True)
     grant: str | None = wire_field("str", pattern=GRANT_NAMES, optional=True)
     allow: bool | None = wire_field("bool", optional=True)
+    req: int | None = wire_field("int", lo=0, hi=2**32 - 1, optional=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,8 +329,10 @@ class Pause(Message):
     """Patient control: step out (``paused`` true) or back in. While paused the member's avatar
     is gone for others and the member receives nothing of the room."""
 
+    ACKED: ClassVar[bool] = True
     TYPE: ClassVar[str] = "pause"
     paused: bool = wire_field("bool")
+    req: int | None = wire_field("int", lo=0, hi=2**32 - 1, optional=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,7 +348,9 @@ class Consent(Message):
 class RequestUnmute(Message):
     """A server-muted member asks the hosts to allow unmuting."""
 
+    ACKED: ClassVar[bool] = True
     TYPE: ClassVar[str] = "request_unmute"
+    req: int | None = wire_field("int", lo=0, hi=2**32 - 1, optional=True)
 
 
 # --------------------------------------------------------------------------- server to client
@@ -348,6 +403,15 @@ class Grants(Message):
     member_id: int = wire_field("int", lo=1, hi=2**32 - 1)
     role: str = wire_field("str", max_len=16)
     grants: tuple[str, ...] = wire_field("strs", hi=16, max_len=32)
+
+
+@dataclass(frozen=True, slots=True)
+class Bans(Message):
+    """To hosts: the room's bans in force (when one is added, lifted, and when a host
+    joins)."""
+
+    TYPE: ClassVar[str] = "bans"
+    bans: tuple[BanInfo, ...] = wire_field("bans")
 
 
 @dataclass(frozen=True, slots=True)
@@ -406,6 +470,35 @@ class Pong(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class Ack(Message):
+    """Request ``req`` (a client message that carried it) was applied."""
+
+    TYPE: ClassVar[str] = "ack"
+    req: int = wire_field("int", lo=0, hi=2**32 - 1)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRefused(Message):
+    """Request ``req`` was refused with error ``code`` (nothing of it was applied); requests
+    without ``req`` get a plain ``error`` instead."""
+
+    TYPE: ClassVar[str] = "refused"
+    req: int = wire_field("int", lo=0, hi=2**32 - 1)
+    code: str = wire_field("str", max_len=64)
+    message: str = wire_field("str", max_len=1024)
+
+
+class RequestError(ProtocolError):
+    """A request that did not decode but whose ``req`` could be read: the server answers it
+    with :attr:`answer` (its family's refusal carrying that ``req``) instead of a plain
+    ``error``, so the client's call fails at once rather than waiting for an answer."""
+
+    def __init__(self, err: ProtocolError, answer: Message) -> None:
+        super().__init__(err.code, err.message)
+        self.answer = answer
+
+
+@dataclass(frozen=True, slots=True)
 class Error(Message):
     """A typed error. ``fatal`` errors are followed by the server closing the connection."""
 
@@ -442,6 +535,9 @@ CORE_SERVER_MESSAGES: tuple[type[Message], ...] = (
     RoomState,
     ConsentRequired,
     Grants,
+    Bans,
+    Ack,
+    RequestRefused,
 )
 
 
@@ -512,9 +608,23 @@ def decode_message(
     try:
         return cls.from_wire(data)
     except ProtocolError as err:
-        return err
+        return _answerable(cls, data, err)
     except (TypeError, ValueError) as exc:  # e.g. unhashable keys in nested maps
         return ProtocolError(ErrorCode.BAD_FIELD, f"bad {kind} message: {type(exc).__name__}")
+
+
+def _answerable(cls: type[Message], data: dict[str, Any], err: ProtocolError) -> ProtocolError:
+    """``err`` for a message of type ``cls`` that did not decode; a :class:`RequestError`
+    when the message is a request whose own ``req`` is valid (so the refusal can name it)."""
+    req = data.get("req")
+    if (
+        isinstance(req, int)
+        and not isinstance(req, bool)
+        and 0 <= req <= 2**32 - 1
+        and any(f.name == "req" for f in fields(cls))  # type: ignore[arg-type]
+    ):
+        return RequestError(err, cls.refusal(req, err))
+    return err
 
 
 # --------------------------------------------------------------------------- pose input
@@ -614,8 +724,12 @@ __all__ += [
     "CORE_SERVER_MESSAGES",
     "FRAME_CONTROL",
     "FRAME_POSE",
+    "MAX_BAN_SECONDS",
     "MAX_CONTROL_BYTES",
     "PROTOCOL_VERSION",
+    "Ack",
+    "BanInfo",
+    "Bans",
     "ChangeRole",
     "Consent",
     "ConsentRequired",
@@ -634,6 +748,8 @@ __all__ += [
     "Ping",
     "Pong",
     "PoseBatch",
+    "RequestError",
+    "RequestRefused",
     "RequestUnmute",
     "RoomState",
     "Waiting",

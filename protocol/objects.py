@@ -146,6 +146,11 @@ class ObjectMessage(Message):
             return _check_custom(name, spec.kind, spec, value)
         return super().check_field(name, spec, value)
 
+    @classmethod
+    def refusal(cls, req: int, err: ProtocolError) -> Message:
+        """Object requests are refused with ``obj_refused`` (decoding errors included)."""
+        return ObjectRefused(req, err.code.value, err.message[:1024])
+
 
 def _req() -> Any:
     return wire_field("int", lo=0, hi=MAX_U32)

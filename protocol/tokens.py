@@ -14,6 +14,8 @@ claims:
 ``pseudonym``  optional: in rooms the server marks pseudonymous, the only name shown
 ``iat``        issued at, Unix seconds
 ``exp``        expiry, Unix seconds
+``jti``        optional: names this token (a removal refuses it for the rest of the session;
+               without it the server names a token by its hash)
 =============  ==========================================================================
 
 An admin token, for the operators' HTTP API (SPEC.md "Admin"), has role :data:`ADMIN_ROLE`
@@ -26,6 +28,7 @@ there. Verifying is the server's job (``server/auth.py``). Pure computation (PyJ
 
 from __future__ import annotations
 
+import secrets
 import time
 from typing import Any
 
@@ -73,6 +76,9 @@ def mint_token(
         "role": role,
         "iat": now,
         "exp": now + int(ttl),
+        # Every token minted is a new one, even for the same person within the same second:
+        # a token refused after a removal must not come back as a byte-identical twin.
+        "jti": secrets.token_urlsafe(12),
     }
     if grants is not None:
         claims["grants"] = grants

@@ -41,7 +41,7 @@ from .httpauth import HttpAuth
 from .integrity import AssetScrub, Integrity
 from .limits import ConnectionBudget
 from .metrics import Metrics, Traffic
-from .moderation import Moderation
+from .moderation import Moderation, ModerationService
 from .objects import SharedObjects
 from .plugins import (
     RoomPlugin,
@@ -69,7 +69,7 @@ log = logging.getLogger("medverse")
 def default_plugins() -> list[ServerPlugin | type[RoomPlugin]]:
     """The plugins every room runs unless told otherwise: moderation, spatial audio and shared
     objects (fresh instances: each app gets its own)."""
-    return [Moderation, SpatialAudio(), SharedObjects()]
+    return [ModerationService(), SpatialAudio(), SharedObjects()]
 
 
 def make_verifier(cfg: ServerConfig) -> TokenVerifier | None:
@@ -153,7 +153,7 @@ class Server:
             self.verifier,
             self.audit,
             lambda code: self.metrics.auth_refusals.labels(code).inc(),
-            self._banned,
+            self._http_identity,
         )
 
     def session_ended(self, room: str) -> bool:
@@ -161,11 +161,23 @@ class Server:
         live = self.rooms.get(room)
         return live is not None and live.ended
 
-    def _banned(self, identity: Identity) -> bool:
-        """Whether ``identity`` was banned from its (live) room for this session."""
+    def _http_identity(self, identity: Identity) -> Identity:
+        """``identity`` (from a valid token) as its room's session sees it now: refused if a
+        host removed that token or banned the identity, else with the role and grants a host
+        gave it, so HTTP decides from the same grants as the room connection."""
         room = self.rooms.get(identity.room)
         moderation = room.plugin(Moderation) if room is not None else None
-        return moderation is not None and moderation.is_banned(identity.subject)
+        if moderation is not None:
+            refusal = moderation.refusal(identity)
+            if refusal is not None:
+                raise refusal
+            return moderation.effective(identity)
+        for plugin in self.plugins:  # no open room: only the durable bans hold
+            if isinstance(plugin, ModerationService):
+                refusal = plugin.refusal(identity.room, identity)
+                if refusal is not None:
+                    raise refusal
+        return identity
 
     # ----------------------------------------------------------------- lifecycle
 

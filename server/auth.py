@@ -10,10 +10,11 @@ anything missing, expired, forged or made for another room.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,9 @@ class Identity:
     role: str
     grants: frozenset[str]
     pseudonym: str | None = None
+    #: Names the token this identity came from (its ``jti``, else a hash of it): a removal
+    #: refuses that token for the rest of the session. Empty without a token.
+    token_id: str = ""
 
     @property
     def hidden(self) -> bool:
@@ -109,7 +113,11 @@ class TokenVerifier:
         claims = self._claims(token, "join")
         if claims["room"] != room:
             raise ProtocolError(ErrorCode.UNAUTHORIZED, "join token is for another room")
-        return identity_from_claims(claims)
+        jti = claims.get("jti")
+        token_id = (
+            jti if isinstance(jti, str) and jti else hashlib.sha256(token.encode()).hexdigest()
+        )
+        return replace(identity_from_claims(claims), token_id=token_id)
 
     def verify_admin(self, token: str) -> str:
         """The subject of a valid admin token (role ``admin``, room ``*``); typed error else.

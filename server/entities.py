@@ -107,6 +107,14 @@ class EntityTable:
         self._present[row] = False
         self.discard_pending(row)
 
+    def set_shown(self, row: int, shown: bool) -> None:
+        """Take a row block's entity out of the state (``shown`` False) or put it back, keeping
+        the rows and their owner: a member who steps out disappears from every view, not only
+        its poses, and comes back as the same entity."""
+        if bool(self._active[row]) != shown:
+            self._active[row] = shown
+            self._layout = None
+
     def set_flags(self, row: int, flags: int) -> None:
         """Set an entity's 8 flag bits (e.g. ``FLAG_SPEAKING`` on an avatar)."""
         self._flags[row] = flags

@@ -20,6 +20,7 @@ _HTTP_STATUS = {
     ErrorCode.TOKEN_EXPIRED: 401,
     ErrorCode.FORBIDDEN: 403,
     ErrorCode.BANNED: 403,
+    ErrorCode.REMOVED: 403,
     ErrorCode.SESSION_ENDED: 403,
     ErrorCode.NOT_FOUND: 404,
     ErrorCode.OVERSIZED: 413,
@@ -49,12 +50,14 @@ class HttpAuth:
         verifier: TokenVerifier | None,
         audit: Callable[..., None],
         count_refusal: Callable[[str], None],
-        banned: Callable[[Identity], bool],
+        resolve: Callable[[Identity], Identity],
     ) -> None:
         self.verifier = verifier
         self._audit = audit
         self._count = count_refusal
-        self._banned = banned
+        #: The identity as the room's session sees it (grants a host changed); raises a
+        #: ProtocolError for a removed token or a banned identity.
+        self._resolve = resolve
 
     def _refused(self, request: web.Request, err: ProtocolError, room: str | None) -> Exception:
         self._count(err.code.value)
@@ -81,11 +84,10 @@ class HttpAuth:
                     ErrorCode.UNAUTHORIZED, "an Authorization: Bearer token is needed"
                 )
             identity = self.verifier.verify(token, room)
+            # Every channel decides from the member's grants now, not the token's role.
+            return self._resolve(identity)
         except ProtocolError as err:
             raise self._refused(request, err, room) from None
-        if self._banned(identity):
-            raise http_error(ProtocolError(ErrorCode.BANNED, "you were removed from this session"))
-        return identity
 
     def admin(self, request: web.Request) -> str:
         """The operator's subject from an admin token, or a typed refusal. The admin API is

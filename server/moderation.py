@@ -1,17 +1,35 @@
 """Moderation, as a room plugin: entry control, the lobby, host actions and what hosts see.
 
 Hosts (the ``moderate`` grant) choose how a room is entered (open, lobby, locked), admit or
-deny lobby members, remove or ban members with a reason shown to them, mute a member's audio
-on the server (the member can only ask to be unmuted), change roles and grants, and end the
-session. Hosts are told who waits in the lobby, who stepped out and who asks to be unmuted.
+deny lobby members, remove members or ban identities with a reason shown to them, mute a
+member's audio on the server (the member can only ask to be unmuted), change roles and
+grants, and end the session. Hosts are told who waits in the lobby, who stepped out, who asks
+to be unmuted and which bans are in force.
+
+Moderation state belongs to the identity (the token's subject), not to a member object, so
+leaving and joining again undoes nothing:
+
+* **remove** ends that member's session for good: the token it joined with is refused for the
+  rest of the session (until the room closes); a new token from the organiser is the way back.
+* **ban** bars the identity from the room *name*, in this session and every later one, for a
+  chosen time or until a host lifts it (``unban``); bans are stored (:mod:`.bans`) before the
+  host is answered, and both are in the audit log.
+* a server **mute** and a host's **role or grant changes** hold for the identity for the rest
+  of the session: a member who rejoins gets them back at once.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+import hashlib
+import hmac
+import secrets
+import time
+from dataclasses import dataclass, replace
 
 from medverse.protocol.errors import ErrorCode, ProtocolError
 from medverse.protocol.messages import (
+    BanInfo,
+    Bans,
     ChangeRole,
     Grants,
     Lobby,
@@ -24,7 +42,16 @@ from medverse.protocol.messages import (
 )
 
 from .auth import ROLE_GRANTS, Identity
-from .plugins import WAIT, MemberView, RoomContext, RoomPlugin, Wait
+from .bans import Ban, BanStore
+from .plugins import (
+    WAIT,
+    MemberView,
+    RoomContext,
+    RoomPlugin,
+    ServerContext,
+    ServerPlugin,
+    Wait,
+)
 
 #: Entry modes a host may set, by action.
 _ENTRY = {"lock": "locked", "unlock": "open", "lobby": "lobby", "open": "open"}
@@ -34,6 +61,15 @@ def _is_host(m: MemberView) -> bool:
     return m.can("moderate")
 
 
+def _named(ctx: RoomContext, member_id: int) -> MemberView:
+    """The member a host's message names. A hidden member (an observer) is answered exactly
+    as an id nobody has, so trying ids cannot find observers."""
+    m = ctx.members.get(member_id)
+    if m is None or m.hidden:
+        raise ProtocolError(ErrorCode.NOT_FOUND, "no such member")
+    return m
+
+
 def _to_hosts(ctx: RoomContext, msg: Message) -> None:
     """Tell every connected host, stepped out or not (they act on it when they come back)."""
     for m in ctx.members.values():
@@ -41,53 +77,155 @@ def _to_hosts(ctx: RoomContext, msg: Message) -> None:
             ctx.send(m, msg)
 
 
+def ban_refusal(ban: Ban) -> ProtocolError:
+    """The error a banned identity gets on every channel."""
+    if ban.until is None:
+        until = "until a host lifts the ban"
+    else:
+        until = "until " + time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(ban.until))
+    why = f": {ban.reason}" if ban.reason else ""
+    return ProtocolError(ErrorCode.BANNED, f"you are banned from this room {until}{why}")
+
+
+@dataclass
+class _Standing:
+    """What the session holds against (or for) one identity."""
+
+    muted: bool = False
+    #: Role and grants a host gave (None: as the token says).
+    role: tuple[str, frozenset[str]] | None = None
+
+
 class Moderation(RoomPlugin):
     """Entry control and host actions for one room."""
 
     name = "moderation"
     messages = (Moderate, ChangeRole, RequestUnmute)
-    server_messages = (Lobby, MemberState, RoomState, Grants)
+    server_messages = (Lobby, MemberState, RoomState, Grants, Bans)
 
-    def __init__(self, ctx: RoomContext) -> None:
+    def __init__(self, ctx: RoomContext, bans: BanStore | None = None) -> None:
         super().__init__(ctx)
         self.entry = "open"  # open | lobby | locked
-        self.banned: set[str] = set()  # token subjects barred for this session
+        #: Durable bans (a room plugin made without the server plugin keeps them in memory).
+        self.bans = bans if bans is not None else BanStore(":memory:")
+        self.removed_tokens: dict[str, str] = {}  # token id -> the reason, for this session
+        self.standing: dict[str, _Standing] = {}  # token subject -> its moderation state
         self.unmute_requested: set[int] = set()  # member ids
+        # Lobby entries show hosts who is waiting; in pseudonymous rooms a handle derived from
+        # the identity with a key of this session only, so it tells people apart without
+        # naming them.
+        self._handle_key = secrets.token_bytes(16)
 
     # ----------------------------------------------------------------- entry
 
+    def refusal(self, identity: Identity) -> ProtocolError | None:
+        """Why ``identity`` may not use this room now (a removed token, a ban), or None."""
+        if identity.token_id and identity.token_id in self.removed_tokens:
+            why = self.removed_tokens[identity.token_id]
+            return ProtocolError(
+                ErrorCode.REMOVED,
+                "a host removed you from this session"
+                + (f" ({why})" if why else "")
+                + "; ask the organiser for a new invitation",
+            )
+        bans = self.bans.active(self.ctx.name, identity.subject)
+        return ban_refusal(bans[0]) if bans else None
+
+    def effective(self, identity: Identity) -> Identity:
+        """``identity`` as this session sees it: with the role and grants a host gave the
+        identity (every channel decides from these, not from the token)."""
+        standing = self.standing.get(identity.subject)
+        if standing is None or standing.role is None or identity.hidden:
+            return identity
+        role, grants = standing.role
+        if "hidden" in grants:
+            return identity
+        return replace(identity, role=role, grants=grants)
+
     def on_enter(self, identity: Identity) -> Wait | ProtocolError | None:
-        if identity.subject in self.banned:
-            return ProtocolError(ErrorCode.BANNED, "you were removed from this session")
-        host = identity.can("moderate")
+        refusal = self.refusal(identity)
+        if refusal is not None:
+            return refusal
+        host = self.effective(identity).can("moderate")
         if self.entry == "locked" and not host:
             return ProtocolError(ErrorCode.ROOM_LOCKED, "the room is locked")
         if self.entry == "lobby" and not host:
             return WAIT
         return None
 
+    def _lobby_identity(self, identity: Identity) -> str:
+        """What tells a waiting person apart for hosts: the verified identity, or in
+        pseudonymous rooms its pseudonym (else a handle that names nobody)."""
+        if not self.ctx.pseudonymous:
+            return identity.subject
+        if identity.pseudonym:
+            return identity.pseudonym
+        digest = hmac.new(self._handle_key, identity.subject.encode(), hashlib.sha256)
+        return "anon-" + digest.hexdigest()[:8]
+
+    def _lobby_name(self, lobby_id: int, identity: Identity) -> str:
+        if not self.ctx.pseudonymous:
+            return identity.name
+        return identity.pseudonym or f"Waiting {lobby_id}"
+
     def on_lobby_changed(self) -> None:
-        waiting = tuple(MemberInfo(lid, ident.name) for lid, ident in self.ctx.lobby.items())
+        waiting = tuple(
+            MemberInfo(lid, self._lobby_name(lid, ident), self._lobby_identity(ident))
+            for lid, ident in self.ctx.lobby.items()
+        )
         _to_hosts(self.ctx, Lobby(waiting))
 
     def describe(self) -> dict[str, object]:
         return {"entry": self.entry}
-
-    def is_banned(self, subject: str) -> bool:
-        """Whether ``subject`` was banned from this room for the session (the asset routes
-        ask)."""
-        return subject in self.banned
 
     # ----------------------------------------------------------------- member state
 
     def _state(self, m: MemberView) -> MemberState:
         return MemberState(m.id, m.paused, m.muted, m.id in self.unmute_requested)
 
+    def on_join(self, member: MemberView) -> None:
+        """Give a member who comes back what the session holds for its identity: the role and
+        grants a host gave it and a server mute (rejoining undoes nothing)."""
+        standing = self.standing.get(member.identity.subject)
+        ctx = self.ctx
+        if standing is not None and not member.hidden:
+            new = self.effective(member.identity)
+            if new != member.identity:
+                ctx.set_identity(member, new)
+                self._tell_grants(member, new)
+            if standing.muted:
+                ctx.set_muted(member, True)
+                ctx.broadcast(self._state(member))
+        if _is_host(member):
+            self._send_bans(member)
+
+    def on_resume(self, member: MemberView) -> None:
+        if _is_host(member):
+            self._send_bans(member)
+
     def on_pause(self, member: MemberView, paused: bool) -> None:
-        _to_hosts(self.ctx, self._state(member))
+        if not member.hidden:  # nothing names an observer, not even to hosts
+            _to_hosts(self.ctx, self._state(member))
 
     def on_leave(self, member: MemberView, reason: str) -> None:
         self.unmute_requested.discard(member.id)
+
+    def _send_bans(self, host: MemberView | None = None) -> None:
+        """The bans in force, to one host (when it joins) or to every host (on a change)."""
+        now = time.time()
+        active = [b for b in self.bans.active(self.ctx.name) if b.active(now)]
+        if host is not None and not active:
+            return
+        msg = Bans(
+            tuple(
+                BanInfo(b.id, b.name, int(b.until) if b.until is not None else 0, b.reason)
+                for b in active
+            )
+        )
+        if host is not None:
+            self.ctx.send(host, msg)
+        else:
+            _to_hosts(self.ctx, msg)
 
     # ----------------------------------------------------------------- messages
 
@@ -106,10 +244,16 @@ class Moderation(RoomPlugin):
         elif isinstance(msg, ChangeRole):
             self._change_role(member, msg)
 
+    def _members_of(self, subject: str) -> list[MemberView]:
+        """Every member (device) of one identity now in the room."""
+        return [m for m in self.ctx.members.values() if m.identity.subject == subject]
+
     def _moderate(self, host: MemberView, msg: Moderate) -> None:
         ctx = self.ctx
         action = msg.action
         actor = host.identity.subject
+        if msg.duration is not None and action != "ban":
+            raise ProtocolError(ErrorCode.BAD_FIELD, "only a ban takes a duration")
         if action in _ENTRY:
             self.entry = _ENTRY[action]
             ctx.audit("entry_mode", actor=actor, mode=self.entry)
@@ -134,48 +278,79 @@ class Moderation(RoomPlugin):
                     msg.member_id, ProtocolError(ErrorCode.DENIED, msg.reason or "entry denied")
                 )
             return
-        target = ctx.members.get(msg.member_id)
-        if target is None:
-            raise ProtocolError(ErrorCode.NOT_FOUND, "no such member")
+        if action == "unban":
+            lifted = self.bans.lift(ctx.name, msg.member_id, actor)
+            if lifted is None:
+                raise ProtocolError(ErrorCode.NOT_FOUND, "no ban in force with that id")
+            ctx.audit("unbanned", actor=actor, subject=lifted.subject, ban=lifted.id)
+            self._send_bans()
+            return
+        target = _named(ctx, msg.member_id)
+        subject = target.identity.subject
         if action in ("remove", "ban"):
+            reason = msg.reason or ""
             if action == "ban":
-                self.banned.add(target.identity.subject)
-            ctx.audit(
-                "removed",
-                actor=actor,
-                subject=target.identity.subject,
-                member=target.id,
-                ban=action == "ban",
-                reason=msg.reason or "",
-            )
-            code = ErrorCode.BANNED if action == "ban" else ErrorCode.REMOVED
-            text = msg.reason or "a host removed you from the room"
-            ctx.remove(target, ProtocolError(code, text), "removed")
+                until = time.time() + msg.duration if msg.duration is not None else None
+                ban = self.bans.add(ctx.name, subject, target.name, reason, actor, until)
+                ctx.audit(
+                    "banned",
+                    actor=actor,
+                    subject=subject,
+                    member=target.id,
+                    ban=ban.id,
+                    until=int(until) if until is not None else None,
+                    reason=reason,
+                )
+                err = ban_refusal(ban)
+                err = ProtocolError(err.code, msg.reason or err.message)
+                gone = self._members_of(subject)  # a ban takes every device of the identity
+            else:
+                if target.identity.token_id:
+                    self.removed_tokens[target.identity.token_id] = reason
+                err = ProtocolError(ErrorCode.REMOVED, reason or "a host removed you")
+                gone = [target]
+            for m in gone:
+                ctx.audit(
+                    "removed",
+                    actor=actor,
+                    subject=subject,
+                    member=m.id,
+                    ban=action == "ban",
+                    reason=reason,
+                )
+                ctx.remove(m, err, "removed")
+            if action == "ban":
+                self._send_bans()
         elif action in ("mute", "allow_unmute"):
             muted = action == "mute"
-            self.unmute_requested.discard(target.id)
-            ctx.audit(
-                "muted" if muted else "unmute_allowed", actor=actor, subject=target.identity.subject
-            )
-            ctx.set_muted(target, muted)
-            ctx.broadcast(self._state(target))
+            self.standing.setdefault(subject, _Standing()).muted = muted
+            ctx.audit("muted" if muted else "unmute_allowed", actor=actor, subject=subject)
+            for m in self._members_of(subject):
+                self.unmute_requested.discard(m.id)
+                ctx.set_muted(m, muted)
+                ctx.broadcast(self._state(m))
 
     def _admit(self, lobby_id: int, actor: str) -> None:
         subject = self.ctx.lobby[lobby_id].subject
         self.ctx.admit(lobby_id)  # raises room_full (the waiter is turned away)
         self.ctx.audit("admitted", actor=actor, subject=subject)
 
+    def _tell_grants(self, target: MemberView, new: Identity) -> None:
+        update = Grants(target.id, new.role, tuple(sorted(new.grants)))
+        for m in self.ctx.members.values():  # the member and the hosts, stepped out or not
+            if m.id == target.id or _is_host(m):
+                self.ctx.send(m, update)
+
     def _change_role(self, host: MemberView, msg: ChangeRole) -> None:
         """A host changes a member's role, or gives or takes one grant; the member and the hosts
-        are told, the change is audited, and every plugin re-checks what the member may do.
+        are told, the change is audited, every plugin re-checks what the member may do, and
+        the identity keeps the change for the rest of the session.
 
         Being hidden is decided at join (an observer has no avatar in the state), so ``hidden``
         and moves to or from the observer role are refused for a member already in the room.
         """
         ctx = self.ctx
-        target = ctx.members.get(msg.member_id)
-        if target is None:
-            raise ProtocolError(ErrorCode.NOT_FOUND, "no such member")
+        target = _named(ctx, msg.member_id)
         ident = target.identity
         if (msg.role is None) == (msg.grant is None) or (
             msg.grant is not None and msg.allow is None
@@ -202,8 +377,45 @@ class Moderation(RoomPlugin):
             member=target.id,
             **change,
         )
-        ctx.set_identity(target, new)
-        update = Grants(target.id, new.role, tuple(sorted(new.grants)))
-        for m in ctx.members.values():  # the member and the hosts, stepped out or not
-            if m.id == target.id or _is_host(m):
-                ctx.send(m, update)
+        self.standing.setdefault(ident.subject, _Standing()).role = (new.role, new.grants)
+        for m in self._members_of(ident.subject):
+            if m.hidden:
+                continue
+            changed = replace(m.identity, role=new.role, grants=new.grants)
+            ctx.set_identity(m, changed)
+            self._tell_grants(m, changed)
+
+
+class ModerationService(ServerPlugin):
+    """Moderation for every room: the store of bans, shared by the rooms' :class:`Moderation`
+    instances, and the answer to whether an identity is barred from a room that is not open
+    now (the asset routes ask)."""
+
+    room_plugin = Moderation
+
+    def __init__(self, store: BanStore | None = None) -> None:
+        self._store = store
+        self._own = store is None
+
+    @property
+    def store(self) -> BanStore:
+        if self._store is None:  # not started (a room made in a test): bans in memory
+            self._store = BanStore(":memory:")
+        return self._store
+
+    def create(self, ctx: RoomContext) -> RoomPlugin:
+        return Moderation(ctx, self.store)
+
+    async def start(self, server: ServerContext) -> None:
+        if self._store is None:
+            self._store = BanStore.in_dir(server.config.data_dir)
+
+    async def stop(self) -> None:
+        if self._own and self._store is not None:
+            self._store.close()
+            self._store = None
+
+    def refusal(self, room: str, identity: Identity) -> ProtocolError | None:
+        """A ban of ``identity`` from ``room`` in force now, as the error it gets."""
+        bans = self.store.active(room, identity.subject)
+        return ban_refusal(bans[0]) if bans else None

@@ -424,6 +424,7 @@ class RoomObjects(RoomPlugin):
         self._allowed(member, "manipulate_objects")
         obj = self._object(msg.object_id)
         rec = obj.rec
+        self._check_nodes(rec, msg.nodes)
         nodes = {**rec.nodes, **(msg.nodes or {})}
         if len(nodes) > 64:
             raise Refusal(ErrorCode.LIMIT_REACHED, "at most 64 nodes in a visibility map")
@@ -445,6 +446,23 @@ class RoomObjects(RoomPlugin):
             done=done,
             failed=self._failed(member, msg.req),
         )
+
+    def _check_nodes(self, rec: StoredObject, nodes: dict[str, bool] | None) -> None:
+        """Refuse node names the object's model does not have, naming them: a view state
+        that hides a node nobody can see would only mislead the others."""
+        assets = self.service.assets
+        if not nodes or assets is None:
+            return
+        info = assets.info(self.ctx.name, rec.asset)
+        known = set(info.nodes) if info is not None else set()
+        unknown = sorted(set(nodes) - known)
+        if unknown:
+            names = ", ".join(repr(n) for n in unknown[:8])
+            raise Refusal(
+                ErrorCode.NOT_FOUND,
+                f"the model of object {rec.id} has no node named {names}",
+                rec.id,
+            )
 
     def _remove(self, member: MemberView, msg: Remove) -> None:
         self._allowed(member, "manipulate_objects")

@@ -19,7 +19,9 @@ and finer events where a plugin needs them (``on_resume``, ``on_disconnect``, ``
 ``on_member_changed``, ``on_lobby_changed``). Hooks run on the event loop and must not block; a
 hook that raises is logged and the room carries on. ``on_message`` and ``on_frame`` refuse a
 message by raising :class:`~medverse.protocol.errors.ProtocolError`: the member gets the typed
-error and carries on.
+error and carries on. A message class with ``ACKED = True`` and an optional ``req`` field is a
+request: when the client gives ``req``, the server answers ``ack`` once ``on_message``
+returned, or ``refused`` naming ``req`` if it raised (SPEC.md, "Requests").
 
 A plugin sees the room only through its :class:`RoomContext` (``self.ctx``): the members as
 read-only :class:`MemberView` values, send and broadcast, the room's entity rows, the audit log,
@@ -139,6 +141,10 @@ class RoomContext(Protocol):
     @property
     def config(self) -> ServerConfig:
         """The server's settings."""
+
+    @property
+    def pseudonymous(self) -> bool:
+        """Whether members of this room appear only under pseudonyms."""
 
     @property
     def members(self) -> Mapping[int, MemberView]:

@@ -285,6 +285,10 @@ class _Context:
         return self._room.config
 
     @property
+    def pseudonymous(self) -> bool:
+        return self._room.pseudonymous
+
+    @property
     def members(self) -> Mapping[int, MemberView]:
         return self._room.views
 
@@ -701,6 +705,8 @@ class Room:
         if old is not None and old is not link:
             old.close(CLOSE_REPLACED, b"replaced by a resumed connection")
         was_paused, member.paused = member.paused, False
+        if was_paused and member.row >= 0:
+            self._table.set_shown(member.row, True)
         member.needs_keyframe = True
         self._keyframe_wanted = True
         self.audit("resume", actor=member.identity.subject, subject=str(member.id))
@@ -775,10 +781,13 @@ class Room:
         if member.paused == paused:
             return
         member.paused = paused
-        if paused:
-            if member.row >= 0:
+        if member.row >= 0:
+            # Stepped out: the avatar leaves everyone's state (not only its poses), so nobody
+            # keeps a figure standing there; it comes back as the same entity.
+            if paused:
                 self._table.hide(member.row)
-        else:
+            self._table.set_shown(member.row, not paused)
+        if not paused:
             member.needs_keyframe = True
             self._keyframe_wanted = True
             if member.link is not None:

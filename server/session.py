@@ -30,6 +30,7 @@ from medverse.protocol.connection import (
 )
 from medverse.protocol.errors import ErrorCode, ProtocolError
 from medverse.protocol.messages import (
+    Ack,
     Consent,
     ConsentRequired,
     Error,
@@ -39,6 +40,8 @@ from medverse.protocol.messages import (
     Pause,
     Ping,
     Pong,
+    RequestError,
+    RequestRefused,
     Waiting,
 )
 
@@ -250,6 +253,11 @@ class Session:
             if event.fatal:
                 code = CLOSE_POLICY if err.code is ErrorCode.UNSUPPORTED_VERSION else CLOSE_PROTOCOL
                 self._refuse(err, code, b"bad handshake" if code == CLOSE_PROTOCOL else b"refused")
+            elif isinstance(err, RequestError) and self.conn.accepts(err.answer):
+                # A request that did not decode but names its req: refused by name, so the
+                # client's call fails at once instead of waiting for an answer.
+                self._s.metrics.protocol_errors.labels(err.code.value).inc()
+                self.send(err.answer)
             else:
                 self.send_error(err)
         else:
@@ -272,13 +280,24 @@ class Session:
                 self._withdraw_consent(member, msg)
         elif member is None or room is None:
             raise AssertionError(f"{msg.TYPE} accepted before joining")
-        elif isinstance(msg, Pause):
-            room.set_paused(member, msg.paused)
         else:
+            # Requests that carry a req get exactly one answer: ack once applied, or refused
+            # naming it; without req (older clients) a refusal is a plain error.
+            req: int | None = getattr(msg, "req", None) if msg.ACKED else None
             try:
-                room.handle(member, msg)
+                if isinstance(msg, Pause):
+                    room.set_paused(member, msg.paused)
+                else:
+                    room.handle(member, msg)
             except ProtocolError as err:
-                self.send_error(err)
+                if req is None:
+                    self.send_error(err)
+                else:
+                    self._s.metrics.protocol_errors.labels(err.code.value).inc()
+                    self.send(RequestRefused(req, err.code.value, err.message[:1024]))
+                return
+            if req is not None and not self._closed:
+                self.send(Ack(req))
 
     def _refuse(self, err: ProtocolError, code: int, reason: bytes) -> None:
         self.send_error(err, True)

@@ -374,3 +374,14 @@ async def test_an_ended_session_lists_and_takes_no_assets(srv: ServerProcess) ->
         await asyncio.sleep(0.1)
     status, body = await get_json(srv, base, host)
     assert [a["sha256"] for a in body["assets"]] == [sha]
+
+
+async def test_the_asset_client_is_an_async_context_manager(srv: ServerProcess) -> None:
+    from medverse.client_sdk import AssetClient
+
+    async with AssetClient(srv.http, "ctx", tok("ctx")) as client:
+        info = await client.upload(triangle_glb(nodes=("ctx",)))
+        assert [a.sha256 for a in await client.list()] == [info.sha256]
+        http = client._http
+        assert http is not None and not http.closed
+    assert http.closed and client._http is None

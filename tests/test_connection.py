@@ -107,7 +107,7 @@ SERVER_SAMPLES: dict[str, dict[str, Any]] = {
     "pong": {"t": "pong", "id": 1, "client_time": 0.5, "room_time": 2.0},
     "error": {"t": "error", "code": "bad_resume", "message": "joining anew", "fatal": False},
     "waiting": WAITING.to_wire(),
-    "lobby": {"t": "lobby", "members": [{"id": 1, "name": "C"}]},
+    "lobby": {"t": "lobby", "members": [{"id": 1, "name": "C", "identity": "c-42"}]},
     "member_state": {
         "t": "member_state",
         "member_id": 2,
@@ -118,6 +118,9 @@ SERVER_SAMPLES: dict[str, dict[str, Any]] = {
     "room_state": {"t": "room_state", "entry": "locked"},
     "consent_required": CONSENT_REQUIRED.to_wire(),
     "grants": {"t": "grants", "member_id": 2, "role": "host", "grants": ["moderate"]},
+    "bans": {"t": "bans", "bans": [{"id": 1, "name": "C", "until": 0, "reason": "threats"}]},
+    "ack": {"t": "ack", "req": 5},
+    "refused": {"t": "refused", "req": 5, "code": "forbidden", "message": "hosts only"},
     "audio_answer": {"t": "audio_answer", "sdp": "v=0\r\n", "publish": False},
     "audio_rules": {
         "t": "audio_rules",
@@ -856,6 +859,8 @@ def test_connection_vector(case: dict[str, Any]) -> None:
             assert type(event).__name__ == step["event"]
             if isinstance(event, Refused):
                 assert (event.error.code.value, event.fatal) == (step["code"], step["fatal"])
+                answer = getattr(event.error, "answer", None)
+                assert (answer.to_wire() if answer is not None else None) == step.get("answer")
             elif isinstance(event, MessageReceived):
                 assert event.message.TYPE == step["type"]
             elif isinstance(event, FrameReceived):
@@ -866,3 +871,30 @@ def test_connection_vector(case: dict[str, Any]) -> None:
             assert step == {"closed": True, "state": "closed"}
             c.closed()
         assert c.state.value == step["state"], step
+
+
+def test_a_request_that_does_not_decode_is_refused_by_its_req() -> None:
+    """A request whose fields are wrong but whose own ``req`` is valid is answered with its
+    family's refusal naming that req (``refused``, or ``obj_refused`` for objects), so the
+    client's call fails at once; without a usable req it is a plain error."""
+    from medverse.protocol.messages import RequestError, RequestRefused
+    from medverse.protocol.objects import ObjectRefused
+
+    c = server_in("joined")
+    ev = c.receive(wire_frame({"t": "moderate", "action": "zap", "req": 9}))
+    assert isinstance(ev, Refused) and not ev.fatal and isinstance(ev.error, RequestError)
+    assert ev.error.answer == RequestRefused(9, "out_of_range", ev.error.message)
+    assert c.accepts(ev.error.answer)
+    spawn = {**CLIENT_SAMPLES["obj_spawn"], "asset": "nothex", "req": 4}
+    ev = c.receive(wire_frame(spawn))
+    assert isinstance(ev, Refused) and isinstance(ev.error, RequestError)
+    assert ev.error.answer == ObjectRefused(4, "out_of_range", ev.error.message)
+    for wire in (
+        {"t": "moderate", "action": "zap"},
+        {"t": "moderate", "action": "zap", "req": -1},
+        {"t": "moderate", "action": "zap", "req": True},
+        {"t": "ping", "id": "x", "client_time": 0.0, "req": 1},  # not a request type
+    ):
+        ev = c.receive(wire_frame(wire))
+        assert isinstance(ev, Refused) and not isinstance(ev.error, RequestError), wire
+    assert c.state is State.JOINED

@@ -100,10 +100,11 @@ async def test_declining_or_an_old_version_refuses(srv: ServerProcess) -> None:
         err = await raw.next_error()
         assert (err.code, err.fatal) == ("consent_required", True)
         await raw.close()
-    with pytest.raises(JoinError) as e:  # the SDK without a consent callback declines
+    with pytest.raises(JoinError) as e:  # the SDK without a consent callback says so
         async with connect(srv.url, room="therapy-2", name="x", token=tok("therapy-2", "d")):
             pass
-    assert e.value.code == "consent_required"
+    assert e.value.code == "consent_required" and "consent=" in e.value.message
+    assert "declined" not in e.value.message
     # Rooms outside consent_rooms and pseudonymous_rooms: straight in, real names.
     async with (
         connect(srv.url, room="ward", name="x", token=tok("ward", "e")) as s,
@@ -127,6 +128,10 @@ async def test_withdrawing_consent_leaves_the_room_and_is_audited(srv: ServerPro
             if getattr(ev, "type", "") == "left":
                 break
         assert (ev.member_id, ev.reason) == (hid, "consent withdrawn")  # type: ignore[union-attr]
+        # The withdrawal has its own ending, and the SDK does not come back.
+        assert h.closed_reason is not None and h.closed_reason.code == "consent_withdrawn"
+        await asyncio.sleep(0.3)
+        assert hid not in g.members and len(g.members) == 0
         await h.close()
     db = sqlite3.connect(srv.data_dir / DB_FILE)  # type: ignore[attr-defined]
     rows = db.execute(
@@ -137,3 +142,32 @@ async def test_withdrawing_consent_leaves_the_room_and_is_audited(srv: ServerPro
     assert ("consent", "g") in kinds and ("consent", "h") in kinds
     assert ("consent_withdrawn", "h") in kinds
     assert all(VERSION in d for _, _, d in rows)
+
+
+async def test_the_lobby_shows_hosts_pseudonyms_in_pseudonymous_rooms(srv: ServerProcess) -> None:
+    from medverse.client_sdk import LobbyChanged
+
+    room = "therapy-lobby"
+    yes = lambda v, t: True  # noqa: E731
+    host_token = mint_token(SECRET.encode(), room=room, identity="dr", role="host")
+    async with connect(srv.url, room, token=host_token, consent=yes, ping_interval=0) as host:
+        await host.moderate("lobby")
+        waiting = [
+            connect(srv.url, room, token=tok(room, "alex", "Blue fox"), consent=yes),
+            connect(srv.url, room, token=tok(room, "alex-2"), consent=yes),
+        ]
+        starts = [asyncio.ensure_future(w.start()) for w in waiting]
+        entries: tuple = ()
+        async for ev in host.events():
+            if isinstance(ev, LobbyChanged) and len(ev.entries) == 2:
+                entries = ev.entries
+                break
+        names = [e.name for e in entries]
+        handles = [e.identity for e in entries]
+        assert "Blue fox" in names and not any("Real" in n or "alex" in n for n in names)
+        assert "Blue fox" in handles and len(set(handles)) == 2
+        assert not any("alex" in str(h) for h in handles)
+        for task in starts:
+            task.cancel()
+        for w in waiting:
+            await w.close()

@@ -11,7 +11,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from medverse.client_sdk import JoinError, Left, Pose, Waiting, connect
+from medverse.client_sdk import Joined, JoinError, Left, Pose, Waiting, connect
 from medverse.protocol.messages import (
     PROTOCOL_VERSION,
     Error,
@@ -184,19 +184,45 @@ async def test_pause_hides_the_member_and_stops_their_stream(srv: ServerProcess)
         await patient.send_raw(encode_message(Pause(True)))
         state = await next_of(host, MemberState)
         assert state == MemberState(pid, True, False, False)
-        await wait_for(lambda: peer.avatars[pid].head is None, timeout=1.0)
+        # Stepped out: gone from the others' avatars altogether, not a figure without poses.
+        await wait_for(lambda: pid not in peer.avatars, timeout=1.0)
         await asyncio.sleep(0.1)
         frames = patient.frames_received
         patient.send_pose(head=Pose((0.9, 1.6, 0.0)))  # ignored while paused
         await asyncio.sleep(0.4)
         assert patient.frames_received == frames
-        assert peer.avatars[pid].head is None
+        assert pid not in peer.avatars
         await patient.send_raw(encode_message(Pause(False)))
         assert await next_of(host, MemberState) == MemberState(pid, False, False, False)
         await wait_for(lambda: patient.frames_received > frames + 5)
         patient.send_pose(head=Pose((0.7, 1.6, 0.0)))
-        await wait_for(lambda: peer.avatars[pid].head is not None)
+        await wait_for(lambda: pid in peer.avatars and peer.avatars[pid].head is not None)
     await host.close()
+
+
+async def test_coming_back_from_a_pause_brings_the_room_as_it_is_now(srv: ServerProcess) -> None:
+    """The welcome after a pause replaces the member list: who left meanwhile is gone, who
+    joined meanwhile has a name, and both are reported as events."""
+    room = "pause-fresh"
+    patient = connect(srv.url, room, "p", token=tok(room, "patient"), ping_interval=0)
+    leaver = connect(srv.url, room, "l", token=tok(room, "leaver"), ping_interval=0)
+    async with patient, leaver:
+        gone = leaver.member_id
+        await wait_for(lambda: gone in patient.members)
+        await patient.pause(True)
+        await leaver.close()
+        async with connect(srv.url, room, "n", token=tok(room, "newcomer")) as newcomer:
+            newcomer.send_pose(head=Pose((0.3, 1.6, 0.0)))
+            await asyncio.sleep(0.2)
+            await patient.pause(False)
+            new = newcomer.member_id
+            await wait_for(lambda: new in patient.members and gone not in patient.members)
+            assert patient.members[new] == "newcomer"
+            await wait_for(lambda: new in patient.avatars and patient.avatars[new].head)
+            assert patient.avatars[new].name == "newcomer"
+            assert gone not in patient.avatars
+            seen = [await next_event(patient, Left), await next_event(patient, Joined)]
+            assert (seen[0].member_id, seen[1].member_id) == (gone, new)  # type: ignore[attr-defined]
 
 
 async def test_mute_is_server_side_and_only_hosts_lift_it(srv: ServerProcess) -> None:
@@ -245,18 +271,21 @@ async def next_event(session: object, kind: type, timeout: float = 5.0) -> objec
 
 
 async def test_hosts_change_roles_and_grants(srv: ServerProcess) -> None:
-    from medverse.client_sdk import EntryChanged, ErrorEvent, GrantsChanged
+    from medverse.client_sdk import EntryChanged, ErrorEvent, GrantsChanged, RefusedError
 
     room = "roles"
     host = connect(srv.url, room, "Dr H", token=tok(room, "dr-h", "host"), reconnect=False)
     nurse = connect(srv.url, room, "Nurse", token=tok(room, "nurse"), reconnect=False)
     student = connect(srv.url, room, "Student", token=tok(room, "stu", "observer"))
     async with host, nurse, student:
-        # A participant may not change anyone's role, and may not moderate.
-        await nurse.change_role(host.member_id, "participant")
-        assert (await next_event(nurse, ErrorEvent)).code == "forbidden"  # type: ignore[attr-defined]
-        await nurse.moderate("lock")
-        assert (await next_event(nurse, ErrorEvent)).code == "forbidden"  # type: ignore[attr-defined]
+        # A participant may not change anyone's role, and may not moderate: the calls raise
+        # the typed refusal at once.
+        with pytest.raises(RefusedError) as refused:
+            await nurse.change_role(host.member_id, "participant")
+        assert refused.value.code == "forbidden"
+        with pytest.raises(RefusedError) as refused:
+            await nurse.moderate("lock")
+        assert refused.value.code == "forbidden"
         # Promoted to host, the nurse can lock the room; the change reaches her and the host.
         await host.change_role(nurse.member_id, "host")
         ev = await next_event(nurse, GrantsChanged)
@@ -271,19 +300,21 @@ async def test_hosts_change_roles_and_grants(srv: ServerProcess) -> None:
         await host.change_role(nurse.member_id, grant="moderate", allow=False)
         ev = await next_event(nurse, GrantsChanged)
         assert "moderate" not in ev.grants and "annotate" in ev.grants  # type: ignore[attr-defined]
-        await nurse.moderate("lock")
-        assert (await next_event(nurse, ErrorEvent)).code == "forbidden"  # type: ignore[attr-defined]
+        with pytest.raises(RefusedError) as refused:
+            await nurse.moderate("lock")
+        assert refused.value.code == "forbidden"
         # Hidden-ness is fixed at join; malformed and unknown requests are typed errors.
         for kw, code in (
             ({"member_id": nurse.member_id, "grant": "hidden", "allow": True}, "forbidden"),
             ({"member_id": nurse.member_id, "role": "observer"}, "forbidden"),
-            ({"member_id": student.member_id, "role": "host"}, "forbidden"),
+            ({"member_id": student.member_id, "role": "host"}, "not_found"),  # hidden
             ({"member_id": nurse.member_id, "role": "host", "grant": "annotate"}, "bad_field"),
             ({"member_id": nurse.member_id, "grant": "annotate"}, "bad_field"),
             ({"member_id": 9999, "role": "host"}, "not_found"),
         ):
-            await host.change_role(**kw)  # type: ignore[arg-type]
-            assert (await next_event(host, ErrorEvent)).code == code, kw  # type: ignore[attr-defined]
+            with pytest.raises(RefusedError) as refused:
+                await host.change_role(**kw)  # type: ignore[arg-type]
+            assert refused.value.code == code, kw
         for bad in (
             {"t": "change_role", "member_id": nurse.member_id, "role": "admin"},
             {"t": "change_role", "member_id": nurse.member_id, "grant": "root", "allow": True},
@@ -362,4 +393,71 @@ async def test_a_member_that_resumes_while_stepped_out_is_back(srv: ServerProces
             timeout=10,
         )
         await a.pause(True)  # and it can step out again
-        await wait_for(lambda: not b.avatars[a.member_id].head)
+        await wait_for(lambda: a.member_id not in b.avatars)
+
+
+async def test_fatal_endings_stop_the_sdk_with_the_hosts_words(srv: ServerProcess) -> None:
+    """Removed, banned or ended: the SDK stops with a typed Closed carrying the host's words,
+    and does not try to get back in (no join_refused in the audit log after the end)."""
+    from medverse.client_sdk import Closed, Reconnecting
+
+    room = "endings"
+    host, _ = await raw_join(srv.url, room, "lead", "host")
+    removed = connect(srv.url, room, "r", token=tok(room, "to-remove"), ping_interval=0)
+    banned = connect(srv.url, room, "b", token=tok(room, "to-ban"), ping_interval=0)
+    stayer = connect(srv.url, room, "s", token=tok(room, "stayer"), ping_interval=0)
+    await removed.start()
+    await banned.start()
+    await stayer.start()
+    try:
+        await host.ws.send_bytes(encode_message(Moderate("remove", removed.member_id, "be kind")))
+        await host.ws.send_bytes(encode_message(Moderate("ban", banned.member_id, "threats")))
+        await host.ws.send_bytes(encode_message(Moderate("end", reason="thank you all")))
+        ends = [await asyncio.wait_for(s.wait_closed(), 5) for s in (removed, banned, stayer)]
+        assert [(c.code, c.message) for c in ends] == [
+            ("removed", "be kind"),
+            ("banned", "threats"),
+            ("session_ended", "thank you all"),
+        ]
+        await asyncio.sleep(0.5)  # time enough for a reconnection to have been tried
+        for s in (removed, banned, stayer):
+            seen = []
+            async for ev in s.events():
+                seen.append(ev)
+            assert not any(isinstance(ev, Reconnecting) for ev in seen), seen
+            assert isinstance(seen[-1], Closed) and seen[-1] == s.closed_reason
+    finally:
+        for s in (removed, banned, stayer):
+            await s.close()
+        await host.close()
+    db = sqlite3.connect(srv.data_dir / DB_FILE)  # type: ignore[attr-defined]
+    refused = db.execute(
+        "SELECT actor FROM entries WHERE room = ? AND kind = 'join_refused'", (room,)
+    ).fetchall()
+    db.close()
+    assert refused == []
+
+
+async def test_an_app_sees_the_lobby_and_keeps_its_own_time_limit(srv: ServerProcess) -> None:
+    from medverse.client_sdk import LobbyChanged
+
+    room = "lobby-wait"
+    async with connect(srv.url, room, token=tok(room, "lead", "host"), ping_interval=0) as host:
+        await host.moderate("lobby")
+        seen: list[Waiting] = []
+        patient = connect(srv.url, room, token=tok(room, "patient"), on_waiting=seen.append)
+        starting = asyncio.ensure_future(patient.start())
+        await wait_for(lambda: bool(seen))
+        assert patient.state.value == "lobby" and patient.waiting == seen[0]
+        # The application's own time limit: cancelling start() leaves the lobby.
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(starting, 0.3)
+        async for ev in host.events():
+            if isinstance(ev, LobbyChanged) and not ev.entries:
+                break
+        await patient.close()
+        # Or the SDK's: lobby_timeout.
+        late = connect(srv.url, room, token=tok(room, "late"), lobby_timeout=0.3)
+        with pytest.raises(TimeoutError, match="lobby"):
+            await late.start()
+        await late.close()

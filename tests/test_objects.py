@@ -273,14 +273,14 @@ async def test_late_joiner_sees_objects_view_state_and_annotations(srv: ServerPr
         await a.grab(heart)
         a.move(heart, (0.1, 1.3, -0.7), (0.0, 0.0, 0.0, 1.0), 2.0)
         await a.set_view(heart, nodes={"skin": False, "vessels": True}, plane=(0, 0, 1, 0.02))
-        await a.set_view(heart, nodes={"fat": False})
+        await a.set_view(heart, nodes={"heart": False})
         pin = await a.annotate(heart, "pin", [(0, 0.01, 0)], text="LAD")
         await a.annotate(liver, "measure", [(0, 0, 0), (0, 0.1, 0)])
         async with member(srv.url, "late", "b") as b:
             assert set(b.objects) == {heart, liver}
             h = b.objects[heart]
             assert h.name == "heart" and h.asset == ASSET and h.holder == a.member_id
-            assert h.nodes == {"skin": False, "vessels": True, "fat": False}
+            assert h.nodes == {"skin": False, "vessels": True, "heart": False}
             assert h.plane == (0.0, 0.0, 1.0, 0.02)
             assert h.annotations[pin].text == "LAD"
             assert len(b.objects[liver].annotations) == 1
@@ -294,6 +294,18 @@ async def test_late_joiner_sees_objects_view_state_and_annotations(srv: ServerPr
             await wait_for(lambda: heart not in b.objects)
             await wait_for(lambda: b.snapshot.rows_of(OBJECT_ID_BASE + heart) is None)
             assert b.objects.annotation(pin) is None
+
+
+async def test_view_state_names_only_nodes_the_model_has(srv: ServerProcess) -> None:
+    async with member(srv.url, "nodes", "a") as a:
+        heart = await a.spawn(ASSET)  # its model's nodes: skin, vessels, heart
+        with pytest.raises(ObjectError) as e:
+            await a.set_view(heart, nodes={"skin": False, "tumour": True, "bone": False})
+        assert e.value.code == "not_found" and e.value.object_id == heart
+        assert "'bone'" in e.value.message and "'tumour'" in e.value.message
+        assert "'skin'" not in e.value.message
+        await a.set_view(heart, nodes={"skin": False})
+        await wait_for(lambda: a.objects[heart].nodes == {"skin": False})
 
 
 async def test_roles_hosts_and_audit(srv: ServerProcess) -> None:
@@ -567,8 +579,10 @@ def test_move_frames_round_trip_and_never_raise() -> None:
 
 
 async def test_limits_are_typed_refusals(srv: ServerProcess) -> None:
+    many = triangle_glb(nodes=(*(f"node {i}" for i in range(65)), "one more"))
+    (many_sha,) = await provide(srv.url, "limits", tok("limits", "curator", "host"), many)
     async with member(srv.url, "limits", "a") as a:
-        oids = [await a.spawn(ASSET) for _ in range(8)]
+        oids = [await a.spawn(many_sha)] + [await a.spawn(ASSET) for _ in range(7)]
         with pytest.raises(ObjectError) as e:
             await a.spawn(ASSET)
         assert e.value.code == "limit_reached"

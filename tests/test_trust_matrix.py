@@ -18,7 +18,7 @@ from medverse.protocol.objects import Spawn
 from medverse.server.auth import mint_token
 
 from .conftest import ServerProcess, run_server
-from .helpers import RawClient
+from .helpers import RawClient, wait_for
 from .models import provide, triangle_glb
 
 SECRET = "t" * 48
@@ -142,3 +142,55 @@ async def test_nothing_before_a_verified_join(srv: ServerProcess) -> None:
     async with aiohttp.ClientSession() as http:
         async with http.get(f"{srv.http}/rooms/{room}/assets") as r:
             assert r.status == 401
+
+
+async def test_grants_given_and_taken_live_hold_on_every_channel(srv: ServerProcess) -> None:
+    """A host gives each grant to a member who had none and takes it away again: WebSocket
+    messages, asset HTTP and audio signaling all follow the member's grants now, not the
+    token's role."""
+    host_token = tok("lead-live", "host")
+    heart, _ = await provide(srv.http, ROOM, host_token)
+    member_token = tok("live", "participant", [])
+    async with (
+        connect(srv.url, ROOM, token=host_token) as lead,
+        connect(srv.url, ROOM, token=member_token) as s,
+    ):
+        await lead.objects.wait_synced()
+        await s.objects.wait_synced()
+        oid = await lead.spawn(heart, (0.0, 1.0, 0.0))
+        await lead.grab(oid)
+        n = 0
+
+        async def try_grant(grant: str) -> str:
+            nonlocal n
+            n += 1
+            if grant == "publish_audio":
+                code = await attempt(s.audio.start(tone_track()))
+                await s.audio.close()
+                return code
+            if grant == "manipulate_objects":
+                return await attempt(s.spawn(heart))
+            if grant == "annotate":
+                return await attempt(s.annotate(oid, "pin", [(0.0, 0.0, 0.0)]))
+            if grant == "upload_assets":
+                return await attempt(s.upload_asset(triangle_glb(nodes=(f"live{n}",))))
+            assert grant == "moderate"
+            await lead.grab(oid)  # held again, so force-releasing changes something
+            return await attempt(s.force_release(oid))
+
+        for grant in ("publish_audio", "manipulate_objects", "annotate", "upload_assets"):
+            assert await try_grant(grant) == "forbidden", grant
+        for grant in ("publish_audio", "manipulate_objects", "annotate", "upload_assets"):
+            await lead.change_role(s.member_id, grant=grant, allow=True)
+            await wait_for(lambda g=grant: s.grants is not None and g in s.grants)
+            assert await try_grant(grant) == "ok", grant
+            await lead.change_role(s.member_id, grant=grant, allow=False)
+            await wait_for(lambda g=grant: s.grants is not None and g not in s.grants)
+            assert await try_grant(grant) == "forbidden", grant
+        await lead.release(oid)
+        await lead.change_role(s.member_id, grant="moderate", allow=True)
+        await wait_for(lambda: s.grants is not None and "moderate" in s.grants)
+        assert await try_grant("moderate") == "ok"
+        await lead.change_role(s.member_id, grant="moderate", allow=False)
+        await wait_for(lambda: s.grants is not None and "moderate" not in s.grants)
+        assert await try_grant("moderate") == "forbidden"

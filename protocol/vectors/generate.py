@@ -16,6 +16,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import numpy as np
 
 from medverse.protocol.connection import (
@@ -30,6 +31,7 @@ from medverse.protocol.connection import (
 )
 from medverse.protocol.messages import (
     PROTOCOL_VERSION,
+    Ack,
     ChangeRole,
     Consent,
     ConsentRequired,
@@ -43,6 +45,8 @@ from medverse.protocol.messages import (
     Pause,
     Ping,
     Pong,
+    RequestError,
+    RequestRefused,
     Waiting,
     Welcome,
     encode_message,
@@ -371,6 +375,11 @@ def _c(msg: Message) -> ConnStep:
     return ("recv", encode_message(msg))
 
 
+def _wire(data: dict[str, Any]) -> bytes:
+    """A control frame straight from a wire map (for maps no message class would build)."""
+    return bytes((0x01,)) + msgpack.packb(data, use_bin_type=True)
+
+
 def _conn_cases() -> list[tuple[str, str, str, list[ConnStep]]]:
     """(name, description, role, steps)."""
     consent = Consent(_CONSENT_TEXT.version, True)
@@ -488,6 +497,59 @@ def _conn_cases() -> list[tuple[str, str, str, list[ConnStep]]]:
             ],
         ),
         (
+            "server_acknowledged_requests",
+            "Requests that carry req get one answer each: ack when applied, refused naming "
+            "the req when not; a request that does not decode but whose req is valid is "
+            "refused by name (refused, or obj_refused for objects); without req, a plain "
+            "error as before.",
+            "server",
+            [
+                _c(_HELLO),
+                ("send", _WELCOME),
+                _c(Moderate("lock", None, None, None, 1)),
+                ("send", Ack(1)),
+                _c(ChangeRole(2, "host", None, None, 2)),
+                ("send", RequestRefused(2, "forbidden", "role participant may not moderate")),
+                _c(Pause(True, 3)),
+                ("send", Ack(3)),
+                _c(Pause(False, 4)),
+                ("send", _WELCOME),
+                ("send", Ack(4)),
+                ("recv", _wire({"t": "moderate", "action": "zap", "req": 5})),
+                ("send", RequestRefused(5, "out_of_range", "action has characters not allowed")),
+                (
+                    "recv",
+                    _wire(
+                        {
+                            "t": "obj_spawn",
+                            "req": 6,
+                            "asset": "nothex",
+                            "position": [0.0, 0.0, 0.0],
+                            "rotation": [0.0, 0.0, 0.0, 1.0],
+                            "scale": 1.0,
+                        }
+                    ),
+                ),
+                ("recv", _wire({"t": "moderate", "action": "zap"})),
+                _c(Moderate("mute", 2)),
+                ("send", Error("not_found", "no such member", False)),
+            ],
+        ),
+        (
+            "client_acknowledged_requests",
+            "A client sends requests with req and takes ack and refused in the room.",
+            "client",
+            [
+                ("send", _HELLO),
+                _c(Ack(1)),
+                _c(_WELCOME),
+                ("send", Moderate("lock", None, None, None, 1)),
+                _c(Ack(1)),
+                ("send", Pause(True, 2)),
+                _c(RequestRefused(2, "forbidden", "no")),
+            ],
+        ),
+        (
             "server_lobby_text",
             "A text message in the lobby is fatal (as before any welcome).",
             "server",
@@ -601,6 +663,9 @@ def _event_json(event: Event) -> dict[str, Any]:
     elif isinstance(event, Refused):
         out["code"] = event.error.code.value
         out["fatal"] = event.fatal
+        if isinstance(event.error, RequestError):
+            # A request that did not decode but named its req: the server answers with this.
+            out["answer"] = event.error.answer.to_wire()
     elif isinstance(event, FrameReceived):
         out["kind"] = event.kind
     elif isinstance(event, Ignored):

@@ -252,13 +252,13 @@ class RoomAudio(RoomPlugin):
             self._schedule_rules()
         elif isinstance(msg, AudioZone):
             self._host(member)
-            mx.set_zone(self._target(msg.member_id), msg.zone)
+            mx.set_zone(self._other(msg.member_id), msg.zone)
             self._audit(member, "audio_zone", msg.member_id, zone=msg.zone)
             self._schedule_rules()
         elif isinstance(msg, AudioBroadcast):
             self._host(member)
             gain = (100 if msg.gain is None else msg.gain) / 100.0
-            mx.set_broadcast(self._target(msg.member_id), gain if msg.on else 0.0)
+            mx.set_broadcast(self._other(msg.member_id), gain if msg.on else 0.0)
             self._audit(member, "audio_broadcast", msg.member_id, on=msg.on, gain=round(gain * 100))
             self._schedule_rules()
         elif isinstance(msg, AudioWhisper):
@@ -272,12 +272,12 @@ class RoomAudio(RoomPlugin):
             else:
                 if msg.target == member.id:
                     raise ProtocolError(ErrorCode.BAD_FIELD, "cannot whisper to yourself")
-                mx.set_whisper(me, self._target(msg.target))
+                mx.set_whisper(me, self._other(msg.target))
             self._schedule_rules()
         elif isinstance(msg, AudioIgnore):
             if msg.member_id == member.id:
                 raise ProtocolError(ErrorCode.BAD_FIELD, "cannot ignore yourself")
-            mx.set_ignore(self._target(member.id), self._target(msg.member_id), msg.ignore)
+            mx.set_ignore(self._target(member.id), self._other(msg.member_id), msg.ignore)
             self._schedule_rules()
 
     @staticmethod
@@ -288,10 +288,19 @@ class RoomAudio(RoomPlugin):
             )
 
     def _target(self, member_id: int) -> int:
+        """The mix slot of ``member_id`` (the sender itself, or a member it names)."""
         s = self.mix.slot_of.get(member_id)
         if s is None:
             raise ProtocolError(ErrorCode.NOT_FOUND, "no such member")
         return s
+
+    def _other(self, member_id: int) -> int:
+        """The mix slot of a member another one names. A hidden member (an observer) is
+        answered exactly as an id nobody has: trying ids must not find observers."""
+        m = self.ctx.members.get(member_id)
+        if m is None or m.hidden:
+            raise ProtocolError(ErrorCode.NOT_FOUND, "no such member")
+        return self._target(member_id)
 
     def _audit(self, host: MemberView, kind: str, target_id: int, **fields: object) -> None:
         """Hosts' routing changes go to the audit log (who changed what for whom, no audio)."""
