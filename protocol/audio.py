@@ -14,11 +14,15 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from .errors import ErrorCode, ProtocolError
-from .messages import MAX_CONTROL_BYTES, Message, Spec, wire_field
+from .messages import Message, Spec, wire_field
 
-#: Longest SDP accepted in a control frame (the frame itself is limited to MAX_CONTROL_BYTES).
-#: An aiortc audio-only offer with one host candidate is about 1.2 KB.
-MAX_SDP_CHARS = MAX_CONTROL_BYTES - 96
+#: Largest audio offer frame: a browser's SDP offer is larger than other control frames
+#: (MAX_CONTROL_BYTES). An aiortc audio-only offer with one host candidate is about 1.2 KB,
+#: Chromium's about 5-6 KB with a few candidates. It equals the server's default WebSocket
+#: message limit (--max-frame-bytes).
+AUDIO_OFFER_MAX_BYTES = 16 * 1024
+#: Longest SDP accepted in an offer.
+MAX_SDP_CHARS = AUDIO_OFFER_MAX_BYTES - 96
 #: Zones are small positive integers; 0 means "no zone" (the open room).
 MAX_ZONE = 65535
 #: Broadcast gain is given in percent of the reference level.
@@ -26,7 +30,7 @@ MAX_GAIN_PERCENT = 400
 #: Longest list of integers in an audio message (pairs count twice).
 MAX_INT_LIST = 1024
 _MEMBER_ID = {"lo": 1, "hi": 2**32 - 1}
-_SDP_RE = re.compile(r"^v=0\r?\n")
+_SDP_RE = re.compile(r"v=0\r?\n.*", re.DOTALL)  # a whole SDP: it begins with its version line
 
 
 class AudioMessage(Message):
@@ -65,6 +69,7 @@ class AudioOffer(AudioMessage):
     The server answers with :class:`AudioAnswer`."""
 
     TYPE: ClassVar[str] = "audio_offer"
+    MAX_FRAME_BYTES: ClassVar[int] = AUDIO_OFFER_MAX_BYTES
     sdp: str = wire_field("str", max_len=MAX_SDP_CHARS, pattern=_SDP_RE)
     publish: bool = wire_field("bool")
 
@@ -186,6 +191,7 @@ def offer_direction(sdp: str) -> str:
 
 
 __all__ = [
+    "AUDIO_OFFER_MAX_BYTES",
     "MAX_SDP_CHARS",
     "MAX_ZONE",
     "AudioAnswer",

@@ -121,7 +121,7 @@ def _check(name: str, spec: Spec, value: Any) -> Any:
             raise ProtocolError(ErrorCode.BAD_FIELD, f"{name} must be a string")
         if spec.max_len is not None and len(value) > spec.max_len:
             raise ProtocolError(ErrorCode.OUT_OF_RANGE, f"{name} longer than {spec.max_len}")
-        if spec.pattern is not None and not spec.pattern.match(value):
+        if spec.pattern is not None and not spec.pattern.fullmatch(value):
             raise ProtocolError(ErrorCode.OUT_OF_RANGE, f"{name} has characters not allowed")
     elif k == "strs":
         if not isinstance(value, list) or len(value) > (spec.hi or 16):
@@ -148,6 +148,8 @@ class Message:
     """Base of every control message. ``TYPE`` is the value of ``"t"`` on the wire."""
 
     TYPE: ClassVar[str] = ""
+    #: A larger frame limit for this type than the decoder's (0: none), e.g. an audio offer's.
+    MAX_FRAME_BYTES: ClassVar[int] = 0
     __slots__ = ()
 
     def to_wire(self) -> dict[str, Any]:
@@ -466,10 +468,19 @@ def decode_message(
     registry: Mapping[str, type[Message]],
     max_bytes: int = MAX_CONTROL_BYTES,
 ) -> Message | ProtocolError:
-    """Decode a control frame; any problem comes back as a :class:`ProtocolError` value."""
-    if len(frame) > max_bytes:
-        return ProtocolError(ErrorCode.OVERSIZED, f"control frame over {max_bytes} bytes")
-    if len(frame) < 2 or frame[0] != FRAME_CONTROL:
+    """Decode a control frame; any problem comes back as a :class:`ProtocolError` value.
+
+    A frame longer than ``max_bytes`` is ``oversized`` unless its type allows more
+    (``Message.MAX_FRAME_BYTES``): then it is decoded as far as its type, and refused as
+    oversized if that is not such a type."""
+    size = len(frame)
+    limit = max_bytes
+    if size > max_bytes:
+        limit = max((cls.MAX_FRAME_BYTES for cls in registry.values()), default=0)
+    oversized = ProtocolError(ErrorCode.OVERSIZED, f"control frame over {max_bytes} bytes")
+    if size > limit:
+        return oversized
+    if size < 2 or frame[0] != FRAME_CONTROL:
         return ProtocolError(ErrorCode.MALFORMED, "not a control frame")
     try:
         data = msgpack.unpackb(
@@ -478,20 +489,24 @@ def decode_message(
             strict_map_key=True,
             max_array_len=1024,
             max_map_len=64,
-            max_str_len=max_bytes,
+            max_str_len=limit,
             max_bin_len=0,
             max_ext_len=0,
         )
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
-        return ProtocolError(ErrorCode.MALFORMED, f"bad msgpack: {type(exc).__name__}")
+        err = ProtocolError(ErrorCode.MALFORMED, f"bad msgpack: {type(exc).__name__}")
+        return oversized if size > max_bytes else err
     except Exception as exc:  # msgpack raises a few odd types on hostile input
-        return ProtocolError(ErrorCode.MALFORMED, f"bad msgpack: {type(exc).__name__}")
+        err = ProtocolError(ErrorCode.MALFORMED, f"bad msgpack: {type(exc).__name__}")
+        return oversized if size > max_bytes else err
+    kind = data.get("t") if isinstance(data, dict) else None
+    cls = registry.get(kind) if isinstance(kind, str) else None
+    if size > max_bytes and (cls is None or size > cls.MAX_FRAME_BYTES):
+        return oversized
     if not isinstance(data, dict):
         return ProtocolError(ErrorCode.MALFORMED, "control frame is not a map")
-    kind = data.get("t")
     if not isinstance(kind, str):
         return ProtocolError(ErrorCode.BAD_FIELD, "missing message type 't'")
-    cls = registry.get(kind)
     if cls is None:
         return ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown message type {kind[:32]!r}")
     try:

@@ -122,7 +122,7 @@ def _check_custom(name: str, kind: str, spec: Any, v: Any) -> Any:
             raise ProtocolError(ErrorCode.BAD_FIELD, f"{name} must be a map of node names")
         nodes: dict[str, bool] = {}
         for k, vis in v.items():
-            if not isinstance(k, str) or not NODE_NAME_RE.match(k):
+            if not isinstance(k, str) or not NODE_NAME_RE.fullmatch(k):
                 raise ProtocolError(ErrorCode.OUT_OF_RANGE, f"{name} has a bad node name")
             if not isinstance(vis, bool):
                 raise ProtocolError(ErrorCode.BAD_FIELD, f"{name} values must be booleans")

@@ -11,6 +11,7 @@ mounted in another aiohttp app with ``add_subapp``. The data flows one way::
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -38,6 +39,7 @@ from .config import ServerConfig
 from .entities import EntityTable
 from .httpauth import HttpAuth
 from .integrity import AssetScrub, Integrity
+from .limits import ConnectionBudget
 from .metrics import Metrics, Traffic
 from .moderation import Moderation
 from .objects import SharedObjects
@@ -125,7 +127,12 @@ class Server:
         self.assets: AssetStore | None = None
         self.integrity = Integrity(self.metrics.registry, self.audit)
         self.scrub: AssetScrub | None = None
-        self.connections_by_address: dict[str, int] = {}
+        #: Connections per address and those not yet identified (no valid hello).
+        self.budget = ConnectionBudget(
+            config.max_connections_per_address,
+            config.max_unidentified_per_address,
+            config.max_unidentified_connections,
+        )
         self._sessions: set[Session] = set()
         self.sessions = SessionServices(
             config,
@@ -137,9 +144,11 @@ class Server:
             self.traffic,
             self.client_messages,
             self.server_messages,
+            self.budget,
         )
         self.metrics.rooms.set_function(lambda: len(self.rooms))
         self.metrics.members.set_function(self.rooms.member_count)
+        self.metrics.unidentified.set_function(lambda: self.budget.unidentified)
         self.http_auth = HttpAuth(
             self.verifier,
             self.audit,
@@ -225,21 +234,18 @@ class Server:
         session = Session(self.sessions, conn, request.remote)
         conn.attach(transport, session)  # type: ignore[arg-type]
         addr = request.remote or "?"
-        per_addr = self.connections_by_address
-        if 0 < cfg.max_connections_per_address <= per_addr.get(addr, 0):
-            self.audit("connection_refused", peer=addr, reason="too many connections")
-            session.send_error(
-                ProtocolError(
-                    ErrorCode.TOO_MANY_CONNECTIONS, "too many connections from your address"
-                ),
-                True,
-            )
+        refusal = self.budget.admit(addr)
+        if refusal is not None:
+            # Refused before anything of the connection is read.
+            self.metrics.connections_refused.labels(refusal).inc()
+            self.audit("connection_refused", peer=addr, reason=refusal)
+            log.warning("refused a connection from %s: %s", addr, refusal)
+            session.send_error(ProtocolError(ErrorCode.TOO_MANY_CONNECTIONS, refusal), True)
             session.close(CLOSE_TOO_MANY_CONNECTIONS, b"too many connections")
             # Wait for the close handshake: returning now would let aiohttp write a close
             # frame of its own onto the transport our parser owns.
             await conn.closed
             return ws
-        per_addr[addr] = per_addr.get(addr, 0) + 1
         session.start()
         self.metrics.connections.inc()
         self._sessions.add(session)
@@ -248,11 +254,7 @@ class Server:
         finally:
             self._sessions.discard(session)
             self.metrics.connections.dec()
-            left = per_addr.get(addr, 1) - 1
-            if left > 0:
-                per_addr[addr] = left
-            else:
-                per_addr.pop(addr, None)
+            self.budget.closed(addr, session.identified)
         return ws
 
     async def health(self, request: web.Request) -> web.Response:
@@ -265,6 +267,8 @@ class Server:
             "tick": self.clock.tick,
             "tick_rate": self.config.tick_rate,
             "tick_overruns": self.clock.skipped,
+            "connections": len(self._sessions),
+            "tasks": len(asyncio.all_tasks()),
         }
         try:
             n = int(request.query.get("ticks", "0"))

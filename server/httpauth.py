@@ -69,7 +69,7 @@ class HttpAuth:
         A server running without authentication treats every caller as an anonymous
         participant who may also upload (there is nobody to grant it on such a server).
         """
-        if not ROOM_NAME_RE.match(room):
+        if not ROOM_NAME_RE.fullmatch(room):
             raise http_error(ProtocolError(ErrorCode.OUT_OF_RANGE, "bad room name"))
         if self.verifier is None:
             grants = ROLE_GRANTS["participant"] | {"upload_assets"}

@@ -16,6 +16,17 @@ class Metrics:
             "medverse_members", "Members in rooms (including those resuming)", registry=r
         )
         self.connections = Gauge("medverse_connections", "Open WebSocket connections", registry=r)
+        self.unidentified = Gauge(
+            "medverse_unidentified_connections",
+            "Open WebSocket connections that have not sent a valid hello",
+            registry=r,
+        )
+        self.connections_refused = Counter(
+            "medverse_connections_refused_total",
+            "WebSocket connections refused before anything was read, by reason",
+            ["reason"],
+            registry=r,
+        )
         self.tick_seconds = Histogram(
             "medverse_tick_seconds",
             "Work time of one server tick (inputs, encoding, fan-out) for all rooms",

@@ -44,6 +44,7 @@ from medverse.protocol.messages import (
 
 from .auth import Identity, TokenVerifier, anonymous
 from .config import ServerConfig
+from .limits import ConnectionBudget
 from .metrics import Metrics, Traffic
 from .plugins import Wait
 from .policy import RoomPolicy
@@ -83,6 +84,8 @@ class SessionServices:
     #: the plugins').
     client_messages: Mapping[str, type[Message]]
     server_messages: Mapping[str, type[Message]]
+    #: Connections per address, and those not identified yet.
+    budget: ConnectionBudget
 
 
 class Session:
@@ -105,6 +108,8 @@ class Session:
         self._consent: Identity | None = None  # asked to consent, as this identity
         self._lobby: tuple[Room, int] | None = None  # waiting in this room's lobby
         self._closed = False
+        #: A valid hello named who this is (the connection left the unidentified budget).
+        self.identified = False
         self._handshake_timer: asyncio.TimerHandle | None = None
         self._heartbeat_timer: asyncio.TimerHandle | None = None
         # Token bucket for error replies: a flood of bad frames gets a few answers, not a queue.
@@ -294,6 +299,8 @@ class Session:
             log.info("%s refused for room %s: %s", self.peer, hello.room, err)
             self._refuse(err, CLOSE_POLICY, b"join refused")
             return
+        self.identified = True
+        s.budget.identified(self.peer or "?")
         room = s.rooms.get(hello.room)
         if hello.resume is not None:
             slots = hello.slots

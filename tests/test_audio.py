@@ -35,7 +35,11 @@ from medverse.client_sdk import (
     file_track,
     tone_track,
 )
+from medverse.protocol import CLIENT_MESSAGES
 from medverse.protocol.audio import (
+    AUDIO_OFFER_MAX_BYTES,
+    MAX_SDP_CHARS,
+    AudioAnswer,
     AudioBroadcast,
     AudioIgnore,
     AudioMute,
@@ -45,6 +49,8 @@ from medverse.protocol.audio import (
     AudioZone,
 )
 from medverse.protocol.messages import (
+    CORE_CLIENT_MESSAGES,
+    MAX_CONTROL_BYTES,
     PROTOCOL_VERSION,
     Hello,
     Moderate,
@@ -52,7 +58,9 @@ from medverse.protocol.messages import (
     Ping,
     Pong,
     Welcome,
+    decode_message,
     encode_message,
+    message_registry,
 )
 from medverse.rtc import configured_addresses
 from medverse.server.audit import DB_FILE
@@ -79,6 +87,69 @@ def srv() -> Iterator[ServerProcess]:
 
 def tok(room: str, who: str, role: str = "participant", grants: list[str] | None = None) -> str:
     return mint_token(SECRET.encode(), room=room, identity=who, name=who, role=role, grants=grants)
+
+
+def chromium_offer() -> str:
+    """An audio-only offer the size Chromium writes for a microphone on a machine with a few
+    network interfaces (about 5.5 KB): every codec it offers, its header extensions, the
+    track's SSRC lines and 40 host candidates (UDP and TCP), all on loopback addresses."""
+    cands = []
+    foundation = 1_000_000_000
+    for i, (addr, proto) in enumerate(
+        [(f"127.0.0.{1 + n}", p) for n in range(8) for p in ("udp", "tcp")]
+        + [("::1", p) for _ in range(12) for p in ("udp", "tcp")]
+    ):
+        port = 50000 + i if proto == "udp" else 9
+        prio = 2122260223 - i * 1000 if proto == "udp" else 1518280447 - i * 1000
+        tcptype = " tcptype active" if proto == "tcp" else ""
+        cands.append(
+            f"a=candidate:{foundation + i} 1 {proto} {prio} {addr} {port} typ host{tcptype}"
+            f" generation 0 network-id {1 + i % 4} network-cost 10"
+        )
+    lines = [
+        "v=0",
+        "o=- 4611731400430051336 2 IN IP4 127.0.0.1",
+        "s=-",
+        "t=0 0",
+        "a=group:BUNDLE 0",
+        "a=extmap-allow-mixed",
+        "a=msid-semantic: WMS 3f5c1a0e-8d1b-4f7a-9c2e-5b6d7e8f9a0b",
+        "m=audio 50000 UDP/TLS/RTP/SAVPF 111 63 9 0 8 13 110 126",
+        "c=IN IP4 127.0.0.1",
+        "a=rtcp:9 IN IP4 0.0.0.0",
+        *cands,
+        "a=ice-ufrag:Xk3v",
+        "a=ice-pwd:q9Zp4rT1mW8yB2nC6dF0hJ5k",
+        "a=ice-options:trickle",
+        "a=fingerprint:sha-256 7B:8B:F0:65:5F:78:E2:51:3B:AC:6F:F3:3F:46:1B:35"
+        ":DC:B8:5F:64:1A:24:C2:43:F0:A1:58:D0:A1:2C:19:08",
+        "a=setup:actpass",
+        "a=mid:0",
+        "a=extmap:1 urn:ietf:params:rtp-hdrext:ssrc-audio-level",
+        "a=extmap:2 http://www.webrtc.org/experiments/rtp-hdrext/abs-send-time",
+        "a=extmap:3 http://www.ietf.org/id/draft-holmer-rmcat-transport-wide-cc-extensions-01",
+        "a=extmap:4 urn:ietf:params:rtp-hdrext:sdes:mid",
+        "a=sendrecv",
+        "a=msid:3f5c1a0e-8d1b-4f7a-9c2e-5b6d7e8f9a0b 6a7b8c9d-0e1f-4a2b-8c3d-4e5f6a7b8c9d",
+        "a=rtcp-mux",
+        "a=rtcp-rsize",
+        "a=rtpmap:111 opus/48000/2",
+        "a=rtcp-fb:111 transport-cc",
+        "a=fmtp:111 minptime=10;useinbandfec=1",
+        "a=rtpmap:63 red/48000/2",
+        "a=fmtp:63 111/111",
+        "a=rtpmap:9 G722/8000",
+        "a=rtpmap:0 PCMU/8000",
+        "a=rtpmap:8 PCMA/8000",
+        "a=rtpmap:13 CN/8000",
+        "a=rtpmap:110 telephone-event/48000",
+        "a=rtpmap:126 telephone-event/8000",
+        "a=ssrc:3735928559 cname:n8Q4r2T6y0U3i5O7",
+        "a=ssrc:3735928559 msid:3f5c1a0e-8d1b-4f7a-9c2e-5b6d7e8f9a0b"
+        " 6a7b8c9d-0e1f-4a2b-8c3d-4e5f6a7b8c9d",
+        "a=end-of-candidates",
+    ]
+    return "\r\n".join(lines) + "\r\n"
 
 
 def head(x: float, z: float, yaw: float = 0.0) -> Pose:
@@ -395,7 +466,11 @@ async def test_malformed_and_flooding_signaling(srv: ServerProcess) -> None:
             (encode_message(AudioOffer(sdp_ok + "a=sendonly\r\n", False)), "bad_field"),
             (encode_message(AudioOffer(sdp_ok + "a=recvonly\r\n", True)), "bad_field"),
             (encode_message(AudioOffer(sdp_ok + "a=inactive\r\n", False)), "bad_field"),
-            (encode_message(AudioOffer(sdp_ok + "x" * 5000, False)), "oversized"),
+            (
+                encode_message(AudioOffer(sdp_ok + "x" * (MAX_SDP_CHARS + 1 - len(sdp_ok)), False)),
+                "out_of_range",
+            ),
+            (encode_message(Moderate("mute", 2, "x" * 5000)), "oversized"),
             (
                 b"\x01" + msgpack.packb({"t": "audio_offer", "sdp": 5, "publish": 1}),
                 "bad_field",
@@ -529,3 +604,35 @@ async def test_revoking_publish_audio_silences_at_once(srv: ServerProcess) -> No
         await talker.session.audio.start(talker.tone)
         host.talk(None)
         await until(lv(host), lambda x: loudest(x) > LOUD)
+
+
+def test_control_frame_limits_per_type() -> None:
+    """A browser's offer is larger than other control frames may be; nothing else is."""
+    offer = AudioOffer(chromium_offer(), True)
+    frame = encode_message(offer)
+    assert 5000 < len(frame) < AUDIO_OFFER_MAX_BYTES
+    assert decode_message(frame, CLIENT_MESSAGES) == offer
+    # Without the audio family the decoder knows no larger type: the usual limit.
+    core = message_registry(CORE_CLIENT_MESSAGES)
+    assert decode_message(frame, core).code.value == "oversized"  # type: ignore[union-attr]
+    refused = {
+        "moderate": encode_message(Moderate("mute", 2, "x" * MAX_CONTROL_BYTES)),
+        "bad msgpack": b"\x01" + bytes(8000),
+        "no type": b"\x01" + msgpack.packb({"sdp": "x" * 5000}),
+        "offer too long": encode_message(AudioOffer("v=0\n" + "x" * AUDIO_OFFER_MAX_BYTES, True)),
+    }
+    for name, data in refused.items():
+        err = decode_message(data, CLIENT_MESSAGES)
+        assert getattr(err, "code", None) == "oversized", name
+    long_sdp = AudioOffer("v=0\n" + "x" * (MAX_SDP_CHARS - 3), True)
+    assert len(encode_message(long_sdp)) <= AUDIO_OFFER_MAX_BYTES
+    assert decode_message(encode_message(long_sdp), CLIENT_MESSAGES).code == "out_of_range"  # type: ignore[union-attr]
+
+
+async def test_browser_sized_offer_is_answered(srv: ServerProcess) -> None:
+    raw, _ = await raw_member(srv.url, "browser-offer", "chromium")
+    await raw.ws.send_bytes(encode_message(AudioOffer(chromium_offer(), True)))
+    while not isinstance(m := await raw.next_control(timeout=10), AudioAnswer):
+        assert m.TYPE in ("audio_rules", "audio_speaking", "obj_synced"), m
+    assert m.publish and "opus/48000/2" in m.sdp
+    await raw.close()

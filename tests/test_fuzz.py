@@ -16,9 +16,12 @@ from medverse.protocol.errors import ProtocolError
 from medverse.protocol.messages import (
     FRAME_CONTROL,
     FRAME_POSE,
+    PROTOCOL_VERSION,
+    Hello,
     check_pose_frame,
     decode_message,
     decode_pose_batch,
+    encode_message,
     encode_pose,
     encode_pose_frames,
     pose_frame_size,
@@ -338,3 +341,15 @@ async def test_live_hostile_flood_leaves_good_members_at_rate() -> None:
                 assert g.avatars[good[0].member_id].head is not None
         finally:
             await asyncio.gather(*(g.close() for g in good))
+
+
+def test_names_with_a_trailing_newline_are_refused() -> None:
+    """Patterns must match the whole value: ``$`` alone would let "ward\\n" through."""
+    frame = encode_message(Hello(PROTOCOL_VERSION, "ward", "Pat", 3))
+    assert not isinstance(decode_message(frame, CLIENT_MESSAGES), ProtocolError)
+    for room, name in (("ward\n", "Pat"), ("ward", "Pat\n")):
+        raw = b"\x01" + msgpack.packb(
+            {"t": "hello", "version": PROTOCOL_VERSION, "room": room, "name": name, "slots": 3}
+        )
+        err = decode_message(raw, CLIENT_MESSAGES)
+        assert isinstance(err, ProtocolError) and err.code.value == "out_of_range", (room, name)

@@ -1,0 +1,6 @@
+// The medverse JavaScript SDK: the wire protocol of protocol/SPEC.md as plain ES modules.
+export * from "./errors.js";
+export * from "./quant.js";
+export * from "./messages.js";
+export * from "./snapshot.js";
+export * from "./connection.js";
