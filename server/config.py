@@ -140,6 +140,7 @@ class ServerConfig:
             raise ValueError("tick_rate must be between 10 and 90 Hz")
         _at_least(self, 0, "room_linger", "resume_grace", "heartbeat", "audit_retention_days")
         _at_least(self, 0, "send_soft_limit", "socket_send_buffer", "max_connections_per_address")
+        _at_least(self, 0, "max_unidentified_per_address", "max_unidentified_connections")
         _at_least(self, 0, "max_objects_per_room", "max_annotations_per_object")
         _at_least(self, 0, "max_assets_per_room", "audio_max_speakers", "asset_scrub_interval")
         _at_least(self, 1, "max_members_per_room", "max_violations", "send_hard_limit")

@@ -2,14 +2,15 @@
 
 aiohttp answers a malformed request (a request or header line longer than ``max_line_size`` or
 ``max_field_size``, 8190 bytes, a bad request line, a bad ``Content-Length``, TLS spoken to a
-plain port ...) with a 400 itself, and logs it on the ``aiohttp.server`` logger at ERROR with
-a traceback (only a bad method on a connection's first request is logged at DEBUG). A client
-that goes away mid-request or mid-response makes a handler's read or write raise
-``ConnectionResetError``, logged the same way. Anyone who can reach the port could fill the
-log with tracebacks, so :class:`ClientErrorFilter` rewrites those records: a malformed request
-becomes one INFO line naming the peer and the reason, a vanished client one DEBUG line, and a
-flood is cut to :attr:`ClientErrorFilter.per_minute` lines a minute with a count of the rest.
-Exceptions of any other kind keep their tracebacks: they are the server's own bugs.
+plain port ...) with a 400 itself, and logs it on the ``aiohttp.server`` logger at ERROR with a
+traceback (only a bad method on a connection's first request is logged at DEBUG, still with its
+traceback). A client that goes away mid-request or mid-response makes a handler's read or write
+raise ``ConnectionResetError``, logged the same way. Anyone who can reach the port could fill
+the log with tracebacks, so :class:`ClientErrorFilter` rewrites those records: a malformed
+request becomes one INFO line (DEBUG where aiohttp chose that) naming the peer and the reason, a
+vanished client one DEBUG line, and a flood is cut to :attr:`ClientErrorFilter.per_minute`
+lines a minute with a count of the rest. Exceptions of any other kind keep their tracebacks:
+they are the server's own bugs.
 
 Handlers keep running when their client disconnects (aiohttp's ``handler_cancellation`` stays
 off, its default): an upload already being stored finishes and is audited, rather than being
@@ -53,6 +54,9 @@ class ClientErrorFilter(logging.Filter):
             what, level = f"client went away: {exc}", logging.DEBUG
         else:
             return True
+        # Never louder than aiohttp's own choice (it logs non-HTTP bytes on a connection's
+        # first request, the usual internet noise, at DEBUG already).
+        level = min(level, record.levelno)
         peer = record.args[0] if isinstance(record.args, tuple) and record.args else None
         record.msg = "%s%s"
         record.args = (_clean(what), f" (from {_clean(str(peer), 64)})" if peer else "")
