@@ -25,6 +25,7 @@ export const ErrorCode = Object.freeze({
   SESSION_ENDED: "session_ended",
   NOT_FOUND: "not_found",
   INVALID_ASSET: "invalid_asset",
+  CORRUPT: "corrupt",
   OBJECT_LOCKED: "object_locked",
   NOT_HOLDER: "not_holder",
   LIMIT_REACHED: "limit_reached",

@@ -33,7 +33,9 @@ const U32 = 2 ** 32 - 1;
 // Patterns match whole strings, code point by code point ("u"), as SPEC.md states them.
 export const ROOM_NAME_RE = /^[A-Za-z0-9_.-]{1,64}$/u;
 export const DISPLAY_NAME_RE = /^[^\x00-\x1f\x7f]{1,64}$/u;
-const MODERATION_ACTIONS = /^(admit|deny|remove|ban|mute|allow_unmute|lock|unlock|lobby|open|end)$/u;
+const MODERATION_ACTIONS = /^(admit|deny|remove|ban|unban|mute|allow_unmute|lock|unlock|lobby|open|end)$/u;
+/** Longest ban a host may give with a duration (ten years). */
+export const MAX_BAN_SECONDS = 10 * 365 * 86400;
 const ROLE_NAMES = /^(host|participant|observer)$/u;
 const GRANT_NAMES = /^(publish_audio|manipulate_objects|annotate|upload_assets|moderate|hidden)$/u;
 
@@ -151,19 +153,56 @@ defineFieldKind(
     if (!Array.isArray(v) || v.length > 10000) fail(ErrorCode.BAD_FIELD, `${name} must be a list`);
     return v.map((item) => {
       if (!(item instanceof Map)) fail(ErrorCode.BAD_FIELD, `${name} entries must be maps`);
-      if (item.size !== 2 || !item.has("id") || !item.has("name")) {
-        fail(ErrorCode.BAD_FIELD, "member entries have id and name");
+      const keys = [...item.keys()];
+      if (!item.has("id") || !item.has("name") || !keys.every((k) => MEMBER_KEYS.has(k))) {
+        fail(ErrorCode.BAD_FIELD, "member entries have id, name, identity");
+      }
+      const out = {
+        id: checkValue("id", MEMBER_ID, item.get("id")),
+        name: checkValue("name", MEMBER_NAME, item.get("name")),
+      };
+      // The verified identity: in lobby entries only, to hosts.
+      const identity = checkValue("identity", MEMBER_IDENTITY, item.get("identity") ?? null);
+      if (identity !== null) out.identity = identity;
+      return out;
+    });
+  },
+  (spec, v) =>
+    v.map((m) => {
+      const out = new Map([["id", m.id], ["name", m.name]]);
+      if (m.identity !== undefined && m.identity !== null) out.set("identity", m.identity);
+      return out;
+    }),
+);
+const MEMBER_KEYS = new Set(["id", "name", "identity"]);
+const MEMBER_ID = field("int", { lo: 1, hi: U32 });
+const MEMBER_NAME = field("str", { maxLen: MAX_NAME_CHARS });
+const MEMBER_IDENTITY = field("str", { maxLen: 128, optional: true });
+
+// The bans in force, as hosts see them.
+defineFieldKind(
+  "bans",
+  (name, spec, v) => {
+    if (!Array.isArray(v) || v.length > 10000) fail(ErrorCode.BAD_FIELD, `${name} must be a list`);
+    return v.map((item) => {
+      if (!(item instanceof Map)) fail(ErrorCode.BAD_FIELD, `${name} entries must be maps`);
+      const keys = [...item.keys()];
+      if (item.size !== 4 || !["id", "name", "until", "reason"].every((k) => keys.includes(k))) {
+        fail(ErrorCode.BAD_FIELD, "ban entries have id, name, until, reason");
       }
       return {
         id: checkValue("id", MEMBER_ID, item.get("id")),
         name: checkValue("name", MEMBER_NAME, item.get("name")),
+        until: checkValue("until", BAN_UNTIL, item.get("until")),
+        reason: checkValue("reason", BAN_REASON, item.get("reason")),
       };
     });
   },
-  (spec, v) => v.map((m) => new Map([["id", m.id], ["name", m.name]])),
+  (spec, v) =>
+    v.map((b) => new Map([["id", b.id], ["name", b.name], ["until", b.until], ["reason", b.reason]])),
 );
-const MEMBER_ID = field("int", { lo: 1, hi: U32 });
-const MEMBER_NAME = field("str", { maxLen: MAX_NAME_CHARS });
+const BAN_UNTIL = field("int", { lo: 0, hi: Number.MAX_SAFE_INTEGER });
+const BAN_REASON = field("str", { maxLen: 256 });
 
 // Audio: flat lists of non-negative 32-bit integers.
 defineFieldKind(
@@ -287,6 +326,8 @@ const str = (opts = {}) => field("str", opts);
 const bool = (optional = false) => field("bool", { optional });
 const float = (opts = {}) => field("float", opts);
 const opt = { optional: true };
+/** The optional request id of an acknowledged request: answered by `ack` or `refused`. */
+const ackReq = () => int(0, U32, true);
 
 // Client to server (core).
 export const Hello = defineMessage("hello", {
@@ -303,15 +344,18 @@ export const Moderate = defineMessage("moderate", {
   action: str({ pattern: MODERATION_ACTIONS }),
   member_id: int(1, U32, true),
   reason: str({ maxLen: 256, ...opt }),
+  duration: int(1, MAX_BAN_SECONDS, true),
+  req: ackReq(),
 });
 export const ChangeRole = defineMessage("change_role", {
   member_id: int(1, U32),
   role: str({ pattern: ROLE_NAMES, ...opt }),
   grant: str({ pattern: GRANT_NAMES, ...opt }),
   allow: bool(true),
+  req: ackReq(),
 });
-export const Pause = defineMessage("pause", { paused: bool() });
-export const RequestUnmute = defineMessage("request_unmute");
+export const Pause = defineMessage("pause", { paused: bool(), req: ackReq() });
+export const RequestUnmute = defineMessage("request_unmute", { req: ackReq() });
 export const Consent = defineMessage("consent", { version: str({ maxLen: 64 }), accept: bool() });
 
 // Server to client (core).
@@ -357,6 +401,14 @@ export const Grants = defineMessage("grants", {
 });
 
 export const CORE_CLIENT_MESSAGES = [Hello, Ping, Leave, Moderate, ChangeRole, Pause, RequestUnmute, Consent];
+export const Bans = defineMessage("bans", { bans: field("bans") });
+export const Ack = defineMessage("ack", { req: int(0, U32) });
+export const RequestRefused = defineMessage("refused", {
+  req: int(0, U32),
+  code: str({ maxLen: 64 }),
+  message: str({ maxLen: 1024 }),
+});
+
 export const CORE_SERVER_MESSAGES = [
   Welcome,
   Joined,
@@ -369,6 +421,9 @@ export const CORE_SERVER_MESSAGES = [
   RoomState,
   ConsentRequired,
   Grants,
+  Bans,
+  Ack,
+  RequestRefused,
 ];
 
 // Spatial audio (protocol/audio.py).
@@ -384,15 +439,24 @@ export const AudioOffer = defineMessage(
   { sdp: str({ maxLen: MAX_SDP_CHARS, pattern: SDP_RE }), publish: bool() },
   { maxFrameBytes: AUDIO_OFFER_MAX_BYTES },
 );
-export const AudioMute = defineMessage("audio_mute", { muted: bool() });
-export const AudioZone = defineMessage("audio_zone", { member_id: int(1, U32), zone: int(0, 65535) });
+export const AudioMute = defineMessage("audio_mute", { muted: bool(), req: ackReq() });
+export const AudioZone = defineMessage("audio_zone", {
+  member_id: int(1, U32),
+  zone: int(0, 65535),
+  req: ackReq(),
+});
 export const AudioBroadcast = defineMessage("audio_broadcast", {
   member_id: int(1, U32),
   on: bool(),
   gain: int(0, 400, true),
+  req: ackReq(),
 });
-export const AudioWhisper = defineMessage("audio_whisper", { target: int(1, U32, true) });
-export const AudioIgnore = defineMessage("audio_ignore", { member_id: int(1, U32), ignore: bool() });
+export const AudioWhisper = defineMessage("audio_whisper", { target: int(1, U32, true), req: ackReq() });
+export const AudioIgnore = defineMessage("audio_ignore", {
+  member_id: int(1, U32),
+  ignore: bool(),
+  req: ackReq(),
+});
 export const AudioAnswer = defineMessage("audio_answer", { sdp: str({ maxLen: 65536 }), publish: bool() });
 export const AudioRules = defineMessage("audio_rules", {
   zones: intList(),
@@ -553,6 +617,7 @@ export function messageRegistry(...families) {
 }
 
 /** Every message a client may send, and every message a server may send. */
+const OBJECT_REQUESTS = new Set(CLIENT_OBJECTS.map((def) => def.type));
 export const CLIENT_MESSAGES = messageRegistry(CORE_CLIENT_MESSAGES, CLIENT_AUDIO, CLIENT_OBJECTS);
 export const SERVER_MESSAGES = messageRegistry(CORE_SERVER_MESSAGES, SERVER_AUDIO, SERVER_OBJECTS);
 const ALL_MESSAGES = messageRegistry(CLIENT_MESSAGES.values(), SERVER_MESSAGES.values());
@@ -624,9 +689,21 @@ export function decodeMessage(frame, registry, maxBytes = MAX_CONTROL_BYTES) {
   try {
     return fromWire(def, data);
   } catch (err) {
-    if (err instanceof ProtocolError) return err;
+    if (err instanceof ProtocolError) return answerable(def, data, err);
     throw err;
   }
+}
+
+/** A request that did not decode but whose own `req` is valid: the error carries the refusal
+ * that names it (`answer`: `refused`, or `obj_refused` for object requests), so the sender's
+ * call fails at once instead of waiting for an answer. */
+function answerable(def, data, err) {
+  const req = data.get("req");
+  if (Object.hasOwn(def.fields, "req") && isInt(req) && req >= 0 && req <= U32) {
+    const object = OBJECT_REQUESTS.has(def.type);
+    err.answer = { t: object ? "obj_refused" : "refused", req, code: err.code, message: err.message.slice(0, 1024) };
+  }
+  return err;
 }
 
 // --------------------------------------------------------------------------- pose frames

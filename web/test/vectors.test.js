@@ -90,7 +90,11 @@ for (const c of load("connection.json").cases) {
         const data = unhex(step.recv);
         const ev = conn.receive(data, { text: step.text ?? false });
         assert.equal(ev.event, step.event, where);
-        if (ev.event === "Refused") assert.deepEqual([ev.error.code, ev.fatal], [step.code, step.fatal], where);
+        if (ev.event === "Refused") {
+          assert.deepEqual([ev.error.code, ev.fatal], [step.code, step.fatal], where);
+          // A request refused by name: the answer the server sends, as the vectors give it.
+          assert.deepEqual(ev.error.answer, step.answer, `${where}: answer`);
+        }
         if (ev.event === "MessageReceived") {
           assert.equal(ev.message.t, step.type, where);
           // Encoding the decoded message gives the Python encoder's bytes back.
