@@ -40,7 +40,7 @@ import numpy as np
 import psutil
 from aiortc import MediaStreamTrack
 
-from .harness import RESULTS, run_server, spawn
+from .harness import run_server, save_results, spawn
 
 ROOM = "audio-bench"
 SIZES = (4, 8, 12, 24)
@@ -330,11 +330,8 @@ def main() -> int:
             f"{r['clicks_detected']:>3}/{r['clicks_sent']:<3} {r['loadgen_cpu_percent']:>13.1f} "
             f"{r['bot_late_sends']:>8} {r['loop_hold_ms_p99']:>11.3f} {r['tick_ms_p99']:>11.3f}"
         )
-    RESULTS.mkdir(parents=True, exist_ok=True)
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    (RESULTS / "audio.json").write_text(
-        json.dumps({"benchmark": "audio", "ran": when, "runs": runs}, indent=2) + "\n"
-    )
+    save_results("audio", {"benchmark": "audio", "ran": when, "runs": runs})
     return 0
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import psutil
 
-from .harness import RESULTS, ServerProcess, run_server, spawn
+from .harness import ServerProcess, run_server, save_results, spawn
 
 SCENARIOS: list[tuple[int, int]] = [(10, 0), (50, 0), (100, 0), (200, 0), (1000, 8)]
 COLYSEUS_CPU = {10: 4.5, 50: 9.8, 100: 15.8, 200: 29.0}
@@ -153,7 +153,6 @@ def main() -> int:
             f"{r['latency_ms_p99']:>10.1f} {r['state_frames_per_client_per_s_min']:>7.1f} "
             f"{'yes' if r['rate_held'] else 'NO':>9}"
         )
-    RESULTS.mkdir(parents=True, exist_ok=True)
     doc = {
         "benchmark": "capacity",
         "tick_rate": 30,
@@ -164,7 +163,7 @@ def main() -> int:
         ),
         "runs": runs,
     }
-    (RESULTS / "capacity.json").write_text(json.dumps(doc, indent=2) + "\n")
+    save_results("capacity", doc)
     return 0
 
 

@@ -176,3 +176,17 @@ def run_server(
         yield server
     finally:
         server.stop()
+
+
+def progress(message: str) -> None:
+    """One line on stderr saying what the benchmark does now (the table goes to stdout)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def save_results(name: str, doc: Any) -> Path:
+    """Write ``doc`` to ``benchmarks/results/NAME.json`` and say so."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"wrote {os.path.relpath(path, Path.cwd())}")
+    return path

@@ -35,7 +35,7 @@ import aiohttp
 from medverse.protocol.messages import PROTOCOL_VERSION, Hello, Ping, encode_message, encode_pose
 
 from .capacity import run_one
-from .harness import RESULTS, ServerProcess, spawn
+from .harness import ServerProcess, save_results, spawn
 
 ROOM = "cap"
 
@@ -147,11 +147,7 @@ def main() -> int:
             f"{r['tick_p99_growth_ms']:>13.3f} {r['server_cpu_percent']:>12.1f} "
             f"{r['latency_ms_p99']:>10.1f}"
         )
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "hostile.json").write_text(
-        json.dumps({"benchmark": "hostile", "good_clients": args.clients, "runs": runs}, indent=2)
-        + "\n"
-    )
+    save_results("hostile", {"benchmark": "hostile", "good_clients": args.clients, "runs": runs})
     return 0
 
 

@@ -46,7 +46,7 @@ from medverse.protocol.snapshot import (
 )
 from tests.models import HEART, provide, sha256_of
 
-from .harness import RESULTS, ServerProcess, free_port, spawn, start_server
+from .harness import ServerProcess, free_port, progress, save_results, spawn, start_server
 
 MEMBERS = 12
 OBJECTS = 20
@@ -274,6 +274,7 @@ def main() -> int:
     server = serve(port, data)
     try:
         server.wait_ready()
+        progress(f"{args.seconds:g} s per phase: at rest, moving, grabs and annotations...")
         gen = spawn(
             *("benchmarks.objects", "--load", server.url),
             *("--seconds", str(args.seconds), "--rooms", str(args.rooms)),
@@ -285,6 +286,7 @@ def main() -> int:
         if gen.returncode:
             raise subprocess.CalledProcessError(gen.returncode, gen.args, out, err)
         res = json.loads(out)
+        progress(f"kill -9, restart and rejoin of {len(res['expected'])} rooms...")
         server.proc.send_signal(signal.SIGKILL)
         server.proc.wait()
         t0 = time.monotonic()
@@ -347,10 +349,7 @@ def report(res: dict[str, Any]) -> None:
         "recovery_le_2s": rec["all_rooms_restored"] <= 2.0,
     }
     res["ran_at"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "objects.json").write_text(
-        json.dumps({"benchmark": "objects", **res}, indent=2) + "\n"
-    )
+    save_results("objects", {"benchmark": "objects", **res})
 
 
 if __name__ == "__main__":

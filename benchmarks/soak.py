@@ -31,7 +31,7 @@ import psutil
 from medverse.client_sdk import Pose, connect, tone_track
 from medverse.protocol.tokens import mint_token
 
-from .harness import RESULTS, run_server, spawn
+from .harness import RESULTS, run_server, save_results, spawn
 
 ROOMS = ("churn-a", "churn-b", "drop-a")
 AUDIO_ROOM = "soak-audio"
@@ -261,10 +261,8 @@ def main() -> int:
     print("activity:", json.dumps(counts))
     print("trends:", "; ".join(grown) if grown else "nothing grew")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / "soak.json"
     doc = {"benchmark": "soak", "minutes": args.minutes, "samples": samples, "activity": counts}
-    path.write_text(json.dumps({**doc, "trends": grown}, indent=2) + "\n")
-    print(f"wrote {path}")
+    save_results("soak", {**doc, "trends": grown})
     return 1 if grown or "driver_failed" in counts else 0
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import statistics
@@ -27,15 +26,13 @@ import struct
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, Protocol
 
 from medverse.protocol.messages import encode_pose
 from medverse.server.rfc6455 import FrameParser
 from medverse.server.transport import WebSocketConnection
 
-RESULTS = Path(__file__).resolve().parent / "results"
-
+from .harness import save_results
 
 # ------------------------------------------------------------------ the implementation before
 
@@ -388,7 +385,6 @@ def main() -> int:
             f"{r['case']:<13} {r['impl']:<7} {r['ns_per_message_median']:>13.0f} "
             f"{r['ns_per_message_min']:>10.0f} {r['vs_old_median']:>7.2f}"
         )
-    RESULTS.mkdir(parents=True, exist_ok=True)
     doc = {
         "benchmark": "wsparse",
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
@@ -403,7 +399,7 @@ def main() -> int:
         ),
         "rows": rows,
     }
-    (RESULTS / "wsparse.json").write_text(json.dumps(doc, indent=2) + "\n")
+    save_results("wsparse", doc)
     return 0
 
 
