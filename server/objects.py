@@ -64,6 +64,7 @@ from .plugins import MemberView, RoomContext, RoomPlugin, ServerContext, ServerP
 from .store import (
     ObjectStore,
     Quat,
+    RoomRecord,
     SQLiteObjectStore,
     StoredAnnotation,
     StoredObject,
@@ -73,6 +74,10 @@ from .store import (
 
 log = logging.getLogger("medverse.objects")
 
+#: Annotations sent to a joining member between two yields to the event loop.
+SEND_CHUNK = 256
+#: Object requests a loading room keeps to answer once it has loaded (more are refused).
+MAX_WAITING_REQUESTS = 256
 #: Refused moves answered per second per member (a token bucket with this burst too): moves
 #: arrive at up to 90 Hz and the answers should not outgrow them.
 MOVE_REFUSALS_PER_SECOND = 30.0
@@ -123,6 +128,9 @@ class RoomObjects(RoomPlugin):
         self.seq = 0
         self.spawning = 0  # spawns being committed (count towards the room's limit)
         self.loaded = False
+        self.loading = False
+        # Requests that came while the room's objects loaded (answered once they have).
+        self._waiting: list[tuple[MemberView, Message]] = []
         self._moved: set[LiveObject] = set()  # moved since the last tick
         # member id -> (tokens, monotonic time of the last refill) for refused moves
         self._refusal_tokens: dict[int, tuple[float, float]] = {}
@@ -143,11 +151,30 @@ class RoomObjects(RoomPlugin):
     # ----------------------------------------------------------------- lifecycle
 
     def on_create(self) -> None:
-        """Bring the room's stored objects back (unless they are held back: see
-        :meth:`SharedObjects.hold_back`; the room then refuses every object operation)."""
+        """Start bringing the room's stored objects back, on the storage thread: the event
+        loop (every other room's ticks and audio) never waits for a large room to load. Until
+        it has, object requests wait in order and members get the objects once they are
+        there. Rooms whose stored objects are held back (see :meth:`SharedObjects.hold_back`)
+        refuse every object operation instead."""
         if self.ctx.name in self.service.held_back:
             return
-        record = self.service.load(self.ctx.name)
+        self.service.rooms[self.ctx.name] = self
+        self.loading = True
+        self.service.load(self.ctx.name).add_done_callback(self._loaded)
+
+    def _loaded(self, fut: asyncio.Future[RoomRecord]) -> None:
+        self.loading = False
+        if not self._alive():
+            return  # closed while loading
+        if fut.cancelled() or fut.exception() is not None:
+            log.error(
+                "loading the objects of room %s failed",
+                self.ctx.name,
+                exc_info=None if fut.cancelled() else fut.exception(),
+            )
+            self._flush_waiting()  # refused now: the room's objects are not loaded
+            return
+        record = fut.result()
         self.annotations = {a.id: a for a in record.annotations}
         self.next_object_id = record.next_object_id
         self.next_annotation_id = record.next_annotation_id
@@ -158,7 +185,16 @@ class RoomObjects(RoomPlugin):
             if a.object_id in self.objects:
                 self.objects[a.object_id].annotations += 1
         self.loaded = True
-        self.service.rooms[self.ctx.name] = self
+        for member in list(self.ctx.members.values()):  # those who came while it loaded
+            self._send_all(member)
+        self._flush_waiting()
+
+    def _flush_waiting(self) -> None:
+        """Run the requests that arrived while the room loaded, in order."""
+        waiting, self._waiting = self._waiting, []
+        for member, msg in waiting:
+            if self.ctx.members.get(member.id) is member:
+                self.on_message(member, msg)
 
     def on_close(self) -> None:
         service = self.service
@@ -231,16 +267,34 @@ class RoomObjects(RoomPlugin):
                 self.set_holder(obj, None, reason)
 
     def _send_all(self, member: MemberView) -> None:
-        if not member.connected or member.paused:
-            return  # a paused member gets everything when it comes back
+        if not member.connected or member.paused or not self.loaded:
+            return  # a paused member gets everything when it comes back; all get it on load
         send = self.ctx.send
         live = [o for o in self.objects.values() if not o.removing]
         for obj in live:
             send(member, self._state_msg(obj))
-        annos = [a for a in self.annotations.values() if a.object_id in self.objects]
-        for a in annos:
-            send(member, _anno_msg(a))
-        send(member, ObjectsSynced(len(live), len(annos)))
+        aids = [a.id for a in self.annotations.values() if a.object_id in self.objects]
+        if len(aids) <= SEND_CHUNK:
+            for aid in aids:
+                send(member, _anno_msg(self.annotations[aid]))
+            send(member, ObjectsSynced(len(live), len(aids)))
+        else:  # thousands of annotations: a few hundred at a time, the loop runs in between
+            self.ctx.spawn(self._send_annotations(member, len(live), aids))
+
+    async def _send_annotations(self, member: MemberView, objects: int, aids: list[int]) -> None:
+        sent = 0
+        for i in range(0, len(aids), SEND_CHUNK):
+            if not member.connected or self.ctx.members.get(member.id) is not member:
+                return
+            for aid in aids[i : i + SEND_CHUNK]:
+                # The current version: an edit or a deletion broadcast since the list was
+                # taken must not be undone by an older copy arriving after it.
+                anno = self.annotations.get(aid)
+                if anno is not None and anno.object_id in self.objects:
+                    self.ctx.send(member, _anno_msg(anno))
+                    sent += 1
+            await asyncio.sleep(0)
+        self.ctx.send(member, ObjectsSynced(objects, sent))
 
     @staticmethod
     def _state_msg(obj: LiveObject) -> ObjectState:
@@ -263,21 +317,32 @@ class RoomObjects(RoomPlugin):
     def on_message(self, member: MemberView, msg: Message) -> None:
         """Run the operation; a refusal is answered with ``obj_refused`` carrying its request
         id (never raised: object clients match answers to requests)."""
+        if self.loading:
+            if len(self._waiting) < MAX_WAITING_REQUESTS:
+                self._waiting.append((member, msg))
+                return
+            busy = Refusal(ErrorCode.RATE_LIMITED, "the room's objects are loading")
+            self._refuse(member, msg, busy)
+            return
         try:
             self._check_loaded()
             self._handlers[type(msg)](member, msg)
-        except ProtocolError as err:
-            self.service.count_refusal(err)
-            self.ctx.send(
-                member,
-                ObjectRefused(
-                    msg.req,  # type: ignore[attr-defined]
-                    err.code.value,
-                    err.message[:1024],
-                    getattr(err, "object_id", None) or getattr(msg, "object_id", None),
-                    getattr(err, "holder", None),
-                ),
-            )
+        except ProtocolError as error:
+            self._refuse(member, msg, error)
+
+    def _refuse(self, member: MemberView, msg: Message, err: ProtocolError) -> None:
+        """Answer a refused operation with ``obj_refused`` carrying its request id."""
+        self.service.count_refusal(err)
+        self.ctx.send(
+            member,
+            ObjectRefused(
+                msg.req,  # type: ignore[attr-defined]
+                err.code.value,
+                err.message[:1024],
+                getattr(err, "object_id", None) or getattr(msg, "object_id", None),
+                getattr(err, "holder", None),
+            ),
+        )
 
     @staticmethod
     def _allowed(member: MemberView, grant: str) -> None:
@@ -542,6 +607,8 @@ class RoomObjects(RoomPlugin):
     def on_frame(self, member: MemberView, frame: bytes) -> None:
         """A holder's new transform: applied to the state row at the next tick (latest wins);
         a non-holder's is refused and changes nothing."""
+        if self.loading:
+            return  # nobody holds anything before the room's objects are there
         self._check_loaded()
         mv = decode_move(frame)
         if isinstance(mv, ProtocolError):
@@ -767,10 +834,11 @@ class SharedObjects(ServerPlugin):
 
     # ----------------------------------------------------------------- storage
 
-    def load(self, room: str) -> Any:
-        """Everything stored about ``room`` (waits for earlier writes of the same room)."""
+    def load(self, room: str) -> asyncio.Future[RoomRecord]:
+        """Everything stored about ``room``, read on the writer thread (after the writes
+        already queued, so a room reopened at once sees its last changes)."""
         assert self._writer is not None
-        return self._writer.submit(self.store.load_room, room).result()
+        return asyncio.get_running_loop().run_in_executor(self._writer, self.store.load_room, room)
 
     def flush(self, room: str | None = None) -> None:
         """Queue the moved objects' transforms (of one room, or all) for writing."""

@@ -204,11 +204,15 @@ async def test_a_room_whose_objects_did_not_load_refuses_object_operations(
     await service.start(ServerContext(cfg, None, lambda *a, **k: None, lambda code: None))
     try:
         room = _room(tmp_path, [service])
+        room.create()  # starts loading the room's objects, which fails
         link = RecordingLink()
         m = room.join(anonymous("a", "r", "a"), 3, link)
+        # A request while the room loads waits for the load, then is refused.
         room.handle(m, Spawn(7, "0" * 64, (0.0, 0.0, 0.0), (0.0, 0.0, 0.0, 1.0), 1.0))
+        assert not [x for x in link.sent if isinstance(x, ObjectRefused)]
+        await _until(lambda: any(isinstance(x, ObjectRefused) for x in link.sent))
         refused = [x for x in link.sent if isinstance(x, ObjectRefused)]
-        assert refused and refused[0].req == 7 and refused[0].code == "internal"
+        assert refused[0].req == 7 and refused[0].code == "internal"
     finally:
         await service.stop()
 
