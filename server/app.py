@@ -242,6 +242,8 @@ class Server:
         if sock is not None and cfg.socket_send_buffer > 0:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, cfg.socket_send_buffer)
+        if sock is not None and cfg.silence_timeout > 0:
+            set_keepalive(sock, cfg.silence_timeout)
         conn = WebSocketConnection(cfg.max_frame_bytes)
         session = Session(self.sessions, conn, request.remote)
         conn.attach(transport, session)  # type: ignore[arg-type]
@@ -355,3 +357,20 @@ def create_app(
     app.on_shutdown.append(on_shutdown)
     app.on_cleanup.append(on_cleanup)
     return app
+
+
+def set_keepalive(sock: socket.socket, within: float) -> None:
+    """TCP keepalive that gives up on a silent peer within about ``within`` seconds: the
+    kernel probes an idle connection (one second apart) and resets it when three go
+    unanswered. The heartbeat notices a dead member first while we send it state; this also
+    covers a connection with nothing in flight. Options the platform lacks are skipped."""
+    probes = 3
+    idle = max(1, int(within) - probes)
+    options = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
+    for name, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", 1), ("TCP_KEEPCNT", probes)):
+        opt = getattr(socket, name, None)
+        if opt is not None:
+            options.append((socket.IPPROTO_TCP, opt, value))
+    for level, opt, value in options:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(level, opt, value)

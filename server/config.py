@@ -40,8 +40,13 @@ class ServerConfig:
     socket_send_buffer: int = 256 * 1024
     #: Error replies per second per connection; more are dropped, not queued.
     error_reply_rate: float = 20.0
-    #: WebSocket ping interval in seconds (0 turns it off).
-    heartbeat: float = 20.0
+    #: WebSocket ping interval in seconds (0 turns pings and the silence check off). A ping is
+    #: a 2-byte frame: every 2 s is nothing even for a thousand headsets.
+    heartbeat: float = 2.0
+    #: Seconds without a byte from a connection (no pose, no pong) after which it is taken for
+    #: dead and dropped: its leases end and its mix stops (it may still resume). More than the
+    #: heartbeat, so a live but idle client always answers a ping in time.
+    silence_timeout: float = 5.0
     log_level: str = "info"
     #: Where the server keeps what must survive a restart (the generated token secret, the
     #: audit log, shared objects and annotations).
@@ -139,6 +144,8 @@ class ServerConfig:
         if not 10 <= self.tick_rate <= 90:
             raise ValueError("tick_rate must be between 10 and 90 Hz")
         _at_least(self, 0, "room_linger", "resume_grace", "heartbeat", "audit_retention_days")
+        if self.heartbeat > 0 and self.silence_timeout <= self.heartbeat:
+            raise ValueError("silence_timeout must be more than heartbeat (pings need answers)")
         _at_least(self, 0, "send_soft_limit", "socket_send_buffer", "max_connections_per_address")
         _at_least(self, 0, "max_unidentified_per_address", "max_unidentified_connections")
         _at_least(self, 0, "max_objects_per_room", "max_annotations_per_object")

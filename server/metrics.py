@@ -76,6 +76,11 @@ class Metrics:
         self.slow_disconnects = Counter(
             "medverse_slow_disconnects_total", "Members closed for not reading", registry=r
         )
+        self.silent_disconnects = Counter(
+            "medverse_silent_disconnects_total",
+            "Connections dropped after silence_timeout seconds without a byte (dead peers)",
+            registry=r,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -115,6 +115,7 @@ class Session:
         self.identified = False
         self._handshake_timer: asyncio.TimerHandle | None = None
         self._heartbeat_timer: asyncio.TimerHandle | None = None
+        self._next_ping = 0.0  # loop time of the next heartbeat ping
         # Token bucket for error replies: a flood of bad frames gets a few answers, not a queue.
         self._err_tokens = cfg.error_reply_rate
         self._err_stamp = time.monotonic()
@@ -128,6 +129,7 @@ class Session:
         cfg = self._s.config
         self._handshake_timer = loop.call_later(cfg.handshake_timeout, self._handshake_timeout)
         if cfg.heartbeat > 0:
+            self._next_ping = loop.time() + cfg.heartbeat
             self._heartbeat_timer = loop.call_later(cfg.heartbeat, self._heartbeat)
 
     # ----------------------------------------------------------------- Link (for the room)
@@ -204,17 +206,29 @@ class Session:
             self.close(CLOSE_HANDSHAKE_TIMEOUT, b"handshake timeout")
 
     def _heartbeat(self) -> None:
-        """Ping the peer; close a connection that has been silent for two intervals."""
-        loop = asyncio.get_running_loop()
-        interval = self._s.config.heartbeat
+        """Ping the peer every ``heartbeat`` seconds; drop a connection that sent nothing for
+        ``silence_timeout`` seconds (checked at that moment, not at the next ping)."""
+        self._heartbeat_timer = None
         if self._closed:
             return
-        if loop.time() - self._ws.last_rx > 2 * interval:
-            log.info("closing %s: silent for %.0f s", self.peer, loop.time() - self._ws.last_rx)
-            self.close(CLOSE_GOING_AWAY, b"heartbeat timeout")
+        loop = asyncio.get_running_loop()
+        cfg = self._s.config
+        now = loop.time()
+        silent = now - self._ws.last_rx
+        if silent >= cfg.silence_timeout:
+            # A dead peer answers no close frame: abort at once, so the room drops the member
+            # (its leases, its mix) now rather than after the close handshake's wait.
+            log.info("closing %s: silent for %.1f s", self.peer, silent)
+            self._s.metrics.silent_disconnects.inc()
+            self._s.audit("closed_silent", peer=self.peer, seconds=round(silent, 1))
+            self._closed = True
+            self._ws.abort()
             return
-        self.write(control_frame(OP_PING))
-        self._heartbeat_timer = loop.call_later(interval, self._heartbeat)
+        if now >= self._next_ping:
+            self.write(control_frame(OP_PING))
+            self._next_ping = now + cfg.heartbeat
+        wake = min(self._next_ping, self._ws.last_rx + cfg.silence_timeout)
+        self._heartbeat_timer = loop.call_at(max(wake, now + 0.05), self._heartbeat)
 
     # ----------------------------------------------------------------- input
 

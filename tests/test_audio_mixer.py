@@ -325,3 +325,31 @@ def test_a_speaker_who_leaves_flags_nothing_else() -> None:
     for k in range(30):  # silence: the speaking flag would drop now
         ra.mix_frame(10.0 + k, cap=0)
     assert table.flags(other) == 0
+
+
+def test_a_disconnected_member_is_neither_mixed_nor_heard_until_it_resumes() -> None:
+    """A member whose connection dropped (it may resume) costs no mix and is heard by nobody;
+    resumed on a new link, its WebRTC peer (which lived on) gets its mix again."""
+    ra, _, packets = _room_audio(3)
+    room = ra.test_room
+    gone = room._members[1]
+    link = gone.link
+
+    async def drop() -> None:
+        room.disconnected(gone, link)
+
+    asyncio.run(drop())
+    for k in range(5):  # only the dropped member (slot 0) talks
+        _feed(ra, packets, [0], k)
+        jobs = dict((id(t), pcm) for t, pcm in ra.mix_frame(float(k), cap=0))
+    assert id(ra.peers[1].out) not in jobs and len(jobs) == 2  # no mix made for it
+    assert all(not pcm.any() for pcm in jobs.values())  # and nobody hears it
+
+    async def resume() -> None:
+        room.reattach(gone, RecordingLink())
+
+    asyncio.run(resume())
+    for k in range(5):
+        _feed(ra, packets, [0], k)
+        jobs = dict((id(t), pcm) for t, pcm in ra.mix_frame(10.0 + k, cap=0))
+    assert len(jobs) == 3 and np.abs(jobs[id(ra.peers[2].out)]).max() > 100

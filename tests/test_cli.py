@@ -86,6 +86,7 @@ def test_every_bad_input_is_one_line_and_exit_code_2(
         "data dir is a file": ((*serve, "--data-dir", str(a_file)), "not a folder"),
         "data dir unwritable": ((*serve, "--data-dir", str(unwritable)), "cannot write"),
         "negative heartbeat": ((*serve, "--heartbeat", "-1"), "heartbeat"),
+        "silence within heartbeat": ((*serve, "--silence-timeout", "1"), "silence_timeout"),
         "negative linger": ((*serve, "--room-linger", "-5"), "room_linger"),
         "zero frame size": ((*serve, "--max-frame-bytes", "0"), "max_frame_bytes"),
         "zero handshake": ((*serve, "--handshake-timeout", "0"), "handshake_timeout"),

@@ -234,6 +234,10 @@ class RoomMix:
         self.speaker[s] = self.listener[s] = False
         self.inboxes.pop(s, None)
 
+    def set_listening(self, s: int, on: bool) -> None:
+        """Make (or stop making) slot ``s``'s mix; its peer and what it sends stay."""
+        self.listener[s] = on
+
     def silence(self, s: int) -> None:
         """Stop reading what slot ``s`` sends (it may still listen)."""
         self.speaker[s] = False

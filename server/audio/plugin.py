@@ -210,8 +210,20 @@ class RoomAudio(RoomPlugin):
         self._schedule_rules()
 
     def on_resume(self, member: MemberView) -> None:
-        self._add(member)
+        s = self._add(member)
+        self.mix.set_paused(s, member.paused)
+        peer = self.peers.get(member.id)
+        if peer is not None:
+            self.mix.set_listening(s, True)  # its WebRTC peer lived on: mix for it again
         self.ctx.send(member, self.rules_for(member))
+
+    def on_disconnect(self, member: MemberView) -> None:
+        """The member's connection dropped (it may resume): nobody hears it and its mix is
+        no longer made or encoded. Its WebRTC peer stays for a resume within the grace."""
+        s = self.mix.slot_of.get(member.id)
+        if s is not None:
+            self.mix.set_paused(s, True)
+            self.mix.set_listening(s, False)
 
     def on_leave(self, member: MemberView, reason: str) -> None:
         task = self._negotiating.pop(member.id, None)
