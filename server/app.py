@@ -363,11 +363,18 @@ def set_keepalive(sock: socket.socket, within: float) -> None:
     """TCP keepalive that gives up on a silent peer within about ``within`` seconds: the
     kernel probes an idle connection (one second apart) and resets it when three go
     unanswered. The heartbeat notices a dead member first while we send it state; this also
-    covers a connection with nothing in flight. Options the platform lacks are skipped."""
+    covers a connection with nothing in flight. Data in flight stops keepalive probes, so
+    ``TCP_USER_TIMEOUT`` bounds how long sent bytes may stay unacknowledged too (twice the
+    limit: a slow but live link is not cut). Options the platform lacks are skipped."""
     probes = 3
     idle = max(1, int(within) - probes)
     options = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
-    for name, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", 1), ("TCP_KEEPCNT", probes)):
+    for name, value in (
+        ("TCP_KEEPIDLE", idle),
+        ("TCP_KEEPINTVL", 1),
+        ("TCP_KEEPCNT", probes),
+        ("TCP_USER_TIMEOUT", int(2000 * within)),
+    ):
         opt = getattr(socket, name, None)
         if opt is not None:
             options.append((socket.IPPROTO_TCP, opt, value))

@@ -122,3 +122,20 @@ async def test_an_idle_member_answering_pings_is_never_dropped() -> None:
             assert "medverse_silent_disconnects_total 0.0" in srv.get("/metrics")
         finally:
             await s.close()
+
+
+def test_keepalive_and_unacknowledged_data_are_bounded() -> None:
+    """The kernel gives up on a silent peer too: keepalive probes after about the silence
+    limit, and sent bytes left unacknowledged for twice the limit end the connection."""
+    import socket
+
+    from medverse.server.app import set_keepalive
+
+    with socket.socket() as sock:
+        set_keepalive(sock, 5.0)
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        if hasattr(socket, "TCP_KEEPIDLE"):
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 2
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 3
+        if hasattr(socket, "TCP_USER_TIMEOUT"):
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 10_000
