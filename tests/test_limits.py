@@ -10,22 +10,11 @@ import time
 import psutil
 
 from medverse.client_sdk import Pose, connect
+from medverse.client_sdk.loadtest import client_frame
 from medverse.protocol.messages import PROTOCOL_VERSION, Hello, encode_message
 
 from .conftest import run_server
 from .helpers import RawClient
-
-
-def masked(payload: bytes, opcode: int = 0x2) -> bytes:
-    """A client WebSocket frame (masked with a zero key, which leaves the payload as is)."""
-    n = len(payload)
-    if n < 126:
-        head = bytes((0x80 | opcode, 0x80 | n))
-    elif n < 65536:
-        head = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, n)
-    else:
-        head = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, n)
-    return head + b"\0\0\0\0" + payload
 
 
 async def upgraded(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -42,12 +31,12 @@ async def upgraded(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWrite
 
 # Everything an attacker without a token throws at the server, one connection each.
 GARBAGE = [
-    masked(b"\x01\xdd\xff\xff\xff\xff"),  # msgpack array32 of 4G items
-    masked(b"\x01" + b"\x91" * 50000),  # 50,000 nested arrays
-    masked(b"\x01\xc6\x7f\xff\xff\xff"),  # bin32 claiming 2 GB
-    masked(b"hello", opcode=0x1),  # a text frame
+    client_frame(0x2, b"\x01\xdd\xff\xff\xff\xff"),  # msgpack array32 of 4G items
+    client_frame(0x2, b"\x01" + b"\x91" * 50000),  # 50,000 nested arrays
+    client_frame(0x2, b"\x01\xc6\x7f\xff\xff\xff"),  # bin32 claiming 2 GB
+    client_frame(0x1, b"hello"),  # a text frame
     struct.pack("!BBQ", 0x82, 0xFF, 16 * 1024 * 1024) + b"\0\0\0\0" + bytes(16 * 1024 * 1024),
-    b"".join(masked(b"\x01\x80") for _ in range(2000)),  # a flood of tiny frames
+    b"".join(client_frame(0x2, b"\x01\x80") for _ in range(2000)),  # a flood of tiny frames
 ]
 
 
@@ -76,7 +65,7 @@ async def test_unidentified_connections_are_budgeted() -> None:
         await extra.close()
         # One of them joins: it no longer counts, and a new connection is let in.
         _, w = idle[0]
-        w.write(masked(encode_message(Hello(PROTOCOL_VERSION, "budget", "a", 3))))
+        w.write(client_frame(0x2, encode_message(Hello(PROTOCOL_VERSION, "budget", "a", 3))))
         await w.drain()
         await asyncio.sleep(0.3)
         ok = await RawClient.open(s.url)
