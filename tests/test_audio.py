@@ -495,7 +495,11 @@ async def test_malformed_and_flooding_signaling(srv: ServerProcess) -> None:
             await expect(frame, code)
         # An offer that passes the checks but is no usable SDP: refused once aiortc reads it.
         await expect(encode_message(AudioOffer(sdp_ok + "a=recvonly\r\n", False)), "bad_field")
-        # Flooding offers: a few are negotiated, the rest refused as rate limited.
+        # Flooding offers: a few are negotiated, the rest refused as rate limited. Error replies
+        # have their own token bucket (error_reply_rate a second, as many in a burst), which the
+        # cases above may have drained: wait for it to refill so no refusal of the flood is
+        # swallowed by it.
+        await asyncio.sleep(1.5)
         codes = set()
         for _ in range(15):
             await raw.ws.send_bytes(encode_message(AudioOffer(sdp_ok + "a=recvonly\r\n", False)))
