@@ -103,9 +103,9 @@ class Server:
         self.metrics = Metrics()
         self.traffic = Traffic()
         self.audit = AuditRecorder()
-        self.verifier = make_verifier(config)
         #: The clinic definition (``--clinic``): room types, their policies, the waiting room.
         self.clinic: Clinic | None = load_clinic(config.clinic) if config.clinic else None
+        self.verifier = make_verifier(config)
         self.policy = RoomPolicy(config, self.clinic)
         self.plugins = [as_server_plugin(p) for p in plugins]
         names = [p.name for p in self.plugins]
