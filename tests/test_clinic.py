@@ -519,3 +519,45 @@ def test_flags_are_rules_like_the_clinic_file(tmp_path: Path) -> None:
     assert policy.consent("consult-1") == (CLINIC.types[1].consent_version, TEXTS["consultation"])
     assert policy.settings("consult-1").pseudonymous and not policy.settings("mdt-1").pseudonymous
     assert policy.known("consult-7") and not policy.known("ward-1")
+
+
+async def test_a_moved_member_resumes_in_its_new_room(srv: ServerProcess) -> None:
+    """A dropped connection after a move resumes the same member in the room it was moved to,
+    with the token of the room it first joined."""
+    async with (
+        member(srv, "waiting", "hal") as ph,
+        member(srv, "consult-6", "drkim", role="host") as dr,
+    ):
+        await expect(ph, "queue")
+        await dr.call_next()
+        arrived = await expect(ph, "arrived")
+        assert ph.room == "consult-6"
+        ws = ph._ws
+        assert ws is not None
+        await ws.close()  # the connection drops without a leave
+        resumed = await expect(ph, "resumed")
+        assert resumed.same_member and ph.member_id == arrived.member_id
+        assert ph.room == "consult-6" and dr.members == {ph.member_id: "HAL"}
+    # Once its place is gone, a resume there falls back to the room the token names.
+    raw = await RawClient.open(srv.url)
+    try:
+        hello = Hello(PROTOCOL_VERSION, "consult-6", "HAL", 3, "gone" * 8, tok("waiting", "hal"))
+        await raw.ws.send_bytes(encode_message(hello))
+        assert (await raw.next_error()).code == "bad_resume"
+        ask = await raw.next_control()
+        assert isinstance(ask, ConsentRequired) and ask.text == TEXTS["waiting"]
+        await raw.ws.send_bytes(encode_message(Consent(ask.version, True)))
+        welcome = await raw.next_control()
+        assert isinstance(welcome, Welcome) and welcome.room == "waiting"
+        # A token for one room never joins another without a resume token naming a member.
+        other = await RawClient.open(srv.url)
+        try:
+            await other.ws.send_bytes(
+                encode_message(Hello(PROTOCOL_VERSION, "consult-6", "HAL", 3, None, hello.token))
+            )
+            err = await other.next_error()
+            assert (err.code, err.fatal) == ("unauthorized", True)
+        finally:
+            await other.close()
+    finally:
+        await raw.close()
