@@ -91,6 +91,8 @@ export class RequestError extends Error {
 export const REPLIES = new Map([
   ["obj_ack", "ok"],
   ["obj_refused", "refused"],
+  ["ack", "ok"], // the acknowledged requests of the core and audio messages (their `req`)
+  ["refused", "refused"],
 ]);
 
 const OPEN = 1; // WebSocket.OPEN, the same in browsers and in ws
@@ -764,7 +766,7 @@ export class MedverseClient {
       p?.resolve(m);
     } else if (p !== undefined) {
       p.reject(new RequestError(m.code, m.message, { objectId: m.object_id, holder: m.holder }));
-    } else if (m.object_id !== null) {
+    } else if (m.object_id !== null && m.object_id !== undefined) {
       // A refused move: show the server's transform again.
       this._local.delete(m.object_id);
       this._released.delete(m.object_id);
@@ -1091,6 +1093,8 @@ const HANDLERS = {
     c.members = new Map(m.members.map((w) => [w.id, w.name]));
     c._objectsRenewed();
   },
+  ack: (c, m) => c._onReply(m),
+  refused: (c, m) => c._onReply(m),
   obj_ack: (c, m) => c._onReply(m),
   obj_refused: (c, m) => c._onReply(m),
   obj_state: (c, m) => c._onObjectState(m),
