@@ -125,12 +125,20 @@ async def test_page_hears_a_bot_on_its_side_and_a_server_mute_within_200_ms(
         meter = LevelMeter(await bot.audio.start(tone))
         try:
             # 1 m to the page's left (it faces -Z): louder on the left.
-            left = await until(lambda: _check(page, side("left")), "tone heard on the left")
+            await until(lambda: _check(page, side("left")), "tone heard on the left")
+            left = await settled(page, "left")
             bot.send_pose(head=Pose((1.0, 1.6, 0.0), (0.0, 0.0, 0.0, 1.0)))
-            right = await until(lambda: _check(page, side("right")), "tone heard on the right")
+            await until(lambda: _check(page, side("right")), "tone heard on the right")
+            right = await settled(page, "right")
             await until(
                 lambda: page.evaluate("(id) => window.audio.isSpeaking(id)", bot.member_id),
                 "speaking indicator",
+            )
+            # The page's microphone (Chromium's fake device: a beep every second) goes up: the
+            # bot hears it.
+            await until(
+                lambda: _true(max(meter.levels(1.0)) > SILENT),
+                "the bot hears the page's microphone",
             )
             # The WebRTC path is loopback on both ends.
             pair = await page.evaluate(SELECTED_PAIR)
@@ -171,6 +179,19 @@ async def test_page_hears_a_bot_on_its_side_and_a_server_mute_within_200_ms(
     )
     assert state == [None, "joined"]
     assert console_errors(page) == []
+
+
+async def settled(page: Page, which: str) -> tuple[float, float]:
+    """The levels over 300 ms once the pan has settled (the move is out of the window), still
+    on ``which`` side."""
+    await asyncio.sleep(0.4)
+    lv = await page_levels(page, 300.0)
+    assert side(which)(lv), (which, lv)
+    return lv
+
+
+async def _true(value: bool) -> bool:
+    return value
 
 
 async def _check(page: Page, ok: Callable[[tuple[float, float]], bool]) -> Any:
