@@ -43,6 +43,7 @@ from .limits import ConnectionBudget
 from .metrics import Metrics, Traffic
 from .moderation import Moderation, ModerationService
 from .objects import SharedObjects
+from .pg import Database
 from .plugins import (
     RoomPlugin,
     RoomType,
@@ -60,6 +61,7 @@ from .session import (
     Session,
     SessionServices,
 )
+from .store import PostgresObjectStore
 from .tick import TickLoop
 from .transport import WebSocketConnection
 
@@ -133,6 +135,8 @@ class Server:
         )
         self.integrity = Integrity(self.metrics.registry, self.audit)
         self.scrub: AssetScrub | None = None
+        #: PostgreSQL, when ``database_url`` is set (else SQLite files in the data directory).
+        self.database: Database | None = None
         self._sessions: set[Session] = set()
         self.sessions = SessionServices(
             config,
@@ -183,6 +187,15 @@ class Server:
 
     async def start(self) -> None:
         cfg = self.config
+        if cfg.database_url:
+            # Connecting may take a moment; the loop runs nothing else yet, but keeps its
+            # hands off the database in any case (see medverse.server.pg).
+            database = Database(cfg.database_url)
+            await asyncio.to_thread(database.start)
+            self.database = database
+            for plugin in self.plugins:
+                if isinstance(plugin, SharedObjects):
+                    plugin.use_store(PostgresObjectStore(database))
         self.audit.open(
             cfg.data_dir, cfg.audit_retention_days, auth="off" if cfg.no_auth else "tokens"
         )
@@ -224,6 +237,9 @@ class Server:
             self.assets.close()
             self.assets = None
         self.audit.close()
+        if self.database is not None:
+            await asyncio.to_thread(self.database.close)
+            self.database = None
 
     # ----------------------------------------------------------------- HTTP
 

@@ -13,7 +13,10 @@ import pytest
 
 from benchmarks.harness import ROOT, ServerProcess, free_port, run_server
 
-__all__ = ["ROOT", "ServerProcess", "free_port", "run_server"]
+from .backends import backend
+from .pgservice import postgres_server
+
+__all__ = ["ROOT", "ServerProcess", "backend", "free_port", "postgres_server", "run_server"]
 
 
 @pytest.fixture(scope="module")
