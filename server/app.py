@@ -196,9 +196,18 @@ class Server:
             for plugin in self.plugins:
                 if isinstance(plugin, SharedObjects):
                     plugin.use_store(PostgresObjectStore(database))
-        self.audit.open(
-            cfg.data_dir, cfg.audit_retention_days, auth="off" if cfg.no_auth else "tokens"
-        )
+        auth = "off" if cfg.no_auth else "tokens"
+        if self.database is not None:
+            # Registering the signing key is a round trip: off the loop, like the connect.
+            await asyncio.to_thread(
+                self.audit.open,
+                cfg.data_dir,
+                cfg.audit_retention_days,
+                database=self.database,
+                auth=auth,
+            )
+        else:
+            self.audit.open(cfg.data_dir, cfg.audit_retention_days, auth=auth)
         self.assets = AssetStore(cfg.data_dir)
         context = ServerContext(
             cfg,
@@ -214,7 +223,11 @@ class Server:
         for plugin in self.plugins:
             if isinstance(plugin, SharedObjects):
                 await self.integrity.check_objects(
-                    plugin.store, cfg.data_dir, plugin.hold_back, cfg.serve_incomplete_objects
+                    plugin.store,
+                    self.audit.source,
+                    plugin.hold_back,
+                    cfg.serve_incomplete_objects,
+                    recheck=self.database is not None,
                 )
         self.scrub = AssetScrub(self.assets, self.integrity, cfg.asset_scrub_interval)
         self.scrub.start()
@@ -236,7 +249,10 @@ class Server:
         if self.assets is not None:
             self.assets.close()
             self.assets = None
-        self.audit.close()
+        if self.database is not None:
+            await asyncio.to_thread(self.audit.close)  # commits what is queued: a round trip
+        else:
+            self.audit.close()
         if self.database is not None:
             await asyncio.to_thread(self.database.close)
             self.database = None

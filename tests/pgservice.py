@@ -9,6 +9,7 @@ the programs in ``/usr/lib/postgresql/NN/bin``, not on PATH, so they are looked 
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import glob
 import os
@@ -119,7 +120,9 @@ class PostgresServer:
             finally:
                 await conn.close()
 
-        asyncio.run(create())
+        # In a thread of its own: the caller may be running an event loop.
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pool.submit(asyncio.run, create()).result()
         return self.url_for(name)
 
     def stop(self) -> None:

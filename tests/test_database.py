@@ -3,17 +3,23 @@ several servers on one database."""
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import os
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 
+from medverse.client_sdk import connect
+from medverse.server.audit import PostgresAuditLog, verify
 from medverse.server.config import ServerConfig
 from medverse.server.pg import Database, DatabaseUnavailable, redact
 
-from .conftest import ROOT, free_port
+from .backends import Backend
+from .conftest import ROOT, ServerProcess, free_port, run_server
 from .pgservice import new_database
 
 
@@ -82,3 +88,101 @@ def test_a_closed_database_says_so() -> None:
     db = Database("postgresql://u:p@127.0.0.1:1/x")
     with pytest.raises(DatabaseUnavailable, match=r"u:\*\*\*@"):
         db.run(lambda conn: conn.fetch("SELECT 1"))
+
+
+# --------------------------------------------------------------------------- the audit log
+
+APPENDER = """
+import sys, time
+from medverse.server.audit import PostgresAuditLog
+from medverse.server.pg import Database
+url, data, name, count, start = sys.argv[1:]
+db = Database(url)
+db.start()
+log = PostgresAuditLog(db, data, sign_delay=0.05)
+time.sleep(max(0.0, float(start) - time.time()))  # both begin together
+for i in range(int(count)):
+    log.append("join", room=name, actor=f"{name}-{i}")
+    if i % 5 == 4:
+        log.flush()  # many small transactions: the other process's come in between
+log.close()
+db.close()
+"""
+
+
+def test_two_processes_append_to_one_log_in_one_order(postgres_server: str) -> None:
+    url = new_database(postgres_server)
+    data = tempfile.mkdtemp(prefix="medverse-audit-")  # shared: one signing key
+    start = time.time() + 3.0
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", APPENDER, url, data, name, "300", str(start)],
+            cwd=ROOT,
+            stderr=subprocess.PIPE,
+        )
+        for name in ("a", "b")
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err.decode()
+    backend = Backend("postgresql", url)
+    with backend.audit_source(data) as src:
+        report = verify(src)
+        rows = src.rows()
+        heads = src.heads()
+    assert report.ok and report.entries == 600, report.problems
+    assert [r[1] for r in rows] == list(range(1, 601))  # no gap, no duplicate
+    for name in ("a", "b"):  # each process's entries in the order it appended them
+        actors = [r[5] for r in rows if r[4] == name]
+        assert actors == [f"{name}-{i}" for i in range(300)]
+    # Appended concurrently: the two processes' entries interleave.
+    rooms = [r[4] for r in rows]
+    switches = sum(1 for x, y in itertools.pairwise(rooms) if x != y)
+    assert switches >= 2, "the appenders did not overlap"
+    assert heads[-1][0] == 600 and len(heads) >= 2
+
+
+def test_a_server_with_another_signing_key_is_refused(postgres_server: str) -> None:
+    backend = Backend("postgresql", new_database(postgres_server))
+    with backend.audit_log(tempfile.mkdtemp()) as log:
+        log.append("join", room="ward")
+    other = tempfile.mkdtemp(prefix="medverse-audit-key-")  # a key of its own
+    with backend.database() as db, pytest.raises(ValueError, match="same key"):
+        PostgresAuditLog(db, other)
+
+
+async def test_two_servers_on_one_database_keep_one_verifiable_log(
+    postgres_server: str,
+) -> None:
+    url = new_database(postgres_server)
+    data = tempfile.mkdtemp(prefix="medverse-cluster-")  # the shared volume
+    cycles = 12
+
+    async def visits(srv: ServerProcess, prefix: str) -> None:
+        for i in range(cycles):
+            async with connect(srv.url, room=f"{prefix}{i % 3}", name=prefix, ping_interval=0):
+                pass
+
+    with (
+        run_server(database_url=url, data_dir=data) as a,
+        run_server(database_url=url, data_dir=data) as b,
+    ):
+        await asyncio.gather(visits(a, "a"), visits(b, "b"))
+    env = dict(os.environ, MEDVERSE_DATABASE_URL=url)
+    out = subprocess.run(
+        [sys.executable, "-m", "medverse.server.cli", "audit", "verify", "--data-dir", data],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0 and "OK: the log is intact" in out.stdout, out.stdout + out.stderr
+    with Backend("postgresql", url).audit_source(data) as src:
+        rows = src.rows()
+    kinds = [(r[3], (r[4] or "")[:1]) for r in rows]
+    for prefix in ("a", "b"):
+        assert kinds.count(("join", prefix)) == cycles
+        assert kinds.count(("leave", prefix)) == cycles
+    assert [k for k, _ in kinds].count("server_start") == 2
+    assert [k for k, _ in kinds].count("server_stop") == 2
