@@ -34,6 +34,7 @@ from .assets import AssetService, AssetStore
 from .audio import SpatialAudio
 from .audit import AuditRecorder
 from .auth import SECRET_FILE, Identity, TokenVerifier, load_or_create_secret
+from .bans import PostgresBanStore
 from .clock import FixedRateClock
 from .config import ServerConfig
 from .entities import EntityTable
@@ -193,9 +194,12 @@ class Server:
             database = Database(cfg.database_url)
             await asyncio.to_thread(database.start)
             self.database = database
+            bans = await asyncio.to_thread(PostgresBanStore, database)
             for plugin in self.plugins:
                 if isinstance(plugin, SharedObjects):
                     plugin.use_store(PostgresObjectStore(database))
+                elif isinstance(plugin, ModerationService):
+                    plugin.use_store(bans)
         auth = "off" if cfg.no_auth else "tokens"
         if self.database is not None:
             # Registering the signing key is a round trip: off the loop, like the connect.

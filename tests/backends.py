@@ -22,6 +22,7 @@ from medverse.server.audit import (
     PostgresAuditSource,
     SQLiteAuditSource,
 )
+from medverse.server.bans import BanBackend, BanStore, PostgresBanStore
 from medverse.server.store import ObjectStore, PostgresObjectStore, SQLiteObjectStore
 
 from .pgservice import new_database
@@ -74,6 +75,16 @@ class Backend:
             yield db
         finally:
             db.close()
+
+    @contextlib.contextmanager
+    def ban_store(self, data_dir: str | Path, refresh: float = 1.0) -> Iterator[BanBackend]:
+        """The bans a server with :meth:`settings` and ``data_dir`` keeps."""
+        with self.database() as db:
+            store = BanStore.in_dir(data_dir) if db is None else PostgresBanStore(db, refresh)
+            try:
+                yield store
+            finally:
+                store.close()
 
     @contextlib.contextmanager
     def audit_log(

@@ -186,3 +186,35 @@ async def test_two_servers_on_one_database_keep_one_verifiable_log(
         assert kinds.count(("leave", prefix)) == cycles
     assert [k for k, _ in kinds].count("server_start") == 2
     assert [k for k, _ in kinds].count("server_stop") == 2
+
+
+# --------------------------------------------------------------------------- bans
+
+
+def test_a_ban_made_on_one_server_holds_on_the_others_within_a_second(
+    postgres_server: str,
+) -> None:
+    backend = Backend("postgresql", new_database(postgres_server))
+    with backend.ban_store("unused", refresh=0.2) as here, backend.ban_store("unused") as there:
+        ban = here.add("ward", "troll", "Troll", "", "dr-a", None)
+        assert [b.id for b in here.active("ward", "troll")] == [ban.id]  # at once here
+        deadline = time.monotonic() + 5.0
+        while not there.active("ward", "troll"):
+            assert time.monotonic() < deadline, "the other server never saw the ban"
+            time.sleep(0.05)
+        here.lift("ward", ban.id, "dr-a")
+        assert here.active("ward") == []
+        while there.active("ward"):
+            assert time.monotonic() < deadline, "the other server never saw the ban lifted"
+            time.sleep(0.05)
+
+
+def test_a_ban_that_cannot_be_stored_is_a_typed_error(postgres_server: str) -> None:
+    from medverse.protocol.errors import ProtocolError
+
+    backend = Backend("postgresql", new_database(postgres_server))
+    with backend.ban_store("unused") as bans:
+        bans.db.close()  # type: ignore[attr-defined]  # the database goes away
+        with pytest.raises(ProtocolError) as err:
+            bans.add("ward", "troll", "Troll", "", "dr-a", None)
+        assert err.value.code.value == "internal" and "could not be stored" in err.value.message

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -124,3 +125,24 @@ def test_retention_prunes_content_but_keeps_the_tree(backend: Backend) -> None:
     with backend.audit_source(d) as src:
         lines = read_entries(src)
     assert sum("pruned" in line for line in lines) == 5
+
+
+# --------------------------------------------------------------------------- bans
+
+
+def test_bans_are_kept_lifted_and_expire(backend: Backend) -> None:
+    d = tempfile.mkdtemp(prefix="medverse-bans-")
+    with backend.ban_store(d) as bans:
+        forever = bans.add("ward", "troll", "Troll", "shouting", "dr-a", None)
+        brief = bans.add("ward", "pest", "Pest", "", "dr-a", time.time() + 0.5)
+        bans.add("clinic", "troll", "Troll", "", "dr-b", None)
+        assert [b.id for b in bans.active("ward")] == [forever.id, brief.id]
+        assert [b.subject for b in bans.active("ward", "troll")] == ["troll"]
+        assert bans.lift("ward", forever.id, "dr-a") == forever
+        assert bans.lift("ward", forever.id, "dr-a") is None  # lifted already
+        assert bans.lift("clinic", brief.id, "dr-a") is None  # another room's
+        assert [b.subject for b in bans.active("ward")] == ["pest"]
+    time.sleep(0.6)
+    with backend.ban_store(d) as bans:  # as after a restart
+        assert bans.active("ward") == []  # lifted, and expired
+        assert [(b.subject, b.actor) for b in bans.active("clinic")] == [("troll", "dr-b")]
