@@ -218,3 +218,70 @@ def test_a_ban_that_cannot_be_stored_is_a_typed_error(postgres_server: str) -> N
         with pytest.raises(ProtocolError) as err:
             bans.add("ward", "troll", "Troll", "", "dr-a", None)
         assert err.value.code.value == "internal" and "could not be stored" in err.value.message
+
+
+# --------------------------------------------------------------------------- consent
+
+
+async def test_consent_records_are_kept_in_the_clusters_log(postgres_server: str) -> None:
+    import hashlib
+
+    from medverse.client_sdk import JoinError
+    from medverse.server.auth import mint_token
+
+    url = new_database(postgres_server)
+    data = tempfile.mkdtemp(prefix="medverse-consent-")
+    text = "Sessions in this room are recorded in the audit log.\n"
+    version = hashlib.sha256(text.encode()).hexdigest()
+    consent = os.path.join(data, "consent.txt")
+    with open(consent, "w") as f:
+        f.write(text)
+    secret = "p" * 48
+
+    def tok(who: str) -> str:
+        return mint_token(secret.encode(), room="therapy", identity=who, name=who)
+
+    with run_server(
+        auth_secret=secret, data_dir=data, database_url=url, consent_file=consent
+    ) as srv:
+        yes = lambda v, t: v == version  # noqa: E731
+        async with connect(srv.url, room="therapy", name="g", token=tok("g"), consent=yes):
+            pass
+        with pytest.raises(JoinError):
+            async with connect(
+                srv.url, room="therapy", name="d", token=tok("d"), consent=lambda v, t: False
+            ):
+                pass
+    with Backend("postgresql", url).audit_source(data) as src:
+        rows = [r for r in src.rows() if r[3].startswith("consent")]
+    assert [(r[3], r[5]) for r in rows] == [("consent", "g"), ("consent_declined", "d")]
+    assert version in rows[0][7]
+
+
+# --------------------------------------------------------------------------- integrity
+
+
+async def test_acknowledged_annotations_missing_from_postgresql_hold_the_room_back(
+    postgres_server: str,
+) -> None:
+    from .test_integrity import SECRET, make_annotated_room
+
+    backend = Backend("postgresql", new_database(postgres_server))
+    data = tempfile.mkdtemp(prefix="medverse-integrity-")
+    settings = {"auth_secret": SECRET, "data_dir": data, **backend.settings()}
+    with run_server(**settings) as srv:
+        ids = await make_annotated_room(srv, "ward")
+        await make_annotated_room(srv, "clinic")  # left intact
+
+    async def lose(conn: object) -> None:  # an older copy of the database, restored
+        await conn.execute(  # type: ignore[attr-defined]
+            "DELETE FROM annotations WHERE room = 'ward' AND id = ANY($1::bigint[])", ids[1:3]
+        )
+
+    with backend.database() as db:
+        db.run(lose)
+    with run_server(**settings) as srv:
+        health = srv.get_json("/health")
+        assert health["status"] == "degraded"
+        assert list(health["integrity"]["incomplete_rooms"]) == ["ward"]
+        assert health["integrity"]["incomplete_rooms"]["ward"]["missing_annotations"] == ids[1:3]
