@@ -89,11 +89,20 @@ class PostgresServer:
             f"-c fsync={'on' if fsync else 'off'}",
             "-c shared_buffers=32MB",
         ]
+        self._options = " ".join(options)
+        self.start()
+        self.url = self.url_for("postgres")
+
+    def start(self) -> None:
+        """Start the server (again, after :meth:`halt`)."""
         self._run(
-            "pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-o", " ".join(options),
+            "pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-o", self._options,
             "start",
         )  # fmt: skip
-        self.url = self.url_for("postgres")
+
+    def halt(self) -> None:
+        """Stop the server, keeping its data (the database goes away for a while)."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
 
     def _run(self, program: str, *args: str) -> None:
         cmd = [*self._as, str(self.bindir / program), *args]

@@ -285,3 +285,36 @@ async def test_acknowledged_annotations_missing_from_postgresql_hold_the_room_ba
         assert health["status"] == "degraded"
         assert list(health["integrity"]["incomplete_rooms"]) == ["ward"]
         assert health["integrity"]["incomplete_rooms"]["ward"]["missing_annotations"] == ids[1:3]
+
+
+# --------------------------------------------------------------------------- outages
+
+
+async def test_a_change_made_while_the_database_is_away_is_stored_once_it_is_back() -> None:
+    from .pgservice import running_postgres
+    from .test_persistence import ASSET, provide
+
+    with running_postgres() as pg:  # a server of its own: it goes away for a while
+        url = pg.create_database()
+        data = tempfile.mkdtemp(prefix="medverse-outage-")
+        with run_server(data_dir=data, database_url=url) as srv:
+            await provide(srv.url, "ward")
+            async with connect(srv.url, room="ward", name="a", ping_interval=0) as s:
+                await s.objects.wait_synced()
+                oid = await s.spawn(ASSET)
+                await asyncio.to_thread(pg.halt)
+                pending = asyncio.ensure_future(s.annotate(oid, "pin", [(0, 0, 0)], text="late"))
+                await asyncio.sleep(1.5)
+                assert not pending.done()  # not acknowledged: not stored yet
+                s.send_pose()  # the room carries on meanwhile
+                await asyncio.to_thread(pg.start)
+                aid = await asyncio.wait_for(pending, 40)
+        backend = Backend("postgresql", url)
+        with backend.object_store(data) as store:
+            record = store.load_room("ward")
+        assert [(a.id, a.text) for a in record.annotations] == [(aid, "late")]
+        with backend.audit_source(data) as src:
+            report = verify(src)
+            kinds = [r[3] for r in src.rows()]
+        assert report.ok, report.problems
+        assert "annotation_created" in kinds and kinds.count("server_stop") == 1
