@@ -34,6 +34,7 @@ from .assets import AssetService, AssetStore
 from .audio import SpatialAudio
 from .audit import AuditRecorder
 from .auth import SECRET_FILE, Identity, TokenVerifier, load_or_create_secret
+from .bans import PostgresBanStore
 from .clock import FixedRateClock
 from .config import ServerConfig
 from .entities import EntityTable
@@ -43,6 +44,7 @@ from .limits import ConnectionBudget
 from .metrics import Metrics, Traffic
 from .moderation import Moderation, ModerationService
 from .objects import SharedObjects
+from .pg import Database
 from .plugins import (
     RoomPlugin,
     RoomType,
@@ -60,6 +62,7 @@ from .session import (
     Session,
     SessionServices,
 )
+from .store import PostgresObjectStore
 from .tick import TickLoop
 from .transport import WebSocketConnection
 
@@ -133,6 +136,8 @@ class Server:
         )
         self.integrity = Integrity(self.metrics.registry, self.audit)
         self.scrub: AssetScrub | None = None
+        #: PostgreSQL, when ``database_url`` is set (else SQLite files in the data directory).
+        self.database: Database | None = None
         self._sessions: set[Session] = set()
         self.sessions = SessionServices(
             config,
@@ -183,9 +188,30 @@ class Server:
 
     async def start(self) -> None:
         cfg = self.config
-        self.audit.open(
-            cfg.data_dir, cfg.audit_retention_days, auth="off" if cfg.no_auth else "tokens"
-        )
+        if cfg.database_url:
+            # Connecting may take a moment; the loop runs nothing else yet, but keeps its
+            # hands off the database in any case (see medverse.server.pg).
+            database = Database(cfg.database_url)
+            await asyncio.to_thread(database.start)
+            self.database = database
+            bans = await asyncio.to_thread(PostgresBanStore, database)
+            for plugin in self.plugins:
+                if isinstance(plugin, SharedObjects):
+                    plugin.use_store(PostgresObjectStore(database))
+                elif isinstance(plugin, ModerationService):
+                    plugin.use_store(bans)
+        auth = "off" if cfg.no_auth else "tokens"
+        if self.database is not None:
+            # Registering the signing key is a round trip: off the loop, like the connect.
+            await asyncio.to_thread(
+                self.audit.open,
+                cfg.data_dir,
+                cfg.audit_retention_days,
+                database=self.database,
+                auth=auth,
+            )
+        else:
+            self.audit.open(cfg.data_dir, cfg.audit_retention_days, auth=auth)
         self.assets = AssetStore(cfg.data_dir)
         context = ServerContext(
             cfg,
@@ -201,7 +227,11 @@ class Server:
         for plugin in self.plugins:
             if isinstance(plugin, SharedObjects):
                 await self.integrity.check_objects(
-                    plugin.store, cfg.data_dir, plugin.hold_back, cfg.serve_incomplete_objects
+                    plugin.store,
+                    self.audit.source,
+                    plugin.hold_back,
+                    cfg.serve_incomplete_objects,
+                    recheck=self.database is not None,
                 )
         self.scrub = AssetScrub(self.assets, self.integrity, cfg.asset_scrub_interval)
         self.scrub.start()
@@ -223,7 +253,13 @@ class Server:
         if self.assets is not None:
             self.assets.close()
             self.assets = None
-        self.audit.close()
+        if self.database is not None:
+            await asyncio.to_thread(self.audit.close)  # commits what is queued: a round trip
+        else:
+            self.audit.close()
+        if self.database is not None:
+            await asyncio.to_thread(self.database.close)
+            self.database = None
 
     # ----------------------------------------------------------------- HTTP
 
