@@ -302,3 +302,24 @@ def test_the_answer_asks_for_inband_fec() -> None:
     out = with_inband_fec(had).split("\r\n")
     assert "a=fmtp:111 minptime=10;stereo=1;useinbandfec=1" in out
     assert with_inband_fec("v=0\r\n") == "v=0\r\n"  # no Opus: left alone
+
+
+def test_frames_dropped_to_bound_latency_are_not_concealed_back() -> None:
+    """Frames that pile up while the mixer itself was held up (no mix ran to conceal
+    anything) lose their oldest on purpose, to keep latency bounded: those are not a hole for
+    the concealment to fill again."""
+    packets, _ = voice_packets(40)
+    ra, counters, _ = _room_audio(2)
+    inbox = ra.mix.inboxes[0]
+    for k in range(10):
+        inbox.put((None, frame(packets, k)))
+        ra.mix_frame(k * 0.02, cap=0)
+    assert counters.concealed == 0
+    mx = ra.mix
+    assert mx.owed[0] == 0 and mx.streaming[0]
+    for k in range(10, 16):  # six frames at once
+        inbox.put((None, frame(packets, k)))
+    ra.mix_frame(0.2, cap=0)
+    assert counters.dropped_in >= 2
+    assert counters.concealed == 0
+    assert mx.wpos[0] - mx.rpos[0] <= 3

@@ -353,8 +353,11 @@ class RoomMix:
                 continue
             frames = box.frames
             while len(frames) > RING:  # far behind: keep latency bounded
-                frames.popleft()
+                _codec, dropped = frames.popleft()
                 counters.dropped_in += 1
+                ts = getattr(dropped, "timestamp", None)
+                if ts is not None:  # dropped on purpose: not a hole to fill
+                    next_ts[s] = (int(ts) + FRAME_SAMPLES) & _TS_MASK
             while frames:  # only Opus is negotiated (see signaling.OPUS)
                 _codec, encoded = frames.popleft()
                 ts = getattr(encoded, "timestamp", None)
