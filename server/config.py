@@ -28,6 +28,9 @@ class ServerConfig:
     max_members_per_room: int = 256
     #: Seconds a new connection has to send its hello.
     handshake_timeout: float = 5.0
+    #: Seconds a new TCP connection has to send a complete HTTP request head (request line
+    #: and headers), TLS handshake included; slower ones are cut (0: no deadline).
+    header_timeout: float = 10.0
     #: Largest WebSocket message accepted from a client, bytes.
     max_frame_bytes: int = 16 * 1024
     #: A member whose unsent bytes exceed this skips state ticks until it catches up.
@@ -134,6 +137,9 @@ class ServerConfig:
     #: Received 20 ms frames aiortc holds before the mixer gets them (aiortc's default is 4).
     #: 0 hands each packet on at once; the mixer then absorbs up to 60 ms of jitter itself.
     audio_jitter_frames: int = 0
+    #: Make up a speaker's lost or late 20 ms frames with Opus's loss concealment (and the
+    #: next packet's in-band FEC, when the sender sends one) instead of mixing silence.
+    audio_conceal: bool = True
 
     def __post_init__(self) -> None:
         """Refuse values that cannot work, naming the setting: the server should fail at
@@ -152,6 +158,7 @@ class ServerConfig:
             raise ValueError("silence_timeout must be more than heartbeat (pings need answers)")
         _at_least(self, 0, "send_soft_limit", "socket_send_buffer", "max_connections_per_address")
         _at_least(self, 0, "max_unidentified_per_address", "max_unidentified_connections")
+        _at_least(self, 0, "header_timeout")
         _at_least(self, 0, "max_objects_per_room", "max_annotations_per_object")
         _at_least(self, 0, "max_assets_per_room", "audio_max_speakers", "asset_scrub_interval")
         _at_least(self, 1, "max_members_per_room", "max_violations", "send_hard_limit")
