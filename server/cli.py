@@ -103,7 +103,8 @@ def _add_token(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--room", default=None, help="the room the token admits to")
     p.add_argument("--identity", required=True, help="the token's subject (who this is)")
     p.add_argument("--name", default=None, help="display name others see (default: identity)")
-    p.add_argument("--role", default="participant", choices=["host", "participant", "observer"])
+    roles = ["host", "participant", "observer", "receptionist"]
+    p.add_argument("--role", default="participant", choices=roles)
     p.add_argument("--ttl", default="1h", help="lifetime: 90s, 30m, 1h, 2d")
     p.add_argument("--grants", default=None, help="comma-separated grants replacing the role's")
     p.add_argument("--data-dir", default=None, help="(env MEDVERSE_DATA_DIR)")

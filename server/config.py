@@ -89,6 +89,9 @@ class ServerConfig:
     consent_rooms: str = ".*"
     #: Rooms (regular expression, full match) where members appear only under pseudonyms.
     pseudonymous_rooms: str = ""
+    #: A clinic definition (TOML): room types with their policies and the room names using
+    #: them, the waiting room and its message (see ``examples/clinic.toml``).
+    clinic: str = ""
     #: Seconds without a move or view change after which an object's lease ends by itself.
     object_lease_timeout: float = 5.0
     #: Seconds between writes of moved objects' transforms to storage (at most 1 s).
@@ -187,7 +190,7 @@ class ServerConfig:
             raise ValueError("give auth_secret or auth_public_key, not both")
         if self.auth_secret and len(self.auth_secret.encode()) < 32:
             raise ValueError("auth_secret must be at least 32 bytes")
-        for name in ("consent_file", "tls_cert", "tls_key", "auth_public_key"):
+        for name in ("consent_file", "tls_cert", "tls_key", "auth_public_key", "clinic"):
             path = getattr(self, name)
             if path and not os.path.isfile(path):
                 raise ValueError(f"{name} {path}: no such file")
