@@ -52,6 +52,7 @@ from .auth import Identity
 if TYPE_CHECKING:
     from .assets import AssetStore
     from .config import ServerConfig
+    from .imaging import ImageStore
 
 
 P = TypeVar("P", bound="RoomPlugin")
@@ -316,6 +317,8 @@ class ServerContext:
     count_error: Callable[[str], None]
     #: Uploaded 3D models (None on a server without asset storage).
     assets: AssetStore | None = None
+    #: Uploaded image series and the image viewers' state (None without image storage).
+    images: ImageStore | None = None
 
 
 class ServerPlugin:

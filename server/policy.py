@@ -23,9 +23,17 @@ class RoomPolicy:
         self._pseudonymous = (
             re.compile(config.pseudonymous_rooms) if config.pseudonymous_rooms else None
         )
+        self._identifiable_images = (
+            re.compile(config.identifiable_image_rooms) if config.identifiable_image_rooms else None
+        )
 
     def needs_consent(self, room: str) -> bool:
         return self.consent_text is not None and self._consent_rooms.fullmatch(room) is not None
 
     def pseudonymous(self, room: str) -> bool:
         return self._pseudonymous is not None and self._pseudonymous.fullmatch(room) is not None
+
+    def identifiable_images(self, room: str) -> bool:
+        """Whether ``room`` takes image series whose attributes identify the patient."""
+        pattern = self._identifiable_images
+        return pattern is not None and pattern.fullmatch(room) is not None
