@@ -33,15 +33,17 @@ class Phantom:
 
 
 def phantom_volume(rows: int, cols: int, slices: int) -> np.ndarray:
-    """The phantom in HU, (slices, rows, cols) int16, vectorised."""
-    z, y, x = np.ogrid[:slices, :rows, :cols]
+    """The phantom in HU, (slices, rows, cols) int16: each slice filled from two masks."""
+    y, x = np.ogrid[:rows, :cols]
     cy, cx, cz = rows / 2, cols / 2, slices / 2
     body = ((x - cx) / (0.42 * cols)) ** 2 + ((y - cy) / (0.35 * rows)) ** 2 <= 1.0
     r = 0.12 * min(rows, cols)
-    sphere = ((x - cx) ** 2 + (y - cy) ** 2) / r**2 + ((z - cz) / max(1.0, 0.25 * slices)) ** 2 <= 1
+    disc = ((x - cx) ** 2 + (y - cy) ** 2) / r**2  # the sphere's cross-section, scaled
     vol = np.full((slices, rows, cols), AIR_HU, np.int16)
-    vol[np.broadcast_to(body, vol.shape)] = BODY_HU
-    vol[np.broadcast_to(sphere & body, vol.shape)] = SPHERE_HU
+    for k in range(slices):
+        dz = ((k - cz) / max(1.0, 0.25 * slices)) ** 2
+        vol[k][body] = BODY_HU
+        vol[k][(disc + dz <= 1) & body] = SPHERE_HU
     return vol
 
 
