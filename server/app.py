@@ -62,6 +62,7 @@ from .session import (
 )
 from .tick import TickLoop
 from .transport import WebSocketConnection
+from .webapp import WebApp
 
 log = logging.getLogger("medverse")
 
@@ -342,6 +343,7 @@ def create_app(
     )
     assets.routes(app)
     AdminAPI(server.http_auth, server.rooms, lambda: server.audit.log).routes(app)
+    WebApp().routes(app)  # the clinic app at / and /join
 
     async def on_startup(app: web.Application) -> None:
         await server.start()

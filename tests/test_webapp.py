@@ -1,0 +1,333 @@
+"""The clinic web app in a real browser (Debian's Chromium via tests/browser.py) against a real
+server on 127.0.0.1: pages and a Python SDK bot see each other move, the waiting room, consent,
+host controls, shared models and annotations, and an emulated Quest 3 (iwer) in immersive VR.
+
+Screenshots of every screen go to tests/artifacts/ (``webapp-*.png``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import secrets
+import shutil
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+from playwright.async_api import Browser, Page
+
+from medverse.client_sdk import Pose, connect
+from medverse.protocol.tokens import mint_token
+from medverse.server.webapp import WEBAPP_DIR
+from tests.conftest import ROOT, ServerProcess, run_server
+
+# The headless Chromium harness (tests/browser.py; its `browser` fixture is in conftest.py).
+harness = pytest.importorskip("tests.browser")
+console_errors, new_page, screenshot = harness.console_errors, harness.new_page, harness.screenshot
+
+WEB = ROOT / "web"
+SECRET = secrets.token_hex(32)
+CONSENT_TEXT = "Your session is recorded in the audit log only: no audio or video is stored."
+
+pytestmark = pytest.mark.timeout(180)
+
+# The codec's bounds: positions in whole millimetres (0.5 mm off at most), rotations within
+# 0.15 degrees (protocol/SPEC.md).
+POSITION_BOUND = 0.0006
+ANGLE_BOUND_DEG = 0.2
+
+
+def _build_app() -> None:
+    """Bundle the app as `pip install` does (npm run build:app), so the server serves this
+    checkout's app."""
+    npm = shutil.which("npm")
+    if npm is None:
+        pytest.skip("npm is not installed: the web app cannot be built")
+    if not (WEB / "node_modules").exists():
+        subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=WEB, check=True)
+    subprocess.run([npm, "run", "--silent", "build:app"], cwd=WEB, check=True)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """The app built and a server with tokens, consent in rooms ``consent-*``."""
+    _build_app()
+    assert (WEBAPP_DIR / "index.html").exists()
+    consent = tmp_path_factory.mktemp("consent") / "consent.txt"
+    consent.write_text(CONSENT_TEXT)
+    with run_server(
+        auth_secret=SECRET,
+        consent_file=str(consent),
+        consent_rooms="consent-.*",
+        room_linger=0.5,
+        resume_grace=3.0,
+    ) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def emulator() -> str:
+    """iwer's emulated headset as one script to inject before the page's own."""
+    esbuild = WEB / "node_modules" / ".bin" / "esbuild"
+    out = subprocess.run(
+        [str(esbuild), "tools/xr-emulator.js", "--bundle", "--format=iife", "--log-level=error"],
+        cwd=WEB,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return out.stdout
+
+
+def token(room: str, identity: str, name: str, role: str = "participant") -> str:
+    return mint_token(SECRET.encode(), room=room, identity=identity, name=name, role=role)
+
+
+async def open_app(browser: Browser, site: ServerProcess, tok: str, **ctx: Any) -> Page:
+    """A page on /join with the token in the fragment."""
+    init = ctx.pop("init_script", None)
+    page = await new_page(browser, viewport={"width": 1280, "height": 800}, **ctx)
+    if init:
+        await page.add_init_script(init)
+    await page.goto(f"{site.http}/join#token={tok}")
+    return page
+
+
+async def wait_for(page: Page, expr: str, timeout: float = 20.0) -> Any:
+    """Wait until ``expr`` (JavaScript) is truthy in the page; its value."""
+    # An arrow function, not an expression: Playwright would eval() an expression in the page,
+    # which the page's content security policy forbids.
+    handle = await page.wait_for_function(f"() => ({expr})", timeout=timeout * 1000, polling=50)
+    return await handle.json_value()
+
+
+async def screen(page: Page, name: str, timeout: float = 20.0) -> None:
+    await wait_for(page, f"window.medverse?.screen === {json.dumps(name)}", timeout)
+
+
+async def describe(page: Page) -> dict[str, Any]:
+    return await page.evaluate("window.medverse.describe()")
+
+
+def off(a: Any, b: Any) -> float:
+    """The largest difference of two positions' coordinates, metres."""
+    return max(abs(x - y) for x, y in zip(a, b, strict=True))
+
+
+def angle_deg(q1: list[float], q2: list[float]) -> float:
+    dot = abs(sum(a * b for a, b in zip(q1, q2, strict=True)))
+    return math.degrees(2 * math.acos(min(1.0, dot)))
+
+
+async def until(check: Any, timeout: float = 15.0, step: float = 0.1) -> Any:
+    """Poll the coroutine function ``check`` until it returns something truthy."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        value = await check()
+        if value:
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"not reached in {timeout} s: {check.__name__}")
+        await asyncio.sleep(step)
+
+
+@pytest.fixture
+async def pages(browser: Browser) -> AsyncIterator[list[Page]]:
+    """Pages a test opened, checked for console errors at the end."""
+    opened: list[Page] = []
+    yield opened
+    for page in opened:
+        assert [e for e in console_errors(page) if "GPU stall" not in e] == []
+
+
+def test_the_server_serves_the_app(site: ServerProcess) -> None:
+    """/ and /join are the page (never cached, a strict content security policy); the bundle
+    is cached for good under its hashed name; other names are 404; the API is untouched."""
+    import urllib.error
+    import urllib.request
+
+    for path in ("/", "/join"):
+        with urllib.request.urlopen(site.http + path) as r:
+            assert r.headers["Content-Type"] == "text/html; charset=utf-8"
+            assert r.headers["Cache-Control"] == "no-cache"
+            assert "default-src 'self'" in r.headers["Content-Security-Policy"]
+            page = r.read().decode()
+    script = page.split('src="app/')[1].split('"')[0]
+    with urllib.request.urlopen(f"{site.http}/app/{script}") as r:
+        assert r.headers["Content-Type"] == "text/javascript; charset=utf-8"
+        assert "immutable" in r.headers["Cache-Control"]
+    for bad in ("/app/..%2Fapp.py", "/app/index.html", "/app/nothing-ABCDEFGH.js"):
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(site.http + bad)
+        assert err.value.code == 404
+    assert site.get_json("/health")["status"] == "ok"
+
+
+async def test_pages_and_a_bot_see_each_other_move(
+    browser: Browser, site: ServerProcess, pages: list[Page]
+) -> None:
+    room = "ward-1"
+    host = await open_app(browser, site, token(room, "dr-a", "Dr Ada", "host"))
+    patient = await open_app(browser, site, token(room, "pat-b", "Bea"))
+    pages += [host, patient]
+    await screen(host, "room")
+    await screen(patient, "room")
+    # The token left the address bar at once.
+    assert "token" not in host.url
+    async with connect(site.url, room=room, token=token(room, "bot", "Bot")) as bot:
+        bot_head = Pose((0.4, 1.5, -0.7), (0.0, 0.3826834, 0.0, 0.9238795))
+        bot.send_pose(head=bot_head, left=Pose((0.2, 1.1, -0.6)), right=Pose((0.6, 1.1, -0.6)))
+        ids = {
+            "host": await host.evaluate("window.medverse.memberId"),
+            "patient": await patient.evaluate("window.medverse.memberId"),
+        }
+        # The host walks with the keyboard; the patient's page must draw it where it is.
+        await host.focus("#scene")
+        await host.keyboard.down("KeyW")
+        await asyncio.sleep(0.4)
+        await host.keyboard.up("KeyW")
+        await host.keyboard.down("ArrowLeft")
+        await asyncio.sleep(0.3)
+        await host.keyboard.up("ArrowLeft")
+
+        async def host_drawn_on_patient() -> bool:
+            own = (await describe(host))["head"]
+            other = (await describe(patient))["avatars"].get(str(ids["host"]))
+            if not other or not other["head"]:
+                return False
+            err = off(own["position"], other["head"]["position"])
+            return err <= POSITION_BOUND and (
+                angle_deg(own["rotation"], other["head"]["rotation"]) <= ANGLE_BOUND_DEG
+            )
+
+        await until(host_drawn_on_patient)
+
+        async def bot_drawn_on_pages() -> bool:
+            for page in (host, patient):
+                a = (await describe(page))["avatars"].get(str(bot.member_id))
+                if not a or not a["head"] or a["hands"][0] is None:
+                    return False
+                err = off(a["head"]["position"], bot_head.position)
+                if err > POSITION_BOUND:
+                    return False
+                if angle_deg(a["head"]["rotation"], list(bot_head.rotation)) > ANGLE_BOUND_DEG:
+                    return False
+            return True
+
+        await until(bot_drawn_on_pages)
+
+        async def pages_seen_by_bot() -> bool:
+            for name in ("host", "patient"):
+                own = (await describe(host if name == "host" else patient))["head"]
+                seen = bot.avatars.get(ids[name])
+                if seen is None or seen.head is None:
+                    return False
+                err = off(own["position"], seen.head.position)
+                if err > POSITION_BOUND:
+                    return False
+            return True
+
+        await until(pages_seen_by_bot)
+        host_seen = (await describe(patient))["avatars"][str(ids["host"])]
+        assert host_seen["name"] == "Dr Ada"
+        # A view of the others from a little way back, for the screenshot.
+        await patient.evaluate("window.medverse.place(0, 2.2, 0)")
+        await asyncio.sleep(0.3)
+        await screenshot(patient, "webapp-room")
+        people = await host.inner_text("#people-list")
+        assert "Bea" in people and "Bot" in people
+        await screenshot(host, "webapp-room-host")
+
+
+async def test_the_waiting_room_sees_nothing_until_admitted(
+    browser: Browser, site: ServerProcess, pages: list[Page]
+) -> None:
+    room = "ward-2"
+    host = await open_app(browser, site, token(room, "dr-a", "Dr Ada", "host"))
+    pages.append(host)
+    await screen(host, "room")
+    await host.get_by_role("button", name="Use waiting room").click()
+    await wait_for(host, "document.getElementById('host-entry').textContent.includes('waiting')")
+    patient = await open_app(browser, site, token(room, "pat-c", "Cyd"))
+    pages.append(patient)
+    await screen(patient, "lobby")
+    status = await patient.inner_text("#status")
+    assert "the therapist will let you in" in status.lower()
+    await wait_for(host, "window.medverse.lobby.length === 1")
+    await asyncio.sleep(1.0)  # a lobby member must receive nothing for a while
+    seen = await patient.evaluate(
+        "({frames: window.medverse.client.framesReceived,"
+        " members: window.medverse.client.members.size, described: window.medverse.describe()})"
+    )
+    assert seen == {"frames": 0, "members": 0, "described": None}
+    await screenshot(patient, "webapp-lobby")
+    await screenshot(host, "webapp-host-lobby")
+    await host.get_by_role("button", name="Admit Cyd").click()
+    await screen(patient, "room")
+    host_id = await host.evaluate("window.medverse.memberId")
+    await wait_for(patient, f"window.medverse.describe().avatars['{host_id}']")
+    await wait_for(host, "window.medverse.lobby.length === 0")
+
+    # Stepping out and back, then a removal.
+    await patient.get_by_role("button", name="Step out").click()
+    await screen(patient, "paused")
+    patient_id = await patient.evaluate("window.medverse.memberId")
+    await wait_for(host, "document.getElementById('people-list').innerText.includes('stepped out')")
+    await wait_for(host, f"!window.medverse.describe().avatars['{patient_id}']")
+    await screenshot(patient, "webapp-paused")
+    await patient.get_by_role("button", name="Return to the session").click()
+    await screen(patient, "room")
+    await wait_for(host, f"window.medverse.describe().avatars['{patient_id}']")
+    host.on("dialog", lambda d: asyncio.ensure_future(d.accept()))
+    await host.get_by_role("button", name="Remove Cyd").click()
+    await screen(patient, "closed")
+    assert await patient.evaluate("window.medverse.closed.reason") == "removed"
+    assert "removed you" in (await patient.inner_text("#closed-text"))
+    await screenshot(patient, "webapp-removed")
+    await host.get_by_role("button", name="End the session for everyone").click()
+    await screen(host, "closed")
+    assert await host.evaluate("window.medverse.closed.reason") == "session_ended"
+    await screenshot(host, "webapp-ended")
+
+
+async def test_consent_declined_closes_and_accepted_joins(
+    browser: Browser, site: ServerProcess, pages: list[Page]
+) -> None:
+    room = "consent-1"
+    page = await open_app(browser, site, token(room, "pat-d", "Dee"))
+    pages.append(page)
+    await screen(page, "consent")
+    assert CONSENT_TEXT in await page.inner_text("#consent-text")
+    await screenshot(page, "webapp-consent")
+    await page.get_by_role("button", name="I do not agree").click()
+    await screen(page, "closed")
+    assert await page.evaluate("window.medverse.closed.reason") == "consent_required"
+    assert await page.evaluate("window.medverse.state") == "closed"
+    await screenshot(page, "webapp-consent-declined")
+    other = await open_app(browser, site, token(room, "pat-e", "Eve"))
+    pages.append(other)
+    await screen(other, "consent")
+    await other.get_by_role("button", name="I agree and join").click()
+    await screen(other, "room")
+
+
+async def test_a_pasted_link_joins_and_a_bad_one_is_explained(
+    browser: Browser, site: ServerProcess, pages: list[Page]
+) -> None:
+    page = await new_page(browser, viewport={"width": 1280, "height": 800})
+    pages.append(page)
+    await page.goto(f"{site.http}/")
+    await screen(page, "signin")
+    await page.get_by_label("Join link or token").fill("not a token")
+    await page.get_by_role("button", name="Join").click()
+    await wait_for(page, "!document.getElementById('signin-error').hidden")
+    assert "not a join token" in await page.inner_text("#signin-error")
+    await screenshot(page, "webapp-signin")
+    tok = token("ward-3", "pat-f", "Fay")
+    await page.get_by_label("Join link or token").fill(f"{site.http}/join#token={tok}")
+    await page.get_by_role("button", name="Join").click()
+    await screen(page, "room")
+    assert "Fay" in await page.inner_text("#where")
