@@ -23,6 +23,7 @@ from medverse.client_sdk import Pose, connect
 from medverse.protocol.tokens import mint_token
 from medverse.server.webapp import WEBAPP_DIR
 from tests.conftest import ROOT, ServerProcess, run_server
+from tests.models import triangle_glb
 
 # The headless Chromium harness (tests/browser.py; its `browser` fixture is in conftest.py).
 harness = pytest.importorskip("tests.browser")
@@ -331,3 +332,131 @@ async def test_a_pasted_link_joins_and_a_bad_one_is_explained(
     await page.get_by_role("button", name="Join").click()
     await screen(page, "room")
     assert "Fay" in await page.inner_text("#where")
+
+
+async def spawn_model(bot: Any, position: tuple[float, float, float], scale: float) -> int:
+    """Upload the test triangle (nodes skin and vessels) and put it in the room."""
+    info = await bot.upload_asset(triangle_glb(), name="triangle.glb")
+    return int(await bot.spawn(info.sha256, position=position, scale=scale, name="heart"))
+
+
+async def test_models_annotations_and_view_are_shared(
+    browser: Browser, site: ServerProcess, pages: list[Page]
+) -> None:
+    room = "review-1"
+    async with connect(site.url, room=room, token=token(room, "bot", "Bot", "host")) as bot:
+        # A 30 cm triangle one metre in front of a viewpoint at the origin looking along -Z,
+        # with the centre cross on it.
+        oid = await spawn_model(bot, (-0.1, 1.5, -1.0), 3.0)
+        a = await open_app(browser, site, token(room, "dr-a", "Dr Ada"))
+        b = await open_app(browser, site, token(room, "dr-b", "Dr Ben"))
+        pages += [a, b]
+        for page in (a, b):
+            await screen(page, "room")
+            await wait_for(page, f"window.medverse.describe().models['{oid}']?.loaded")
+        await a.evaluate("window.medverse.place(0, 0, 0)")
+        await b.evaluate("window.medverse.place(0.6, 0.3, 0.5)")
+        models = (await describe(b))["models"][str(oid)]
+        assert models["nodes"] == ["skin", "vessels"]
+
+        # A pin from the keyboard at the centre cross, with its label.
+        await a.get_by_label("Pin", exact=True).check()
+        await a.get_by_label("Pin label").fill("Lesion")
+        await a.focus("#scene")
+        await a.keyboard.press("Enter")
+        await wait_for(b, f"window.medverse.describe().models['{oid}'].annotations === 1")
+        pin = next(iter(bot.objects[oid].annotations.values()))
+        assert pin.kind == "pin" and pin.text == "Lesion"
+        # The pin is where the centre ray meets the model: (0, 1.6, -1) in the room.
+        local = [(0.0 - -0.1) / 3, (1.6 - 1.5) / 3, 0.0]
+        assert off(pin.points[0], local) < 0.002, pin.points
+
+        # A measurement from two mouse clicks on the model.
+        await a.get_by_label("Measure", exact=True).check()
+        box = await a.locator("#scene").bounding_box()
+        assert box is not None
+        cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+        await a.mouse.click(cx, cy)
+        await a.mouse.click(cx - 20, cy + 20)
+        await wait_for(b, f"window.medverse.describe().models['{oid}'].annotations === 2")
+        kinds = sorted(x.kind for x in bot.objects[oid].annotations.values())
+        assert kinds == ["measure", "pin"]
+
+        # Node visibility and the clipping plane reach the other page's drawing.
+        await a.get_by_label("Show skin").uncheck()
+        hidden = f"window.medverse.describe().models['{oid}'].hiddenNodes"
+        await wait_for(b, f"{hidden}.includes('skin')")
+        await a.get_by_label("Clipping plane").check()
+        await wait_for(b, f"window.medverse.describe().models['{oid}'].clipped")
+        await a.get_by_label("Show skin").check()
+        await wait_for(b, f"!{hidden}.length")
+
+        # Grab with G, walk with W, let go with G: the other page draws the model there.
+        await a.get_by_label("None", exact=True).check()
+        await a.focus("#scene")
+        await a.keyboard.press("KeyG")
+        await wait_for(a, "window.medverse.held")
+        await a.keyboard.down("KeyW")
+        await asyncio.sleep(0.3)
+        await a.keyboard.up("KeyW")
+        await asyncio.sleep(0.2)
+        await a.keyboard.press("KeyG")
+        await wait_for(a, "!window.medverse.held")
+        moved = (await describe(a))["models"][str(oid)]["position"]
+        assert moved[2] < -1.1  # carried ahead of the viewer, who walked along -Z
+
+        async def drawn_where_left() -> bool:
+            seen = (await describe(b))["models"][str(oid)]["position"]
+            return off(seen, moved) <= POSITION_BOUND
+
+        await until(drawn_where_left)
+        await a.get_by_label("Clipping plane").uncheck()
+        await wait_for(b, f"!window.medverse.describe().models['{oid}'].clipped")
+        await b.evaluate(f"window.medverse.select({oid})")
+        await asyncio.sleep(0.3)
+        await screenshot(b, "webapp-model")
+
+
+async def test_an_emulated_headset_grabs_and_moves_a_model(
+    browser: Browser, site: ServerProcess, pages: list[Page], emulator: str
+) -> None:
+    room = "review-2"
+    async with connect(site.url, room=room, token=token(room, "bot", "Bot", "host")) as bot:
+        oid = await spawn_model(bot, (0.2, 1.2, -0.4), 1.0)
+        vr = await open_app(browser, site, token(room, "dr-v", "Dr Vee"), init_script=emulator)
+        other = await open_app(browser, site, token(room, "dr-o", "Dr Oh"))
+        pages += [vr, other]
+        await screen(vr, "room")
+        await screen(other, "room")
+        await wait_for(vr, f"window.medverse.describe().models['{oid}']?.loaded")
+        await vr.evaluate("window.medverse.place(0, 0, 0)")
+        await vr.get_by_role("button", name="Enter VR").click()
+        await wait_for(vr, "window.medverse.xrPresenting")
+        # The headset's head and both controllers reach the other page.
+        vr_id = await vr.evaluate("window.medverse.memberId")
+        await wait_for(
+            other,
+            f"window.medverse.describe().avatars['{vr_id}']?.hands.every((h) => h !== null)",
+        )
+        # The right controller goes to the model, squeezes, carries it 30 cm, lets go.
+        await vr.evaluate(
+            "(() => { const c = window.xrDevice.controllers.right;"
+            " c.position.set(0.22, 1.21, -0.4); })()"
+        )
+        await asyncio.sleep(0.3)
+        await vr.evaluate("window.xrDevice.controllers.right.updateButtonValue('squeeze', 1)")
+        await wait_for(vr, "window.medverse.held?.hand === 'right'")
+        await vr.evaluate("window.xrDevice.controllers.right.position.set(0.52, 1.31, -0.4)")
+        await asyncio.sleep(0.5)
+        await vr.evaluate("window.xrDevice.controllers.right.updateButtonValue('squeeze', 0)")
+        await wait_for(vr, "!window.medverse.held")
+        expected = [0.5, 1.3, -0.4]
+
+        async def moved_for_the_other() -> bool:
+            seen = (await describe(other))["models"][str(oid)]["position"]
+            return off(seen, expected) <= 0.002
+
+        await until(moved_for_the_other)
+        state = bot.objects.get(oid)
+        assert state is not None and state.holder is None
+        await screenshot(other, "webapp-xr-moved")

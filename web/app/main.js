@@ -624,7 +624,8 @@ function onObjectEvent(ev) {
     app.held = null;
     announce(ev.reason === "timeout" ? "You let go of the model (it was idle)." : "You no longer hold the model.");
   }
-  if (ev.type === "object_added") {
+  if (ev.type === "object_added" && app.client.objectsSynced) {
+    // Models that were there when we joined are not news; ones added later are.
     const o = app.client.objects.get(ev.objectId);
     if (o) announce(`Model ${o.name ?? ev.objectId} was added to the room.`);
   }
@@ -730,6 +731,7 @@ async function placePoint(hit) {
     return;
   }
   if (!hit) return announce("Nothing is under the centre cross: aim at a model.");
+  if (app.selected !== hit.objectId) select(hit.objectId); // its view and annotations show
   if (tool === "pin") return annotatePin(hit);
   if (!app.draft || app.draft.objectId !== hit.objectId || app.draft.kind !== tool) app.draft = { objectId: hit.objectId, kind: tool, points: [] };
   app.draft.points.push(hit.local);
