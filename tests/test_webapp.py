@@ -90,7 +90,8 @@ def token(room: str, identity: str, name: str, role: str = "participant") -> str
 async def open_app(browser: Browser, site: ServerProcess, tok: str, **ctx: Any) -> Page:
     """A page on /join with the token in the fragment."""
     init = ctx.pop("init_script", None)
-    page = await new_page(browser, viewport={"width": 1280, "height": 800}, **ctx)
+    ctx.setdefault("viewport", {"width": 1280, "height": 800})
+    page = await new_page(browser, **ctx)
     if init:
         await page.add_init_script(init)
     await page.goto(f"{site.http}/join#token={tok}")
@@ -107,6 +108,17 @@ async def wait_for(page: Page, expr: str, timeout: float = 20.0) -> Any:
 
 async def screen(page: Page, name: str, timeout: float = 20.0) -> None:
     await wait_for(page, f"window.medverse?.screen === {json.dumps(name)}", timeout)
+
+
+async def said(page: Page, text: str) -> None:
+    """Wait until the page has announced ``text`` in its live region."""
+    await wait_for(page, f"window.medverse.announcements.includes({json.dumps(text)})")
+
+
+async def listed(page: Page, text: str) -> None:
+    """Wait until the page's list of people shows ``text``."""
+    people = "document.getElementById('people-list').innerText"
+    await wait_for(page, f"{people}.includes({json.dumps(text)})")
 
 
 async def describe(page: Page) -> dict[str, Any]:
@@ -460,3 +472,83 @@ async def test_an_emulated_headset_grabs_and_moves_a_model(
         state = bot.objects.get(oid)
         assert state is not None and state.holder is None
         await screenshot(other, "webapp-xr-moved")
+
+
+async def test_host_controls_mute_roles_entry_and_audio_rules(
+    browser: Browser, site: ServerProcess, pages: list[Page]
+) -> None:
+    room = "ward-5"
+    host = await open_app(browser, site, token(room, "dr-a", "Dr Ada", "host"))
+    patient = await open_app(browser, site, token(room, "pat-g", "Gus"))
+    pages += [host, patient]
+    await screen(host, "room")
+    await screen(patient, "room")
+    # A participant has no host controls.
+    assert await patient.locator("#host-room").is_hidden()
+    assert await patient.locator("#host-lobby").is_hidden()
+    people = host.locator("#people-list")
+
+    await host.get_by_role("button", name="Mute Gus").click()
+    await said(patient, "A host muted your microphone.")
+    await listed(host, "muted")
+    await host.get_by_role("button", name="Allow Gus to unmute").click()
+    await said(patient, "A host allowed you to unmute.")
+
+    await host.get_by_label("Audio zone").select_option("2")
+    await listed(host, "zone 2")
+    await host.get_by_role("button", name="Broadcast Gus to the whole room").click()
+    await listed(host, "broadcasting")
+    host_id = await host.evaluate("window.medverse.memberId")
+    await patient.get_by_label("Whisper to").select_option(str(host_id))
+    await patient.get_by_role("button", name="Set", exact=True).click()
+    await wait_for(patient, "document.getElementById('audio-rules').innerText.includes('Whispers')")
+
+    await host.get_by_role("button", name="Lock", exact=True).click()
+    await wait_for(host, "document.getElementById('host-entry').textContent === 'locked'")
+    await host.get_by_role("button", name="Make Gus a host").click()
+    await said(patient, "Your role is now host.")
+    await wait_for(patient, "!document.getElementById('host-room').hidden")
+    assert "host" in await people.inner_text()
+    await screenshot(host, "webapp-host-controls")
+
+    # A dropped connection shows the reconnecting screen and comes back as the same member.
+    me = await patient.evaluate("window.medverse.memberId")
+    await patient.evaluate("window.medverse.client.socket.close()")
+    await wait_for(patient, "window.medverse.announcements.some((a) => a.includes('Reconnect'))")
+    await screen(patient, "room")
+    assert await patient.evaluate("window.medverse.memberId") == me
+
+
+async def test_usable_at_200_percent_zoom(
+    browser: Browser, site: ServerProcess, pages: list[Page]
+) -> None:
+    """At 200 % zoom (a 1280 px window, two device pixels per CSS pixel) the room reflows to
+    one column: nothing needs horizontal scrolling and every control is reachable with Tab."""
+    room = "ward-6"
+    page = await open_app(
+        browser,
+        site,
+        token(room, "dr-a", "Dr Ada", "host"),
+        viewport={"width": 640, "height": 400},
+        device_scale_factor=2,
+    )
+    pages.append(page)
+    await screen(page, "room")
+    overflow = await page.evaluate(
+        "document.documentElement.scrollWidth - document.documentElement.clientWidth"
+    )
+    assert overflow <= 0
+    # Tab from the 3D view reaches the session controls, each with a visible focus ring.
+    await page.focus("#scene")
+    seen = set()
+    for _ in range(12):
+        await page.keyboard.press("Tab")
+        info = await page.evaluate(
+            "(() => { const e = document.activeElement; const s = getComputedStyle(e);"
+            " return [e.textContent.trim() || e.getAttribute('aria-label') || e.id,"
+            " s.outlineStyle !== 'none' && s.outlineWidth !== '0px']; })()"
+        )
+        seen.add(info[0])
+        assert info[1], f"{info[0]} has no visible focus"
+    assert "Step out" in seen and "Leave" in seen
+    await screenshot(page, "webapp-zoom-200")

@@ -443,7 +443,7 @@ function renderPeople() {
     if (s.paused) tags.push("stepped out");
     const zone = app.audioRules?.zones ? zoneOf(id) : 0;
     if (zone) tags.push(`zone ${zone}`);
-    if (app.audioRules?.broadcast?.includes(id)) tags.push("broadcasting");
+    if (broadcasting(id)) tags.push("broadcasting");
     li.innerHTML = `<span class="who"></span><span class="tags"></span>`;
     li.querySelector(".who").textContent = name;
     li.querySelector(".tags").textContent = tags.join(" · ");
@@ -451,7 +451,7 @@ function renderPeople() {
     if (host && id !== c.memberId) {
       const row = document.createElement("div");
       row.className = "buttons";
-      const casting = app.audioRules?.broadcast?.includes(id);
+      const casting = broadcasting(id);
       row.append(
         s.muted ? button("Allow unmute", "allow_unmute", id, `Allow ${name} to unmute`) : button("Mute", "mute", id, `Mute ${name}`),
         role === "host" ? button("Make participant", "participant", id, `Make ${name} a participant`) : button("Make host", "host", id, `Make ${name} a host`),
@@ -476,6 +476,9 @@ function renderPeople() {
   whisper.replaceChildren(new Option("Nobody (speak to the room)", ""), ...[...c.members].map(([id, n]) => new Option(n, String(id))));
   whisper.value = [...whisper.options].some((o) => o.value === current) ? current : "";
 }
+
+// audio_rules broadcast: a flat list [member, gain percent, ...]
+const broadcasting = (id) => pairs(app.audioRules?.broadcast ?? []).some(([m]) => m === id);
 
 function zoneOf(id) {
   // audio_rules zones: a flat list [member, zone, member, zone, ...]
@@ -502,7 +505,7 @@ function renderAudio() {
   if (!r) return;
   const parts = [];
   if (r.whispers?.length) parts.push(`Whispers: ${pairs(r.whispers).map(([a, b]) => `${nameOf(a)} to ${nameOf(b)}`).join(", ")}`);
-  if (r.broadcast?.length) parts.push(`Broadcasting: ${r.broadcast.map(nameOf).join(", ")}`);
+  if (r.broadcast?.length) parts.push(`Broadcasting: ${pairs(r.broadcast).map(([m]) => nameOf(m)).join(", ")}`);
   if (r.zones?.length) parts.push(`Zones: ${pairs(r.zones).map(([m, z]) => `${nameOf(m)} in ${z}`).join(", ")}`);
   $("audio-rules").textContent = parts.join(". ");
   renderPeople();
@@ -532,7 +535,7 @@ async function hostAction(action, id) {
       await c.changeRole(id, { role: action });
       announce(`${name} is now a ${action}.`);
     } else if (action === "broadcast") {
-      const on = !(app.audioRules?.broadcast ?? []).includes(id);
+      const on = !broadcasting(id);
       c.send({ t: "audio_broadcast", member_id: id, on, gain: null });
       announce(on ? `${name} is heard by the whole room.` : `${name} no longer broadcasts.`);
     }
