@@ -552,3 +552,38 @@ async def test_usable_at_200_percent_zoom(
         assert info[1], f"{info[0]} has no visible focus"
     assert "Step out" in seen and "Leave" in seen
     await screenshot(page, "webapp-zoom-200")
+
+
+async def test_audio_connects_with_the_microphone_and_mutes(
+    browser: Browser, site: ServerProcess, pages: list[Page]
+) -> None:
+    room = "ward-7"
+    page = await open_app(browser, site, token(room, "pat-h", "Hal"))
+    listener = await open_app(
+        browser,
+        site,
+        mint_token(SECRET.encode(), room=room, identity="obs", name="Ivy", grants=["annotate"]),
+    )
+    pages += [page, listener]
+    await screen(page, "room")
+    await screen(listener, "room")
+    # The microphone (Chromium's fake one) is asked for once and published; the mix comes down.
+    await wait_for(page, "window.medverse.audio.connection === 'connected'", timeout=30)
+    assert await page.evaluate("window.medverse.audio") == {
+        "mic": "on",
+        "publishing": True,
+        "muted": False,
+        "connection": "connected",
+        "receiving": True,
+    }
+    assert "microphone is on" in await page.inner_text("#mic-text")
+    # Without the publish_audio grant the page only listens, and says why.
+    await wait_for(listener, "window.medverse.audio.connection === 'connected'", timeout=30)
+    heard = await listener.evaluate("window.medverse.audio")
+    assert heard["mic"] == "not_allowed" and not heard["publishing"] and heard["receiving"]
+    assert await listener.locator("#mic-toggle").is_hidden()
+    await page.get_by_role("button", name="Mute microphone").click()
+    await said(page, "Your microphone is muted.")
+    assert (await page.evaluate("window.medverse.audio"))["muted"] is True
+    await page.get_by_role("button", name="Unmute microphone").click()
+    await said(page, "Your microphone is on.")

@@ -3,7 +3,7 @@
 // controls. Every state change is written to a polite live region, so screen readers say it.
 // `window.medverse` exposes the state for tools and tests.
 import * as THREE from "three";
-import { CloseReason, JoinError, MedverseClient, RequestError } from "../sdk/index.js";
+import { AudioClient, CloseReason, JoinError, MedverseClient, RequestError } from "../sdk/index.js";
 import { DesktopControls } from "./desktop.js";
 import { RoomScene } from "./scene.js";
 import { grantsOf, readClaims, tokenFromFragment, tokenFromText } from "./token.js";
@@ -34,6 +34,9 @@ const app = {
   consentAnswer: null,
   closed: null, // {reason, message}
   frames: 0,
+  audio: null, // the AudioClient of the current client
+  mic: "unasked", // unasked, on, refused, unavailable, insecure, not_allowed, none
+  micStream: null, // the microphone, asked for once per page
 };
 
 // ----------------------------------------------------------------- announcing and screens
@@ -124,7 +127,7 @@ async function join() {
   });
   app.client = client;
   client.on("*", (ev) => onEvent(client, ev));
-  for (const t of ["audio_rules", "audio_speaking", "bans"]) client.on(t, (m) => onServerMessage(client, m));
+  client.on("audio_rules", (m) => onServerMessage(client, m));
   try {
     await client.start();
   } catch (err) {
@@ -225,9 +228,6 @@ function onServerMessage(client, m) {
   if (m.t === "audio_rules") {
     app.audioRules = m;
     renderAudio();
-  } else if (m.t === "audio_speaking") {
-    app.speaking = new Set(m.members);
-    renderPeople();
   }
 }
 
@@ -298,6 +298,7 @@ function enterRoom(text) {
   renderLobby();
   renderModels();
   $("room-banner").hidden = true;
+  if (app.audio === null || app.audio.client !== c) startAudio(c);
   const others = c.members.size;
   show("room", text ?? `You are in the session. ${others === 0 ? "Nobody else is here yet." : `${others} other ${others === 1 ? "person is" : "people are"} here.`}`);
 }
@@ -403,6 +404,85 @@ function frame(dt) {
   scene.render();
 }
 
+// ----------------------------------------------------------------- audio
+
+const MIC_TEXT = {
+  on: "Your microphone is on: others hear you from where your avatar stands.",
+  refused: "You did not allow the microphone, so others cannot hear you; you still hear the session. To speak, allow the microphone for this site in the browser's settings, then reload the page.",
+  unavailable: "No microphone was found, so others cannot hear you; you still hear the session.",
+  insecure: "The microphone is not available: this page is not a secure context (https, or this computer's own address). You still hear the session.",
+  not_allowed: "Your role does not include speaking: you hear the session.",
+  failed: "Audio could not be connected to the session.",
+};
+
+// The microphone is asked for once per page: a refusal is remembered, not asked again.
+async function microphone() {
+  if (app.micStream !== null) return app.micStream.getAudioTracks()[0] ?? null;
+  if (["refused", "unavailable", "insecure"].includes(app.mic)) return null;
+  if (!window.isSecureContext || !navigator.mediaDevices?.getUserMedia) {
+    app.mic = "insecure";
+    return null;
+  }
+  try {
+    app.micStream = await navigator.mediaDevices.getUserMedia({ audio: { echoCancellation: true, noiseSuppression: true, autoGainControl: true } });
+    return app.micStream.getAudioTracks()[0] ?? null;
+  } catch (err) {
+    app.mic = err?.name === "NotAllowedError" || err?.name === "SecurityError" ? "refused" : "unavailable";
+    return null;
+  }
+}
+
+async function startAudio(client) {
+  app.audio?.dispose();
+  if (typeof RTCPeerConnection !== "function") {
+    $("mic-text").textContent = "This browser has no WebRTC, so there is no audio.";
+    return;
+  }
+  const audio = new AudioClient(client);
+  app.audio = audio;
+  audio.on("speaking", ({ members }) => {
+    app.speaking = new Set(members);
+    renderPeople();
+  });
+  audio.on("ended", () => {
+    if (app.audio === audio && app.screen === "room") $("mic-text").textContent = MIC_TEXT.failed;
+  });
+  const may = app.grants.has("publish_audio");
+  const track = may ? await microphone() : null;
+  if (app.audio !== audio) return;
+  if (!may) app.mic = "not_allowed";
+  else if (track !== null) app.mic = "on";
+  try {
+    const mix = await audio.start({ microphone: track ?? false });
+    const el = $("mix");
+    el.srcObject = mix;
+    el.play().catch(() => {
+      // Autoplay refused until the person interacts: the button starts it.
+      $("audio-start").hidden = false;
+    });
+  } catch (err) {
+    if (app.audio !== audio) return;
+    app.mic = "failed";
+    alertText(`Audio could not be connected: ${err.message}`);
+  }
+  $("mic-text").textContent = MIC_TEXT[app.mic] ?? "";
+  $("mic-toggle").hidden = !audio.publishing;
+  announce(MIC_TEXT[app.mic] ?? "");
+}
+
+async function toggleMute() {
+  const audio = app.audio;
+  if (!audio?.publishing) return;
+  try {
+    await audio.mute(!audio.muted);
+    $("mic-toggle").textContent = audio.muted ? "Unmute microphone" : "Mute microphone";
+    $("mic-toggle").setAttribute("aria-pressed", String(audio.muted));
+    announce(audio.muted ? "Your microphone is muted." : "Your microphone is on.");
+  } catch (err) {
+    alertText(`The microphone did not change: ${err.message}`);
+  }
+}
+
 // ----------------------------------------------------------------- people and host controls
 
 // A button: `label` shown, `spoken` (if given) its accessible name naming whom it acts on.
@@ -424,29 +504,45 @@ function rebuild(list, items) {
   if (sel) (list.querySelector(sel) ?? list.closest("section").querySelector("h2"))?.focus?.();
 }
 
+function tagsOf(id) {
+  const s = app.memberStates.get(id) ?? {};
+  const tags = [];
+  const role = app.roles.get(id);
+  if (role) tags.push(role);
+  if (app.speaking.has(id)) tags.push("speaking");
+  if (s.muted) tags.push("muted by a host");
+  if (s.unmuteRequested) tags.push("asks to unmute");
+  if (s.paused) tags.push("stepped out");
+  const zone = zoneOf(id);
+  if (zone) tags.push(`zone ${zone}`);
+  if (broadcasting(id)) tags.push("broadcasting");
+  return tags.join(" · ");
+}
+
 function renderPeople() {
   const c = app.client;
   if (!c) return;
   const host = app.grants.has("moderate");
-  const items = [];
   const ids = [c.memberId, ...[...c.members.keys()].filter((id) => id !== c.memberId)];
+  const nameFor = (id) => (id === c.memberId ? `${app.claims.pseudonym ?? app.claims.name} (you)` : (c.members.get(id) ?? `Member ${id}`));
+  // What the controls depend on: when only tags change (someone starts or stops speaking),
+  // the list is updated in place, so a control being pressed stays where it is.
+  const shape = JSON.stringify([host, ids.map((id) => [id, nameFor(id), app.memberStates.get(id)?.muted, app.roles.get(id), broadcasting(id), zoneOf(id)])]);
+  const list = $("people-list");
+  if (shape === app.peopleShape) {
+    for (const li of list.children) li.querySelector(".tags").textContent = tagsOf(Number(li.dataset.memberId));
+    return;
+  }
+  app.peopleShape = shape;
+  const items = [];
   for (const id of ids) {
     const li = document.createElement("li");
     const s = app.memberStates.get(id) ?? {};
-    const name = id === c.memberId ? `${app.claims.pseudonym ?? app.claims.name} (you)` : (c.members.get(id) ?? `Member ${id}`);
-    const tags = [];
+    const name = nameFor(id);
     const role = app.roles.get(id);
-    if (role) tags.push(role);
-    if (app.speaking.has(id)) tags.push("speaking");
-    if (s.muted) tags.push("muted by a host");
-    if (s.unmuteRequested) tags.push("asks to unmute");
-    if (s.paused) tags.push("stepped out");
-    const zone = app.audioRules?.zones ? zoneOf(id) : 0;
-    if (zone) tags.push(`zone ${zone}`);
-    if (broadcasting(id)) tags.push("broadcasting");
     li.innerHTML = `<span class="who"></span><span class="tags"></span>`;
     li.querySelector(".who").textContent = name;
-    li.querySelector(".tags").textContent = tags.join(" · ");
+    li.querySelector(".tags").textContent = tagsOf(id);
     li.dataset.memberId = String(id);
     if (host && id !== c.memberId) {
       const row = document.createElement("div");
@@ -464,13 +560,15 @@ function renderPeople() {
       const zoneSel = document.createElement("select");
       zoneSel.dataset.action = "zone";
       zoneSel.dataset.key = String(id);
+      zoneSel.setAttribute("aria-label", `Audio zone of ${name}`);
       zoneLabel.htmlFor = zoneSel.id = `zone-${id}`;
+      const zone = zoneOf(id);
       for (const z of [0, 1, 2, 3]) zoneSel.append(new Option(z === 0 ? "The whole room" : `Zone ${z}`, String(z), false, z === zone));
       li.append(row, zoneLabel, zoneSel);
     }
     items.push(li);
   }
-  rebuild($("people-list"), items);
+  rebuild(list, items);
   const whisper = $("whisper-select");
   const current = whisper.value;
   whisper.replaceChildren(new Option("Nobody (speak to the room)", ""), ...[...c.members].map(([id, n]) => new Option(n, String(id))));
@@ -536,7 +634,7 @@ async function hostAction(action, id) {
       announce(`${name} is now a ${action}.`);
     } else if (action === "broadcast") {
       const on = !broadcasting(id);
-      c.send({ t: "audio_broadcast", member_id: id, on, gain: null });
+      await app.audio.broadcast(id, on);
       announce(on ? `${name} is heard by the whole room.` : `${name} no longer broadcasts.`);
     }
   } catch (err) {
@@ -843,17 +941,29 @@ function wire() {
       if (b) hostAction(b.dataset.action, Number(b.dataset.key));
     });
   }
-  $("people-list").addEventListener("change", (e) => {
+  $("people-list").addEventListener("change", async (e) => {
     const s = e.target.closest("select[data-action='zone']");
     if (!s) return;
     const id = Number(s.dataset.key);
-    app.client.send({ t: "audio_zone", member_id: id, zone: Number(s.value), req: null });
-    announce(`${nameOf(id)} is now in ${Number(s.value) === 0 ? "the whole room" : `zone ${s.value}`}.`);
+    try {
+      await app.audio.setZone(id, Number(s.value));
+      announce(`${nameOf(id)} is now in ${Number(s.value) === 0 ? "the whole room" : `zone ${s.value}`}.`);
+    } catch (err) {
+      alertText(`The zone did not change: ${err.message}`);
+    }
   });
-  $("whisper-set").addEventListener("click", () => {
+  $("whisper-set").addEventListener("click", async () => {
     const v = $("whisper-select").value;
-    app.client.send({ t: "audio_whisper", target: v ? Number(v) : null, req: null });
-    announce(v ? `You now whisper to ${nameOf(Number(v))}.` : "You speak to the room.");
+    try {
+      await app.audio.whisper(v ? Number(v) : null);
+      announce(v ? `You now whisper to ${nameOf(Number(v))}.` : "You speak to the room.");
+    } catch (err) {
+      alertText(`The whisper did not change: ${err.message}`);
+    }
+  });
+  $("mic-toggle").addEventListener("click", () => toggleMute());
+  $("audio-start").addEventListener("click", () => {
+    $("mix").play().then(() => ($("audio-start").hidden = true), () => {});
   });
   $("models-list").addEventListener("click", (e) => {
     const b = e.target.closest("button[data-action='select']");
@@ -985,6 +1095,11 @@ window.medverse = {
   },
   get frames() {
     return app.frames;
+  },
+  /** The audio as the page has it: microphone state, publishing, muted, connection state. */
+  get audio() {
+    const a = app.audio;
+    return { mic: app.mic, publishing: Boolean(a?.publishing), muted: Boolean(a?.muted), connection: a?.pc?.connectionState ?? null, receiving: Boolean($("mix").srcObject) };
   },
   get xrPresenting() {
     return Boolean(app.xr?.presenting);
