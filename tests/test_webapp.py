@@ -587,3 +587,25 @@ async def test_audio_connects_with_the_microphone_and_mutes(
     assert (await page.evaluate("window.medverse.audio"))["muted"] is True
     await page.get_by_role("button", name="Unmute microphone").click()
     await said(page, "Your microphone is on.")
+
+
+async def test_a_member_moved_by_a_host_arrives_in_the_other_room(
+    browser: Browser, site: ServerProcess, pages: list[Page]
+) -> None:
+    room = "ward-8"
+    page = await open_app(browser, site, token(room, "pat-j", "Jo"))
+    pages.append(page)
+    await screen(page, "room")
+    async with (
+        connect(site.url, room=room, token=token(room, "dr-a", "Dr Ada", "host")) as host,
+        connect(site.url, room="ward-9", token=token("ward-9", "dr-b", "Dr Ben", "host")) as there,
+    ):
+        before = await page.evaluate("window.medverse.memberId")
+        await host.transfer(before, "ward-9", reason="the physiotherapist sees you now")
+        await said(page, "You are now in room ward-9.")
+        await screen(page, "room")
+        assert "Room ward-9" in await page.inner_text("#where")
+        said_all = await page.evaluate("window.medverse.announcements")
+        assert any("physiotherapist" in a for a in said_all)
+        await wait_for(page, f"window.medverse.describe().avatars['{there.member_id}']")
+        assert "Dr Ben" in await page.inner_text("#people-list")

@@ -154,7 +154,38 @@ function onEvent(client, ev) {
   if (client !== app.client) return;
   switch (ev.type) {
     case "waiting":
+      $("lobby-queue").textContent = "";
       show("lobby", "You are in the waiting room. The therapist will let you in.");
+      break;
+    case "queue": {
+      // A clinic's waiting room says where we are in the queue.
+      const parts = [`You are number ${ev.position} of ${ev.waiting} waiting.`];
+      if (ev.estimate) parts.push(`About ${Math.max(1, Math.round(ev.estimate / 60))} minutes.`);
+      if (ev.message) parts.push(ev.message);
+      $("lobby-queue").textContent = parts.join(" ");
+      announce(parts.join(" "));
+      break;
+    }
+    case "called":
+      announce("You are being called in.");
+      break;
+    case "moved":
+      // A host moved us: that room's consent, waiting room and welcome follow.
+      app.held = null;
+      $("where").textContent = `Room ${ev.room} · ${app.claims.pseudonym ?? app.claims.name}`;
+      $("connecting-text").textContent = `Moving you to room ${ev.room}.`;
+      show("connecting", `A host is moving you to room ${ev.room}${ev.reason ? `: ${ev.reason}` : ""}.`);
+      break;
+    case "arrived":
+      app.memberStates.clear();
+      app.roles.clear();
+      app.lobby = [];
+      app.speaking = new Set();
+      app.audioRules = null;
+      app.peopleShape = null;
+      app.audio?.dispose();
+      app.audio = null; // enterRoom connects audio in the new room
+      enterRoom(`You are now in room ${ev.room}.`);
       break;
     case "joined":
       announce(`${ev.name} joined the session.`);
@@ -311,7 +342,10 @@ function applyGrants() {
   $("asset-upload").hidden = !g.has("upload_assets");
   $("asset-upload").previousElementSibling.hidden = !g.has("upload_assets");
   $("annotate").hidden = !g.has("annotate");
-  if (g.has("manipulate_objects") || g.has("upload_assets")) refreshAssets();
+  // The asset API takes the token of its room: after a move to another room there is none.
+  const ownRoom = app.client?.room === app.claims.room;
+  if (ownRoom && (g.has("manipulate_objects") || g.has("upload_assets"))) refreshAssets();
+  $("model-add").hidden ||= !ownRoom;
   renderModels();
 }
 
