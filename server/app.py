@@ -35,17 +35,20 @@ from .assets import AssetService, AssetStore
 from .audio import SpatialAudio
 from .audit import AuditRecorder
 from .auth import SECRET_FILE, Identity, TokenVerifier, load_or_create_secret
+from .bans import PostgresBanStore
 from .clinic import ClinicService
 from .clinicdef import Clinic, load_clinic
 from .clock import FixedRateClock
 from .config import ServerConfig
 from .entities import EntityTable
 from .httpauth import HttpAuth
+from .imaging import ImageService, ImageStore
 from .integrity import AssetScrub, Integrity
 from .limits import ConnectionBudget
 from .metrics import Metrics, Traffic
 from .moderation import Moderation, ModerationService
 from .objects import SharedObjects
+from .pg import Database
 from .plugins import (
     RoomPlugin,
     RoomType,
@@ -63,16 +66,19 @@ from .session import (
     Session,
     SessionServices,
 )
+from .store import PostgresObjectStore
 from .tick import TickLoop
 from .transport import WebSocketConnection
+from .viewer import SharedImages
+from .webapp import WebApp
 
 log = logging.getLogger("medverse")
 
 
 def default_plugins() -> list[ServerPlugin | type[RoomPlugin]]:
     """The plugins every room runs unless told otherwise: moderation, spatial audio, shared
-    objects and the clinic's transfers (fresh instances: each app gets its own)."""
-    return [ModerationService(), SpatialAudio(), SharedObjects(), ClinicService()]
+    objects, the clinic's transfers and image viewers (fresh instances: each app gets its own)."""
+    return [ModerationService(), SpatialAudio(), SharedObjects(), ClinicService(), SharedImages()]
 
 
 def make_verifier(cfg: ServerConfig) -> TokenVerifier | None:
@@ -137,6 +143,7 @@ class Server:
         )
         self.tick = TickLoop(self.clock, self.table, self.rooms, self.metrics, self.traffic)
         self.assets: AssetStore | None = None
+        self.images: ImageStore | None = None
         #: Connections per address and those not yet identified (no valid hello).
         self.budget = ConnectionBudget(
             config.max_connections_per_address,
@@ -145,6 +152,8 @@ class Server:
         )
         self.integrity = Integrity(self.metrics.registry, self.audit)
         self.scrub: AssetScrub | None = None
+        #: PostgreSQL, when ``database_url`` is set (else SQLite files in the data directory).
+        self.database: Database | None = None
         self._sessions: set[Session] = set()
         self.sessions = SessionServices(
             config,
@@ -195,10 +204,32 @@ class Server:
 
     async def start(self) -> None:
         cfg = self.config
-        self.audit.open(
-            cfg.data_dir, cfg.audit_retention_days, auth="off" if cfg.no_auth else "tokens"
-        )
+        if cfg.database_url:
+            # Connecting may take a moment; the loop runs nothing else yet, but keeps its
+            # hands off the database in any case (see medverse.server.pg).
+            database = Database(cfg.database_url)
+            await asyncio.to_thread(database.start)
+            self.database = database
+            bans = await asyncio.to_thread(PostgresBanStore, database)
+            for plugin in self.plugins:
+                if isinstance(plugin, SharedObjects):
+                    plugin.use_store(PostgresObjectStore(database))
+                elif isinstance(plugin, ModerationService):
+                    plugin.use_store(bans)
+        auth = "off" if cfg.no_auth else "tokens"
+        if self.database is not None:
+            # Registering the signing key is a round trip: off the loop, like the connect.
+            await asyncio.to_thread(
+                self.audit.open,
+                cfg.data_dir,
+                cfg.audit_retention_days,
+                database=self.database,
+                auth=auth,
+            )
+        else:
+            self.audit.open(cfg.data_dir, cfg.audit_retention_days, auth=auth)
         self.assets = AssetStore(cfg.data_dir)
+        self.images = ImageStore(cfg.data_dir)
         context = ServerContext(
             cfg,
             self.metrics.registry,
@@ -206,6 +237,7 @@ class Server:
             lambda code: self.metrics.protocol_errors.labels(code).inc(),
             self.assets,
             self.clinic,
+            self.images,
         )
         for plugin in self.plugins:
             await plugin.start(context)
@@ -214,7 +246,11 @@ class Server:
         for plugin in self.plugins:
             if isinstance(plugin, SharedObjects):
                 await self.integrity.check_objects(
-                    plugin.store, cfg.data_dir, plugin.hold_back, cfg.serve_incomplete_objects
+                    plugin.store,
+                    self.audit.source,
+                    plugin.hold_back,
+                    cfg.serve_incomplete_objects,
+                    recheck=self.database is not None,
                 )
         self.scrub = AssetScrub(self.assets, self.integrity, cfg.asset_scrub_interval)
         self.scrub.start()
@@ -236,7 +272,16 @@ class Server:
         if self.assets is not None:
             self.assets.close()
             self.assets = None
-        self.audit.close()
+        if self.images is not None:
+            self.images.close()
+            self.images = None
+        if self.database is not None:
+            await asyncio.to_thread(self.audit.close)  # commits what is queued: a round trip
+        else:
+            self.audit.close()
+        if self.database is not None:
+            await asyncio.to_thread(self.database.close)
+            self.database = None
 
     # ----------------------------------------------------------------- HTTP
 
@@ -340,6 +385,7 @@ def clinic_room_types(clinic: Clinic, plugin_names: Sequence[str]) -> list[RoomT
 
 
 SERVER_KEY = web.AppKey("medverse.server", Server)
+IMAGES_KEY = web.AppKey("medverse.images", ImageService)
 
 
 def create_app(
@@ -370,11 +416,24 @@ def create_app(
         report=server.integrity.asset_checked,
     )
     assets.routes(app)
+    images = ImageService(
+        server.http_auth,
+        server.audit,
+        cfg.max_series_bytes,
+        cfg.max_series_per_room,
+        identifiable=server.policy.identifiable_images,
+        pseudonymous=server.policy.pseudonymous,
+        ended=server.session_ended,
+    )
+    images.routes(app)
+    app[IMAGES_KEY] = images
     AdminAPI(server.http_auth, server.rooms, lambda: server.audit.log).routes(app)
+    WebApp().routes(app)  # the clinic app at / and /join
 
     async def on_startup(app: web.Application) -> None:
         await server.start()
         assets.store = server.assets  # type: ignore[assignment]
+        images.store = server.images  # type: ignore[assignment]
 
     async def on_shutdown(app: web.Application) -> None:
         server.close_sessions()

@@ -4,7 +4,8 @@ The browser is Debian's ``chromium`` (``/usr/bin/chromium``, installed by ``.ci/
 build Playwright downloads. Every launch gets a fresh temporary profile (Playwright makes one
 per browser and removes it on close) and the flags in :data:`FLAGS`: no GPU, no background
 traffic of its own (no QUIC, sync, component updates or first-run fetches), WebRTC allowed on
-loopback, and a fake microphone and camera that need no permission prompt. Tests still point
+loopback with plain host candidates (no mDNS names), a fake microphone and camera that need
+no permission prompt, and audio that plays without a click. Tests still point
 it at 127.0.0.1 only.
 
 How a test uses it:
@@ -53,6 +54,11 @@ FLAGS: tuple[str, ...] = (
     "--allow-loopback-in-peer-connection",
     "--use-fake-device-for-media-stream",
     "--use-fake-ui-for-media-stream",
+    # Host candidates as plain addresses: hidden behind mDNS names, Chromium would announce
+    # and resolve them by multicast on the machine's network.
+    "--disable-features=WebRtcHideLocalIpsWithMdns",
+    # Media and WebAudio play without a click, as they would after the user's first one.
+    "--autoplay-policy=no-user-gesture-required",
 )
 
 #: Seconds a launch may take: Chromium starts in about a second, far slower on a loaded machine.

@@ -91,7 +91,7 @@ export class RequestError extends Error {
 export const REPLIES = new Map([
   ["obj_ack", "ok"],
   ["obj_refused", "refused"],
-  ["ack", "ok"],
+  ["ack", "ok"], // the acknowledged requests of the core and audio messages (their `req`)
   ["refused", "refused"],
 ]);
 
