@@ -381,6 +381,12 @@ async def test_unauthorised_and_impossible_transfers_are_refused(srv: ServerProc
             for i in range(MAX_MEMBERS):
                 await stack.enter_async_context(member(srv, "consult-5", f"g{i}", role="host"))
             await refused(desk.transfer(pf.member_id, "consult-5"), "room_full")
+        # The room type's host roles: the front desk hosts the waiting room, a clinician's
+        # host token does not (hosts = ["receptionist"] there).
+        async with member(srv, "waiting", "drvisit", role="host") as visitor:
+            await refused(visitor.moderate("lock"), "forbidden")
+            await refused(visitor.call_next(), "forbidden")
+        await desk.moderate("allow_unmute", pf.member_id)
         # Nothing moved: both patients are still waiting, in order.
         assert pe.room == pf.room == "waiting"
         assert pe.member_id in desk.members and pf.member_id in desk.members
