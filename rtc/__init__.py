@@ -37,6 +37,12 @@ what breaks, as soon as an upgrade removes or retypes anything listed here.
    again and schedule one event-loop task per decoded frame. The SDK's load generators only
    count the encoded frames of their mix.
 
+5. **Asking for in-band FEC** (:func:`with_inband_fec`): aiortc writes no ``a=fmtp`` line for
+   Opus in its SDP, so a browser that answers or is answered by it sends no in-band forward
+   error correction. Text only: the answer that leaves medverse gets ``useinbandfec=1`` (RFC
+   7587: "the receiver can decode FEC"), which browsers' WebRTC read as "put FEC in what you
+   send"; aiortc itself ignores fmtp parameters, so nothing changes on the server's side.
+
 Relied on, public but easy to miss: a track's ``recv()`` may return an ``av.Packet`` instead of
 a frame, and aiortc's sender then packetizes it as it is (``encoder.pack``) rather than encoding
 it. The server's mixer sends each listener's mix that way (it encodes once per listener itself).
@@ -82,6 +88,7 @@ __all__ = [
     "restrict_ice_addresses",
     "set_jitter_prefetch",
     "usable_remote_candidates",
+    "with_inband_fec",
 ]
 
 #: The versions every workaround above was read against and tested with.
@@ -296,3 +303,41 @@ def capture_encoded(pc: RTCPeerConnection, inbox: EncodedInbox) -> bool:
             receiver._RTCRtpReceiver__decoder_queue = inbox
             done = True
     return done
+
+
+# ----------------------------------------------------------------- 5. asking for in-band FEC
+
+
+def with_inband_fec(sdp: str) -> str:
+    """``sdp`` with ``useinbandfec=1`` in the format parameters of every Opus payload type (a
+    new ``a=fmtp`` line where it has none, or added to the one it has)."""
+    lines = sdp.split("\r\n")
+    opus = {
+        line.split()[0].split(":", 1)[1]
+        for line in lines
+        if line.startswith("a=rtpmap:") and " opus/" in line.lower() and len(line.split()) > 1
+    }
+    if not opus:
+        return sdp
+    has_fmtp = set()
+    out: list[str] = []
+    for line in lines:
+        if line.startswith("a=fmtp:"):
+            pt, _, params = line[len("a=fmtp:") :].partition(" ")
+            if pt in opus:
+                has_fmtp.add(pt)
+                kept = [
+                    p
+                    for p in params.split(";")
+                    if p.strip() and not p.strip().lower().startswith("useinbandfec=")
+                ]
+                line = f"a=fmtp:{pt} " + ";".join([*kept, "useinbandfec=1"])
+        out.append(line)
+    result: list[str] = []
+    for line in out:
+        result.append(line)
+        if line.startswith("a=rtpmap:"):
+            pt = line.split()[0].split(":", 1)[1]
+            if pt in opus and pt not in has_fmtp:
+                result.append(f"a=fmtp:{pt} minptime=10;useinbandfec=1")
+    return "\r\n".join(result)

@@ -35,6 +35,7 @@ from medverse.rtc import (
     restrict_ice_addresses,
     set_jitter_prefetch,
     usable_remote_candidates,
+    with_inband_fec,
 )
 
 from ..config import ServerConfig
@@ -119,6 +120,8 @@ class Peer:
         #: Otherwise the speaker's decoded track, for :func:`read_track`.
         self.track: MediaStreamTrack | None = None
         self.reader: asyncio.Task[None] | None = None
+        #: The SDP answer for the member (set by :func:`negotiate`).
+        self.answer = ""
 
     def start_reader(self, reader: Coroutine[Any, Any, None]) -> None:
         """Run the fallback reader of :attr:`track` until the peer closes."""
@@ -221,7 +224,8 @@ async def negotiate(
     on_drop: Callable[[], None],
     on_failed: Callable[[Peer], None],
 ) -> Peer:
-    """A new peer that answers ``offer`` (its answer is ``peer.pc.localDescription``).
+    """A new peer that answers ``offer`` (its answer is ``peer.answer``: aiortc's, asking the
+    member to put in-band FEC in what it sends, which the mixer uses when a packet is lost).
 
     ``on_drop`` counts listener frames its track drops; ``on_failed`` is called if the
     connection fails later. Raises (with the peer closed) when aiortc cannot use the offer or
@@ -259,6 +263,7 @@ async def negotiate(
                         peer.track = tracks[0]
             pc.addTrack(out)
             await pc.setLocalDescription(await pc.createAnswer())
+            peer.answer = with_inband_fec(pc.localDescription.sdp)
     except (Exception, asyncio.CancelledError):
         await peer.close()
         raise
