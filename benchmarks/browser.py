@@ -2,6 +2,9 @@
 
     python -m benchmarks.browser [--pages 4 8 12] [--seconds 15]
 
+It needs what the browser tests need: the ``test`` extra (Playwright for Python) and Debian's
+``chromium``; it launches the browser as ``tests/browser.py`` does.
+
 A server (``medverse serve``, pinned to core 0) and one headless Chromium (Debian's, driven by
 Playwright, as ``tests/browser.py`` launches it) with N pages, each a member joined with its
 own token through the SDK (``web/sdk`` as ES modules, served on 127.0.0.1 by this process with
