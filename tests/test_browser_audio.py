@@ -195,7 +195,8 @@ async def mute_cycle(page: Page, member_id: int) -> tuple[float, float, float] |
     """Mute ``member_id`` as the page's host and return how long after the mute applied (the
     page's member_state event) and after the page sent it the page stopped hearing the tone,
     with the page's mean playout buffer meanwhile (ms); None when the tone had already dropped
-    out before the mute (nothing to measure)."""
+    out before the page sent the mute (nothing to measure). The page may hear the silence
+    before it hears of the mute (a negative figure)."""
     await until(lambda: _check(page, side("right"), 300.0), "tone heard before the mute")
     buffer0 = await page.evaluate(PLAYOUT_BUFFER)
     sent = await page.evaluate(
@@ -206,12 +207,12 @@ async def mute_cycle(page: Page, member_id: int) -> tuple[float, float, float] |
         lambda: page.evaluate(STATE_AT, [member_id, True, sent]), "member_state muted"
     )
     await asyncio.sleep(1.0)  # the rest of the page's measurements
-    got = await page.evaluate(STOPPED, [applied, SILENT])
+    got = await page.evaluate(STOPPED, [sent, SILENT])
     assert got["stop"] is not None, "still heard a second after the mute"
     buffer1 = await page.evaluate(PLAYOUT_BUFFER)
     # What the page's own jitter buffer held on average over the cycle.
     playout = 1000.0 * (buffer1[0] - buffer0[0]) / max(1, buffer1[1] - buffer0[1])
-    if got["loudBefore"] is None or applied - got["loudBefore"] > 100.0:
+    if got["loudBefore"] is None or sent - got["loudBefore"] > 100.0:
         return None
     return got["stop"] - applied, got["stop"] - sent, playout
 
@@ -262,12 +263,12 @@ STATE_AT = """([id, muted, since]) => {
     return ev ? ev.at : null;
 }"""
 
-#: Around page time ``applied``: the last loud measurement before it, and the first silent
-#: one after the last loud one (null while still loud).
-STOPPED = """([applied, threshold]) => {
-    const rows = window.levels.filter((r) => r[0] >= applied - 1000);
+#: Around page time ``sent`` (the mute sent): the last loud measurement before it, and the
+#: first silent one after the last loud one (null while still loud).
+STOPPED = """([sent, threshold]) => {
+    const rows = window.levels.filter((r) => r[0] >= sent - 1000);
     const loud = rows.filter((r) => Math.max(r[1], r[2]) > threshold).map((r) => r[0]);
-    const before = loud.filter((t) => t <= applied);
+    const before = loud.filter((t) => t <= sent);
     const lastLoud = loud.length ? loud[loud.length - 1] : null;
     const after = lastLoud === null ? null : rows.find((r) => r[0] > lastLoud);
     return { loudBefore: before.length ? before[before.length - 1] : null,
