@@ -284,3 +284,35 @@ PLAYOUT_BUFFER = """async () => {
     });
     return out;
 }"""
+
+
+async def test_an_observer_page_listens_without_publishing(
+    srv: ServerProcess, site: str, browser: Browser
+) -> None:
+    """An observer may not publish: the SDK's offer with the microphone is refused and it
+    offers again to listen only, and hears the room."""
+    room = "browser-observer"
+    page = await new_page(browser)
+    await page.goto(f"{site}/pages/audio.html")
+    joined = await page.evaluate(
+        "([u, r, t]) => window.join(u, r, t, 'auto')",
+        [srv.url, room, tok(room, "student", "observer")],
+    )
+    assert joined["publishing"] is False
+    async with connect(
+        srv.url, room=room, name="bot", token=tok(room, "bot", "participant")
+    ) as bot:
+        bot.send_pose(head=Pose((0.0, 1.6, -1.0), (0.0, 0.0, 0.0, 1.0)))
+        meter = LevelMeter(await bot.audio.start(tone_track(440.0, -20.0)))
+        try:
+            heard = await until(
+                lambda: _check(page, lambda lv: max(lv) > LOUD), "the observer hears the bot"
+            )
+            # Nothing of the page reaches the bot: it published nothing.
+            await asyncio.sleep(0.5)
+            assert max(meter.levels(1.0)) <= SILENT
+        finally:
+            meter.stop()
+    errors = console_errors(page)
+    assert errors == [], errors
+    print(f"\nobserver hears {heard[0]:.1f}/{heard[1]:.1f} dBFS")
