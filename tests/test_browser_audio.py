@@ -34,9 +34,10 @@ LOUD = -45.0  # dBFS: clearly hears a -20 dBFS tone 1 m away
 #: A server mute must silence the page within this many ms of the page learning it applied.
 MUTE_BUDGET_MS = 200.0
 MUTE_CYCLES = 5
-#: A cycle counts when the page's playout buffer held at most this on average (ms): NetEQ holds
-#: 60-70 ms here when the machine keeps up.
-MAX_PLAYOUT_MS = 120.0
+#: A cycle counts when the page's playout buffer held at most this on average (ms): WebRTC's
+#: jitter buffer holds 30-90 ms here while the machine keeps up, and grows past 500 ms when it
+#: stalls (then the silence comes that much later too).
+MAX_PLAYOUT_MS = 150.0
 
 
 @pytest.fixture(scope="module")
