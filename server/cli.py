@@ -495,19 +495,26 @@ def run_loop(coro: object) -> None:
         uvloop.run(coro)  # type: ignore[arg-type]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``medverse`` command's parser, with every subcommand."""
+def build_parser(loadtest: bool = True) -> argparse.ArgumentParser:
+    """The ``medverse`` command's parser, with every subcommand.
+
+    ``loadtest=False`` leaves the load generator's options out: they come from the client SDK,
+    whose import (aiohttp, aiortc, numpy) takes seconds on a busy machine, which ``medverse
+    token`` and ``medverse audit`` should not pay.
+    """
     parser = _Parser(prog="medverse", description="medverse telepresence server")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve(sub)
     _add_token(sub)
     _add_audit(sub)
-    try:
-        from medverse.client_sdk.loadtest import add_arguments as add_loadtest
-    except ImportError:
-        add_loadtest = None
-    if add_loadtest is not None:
-        add_loadtest(sub.add_parser("loadtest", help="simulate headsets against a server"))
+    lt = sub.add_parser("loadtest", help="simulate headsets against a server")
+    if loadtest:
+        try:
+            from medverse.client_sdk.loadtest import add_arguments as add_loadtest
+        except ImportError:  # a server installed without the client SDK
+            sub.choices.pop("loadtest", None)
+        else:
+            add_loadtest(lt)
     return parser
 
 
@@ -517,7 +524,8 @@ def serve_config(args: argparse.Namespace) -> ServerConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(loadtest=argv[:1] == ["loadtest"]).parse_args(argv)
     if args.command == "serve":
         try:
             serve(serve_config(args))
