@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import secrets
 import shutil
 import subprocess
@@ -17,7 +18,8 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
-from playwright.async_api import Browser, Page
+import pytest_asyncio
+from playwright.async_api import Browser, Page, async_playwright
 
 from medverse.client_sdk import Pose, connect
 from medverse.protocol.tokens import mint_token
@@ -33,7 +35,9 @@ WEB = ROOT / "web"
 SECRET = secrets.token_hex(32)
 CONSENT_TEXT = "Your session is recorded in the audit log only: no audio or video is stored."
 
-pytestmark = pytest.mark.timeout(180)
+# One event loop and one browser for the whole module: launching Chromium for every test would
+# cost more than most tests take. Each test's pages get contexts of their own.
+pytestmark = [pytest.mark.timeout(180), pytest.mark.asyncio(loop_scope="module")]
 
 # The codec's bounds: positions in whole millimetres (0.5 mm off at most), rotations within
 # 0.15 degrees (protocol/SPEC.md).
@@ -90,7 +94,8 @@ def token(room: str, identity: str, name: str, role: str = "participant") -> str
 async def open_app(browser: Browser, site: ServerProcess, tok: str, **ctx: Any) -> Page:
     """A page on /join with the token in the fragment."""
     init = ctx.pop("init_script", None)
-    ctx.setdefault("viewport", {"width": 1280, "height": 800})
+    # Small enough that several pages' software WebGL does not starve a 2-core machine.
+    ctx.setdefault("viewport", {"width": 960, "height": 600})
     page = await new_page(browser, **ctx)
     if init:
         await page.add_init_script(init)
@@ -147,16 +152,34 @@ async def until(check: Any, timeout: float = 15.0, step: float = 0.1) -> Any:
         await asyncio.sleep(step)
 
 
-@pytest.fixture
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def browser() -> AsyncIterator[Browser]:
+    """Headless Chromium as tests/browser.py launches it, shared by this module's tests."""
+    missing = harness.chromium_missing()
+    if missing:
+        if os.environ.get("CI"):
+            pytest.fail(missing)
+        pytest.skip(missing)
+    async with async_playwright() as pw:
+        b = await harness.launch(pw)
+        try:
+            yield b
+        finally:
+            await b.close()
+
+
+@pytest_asyncio.fixture(loop_scope="module")
 async def pages(browser: Browser) -> AsyncIterator[list[Page]]:
-    """Pages a test opened, checked for console errors at the end."""
+    """Pages a test opened, checked for console errors and closed at the end."""
     opened: list[Page] = []
     yield opened
+    errors = [e for page in opened for e in console_errors(page) if "GPU stall" not in e]
     for page in opened:
-        assert [e for e in console_errors(page) if "GPU stall" not in e] == []
+        await page.context.close()
+    assert errors == []
 
 
-def test_the_server_serves_the_app(site: ServerProcess) -> None:
+async def test_the_server_serves_the_app(site: ServerProcess) -> None:
     """/ and /join are the page (never cached, a strict content security policy); the bundle
     is cached for good under its hashed name; other names are 404; the API is untouched."""
     import urllib.error
@@ -330,7 +353,7 @@ async def test_consent_declined_closes_and_accepted_joins(
 async def test_a_pasted_link_joins_and_a_bad_one_is_explained(
     browser: Browser, site: ServerProcess, pages: list[Page]
 ) -> None:
-    page = await new_page(browser, viewport={"width": 1280, "height": 800})
+    page = await new_page(browser, viewport={"width": 960, "height": 600})
     pages.append(page)
     await page.goto(f"{site.http}/")
     await screen(page, "signin")
