@@ -306,6 +306,14 @@ async def test_the_waiting_room_sees_nothing_until_admitted(
     host_id = await host.evaluate("window.medverse.memberId")
     await wait_for(patient, f"window.medverse.describe().avatars['{host_id}']")
     await wait_for(host, "window.medverse.lobby.length === 0")
+    # Someone the host does not let in is told so.
+    other = await open_app(browser, site, token(room, "pat-x", "Xan"))
+    pages.append(other)
+    await screen(other, "lobby")
+    await host.get_by_role("button", name="Deny Xan").click()
+    await screen(other, "closed")
+    assert await other.evaluate("window.medverse.closed.reason") == "denied"
+    assert "did not let you into" in await other.inner_text("#closed-text")
 
     # Stepping out and back, then a removal.
     await patient.get_by_role("button", name="Step out").click()
@@ -417,6 +425,18 @@ async def test_models_annotations_and_view_are_shared(
         kinds = sorted(x.kind for x in bot.objects[oid].annotations.values())
         assert kinds == ["measure", "pin"]
 
+        # A stroke from the keyboard: a point at the centre cross, turn a little, another
+        # point, then "Finish stroke".
+        await a.get_by_label("Stroke", exact=True).check()
+        await a.focus("#scene")
+        await a.keyboard.press("Enter")
+        await a.evaluate("window.medverse.place(0, 0, 0.03)")
+        await a.keyboard.press("Enter")
+        await a.get_by_role("button", name="Finish stroke").click()
+        await wait_for(b, f"window.medverse.describe().models['{oid}'].annotations === 3")
+        stroke = [x for x in bot.objects[oid].annotations.values() if x.kind == "stroke"]
+        assert len(stroke) == 1 and len(stroke[0].points) == 2
+
         # Node visibility and the clipping plane reach the other page's drawing.
         await a.get_by_label("Show skin").uncheck()
         hidden = f"window.medverse.describe().models['{oid}'].hiddenNodes"
@@ -494,6 +514,15 @@ async def test_an_emulated_headset_grabs_and_moves_a_model(
         await until(moved_for_the_other)
         state = bot.objects.get(oid)
         assert state is not None and state.holder is None
+        # The trigger pins an annotation where the controller's ray (along -Z) meets the model.
+        await vr.evaluate("window.xrDevice.controllers.right.position.set(0.52, 1.32, 0)")
+        await asyncio.sleep(0.3)
+        await vr.evaluate("window.xrDevice.controllers.right.updateButtonValue('trigger', 1)")
+        await asyncio.sleep(0.2)
+        await vr.evaluate("window.xrDevice.controllers.right.updateButtonValue('trigger', 0)")
+        await wait_for(other, f"window.medverse.describe().models['{oid}'].annotations === 1")
+        pin = next(iter(bot.objects[oid].annotations.values()))
+        assert pin.kind == "pin" and off(pin.points[0], [0.02, 0.02, 0.0]) < 0.003, pin.points
         await screenshot(other, "webapp-xr-moved")
 
 
