@@ -368,7 +368,7 @@ async def test_a_pasted_link_joins_and_a_bad_one_is_explained(
     await page.get_by_label("Join link or token").fill("not a token")
     await page.get_by_role("button", name="Join").click()
     await wait_for(page, "!document.getElementById('signin-error').hidden")
-    assert "not a join token" in await page.inner_text("#signin-error")
+    assert "This is not a join token" in await page.inner_text("#signin-error")
     await screenshot(page, "webapp-signin")
     tok = token("ward-3", "pat-f", "Fay")
     await page.get_by_label("Join link or token").fill(f"{site.http}/join#token={tok}")
