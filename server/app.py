@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from aiohttp import web
 
+from medverse.protocol.clinic import Moved
 from medverse.protocol.errors import ErrorCode, ProtocolError
 from medverse.protocol.messages import (
     CORE_CLIENT_MESSAGES,
@@ -35,10 +36,13 @@ from .audio import SpatialAudio
 from .audit import AuditRecorder
 from .auth import SECRET_FILE, Identity, TokenVerifier, load_or_create_secret
 from .bans import PostgresBanStore
+from .clinic import ClinicService
+from .clinicdef import Clinic, load_clinic
 from .clock import FixedRateClock
 from .config import ServerConfig
 from .entities import EntityTable
 from .httpauth import HttpAuth
+from .imaging import ImageService, ImageStore
 from .integrity import AssetScrub, Integrity
 from .limits import ConnectionBudget
 from .metrics import Metrics, Traffic
@@ -65,14 +69,16 @@ from .session import (
 from .store import PostgresObjectStore
 from .tick import TickLoop
 from .transport import WebSocketConnection
+from .viewer import SharedImages
+from .webapp import WebApp
 
 log = logging.getLogger("medverse")
 
 
 def default_plugins() -> list[ServerPlugin | type[RoomPlugin]]:
-    """The plugins every room runs unless told otherwise: moderation, spatial audio and shared
-    objects (fresh instances: each app gets its own)."""
-    return [ModerationService(), SpatialAudio(), SharedObjects()]
+    """The plugins every room runs unless told otherwise: moderation, spatial audio, shared
+    objects, the clinic's transfers and image viewers (fresh instances: each app gets its own)."""
+    return [ModerationService(), SpatialAudio(), SharedObjects(), ClinicService(), SharedImages()]
 
 
 def make_verifier(cfg: ServerConfig) -> TokenVerifier | None:
@@ -103,12 +109,17 @@ class Server:
         self.metrics = Metrics()
         self.traffic = Traffic()
         self.audit = AuditRecorder()
+        #: The clinic definition (``--clinic``): room types, their policies, the waiting room.
+        self.clinic: Clinic | None = load_clinic(config.clinic) if config.clinic else None
         self.verifier = make_verifier(config)
-        self.policy = RoomPolicy(config)
+        self.policy = RoomPolicy(config, self.clinic)
         self.plugins = [as_server_plugin(p) for p in plugins]
         names = [p.name for p in self.plugins]
         if len(set(names)) != len(names):
             raise ValueError(f"two plugins have one name: {names}")
+        if self.clinic is not None:
+            # The clinic's room types first: a room its file names follows the file.
+            room_types = [*clinic_room_types(self.clinic, names), *room_types]
         classes = [plugin_class(p) for p in self.plugins]
         #: What clients may send and what the server sends: the core's messages and every
         #: plugin's.
@@ -116,7 +127,10 @@ class Server:
             CORE_CLIENT_MESSAGES, *(c.messages for c in classes)
         )
         self.server_messages = message_registry(
-            CORE_SERVER_MESSAGES, *(c.server_messages for c in classes)
+            # ``moved`` is the core's (any plugin may move a member), declared with the clinic.
+            CORE_SERVER_MESSAGES,
+            (Moved,),
+            *((m for m in c.server_messages if m is not Moved) for c in classes),
         )
         self.clock = FixedRateClock(1.0 / config.tick_rate)
         self.table = EntityTable()
@@ -125,9 +139,11 @@ class Server:
             self.plugins,
             room_types,
             pseudonymous=self.policy.pseudonymous,
+            settings=self.policy.settings,
         )
         self.tick = TickLoop(self.clock, self.table, self.rooms, self.metrics, self.traffic)
         self.assets: AssetStore | None = None
+        self.images: ImageStore | None = None
         #: Connections per address and those not yet identified (no valid hello).
         self.budget = ConnectionBudget(
             config.max_connections_per_address,
@@ -213,12 +229,15 @@ class Server:
         else:
             self.audit.open(cfg.data_dir, cfg.audit_retention_days, auth=auth)
         self.assets = AssetStore(cfg.data_dir)
+        self.images = ImageStore(cfg.data_dir)
         context = ServerContext(
             cfg,
             self.metrics.registry,
             self.audit,
             lambda code: self.metrics.protocol_errors.labels(code).inc(),
             self.assets,
+            self.clinic,
+            self.images,
         )
         for plugin in self.plugins:
             await plugin.start(context)
@@ -253,6 +272,9 @@ class Server:
         if self.assets is not None:
             self.assets.close()
             self.assets = None
+        if self.images is not None:
+            self.images.close()
+            self.images = None
         if self.database is not None:
             await asyncio.to_thread(self.audit.close)  # commits what is queued: a round trip
         else:
@@ -346,7 +368,24 @@ class Server:
         )
 
 
+def clinic_room_types(clinic: Clinic, plugin_names: Sequence[str]) -> list[RoomType]:
+    """The room types of a clinic file, as the registry takes them (a type that names no
+    plugins runs every plugin of the server)."""
+    types = []
+    for t in clinic.types:
+        chosen = list(t.plugins) if t.plugins is not None else list(plugin_names)
+        unknown = [n for n in chosen if n not in plugin_names]
+        if unknown:
+            raise ValueError(
+                f"clinic file: types.{t.type}.plugins: unknown plugin {unknown[0]!r} "
+                f"(this server has {', '.join(plugin_names)})"
+            )
+        types.append(RoomType(t.type, chosen, rooms=t.pattern.pattern))
+    return types
+
+
 SERVER_KEY = web.AppKey("medverse.server", Server)
+IMAGES_KEY = web.AppKey("medverse.images", ImageService)
 
 
 def create_app(
@@ -377,11 +416,24 @@ def create_app(
         report=server.integrity.asset_checked,
     )
     assets.routes(app)
+    images = ImageService(
+        server.http_auth,
+        server.audit,
+        cfg.max_series_bytes,
+        cfg.max_series_per_room,
+        identifiable=server.policy.identifiable_images,
+        pseudonymous=server.policy.pseudonymous,
+        ended=server.session_ended,
+    )
+    images.routes(app)
+    app[IMAGES_KEY] = images
     AdminAPI(server.http_auth, server.rooms, lambda: server.audit.log).routes(app)
+    WebApp().routes(app)  # the clinic app at / and /join
 
     async def on_startup(app: web.Application) -> None:
         await server.start()
         assets.store = server.assets  # type: ignore[assignment]
+        images.store = server.images  # type: ignore[assignment]
 
     async def on_shutdown(app: web.Application) -> None:
         server.close_sessions()

@@ -25,6 +25,8 @@ from .config import ServerConfig
 if TYPE_CHECKING:
     from aiohttp import web
 
+    from .limits import RequestHeadGuard
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors: usage goes to ``--help``, the error to stderr, exit 2."""
@@ -101,7 +103,8 @@ def _add_token(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--room", default=None, help="the room the token admits to")
     p.add_argument("--identity", required=True, help="the token's subject (who this is)")
     p.add_argument("--name", default=None, help="display name others see (default: identity)")
-    p.add_argument("--role", default="participant", choices=["host", "participant", "observer"])
+    roles = ["host", "participant", "observer", "receptionist"]
+    p.add_argument("--role", default="participant", choices=roles)
     p.add_argument("--ttl", default="1h", help="lifetime: 90s, 30m, 1h, 2d")
     p.add_argument("--grants", default=None, help="comma-separated grants replacing the role's")
     p.add_argument("--data-dir", default=None, help="(env MEDVERSE_DATA_DIR)")
@@ -324,11 +327,27 @@ async def _serve(cfg: ServerConfig, app: web.Application, ssl_ctx: ssl.SSLContex
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     # Handlers finish when their client disconnects (see medverse.server.httplog).
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, handler_cancellation=False)
+    # aiohttp's keep-alive timer (about an hour by default in recent versions) closes idle
+    # connections between requests; a slow first request is cut by the head guard below.
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        handle_signals=False,
+        handler_cancellation=False,
+        keepalive_timeout=75.0,
+    )
     await runner.setup()
-    site = web.TCPSite(runner, cfg.host, cfg.port, ssl_context=ssl_ctx)
+    # The listening socket is ours rather than a TCPSite's, so that every connection goes
+    # through the request head guard (see medverse.server.limits.RequestHeadGuard).
+    guard = _head_guard(cfg, app)
     try:
-        await site.start()
+        listener = await loop.create_server(
+            guard.factory(runner.server),  # type: ignore[arg-type]
+            cfg.host,
+            cfg.port,
+            ssl=ssl_ctx,
+            reuse_address=True,
+        )
     except OSError as exc:
         await runner.cleanup()
         raise CommandError(_bind_error(cfg, exc)) from None
@@ -338,8 +357,32 @@ async def _serve(cfg: ServerConfig, app: web.Application, ssl_ctx: ssl.SSLContex
         secret, _ = load_or_create_secret(cfg.data_dir)
         token = mint_token(secret, room="demo", identity="dev", name="Developer", role="host")
         log.info("development token for room 'demo' (host, 1 h): %s", token)
+        # The token rides in the fragment, which browsers never send to the server.
+        base = f"{'https' if ssl_ctx is not None else 'http'}://{_url_host(cfg.host)}:{cfg.port}"
+        log.info("development link for room 'demo': %s/join#token=%s", base, token)
     await stop.wait()
+    listener.close()
     await runner.cleanup()
+
+
+def _head_guard(cfg: ServerConfig, app: web.Application) -> RequestHeadGuard:
+    """The guard of every connection's first request head, counting what it cuts in the
+    server's ``medverse_connections_refused_total`` (when ``app`` is medverse's own)."""
+    from .app import SERVER_KEY
+    from .limits import RequestHeadGuard
+
+    server = app.get(SERVER_KEY)
+
+    def refused(reason: str) -> None:
+        if server is not None:
+            server.metrics.connections_refused.labels(reason).inc()
+
+    return RequestHeadGuard(
+        cfg.header_timeout,
+        cfg.max_unidentified_per_address,
+        cfg.max_unidentified_connections,
+        refused,
+    )
 
 
 def _tls_context(cfg: ServerConfig) -> ssl.SSLContext:
@@ -379,6 +422,7 @@ def _print_banner(cfg: ServerConfig, tls: bool) -> None:
     ws = f"{'wss' if tls else 'ws'}://{_url_host(cfg.host)}:{cfg.port}/ws"
     print(
         f"medverse serving {base} (tick {cfg.tick_rate} Hz)\n"
+        f"  web app  {base}/\n"
         f"  rooms    {ws}\n"
         f"  health   {base}/health\n"
         f"  metrics  {base}/metrics\n"

@@ -28,6 +28,9 @@ class ServerConfig:
     max_members_per_room: int = 256
     #: Seconds a new connection has to send its hello.
     handshake_timeout: float = 5.0
+    #: Seconds a new TCP connection has to send a complete HTTP request head (request line
+    #: and headers), TLS handshake included; slower ones are cut (0: no deadline).
+    header_timeout: float = 10.0
     #: Largest WebSocket message accepted from a client, bytes.
     max_frame_bytes: int = 16 * 1024
     #: A member whose unsent bytes exceed this skips state ticks until it catches up.
@@ -86,6 +89,9 @@ class ServerConfig:
     consent_rooms: str = ".*"
     #: Rooms (regular expression, full match) where members appear only under pseudonyms.
     pseudonymous_rooms: str = ""
+    #: A clinic definition (TOML): room types with their policies and the room names using
+    #: them, the waiting room and its message (see ``examples/clinic.toml``).
+    clinic: str = ""
     #: Seconds without a move or view change after which an object's lease ends by itself.
     object_lease_timeout: float = 5.0
     #: Seconds between writes of moved objects' transforms to storage (at most 1 s).
@@ -104,6 +110,13 @@ class ServerConfig:
     max_asset_bytes: int = 128 * 1024 * 1024
     #: Most assets one room may list.
     max_assets_per_room: int = 256
+    #: Rooms (regular expression, full match) that take image series whose attributes carry
+    #: identifying data (PS3.15 basic profile); elsewhere such an upload is refused unless it
+    #: asks to be de-identified. Empty (the default): no room does.
+    identifiable_image_rooms: str = ""
+    #: Largest image series upload (a zip or the .dcm files), and most series one room lists.
+    max_series_bytes: int = 1024 * 1024 * 1024
+    max_series_per_room: int = 64
     #: Seconds between background passes that re-read every stored model file and check it
     #: against its SHA-256, at low priority (0: none; downloads are checked either way).
     asset_scrub_interval: float = 3600.0
@@ -134,6 +147,9 @@ class ServerConfig:
     #: Received 20 ms frames aiortc holds before the mixer gets them (aiortc's default is 4).
     #: 0 hands each packet on at once; the mixer then absorbs up to 60 ms of jitter itself.
     audio_jitter_frames: int = 0
+    #: Make up a speaker's lost or late 20 ms frames with Opus's loss concealment (and the
+    #: next packet's in-band FEC, when the sender sends one) instead of mixing silence.
+    audio_conceal: bool = True
 
     def __post_init__(self) -> None:
         """Refuse values that cannot work, naming the setting: the server should fail at
@@ -152,10 +168,12 @@ class ServerConfig:
             raise ValueError("silence_timeout must be more than heartbeat (pings need answers)")
         _at_least(self, 0, "send_soft_limit", "socket_send_buffer", "max_connections_per_address")
         _at_least(self, 0, "max_unidentified_per_address", "max_unidentified_connections")
+        _at_least(self, 0, "header_timeout")
         _at_least(self, 0, "max_objects_per_room", "max_annotations_per_object")
         _at_least(self, 0, "max_assets_per_room", "audio_max_speakers", "asset_scrub_interval")
         _at_least(self, 1, "max_members_per_room", "max_violations", "send_hard_limit")
         _at_least(self, 1, "max_asset_bytes", "audio_degraded_speakers")
+        _at_least(self, 1, "max_series_bytes", "max_series_per_room")
         _positive(self, "handshake_timeout", "error_reply_rate", "message_rate", "byte_rate")
         _positive(self, "message_burst", "byte_burst", "audio_mix_budget_ms")
         # A hello with its join token takes up to about 1 KB: smaller frames lock everyone out.
@@ -180,11 +198,11 @@ class ServerConfig:
             raise ValueError("give auth_secret or auth_public_key, not both")
         if self.auth_secret and len(self.auth_secret.encode()) < 32:
             raise ValueError("auth_secret must be at least 32 bytes")
-        for name in ("consent_file", "tls_cert", "tls_key", "auth_public_key"):
+        for name in ("consent_file", "tls_cert", "tls_key", "auth_public_key", "clinic"):
             path = getattr(self, name)
             if path and not os.path.isfile(path):
                 raise ValueError(f"{name} {path}: no such file")
-        for name in ("consent_rooms", "pseudonymous_rooms"):
+        for name in ("consent_rooms", "pseudonymous_rooms", "identifiable_image_rooms"):
             try:
                 re.compile(getattr(self, name))
             except re.error as exc:

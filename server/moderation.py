@@ -105,7 +105,7 @@ class Moderation(RoomPlugin):
 
     def __init__(self, ctx: RoomContext, bans: BanBackend | None = None) -> None:
         super().__init__(ctx)
-        self.entry = "open"  # open | lobby | locked
+        self.entry = ctx.settings.entry  # open | lobby | locked (the room type's, at first)
         #: Durable bans (a room plugin made without the server plugin keeps them in memory).
         self.bans = bans if bans is not None else BanStore(":memory:")
         self.removed_tokens: dict[str, str] = {}  # token id -> the reason, for this session
