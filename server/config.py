@@ -54,6 +54,10 @@ class ServerConfig:
     #: Where the server keeps what must survive a restart (the generated token secret, the
     #: audit log, shared objects and annotations).
     data_dir: str = "medverse-data"
+    #: PostgreSQL for the durable state (objects, annotations, bans, the audit log), shared by
+    #: every server of a cluster: ``postgresql://user:password@host:5432/medverse``. Empty:
+    #: SQLite files in the data directory. Model files stay in the data directory either way.
+    database_url: str = ""
     #: HS256 secret for join tokens (at least 32 bytes). Empty: a secret is generated in the
     #: data directory on first start (unless a public key is given or auth is off).
     auth_secret: str = ""
@@ -85,6 +89,9 @@ class ServerConfig:
     consent_rooms: str = ".*"
     #: Rooms (regular expression, full match) where members appear only under pseudonyms.
     pseudonymous_rooms: str = ""
+    #: A clinic definition (TOML): room types with their policies and the room names using
+    #: them, the waiting room and its message (see ``examples/clinic.toml``).
+    clinic: str = ""
     #: Seconds without a move or view change after which an object's lease ends by itself.
     object_lease_timeout: float = 5.0
     #: Seconds between writes of moved objects' transforms to storage (at most 1 s).
@@ -170,6 +177,9 @@ class ServerConfig:
             raise ValueError(f"log_level {self.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
         if not self.data_dir:
             raise ValueError("data_dir must name a folder")
+        if self.database_url and not self.database_url.startswith(("postgresql://", "postgres://")):
+            # Not echoed: the value may hold a password.
+            raise ValueError("database_url must be a postgresql:// URL (or empty for SQLite)")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert and tls_key go together")
         if not 0 < self.object_flush_interval <= 1.0:
@@ -180,7 +190,7 @@ class ServerConfig:
             raise ValueError("give auth_secret or auth_public_key, not both")
         if self.auth_secret and len(self.auth_secret.encode()) < 32:
             raise ValueError("auth_secret must be at least 32 bytes")
-        for name in ("consent_file", "tls_cert", "tls_key", "auth_public_key"):
+        for name in ("consent_file", "tls_cert", "tls_key", "auth_public_key", "clinic"):
             path = getattr(self, name)
             if path and not os.path.isfile(path):
                 raise ValueError(f"{name} {path}: no such file")
