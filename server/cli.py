@@ -347,6 +347,9 @@ async def _serve(cfg: ServerConfig, app: web.Application, ssl_ctx: ssl.SSLContex
             cfg.port,
             ssl=ssl_ctx,
             reuse_address=True,
+            # The guard sees a TLS connection only once its handshake is done: the event
+            # loop's own timeout bounds the handshake (aborted, not counted), then the guard's.
+            ssl_handshake_timeout=(cfg.header_timeout or None) if ssl_ctx is not None else None,
         )
     except OSError as exc:
         await runner.cleanup()

@@ -29,7 +29,8 @@ class ServerConfig:
     #: Seconds a new connection has to send its hello.
     handshake_timeout: float = 5.0
     #: Seconds a new TCP connection has to send a complete HTTP request head (request line
-    #: and headers), TLS handshake included; slower ones are cut (0: no deadline).
+    #: and headers; with TLS, as long again for the handshake first); slower ones are cut (0:
+    #: no deadline).
     header_timeout: float = 10.0
     #: Largest WebSocket message accepted from a client, bytes.
     max_frame_bytes: int = 16 * 1024
