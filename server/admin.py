@@ -14,7 +14,7 @@ from aiohttp import web
 
 from medverse.protocol.errors import ErrorCode, ProtocolError
 
-from .audit import AuditLog, prove
+from .audit import AuditLog, PostgresAuditLog
 from .httpauth import HttpAuth, http_error
 from .registry import RoomRegistry
 
@@ -23,7 +23,10 @@ class AdminAPI:
     """Routes of the admin API over this process's rooms."""
 
     def __init__(
-        self, auth: HttpAuth, rooms: RoomRegistry, audit_log: Callable[[], AuditLog | None]
+        self,
+        auth: HttpAuth,
+        rooms: RoomRegistry,
+        audit_log: Callable[[], AuditLog | PostgresAuditLog | None],
     ) -> None:
         self._auth = auth
         self._rooms = rooms
@@ -64,7 +67,7 @@ class AdminAPI:
         """The newest signed tree head of the audit log and the key that verifies it."""
         self._auth.admin(request)
         audit = self._audit_log()
-        head = audit.signed_head() if audit is not None else None
+        head = await audit.signed_head_async() if audit is not None else None
         if head is None:
             raise http_error(ProtocolError(ErrorCode.NOT_FOUND, "the audit log is empty"))
         return web.json_response(head)
@@ -81,7 +84,6 @@ class AdminAPI:
                 ProtocolError(ErrorCode.BAD_FIELD, "the entry is a positive whole number"), 400
             )
         try:
-            audit.sign()
-            return web.json_response(prove(audit.data_dir, int(raw)))
+            return web.json_response(await audit.proof_async(int(raw)))
         except ValueError as exc:  # no signed head yet, or no such entry in it
             raise http_error(ProtocolError(ErrorCode.NOT_FOUND, str(exc)[:200])) from None

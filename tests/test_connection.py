@@ -99,6 +99,9 @@ CLIENT_SAMPLES: dict[str, dict[str, Any]] = {
     },
     "anno_edit": {"t": "anno_edit", "req": 1, "annotation_id": 1, "text": "x"},
     "anno_delete": {"t": "anno_delete", "req": 1, "annotation_id": 1},
+    "transfer": {"t": "transfer", "req": 1, "member_id": 2, "room": "consult-1"},
+    "call_next": {"t": "call_next", "req": 1},
+    "send_back": {"t": "send_back", "req": 1, "member_id": 2},
     "img_open": {
         "t": "img_open",
         "req": 1,
@@ -190,6 +193,9 @@ SERVER_SAMPLES: dict[str, dict[str, Any]] = {
     },
     "anno_deleted": {"t": "anno_deleted", "annotation_id": 1, "object_id": 1, "seq": 2},
     "obj_synced": {"t": "obj_synced", "objects": 1, "annotations": 0},
+    "moved": {"t": "moved", "room": "consult-1", "by": "Dr A", "reason": "called"},
+    "queue": {"t": "queue", "position": 1, "waiting": 2, "message": "hi", "estimate": 600},
+    "called": {"t": "called", "room": "consult-1", "by": "Dr A"},
     "img_ack": {"t": "img_ack", "req": 1, "panel_id": 1},
     "img_refused": {"t": "img_refused", "req": 1, "code": "not_found", "message": "no"},
     "img_panel": {
@@ -535,8 +541,15 @@ SERVER_SEND: dict[str, tuple[dict[str, str | None], str | None]] = {
         None,
     ),
     "lobby": ({"welcome": "joined", "error": "lobby", "pong": "lobby"}, None),
-    "joined": ({"consent_required": None, "waiting": None, "welcome": "joined"}, "joined"),
-    "paused": ({"consent_required": None, "waiting": None, "welcome": "joined"}, "paused"),
+    # A move leaves the room: the target room's entry follows as after a hello.
+    "joined": (
+        {"consent_required": None, "waiting": None, "welcome": "joined", "moved": "hello"},
+        "joined",
+    ),
+    "paused": (
+        {"consent_required": None, "waiting": None, "welcome": "joined", "moved": "hello"},
+        "paused",
+    ),
     "closing": ({}, None),
     "closed": ({}, None),
 }
@@ -654,6 +667,7 @@ CLIENT_RECV_MESSAGES: dict[str, tuple[dict[str, Outcome], Outcome]] = {
         {
             "consent_required": refused("already_joined", False, "joined"),
             "waiting": refused("already_joined", False, "joined"),
+            "moved": ok("hello"),
         },
         ok("joined"),
     ),
@@ -662,6 +676,7 @@ CLIENT_RECV_MESSAGES: dict[str, tuple[dict[str, Outcome], Outcome]] = {
             "consent_required": refused("already_joined", False, "paused"),
             "waiting": refused("already_joined", False, "paused"),
             "welcome": ok("paused"),  # only our own pause(false) ends the pause
+            "moved": ok("hello"),
         },
         ok("paused"),
     ),
