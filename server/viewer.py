@@ -289,6 +289,7 @@ class RoomImages(RoomPlugin):
         self._changed: dict[int, Panel] = {}  # panels changed since the last tick
         self.dirty = False  # panel states changed since the last store
         self._pointers: dict[int, tuple[int, int, float, float, float]] = {}
+        self._visible: set[int] = set()  # members whose pointer shows
         self._handlers: dict[type[Message], Callable[[MemberView, Any], Any]] = {
             OpenPanel: self._open,
             ClosePanel: self._close,
@@ -357,7 +358,11 @@ class RoomImages(RoomPlugin):
         self._hide_pointer(member)
 
     def _hide_pointer(self, member: MemberView) -> None:
-        self._pointers[member.id] = (member.id, 0, 0.0, 0.0, 0.0)
+        """Hide the member's pointer if it shows one (nobody hears of members who never
+        pointed)."""
+        if member.id in self._visible:
+            self._visible.discard(member.id)
+            self._pointers[member.id] = (member.id, 0, 0.0, 0.0, 0.0)
 
     def _send_all(self, member: MemberView) -> None:
         if not member.connected or member.paused or not self.loaded:
@@ -589,13 +594,14 @@ class RoomImages(RoomPlugin):
         if member.hidden or member.paused:
             raise ProtocolError(ErrorCode.FORBIDDEN, "observers and paused members do not point")
         if msg.panel_id == 0:
-            self._pointers[member.id] = (member.id, 0, 0.0, 0.0, 0.0)
+            self._hide_pointer(member)
             return
         if msg.panel_id not in self.panels:
             raise ProtocolError(ErrorCode.NOT_FOUND, f"no panel {msg.panel_id}")
         if msg.point is None:
             raise ProtocolError(ErrorCode.BAD_FIELD, "point is required on a panel")
         self._pointers[member.id] = (member.id, msg.panel_id, *msg.point)
+        self._visible.add(member.id)
 
     # ----------------------------------------------------------------- measurements
 
