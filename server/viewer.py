@@ -315,9 +315,21 @@ class RoomImages(RoomPlugin):
     async def _run(self) -> None:
         """Load the room's viewer state, then run its requests one at a time."""
         store = self.service.store
-        panels, measurements, np_, nm, seq = await self.service.run(
-            store.load_viewer, self.ctx.name
-        )
+        try:
+            panels, measurements, np_, nm, seq = await self.service.run(
+                store.load_viewer, self.ctx.name
+            )
+        except Exception:
+            # Nothing can be answered without the room's state: refuse every request (new
+            # ids would overwrite what is stored) until the room is opened again.
+            log.exception("loading the image viewers of room %s failed", self.ctx.name)
+            while True:
+                member, msg = await self._queue.get()
+                self._refuse(
+                    member,
+                    msg,
+                    ProtocolError(ErrorCode.INTERNAL, "the room's images are not loaded"),
+                )
         self.panels = {p["panel_id"]: Panel.from_json(p) for p in panels}
         self.measurements = {m["measurement_id"]: Measurement.from_json(m) for m in measurements}
         self.next_panel, self.next_measurement, self.seq = np_, nm, seq
