@@ -2,8 +2,8 @@
 
 The core messages are in :mod:`.messages`, spatial audio in :mod:`.audio`, shared objects in
 :mod:`.objects`, transfers and waiting rooms in :mod:`.clinic`, image viewers in
-:mod:`.images`; each module only declares its messages. A client that speaks all of
-them decodes the server's control frames with
+:mod:`.images`; each module only declares its messages. A client that speaks all of them
+decodes the server's control frames with
 :data:`SERVER_MESSAGES`; a server builds its own registry from the core and the families of
 the room plugins it runs (so an application's plugin adds its messages without changing this
 package).

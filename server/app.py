@@ -70,6 +70,7 @@ from .store import PostgresObjectStore
 from .tick import TickLoop
 from .transport import WebSocketConnection
 from .viewer import SharedImages
+from .webapp import WebApp
 
 log = logging.getLogger("medverse")
 
@@ -427,6 +428,7 @@ def create_app(
     images.routes(app)
     app[IMAGES_KEY] = images
     AdminAPI(server.http_auth, server.rooms, lambda: server.audit.log).routes(app)
+    WebApp().routes(app)  # the clinic app at / and /join
 
     async def on_startup(app: web.Application) -> None:
         await server.start()

@@ -357,6 +357,9 @@ async def _serve(cfg: ServerConfig, app: web.Application, ssl_ctx: ssl.SSLContex
         secret, _ = load_or_create_secret(cfg.data_dir)
         token = mint_token(secret, room="demo", identity="dev", name="Developer", role="host")
         log.info("development token for room 'demo' (host, 1 h): %s", token)
+        # The token rides in the fragment, which browsers never send to the server.
+        base = f"{'https' if ssl_ctx is not None else 'http'}://{_url_host(cfg.host)}:{cfg.port}"
+        log.info("development link for room 'demo': %s/join#token=%s", base, token)
     await stop.wait()
     listener.close()
     await runner.cleanup()
@@ -419,6 +422,7 @@ def _print_banner(cfg: ServerConfig, tls: bool) -> None:
     ws = f"{'wss' if tls else 'ws'}://{_url_host(cfg.host)}:{cfg.port}/ws"
     print(
         f"medverse serving {base} (tick {cfg.tick_rate} Hz)\n"
+        f"  web app  {base}/\n"
         f"  rooms    {ws}\n"
         f"  health   {base}/health\n"
         f"  metrics  {base}/metrics\n"
