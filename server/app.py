@@ -16,8 +16,9 @@ import contextlib
 import json
 import logging
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from aiohttp import web
@@ -62,6 +63,9 @@ from .session import (
 )
 from .tick import TickLoop
 from .transport import WebSocketConnection
+
+if TYPE_CHECKING:
+    from .cluster import Cluster, Load
 
 log = logging.getLogger("medverse")
 
@@ -117,12 +121,30 @@ class Server:
         )
         self.clock = FixedRateClock(1.0 / config.tick_rate)
         self.table = EntityTable()
+        #: This server's place in a cluster (``redis_url``); None when it runs alone.
+        self.cluster: Cluster | None = None
+        if config.redis_url:
+            from .cluster import Cluster  # redis is needed only in a cluster
+
+            self.cluster = Cluster(config)
+        #: Called once this server, draining, has handed every room to other servers.
+        self.on_drained: Callable[[], None] = lambda: None
         self.rooms = RoomRegistry(
-            RoomServices(config, self.table, self.clock, self.traffic, self.audit),
+            RoomServices(
+                config,
+                self.table,
+                self.clock,
+                self.traffic,
+                self.audit,
+                self._resume_token if self.cluster is not None else None,
+            ),
             self.plugins,
             room_types,
             pseudonymous=self.policy.pseudonymous,
         )
+        if self.cluster is not None:
+            self.rooms.first_member_id = self._first_member_id
+            self.rooms.on_closed = self.cluster.closed
         self.tick = TickLoop(self.clock, self.table, self.rooms, self.metrics, self.traffic)
         self.assets: AssetStore | None = None
         #: Connections per address and those not yet identified (no valid hello).
@@ -145,6 +167,7 @@ class Server:
             self.client_messages,
             self.server_messages,
             self.budget,
+            self.cluster,
         )
         self.metrics.rooms.set_function(lambda: len(self.rooms))
         self.metrics.members.set_function(self.rooms.member_count)
@@ -155,6 +178,72 @@ class Server:
             lambda code: self.metrics.auth_refusals.labels(code).inc(),
             self._http_identity,
         )
+
+    # ----------------------------------------------------------------- cluster
+
+    def _resume_token(self, room: str, member_id: int, identity: Identity, slots: int) -> str:
+        assert self.cluster is not None and self.cluster.tokens is not None
+        return self.cluster.tokens.issue(room, member_id, identity.subject, slots)
+
+    def _first_member_id(self, room: str) -> int:
+        """New members of a room get ids from here: each lease generation its own block of
+        65,536, so members resuming from the room's previous server keep theirs."""
+        assert self.cluster is not None
+        gen = self.cluster.generation(room)
+        return 1 + ((gen - 1) % 32767) * 65536 if gen > 0 else 1
+
+    def _load(self) -> Load:
+        from .cluster import Load
+
+        work = self.tick.work[-90:]
+        p99 = float(np.percentile(np.array(work), 99)) * 1000.0 if work else 0.0
+        return Load(self.rooms.member_count(), len(self.rooms), p99, 0.0)
+
+    def cluster_command(self, cmd: dict[str, Any]) -> None:
+        """An operator's command from any node of the cluster: ``end`` a room this node runs,
+        or ``ban`` an identity from a room (recorded here, and its members removed if the
+        room runs here)."""
+        op = cmd.get("op")
+        name = cmd.get("room")
+        actor = cmd.get("actor")
+        if not isinstance(name, str) or not isinstance(actor, str):
+            return
+        reason = cmd.get("reason") if isinstance(cmd.get("reason"), str) else ""
+        room = self.rooms.get(name)
+        if op == "end":
+            if room is not None and not room.ended:
+                room.end(actor, reason or "an administrator ended the session")
+        elif op == "ban":
+            subject = cmd.get("identity")
+            until = cmd.get("until")
+            if not isinstance(subject, str) or not (until is None or isinstance(until, float)):
+                return
+            self.ban(name, subject, reason or "", actor, until)
+
+    def ban(
+        self, room_name: str, subject: str, reason: str, actor: str, until: float | None
+    ) -> bool:
+        """Ban ``subject`` from ``room_name`` on this node: durable in its store, and every
+        device of the identity removed if the room runs here. False: no moderation here."""
+        room = self.rooms.get(room_name)
+        moderation = room.plugin(Moderation) if room is not None else None
+        if moderation is not None:
+            moderation.ban_identity(subject, reason, actor, until)
+            return True
+        for plugin in self.plugins:
+            if isinstance(plugin, ModerationService):
+                ban = plugin.store.add(room_name, subject, subject, reason, actor, until)
+                self.audit(
+                    "banned",
+                    room=room_name,
+                    actor=actor,
+                    subject=subject,
+                    ban=ban.id,
+                    until=int(until) if until is not None else None,
+                    reason=reason,
+                )
+                return True
+        return False
 
     def session_ended(self, room: str) -> bool:
         """Whether a host ended ``room``'s session and the room has not closed since."""
@@ -205,6 +294,20 @@ class Server:
                 )
         self.scrub = AssetScrub(self.assets, self.integrity, cfg.asset_scrub_interval)
         self.scrub.start()
+        if self.cluster is not None:
+            from .cluster import ClusterHooks
+
+            await self.cluster.start(
+                ClusterHooks(
+                    load=self._load,
+                    describe=lambda: [room.describe() for room in self.rooms],
+                    drop_room=self.rooms.drop,
+                    command=self.cluster_command,
+                    rooms=lambda: [room.name for room in self.rooms],
+                    drained=lambda: self.on_drained(),
+                ),
+                bind_subject=self.verifier is not None,
+            )
         self.tick.start()
 
     def close_sessions(self) -> None:
@@ -215,6 +318,9 @@ class Server:
     async def stop(self) -> None:
         await self.tick.stop()
         self.rooms.close_all()  # rooms close (plugins' on_close) before their plugins stop
+        if self.cluster is not None:
+            # After the rooms stored what they keep: other servers may take them now.
+            await self.cluster.stop()
         for plugin in reversed(self.plugins):
             await plugin.stop()
         if self.scrub is not None:
@@ -298,6 +404,8 @@ class Server:
             }
         for plugin in self.plugins:
             body.update(plugin.health())
+        if self.cluster is not None:
+            body.update(self.cluster.health())
         body.update(self.integrity.health())
         if not self.integrity.ok:
             body["status"] = "degraded"
@@ -341,7 +449,7 @@ def create_app(
         report=server.integrity.asset_checked,
     )
     assets.routes(app)
-    AdminAPI(server.http_auth, server.rooms, lambda: server.audit.log).routes(app)
+    AdminAPI(server.http_auth, server.rooms, lambda: server.audit.log, server).routes(app)
 
     async def on_startup(app: web.Application) -> None:
         await server.start()
