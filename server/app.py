@@ -272,8 +272,11 @@ class Server:
 
     async def start(self) -> None:
         cfg = self.config
+        # In a cluster each node's log says which node wrote it (entries of a room are in
+        # the log of the node that ran it then).
+        node = {"node": self.cluster.node_id} if self.cluster is not None else {}
         self.audit.open(
-            cfg.data_dir, cfg.audit_retention_days, auth="off" if cfg.no_auth else "tokens"
+            cfg.data_dir, cfg.audit_retention_days, auth="off" if cfg.no_auth else "tokens", **node
         )
         self.assets = AssetStore(cfg.data_dir)
         context = ServerContext(

@@ -219,12 +219,15 @@ class Cluster:
         self.url = config.public_url or f"ws://{_url_host(config.host)}:{config.port}/ws"
         self.node_id = node_id or f"{socket.gethostname()}-{config.port}-{secrets.token_hex(3)}"
         self.ttl = config.cluster_lease_ttl
-        #: Seconds between heartbeats (and lease renewals): three per time to live.
-        self.interval = self.ttl / 3.0
+        #: Seconds between heartbeats and lease renewals: five per time to live, so a busy
+        #: machine's slow answers (or a lost one, retried at once) do not cost a lease.
+        self.interval = self.ttl / 5.0
         # A lease is served until a margin before Redis could let it go, whatever the clocks.
         self._margin = min(0.5, self.ttl / 6.0)
+        # A call waits at most half a lease: long enough for a busy Redis, short enough to try
+        # again before the lease could run out (which the watchdog enforces either way).
         self.redis = aioredis.Redis.from_url(
-            config.redis_url, socket_timeout=self.interval, socket_connect_timeout=self.interval
+            config.redis_url, socket_timeout=self.ttl / 2, socket_connect_timeout=self.ttl / 2
         )
         # Pub/sub waits for messages for as long as it likes: a connection of its own.
         self._sub_redis = aioredis.Redis.from_url(config.redis_url)
@@ -324,6 +327,9 @@ class Cluster:
         sent = time.monotonic()
         owner, owner_url, gen, pttl = await self._claim(room, candidate, url)
         self._count("claim")
+        if owner == candidate:
+            # Until the next heartbeat reads the loads again, count the room as placed there.
+            self._pending[owner] = self._pending.get(owner, 0) + 1
         if owner == self.node_id:
             if self.draining:
                 # Granted to us before we started draining, and nobody here yet: let it go,
@@ -332,8 +338,6 @@ class Cluster:
                 return Route(False, moving=True)
             self.leases[room] = _Lease(gen, sent + pttl / 1000.0 - self._margin)
             return Route(True)
-        if owner == candidate and owner != self.node_id:
-            self._pending[owner] = self._pending.get(owner, 0) + 1
         if owner in self._seen and owner not in self._nodes:
             # Its node stopped heartbeating: the room waits for its lease to expire.
             return Route(False, moving=True)
@@ -421,15 +425,19 @@ class Cluster:
     # ----------------------------------------------------------------- background
 
     async def _heartbeats(self) -> None:
+        wait = self.interval
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.interval)
+                await asyncio.wait_for(self._wake.wait(), wait)
             self._wake.clear()
+            wait = self.interval
             try:
                 await self._renew()
                 await self._heartbeat()
             except (RedisError, OSError) as exc:
-                log.warning("cluster: redis did not answer (%s); leases run out locally", exc)
+                # Try again soon: the leases run out locally if Redis stays silent.
+                log.warning("cluster: redis did not answer (%s)", exc)
+                wait = min(0.25, self.interval)
             except asyncio.CancelledError:
                 raise
             except Exception:

@@ -141,7 +141,7 @@ class ServerConfig:
     node_capacity: int = 1000
     #: Seconds a room's lease in the cluster lasts unless its server renews it: how long a
     #: dead server's rooms wait before another server takes them over.
-    cluster_lease_ttl: float = 3.0
+    cluster_lease_ttl: float = 5.0
 
     def __post_init__(self) -> None:
         """Refuse values that cannot work, naming the setting: the server should fail at

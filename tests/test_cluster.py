@@ -38,7 +38,7 @@ from .services import RedisServer, redis_available, redis_server
 pytestmark = pytest.mark.skipif(not redis_available(), reason="redis-server is not installed")
 
 SECRET = "c" * 48
-TTL = 1.5  # lease and heartbeat time to live: failover waits about this long
+TTL = 2.5  # lease and heartbeat time to live: failover waits about this long
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def nodes(redis: RedisServer) -> Iterator[list[ServerProcess]]:
     started = [start_node(redis), start_node(redis)]
     try:
         for s in started:
-            s.wait_ready()
+            s.wait_ready(timeout=60)  # the machine may be busy
         yield started
     finally:
         for s in started:
@@ -443,3 +443,51 @@ def test_workers_without_redis_fail_clearly(tmp_path: Any) -> None:
     assert out.returncode == 2
     assert "--workers needs --redis-url" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+def _two_free_ports() -> int:
+    import socket
+
+    from .conftest import free_port
+
+    for _ in range(50):
+        port = free_port()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no two consecutive free ports")
+
+
+async def test_workers_start_a_cluster_and_stop_on_sigterm(
+    redis: RedisServer, tmp_path: Any
+) -> None:
+    port = _two_free_ports()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDVERSE_")}
+    env.update(MEDVERSE_LOG_LEVEL="warning", MEDVERSE_CLUSTER_LEASE_TTL=str(TTL))
+    cmd = [sys.executable, "-m", "medverse.server.cli", "serve", "--workers", "2"]
+    cmd += ["--redis-url", redis.url, "--port", str(port), "--data-dir", str(tmp_path)]
+    before = {n["node"] for n in await directory(redis)}
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while len(mine := [n for n in await directory(redis) if n["node"] not in before]) < 2:
+            assert time.monotonic() < deadline and proc.poll() is None
+            await asyncio.sleep(0.1)
+        assert sorted(n["url"] for n in mine) == [
+            f"ws://127.0.0.1:{port}/ws",
+            f"ws://127.0.0.1:{port + 1}/ws",
+        ]
+        # One token secret for both, made once in the shared data directory.
+        assert (tmp_path / "auth_secret").exists()
+        assert (tmp_path / "node-0").is_dir() and (tmp_path / "node-1").is_dir()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        left = {n["node"] for n in await directory(redis)}
+        assert not left & {n["node"] for n in mine}
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
