@@ -37,11 +37,13 @@ import os
 import secrets
 import socket
 import struct
+import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import redis as syncredis
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
@@ -206,6 +208,7 @@ class Stats:
     """Redis round trips this node made, by purpose (the benchmark reads them)."""
 
     joins: int = 0  # joins that asked Redis (a join to a room already held asks nothing)
+    leases_lost: int = 0  # rooms this node stopped serving because their lease ran out or moved
     join_round_trips: int = 0
     background_round_trips: int = 0
     by_kind: dict[str, int] = field(default_factory=dict)
@@ -231,6 +234,13 @@ class Cluster:
         )
         # Pub/sub waits for messages for as long as it likes: a connection of its own.
         self._sub_redis = aioredis.Redis.from_url(config.redis_url)
+        # Renewals and heartbeats: a blocking client on a thread of their own.
+        self._sync = syncredis.Redis.from_url(
+            config.redis_url, socket_timeout=self.ttl / 2, socket_connect_timeout=self.ttl / 2
+        )
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._report: tuple[dict[str, str], str] = ({}, "[]")
         self.leases: dict[str, _Lease] = {}
         self.draining = False
         self.stats = Stats()
@@ -242,7 +252,6 @@ class Cluster:
         self._tasks: list[asyncio.Task[None]] = []
         self._cpu = (time.monotonic(), time.process_time())
         self._cpu_percent = 0.0
-        self._wake = asyncio.Event()
         self._started = False
 
     # ----------------------------------------------------------------- lifecycle
@@ -255,7 +264,8 @@ class Cluster:
             await self.redis.set(SECRET, secrets.token_hex(32), nx=True)
             secret = await self.redis.get(SECRET)
             self._count("start", 2, background=True)
-            await self._heartbeat()
+            self._report = self._make_report()
+            await asyncio.to_thread(self._heartbeat_sync)
         except (RedisError, OSError) as exc:
             await self._close_clients()
             raise ConnectionError(f"redis_url {self.config.redis_url}: {exc}") from None
@@ -264,10 +274,14 @@ class Cluster:
         await pubsub.subscribe(COMMANDS)
         loop = asyncio.get_running_loop()
         self._tasks = [
-            loop.create_task(self._heartbeats(), name="medverse-cluster-heartbeat"),
             loop.create_task(self._watchdog(), name="medverse-cluster-watchdog"),
             loop.create_task(self._listen(pubsub), name="medverse-cluster-commands"),
         ]
+        self._stop.clear()
+        self._thread = threading.Thread(
+            target=self._background, args=(loop,), name="medverse-cluster", daemon=True
+        )
+        self._thread.start()
         self._started = True
         log.info(
             "node %s joined the cluster at %s as %s", self.node_id, _safe(self.config), self.url
@@ -282,6 +296,10 @@ class Cluster:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks = []
+        self._stop.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, self.ttl)
+            self._thread = None
         if self._started:
             with contextlib.suppress(RedisError, OSError):
                 for room in list(self.leases):
@@ -297,6 +315,8 @@ class Cluster:
         for client in (self.redis, self._sub_redis):
             with contextlib.suppress(Exception):
                 await client.aclose()
+        with contextlib.suppress(Exception):
+            self._sync.close()
 
     def _count(self, kind: str, n: int = 1, background: bool = False) -> None:
         s = self.stats
@@ -424,71 +444,75 @@ class Cluster:
 
     # ----------------------------------------------------------------- background
 
-    async def _heartbeats(self) -> None:
-        wait = self.interval
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), wait)
-            self._wake.clear()
+    # Renewals and heartbeats run on a thread of their own with a blocking Redis client: a
+    # node whose event loop is saturated (a thousand headsets on a busy machine) still renews
+    # its leases in time. The loop only prepares the report (load, rooms) it sends, and the
+    # watchdog on the loop stops serving a room whose lease was not renewed in time.
+
+    def _background(self, loop: asyncio.AbstractEventLoop) -> None:
+        wait = 0.0
+        while not self._stop.wait(wait):
             wait = self.interval
             try:
-                await self._renew()
-                await self._heartbeat()
+                self._renew_sync(loop)
+                self._heartbeat_sync()
             except (RedisError, OSError) as exc:
                 # Try again soon: the leases run out locally if Redis stays silent.
                 log.warning("cluster: redis did not answer (%s)", exc)
                 wait = min(0.25, self.interval)
-            except asyncio.CancelledError:
-                raise
             except Exception:
                 log.exception("cluster heartbeat failed")
 
-    def poke(self) -> None:
-        """Report this node's rooms soon (they changed), without waiting for the heartbeat."""
-        self._wake.set()
-
-    async def _renew(self) -> None:
-        rooms = list(self.leases)
-        if not rooms:
+    def _renew_sync(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Renew every lease this node holds, in one round trip (any thread)."""
+        held = list(self.leases.items())
+        if not held:
             return
         sent = time.monotonic()
-        gens = [self.leases[r].gen for r in rooms]
-        result = await self.redis.eval(
+        result = self._sync.eval(
             _RENEW,
-            len(rooms),
-            *[room_key(r) for r in rooms],
+            len(held),
+            *[room_key(room) for room, _ in held],
             self.node_id,
             int(self.ttl * 1000),
-            *gens,
+            *[lease.gen for _, lease in held],
         )
         self._count("renew", background=True)
-        for room, gen, ok in zip(rooms, gens, result, strict=True):
-            lease = self.leases.get(room)
-            if lease is None or lease.gen != gen:
-                continue
+        for (room, lease), ok in zip(held, result, strict=True):  # type: ignore[arg-type]
             if ok:
-                lease.until = sent + self.ttl - self._margin
+                lease.until = max(lease.until, sent + self.ttl - self._margin)
             else:
-                self._lost(room, "another node holds its lease")
+                loop.call_soon_threadsafe(self._lost_if, room, lease)
+
+    def _lost_if(self, room: str, lease: _Lease) -> None:
+        if self.leases.get(room) is lease:
+            self._lost(room, "another node holds its lease")
 
     def _lost(self, room: str, why: str) -> None:
         self.leases.pop(room, None)
+        self.stats.leases_lost += 1
         log.warning("room %s: lease lost (%s); no longer served here", room, why)
         if self._hooks is not None:
             self._hooks.drop_room(room, None)
 
     async def _watchdog(self) -> None:
         """Stop serving a room the moment its lease may have run out, whether or not Redis
-        answers (this loop never waits on Redis)."""
+        answers (this loop never waits on Redis); and refresh the report the heartbeat
+        thread sends."""
         step = min(0.1, self._margin / 2)
+        next_report = 0.0
         while True:
             await asyncio.sleep(step)
             now = time.monotonic()
             for room, lease in list(self.leases.items()):
                 if lease.until <= now:
                     self._lost(room, "not renewed in time")
+            if now >= next_report:
+                self._report = self._make_report()
+                next_report = now + self.interval
 
-    async def _heartbeat(self) -> None:
+    def _make_report(self) -> tuple[dict[str, str], str]:
+        """This node's entry and its rooms' description, made on the loop."""
         hooks = self._hooks
         load = hooks.load() if hooks is not None else Load(0, 0, 0.0, 0.0)
         now = time.monotonic()
@@ -497,7 +521,6 @@ class Cluster:
         if wall >= 0.5:
             self._cpu_percent = 100.0 * (cpu - self._cpu[1]) / wall
             self._cpu = (now, cpu)
-        ttl_ms = int(self.ttl * 1000)
         info = {
             "url": self.url,
             "capacity": str(self.config.node_capacity),
@@ -509,22 +532,39 @@ class Cluster:
             "pid": str(os.getpid()),
         }
         described = hooks.describe() if hooks is not None else []
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hset(node_key(self.node_id), mapping=info)  # type: ignore[arg-type]
-            pipe.pexpire(node_key(self.node_id), ttl_ms)
-            pipe.set(node_rooms_key(self.node_id), json.dumps(described), px=ttl_ms)
-            pipe.sadd(NODES, self.node_id)
-            pipe.smembers(NODES)
-            result = await pipe.execute()
+        return info, json.dumps(described)
+
+    def _heartbeat_sync(self) -> None:
+        """Write this node's entry (with a time to live) and read every node's (any
+        thread)."""
+        info, described = self._report
+        ttl_ms = int(self.ttl * 1000)
+        pipe = self._sync.pipeline(transaction=False)
+        pipe.hset(node_key(self.node_id), mapping=info)  # type: ignore[arg-type]
+        pipe.pexpire(node_key(self.node_id), ttl_ms)
+        pipe.set(node_rooms_key(self.node_id), described, px=ttl_ms)
+        pipe.sadd(NODES, self.node_id)
+        pipe.smembers(NODES)
+        result = pipe.execute()
         ids = sorted(_s(x) for x in result[-1])
-        nodes = await self._read_nodes(ids)
+        nodes: dict[str, dict[str, str]] = {}
+        if ids:
+            pipe = self._sync.pipeline(transaction=False)
+            for nid in ids:
+                pipe.hgetall(node_key(nid))
+            rows = pipe.execute()
+            nodes = {
+                nid: {_s(k): _s(v) for k, v in row.items()}
+                for nid, row in zip(ids, rows, strict=True)
+                if row
+            }
         self._count("heartbeat", 2, background=True)
         self._nodes = nodes
         self._seen |= set(nodes)
-        self._pending.clear()
+        self._pending = {}
         gone = [nid for nid in ids if nid not in nodes]
         if gone:
-            await self.redis.srem(NODES, *gone)
+            self._sync.srem(NODES, *gone)
             self._count("heartbeat", background=True)
 
     async def _read_nodes(self, ids: Sequence[str]) -> dict[str, dict[str, str]]:
@@ -579,8 +619,9 @@ class Cluster:
             return
         self.draining = True
         log.info("node %s draining: %d room(s) to move", self.node_id, len(self.leases))
+        self._report = self._make_report()
         with contextlib.suppress(RedisError, OSError):
-            await self._heartbeat()  # others stop placing rooms here now
+            await asyncio.to_thread(self._heartbeat_sync)  # others stop placing rooms here
         for room in list(hooks.rooms()):
             target, url = self._candidate()
             moved = False
@@ -623,6 +664,7 @@ class Cluster:
                 "nodes": len(self._nodes),
                 "redis": {
                     "joins": s.joins,
+                    "leases_lost": s.leases_lost,
                     "join_round_trips": s.join_round_trips,
                     "background_round_trips": s.background_round_trips,
                     "by_kind": dict(s.by_kind),

@@ -166,6 +166,13 @@ async def test_leases_are_fenced_by_generation(redis: RedisServer) -> None:
         )
 
     a._hooks, b._hooks = hooks("a"), hooks("b")
+    loop = asyncio.get_running_loop()
+
+    async def renew(c: Cluster) -> None:
+        # As the node's heartbeat thread does; a lost lease is dropped on the loop.
+        await asyncio.to_thread(c._renew_sync, loop)
+        await asyncio.sleep(0.05)
+
     try:
         await a.redis.delete(room_key("fenced"))
         assert (await a.route("fenced")).local
@@ -173,7 +180,7 @@ async def test_leases_are_fenced_by_generation(redis: RedisServer) -> None:
         assert a.holds("fenced")
         elsewhere = await b.route("fenced")
         assert not elsewhere.local and elsewhere.url == a.url
-        await a._renew()  # the owner renews: still its own
+        await renew(a)  # the owner renews: still its own
         assert a.holds("fenced") and not dropped
         # A partition: a renews no more. Its own clock stops it serving before Redis frees
         # the lease.
@@ -187,14 +194,14 @@ async def test_leases_are_fenced_by_generation(redis: RedisServer) -> None:
         gen_b = b.generation("fenced")
         assert gen_b > gen_a
         # The stale owner comes back with its old generation: every write is refused.
-        await a._renew()
+        await renew(a)
         assert ("a:fenced", None) in dropped and "fenced" not in a.leases
         await a.release_lease("fenced", gen_a)
         a.leases["fenced"] = type(b.leases["fenced"])(gen_a, time.monotonic() + 5)
         assert not await a.transfer("fenced", "node-a", a.url)
         owner, gen = await a.redis.hmget(room_key("fenced"), "owner", "gen")
         assert owner == b"node-b" and int(gen) == gen_b
-        await b._renew()
+        await renew(b)
         assert b.holds("fenced") and not any(d[0].startswith("b:") for d in dropped)
     finally:
         for c in (a, b):
