@@ -127,14 +127,21 @@ class AdminAPI:
                 ProtocolError(ErrorCode.OUT_OF_RANGE, f"duration: 1-{MAX_BAN_SECONDS} s"), 400
             )
         until = time.time() + duration if duration is not None else None
+        server = self._server
         cluster = self._cluster()
-        if cluster is not None:
-            cmd = {"op": "ban", "room": room, "identity": subject, "reason": reason}
-            nodes = await cluster.publish(cmd | {"actor": actor, "until": until})
-            return web.json_response({"banned": subject, "room": room, "nodes": nodes})
-        if self._server is None or not self._server.ban(room, subject, reason, actor, until):
-            raise http_error(ProtocolError(ErrorCode.NOT_FOUND, "no moderation on this server"))
-        return web.json_response({"banned": subject, "room": room, "nodes": 1})
+        recorded = False
+        if server is not None and (cluster is None or server.shared_store):
+            # Alone, or with a store the nodes share: recorded once, here; the other nodes
+            # (told below) remove the identity's members at once where the room runs.
+            if not server.ban(room, subject, reason, actor, until):
+                raise http_error(ProtocolError(ErrorCode.NOT_FOUND, "no moderation here"))
+            recorded = True
+        if cluster is None:
+            return web.json_response({"banned": subject, "room": room, "nodes": 1})
+        cmd = {"op": "ban", "room": room, "identity": subject, "reason": reason}
+        cmd |= {"actor": actor, "until": until, "recorded": recorded}
+        nodes = await cluster.publish(cmd)
+        return web.json_response({"banned": subject, "room": room, "nodes": nodes})
 
     async def nodes(self, request: web.Request) -> web.Response:
         """The nodes of the cluster with their URL, capacity and load (404 on a server that
@@ -157,8 +164,8 @@ class AdminAPI:
         node = request.match_info["node"]
         from .cluster import read_nodes
 
-        known = {n["node"] for n in await read_nodes(cluster.redis)}
-        known |= {n.get("url", "") for n in await read_nodes(cluster.redis)}
+        nodes = await read_nodes(cluster.redis)
+        known = {n["node"] for n in nodes} | {n.get("url", "") for n in nodes}
         if node not in known:
             raise http_error(ProtocolError(ErrorCode.NOT_FOUND, "no such live node"))
         if self._server is not None:

@@ -218,17 +218,40 @@ class Server:
             until = cmd.get("until")
             if not isinstance(subject, str) or not (until is None or isinstance(until, float)):
                 return
-            self.ban(name, subject, reason or "", actor, until)
+            # With each node's own store, each records the ban. With a store they share, one
+            # node records it (the sender, or the node the command names) and the others
+            # only remove the identity's members where the room runs.
+            recorder = cmd.get("recorder")
+            me = self.cluster.node_id if self.cluster is not None else None
+            record = not cmd.get("recorded") and (
+                not self.shared_store or recorder is None or recorder == me
+            )
+            self.ban(name, subject, reason or "", actor, until, record=record)
+
+    @property
+    def shared_store(self) -> bool:
+        """Whether the servers of the cluster share one durable store (bans, objects,
+        audit): PostgreSQL through ``database_url``."""
+        return bool(getattr(self.config, "database_url", ""))
 
     def ban(
-        self, room_name: str, subject: str, reason: str, actor: str, until: float | None
+        self,
+        room_name: str,
+        subject: str,
+        reason: str,
+        actor: str,
+        until: float | None,
+        record: bool = True,
     ) -> bool:
-        """Ban ``subject`` from ``room_name`` on this node: durable in its store, and every
+        """Ban ``subject`` from ``room_name`` on this node: recorded in its store (unless
+        ``record`` is False: another node recorded it in the store they share), and every
         device of the identity removed if the room runs here. False: no moderation here."""
         room = self.rooms.get(room_name)
         moderation = room.plugin(Moderation) if room is not None else None
         if moderation is not None:
-            moderation.ban_identity(subject, reason, actor, until)
+            moderation.ban_identity(subject, reason, actor, until, record)
+            return True
+        if not record:
             return True
         for plugin in self.plugins:
             if isinstance(plugin, ModerationService):

@@ -165,6 +165,9 @@ def _cluster_command(args: argparse.Namespace) -> int:
             cmd = {"op": "end", "room": args.room, "actor": actor, "reason": args.reason}
         else:
             until = time.time() + parse_ttl(args.duration) if args.duration else None
+            nodes = await read_nodes(r)  # type: ignore[arg-type]
+            if not nodes:
+                raise CommandError("no live node to record the ban (see medverse nodes)")
             cmd = {
                 "op": "ban",
                 "room": args.room,
@@ -172,6 +175,8 @@ def _cluster_command(args: argparse.Namespace) -> int:
                 "reason": args.reason,
                 "actor": actor,
                 "until": until,
+                # Nodes that share one database: this one records it, the others enforce it.
+                "recorder": nodes[0]["node"],
             }
         heard = await r.publish(COMMANDS, json.dumps(cmd))  # type: ignore[attr-defined]
         print(f"{args.command}: sent to {heard} node(s)")

@@ -5,6 +5,7 @@ operations, failover after ``kill -9`` and draining."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -109,6 +110,21 @@ async def wait_nodes(redis: RedisServer, n: int, timeout: float = 10.0) -> list[
         if len(found) == n or time.monotonic() > deadline:
             return found
         await asyncio.sleep(0.1)
+
+
+def redis_url_of(node: ServerProcess) -> str:
+    return node.env["MEDVERSE_REDIS_URL"]
+
+
+def medverse(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``medverse ARGS --redis-url ...`` as an operator runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "medverse.server.cli", *args, "--redis-url", redis_url],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
 
 
 def owner_of(nodes: list[ServerProcess], url: str) -> ServerProcess:
@@ -293,6 +309,12 @@ async def test_cluster_wide_list_end_and_ban(nodes: list[ServerProcess]) -> None
         assert sorted(m["name"] for m in rooms[0]["members"]) == ["guest", "host"]
         status, body = await call(other, "GET", "/admin/nodes")
         assert status == 200 and len(body["nodes"]) == 2
+        # The same from a shell with access to the Redis.
+        out = await asyncio.to_thread(medverse, redis_url_of(other), "rooms")
+        rows = [json.loads(line) for line in out.stdout.splitlines()]
+        assert out.returncode == 0 and [r["url"] for r in rows if r["room"] == "ward-8"] == [
+            f"{home.url}/ws"
+        ]
         # Bad bans are refused with typed errors.
         for bad, code in (
             ({"identity": "guest"}, "bad_field"),
