@@ -20,6 +20,10 @@ import aiohttp
 import numpy as np
 
 from medverse.protocol.catalog import CLIENT_MESSAGES, SERVER_MESSAGES
+from medverse.protocol.clinic import Called as CalledMsg
+from medverse.protocol.clinic import CallNext, SendBack, Transfer
+from medverse.protocol.clinic import Moved as MovedMsg
+from medverse.protocol.clinic import Queue as QueueMsg
 from medverse.protocol.connection import (
     Connection,
     MessageReceived,
@@ -72,9 +76,11 @@ from .assets import AssetClient, AssetInfo
 from .audio import AudioClient
 from .objects import ObjectsAPI, ObjectsClient
 from .types import (
+    Arrived,
     Avatar,
     BanEntry,
     BansChanged,
+    Called,
     Closed,
     EntryChanged,
     ErrorEvent,
@@ -85,7 +91,9 @@ from .types import (
     LobbyChanged,
     LobbyEntry,
     MemberStateChanged,
+    Moved,
     Pose,
+    QueueChanged,
     Reconnecting,
     RefusedError,
     Resumed,
@@ -228,7 +236,7 @@ class Session(ObjectsAPI):
         #: redirect named cannot be reached (it may have died; another takes its rooms).
         self.entry_url = self.url
         #: Where the server last redirected a joined member (the room moved); None otherwise.
-        self._moved_to: str | None = None
+        self._redirected_to: str | None = None
         #: Redirects followed since the application started the session.
         self.redirects = 0
         #: False: state frames are dropped unread (bots that use the room for signaling only).
@@ -246,8 +254,13 @@ class Session(ObjectsAPI):
         #: Seconds start() waits in a lobby before giving up (None: until admitted or
         #: denied; an application may also cancel start() under its own time limit).
         self.lobby_timeout = lobby_timeout
-        #: While start() waits in a lobby: the Waiting event (lobby id); None otherwise.
+        #: While start() waits in a lobby, or a room we were moved to keeps us in its lobby:
+        #: the Waiting event (lobby id); None otherwise.
         self.waiting: Waiting | None = None
+        #: In a waiting room: our place in the queue as last told (None elsewhere).
+        self.queue: QueueChanged | None = None
+        #: Between a ``moved`` and the welcome of the room we were moved to: that room.
+        self.moving_to: str | None = None
         self.ping_interval = ping_interval
         self.token = token
         self._ssl = ssl
@@ -439,6 +452,9 @@ class Session(ObjectsAPI):
         self.waiting = None
         self._conn = conn
         self._ws = ws
+        # A member moved to another room resumes there; if it could not, the server let it
+        # in anew where its token admits it: the welcome says which room this is.
+        self.room = welcome.room
         self.member_id = welcome.member_id
         self.rate = welcome.rate
         self._resume = welcome.resume
@@ -687,6 +703,25 @@ class Session(ObjectsAPI):
         applied; raises :class:`RefusedError` if refused."""
         await self.request(lambda r: ChangeRole(member_id, role, grant, allow, r))
 
+    # ----------------------------------------------------------------- clinic
+
+    async def transfer(self, member_id: int, room: str, reason: str | None = None) -> None:
+        """Move member ``member_id`` of our room to ``room`` (a host, a receptionist or the
+        ``transfer`` grant): it enters that room under its rules (consent, lobby). Returns
+        once moved; raises :class:`RefusedError` (``forbidden``, ``not_found``,
+        ``room_full``, ``room_locked``, ``rate_limited``, ...) with nothing moved."""
+        await self.request(lambda r: Transfer(member_id, room, reason, r))
+
+    async def call_next(self) -> None:
+        """A host calls the patient who has waited longest in the clinic's waiting room into
+        our room (no lobby: we are letting them in). Raises :class:`RefusedError`
+        (``not_found`` when nobody waits)."""
+        await self.request(lambda r: CallNext(r))
+
+    async def send_back(self, member_id: int, reason: str | None = None) -> None:
+        """Send member ``member_id`` of our room back to the clinic's waiting room."""
+        await self.request(lambda r: SendBack(member_id, reason, r))
+
     async def pause(self, paused: bool = True) -> None:
         """Step out of the room (or back in): while paused nobody sees or hears us and we
         receive nothing. Returns once the server has applied it (coming back: with the room
@@ -756,7 +791,7 @@ class Session(ObjectsAPI):
     async def _reconnect(self) -> bool:
         attempt = 0
         old_id = self.member_id
-        moved, self._moved_to = self._moved_to, None
+        moved, self._redirected_to = self._redirected_to, None
         if moved is not None:
             self.url = moved
             self.redirects += 1
@@ -868,11 +903,34 @@ class Session(ObjectsAPI):
             elif isinstance(m, RequestRefused):
                 self._answer(m.req, m)
             elif isinstance(m, Welcome):
-                self._rewelcome(m)
+                if self.moving_to is not None:
+                    self._arrived(m)
+                else:
+                    self._rewelcome(m)
             elif isinstance(m, Redirect):
                 # The room moves to another server: the server closes us now, and we resume
                 # there at once (no backoff: the room is already waiting for us).
-                self._moved_to = m.url
+                self._redirected_to = m.url
+            elif isinstance(m, MovedMsg):
+                self._moved(m)
+            elif isinstance(m, ConsentRequired):
+                self._consent_on_move(m)
+            elif isinstance(m, WaitingMsg):
+                waiting = from_message(Waiting, m)
+                self.waiting = waiting
+                self.emit(waiting)
+                if self.on_waiting is not None:
+                    self.on_waiting(waiting)
+            elif isinstance(m, QueueMsg):
+                self.queue = QueueChanged(
+                    m.position,
+                    m.waiting,
+                    float(m.estimate) if m.estimate is not None else None,
+                    m.message,
+                )
+                self.emit(self.queue)
+            elif isinstance(m, CalledMsg):
+                self.emit(from_message(Called, m))
             elif isinstance(m, Error):
                 if m.fatal and m.code in _FINAL_CODES and self._ending is None:
                     self._ending = Closed(f"{m.code}: {m.message}", m.code, m.message)
@@ -901,6 +959,55 @@ class Session(ObjectsAPI):
             # Feature clients see every message of their types, the core's too.
             for handler in self._handlers.get(type(m), ()):
                 handler(m)
+
+    def _moved(self, m: MovedMsg) -> None:
+        """A host moved us: the old room is gone for us (nothing of it is valid any more);
+        the new room's entry follows on this connection."""
+        self.moving_to = m.room
+        self.room = m.room
+        self.queue = None
+        self.members = {}
+        self._decoder.reset()
+        self._history.clear()
+        self._avatars = None
+        self.emit(from_message(Moved, m))
+
+    def _consent_on_move(self, m: ConsentRequired) -> None:
+        """The room we were moved to asks for consent to its own text: ask the application
+        (``consent=``); without an answer, or declining, the server ends the session."""
+        self.consent_version = m.version
+        accept = bool(self.consent(m.version, m.text)) if self.consent is not None else False
+        if not accept and self._ending is None:
+            self._ending = Closed(
+                f"consent to room {self.room} declined", ErrorCode.CONSENT_REQUIRED.value
+            )
+        self._send_soon(ConsentMsg(m.version, accept))
+
+    def _send_soon(self, msg: Message) -> None:
+        """Send a control message from a receive handler (which cannot wait), in order."""
+        conn, ws = self._conn, self._ws
+        if conn is None or ws is None or ws.closed:
+            return
+        frame = conn.send(msg)  # the state changes now, in the order of what we received
+        self.run_task(ws.send_bytes(frame))
+
+    def _arrived(self, welcome: Welcome) -> None:
+        """The welcome of the room we were moved to: we are a new member there."""
+        self.moving_to = None
+        self.waiting = None
+        self.room = welcome.room
+        self.member_id = welcome.member_id
+        self.rate = welcome.rate
+        self._resume = welcome.resume
+        self.members = {mi.id: mi.name for mi in welcome.members}
+        self.role = self.grants = None
+        self._decoder.reset()
+        self._history.clear()
+        self._offsets.clear()
+        self._avatars = None
+        self.emit(Arrived(welcome.room, welcome.member_id, dict(self.members)))
+        for hook in self._connected_hooks:
+            hook(welcome)  # audio renegotiates: the old room's peer closed with our leaving
 
     def _rewelcome(self, welcome: Welcome) -> None:
         """A fresh welcome on the same connection (coming back from a pause): the room may

@@ -232,6 +232,51 @@ class GrantsChanged:
     type: str = "grants"
 
 
+@dataclass(frozen=True, slots=True)
+class Moved:
+    """We were moved out of our room into ``room`` by ``by`` (a host, a receptionist) for
+    ``reason``. The session carries on by itself: the room's consent (the ``consent=``
+    callback is asked with that room's text), its lobby (:class:`Waiting`), then
+    :class:`Arrived`."""
+
+    room: str
+    by: str
+    reason: str
+    type: str = "moved"
+
+
+@dataclass(frozen=True, slots=True)
+class Arrived:
+    """After a move: we are in ``room`` now, as member ``member_id``, with ``members``
+    ({id: name}) there."""
+
+    room: str
+    member_id: int
+    members: dict[int, str]
+    type: str = "arrived"
+
+
+@dataclass(frozen=True, slots=True)
+class QueueChanged:
+    """In a waiting room: our ``position`` in the queue (1: next), how many wait, the estimated
+    wait in seconds (None: the clinic cannot tell yet) and the clinic's message."""
+
+    position: int
+    waiting: int
+    estimate: float | None
+    message: str
+    type: str = "queue"
+
+
+@dataclass(frozen=True, slots=True)
+class Called:
+    """In a waiting room: ``by`` calls us into ``room`` (a :class:`Moved` follows)."""
+
+    room: str
+    by: str
+    type: str = "called"
+
+
 Event = (
     Joined
     | Left
@@ -245,4 +290,8 @@ Event = (
     | BansChanged
     | EntryChanged
     | GrantsChanged
+    | Moved
+    | Arrived
+    | QueueChanged
+    | Called
 )

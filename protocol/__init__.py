@@ -3,7 +3,7 @@
 See ``protocol/SPEC.md`` for the byte-level format.
 """
 
-from . import audio, objects
+from . import audio, clinic, objects
 from .catalog import CLIENT_MESSAGES, SERVER_MESSAGES
 from .connection import (
     Connection,
@@ -50,6 +50,7 @@ __all__ = [
     "StateReceived",
     "WorldEncoder",
     "audio",
+    "clinic",
     "dequantize_positions",
     "dequantize_rotations",
     "objects",

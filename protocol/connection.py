@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from typing import TypeAlias
 
 from .catalog import CLIENT_MESSAGES, SERVER_MESSAGES
+from .clinic import Moved
 from .errors import ErrorCode, ProtocolError
 from .messages import (
     FRAME_CONTROL,
@@ -189,6 +190,9 @@ class Connection:
         #: The hello received (server) or sent (client); None before.
         self.hello: Hello | None = None
         self.max_control_bytes = max_control_bytes
+        #: A ``moved`` was sent (server) or received (client) and the target room's
+        #: ``welcome`` has not followed yet: the member is between rooms.
+        self.moving = False
         self.client_messages = client_messages
         self.server_messages = server_messages
 
@@ -218,6 +222,10 @@ class Connection:
             # Before the member is in the room a text message ends the connection, as a bad
             # handshake does; in the room it is one more refused input.
             return _refuse(ErrorCode.MALFORMED, "binary frames only", state not in _IN_ROOM)
+        if self.moving and frame[:1] != _CONTROL_KIND:
+            # Poses and plugin frames sent in the old room before the member learnt it was
+            # moved: they belong to no room now, and are not the member's fault.
+            return Ignored("moving")
         if state is State.HELLO:
             return self._server_hello(frame)
         if state is State.CONSENT:
@@ -299,6 +307,7 @@ class Connection:
                 # Only our own pause(false) ends a pause: a welcome that crossed our
                 # pause(true) on the wire must not leave us JOINED while the server is PAUSED.
                 after = State.PAUSED
+            self._note_move(msg)
             self.state = after
             return MessageReceived(msg)
         if self.state not in _IN_ROOM:
@@ -338,8 +347,16 @@ class Connection:
         if isinstance(msg, Hello):
             self.hello = msg
             self.slots = msg.slots
+        self._note_move(msg)
         self.state = after
         return frame
+
+    def _note_move(self, msg: Message) -> None:
+        """A ``moved`` starts a move between rooms; the target room's ``welcome`` ends it."""
+        if isinstance(msg, Moved):
+            self.moving = True
+        elif isinstance(msg, Welcome):
+            self.moving = False
 
     def closed(self) -> None:
         """The transport is gone (either side closed it, or it broke)."""
@@ -393,6 +410,10 @@ class Connection:
         if role is Role.SERVER:
             if self.server_messages.get(msg_type.TYPE) is not msg_type:
                 return None
+            if msg_type is Moved:
+                # The member leaves its room; the target room's entry follows as after a
+                # hello (consent_required, waiting or welcome).
+                return State.HELLO if state in _IN_ROOM else None
             if msg_type is ConsentRequired:
                 return State.CONSENT if state is State.HELLO and hello else None
             if msg_type is Waiting:

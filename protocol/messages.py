@@ -303,9 +303,9 @@ class Moderate(Message):
     req: int | None = wire_field("int", lo=0, hi=2**32 - 1, optional=True)
 
 
-ROLE_NAMES = re.compile(r"^(host|participant|observer)$")
+ROLE_NAMES = re.compile(r"^(host|participant|observer|receptionist)$")
 GRANT_NAMES = re.compile(
-    r"^(publish_audio|manipulate_objects|annotate|upload_assets|moderate|hidden)$"
+    r"^(publish_audio|manipulate_objects|annotate|upload_assets|moderate|hidden|transfer)$"
 )
 
 

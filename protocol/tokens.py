@@ -8,8 +8,8 @@ claims:
 ``sub``        the identity: who joins (the audit log names it)
 ``name``       the display name the others see (not ``hello.name``)
 ``room``       the room it admits to; must equal ``hello.room``
-``role``       ``host``, ``participant`` or ``observer``; the member gets the role's
-               grants (:data:`ROLE_GRANTS`)
+``role``       ``host``, ``participant``, ``observer`` or ``receptionist``; the member gets
+               the role's grants (:data:`ROLE_GRANTS`)
 ``grants``     optional: a list of :data:`GRANTS` replacing the role's
 ``pseudonym``  optional: in rooms the server marks pseudonymous, the only name shown
 ``iat``        issued at, Unix seconds
@@ -36,7 +36,15 @@ import jwt
 
 #: Every grant the server checks.
 GRANTS = frozenset(
-    {"publish_audio", "manipulate_objects", "annotate", "upload_assets", "moderate", "hidden"}
+    {
+        "publish_audio",
+        "manipulate_objects",
+        "annotate",
+        "upload_assets",
+        "moderate",
+        "hidden",
+        "transfer",
+    }
 )
 #: What each role may do unless the token lists its grants explicitly.
 ROLE_GRANTS: dict[str, frozenset[str]] = {
@@ -45,6 +53,8 @@ ROLE_GRANTS: dict[str, frozenset[str]] = {
     ),
     "participant": frozenset({"publish_audio", "manipulate_objects", "annotate"}),
     "observer": frozenset({"hidden"}),
+    # A clinic's front desk: moves patients between rooms (SPEC.md, "Transfers").
+    "receptionist": frozenset({"publish_audio", "transfer"}),
 }
 #: The role of operators' tokens for the admin HTTP API (never valid for joining a room).
 ADMIN_ROLE = "admin"

@@ -14,6 +14,14 @@ what breaks, as soon as an upgrade removes or retypes anything listed here.
    gather_candidates`` looks up at call time. aioice gathers host candidates on every interface
    except loopback; medverse names them (``127.0.0.1`` in development and tests, the public
    address(es) in production). Process-wide, as aioice has no per-connection setting.
+   The other side's candidates are filtered to match (:func:`usable_remote_candidates`): a
+   browser offers every interface of its machine, and aioice would send connectivity checks to
+   each; with loopback-only host addresses only its loopback candidates are kept, and mDNS
+   names (``*.local``, which aioice would resolve by multicast) are never kept. A browser also
+   sends checks from its other interfaces' addresses to our loopback candidate, and aioice
+   answers any check and then checks back at its source (a peer-reflexive candidate): so with
+   loopback-only host addresses, the wrapped ``aioice.ice.Connection.request_received``
+   ignores checks whose source is not a loopback address (process-wide, like the addresses).
 2. **No STUN server** (:func:`peer_connection`): ``RTCConfiguration(iceServers=[])``. Public
    API, but aiortc's default configuration asks ``stun.l.google.com`` for a reflexive candidate.
 3. **Audio handed on at once** (:func:`set_jitter_prefetch`, :class:`ImmediateAudioBuffer`):
@@ -28,6 +36,12 @@ what breaks, as soon as an upgrade removes or retypes anything listed here.
    decodes every speaker once per 20 ms frame itself; aiortc's thread would decode each frame
    again and schedule one event-loop task per decoded frame. The SDK's load generators only
    count the encoded frames of their mix.
+
+5. **Asking for in-band FEC** (:func:`with_inband_fec`): aiortc writes no ``a=fmtp`` line for
+   Opus in its SDP, so a browser that answers or is answered by it sends no in-band forward
+   error correction. Text only: the answer that leaves medverse gets ``useinbandfec=1`` (RFC
+   7587: "the receiver can decode FEC"), which browsers' WebRTC read as "put FEC in what you
+   send"; aiortc itself ignores fmtp parameters, so nothing changes on the server's side.
 
 Relied on, public but easy to miss: a track's ``recv()`` may return an ``av.Packet`` instead of
 a frame, and aiortc's sender then packetizes it as it is (``encoder.pack``) rather than encoding
@@ -73,6 +87,8 @@ __all__ = [
     "peer_connection",
     "restrict_ice_addresses",
     "set_jitter_prefetch",
+    "usable_remote_candidates",
+    "with_inband_fec",
 ]
 
 #: The versions every workaround above was read against and tested with.
@@ -98,9 +114,12 @@ def parse_addresses(spec: str | Iterable[str]) -> tuple[str, ...]:
 def restrict_ice_addresses(spec: str | Iterable[str]) -> tuple[str, ...]:
     """Make ICE gather host candidates on exactly these addresses (process-wide: aioice looks
     its host addresses up through one module function). Returns the addresses."""
-    global _configured
+    global _configured, _loopback_only
     addresses = parse_addresses(spec)
     _configured = addresses
+    _loopback_only = all(_is_loopback(a) for a in addresses)
+    if aioice.ice.Connection.request_received is not _request_received:
+        aioice.ice.Connection.request_received = _request_received  # type: ignore[method-assign]
 
     # aioice calls it with these keyword names: keep them.
     def host_addresses(use_ipv4: bool, use_ipv6: bool) -> list[str]:
@@ -115,9 +134,67 @@ def restrict_ice_addresses(spec: str | Iterable[str]) -> tuple[str, ...]:
     return addresses
 
 
+_loopback_only = False
+_aioice_request_received = aioice.ice.Connection.request_received
+
+
+def _request_received(self: Any, message: Any, addr: tuple[str, int], protocol: Any) -> None:
+    """aioice's handler of an incoming connectivity check, which answers it to ``addr`` and
+    then checks ``addr`` itself; with loopback-only host addresses a check from any other
+    address is ignored, so that nothing is ever sent there."""
+    if _loopback_only and not _is_loopback(addr[0]):
+        return
+    _aioice_request_received(self, message, addr, protocol)
+
+
 def configured_addresses() -> tuple[str, ...] | None:
     """The addresses set by :func:`restrict_ice_addresses`, if it was called."""
     return _configured
+
+
+def _candidate_address(line: str) -> str | None:
+    """The connection address of an ``a=candidate:`` line (its fifth field), if it has one."""
+    fields = line.split()
+    return fields[4] if len(fields) >= 8 else None
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False  # a host name: an mDNS ``*.local`` name or anything else
+
+
+def usable_remote_candidates(sdp: str, local: Iterable[str] | None = None) -> tuple[str, int]:
+    """The remote ``sdp`` with the ICE candidates our host addresses should never check removed,
+    and how many candidates it keeps.
+
+    ``local`` are our ICE host addresses (default: :func:`configured_addresses`, else
+    :data:`DEFAULT_HOST_ADDRESSES`). When they are all loopback addresses, only the remote
+    candidates on loopback addresses are kept: a browser on the same machine also offers its
+    other interfaces, and checking those would send traffic to addresses other than loopback.
+    Candidates given by host name (mDNS ``*.local`` names, which aioice resolves by multicast
+    on the local network) are removed in every case; the peer still reaches us from them as a
+    peer-reflexive candidate, since our own candidates are plain addresses.
+    """
+    ours = tuple(local) if local is not None else (_configured or DEFAULT_HOST_ADDRESSES)
+    loopback_only = all(_is_loopback(a) for a in ours)
+    out: list[str] = []
+    kept = 0
+    for line in sdp.splitlines(keepends=True):
+        if line.startswith("a=candidate:"):
+            address = _candidate_address(line)
+            if address is None:
+                continue
+            try:
+                ipaddress.ip_address(address)
+            except ValueError:
+                continue  # a host name
+            if loopback_only and not _is_loopback(address):
+                continue
+            kept += 1
+        out.append(line)
+    return "".join(out), kept
 
 
 # ----------------------------------------------------------------- 2. no STUN server
@@ -226,3 +303,41 @@ def capture_encoded(pc: RTCPeerConnection, inbox: EncodedInbox) -> bool:
             receiver._RTCRtpReceiver__decoder_queue = inbox
             done = True
     return done
+
+
+# ----------------------------------------------------------------- 5. asking for in-band FEC
+
+
+def with_inband_fec(sdp: str) -> str:
+    """``sdp`` with ``useinbandfec=1`` in the format parameters of every Opus payload type (a
+    new ``a=fmtp`` line where it has none, or added to the one it has)."""
+    lines = sdp.split("\r\n")
+    opus = {
+        line.split()[0].split(":", 1)[1]
+        for line in lines
+        if line.startswith("a=rtpmap:") and " opus/" in line.lower() and len(line.split()) > 1
+    }
+    if not opus:
+        return sdp
+    has_fmtp = set()
+    out: list[str] = []
+    for line in lines:
+        if line.startswith("a=fmtp:"):
+            pt, _, params = line[len("a=fmtp:") :].partition(" ")
+            if pt in opus:
+                has_fmtp.add(pt)
+                kept = [
+                    p
+                    for p in params.split(";")
+                    if p.strip() and not p.strip().lower().startswith("useinbandfec=")
+                ]
+                line = f"a=fmtp:{pt} " + ";".join([*kept, "useinbandfec=1"])
+        out.append(line)
+    result: list[str] = []
+    for line in out:
+        result.append(line)
+        if line.startswith("a=rtpmap:"):
+            pt = line.split()[0].split(":", 1)[1]
+            if pt in opus and pt not in has_fmtp:
+                result.append(f"a=fmtp:{pt} minptime=10;useinbandfec=1")
+    return "\r\n".join(result)

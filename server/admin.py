@@ -21,7 +21,7 @@ from aiohttp import web
 from medverse.protocol.errors import ErrorCode, ProtocolError
 from medverse.protocol.messages import MAX_BAN_SECONDS, ROOM_NAME_RE
 
-from .audit import AuditLog, prove
+from .audit import AuditLog, PostgresAuditLog
 from .httpauth import HttpAuth, http_error
 from .registry import RoomRegistry
 
@@ -38,7 +38,7 @@ class AdminAPI:
         self,
         auth: HttpAuth,
         rooms: RoomRegistry,
-        audit_log: Callable[[], AuditLog | None],
+        audit_log: Callable[[], AuditLog | PostgresAuditLog | None],
         server: Server | None = None,
     ) -> None:
         self._auth = auth
@@ -177,7 +177,7 @@ class AdminAPI:
         """The newest signed tree head of the audit log and the key that verifies it."""
         self._auth.admin(request)
         audit = self._audit_log()
-        head = audit.signed_head() if audit is not None else None
+        head = await audit.signed_head_async() if audit is not None else None
         if head is None:
             raise http_error(ProtocolError(ErrorCode.NOT_FOUND, "the audit log is empty"))
         return web.json_response(head)
@@ -194,7 +194,6 @@ class AdminAPI:
                 ProtocolError(ErrorCode.BAD_FIELD, "the entry is a positive whole number"), 400
             )
         try:
-            audit.sign()
-            return web.json_response(prove(audit.data_dir, int(raw)))
+            return web.json_response(await audit.proof_async(int(raw)))
         except ValueError as exc:  # no signed head yet, or no such entry in it
             raise http_error(ProtocolError(ErrorCode.NOT_FOUND, str(exc)[:200])) from None

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from aiohttp import web
 
+from medverse.protocol.clinic import Moved
 from medverse.protocol.errors import ErrorCode, ProtocolError
 from medverse.protocol.messages import (
     CORE_CLIENT_MESSAGES,
@@ -35,6 +36,9 @@ from .assets import AssetService, AssetStore
 from .audio import SpatialAudio
 from .audit import AuditRecorder
 from .auth import SECRET_FILE, Identity, TokenVerifier, load_or_create_secret
+from .bans import PostgresBanStore
+from .clinic import ClinicService
+from .clinicdef import Clinic, load_clinic
 from .clock import FixedRateClock
 from .config import ServerConfig
 from .entities import EntityTable
@@ -44,6 +48,7 @@ from .limits import ConnectionBudget
 from .metrics import Metrics, Traffic
 from .moderation import Moderation, ModerationService
 from .objects import SharedObjects
+from .pg import Database
 from .plugins import (
     RoomPlugin,
     RoomType,
@@ -61,6 +66,7 @@ from .session import (
     Session,
     SessionServices,
 )
+from .store import PostgresObjectStore
 from .tick import TickLoop
 from .transport import WebSocketConnection
 
@@ -71,9 +77,9 @@ log = logging.getLogger("medverse")
 
 
 def default_plugins() -> list[ServerPlugin | type[RoomPlugin]]:
-    """The plugins every room runs unless told otherwise: moderation, spatial audio and shared
-    objects (fresh instances: each app gets its own)."""
-    return [ModerationService(), SpatialAudio(), SharedObjects()]
+    """The plugins every room runs unless told otherwise: moderation, spatial audio, shared
+    objects and the clinic's transfers (fresh instances: each app gets its own)."""
+    return [ModerationService(), SpatialAudio(), SharedObjects(), ClinicService()]
 
 
 def make_verifier(cfg: ServerConfig) -> TokenVerifier | None:
@@ -104,12 +110,17 @@ class Server:
         self.metrics = Metrics()
         self.traffic = Traffic()
         self.audit = AuditRecorder()
+        #: The clinic definition (``--clinic``): room types, their policies, the waiting room.
+        self.clinic: Clinic | None = load_clinic(config.clinic) if config.clinic else None
         self.verifier = make_verifier(config)
-        self.policy = RoomPolicy(config)
+        self.policy = RoomPolicy(config, self.clinic)
         self.plugins = [as_server_plugin(p) for p in plugins]
         names = [p.name for p in self.plugins]
         if len(set(names)) != len(names):
             raise ValueError(f"two plugins have one name: {names}")
+        if self.clinic is not None:
+            # The clinic's room types first: a room its file names follows the file.
+            room_types = [*clinic_room_types(self.clinic, names), *room_types]
         classes = [plugin_class(p) for p in self.plugins]
         #: What clients may send and what the server sends: the core's messages and every
         #: plugin's.
@@ -117,7 +128,10 @@ class Server:
             CORE_CLIENT_MESSAGES, *(c.messages for c in classes)
         )
         self.server_messages = message_registry(
-            CORE_SERVER_MESSAGES, *(c.server_messages for c in classes)
+            # ``moved`` is the core's (any plugin may move a member), declared with the clinic.
+            CORE_SERVER_MESSAGES,
+            (Moved,),
+            *((m for m in c.server_messages if m is not Moved) for c in classes),
         )
         self.clock = FixedRateClock(1.0 / config.tick_rate)
         self.table = EntityTable()
@@ -141,6 +155,7 @@ class Server:
             self.plugins,
             room_types,
             pseudonymous=self.policy.pseudonymous,
+            settings=self.policy.settings,
         )
         if self.cluster is not None:
             self.rooms.first_member_id = self._first_member_id
@@ -155,6 +170,8 @@ class Server:
         )
         self.integrity = Integrity(self.metrics.registry, self.audit)
         self.scrub: AssetScrub | None = None
+        #: PostgreSQL, when ``database_url`` is set (else SQLite files in the data directory).
+        self.database: Database | None = None
         self._sessions: set[Session] = set()
         self.sessions = SessionServices(
             config,
@@ -295,12 +312,34 @@ class Server:
 
     async def start(self) -> None:
         cfg = self.config
-        # In a cluster each node's log says which node wrote it (entries of a room are in
-        # the log of the node that ran it then).
+        if cfg.database_url:
+            # Connecting may take a moment; the loop runs nothing else yet, but keeps its
+            # hands off the database in any case (see medverse.server.pg).
+            database = Database(cfg.database_url)
+            await asyncio.to_thread(database.start)
+            self.database = database
+            bans = await asyncio.to_thread(PostgresBanStore, database)
+            for plugin in self.plugins:
+                if isinstance(plugin, SharedObjects):
+                    plugin.use_store(PostgresObjectStore(database))
+                elif isinstance(plugin, ModerationService):
+                    plugin.use_store(bans)
+        auth = "off" if cfg.no_auth else "tokens"
+        # In a cluster each node's log names the node that writes it (a room's entries are
+        # written by the node that ran it then).
         node = {"node": self.cluster.node_id} if self.cluster is not None else {}
-        self.audit.open(
-            cfg.data_dir, cfg.audit_retention_days, auth="off" if cfg.no_auth else "tokens", **node
-        )
+        if self.database is not None:
+            # Registering the signing key is a round trip: off the loop, like the connect.
+            await asyncio.to_thread(
+                self.audit.open,
+                cfg.data_dir,
+                cfg.audit_retention_days,
+                database=self.database,
+                auth=auth,
+                **node,
+            )
+        else:
+            self.audit.open(cfg.data_dir, cfg.audit_retention_days, auth=auth, **node)
         self.assets = AssetStore(cfg.data_dir)
         context = ServerContext(
             cfg,
@@ -308,6 +347,7 @@ class Server:
             self.audit,
             lambda code: self.metrics.protocol_errors.labels(code).inc(),
             self.assets,
+            self.clinic,
         )
         for plugin in self.plugins:
             await plugin.start(context)
@@ -316,7 +356,11 @@ class Server:
         for plugin in self.plugins:
             if isinstance(plugin, SharedObjects):
                 await self.integrity.check_objects(
-                    plugin.store, cfg.data_dir, plugin.hold_back, cfg.serve_incomplete_objects
+                    plugin.store,
+                    self.audit.source,
+                    plugin.hold_back,
+                    cfg.serve_incomplete_objects,
+                    recheck=self.database is not None,
                 )
         self.scrub = AssetScrub(self.assets, self.integrity, cfg.asset_scrub_interval)
         self.scrub.start()
@@ -355,7 +399,13 @@ class Server:
         if self.assets is not None:
             self.assets.close()
             self.assets = None
-        self.audit.close()
+        if self.database is not None:
+            await asyncio.to_thread(self.audit.close)  # commits what is queued: a round trip
+        else:
+            self.audit.close()
+        if self.database is not None:
+            await asyncio.to_thread(self.database.close)
+            self.database = None
 
     # ----------------------------------------------------------------- HTTP
 
@@ -442,6 +492,22 @@ class Server:
             body=self.metrics.render(),
             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
         )
+
+
+def clinic_room_types(clinic: Clinic, plugin_names: Sequence[str]) -> list[RoomType]:
+    """The room types of a clinic file, as the registry takes them (a type that names no
+    plugins runs every plugin of the server)."""
+    types = []
+    for t in clinic.types:
+        chosen = list(t.plugins) if t.plugins is not None else list(plugin_names)
+        unknown = [n for n in chosen if n not in plugin_names]
+        if unknown:
+            raise ValueError(
+                f"clinic file: types.{t.type}.plugins: unknown plugin {unknown[0]!r} "
+                f"(this server has {', '.join(plugin_names)})"
+            )
+        types.append(RoomType(t.type, chosen, rooms=t.pattern.pattern))
+    return types
 
 
 SERVER_KEY = web.AppKey("medverse.server", Server)

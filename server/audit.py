@@ -11,13 +11,19 @@ open in another program, shows up in ``medverse audit verify``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import hashlib
 import json
 import logging
 import os
 import sqlite3
 import struct
+import threading
 import time
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,6 +104,17 @@ class Frontier:
             h, right = peaks.pop()
             _, left = peaks.pop()
             peaks.append((h + 1, node_hash(left, right)))
+
+    def to_bytes(self) -> bytes:
+        """The peaks as bytes (height, then hash, each), to store beside the log's size."""
+        return b"".join(bytes([h]) + digest for h, digest in self._peaks)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Frontier:
+        """A frontier from :meth:`to_bytes`."""
+        f = cls()
+        f._peaks = [(data[i], bytes(data[i + 1 : i + 33])) for i in range(0, len(data), 33)]
+        return f
 
     def root(self) -> bytes:
         """Equals :func:`tree_root` of all leaves pushed: the left subtree of an RFC 6962 tree
@@ -214,27 +231,42 @@ def tree_head_message(size: int, time_ms: int, root: bytes) -> bytes:
 
 
 def _load_key(data_dir: Path) -> Ed25519PrivateKey:
+    """The signing key in ``data_dir``, made on first use. Servers of a cluster share one key
+    (their data directory is on a shared volume, or holds a copy): two starting at once on an
+    empty directory agree on one key, since it appears under its name complete or not at
+    all (written aside, then linked, which fails if the other was first)."""
     path = data_dir / KEY_FILE
-    if path.exists():
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-        assert isinstance(key, Ed25519PrivateKey)
-        return key
-    key = Ed25519PrivateKey.generate()
-    data_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
+    if not path.exists():
+        key = Ed25519PrivateKey.generate()
+        data_dir.mkdir(parents=True, exist_ok=True)
+        tmp = data_dir / f".{KEY_FILE}.{os.getpid()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(
+                key.private_bytes(
+                    serialization.Encoding.PEM,
+                    serialization.PrivateFormat.PKCS8,
+                    serialization.NoEncryption(),
+                )
             )
-        )
-    (data_dir / PUBLIC_KEY_FILE).write_bytes(
-        key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass  # another server made it first: use that one
+        finally:
+            tmp.unlink()
+    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    assert isinstance(key, Ed25519PrivateKey)
+    public = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
+    pub_path = data_dir / PUBLIC_KEY_FILE
+    if not pub_path.exists():  # written once, beside the key (never overwritten)
+        tmp = data_dir / f".{PUBLIC_KEY_FILE}.{os.getpid()}.tmp"
+        tmp.write_bytes(public)
+        os.replace(tmp, pub_path)
     return key
 
 
@@ -338,6 +370,19 @@ class AuditLog:
             "public_key": public.hex(),
         }
 
+    async def signed_head_async(self) -> dict[str, Any] | None:
+        """:meth:`signed_head` (SQLite answers at once, on the event loop)."""
+        return self.signed_head()
+
+    async def proof_async(self, seq: int) -> dict[str, Any]:
+        """An inclusion proof of entry ``seq`` in a freshly signed head."""
+        self.sign()
+        return prove(self.data_dir, seq)
+
+    def source(self) -> AuditSource:
+        """The log, to read."""
+        return SQLiteAuditSource(self.data_dir)
+
     def prune(self) -> int:
         """Drop the content of entries past the retention period, keeping their leaf hashes
         (so the tree still verifies). Returns how many were pruned."""
@@ -356,6 +401,271 @@ class AuditLog:
         self._db.close()
 
 
+#: Entries written to PostgreSQL in one transaction at most.
+PG_BATCH = 1000
+
+
+class PostgresAuditLog:
+    """The audit log of a cluster in PostgreSQL: one Merkle tree whichever server appends.
+
+    :meth:`append` only queues (the event loop never waits for the database); a writer thread
+    of its own writes the queue in batches, in order. Each batch locks the log's head row
+    (``audit_state``: size and the roots of the tree's perfect subtrees), numbers its entries
+    after the size it finds there, hashes them into the tree and stores the new head in the
+    same transaction, so entries of several servers interleave into one sequence with no gap
+    or duplicate. Each entry carries a unique id: a batch retried after a commit whose answer
+    was lost skips the entries already in. Tree heads are signed at most ``sign_delay``
+    seconds after a change, with the key every server of the cluster shares (see
+    :func:`_load_key`); the first server registers its public key in the database and a server
+    with another key refuses to start."""
+
+    def __init__(
+        self,
+        db: Any,
+        data_dir: str | Path,
+        retention_days: float = 0.0,
+        sign_delay: float = 0.5,
+    ) -> None:
+        self.db = db
+        self.data_dir = Path(data_dir)
+        self.retention_days = retention_days
+        self.sign_delay = sign_delay
+        self._key = _load_key(self.data_dir)
+        self._public = _raw_public_key(self._key.public_key())
+        self._register_key()
+        self._node = uuid.uuid4().hex
+        self._count = 0
+        self._cond = threading.Condition()
+        self._queue: list[tuple[Any, ...]] = []
+        self._queued = 0  # entries ever queued by this server
+        self._written = 0  # of those, entries committed
+        self._size = 0  # the cluster log's size after this server's last write
+        self._sign_at: float | None = None  # when the next head is due (monotonic)
+        self._stopping = False
+        if retention_days > 0:
+            self.prune()
+        self._thread = threading.Thread(target=self._run, name="medverse-audit", daemon=True)
+        self._thread.start()
+
+    def _register_key(self) -> None:
+        public = self._public
+
+        async def register(conn: Any) -> bytes:
+            row = await conn.fetchrow("SELECT public_key FROM audit_state WHERE id = 1 FOR UPDATE")
+            if row["public_key"] is None:
+                await conn.execute("UPDATE audit_state SET public_key = $1 WHERE id = 1", public)
+                return public
+            return bytes(row["public_key"])
+
+        registered = self.db.transaction(register)
+        if registered != public:
+            raise ValueError(
+                f"the audit signing key in {self.data_dir.resolve() / KEY_FILE} is not the one "
+                f"the audit log in {self.db.where} is signed with: every server of a cluster "
+                "needs the same key (keep the data directory on the shared volume, or copy "
+                f"{KEY_FILE} and {PUBLIC_KEY_FILE} from the first server)"
+            )
+
+    @property
+    def size(self) -> int:
+        """Entries in the cluster's log, as of this server's last write."""
+        return self._size
+
+    def append(
+        self,
+        kind: str,
+        *,
+        room: str | None = None,
+        actor: str | None = None,
+        subject: str | None = None,
+        **detail: Any,
+    ) -> None:
+        """Queue one event; it is committed within milliseconds, in order (its sequence number
+        is given by the database then)."""
+        det = json.dumps(detail, separators=(",", ":"), sort_keys=True) if detail else None
+        with self._cond:
+            self._count += 1
+            uid = f"{self._node}:{self._count}"
+            self._queue.append((uid, time.time(), kind, room, actor, subject, det))
+            self._queued += 1
+            self._cond.notify_all()
+
+    # ----------------------------------------------------------------- the writer
+
+    def _run(self) -> None:
+        log = logging.getLogger("medverse.audit")
+        while True:
+            with self._cond:
+                while not self._queue and not self._stopping and not self._sign_due():
+                    wait = None
+                    if self._sign_at is not None:
+                        wait = max(0.0, self._sign_at - time.monotonic())
+                    self._cond.wait(wait)
+                batch = self._queue[:PG_BATCH]
+                stopping = self._stopping
+            if batch:
+                try:
+                    self._size = self.db.transaction(functools.partial(self._write, batch=batch))
+                except Exception:
+                    log.exception("%d audit entries could not be written yet", len(batch))
+                    if stopping:
+                        with self._cond:  # given up: the server stops
+                            self._queue.clear()
+                            self._written = self._queued
+                            self._cond.notify_all()
+                        return
+                    time.sleep(1.0)
+                    continue
+                with self._cond:
+                    del self._queue[: len(batch)]  # only this thread removes
+                    self._written += len(batch)
+                    self._cond.notify_all()
+                    if self._sign_at is None:
+                        self._sign_at = time.monotonic() + self.sign_delay
+            if self._sign_due():
+                try:
+                    self._sign_now()
+                except Exception:
+                    log.exception("signing the audit log's tree head failed")
+                    self._sign_at = time.monotonic() + 1.0
+            with self._cond:
+                if stopping and not self._queue:
+                    return
+
+    def _sign_due(self) -> bool:
+        return self._sign_at is not None and time.monotonic() >= self._sign_at
+
+    async def _write(self, conn: Any, *, batch: list[tuple[Any, ...]]) -> int:
+        # The row lock orders appenders of every server: sequence numbers come from here.
+        size, peaks = await conn.fetchrow(
+            "SELECT size, peaks FROM audit_state WHERE id = 1 FOR UPDATE"
+        )
+        done = {
+            r[0]
+            for r in await conn.fetch(
+                "SELECT uid FROM audit_entries WHERE uid = ANY($1::text[])", [b[0] for b in batch]
+            )
+        }
+        frontier = Frontier.from_bytes(bytes(peaks))
+        records = []
+        for uid, t, kind, room, actor, subject, det in batch:
+            if uid in done:
+                continue  # committed by an attempt whose answer was lost
+            size += 1
+            leaf = leaf_hash(entry_bytes(size, t, kind, room, actor, subject, det))
+            frontier.push(leaf)
+            records.append((size, uid, round(t, 6), kind, room, actor, subject, det, leaf, 0))
+        if records:
+            await conn.copy_records_to_table(
+                "audit_entries",
+                records=records,
+                columns=[
+                    "seq", "uid", "time", "kind", "room", "actor", "subject", "detail", "leaf",
+                    "pruned",
+                ],
+            )  # fmt: skip
+            await conn.execute(
+                "UPDATE audit_state SET size = $1, peaks = $2 WHERE id = 1",
+                size,
+                frontier.to_bytes(),
+            )
+        return int(size)
+
+    def _sign_now(self) -> None:
+        self._sign_at = None
+
+        async def sign(conn: Any) -> None:
+            size, peaks = await conn.fetchrow("SELECT size, peaks FROM audit_state WHERE id = 1")
+            if size == 0 or await conn.fetchval(
+                "SELECT 1 FROM audit_tree_heads WHERE size = $1", size
+            ):
+                return
+            root = Frontier.from_bytes(bytes(peaks)).root()
+            time_ms = int(time.time() * 1000)
+            sig = self._key.sign(tree_head_message(size, time_ms, root))
+            # Another server may sign the same size at the same moment: either head is good.
+            await conn.execute(
+                "INSERT INTO audit_tree_heads (size, time_ms, root, signature) "
+                "VALUES ($1, $2, $3, $4) ON CONFLICT (size) DO NOTHING",
+                size,
+                time_ms,
+                root,
+                sig,
+            )
+
+        self.db.run(sign)
+
+    # ----------------------------------------------------------------- blocking calls
+
+    def flush(self, timeout: float = 60.0) -> bool:
+        """Wait until everything queued so far is committed (blocking); False on timeout."""
+        with self._cond:
+            target = self._queued
+            return self._cond.wait_for(lambda: self._written >= target, timeout)
+
+    def sign(self) -> None:
+        """Commit what is queued and sign the tree head of the whole log now (blocking)."""
+        self.flush()
+        self._sign_now()
+
+    def signed_head(self) -> dict[str, Any] | None:
+        """The newest signed tree head, with the public key that verifies it (hex); blocking."""
+        self.sign()
+        heads = PostgresAuditSource(self.db, self.data_dir).heads()
+        if not heads:
+            return None
+        size, time_ms, root, sig = heads[-1]
+        return {
+            "size": size,
+            "time_ms": time_ms,
+            "root": root.hex(),
+            "signature": sig.hex(),
+            "public_key": self._public.hex(),
+        }
+
+    async def signed_head_async(self) -> dict[str, Any] | None:
+        """:meth:`signed_head` in a thread (for the event loop)."""
+        return await asyncio.to_thread(self.signed_head)
+
+    async def proof_async(self, seq: int) -> dict[str, Any]:
+        """An inclusion proof of entry ``seq`` in a freshly signed head, in a thread."""
+
+        def proof() -> dict[str, Any]:
+            self.sign()
+            return prove(PostgresAuditSource(self.db, self.data_dir), seq)
+
+        return await asyncio.to_thread(proof)
+
+    def source(self) -> AuditSource:
+        """The log, to read (a snapshot taken at first read)."""
+        return PostgresAuditSource(self.db, self.data_dir)
+
+    def prune(self) -> int:
+        """Drop the content of entries past the retention period, keeping their leaf hashes."""
+        cutoff = time.time() - self.retention_days * 86400
+
+        async def prune(conn: Any) -> int:
+            done = await conn.execute(
+                "UPDATE audit_entries SET room = NULL, actor = NULL, subject = NULL, "
+                "detail = NULL, pruned = 1 WHERE time < $1 AND pruned = 0",
+                cutoff,
+            )
+            return int(done.split()[-1])
+
+        return self.db.run(prune)  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        """Commit what is queued, sign the last head and stop the writer (blocking)."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join()
+        try:
+            self._sign_now()
+        except Exception:
+            logging.getLogger("medverse.audit").exception("signing the last tree head failed")
+
+
 # --------------------------------------------------------------------------- verification
 
 
@@ -364,17 +674,31 @@ class AuditRecorder:
     it is open (``log``), and never lets a failing append break a session or a room."""
 
     def __init__(self) -> None:
-        self._log: AuditLog | None = None
+        self._log: AuditLog | PostgresAuditLog | None = None
 
     @property
-    def log(self) -> AuditLog | None:
+    def log(self) -> AuditLog | PostgresAuditLog | None:
         """The open log (None before :meth:`open` and after :meth:`close`)."""
         return self._log
 
-    def open(self, data_dir: str | Path, retention_days: float = 0.0, **fields: Any) -> None:
-        """Open the log in ``data_dir`` and record the server's start (with ``fields``)."""
-        self._log = AuditLog(data_dir, retention_days=retention_days)
+    def open(
+        self,
+        data_dir: str | Path,
+        retention_days: float = 0.0,
+        database: Any = None,
+        **fields: Any,
+    ) -> None:
+        """Open the log (in ``data_dir``, or the cluster's in ``database``, a
+        :class:`~.pg.Database`) and record the server's start (with ``fields``)."""
+        if database is not None:
+            self._log = PostgresAuditLog(database, data_dir, retention_days=retention_days)
+        else:
+            self._log = AuditLog(data_dir, retention_days=retention_days)
         self._log.append("server_start", **fields)
+
+    def source(self) -> AuditSource | None:
+        """The open log, to read (None if it is not open)."""
+        return self._log.source() if self._log is not None else None
 
     def close(self) -> None:
         """Record the server's stop and close the log."""
@@ -410,30 +734,152 @@ class VerifyReport:
         return not self.problems
 
 
-def _open_readonly(data_dir: Path) -> sqlite3.Connection:
-    """The audit database of ``data_dir``, read-only; ValueError naming what is missing."""
-    if not data_dir.is_dir():
-        raise ValueError(f"no data directory {data_dir.resolve()}")
-    if not (data_dir / DB_FILE).is_file():
-        raise ValueError(f"no audit log in {data_dir.resolve()} ({DB_FILE} is missing)")
-    return sqlite3.connect(f"file:{data_dir / DB_FILE}?mode=ro", uri=True)
+class AuditSource(ABC):
+    """One audit log, read for verification, proofs and reading: the SQLite file of a data
+    directory (:class:`SQLiteAuditSource`) or a cluster's PostgreSQL database
+    (:class:`PostgresAuditSource`). The functions below take a source or a data directory."""
+
+    #: Where the log is, for messages.
+    where: str = ""
+
+    @abstractmethod
+    def rows(self) -> list[tuple[Any, ...]]:
+        """Every entry as stored, in storage order: (position, seq, time, kind, room, actor,
+        subject, detail, leaf, pruned)."""
+
+    @abstractmethod
+    def heads(self) -> list[tuple[int, int, bytes, bytes]]:
+        """The signed tree heads (size, time_ms, root, signature), smallest first."""
+
+    @abstractmethod
+    def public_key(self) -> Ed25519PublicKey:
+        """The key the log's heads are signed with."""
+
+    def object_entries(self, kinds: tuple[str, ...]) -> list[tuple[Any, ...]]:
+        """(kind, room, subject, detail) of the unpruned entries of these kinds that name a
+        room, in sequence order."""
+        return [
+            (r[3], r[4], r[6], r[7])
+            for r in sorted(self.rows(), key=lambda r: r[1])
+            if not r[9] and r[4] is not None and r[3] in kinds
+        ]
+
+    def close(self) -> None:  # noqa: B027 - most sources hold nothing to let go of
+        """Let go of the storage (the source reads nothing more)."""
 
 
-def _public_key(data_dir: Path) -> Ed25519PublicKey:
+def _key_file(data_dir: Path) -> Ed25519PublicKey:
     pub = serialization.load_pem_public_key((data_dir / PUBLIC_KEY_FILE).read_bytes())
     if not isinstance(pub, Ed25519PublicKey):
         raise ValueError(f"{data_dir / PUBLIC_KEY_FILE} is not an Ed25519 public key")
     return pub
 
 
-def _recompute(db: sqlite3.Connection, problems: list[str]) -> tuple[int, list[bytes]]:
+class SQLiteAuditSource(AuditSource):
+    """The audit log in a data directory's SQLite file, opened read-only; ValueError naming
+    what is missing."""
+
+    def __init__(self, data_dir: str | Path) -> None:
+        self.data_dir = data_dir = Path(data_dir)
+        if not data_dir.is_dir():
+            raise ValueError(f"no data directory {data_dir.resolve()}")
+        if not (data_dir / DB_FILE).is_file():
+            raise ValueError(f"no audit log in {data_dir.resolve()} ({DB_FILE} is missing)")
+        self.where = str(data_dir.resolve() / DB_FILE)
+        self._db = sqlite3.connect(f"file:{data_dir / DB_FILE}?mode=ro", uri=True)
+
+    def rows(self) -> list[tuple[Any, ...]]:
+        return self._db.execute(
+            "SELECT rowid, seq, time, kind, room, actor, subject, detail, leaf, pruned "
+            "FROM entries ORDER BY rowid"
+        ).fetchall()
+
+    def heads(self) -> list[tuple[int, int, bytes, bytes]]:
+        return [
+            (size, time_ms, bytes(root), bytes(sig))
+            for size, time_ms, root, sig in self._db.execute(
+                "SELECT size, time_ms, root, signature FROM tree_heads ORDER BY size"
+            )
+        ]
+
+    def public_key(self) -> Ed25519PublicKey:
+        return _key_file(self.data_dir)
+
+    def object_entries(self, kinds: tuple[str, ...]) -> list[tuple[Any, ...]]:
+        return self._db.execute(
+            "SELECT kind, room, subject, detail FROM entries WHERE pruned = 0 AND room IS NOT NULL "
+            f"AND kind IN ({', '.join('?' * len(kinds))}) ORDER BY seq",
+            kinds,
+        ).fetchall()
+
+    def close(self) -> None:
+        self._db.close()
+
+
+class PostgresAuditSource(AuditSource):
+    """A cluster's audit log in PostgreSQL, read in one snapshot (entries and heads of the
+    same moment, however many servers append meanwhile). The public key is the data
+    directory's ``audit_public_key.pem`` where there is one, else the one the servers
+    registered in the database (anchor heads elsewhere, ``medverse audit head``, and check
+    with ``--against``: whoever can rewrite the database can replace that one too)."""
+
+    def __init__(self, db: Any, data_dir: str | Path | None = None) -> None:
+        self.db = db
+        self.data_dir = Path(data_dir) if data_dir is not None else None
+        self.where = db.where
+        self._snapshot: tuple[list[tuple[Any, ...]], list[Any], bytes | None] | None = None
+
+    def _load(self) -> tuple[list[tuple[Any, ...]], list[Any], bytes | None]:
+        if self._snapshot is None:
+
+            async def read(conn: Any) -> tuple[list[tuple[Any, ...]], list[Any], bytes | None]:
+                async with conn.transaction(isolation="repeatable_read", readonly=True):
+                    rows = await conn.fetch(
+                        "SELECT seq, seq, time, kind, room, actor, subject, detail, leaf, pruned "
+                        "FROM audit_entries ORDER BY seq"
+                    )
+                    heads = await conn.fetch(
+                        "SELECT size, time_ms, root, signature FROM audit_tree_heads ORDER BY size"
+                    )
+                    key = await conn.fetchval("SELECT public_key FROM audit_state WHERE id = 1")
+                return [tuple(r) for r in rows], [tuple(h) for h in heads], key
+
+            self._snapshot = self.db.run(read)
+        return self._snapshot
+
+    def rows(self) -> list[tuple[Any, ...]]:
+        return self._load()[0]
+
+    def heads(self) -> list[tuple[int, int, bytes, bytes]]:
+        return [(s, t, bytes(r), bytes(g)) for s, t, r, g in self._load()[1]]
+
+    def public_key(self) -> Ed25519PublicKey:
+        if self.data_dir is not None and (self.data_dir / PUBLIC_KEY_FILE).is_file():
+            return _key_file(self.data_dir)
+        key = self._load()[2]
+        if key is None:
+            raise ValueError(f"no server has written to the audit log in {self.where} yet")
+        return Ed25519PublicKey.from_public_bytes(bytes(key))
+
+
+@contextlib.contextmanager
+def _opened(source: str | Path | AuditSource) -> Iterator[AuditSource]:
+    """``source`` itself, or the SQLite log of that data directory (closed afterwards)."""
+    if isinstance(source, AuditSource):
+        yield source
+        return
+    own = SQLiteAuditSource(source)
+    try:
+        yield own
+    finally:
+        own.close()
+
+
+def _recompute(src: AuditSource, problems: list[str]) -> tuple[int, list[bytes]]:
     """The number of rows and the leaf hash of every entry, recomputed from its content where
     the content is kept (pruned entries keep only their stored hash); discrepancies are added
     to ``problems``."""
-    rows = db.execute(
-        "SELECT rowid, seq, time, kind, room, actor, subject, detail, leaf, pruned FROM entries "
-        "ORDER BY rowid"
-    ).fetchall()
+    rows = src.rows()
     leaves: list[bytes] = []
     expected = 1
     for rowid, seq, t, kind, room, actor, subject, detail, leaf, pruned in rows:
@@ -454,22 +900,19 @@ def _recompute(db: sqlite3.Connection, problems: list[str]) -> tuple[int, list[b
     return len(rows), leaves
 
 
-def verify(data_dir: str | Path) -> VerifyReport:
-    """Recompute every leaf and signed root; report each discrepancy found."""
-    data_dir = Path(data_dir)
-    db = _open_readonly(data_dir)
-    pub = _public_key(data_dir)
-    problems: list[str] = []
-    count, leaves = _recompute(db, problems)
-    heads = db.execute(
-        "SELECT size, time_ms, root, signature FROM tree_heads ORDER BY size"
-    ).fetchall()
+def verify(source: str | Path | AuditSource) -> VerifyReport:
+    """Recompute every leaf and signed root; report each discrepancy found. ``source``: a
+    data directory (its SQLite log) or an :class:`AuditSource`."""
+    with _opened(source) as src:
+        pub = src.public_key()
+        problems: list[str] = []
+        count, leaves = _recompute(src, problems)
+        heads = src.heads()
     signed = 0
     prev: tuple[int, bytes] | None = None
     for size, time_ms, root, sig in heads:
-        root = bytes(root)
         try:
-            pub.verify(bytes(sig), tree_head_message(size, time_ms, root))
+            pub.verify(sig, tree_head_message(size, time_ms, root))
         except InvalidSignature:
             problems.append(f"tree head of size {size} has a bad signature")
             continue
@@ -486,41 +929,33 @@ def verify(data_dir: str | Path) -> VerifyReport:
                 problems.append(f"tree heads {prev[0]} and {size} are not consistent")
         prev = (size, root)
         signed = max(signed, size)
-    db.close()
     return VerifyReport(count, signed, problems)
 
 
-def prove(data_dir: str | Path, seq: int) -> dict[str, Any]:
+def prove(source: str | Path | AuditSource, seq: int) -> dict[str, Any]:
     """Inclusion proof of entry ``seq`` in the latest signed tree, checked before returning."""
-    data_dir = Path(data_dir)
-    db = _open_readonly(data_dir)
-    head = db.execute(
-        "SELECT size, time_ms, root, signature FROM tree_heads ORDER BY size DESC LIMIT 1"
-    ).fetchone()
-    if head is None:
-        raise ValueError("no signed tree head yet")
-    size, time_ms, root, sig = head
-    if not 1 <= seq <= size:
-        raise ValueError(f"entry {seq} is not in the signed tree of size {size}")
-    leaves = [
-        bytes(r[0]) for r in db.execute("SELECT leaf FROM entries ORDER BY seq LIMIT ?", (size,))
-    ]
-    entry = db.execute(
-        "SELECT time, kind, room, actor, subject, detail FROM entries WHERE seq = ?", (seq,)
-    ).fetchone()
-    db.close()
+    with _opened(source) as src:
+        heads = src.heads()
+        if not heads:
+            raise ValueError("no signed tree head yet")
+        size, time_ms, root, sig = heads[-1]
+        if not 1 <= seq <= size:
+            raise ValueError(f"entry {seq} is not in the signed tree of size {size}")
+        rows = sorted(src.rows(), key=lambda r: r[1])
+    leaves = [bytes(r[8]) for r in rows[:size]]
+    entry = next(r for r in rows if r[1] == seq)
     proof = inclusion_proof(seq - 1, leaves)
-    ok = verify_inclusion(leaves[seq - 1], seq - 1, size, proof, bytes(root))
+    ok = verify_inclusion(leaves[seq - 1], seq - 1, size, proof, root)
     return {
         "entry": seq,
         "content": dict(
-            zip(("time", "kind", "room", "actor", "subject", "detail"), entry, strict=True)
+            zip(("time", "kind", "room", "actor", "subject", "detail"), entry[2:8], strict=True)
         ),
         "leaf_hash": leaves[seq - 1].hex(),
         "tree_size": size,
         "tree_time_ms": time_ms,
-        "root": bytes(root).hex(),
-        "signature": bytes(sig).hex(),
+        "root": root.hex(),
+        "signature": sig.hex(),
         "path": [p.hex() for p in proof],
         "verified": ok,
     }
@@ -536,33 +971,27 @@ def _raw_public_key(pub: Ed25519PublicKey) -> bytes:
     return pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
-def current_head(data_dir: str | Path) -> dict[str, Any]:
-    """The newest signed tree head of the log in ``data_dir`` and the key that verifies it
-    (hex), as the admin API publishes it: keep it somewhere the server cannot write, and
-    :func:`check_against` proves later that the log still begins with what it covered.
-    Read-only (a running server signs a head within a second of each change); ValueError if
-    there is none or its signature does not verify."""
-    data_dir = Path(data_dir)
-    db = _open_readonly(data_dir)
+def current_head(source: str | Path | AuditSource) -> dict[str, Any]:
+    """The newest signed tree head of the log (a data directory's, or an :class:`AuditSource`)
+    and the key that verifies it (hex), as the admin API publishes it: keep it somewhere the
+    server cannot write, and :func:`check_against` proves later that the log still begins
+    with what it covered. Read-only (a running server signs a head within a second of each
+    change); ValueError if there is none or its signature does not verify."""
+    with _opened(source) as src:
+        heads = src.heads()
+        if not heads:
+            raise ValueError(f"the audit log in {src.where} has no signed tree head yet")
+        pub = src.public_key()
+    size, time_ms, root, sig = heads[-1]
     try:
-        row = db.execute(
-            "SELECT size, time_ms, root, signature FROM tree_heads ORDER BY size DESC LIMIT 1"
-        ).fetchone()
-    finally:
-        db.close()
-    if row is None:
-        raise ValueError(f"the audit log in {data_dir.resolve()} has no signed tree head yet")
-    size, time_ms, root, sig = row
-    pub = _public_key(data_dir)
-    try:
-        pub.verify(bytes(sig), tree_head_message(size, time_ms, bytes(root)))
+        pub.verify(sig, tree_head_message(size, time_ms, root))
     except InvalidSignature:
         raise ValueError(f"the newest tree head (size {size}) has a bad signature") from None
     return {
         "size": size,
         "time_ms": time_ms,
-        "root": bytes(root).hex(),
-        "signature": bytes(sig).hex(),
+        "root": root.hex(),
+        "signature": sig.hex(),
         "public_key": _raw_public_key(pub).hex(),
     }
 
@@ -599,14 +1028,16 @@ class SavedHead:
         return _utc(self.time_ms / 1000)
 
 
-def check_against(data_dir: str | Path, head: SavedHead) -> str | None:
-    """Whether the log in ``data_dir`` is an extension of the log ``head`` was signed for
-    (RFC 6962/9162 consistency between that head and the log's newest signed head): None if
-    so, else one line saying what went wrong. Detects truncation, a different history (fork)
-    and the database rolled back to a copy older than the head, none of which the log alone
-    can show (whoever rewrites it can delete or re-sign its own heads too)."""
-    data_dir = Path(data_dir)
-    pub = _public_key(data_dir)
+def check_against(source: str | Path | AuditSource, head: SavedHead) -> str | None:
+    """Whether the log (a data directory's, or an :class:`AuditSource`) is an extension of
+    the log ``head`` was signed for (RFC 6962/9162 consistency between that head and the
+    log's newest signed head): None if so, else one line saying what went wrong. Detects
+    truncation, a different history (fork) and the database rolled back to a copy older than
+    the head, none of which the log alone can show (whoever rewrites it can delete or re-sign
+    its own heads too)."""
+    with _opened(source) as src:
+        pub = src.public_key()
+        _, leaves = _recompute(src, [])
     if _raw_public_key(pub) != head.public_key:
         return (
             "the saved head was signed with another key than this log's "
@@ -618,11 +1049,6 @@ def check_against(data_dir: str | Path, head: SavedHead) -> str | None:
         )
     except InvalidSignature:
         return "the saved head's signature does not verify (the saved file was altered)"
-    db = _open_readonly(data_dir)
-    try:
-        _, leaves = _recompute(db, [])
-    finally:
-        db.close()
     m, n = head.size, len(leaves)
     if n < m:
         return (
@@ -664,7 +1090,7 @@ def _field(value: object) -> str:
 
 
 def read_entries(
-    data_dir: str | Path,
+    source: str | Path | AuditSource,
     since: float | None = None,
     room: str | None = None,
     identity: str | None = None,
@@ -673,27 +1099,19 @@ def read_entries(
     room, actor, subject and details. ``since`` (Unix time), ``room`` and ``identity`` (the
     actor or subject) select entries. The log holds no pose, audio or annotation content, so
     neither do these lines; entries past retention show as pruned."""
-    db = _open_readonly(Path(data_dir))
-    where: list[str] = ["1"]
-    args: list[object] = []
-    if since is not None:
-        where.append("time >= ?")
-        args.append(since)
-    if room is not None:
-        where.append("room = ?")
-        args.append(room)
-    if identity is not None:
-        where.append("(actor = ? OR subject = ?)")
-        args += [identity, identity]
-    try:
-        rows = db.execute(
-            "SELECT seq, time, kind, room, actor, subject, detail, pruned FROM entries WHERE "
-            + " AND ".join(where)
-            + " ORDER BY seq",
-            args,
-        ).fetchall()
-    finally:
-        db.close()
+    with _opened(source) as src:
+        stored = src.rows()
+    rows = sorted(
+        ((*r[1:8], r[9]) for r in stored),
+        key=lambda r: r[0],
+    )
+    rows = [
+        r
+        for r in rows
+        if (since is None or r[1] >= since)
+        and (room is None or r[3] == room)
+        and (identity is None or identity in (r[4], r[5]))
+    ]
     lines = []
     for seq, t, kind, room_, actor, subject, detail, pruned in rows:
         parts = [f"{seq:>6}", _utc(t), _field(kind)]

@@ -119,6 +119,15 @@ class TokenVerifier:
         )
         return replace(identity_from_claims(claims), token_id=token_id)
 
+    def verify_any_room(self, token: str) -> Identity:
+        """The identity of a valid join token, for the room the token names (a member moved
+        to another room resumes there with the token of the room it first entered)."""
+        claims = self._claims(token, "join")
+        room = claims["room"]
+        if not isinstance(room, str) or room == ADMIN_ROOM:
+            raise ProtocolError(ErrorCode.UNAUTHORIZED, "not a join token")
+        return self.verify(token, room)
+
     def verify_admin(self, token: str) -> str:
         """The subject of a valid admin token (role ``admin``, room ``*``); typed error else.
 

@@ -25,6 +25,8 @@ from .config import ServerConfig
 if TYPE_CHECKING:
     from aiohttp import web
 
+    from .limits import RequestHeadGuard
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors: usage goes to ``--help``, the error to stderr, exit 2."""
@@ -248,7 +250,8 @@ def _add_token(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--room", default=None, help="the room the token admits to")
     p.add_argument("--identity", required=True, help="the token's subject (who this is)")
     p.add_argument("--name", default=None, help="display name others see (default: identity)")
-    p.add_argument("--role", default="participant", choices=["host", "participant", "observer"])
+    roles = ["host", "participant", "observer", "receptionist"]
+    p.add_argument("--role", default="participant", choices=roles)
     p.add_argument("--ttl", default="1h", help="lifetime: 90s, 30m, 1h, 2d")
     p.add_argument("--grants", default=None, help="comma-separated grants replacing the role's")
     p.add_argument("--data-dir", default=None, help="(env MEDVERSE_DATA_DIR)")
@@ -261,8 +264,13 @@ def _add_audit(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("audit", help="read, check, prove or anchor the audit log")
     asub = p.add_subparsers(dest="audit_command", required=True)
     data_help = "(env MEDVERSE_DATA_DIR)"
+    db_help = (
+        "the cluster's PostgreSQL log instead of the data directory's SQLite file (env "
+        "MEDVERSE_DATABASE_URL); the data directory's audit_public_key.pem, if there, checks it"
+    )
     v = asub.add_parser("verify", help="recompute the Merkle tree and check every signed head")
     v.add_argument("--data-dir", default=None, help=data_help)
+    v.add_argument("--database-url", default=None, help=db_help)
     v.add_argument(
         "--against",
         metavar="HEAD_FILE",
@@ -272,13 +280,16 @@ def _add_audit(sub: argparse._SubParsersAction) -> None:
     pr = asub.add_parser("prove", help="print an inclusion proof of entry N")
     pr.add_argument("entry", type=int)
     pr.add_argument("--data-dir", default=None, help=data_help)
+    pr.add_argument("--database-url", default=None, help=db_help)
     h = asub.add_parser(
         "head", help="print the newest signed tree head, to keep where the server cannot write"
     )
     h.add_argument("--data-dir", default=None, help=data_help)
+    h.add_argument("--database-url", default=None, help=db_help)
     h.add_argument("--out", metavar="FILE", default=None, help="write it to FILE instead")
     sh = asub.add_parser("show", help="print the entries, one line each")
     sh.add_argument("--data-dir", default=None, help=data_help)
+    sh.add_argument("--database-url", default=None, help=db_help)
     sh.add_argument(
         "--since",
         default=None,
@@ -311,12 +322,31 @@ def _since(text: str) -> float:
 
 def _audit(args: argparse.Namespace) -> int:
     import json
+    import os
 
-    from .audit import SavedHead, check_against, current_head, prove, read_entries, verify
+    from .audit import (
+        AuditSource,
+        PostgresAuditSource,
+        SavedHead,
+        check_against,
+        current_head,
+        prove,
+        read_entries,
+        verify,
+    )
 
     prog = f"medverse audit {args.audit_command}"
     data_dir = _data_dir(args.data_dir)
+    url = args.database_url or os.environ.get("MEDVERSE_DATABASE_URL", "")
+    database = None
+    log: str | AuditSource = data_dir
     try:
+        if url:
+            from .pg import Database
+
+            database = Database(url, retry_for=0.0)
+            database.start()
+            log = PostgresAuditSource(database, data_dir)
         if args.audit_command == "verify":
             saved = None
             if args.against:
@@ -324,14 +354,14 @@ def _audit(args: argparse.Namespace) -> int:
                     saved = SavedHead.parse(json.loads(Path(args.against).read_text()))
                 except ValueError as exc:  # JSON errors are ValueErrors too
                     raise CommandError(f"{args.against}: {one_line(exc)}") from None
-            report = verify(data_dir)
-            against = check_against(data_dir, saved) if saved is not None else None
+            report = verify(log)
+            against = check_against(log, saved) if saved is not None else None
         elif args.audit_command == "prove":
-            print(json.dumps(prove(data_dir, args.entry), indent=2))
+            print(json.dumps(prove(log, args.entry), indent=2))
             return 0
         elif args.audit_command == "head":
             # One line, as the admin API gives it: a log collector keeps it whole.
-            text = json.dumps(current_head(data_dir)) + "\n"
+            text = json.dumps(current_head(log)) + "\n"
             if args.out:
                 _write_atomically(Path(args.out), text)
             else:
@@ -339,11 +369,14 @@ def _audit(args: argparse.Namespace) -> int:
             return 0
         else:
             since = _since(args.since) if args.since else None
-            for line in read_entries(data_dir, since, args.room, args.identity):
+            for line in read_entries(log, since, args.room, args.identity):
                 print(line)
             return 0
     except (CommandError, ValueError, OSError, sqlite3.Error) as exc:
         return _fail(prog, exc)
+    finally:
+        if database is not None:
+            database.close()
     print(f"{report.entries} entries, signed tree heads up to {report.signed_size}")
     for problem in report.problems:
         print("TAMPERED:", problem)
@@ -449,11 +482,27 @@ async def _serve(cfg: ServerConfig, app: web.Application, ssl_ctx: ssl.SSLContex
         server.on_drained = stop.set
         loop.add_signal_handler(signal.SIGTERM, lambda: loop.create_task(cluster.drain()) and None)
     # Handlers finish when their client disconnects (see medverse.server.httplog).
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, handler_cancellation=False)
+    # aiohttp's keep-alive timer (about an hour by default in recent versions) closes idle
+    # connections between requests; a slow first request is cut by the head guard below.
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        handle_signals=False,
+        handler_cancellation=False,
+        keepalive_timeout=75.0,
+    )
     await runner.setup()
-    site = web.TCPSite(runner, cfg.host, cfg.port, ssl_context=ssl_ctx)
+    # The listening socket is ours rather than a TCPSite's, so that every connection goes
+    # through the request head guard (see medverse.server.limits.RequestHeadGuard).
+    guard = _head_guard(cfg, app)
     try:
-        await site.start()
+        listener = await loop.create_server(
+            guard.factory(runner.server),  # type: ignore[arg-type]
+            cfg.host,
+            cfg.port,
+            ssl=ssl_ctx,
+            reuse_address=True,
+        )
     except OSError as exc:
         await runner.cleanup()
         raise CommandError(_bind_error(cfg, exc)) from None
@@ -464,7 +513,28 @@ async def _serve(cfg: ServerConfig, app: web.Application, ssl_ctx: ssl.SSLContex
         token = mint_token(secret, room="demo", identity="dev", name="Developer", role="host")
         log.info("development token for room 'demo' (host, 1 h): %s", token)
     await stop.wait()
+    listener.close()
     await runner.cleanup()
+
+
+def _head_guard(cfg: ServerConfig, app: web.Application) -> RequestHeadGuard:
+    """The guard of every connection's first request head, counting what it cuts in the
+    server's ``medverse_connections_refused_total`` (when ``app`` is medverse's own)."""
+    from .app import SERVER_KEY
+    from .limits import RequestHeadGuard
+
+    server = app.get(SERVER_KEY)
+
+    def refused(reason: str) -> None:
+        if server is not None:
+            server.metrics.connections_refused.labels(reason).inc()
+
+    return RequestHeadGuard(
+        cfg.header_timeout,
+        cfg.max_unidentified_per_address,
+        cfg.max_unidentified_connections,
+        refused,
+    )
 
 
 def _tls_context(cfg: ServerConfig) -> ssl.SSLContext:

@@ -28,6 +28,9 @@ class ServerConfig:
     max_members_per_room: int = 256
     #: Seconds a new connection has to send its hello.
     handshake_timeout: float = 5.0
+    #: Seconds a new TCP connection has to send a complete HTTP request head (request line
+    #: and headers), TLS handshake included; slower ones are cut (0: no deadline).
+    header_timeout: float = 10.0
     #: Largest WebSocket message accepted from a client, bytes.
     max_frame_bytes: int = 16 * 1024
     #: A member whose unsent bytes exceed this skips state ticks until it catches up.
@@ -51,6 +54,10 @@ class ServerConfig:
     #: Where the server keeps what must survive a restart (the generated token secret, the
     #: audit log, shared objects and annotations).
     data_dir: str = "medverse-data"
+    #: PostgreSQL for the durable state (objects, annotations, bans, the audit log), shared by
+    #: every server of a cluster: ``postgresql://user:password@host:5432/medverse``. Empty:
+    #: SQLite files in the data directory. Model files stay in the data directory either way.
+    database_url: str = ""
     #: HS256 secret for join tokens (at least 32 bytes). Empty: a secret is generated in the
     #: data directory on first start (unless a public key is given or auth is off).
     auth_secret: str = ""
@@ -82,6 +89,9 @@ class ServerConfig:
     consent_rooms: str = ".*"
     #: Rooms (regular expression, full match) where members appear only under pseudonyms.
     pseudonymous_rooms: str = ""
+    #: A clinic definition (TOML): room types with their policies and the room names using
+    #: them, the waiting room and its message (see ``examples/clinic.toml``).
+    clinic: str = ""
     #: Seconds without a move or view change after which an object's lease ends by itself.
     object_lease_timeout: float = 5.0
     #: Seconds between writes of moved objects' transforms to storage (at most 1 s).
@@ -142,6 +152,9 @@ class ServerConfig:
     #: Seconds a room's lease in the cluster lasts unless its server renews it: how long a
     #: dead server's rooms wait before another server takes them over.
     cluster_lease_ttl: float = 5.0
+    #: Make up a speaker's lost or late 20 ms frames with Opus's loss concealment (and the
+    #: next packet's in-band FEC, when the sender sends one) instead of mixing silence.
+    audio_conceal: bool = True
 
     def __post_init__(self) -> None:
         """Refuse values that cannot work, naming the setting: the server should fail at
@@ -160,6 +173,7 @@ class ServerConfig:
             raise ValueError("silence_timeout must be more than heartbeat (pings need answers)")
         _at_least(self, 0, "send_soft_limit", "socket_send_buffer", "max_connections_per_address")
         _at_least(self, 0, "max_unidentified_per_address", "max_unidentified_connections")
+        _at_least(self, 0, "header_timeout")
         _at_least(self, 0, "max_objects_per_room", "max_annotations_per_object")
         _at_least(self, 0, "max_assets_per_room", "audio_max_speakers", "asset_scrub_interval")
         _at_least(self, 1, "max_members_per_room", "max_violations", "send_hard_limit")
@@ -175,6 +189,9 @@ class ServerConfig:
             raise ValueError(f"log_level {self.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
         if not self.data_dir:
             raise ValueError("data_dir must name a folder")
+        if self.database_url and not self.database_url.startswith(("postgresql://", "postgres://")):
+            # Not echoed: the value may hold a password.
+            raise ValueError("database_url must be a postgresql:// URL (or empty for SQLite)")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert and tls_key go together")
         if not 0 < self.object_flush_interval <= 1.0:
@@ -185,7 +202,7 @@ class ServerConfig:
             raise ValueError("give auth_secret or auth_public_key, not both")
         if self.auth_secret and len(self.auth_secret.encode()) < 32:
             raise ValueError("auth_secret must be at least 32 bytes")
-        for name in ("consent_file", "tls_cert", "tls_key", "auth_public_key"):
+        for name in ("consent_file", "tls_cert", "tls_key", "auth_public_key", "clinic"):
             path = getattr(self, name)
             if path and not os.path.isfile(path):
                 raise ValueError(f"{name} {path}: no such file")

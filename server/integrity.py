@@ -39,7 +39,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from .assets import AssetStore
-from .audit import DB_FILE
+from .audit import DB_FILE, AuditSource, SQLiteAuditSource
 from .store import ObjectStore
 
 log = logging.getLogger("medverse.integrity")
@@ -47,6 +47,8 @@ log = logging.getLogger("medverse.integrity")
 #: Bytes a second the background scrub reads at most, so it never competes with downloads
 #: for the disk (a 100 MB model takes about 2 s).
 SCRUB_BYTES_PER_SECOND = 48 * 1024 * 1024
+#: Seconds between the two looks at a shared store's gaps (see :meth:`Integrity.check_objects`).
+RECHECK_DELAY = 1.0
 #: Seconds after start before the first scrub pass (the start is busy: rooms come back).
 FIRST_SCRUB_DELAY = 60.0
 
@@ -112,21 +114,22 @@ class RoomGap:
         }
 
 
-def find_gaps(store: ObjectStore, data_dir: str | Path) -> dict[str, RoomGap]:
-    """Replay the audit log's object and annotation entries and compare the object store's
-    rooms with them: the rooms whose stored state lacks acknowledged changes. Blocking."""
-    path = Path(data_dir) / DB_FILE
-    if not path.is_file():
+def find_gaps(
+    store: ObjectStore, audit: str | Path | AuditSource | None, rooms: set[str] | None = None
+) -> dict[str, RoomGap]:
+    """Replay the audit log's object and annotation entries (a data directory's, or an
+    :class:`~.audit.AuditSource`) and compare the object store's rooms (or only ``rooms``)
+    with them: the rooms whose stored state lacks acknowledged changes. Blocking."""
+    if audit is None:
         return {}
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    if not isinstance(audit, AuditSource):
+        if not (Path(audit) / DB_FILE).is_file():
+            return {}
+        audit = SQLiteAuditSource(audit)
     try:
-        rows = db.execute(
-            "SELECT kind, room, subject, detail FROM entries WHERE pruned = 0 AND room IS NOT NULL "
-            f"AND kind IN ({', '.join('?' * len(_OBJECT_KINDS))}) ORDER BY seq",
-            _OBJECT_KINDS,
-        ).fetchall()
+        rows = audit.object_entries(_OBJECT_KINDS)
     finally:
-        db.close()
+        audit.close()
     # Per room: object ids acknowledged present and removed; annotation id -> its object, and
     # annotation ids acknowledged deleted (with their object's removal, or on their own).
     objects: dict[str, set[int]] = {}
@@ -169,6 +172,8 @@ def find_gaps(store: ObjectStore, data_dir: str | Path) -> dict[str, RoomGap]:
             room_deleted.add(ident)
     gaps: dict[str, RoomGap] = {}
     for room in objects:
+        if rooms is not None and room not in rooms:
+            continue
         record = store.load_room(room)
         stored_objects = {o.id for o in record.objects}
         stored_annos = {a.id for a in record.annotations}
@@ -252,17 +257,26 @@ class Integrity:
     async def check_objects(
         self,
         store: ObjectStore,
-        data_dir: str | Path,
+        audit: Callable[[], AuditSource | None],
         hold_back: Callable[[str, str], None],
         serve_anyway: bool,
+        recheck: bool = False,
     ) -> None:
-        """Compare ``store`` with the audit log in ``data_dir`` (in a thread), report every
-        room that lacks acknowledged changes, and hold its objects back (``hold_back(room,
-        why)``) unless ``serve_anyway``."""
+        """Compare ``store`` with the audit log (``audit()`` opens it to read; in a thread),
+        report every room that lacks acknowledged changes, and hold its objects back
+        (``hold_back(room, why)``) unless ``serve_anyway``.
+
+        With ``recheck`` (a store and log shared by several servers), a room is reported only
+        if it shows the same gap again a moment later: another server may be changing it now,
+        and between its commit and its audit entry the two differ for a few milliseconds."""
         t0 = time.monotonic()
         try:
-            gaps = await asyncio.to_thread(find_gaps, store, data_dir)
-        except sqlite3.Error as exc:
+            gaps = await asyncio.to_thread(lambda: find_gaps(store, audit()))
+            if gaps and recheck:
+                await asyncio.sleep(RECHECK_DELAY)
+                again = await asyncio.to_thread(lambda: find_gaps(store, audit(), set(gaps)))
+                gaps = {r: g for r, g in gaps.items() if again.get(r) == g}
+        except (sqlite3.Error, OSError) as exc:
             # The server still starts: an unreadable audit log is its own problem to report.
             log.error("objects could not be checked against the audit log: %s", exc)
             return

@@ -23,7 +23,8 @@ class Metrics:
         )
         self.connections_refused = Counter(
             "medverse_connections_refused_total",
-            "WebSocket connections refused before anything was read, by reason",
+            "Connections refused before anything was read, or cut before their first HTTP request "
+            "was complete, by reason",
             ["reason"],
             registry=r,
         )

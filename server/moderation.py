@@ -42,7 +42,7 @@ from medverse.protocol.messages import (
 )
 
 from .auth import ROLE_GRANTS, Identity
-from .bans import Ban, BanStore
+from .bans import Ban, BanBackend, BanStore
 from .plugins import (
     WAIT,
     MemberView,
@@ -103,9 +103,9 @@ class Moderation(RoomPlugin):
     messages = (Moderate, ChangeRole, RequestUnmute)
     server_messages = (Lobby, MemberState, RoomState, Grants, Bans)
 
-    def __init__(self, ctx: RoomContext, bans: BanStore | None = None) -> None:
+    def __init__(self, ctx: RoomContext, bans: BanBackend | None = None) -> None:
         super().__init__(ctx)
-        self.entry = "open"  # open | lobby | locked
+        self.entry = ctx.settings.entry  # open | lobby | locked (the room type's, at first)
         #: Durable bans (a room plugin made without the server plugin keeps them in memory).
         self.bans = bans if bans is not None else BanStore(":memory:")
         self.removed_tokens: dict[str, str] = {}  # token id -> the reason, for this session
@@ -421,12 +421,18 @@ class ModerationService(ServerPlugin):
 
     room_plugin = Moderation
 
-    def __init__(self, store: BanStore | None = None) -> None:
+    def __init__(self, store: BanBackend | None = None) -> None:
         self._store = store
         self._own = store is None
 
+    def use_store(self, store: BanBackend) -> None:
+        """Keep bans in ``store`` instead of the data directory's SQLite file (unless a store
+        was given when the plugin was made); before :meth:`start`."""
+        if self._store is None:
+            self._store = store
+
     @property
-    def store(self) -> BanStore:
+    def store(self) -> BanBackend:
         if self._store is None:  # not started (a room made in a test): bans in memory
             self._store = BanStore(":memory:")
         return self._store

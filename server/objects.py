@@ -772,6 +772,12 @@ class SharedObjects(ServerPlugin):
     def create(self, ctx: RoomContext) -> RoomPlugin:
         return RoomObjects(ctx, self)
 
+    def use_store(self, store: ObjectStore) -> None:
+        """Keep objects in ``store`` instead of the data directory's SQLite file (unless a
+        store was given when the plugin was made); before :meth:`start`."""
+        if self._store is None:
+            self._store = store
+
     @property
     def store(self) -> ObjectStore:
         assert self._store is not None, "the plugin is not started"

@@ -51,6 +51,7 @@ from .auth import Identity
 
 if TYPE_CHECKING:
     from .assets import AssetStore
+    from .clinicdef import Clinic
     from .config import ServerConfig
 
 
@@ -94,6 +95,25 @@ class MemberView(Protocol):
 
     def can(self, grant: str) -> bool:
         """Whether the member holds ``grant`` now."""
+
+
+@dataclass(frozen=True, slots=True)
+class RoomSettings:
+    """A room's policies, from the clinic definition and the server's flags
+    (:mod:`medverse.server.policy`)."""
+
+    #: The clinic room type whose rules the room follows ("default": none).
+    type: str = "default"
+    #: How the room is entered until a host changes it: ``open``, ``lobby`` or ``locked``.
+    entry: str = "open"
+    #: The text members accept before entering (None: no consent step) and its SHA-256.
+    consent_text: str | None = None
+    consent_version: str = ""
+    pseudonymous: bool = False
+    #: Roles that host here (None: as their tokens say).
+    hosts: frozenset[str] | None = None
+    #: Members who do not host enter muted by the server.
+    audio_muted: bool = False
 
 
 class Entities(Protocol):
@@ -145,6 +165,10 @@ class RoomContext(Protocol):
     @property
     def pseudonymous(self) -> bool:
         """Whether members of this room appear only under pseudonyms."""
+
+    @property
+    def settings(self) -> RoomSettings:
+        """The room's policies (entry mode, consent, hosts, audio defaults)."""
 
     @property
     def members(self) -> Mapping[int, MemberView]:
@@ -221,6 +245,23 @@ class RoomContext(Protocol):
     def end(self, actor: str, reason: str) -> None:
         """End the session for everyone in the room and its lobby; nobody may enter again
         until the room has closed."""
+
+    def transfer(
+        self,
+        member: MemberView,
+        room: str,
+        by: MemberView,
+        reason: str = "",
+        admit: bool = False,
+        notice: Message | None = None,
+    ) -> None:
+        """Move ``member`` of this room to room ``room`` on its own connection: it leaves
+        this room (the others see it leave with reason ``moved``), gets ``notice`` if given
+        and ``moved``, and enters the other room under that room's rules (consent, lobby
+        unless ``admit``: the mover hosts there). ``by`` is the member who asked (of this room
+        or another) and is in the audit log. Raises a ProtocolError, with nothing moved, if
+        the room is unknown, locked, full or refuses the member, or the member is not
+        connected."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -316,6 +357,8 @@ class ServerContext:
     count_error: Callable[[str], None]
     #: Uploaded 3D models (None on a server without asset storage).
     assets: AssetStore | None = None
+    #: The clinic definition the server was given (None: no ``--clinic`` file).
+    clinic: Clinic | None = None
 
 
 class ServerPlugin:

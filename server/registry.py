@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from medverse.protocol.errors import ProtocolError
 
 from .auth import Identity
-from .plugins import RoomType, ServerPlugin, Wait, plugin_class
+from .plugins import RoomSettings, RoomType, ServerPlugin, Wait, plugin_class
 from .room import Link, Member, Room, RoomServices
 
 log = logging.getLogger("medverse.registry")
@@ -29,6 +29,7 @@ class RoomRegistry:
         plugins: Sequence[ServerPlugin],
         room_types: Sequence[RoomType] = (),
         pseudonymous: Callable[[str], bool] | None = None,
+        settings: Callable[[str], RoomSettings] | None = None,
     ) -> None:
         #: In a cluster: the first member id of a room placed here (from its lease's
         #: generation), and what to do once a room closed here (give up its lease).
@@ -47,6 +48,7 @@ class RoomRegistry:
         ]:
             _check_claims(name, chosen)
         self._pseudonymous = pseudonymous
+        self._settings = settings  # each room's policies (a clinic's room types, the flags)
         self._rooms: dict[str, Room] = {}
         self._by_segment: dict[int, Room] = {}
         self._next_segment = 1
@@ -85,6 +87,7 @@ class RoomRegistry:
             return room
         kind, plugins = self.room_type(name)
         pseudonymous = self._pseudonymous is not None and self._pseudonymous(name)
+        settings = self._settings(name) if self._settings is not None else None
         room = Room(
             name,
             self._next_segment,
@@ -94,6 +97,7 @@ class RoomRegistry:
             pseudonymous=pseudonymous,
             on_empty=self._empty,
             first_member_id=self.first_member_id(name),
+            settings=settings,
         )
         self._next_segment += 1
         self._rooms[name] = room

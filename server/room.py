@@ -41,7 +41,7 @@ from .clock import FixedRateClock
 from .config import ServerConfig
 from .entities import EntityTable
 from .metrics import Traffic
-from .plugins import MemberView, P, RoomPlugin, ServerPlugin, Wait
+from .plugins import MemberView, P, RoomPlugin, RoomSettings, ServerPlugin, Wait
 from .rfc6455 import binary_frame
 
 log = logging.getLogger("medverse.room")
@@ -77,6 +77,20 @@ class Link(Protocol):
 
     def admitted(self, member: Member) -> None:
         """The connection, waiting in the lobby, is now ``member`` (a host admitted it)."""
+
+    def move(
+        self,
+        room: str,
+        by: str,
+        actor: str,
+        reason: str,
+        admit: bool,
+        notice: Message | None = None,
+    ) -> None:
+        """Take the connection's member out of its room and into ``room`` under that room's
+        rules (``by``/``actor``: the mover's name and identity; ``notice``: a message it gets
+        just before ``moved``); raises ProtocolError, with nothing changed, if that room does
+        not take it."""
 
 
 class Member:
@@ -294,6 +308,10 @@ class _Context:
         return self._room.pseudonymous
 
     @property
+    def settings(self) -> RoomSettings:
+        return self._room.settings
+
+    @property
     def members(self) -> Mapping[int, MemberView]:
         return self._room.views
 
@@ -358,6 +376,17 @@ class _Context:
     def end(self, actor: str, reason: str) -> None:
         self._room.end(actor, reason)
 
+    def transfer(
+        self,
+        member: MemberView,
+        room: str,
+        by: MemberView,
+        reason: str = "",
+        admit: bool = False,
+        notice: Message | None = None,
+    ) -> None:
+        self._room.transfer(member.id, room, by.name, by.identity.subject, reason, admit, notice)
+
 
 class Room:
     """A room: created when someone first enters, closed ``room_linger`` seconds after its
@@ -374,9 +403,12 @@ class Room:
         pseudonymous: bool = False,
         on_empty: Callable[[Room], None] = lambda room: None,
         first_member_id: int = 1,
+        settings: RoomSettings | None = None,
     ) -> None:
         self.name = name
         self.kind = kind
+        #: The room's policies (what plugins read as ``ctx.settings``).
+        self.settings = settings or RoomSettings(pseudonymous=pseudonymous)
         #: The room's id in the tick state (high bits of its entities' keys).
         self.segment = segment
         self._services = services
@@ -544,6 +576,24 @@ class Room:
         m = self._member(member_id)
         m.identity = identity
         self._notify("on_member_changed", m.view, "grants")
+
+    def transfer(
+        self,
+        member_id: int,
+        room: str,
+        by: str,
+        actor: str,
+        reason: str,
+        admit: bool,
+        notice: Message | None = None,
+    ) -> None:
+        """Move a connected member of this room to ``room`` (see ``RoomContext.transfer``)."""
+        m = self._members.get(member_id)
+        if m is None or m.hidden:
+            raise ProtocolError(ErrorCode.NOT_FOUND, "no such member")
+        if m.link is None:
+            raise ProtocolError(ErrorCode.NOT_FOUND, "that member's connection is down")
+        m.link.move(room, by, actor, reason, admit, notice)
 
     def end(self, actor: str, reason: str) -> None:
         """End the session for everyone in the room and its lobby; nobody may enter again

@@ -15,9 +15,10 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+from medverse.protocol.clinic import Moved
 from medverse.protocol.connection import (
     Connection,
     FrameReceived,
@@ -31,6 +32,7 @@ from medverse.protocol.connection import (
 )
 from medverse.protocol.errors import ErrorCode, ProtocolError
 from medverse.protocol.messages import (
+    ROOM_NAME_RE,
     Ack,
     Consent,
     ConsentRequired,
@@ -116,6 +118,9 @@ class Session:
         self.member: Member | None = None
         self._room: Room | None = None  # the member's room (set with ``member``)
         self._consent: Identity | None = None  # asked to consent, as this identity
+        self._admit = False  # the entry under way skips the lobby (a host moved us in)
+        #: Who the token says this is, before any room's policy (what a move starts from).
+        self._base: Identity | None = None
         self._lobby: tuple[Room, int] | None = None  # waiting in this room's lobby
         self._closed = False
         #: A valid hello named who this is (the connection left the unidentified budget).
@@ -204,6 +209,53 @@ class Session:
         self._room = self._lobby[0]
         self._lobby = None
         self.member = member
+
+    def move(
+        self,
+        room: str,
+        by: str,
+        actor: str,
+        reason: str,
+        admit: bool,
+        notice: Message | None = None,
+    ) -> None:
+        """Move our member to ``room`` (see :meth:`Link.move`): every check first, so a
+        refusal leaves it where it is; then it leaves its room, is told ``moved`` and enters
+        the other room as after a hello (consent, lobby unless ``admit``, welcome)."""
+        s = self._s
+        member, old = self.member, self._room
+        base = self._base
+        if member is None or old is None or base is None or self._closed:
+            raise ProtocolError(ErrorCode.NOT_FOUND, "that member's connection is down")
+        if not ROOM_NAME_RE.fullmatch(room):
+            raise ProtocolError(ErrorCode.BAD_FIELD, "not a room name")
+        if room == old.name:
+            raise ProtocolError(ErrorCode.BAD_FIELD, f"the member is already in {room}")
+        if not s.policy.known(room):
+            raise ProtocolError(ErrorCode.NOT_FOUND, f"this clinic has no room {room}")
+        identity = s.policy.identity_in(replace(base, room=room), room)
+        answer = s.rooms.entry(identity)  # places the room: its plugins decide
+        if isinstance(answer, ProtocolError):
+            raise answer
+        target = s.rooms.get(room)
+        if target is not None and target.member_count >= s.config.max_members_per_room:
+            raise ProtocolError(ErrorCode.ROOM_FULL, f"room {room} is full")
+        s.audit(
+            "transferred",
+            room=old.name,
+            actor=actor,
+            subject=identity.subject,
+            member=member.id,
+            to=room,
+            reason=reason,
+        )
+        log.info("member %d of room %s moved to %s by %s", member.id, old.name, room, actor)
+        old.leave(member, "moved")
+        self.member = self._room = None
+        if notice is not None:
+            self.send(notice)
+        self.send(Moved(room, by[:64], reason[:256]))
+        self._enter(identity, consented=False, admit=admit)
 
     # ----------------------------------------------------------------- timers
 
@@ -335,13 +387,14 @@ class Session:
         try:
             identity = self._identify(hello)
         except ProtocolError as err:
+            if self._moved_resume(hello, err):
+                return
             s.metrics.auth_refusals.labels(err.code.value).inc()
             s.audit("join_refused", room=hello.room, peer=self.peer, code=err.code.value)
             log.info("%s refused for room %s: %s", self.peer, hello.room, err)
             self._refuse(err, CLOSE_POLICY, b"join refused")
             return
-        self.identified = True
-        s.budget.identified(self.peer or "?")
+        self._accepted(identity)
         cluster = s.cluster
         if cluster is not None and not cluster.holds(hello.room):
             # Where does the room live? One round trip to the cluster's directory; the hello
@@ -416,6 +469,38 @@ class Session:
             return None
         return checked[0]
 
+    def _accepted(self, identity: Identity) -> None:
+        self.identified = True
+        self._s.budget.identified(self.peer or "?")
+        self._base = identity
+
+    def _moved_resume(self, hello: Hello, err: ProtocolError) -> bool:
+        """A member moved to another room resumes there with the token of the room it first
+        entered (its resume token proves the rest). If that member is gone it enters the
+        token's own room anew. False: not such a case (``err`` stands)."""
+        s = self._s
+        if (
+            s.verifier is None
+            or hello.resume is None
+            or not hello.token
+            or err.code is not ErrorCode.UNAUTHORIZED
+        ):
+            return False
+        try:
+            identity = s.verifier.verify_any_room(hello.token)
+        except ProtocolError:
+            return False
+        self._accepted(identity)
+        room = s.rooms.get(hello.room)
+        member = room.resumable(hello.resume, hello.slots) if room is not None else None
+        if member is not None and room is not None and member.identity.subject == identity.subject:
+            self.member, self._room = member, room
+            room.reattach(member, self)
+            return True
+        self.send_error(ProtocolError(ErrorCode.BAD_RESUME, "cannot resume; joining anew"))
+        self._enter(identity, consented=False)
+        return True
+
     def _identify(self, hello: Hello) -> Identity:
         """Who is joining: from the verified token, or anonymous on a server without auth."""
         verifier = self._s.verifier
@@ -425,11 +510,21 @@ class Session:
             raise ProtocolError(ErrorCode.UNAUTHORIZED, "a join token is required")
         return verifier.verify(hello.token, hello.room)
 
-    def _enter(self, identity: Identity, consented: bool, member_id: int | None = None) -> None:
-        """Entry checks, then consent, then the lobby or the room itself. A member whose room
-        moved here (``member_id``) consented and was admitted on its previous server: only
-        the entry checks (bans, an ended session) apply again."""
+    def _enter(
+        self,
+        identity: Identity,
+        consented: bool,
+        admit: bool = False,
+        member_id: int | None = None,
+    ) -> None:
+        """Entry checks, then consent, then the lobby (unless a host moved us in: ``admit``)
+        or the room itself. A member whose room moved here from another server of the cluster
+        (``member_id``) consented and was admitted there: only the entry checks (bans, an
+        ended session) apply again."""
         s = self._s
+        identity = s.policy.identity_in(identity, identity.room)
+        if not consented:
+            self._admit = admit
         answer = s.rooms.entry(identity)
         if isinstance(answer, ProtocolError):
             s.audit(
@@ -438,15 +533,14 @@ class Session:
             self._refuse(answer, CLOSE_POLICY, b"join refused")
             return
         if member_id is not None:
-            consented, answer = True, None
-        policy = s.policy
-        if not consented and policy.needs_consent(identity.room):
-            assert policy.consent_text is not None
+            consented, answer, self._admit = True, None, True
+        consent = s.policy.consent(identity.room)
+        if not consented and consent is not None:
             self._consent = identity
-            self.send(ConsentRequired(policy.consent_version, policy.consent_text))
+            self.send(ConsentRequired(*consent))
             return
         slots = self.conn.slots or 1
-        if isinstance(answer, Wait):
+        if isinstance(answer, Wait) and not self._admit:
             room = s.rooms.place(identity.room)
             lobby_id = room.wait(identity, slots, self)
             self._lobby = (room, lobby_id)
@@ -464,10 +558,11 @@ class Session:
         identity = self._consent
         assert identity is not None
         self._consent = None
-        version = self._s.policy.consent_version
+        consent = self._s.policy.consent(identity.room)
+        version = consent[0] if consent is not None else ""
         if msg.accept and msg.version == version:
             self._s.audit("consent", room=identity.room, actor=identity.subject, version=version)
-            self._enter(identity, consented=True)
+            self._enter(identity, consented=True, admit=self._admit)
             return
         self._s.audit(
             "consent_declined", room=identity.room, actor=identity.subject, version=msg.version

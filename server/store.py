@@ -4,7 +4,8 @@
 annotation operations (each durable when the call returns) and batches of transforms. The
 embedded default, :class:`SQLiteObjectStore`, keeps one SQLite file in the data directory
 (WAL, ``synchronous=FULL``: a commit is on disk before the server acknowledges it, and a
-``kill -9`` loses nothing committed). A PostgreSQL backend implements the same methods.
+``kill -9`` loses nothing committed). :class:`PostgresObjectStore` implements the same
+methods on PostgreSQL (``--database-url``), for several servers sharing one state.
 
 Every method is blocking; the server calls them from one dedicated writer thread, in order.
 """
@@ -18,6 +19,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 DB_FILE = "objects.sqlite3"
 
@@ -336,3 +338,202 @@ class SQLiteObjectStore(ObjectStore):
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+# --------------------------------------------------------------------------- PostgreSQL
+
+_PG_COUNTERS = (
+    "INSERT INTO rooms (room, next_object_id, next_annotation_id, seq) "
+    "VALUES ($1, GREATEST($2::bigint, 1), GREATEST($3::bigint, 1), GREATEST($4::bigint, 0)) "
+    "ON CONFLICT (room) DO UPDATE SET "
+    "next_object_id = GREATEST(rooms.next_object_id, EXCLUDED.next_object_id), "
+    "next_annotation_id = GREATEST(rooms.next_annotation_id, EXCLUDED.next_annotation_id), "
+    "seq = GREATEST(rooms.seq, EXCLUDED.seq)"
+)
+_PG_OBJECT_COLUMNS = (
+    "room, id, asset, name, author, author_subject, created, px, py, pz, qx, qy, qz, qw, "
+    "scale, nodes, plane"
+)
+_PG_ANNOTATION_COLUMNS = (
+    "room, id, object_id, kind, points, text, color, author, author_subject, author_id, "
+    "created, edited, seq"
+)
+
+
+def _upsert(table: str, columns: str) -> str:
+    names = [c.strip() for c in columns.split(",")]
+    values = ", ".join(f"${i}" for i in range(1, len(names) + 1))
+    update = ", ".join(f"{c} = EXCLUDED.{c}" for c in names[2:])
+    return (
+        f"INSERT INTO {table} ({columns}) VALUES ({values}) "
+        f"ON CONFLICT (room, id) DO UPDATE SET {update}"
+    )
+
+
+class PostgresObjectStore(ObjectStore):
+    """Objects and annotations in PostgreSQL, shared by every server of a cluster: a room
+    served by one process today can be opened by another tomorrow (or after a failover) and
+    finds everything acknowledged. Each operation is one transaction, committed before the
+    method returns (so before the member's acknowledgement); writes are idempotent, so a
+    retry after a lost connection is harmless."""
+
+    def __init__(self, db: Any) -> None:
+        from .pg import Database
+
+        assert isinstance(db, Database)
+        self.db = db
+
+    def load_room(self, room: str) -> RoomRecord:
+        async def load(conn: Any) -> RoomRecord:
+            # One snapshot: objects, annotations and counters of the same moment.
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                orows = await conn.fetch(
+                    f"SELECT {_PG_OBJECT_COLUMNS} FROM objects WHERE room = $1 ORDER BY id", room
+                )
+                arows = await conn.fetch(
+                    f"SELECT {_PG_ANNOTATION_COLUMNS} FROM annotations WHERE room = $1 "
+                    "ORDER BY seq",
+                    room,
+                )
+                counters = await conn.fetchrow(
+                    "SELECT next_object_id, next_annotation_id, seq FROM rooms WHERE room = $1",
+                    room,
+                )
+            objs = [
+                StoredObject(
+                    r[0],
+                    r[1],
+                    r[2],
+                    r[3],
+                    r[4],
+                    r[5],
+                    r[6],
+                    (r[7], r[8], r[9]),
+                    (r[10], r[11], r[12], r[13]),
+                    r[14],
+                    json.loads(r[15]),
+                    tuple(json.loads(r[16])),
+                )
+                for r in orows
+            ]
+            annos = [
+                StoredAnnotation(
+                    r[0],
+                    r[1],
+                    r[2],
+                    r[3],
+                    tuple(tuple(p) for p in json.loads(r[4])),
+                    r[5],
+                    r[6],
+                    r[7],
+                    r[8],
+                    r[9],
+                    r[10],
+                    r[11],
+                    r[12],
+                )
+                for r in arows
+            ]
+            nobj, nanno, seq = tuple(counters) if counters else (1, 1, 0)
+            return RoomRecord(objs, annos, nobj, nanno, seq)
+
+        return self.db.run(load)  # type: ignore[no-any-return]
+
+    def room_names(self) -> list[str]:
+        async def names(conn: Any) -> list[str]:
+            return [r[0] for r in await conn.fetch("SELECT room FROM rooms ORDER BY room")]
+
+        return self.db.run(names)  # type: ignore[no-any-return]
+
+    def _tx(self, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
+        async def tx(conn: Any) -> None:
+            for sql, args in statements:
+                await conn.execute(sql, *args)
+
+        self.db.transaction(tx)
+
+    def put_object(self, o: StoredObject) -> None:
+        self._tx(
+            [
+                (_PG_COUNTERS, (o.room, o.id + 1, 0, 0)),
+                (
+                    _upsert("objects", _PG_OBJECT_COLUMNS),
+                    (
+                        o.room,
+                        o.id,
+                        o.asset,
+                        o.name,
+                        o.author,
+                        o.author_subject,
+                        o.created,
+                        *map(float, o.position),
+                        *map(float, o.rotation),
+                        float(o.scale),
+                        json.dumps(o.nodes, separators=(",", ":"), sort_keys=True),
+                        json.dumps(list(o.plane)),
+                    ),
+                ),
+            ]
+        )
+
+    def delete_object(self, room: str, object_id: int, seq: int) -> None:
+        self._tx(
+            [
+                (_PG_COUNTERS, (room, object_id + 1, 0, seq)),
+                ("DELETE FROM annotations WHERE room = $1 AND object_id = $2", (room, object_id)),
+                ("DELETE FROM objects WHERE room = $1 AND id = $2", (room, object_id)),
+            ]
+        )
+
+    def put_annotation(self, a: StoredAnnotation) -> None:
+        self._tx(
+            [
+                (_PG_COUNTERS, (a.room, 0, a.id + 1, a.seq)),
+                (
+                    _upsert("annotations", _PG_ANNOTATION_COLUMNS),
+                    (
+                        a.room,
+                        a.id,
+                        a.object_id,
+                        a.kind,
+                        json.dumps([list(p) for p in a.points]),
+                        a.text,
+                        a.color,
+                        a.author,
+                        a.author_subject,
+                        a.author_id,
+                        a.created,
+                        a.edited,
+                        a.seq,
+                    ),
+                ),
+            ]
+        )
+
+    def delete_annotation(self, room: str, annotation_id: int, seq: int) -> None:
+        self._tx(
+            [
+                (_PG_COUNTERS, (room, 0, annotation_id + 1, seq)),
+                ("DELETE FROM annotations WHERE room = $1 AND id = $2", (room, annotation_id)),
+            ]
+        )
+
+    def put_transforms(self, rows: Iterable[TransformRow]) -> None:
+        batch = [
+            (*map(float, r.position), *map(float, r.rotation), float(r.scale), r.room, r.id)
+            for r in rows
+        ]
+        if not batch:
+            return
+
+        async def write(conn: Any) -> None:
+            await conn.executemany(
+                "UPDATE objects SET px = $1, py = $2, pz = $3, qx = $4, qy = $5, qz = $6, "
+                "qw = $7, scale = $8 WHERE room = $9 AND id = $10",
+                batch,
+            )
+
+        self.db.transaction(write)
+
+    def close(self) -> None:
+        """Nothing of its own to close: the :class:`~.pg.Database` is the server's."""

@@ -12,8 +12,20 @@ from collections.abc import Iterator
 import pytest
 
 from benchmarks.harness import ROOT, ServerProcess, free_port, run_server
+from tests.browser import browser  # the headless Chromium fixture: see tests/browser.py
 
-__all__ = ["ROOT", "ServerProcess", "free_port", "run_server"]
+from .backends import backend
+from .pgservice import postgres_server
+
+__all__ = [
+    "ROOT",
+    "ServerProcess",
+    "backend",
+    "browser",
+    "free_port",
+    "postgres_server",
+    "run_server",
+]
 
 
 @pytest.fixture(scope="module")

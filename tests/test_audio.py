@@ -452,6 +452,7 @@ async def test_malformed_and_flooding_signaling(srv: ServerProcess) -> None:
         raw, w = await raw_member(srv.url, room, "mallory")
         sdp_ok = (
             "v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 96\r\n"
+            "a=candidate:1 1 udp 2122194687 127.0.0.1 9 typ host\r\n"
         )
 
         async def expect(frame: bytes, code: str) -> None:
@@ -641,4 +642,27 @@ async def test_browser_sized_offer_is_answered(srv: ServerProcess) -> None:
     while not isinstance(m := await raw.next_control(timeout=10), AudioAnswer):
         assert m.TYPE in ("audio_rules", "audio_speaking", "obj_synced"), m
     assert m.publish and "opus/48000/2" in m.sdp
+    await raw.close()
+
+
+async def test_offer_without_a_loopback_candidate_is_refused(srv: ServerProcess) -> None:
+    """A loopback-only server never checks a browser's other interfaces: an offer with no
+    loopback candidate left is refused before any connectivity check, saying why."""
+    sdp = chromium_offer()
+    lines = [ln for ln in sdp.split("\r\n") if not ln.startswith("a=candidate:")]
+    at = lines.index("a=ice-ufrag:Xk3v")
+    lines[at:at] = [
+        "a=candidate:1 1 udp 2122063615 192.0.2.2 52164 typ host generation 0",
+        "a=candidate:2 1 udp 2122134271 fd00::2 52336 typ host generation 0",
+        "a=candidate:3 1 udp 2122260223 5f1e2d3c-4b5a-4697-8877-665544332211.local 58001 typ host",
+    ]
+    raw, _ = await raw_member(srv.url, "browser-offer", "elsewhere")
+    await raw.ws.send_bytes(encode_message(AudioOffer("\r\n".join(lines), True)))
+    while (m := await raw.next_control(timeout=10)).TYPE != "error":
+        assert m.TYPE in ("audio_rules", "audio_speaking", "obj_synced"), m
+    assert m.code == "bad_field" and "loopback" in m.message, m  # type: ignore[attr-defined]
+    # The member carries on: its next offer, with loopback candidates, is answered.
+    await raw.ws.send_bytes(encode_message(AudioOffer(chromium_offer(), True)))
+    while not isinstance(m := await raw.next_control(timeout=10), AudioAnswer):
+        assert m.TYPE in ("audio_rules", "audio_speaking", "obj_synced"), m
     await raw.close()

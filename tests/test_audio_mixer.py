@@ -158,10 +158,10 @@ def test_int_lists_are_validated(values: list) -> None:
     assert isinstance(out, AudioSpeaking) == ok
 
 
-def _room_audio(n: int) -> tuple[RoomAudio, MixCounters, list[bytes]]:
+def _room_audio(n: int, **settings: Any) -> tuple[RoomAudio, MixCounters, list[bytes]]:
     """A room's audio with ``n`` publishing members in a 2 m circle, its frame counters, and
     Opus packets of a -30 dBFS tone (no network: frames go straight into the speakers'
-    inboxes)."""
+    inboxes). ``settings`` go to the server's configuration."""
     from medverse.server.auth import anonymous
     from medverse.server.clock import FixedRateClock
     from medverse.server.config import ServerConfig
@@ -169,7 +169,7 @@ def _room_audio(n: int) -> tuple[RoomAudio, MixCounters, list[bytes]]:
     from medverse.server.metrics import Traffic
     from medverse.server.room import Room, RoomServices
 
-    cfg = ServerConfig(no_auth=True)
+    cfg = ServerConfig(no_auth=True, **settings)
     service = SpatialAudio()
     table = EntityTable()
     services = RoomServices(cfg, table, FixedRateClock(1 / 30), Traffic(), lambda *a, **k: None)

@@ -520,3 +520,49 @@ async def test_workers_start_a_cluster_and_stop_on_sigterm(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+async def test_failover_recreates_the_room_from_the_shared_database(
+    redis: RedisServer, postgres_server: str
+) -> None:
+    """Nodes that share PostgreSQL: a ban a host gave on the node that died still holds on the
+    node that takes the room over, and the host resumes there as itself."""
+    from .pgservice import new_database
+
+    url = new_database(postgres_server)
+    a, b = start_node(redis, database_url=url), start_node(redis, database_url=url)
+    try:
+        a.wait_ready(timeout=60)
+        b.wait_ready(timeout=60)
+        host = connect(
+            a.url,
+            "ward-11",
+            token=token("ward-11", "doctor", "host"),
+            fallback_urls=[b.url],
+            max_backoff=0.5,
+        )
+        await host.start()
+        home = owner_of([a, b], host.url)
+        survivor = b if home is a else a
+        guest = connect(a.url, "ward-11", token=token("ward-11", "troll"))
+        await guest.start()
+        await wait_for(lambda: guest.member_id in host.members)
+        await host.moderate("ban", guest.member_id, "disruptive")
+        assert (await asyncio.wait_for(guest.wait_closed(), 10)).code == "banned"
+        hid = host.member_id
+        resumed = asyncio.create_task(
+            anext(e async for e in host.events() if isinstance(e, Resumed))
+        )
+        os.kill(home.pid, signal.SIGKILL)
+        ev = await asyncio.wait_for(resumed, 30)
+        assert ev.same_member and host.member_id == hid
+        assert host.url == f"{survivor.url}/ws"
+        again = connect(survivor.url, "ward-11", token=token("ward-11", "troll"), reconnect=False)
+        with pytest.raises(Exception, match="banned"):
+            await again.start()
+        await host.close()
+    finally:
+        for s in (a, b):
+            if s.proc.poll() is None:
+                s.proc.kill()
+                s.proc.wait()

@@ -99,6 +99,9 @@ CLIENT_SAMPLES: dict[str, dict[str, Any]] = {
     },
     "anno_edit": {"t": "anno_edit", "req": 1, "annotation_id": 1, "text": "x"},
     "anno_delete": {"t": "anno_delete", "req": 1, "annotation_id": 1},
+    "transfer": {"t": "transfer", "req": 1, "member_id": 2, "room": "consult-1"},
+    "call_next": {"t": "call_next", "req": 1},
+    "send_back": {"t": "send_back", "req": 1, "member_id": 2},
 }
 SERVER_SAMPLES: dict[str, dict[str, Any]] = {
     "welcome": WELCOME.to_wire(),
@@ -163,6 +166,9 @@ SERVER_SAMPLES: dict[str, dict[str, Any]] = {
     },
     "anno_deleted": {"t": "anno_deleted", "annotation_id": 1, "object_id": 1, "seq": 2},
     "obj_synced": {"t": "obj_synced", "objects": 1, "annotations": 0},
+    "moved": {"t": "moved", "room": "consult-1", "by": "Dr A", "reason": "called"},
+    "queue": {"t": "queue", "position": 1, "waiting": 2, "message": "hi", "estimate": 600},
+    "called": {"t": "called", "room": "consult-1", "by": "Dr A"},
 }
 
 
@@ -486,12 +492,25 @@ SERVER_SEND: dict[str, tuple[dict[str, str | None], str | None]] = {
         {"welcome": "joined", "error": "lobby", "pong": "lobby", "redirect": "closing"},
         None,
     ),
+    # A move leaves the room: the target room's entry follows as after a hello.
     "joined": (
-        {"consent_required": None, "waiting": None, "welcome": "joined", "redirect": "closing"},
+        {
+            "consent_required": None,
+            "waiting": None,
+            "welcome": "joined",
+            "redirect": "closing",
+            "moved": "hello",
+        },
         "joined",
     ),
     "paused": (
-        {"consent_required": None, "waiting": None, "welcome": "joined", "redirect": "closing"},
+        {
+            "consent_required": None,
+            "waiting": None,
+            "welcome": "joined",
+            "redirect": "closing",
+            "moved": "hello",
+        },
         "paused",
     ),
     "closing": ({}, None),
@@ -619,6 +638,7 @@ CLIENT_RECV_MESSAGES: dict[str, tuple[dict[str, Outcome], Outcome]] = {
             "consent_required": refused("already_joined", False, "joined"),
             "waiting": refused("already_joined", False, "joined"),
             "redirect": ok("closing"),
+            "moved": ok("hello"),
         },
         ok("joined"),
     ),
@@ -628,6 +648,7 @@ CLIENT_RECV_MESSAGES: dict[str, tuple[dict[str, Outcome], Outcome]] = {
             "waiting": refused("already_joined", False, "paused"),
             "welcome": ok("paused"),  # only our own pause(false) ends the pause
             "redirect": ok("closing"),
+            "moved": ok("hello"),
         },
         ok("paused"),
     ),

@@ -1,4 +1,5 @@
-"""Objects and annotations survive a graceful restart and a kill -9 of the server."""
+"""Objects and annotations survive a graceful restart and a kill -9 of the server, on each
+durable-state backend (SQLite and PostgreSQL: the ``backend`` fixture)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from typing import Any
 import pytest
 
 from medverse.client_sdk import Session, connect
-from medverse.server.store import SQLiteObjectStore
 
+from .backends import Backend
 from .conftest import run_server
 from .helpers import wait_for
 from .models import HEART, KIDNEY, provide, sha256_of
@@ -82,9 +83,9 @@ async def check_case(url: str, room: str, case: dict[str, Any]) -> Session:
 
 
 @pytest.mark.parametrize("how", ["graceful", "kill -9"])
-async def test_restart_keeps_every_acknowledged_operation(how: str) -> None:
+async def test_restart_keeps_every_acknowledged_operation(how: str, backend: Backend) -> None:
     data = tempfile.mkdtemp(prefix="medverse-persist-")
-    settings = {"data_dir": data, "room_linger": 30}
+    settings = {"data_dir": data, "room_linger": 30, **backend.settings()}
     with run_server(**settings) as srv:
         case = await build_case(srv.url, "review")
         if how == "kill -9":
@@ -96,9 +97,9 @@ async def test_restart_keeps_every_acknowledged_operation(how: str) -> None:
         await s.close()
 
 
-async def test_kill_right_after_an_ack_loses_nothing_acknowledged() -> None:
+async def test_kill_right_after_an_ack_loses_nothing_acknowledged(backend: Backend) -> None:
     data = tempfile.mkdtemp(prefix="medverse-persist-")
-    with run_server(data_dir=data) as srv:
+    with run_server(data_dir=data, **backend.settings()) as srv:
         await provide(srv.url, "fast")
         async with connect(srv.url, room="fast", name="a", ping_interval=0) as s:
             await s.objects.wait_synced()
@@ -108,18 +109,34 @@ async def test_kill_right_after_an_ack_loses_nothing_acknowledged() -> None:
             ]
             srv.proc.send_signal(signal.SIGKILL)
             srv.proc.wait(5)
-    store = SQLiteObjectStore(data)
-    record = store.load_room("fast")
-    store.close()
+    with backend.object_store(data) as store:
+        record = store.load_room("fast")
     assert [o.id for o in record.objects] == [oid]
     assert [a.id for a in record.annotations] == acked
     assert [a.text for a in record.annotations] == [str(i) for i in range(10)]
 
 
-def test_sqlite_store_round_trip_and_counters(tmp_path: Any) -> None:
+def test_store_round_trip_and_counters(tmp_path: Any, backend: Backend) -> None:
+    with backend.object_store(tmp_path) as store:
+        fill(store)
+    with backend.object_store(tmp_path) as store:
+        rec = store.load_room("r")
+        assert [x.id for x in rec.objects] == [1] and rec.annotations == []
+        heart = rec.objects[0]
+        assert (heart.position, heart.rotation, heart.scale) == ((1, 2, 3), (0, 1, 0, 0), 3.5)
+        # Ids and sequence numbers go on from the highest ever used, deleted or not.
+        assert (rec.next_object_id, rec.next_annotation_id, rec.seq) == (3, 2, 1)
+        assert store.load_room("never").objects == [] and store.room_names() == ["other", "r"]
+        # Writing the same operation again (a retry after a lost answer) changes nothing.
+        fill(store)
+        again = store.load_room("r")
+        assert [x.id for x in again.objects] == [1] and again.annotations == []
+        assert (again.next_object_id, again.next_annotation_id, again.seq) == (3, 2, 1)
+
+
+def fill(store: Any) -> None:
     from medverse.server.store import StoredAnnotation, StoredObject, TransformRow
 
-    store = SQLiteObjectStore(tmp_path)
     o = StoredObject("r", 1, ASSET, "heart", "Dr A", "dr-a", 1.0, (0, 1, 0), (0, 0, 0, 1), 1.0)
     store.put_object(o)
     store.put_object(
@@ -134,13 +151,3 @@ def test_sqlite_store_round_trip_and_counters(tmp_path: Any) -> None:
     store.put_annotation(a)
     store.put_transforms([TransformRow("r", 1, (1.0, 2.0, 3.0), (0.0, 1.0, 0.0, 0.0), 3.5)])
     store.delete_object("r", 2, 1)  # takes its annotation along
-    store.close()
-    store = SQLiteObjectStore(tmp_path)
-    rec = store.load_room("r")
-    assert [x.id for x in rec.objects] == [1] and rec.annotations == []
-    heart = rec.objects[0]
-    assert (heart.position, heart.rotation, heart.scale) == ((1, 2, 3), (0, 1, 0, 0), 3.5)
-    # Ids and sequence numbers go on from the highest ever used, deleted or not.
-    assert (rec.next_object_id, rec.next_annotation_id, rec.seq) == (3, 2, 1)
-    assert store.load_room("never").objects == [] and store.room_names() == ["other", "r"]
-    store.close()

@@ -36,6 +36,7 @@ from medverse.rtc import (
     peer_connection,
     restrict_ice_addresses,
     set_jitter_prefetch,
+    usable_remote_candidates,
 )
 
 JITTER_BUFFER = "_RTCRtpReceiver__jitter_buffer"
@@ -177,6 +178,57 @@ async def test_aioice_gathers_only_the_named_addresses(loopback_only: None) -> N
     )
 
 
+def test_aioice_answers_checks_in_connection_request_received() -> None:
+    assert "request_received" in names_used(aioice.ice.StunProtocol.datagram_received), gone(
+        "aioice",
+        "StunProtocol.datagram_received calling Connection.request_received",
+        "a browser's checks from its other interfaces would be answered and checked back",
+    )
+
+
+class RecordingProtocol:
+    """Stands in for aioice's StunProtocol: records what would be sent, sends nothing."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[Any, tuple[str, int]]] = []
+        self.local_candidate = aioice.Candidate(
+            foundation="1", component=1, transport="udp", priority=1, host="127.0.0.1",
+            port=9, type="host",
+        )  # fmt: skip
+
+    def send_stun(self, message: Any, addr: tuple[str, int]) -> None:
+        self.sent.append((message, addr))
+
+
+def binding_request(conn: aioice.Connection) -> Any:
+    request = aioice.stun.Message(
+        message_method=aioice.stun.Method.BINDING, message_class=aioice.stun.Class.REQUEST
+    )
+    request.attributes["USERNAME"] = f"{conn.local_username}:peer"
+    request.attributes["PRIORITY"] = 1
+    request.attributes["ICE-CONTROLLING"] = 1
+    request.add_message_integrity(conn.local_password.encode())
+    return request
+
+
+async def test_loopback_only_ignores_checks_from_other_addresses(loopback_only: None) -> None:
+    restrict_ice_addresses("127.0.0.1")
+    conn = aioice.Connection(ice_controlling=False, components=1)
+    try:
+        proto = RecordingProtocol()
+        conn.request_received(binding_request(conn), ("192.0.2.2", 50000), proto)  # type: ignore[arg-type]
+        conn.request_received(binding_request(conn), ("fd00::2", 50001), proto)  # type: ignore[arg-type]
+        assert proto.sent == []  # neither answered nor learned as a candidate to check
+        conn.request_received(binding_request(conn), ("127.0.0.1", 50002), proto)  # type: ignore[arg-type]
+        assert [addr for _, addr in proto.sent] == [("127.0.0.1", 50002)]
+        # With a public address among ours, checks from anywhere are answered as usual.
+        restrict_ice_addresses("127.0.0.1, 203.0.113.7")
+        conn.request_received(binding_request(conn), ("192.0.2.2", 50003), proto)  # type: ignore[arg-type]
+        assert [addr for _, addr in proto.sent][-1] == ("192.0.2.2", 50003)
+    finally:
+        await conn.close()
+
+
 # ----------------------------------------------------------------- the glue's own parts
 
 
@@ -196,6 +248,49 @@ def test_restrict_ice_addresses_by_family(loopback_only: None) -> None:
     assert hosts(use_ipv4=True, use_ipv6=False) == ["127.0.0.1"]
     assert hosts(use_ipv4=False, use_ipv6=True) == ["::1"]
     assert hosts(use_ipv4=True, use_ipv6=True) == ["127.0.0.1", "::1"]
+
+
+#: Candidates as Chromium offers them on a machine with an Ethernet interface (its own address
+#: and IPv6 ULA), loopback, and an mDNS name; plus a malformed line.
+BROWSER_CANDIDATES = [
+    "a=candidate:1 1 udp 2122194687 127.0.0.1 50723 typ host generation 0 network-id 3",
+    "a=candidate:2 1 udp 2122063615 192.0.2.2 52164 typ host generation 0 network-id 1",
+    "a=candidate:3 1 udp 2122267903 ::1 57194 typ host generation 0 network-id 4",
+    "a=candidate:4 1 udp 2122134271 fd00::2 52336 typ host generation 0 network-id 2",
+    "a=candidate:5 1 tcp 1518214911 127.0.0.1 9 typ host tcptype active generation 0",
+    "a=candidate:6 1 udp 2122260223 1f3c2a9e-7c1d-4b7e-9a0b-3c4d5e6f7a8b.local 58001 typ host",
+    "a=candidate:7 1 udp",
+]
+
+
+def browser_sdp() -> str:
+    head = ["v=0", "o=- 1 2 IN IP4 127.0.0.1", "s=-", "t=0 0", "m=audio 9 UDP/TLS/RTP/SAVPF 111"]
+    return "\r\n".join([*head, *BROWSER_CANDIDATES, "a=rtpmap:111 opus/48000/2"]) + "\r\n"
+
+
+def candidate_ids(sdp: str) -> list[str]:
+    return [ln.split()[0].split(":")[1] for ln in sdp.splitlines() if ln.startswith("a=candi")]
+
+
+def test_loopback_only_keeps_only_loopback_remote_candidates(loopback_only: None) -> None:
+    sdp = browser_sdp()
+    out, kept = usable_remote_candidates(sdp, ["127.0.0.1"])
+    assert candidate_ids(out) == ["1", "3", "5"] and kept == 3
+    # Everything else is untouched, line endings included.
+    rest = [ln for ln in sdp.splitlines(keepends=True) if not ln.startswith("a=candidate:")]
+    assert [ln for ln in out.splitlines(keepends=True) if not ln.startswith("a=cand")] == rest
+    # The default is the process-wide setting.
+    restrict_ice_addresses("127.0.0.1")
+    assert usable_remote_candidates(sdp) == (out, 3)
+
+
+def test_public_addresses_keep_every_address_but_no_mdns_name() -> None:
+    out, kept = usable_remote_candidates(browser_sdp(), ["203.0.113.7"])
+    assert candidate_ids(out) == ["1", "2", "3", "4", "5"] and kept == 5
+    out, kept = usable_remote_candidates(browser_sdp(), ["127.0.0.1", "203.0.113.7"])
+    assert kept == 5
+    nothing, kept = usable_remote_candidates("v=0\r\nm=audio 9 RTP/AVP 0\r\n", ["127.0.0.1"])
+    assert kept == 0 and nothing == "v=0\r\nm=audio 9 RTP/AVP 0\r\n"
 
 
 def test_immediate_audio_buffer_hands_packets_on_in_order() -> None:

@@ -33,6 +33,7 @@ from medverse.server.audit import DB_FILE
 from medverse.server.auth import mint_admin_token, mint_token
 from medverse.server.bans import DB_FILE as BANS_FILE
 
+from .backends import Backend
 from .conftest import ServerProcess, run_server
 from .helpers import RawClient, wait_for
 
@@ -167,10 +168,10 @@ def _room_open(srv: ServerProcess, room: str) -> bool:
         return any(entry["room"] == room for entry in json.load(r)["rooms"])
 
 
-async def test_bans_are_stored_across_restarts() -> None:
+async def test_bans_are_stored_across_restarts(backend: Backend) -> None:
     data = Path(tempfile.mkdtemp(prefix="medverse-bans-"))
     room = "durable"
-    with run_server(auth_secret=SECRET, data_dir=data) as s:
+    with run_server(auth_secret=SECRET, data_dir=data, **backend.settings()) as s:
         host, _ = await hello(s.url, room, tok(room, "lead", "host"))
         p, w = await hello(s.url, room, tok(room, "troll"))
         assert isinstance(w, Welcome)
@@ -178,7 +179,7 @@ async def test_bans_are_stored_across_restarts() -> None:
         assert (await p.next_error()).code == "banned"
         await p.close()
         await host.close()
-    with run_server(auth_secret=SECRET, data_dir=data) as s:
+    with run_server(auth_secret=SECRET, data_dir=data, **backend.settings()) as s:
         p, answer = await hello(s.url, room, tok(room, "troll"))
         assert isinstance(answer, Error) and answer.code == "banned"
         await p.close()

@@ -19,6 +19,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from medverse.protocol.clinic import Called, Moved, Queue
 from medverse.protocol.connection import (
     Connection,
     Event,
@@ -432,6 +433,34 @@ def _conn_cases() -> list[tuple[str, str, str, list[ConnStep]]]:
             ],
         ),
         (
+            "server_moved",
+            "A member is moved to another room (after being told it is called): the target "
+            "room's consent follows as after a hello; poses and plugin frames sent before the "
+            "member knew are ignored until the new welcome; then moved again while paused.",
+            "server",
+            [
+                _c(_HELLO),
+                ("send", _WELCOME),
+                ("send", Queue(1, 1, "Welcome", 600)),
+                ("recv", _POSE),
+                ("send", Called("consult-1", "Dr A")),
+                ("send", Moved("consult-1", "Dr A", "called")),
+                ("recv", _POSE),
+                ("send", _CONSENT_TEXT),
+                ("recv", _POSE),
+                ("recv", _MOVE),
+                _c(Ping(1, 0.5)),
+                _c(consent),
+                ("send", Welcome(PROTOCOL_VERSION, 2, "consult-1", 30, 90, "t" * 32, False, ())),
+                ("recv", _POSE),
+                _c(Pause(True)),
+                ("send", Moved("waiting", "Dr A", "sent back")),
+                ("send", Moved("waiting", "Dr A", "twice")),
+                ("send", Welcome(PROTOCOL_VERSION, 5, "waiting", 30, 95, "u" * 32, False, ())),
+                ("recv", _POSE),
+            ],
+        ),
+        (
             "server_first_frame_not_hello",
             "A ping first: fatal handshake_required; the server sends the fatal error and "
             "reads nothing more.",
@@ -626,6 +655,28 @@ def _conn_cases() -> list[tuple[str, str, str, list[ConnStep]]]:
                 _c(Waiting("ward-3", 2)),
                 ("send", Consent(_CONSENT_TEXT.version, True)),
                 ("send", Consent(_CONSENT_TEXT.version, False)),
+            ],
+        ),
+        (
+            "client_moved",
+            "Moved out of a room: the target room's lobby, then its welcome; moved again into "
+            "a room that asks for consent; no ping between the move and the next answer.",
+            "client",
+            [
+                ("send", _HELLO),
+                _c(_WELCOME),
+                _c(Called("consult-1", "Dr A")),
+                _c(Moved("consult-1", "Dr A", "called")),
+                ("recv", _STATE),
+                ("send", Ping(1, 0.5)),
+                _c(Waiting("consult-1", 3)),
+                _c(Moved("consult-2", "Dr A", "again")),
+                _c(_WELCOME),
+                _c(Moved("consult-2", "Dr B", "")),
+                _c(_CONSENT_TEXT),
+                ("send", consent),
+                _c(_WELCOME),
+                ("recv", _STATE),
             ],
         ),
         (

@@ -41,6 +41,13 @@ from .spatial import (
 SPEAKING_HANGOVER = 0.3
 #: Frames over which a speaker's smallest backlog is watched (see RoomMix.mix_frame).
 TRIM_WINDOW = 50
+#: Longest run of a speaker's missing frames the mixer conceals when their time comes (100 ms:
+#: beyond that the speaker has stopped sending, or the network is down, and silence is right).
+MAX_CONCEAL = 5
+#: Largest hole in a speaker's RTP timestamps filled when the packet after it arrives (60 ms,
+#: what the ring holds); a larger jump is a new talk spurt or a restarted sender, not a loss.
+MAX_GAP = (RING - 1) * FRAME_SAMPLES
+_TS_MASK = 0xFFFFFFFF  # RTP timestamps are 32 bits and wrap
 
 
 @dataclass(slots=True)
@@ -59,6 +66,8 @@ class MixCounters:
     degraded: int = 0  # room frames mixed with each listener's loudest speakers only
     decode_errors: int = 0
     silent_skipped: int = 0  # speaker frames left undecoded: their sender marked them silent
+    concealed: int = 0  # speaker frames lost or late, made up by Opus's loss concealment
+    recovered: int = 0  # lost speaker frames rebuilt from the next packet's in-band FEC
 
     def drop_out(self) -> None:
         """Count one listener frame dropped (a listener's outgoing track was full)."""
@@ -119,6 +128,9 @@ class RoomMix:
     speaking: np.ndarray
     speak_until: np.ndarray
     level: np.ndarray
+    next_ts: np.ndarray
+    owed: np.ndarray
+    streaming: np.ndarray
 
     def __init__(self, config: ServerConfig, entities: Entities, counters: MixCounters) -> None:
         self.config = config
@@ -173,6 +185,13 @@ class RoomMix:
         grow("speaking", (cap,), np.bool_)
         grow("speak_until", (cap,), np.float64)
         grow("level", (cap,), np.float64, -120.0)
+        # Loss concealment (see decode_pending and _conceal_missing): the RTP timestamp the
+        # speaker's next packet should have (-1: unknown), frames concealed at mix time that
+        # stand in for packets not yet received, and whether the speaker's last packet was
+        # decoded voice (concealing after silence or a stop would only extrapolate noise).
+        grow("next_ts", (cap,), np.int64, -1)
+        grow("owed", (cap,), np.int64)
+        grow("streaming", (cap,), np.bool_)
         self._free.extend(range(cap - 1, old - 1, -1))
 
     def add(self, member: MemberView) -> int:
@@ -198,8 +217,15 @@ class RoomMix:
         self.ignore[:, s] = False
         self.wpos[s] = self.rpos[s] = 0
         self.level[s] = -120.0
+        self._reset_stream(s)
         self.version += 1
         return s
+
+    def _reset_stream(self, s: int) -> None:
+        """Slot ``s`` starts a new stream: nothing is known of its timestamps."""
+        self.next_ts[s] = -1
+        self.owed[s] = 0
+        self.streaming[s] = False
 
     def remove(self, member_id: int) -> int | None:
         """Free the member's slot (and every rule naming it); returns it, or None if it had
@@ -228,11 +254,13 @@ class RoomMix:
         if inbox is not None:
             self.inboxes[s] = inbox
             self.speaker[s] = True
+            self._reset_stream(s)
 
     def detach(self, s: int) -> None:
         """Slot ``s`` lost its peer: it neither speaks nor listens."""
         self.speaker[s] = self.listener[s] = False
         self.inboxes.pop(s, None)
+        self._reset_stream(s)
 
     def set_listening(self, s: int, on: bool) -> None:
         """Make (or stop making) slot ``s``'s mix; its peer and what it sends stay."""
@@ -242,6 +270,7 @@ class RoomMix:
         """Stop reading what slot ``s`` sends (it may still listen)."""
         self.speaker[s] = False
         self.inboxes.pop(s, None)
+        self._reset_stream(s)
 
     def set_speaking_source(self, s: int, on: bool) -> None:
         """Slot ``s`` has (or no longer has) decoded audio coming from a fallback reader."""
@@ -307,19 +336,36 @@ class RoomMix:
     def decode_pending(self, slots: list[int] | None = None) -> None:
         """Decode what each publishing speaker (of ``slots``, default all) sent since the last
         frame (one decode per speaker and frame; more only after network jitter) into its
-        ring."""
+        ring.
+
+        A hole in a speaker's RTP timestamps (packets lost, or reordered and dropped as late)
+        of up to ``MAX_GAP`` is filled before the packet after it is decoded: the frame right
+        before that packet from its in-band FEC when the sender put one in, anything else by
+        Opus's loss concealment, less what the mixer already concealed at mix time for the
+        same frames (see :meth:`_conceal_missing`)."""
         counters = self.counters
         quiet = self.config.audio_silence_dbfs - 10.0  # senders' level estimates are rough
+        conceal = self.config.audio_conceal
+        next_ts, owed, streaming = self.next_ts, self.owed, self.streaming
         for s in list(self.inboxes) if slots is None else slots:
             box = self.inboxes.get(s)
             if box is None:
                 continue
             frames = box.frames
             while len(frames) > RING:  # far behind: keep latency bounded
-                frames.popleft()
+                _codec, dropped = frames.popleft()
                 counters.dropped_in += 1
+                ts = getattr(dropped, "timestamp", None)
+                if ts is not None:  # dropped on purpose: not a hole to fill
+                    next_ts[s] = (int(ts) + FRAME_SAMPLES) & _TS_MASK
             while frames:  # only Opus is negotiated (see signaling.OPUS)
                 _codec, encoded = frames.popleft()
+                ts = getattr(encoded, "timestamp", None)
+                gap = 0
+                if ts is not None and next_ts[s] >= 0:
+                    gap = (int(ts) - int(next_ts[s])) & _TS_MASK
+                    if gap > MAX_GAP:  # a new talk spurt, a restart, or an old packet
+                        gap = 0
                 level = getattr(encoded, "audio_level", None)
                 if level is not None and level < quiet and s not in self._carry:
                     # The sender says this frame is silence: no need to decode it (a client
@@ -327,12 +373,32 @@ class RoomMix:
                     self.ring[s, self.wpos[s] % RING] = 0.0
                     self.wpos[s] += 1
                     counters.silent_skipped += 1
+                    if ts is not None:
+                        next_ts[s] = (int(ts) + FRAME_SAMPLES) & _TS_MASK
+                    owed[s] = 0
+                    streaming[s] = False
                     continue
+                decoder = box.decoder
+                data = encoded.data
                 try:
-                    pcm = box.decoder.decode(encoded.data)
+                    fill = gap - int(owed[s]) * FRAME_SAMPLES
+                    if conceal and streaming[s] and fill > 0:
+                        lost = decoder.recover(data, fill)
+                        if lost.size:
+                            if decoder.has_fec(data):
+                                counters.recovered += 1
+                                counters.concealed += max(0, lost.size // FRAME_SAMPLES - 1)
+                            else:
+                                counters.concealed += lost.size // FRAME_SAMPLES
+                            self.write(s, lost * np.float32(1 / 32768))
+                    pcm = decoder.decode(data)
                 except DecodeError:
                     counters.decode_errors += 1
                     continue
+                owed[s] = 0
+                streaming[s] = pcm.size > 0
+                if ts is not None:
+                    next_ts[s] = (int(ts) + pcm.size) & _TS_MASK
                 if pcm.size == FRAME_SAMPLES and s not in self._carry:
                     k = self.wpos[s] % RING
                     np.multiply(pcm, np.float32(1 / 32768), out=self.ring[s, k])
@@ -348,6 +414,8 @@ class RoomMix:
         cfg = self.config
         if decode and self.inboxes:
             self.decode_pending()
+        if cfg.audio_conceal and self.inboxes:
+            self._conceal_missing()
         spk = np.flatnonzero(self.speaker & (self.wpos > self.rpos))
         backlog = self.wpos[spk] - self.rpos[spk]
         late = backlog > RING - 1
@@ -402,6 +470,30 @@ class RoomMix:
                 out = mix(gains.astype(np.float32), frames)
         counters.mixed += 1
         return MixedFrame(self.member_id[lis].tolist(), out, speaking)
+
+    def _conceal_missing(self) -> None:
+        """A speaker in the middle of talking whose next frame has not arrived when the mix
+        needs it (lost, or late) gets Opus's loss concealment for it instead of 20 ms of
+        silence, for up to ``MAX_CONCEAL`` frames in a row. A late frame that arrives after
+        all is still played (the speaker's latency grows by a frame, which the trim takes back
+        if it stays); a lost one is not concealed twice when the packet after it shows the
+        hole (see :meth:`decode_pending`)."""
+        want = self.speaker & self.streaming & (self.wpos <= self.rpos)
+        want &= (self.owed < MAX_CONCEAL) & ~(self.server_muted | self.self_muted | self.paused)
+        if not want.any():
+            return
+        for s in np.flatnonzero(want).tolist():  # only speakers whose frame is missing
+            box = self.inboxes.get(s)
+            if box is None or s in self._carry:
+                continue
+            pcm = box.decoder.conceal(FRAME_SAMPLES)
+            if pcm.size != FRAME_SAMPLES:
+                continue
+            k = self.wpos[s] % RING
+            np.multiply(pcm, np.float32(1 / 32768), out=self.ring[s, k])
+            self.wpos[s] += 1
+            self.owed[s] += 1
+            self.counters.concealed += 1
 
     def gains(self, lis: np.ndarray, spk: np.ndarray, tick: int) -> tuple[np.ndarray, np.ndarray]:
         """Gains (L, S, 2) under head poses and every routing rule (a paused listener hears

@@ -376,7 +376,7 @@ class RoomAudio(RoomPlugin):
         self.mix.attach(s, peer.inbox)
         if peer.track is not None:
             peer.start_reader(self._read(member, peer))
-        self.ctx.send(member, AudioAnswer(peer.pc.localDescription.sdp, offer.publish))
+        self.ctx.send(member, AudioAnswer(peer.answer, offer.publish))
 
     def _drop_peer(self, member: MemberView, peer: Peer) -> None:
         self.peers.pop(member.id, None)
@@ -424,7 +424,17 @@ class SpatialAudio(ServerPlugin):
         self.slice_times: deque[float] = deque(maxlen=3000)
         self._slice = 0.0
         self._reported = dict.fromkeys(
-            ("mixed", "late", "dropped_in", "trimmed", "dropped_out", "degraded"), 0
+            (
+                "mixed",
+                "late",
+                "dropped_in",
+                "trimmed",
+                "dropped_out",
+                "degraded",
+                "concealed",
+                "recovered",
+            ),
+            0,
         )
 
     def create(self, ctx: RoomContext) -> RoomPlugin:
@@ -455,7 +465,9 @@ class SpatialAudio(ServerPlugin):
             "Audio frames: mixed, late (mixer behind), dropped_in (speaker frames skipped: more "
             "than three waiting), trimmed (a speaker's standing extra frame dropped to bring "
             "latency down), dropped_out (listener frames not encoded in time), degraded (mixed "
-            "with each listener's loudest speakers only)",
+            "with each listener's loudest speakers only), concealed (speaker frames lost or late, "
+            "made up by Opus loss concealment), recovered (lost speaker frames rebuilt from "
+            "in-band FEC)",
             ["kind"],
             registry=r,
         )
@@ -585,6 +597,8 @@ class SpatialAudio(ServerPlugin):
             "silent_undecoded": c.silent_skipped,
             "dropped_out": c.dropped_out,
             "degraded": c.degraded,
+            "concealed": c.concealed,
+            "recovered": c.recovered,
             "speaker_cap": self.speaker_cap(),
         }
         for name, values in (

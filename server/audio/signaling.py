@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
@@ -21,6 +22,7 @@ import numpy as np
 from medverse.protocol.audio import AudioOffer, audio_sections, offer_direction
 from medverse.protocol.errors import ErrorCode, ProtocolError
 from medverse.rtc import (
+    DEFAULT_HOST_ADDRESSES,
     EncodedInbox,
     MediaStreamError,
     MediaStreamTrack,
@@ -28,9 +30,12 @@ from medverse.rtc import (
     RTCRtpSender,
     RTCSessionDescription,
     capture_encoded,
+    configured_addresses,
     peer_connection,
     restrict_ice_addresses,
     set_jitter_prefetch,
+    usable_remote_candidates,
+    with_inband_fec,
 )
 
 from ..config import ServerConfig
@@ -115,6 +120,8 @@ class Peer:
         #: Otherwise the speaker's decoded track, for :func:`read_track`.
         self.track: MediaStreamTrack | None = None
         self.reader: asyncio.Task[None] | None = None
+        #: The SDP answer for the member (set by :func:`negotiate`).
+        self.answer = ""
 
     def start_reader(self, reader: Coroutine[Any, Any, None]) -> None:
         """Run the fallback reader of :attr:`track` until the peer closes."""
@@ -157,7 +164,8 @@ def restrict_ice(cfg: ServerConfig) -> tuple[str, ...]:
 def check_offer(member: MemberView, msg: AudioOffer) -> None:
     """Refuse (raise ProtocolError) an offer the member may not make or that does not match
     what it asks for: publishing needs the grant and a visible member, the SDP one audio
-    section whose direction agrees with ``publish``."""
+    section whose direction agrees with ``publish``, and a loopback-only server (its ICE host
+    addresses) a candidate on a loopback address."""
     if msg.publish:
         if member.hidden:
             raise ProtocolError(ErrorCode.FORBIDDEN, "observers only listen")
@@ -180,6 +188,13 @@ def check_offer(member: MemberView, msg: AudioOffer) -> None:
         raise ProtocolError(ErrorCode.BAD_FIELD, "publish is true but the offer does not send")
     if direction == "inactive":
         raise ProtocolError(ErrorCode.BAD_FIELD, "the offer is inactive")
+    _, kept = usable_remote_candidates(msg.sdp)
+    ours = configured_addresses() or DEFAULT_HOST_ADDRESSES
+    if kept == 0 and all(ipaddress.ip_address(a).is_loopback for a in ours):
+        # Every candidate is on another interface (or an mDNS name): nothing we may check.
+        raise ProtocolError(
+            ErrorCode.BAD_FIELD, "the offer has no ICE candidate on a loopback address"
+        )
 
 
 class OfferLimiter:
@@ -209,12 +224,18 @@ async def negotiate(
     on_drop: Callable[[], None],
     on_failed: Callable[[Peer], None],
 ) -> Peer:
-    """A new peer that answers ``offer`` (its answer is ``peer.pc.localDescription``).
+    """A new peer that answers ``offer`` (its answer is ``peer.answer``: aiortc's, asking the
+    member to put in-band FEC in what it sends, which the mixer uses when a packet is lost).
 
     ``on_drop`` counts listener frames its track drops; ``on_failed`` is called if the
     connection fails later. Raises (with the peer closed) when aiortc cannot use the offer or
     negotiating takes longer than ``NEGOTIATION_TIMEOUT``.
+
+    Only the offer's candidates our host addresses may check are given to aiortc (see
+    :func:`medverse.rtc.usable_remote_candidates`): a browser offers every interface of its
+    machine, and a loopback-only server must not send checks to any but loopback.
     """
+    sdp, _ = usable_remote_candidates(offer.sdp)
     # Only a member allowed to publish who asked to is ever read: any track a client
     # manages to send otherwise is never decoded or mixed.
     pc = peer_connection()
@@ -228,7 +249,7 @@ async def negotiate(
 
     try:
         async with asyncio.timeout(NEGOTIATION_TIMEOUT):
-            await pc.setRemoteDescription(RTCSessionDescription(offer.sdp, "offer"))
+            await pc.setRemoteDescription(RTCSessionDescription(sdp, "offer"))
             set_jitter_prefetch(pc, cfg.audio_jitter_frames)
             for t in pc.getTransceivers():
                 t.setCodecPreferences(OPUS)  # the mixer decodes and encodes Opus only
@@ -242,6 +263,7 @@ async def negotiate(
                         peer.track = tracks[0]
             pc.addTrack(out)
             await pc.setLocalDescription(await pc.createAnswer())
+            peer.answer = with_inband_fec(pc.localDescription.sdp)
     except (Exception, asyncio.CancelledError):
         await peer.close()
         raise

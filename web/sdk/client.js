@@ -10,7 +10,7 @@
 //
 // Events (`onEvent`, and `client.on(type, fn)`) are plain objects with a `type`: waiting,
 // joined, left, error, member_state, lobby, room_state, grants, reconnecting, resumed, closed,
-// and for shared objects object_added, object_removed, lock_changed, handover_requested,
+// in a clinic moved, arrived, queue and called, and for shared objects object_added, object_removed, lock_changed, handover_requested,
 // view_changed, annotation_changed, move_refused, objects_synced.
 //
 // New message types are one declaration away: pass their definitions (messages.js's
@@ -102,6 +102,8 @@ export class RequestError extends Error {
 export const REPLIES = new Map([
   ["obj_ack", "ok"],
   ["obj_refused", "refused"],
+  ["ack", "ok"], // the acknowledged requests of the core and audio messages (their `req`)
+  ["refused", "refused"],
 ]);
 
 const OPEN = 1; // WebSocket.OPEN, the same in browsers and in ws
@@ -232,6 +234,10 @@ export class MedverseClient {
     this.grants = null;
     this.consentVersion = null;
     this.lobbyId = null;
+    /** Between a `moved` and the welcome of the room we were moved to: that room. */
+    this.movingTo = null;
+    /** In a waiting room: {position, waiting, estimate, message} as last told. */
+    this.queue = null;
     /** The room's shared objects: object id -> SharedObject (see _onObjectState). */
     this.objects = new Map();
 
@@ -475,6 +481,8 @@ export class MedverseClient {
   #welcomed(ws, conn, welcome) {
     this.conn = conn;
     this.socket = ws;
+    this.room = welcome.room; // a member moved elsewhere resumes there
+    this.movingTo = null;
     this.memberId = welcome.member_id;
     this.rate = welcome.rate;
     this._resume = welcome.resume;
@@ -639,6 +647,26 @@ export class MedverseClient {
   /** Ask the hosts to allow unmuting after a server mute. */
   async requestUnmute() {
     this.send({ t: "request_unmute" });
+  }
+
+  // ----------------------------------------------------------------- clinic
+
+  /** Move member `memberId` of our room to `room` (a host, a receptionist or the transfer
+   * grant); resolves once moved, rejects with RequestError (forbidden, not_found, room_full,
+   * room_locked, rate_limited, ...) with nothing moved. */
+  async transfer(memberId, room, reason = null) {
+    await this.request((req) => ({ t: "transfer", req, member_id: memberId, room, reason }));
+  }
+
+  /** A host calls the patient who has waited longest in the clinic's waiting room into our
+   * room. */
+  async callNext() {
+    await this.request((req) => ({ t: "call_next", req }));
+  }
+
+  /** Send member `memberId` of our room back to the clinic's waiting room. */
+  async sendBack(memberId, reason = null) {
+    await this.request((req) => ({ t: "send_back", req, member_id: memberId, reason }));
   }
 
   /** Withdraw the consent given to the room's text: the server removes us from the room. */
@@ -832,7 +860,7 @@ export class MedverseClient {
       p?.resolve(m);
     } else if (p !== undefined) {
       p.reject(new RequestError(m.code, m.message, { objectId: m.object_id, holder: m.holder }));
-    } else if (m.object_id !== null) {
+    } else if (m.object_id !== null && m.object_id !== undefined) {
       // A refused move: show the server's transform again.
       this._local.delete(m.object_id);
       this._released.delete(m.object_id);
@@ -1155,9 +1183,62 @@ const HANDLERS = {
     c.emit({ type: "grants", memberId: m.member_id, role: m.role, grants: [...m.grants] });
   },
   welcome(c, m) {
-    // Back from a pause: the server resends the room's objects.
+    const arrived = c.movingTo !== null;
+    if (arrived) {
+      // The room we were moved to let us in: we are a new member there.
+      c.movingTo = null;
+      c.lobbyId = null;
+      c.room = m.room;
+      c.memberId = m.member_id;
+      c.rate = m.rate;
+      c._resume = m.resume;
+      c._decoder.reset();
+      c._history = [];
+      c._offsets = [];
+    }
+    // Back from a pause (or moved in): the server resends the room's objects.
     c.members = new Map(m.members.map((w) => [w.id, w.name]));
+    c._avatars = null;
     c._objectsRenewed();
+    if (arrived) c.emit({ type: "arrived", room: m.room, memberId: m.member_id, members: [...c.members] });
+  },
+  ack: (c, m) => c._onReply(m),
+  refused: (c, m) => c._onReply(m),
+  moved(c, m) {
+    // Out of our room: the target room's consent, lobby and welcome follow on this connection.
+    c.movingTo = m.room;
+    c.room = m.room;
+    c.queue = null;
+    c.members = new Map();
+    c._avatars = null;
+    c.emit({ type: "moved", room: m.room, by: m.by, reason: m.reason });
+  },
+  async consent_required(c, m) {
+    // The room we were moved to asks for consent to its own text.
+    let accept = false;
+    try {
+      accept = Boolean(c.consent !== null && (await c.consent(m.version, m.text)));
+    } catch {
+      accept = false;
+    }
+    c.consentVersion = m.version;
+    if (!accept) c.reconnect = false;
+    try {
+      c.send({ t: "consent", version: m.version, accept });
+    } catch {
+      // the connection went away meanwhile
+    }
+  },
+  waiting(c, m) {
+    c.lobbyId = m.lobby_id;
+    c.emit({ type: "waiting", room: m.room, lobbyId: m.lobby_id });
+  },
+  queue(c, m) {
+    c.queue = { position: m.position, waiting: m.waiting, estimate: m.estimate, message: m.message };
+    c.emit({ type: "queue", ...c.queue });
+  },
+  called(c, m) {
+    c.emit({ type: "called", room: m.room, by: m.by });
   },
   obj_ack: (c, m) => c._onReply(m),
   obj_refused: (c, m) => c._onReply(m),

@@ -85,6 +85,9 @@ export class Connection {
     this.slots = null;
     this.hello = null;
     this.maxControlBytes = maxControlBytes;
+    // A `moved` was sent (server) or received (client) and the target room's `welcome` has not
+    // followed yet: the member is between rooms.
+    this.moving = false;
     this.clientMessages = clientMessages;
     this.serverMessages = serverMessages;
   }
@@ -104,6 +107,8 @@ export class Connection {
   #serverReceive(frame, text) {
     const state = this.state;
     if (text) return refuse(ErrorCode.MALFORMED, "binary frames only", !IN_ROOM.has(state));
+    // Poses and plugin frames sent in the old room before the member learnt it was moved.
+    if (this.moving && frame[0] !== FRAME_CONTROL) return { event: "Ignored", reason: "moving" };
     if (state === State.HELLO) return this.#serverHello(frame);
     if (state === State.CONSENT) {
       const msg = this.#clientControl(frame);
@@ -166,6 +171,7 @@ export class Connection {
       // Only our own pause(false) ends a pause: a welcome that crossed our pause(true) on the
       // wire must not leave us JOINED while the server is PAUSED.
       if (this.state === State.PAUSED && after === State.JOINED) after = State.PAUSED;
+      this.#noteMove(msg);
       this.state = after;
       return accepted(msg);
     }
@@ -202,8 +208,15 @@ export class Connection {
       this.hello = msg;
       this.slots = msg.slots;
     }
+    this.#noteMove(msg);
     this.state = after;
     return frame;
+  }
+
+  // A `moved` starts a move between rooms; the target room's `welcome` ends it.
+  #noteMove(msg) {
+    if (msg.t === "moved") this.moving = true;
+    else if (msg.t === "welcome") this.moving = false;
   }
 
   /** The transport is gone (either side closed it, or it broke). */
@@ -237,6 +250,8 @@ export class Connection {
     const hello = this.hello !== null;
     if (role === Role.SERVER) {
       if (!this.serverMessages.has(type)) return null;
+      // A move leaves the room; the target room's entry follows as after a hello.
+      if (type === "moved") return IN_ROOM.has(state) ? State.HELLO : null;
       if (type === "consent_required") return state === State.HELLO && hello ? State.CONSENT : null;
       if (type === "waiting") return (state === State.HELLO && hello) || state === State.CONSENT ? State.LOBBY : null;
       if (type === "welcome") return (state === State.HELLO && hello) || WELCOME_FROM.has(state) ? State.JOINED : null;

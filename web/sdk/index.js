@@ -5,3 +5,4 @@ export * from "./messages.js";
 export * from "./snapshot.js";
 export * from "./connection.js";
 export * from "./client.js";
+export * from "./audio.js";

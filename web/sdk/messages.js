@@ -36,8 +36,8 @@ export const DISPLAY_NAME_RE = /^[^\x00-\x1f\x7f]{1,64}$/u;
 const MODERATION_ACTIONS = /^(admit|deny|remove|ban|unban|mute|allow_unmute|lock|unlock|lobby|open|end)$/u;
 /** Longest ban a host may give with a duration (ten years). */
 export const MAX_BAN_SECONDS = 10 * 365 * 86400;
-const ROLE_NAMES = /^(host|participant|observer)$/u;
-const GRANT_NAMES = /^(publish_audio|manipulate_objects|annotate|upload_assets|moderate|hidden)$/u;
+const ROLE_NAMES = /^(host|participant|observer|receptionist)$/u;
+const GRANT_NAMES = /^(publish_audio|manipulate_objects|annotate|upload_assets|moderate|hidden|transfer)$/u;
 
 // --------------------------------------------------------------------------- field kinds
 
@@ -606,6 +606,40 @@ export const SERVER_OBJECTS = [
   ObjectsSynced,
 ];
 
+// --------------------------------------------------------------------------- clinic (protocol/clinic.py)
+
+const MAX_REASON_CHARS = 256;
+const MAX_CLINIC_MESSAGE_CHARS = 2048;
+const MAX_ESTIMATE_SECONDS = 86400;
+
+export const Transfer = defineMessage("transfer", {
+  member_id: int(1, U32),
+  room: str({ pattern: ROOM_NAME_RE }),
+  reason: str({ maxLen: MAX_REASON_CHARS, ...opt }),
+  req: ackReq(),
+});
+export const CallNext = defineMessage("call_next", { req: ackReq() });
+export const SendBack = defineMessage("send_back", {
+  member_id: int(1, U32),
+  reason: str({ maxLen: MAX_REASON_CHARS, ...opt }),
+  req: ackReq(),
+});
+export const Moved = defineMessage("moved", {
+  room: str({ pattern: ROOM_NAME_RE }),
+  by: str({ maxLen: MAX_NAME_CHARS }),
+  reason: str({ maxLen: MAX_REASON_CHARS }),
+});
+export const Queue = defineMessage("queue", {
+  position: int(1, U32),
+  waiting: int(1, U32),
+  message: str({ maxLen: MAX_CLINIC_MESSAGE_CHARS }),
+  estimate: int(0, MAX_ESTIMATE_SECONDS, true),
+});
+export const Called = defineMessage("called", { room: str({ pattern: ROOM_NAME_RE }), by: str({ maxLen: MAX_NAME_CHARS }) });
+
+export const CLIENT_CLINIC = [Transfer, CallNext, SendBack];
+export const SERVER_CLINIC = [Moved, Queue, Called];
+
 /** A decoder's registry (wire type -> message type) of the given families; a type named twice
  * is an error. */
 export function messageRegistry(...families) {
@@ -624,8 +658,8 @@ export function messageRegistry(...families) {
 
 /** Every message a client may send, and every message a server may send. */
 const OBJECT_REQUESTS = new Set(CLIENT_OBJECTS.map((def) => def.type));
-export const CLIENT_MESSAGES = messageRegistry(CORE_CLIENT_MESSAGES, CLIENT_AUDIO, CLIENT_OBJECTS);
-export const SERVER_MESSAGES = messageRegistry(CORE_SERVER_MESSAGES, SERVER_AUDIO, SERVER_OBJECTS);
+export const CLIENT_MESSAGES = messageRegistry(CORE_CLIENT_MESSAGES, CLIENT_AUDIO, CLIENT_OBJECTS, CLIENT_CLINIC);
+export const SERVER_MESSAGES = messageRegistry(CORE_SERVER_MESSAGES, SERVER_AUDIO, SERVER_OBJECTS, SERVER_CLINIC);
 const ALL_MESSAGES = messageRegistry(CLIENT_MESSAGES.values(), SERVER_MESSAGES.values());
 
 // --------------------------------------------------------------------------- control frames

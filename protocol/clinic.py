@@ -1,0 +1,114 @@
+"""Clinic messages: moving members between rooms and what a waiting patient is told.
+
+A virtual clinic is a set of rooms (a waiting room, consultation rooms, group rooms). A member
+with the right to (a host of its room, the ``receptionist`` role or the ``transfer`` grant)
+moves another member from one room to another without the moved member reconnecting: the
+server sends it ``moved`` and the target room's entry follows on the same connection exactly
+as after a ``hello`` (``consent_required``, ``waiting`` or ``welcome``; SPEC.md, "Transfers").
+Patients in a waiting room are told their place in the queue (``queue``) and when a clinician
+calls them in (``called``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from .messages import MAX_NAME_CHARS, ROOM_NAME_RE, Message, wire_field
+
+#: Longest reason a mover may give (shown to the member moved, kept in the audit log).
+MAX_REASON_CHARS = 256
+#: Longest clinic message shown in the waiting room.
+MAX_CLINIC_MESSAGE_CHARS = 2048
+#: Longest estimate the server sends, seconds (a day: beyond it an estimate means nothing).
+MAX_ESTIMATE_SECONDS = 86_400
+_ID = {"lo": 1, "hi": 2**32 - 1}
+_REQ = {"lo": 0, "hi": 2**32 - 1, "optional": True}
+
+
+@dataclass(frozen=True, slots=True)
+class Transfer(Message):
+    """Move member ``member_id`` of the sender's room to room ``room`` (that room's entry
+    rules apply to it there: consent, lobby, locks, bans). ``reason`` is shown to the member
+    and kept in the audit log."""
+
+    ACKED: ClassVar[bool] = True
+    TYPE: ClassVar[str] = "transfer"
+    member_id: int = wire_field("int", **_ID)
+    room: str = wire_field("str", pattern=ROOM_NAME_RE)
+    reason: str | None = wire_field("str", max_len=MAX_REASON_CHARS, optional=True)
+    req: int | None = wire_field("int", **_REQ)
+
+
+@dataclass(frozen=True, slots=True)
+class CallNext(Message):
+    """A host calls the patient who has waited longest in the clinic's waiting room into the
+    host's own room."""
+
+    ACKED: ClassVar[bool] = True
+    TYPE: ClassVar[str] = "call_next"
+    req: int | None = wire_field("int", **_REQ)
+
+
+@dataclass(frozen=True, slots=True)
+class SendBack(Message):
+    """Send member ``member_id`` of the sender's room back to the clinic's waiting room."""
+
+    ACKED: ClassVar[bool] = True
+    TYPE: ClassVar[str] = "send_back"
+    member_id: int = wire_field("int", **_ID)
+    reason: str | None = wire_field("str", max_len=MAX_REASON_CHARS, optional=True)
+    req: int | None = wire_field("int", **_REQ)
+
+
+@dataclass(frozen=True, slots=True)
+class Moved(Message):
+    """To the member moved: it has left its room for ``room``, moved by ``by`` (the mover's
+    name as the old room showed it) for ``reason``. The target room's entry follows at once
+    (``consent_required``, ``waiting`` or ``welcome``, as after a ``hello``)."""
+
+    TYPE: ClassVar[str] = "moved"
+    room: str = wire_field("str", pattern=ROOM_NAME_RE)
+    by: str = wire_field("str", max_len=MAX_NAME_CHARS)
+    reason: str = wire_field("str", max_len=MAX_REASON_CHARS)
+
+
+@dataclass(frozen=True, slots=True)
+class Queue(Message):
+    """To a patient in a waiting room: its ``position`` in the queue (1: next), how many wait
+    (``waiting``), an estimate of the wait in seconds (absent until the clinic has measured a
+    consultation and has no default) and the clinic's ``message``. Sent on entering and
+    whenever one of them changes."""
+
+    TYPE: ClassVar[str] = "queue"
+    position: int = wire_field("int", lo=1, hi=2**32 - 1)
+    waiting: int = wire_field("int", lo=1, hi=2**32 - 1)
+    message: str = wire_field("str", max_len=MAX_CLINIC_MESSAGE_CHARS)
+    estimate: int | None = wire_field("int", lo=0, hi=MAX_ESTIMATE_SECONDS, optional=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Called(Message):
+    """To a waiting patient: ``by`` calls it into room ``room`` (its ``moved`` follows)."""
+
+    TYPE: ClassVar[str] = "called"
+    room: str = wire_field("str", pattern=ROOM_NAME_RE)
+    by: str = wire_field("str", max_len=MAX_NAME_CHARS)
+
+
+CLIENT_CLINIC: tuple[type[Message], ...] = (Transfer, CallNext, SendBack)
+SERVER_CLINIC: tuple[type[Message], ...] = (Moved, Queue, Called)
+
+__all__ = [
+    "CLIENT_CLINIC",
+    "MAX_CLINIC_MESSAGE_CHARS",
+    "MAX_ESTIMATE_SECONDS",
+    "MAX_REASON_CHARS",
+    "SERVER_CLINIC",
+    "CallNext",
+    "Called",
+    "Moved",
+    "Queue",
+    "SendBack",
+    "Transfer",
+]

@@ -1,0 +1,101 @@
+// The browser SDK in a virtual clinic (examples/clinic.toml) against a real server: a patient
+// waits, a clinician calls it in, it consents to the consultation's own text, and is sent back.
+import assert from "node:assert/strict";
+import { fileURLToPath } from "node:url";
+import { after, before, test } from "node:test";
+import WebSocket from "ws";
+
+import { MedverseClient } from "../sdk/client.js";
+import { startServer } from "./support/server.js";
+
+const CLINIC = fileURLToPath(new URL("../../examples/clinic.toml", import.meta.url));
+const TIMEOUT = 60000;
+
+let server;
+const tokens = {};
+const clients = [];
+
+before(
+  async () => {
+    server = await startServer({ env: { MEDVERSE_CLINIC: CLINIC } });
+    const [patient, doctor] = await Promise.all([
+      server.token("waiting", "pat", { name: "PAT" }),
+      server.token("consult-1", "doc", { role: "host", name: "DOC" }),
+    ]);
+    Object.assign(tokens, { patient, doctor });
+  },
+  { timeout: 90000 },
+);
+
+after(async () => {
+  for (const c of clients) c.close();
+  await server?.stop();
+});
+
+function nextEvent(c, type, pred = () => true, ms = 15000) {
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => {
+      off();
+      reject(new Error(`no ${type} event in time`));
+    }, ms);
+    const off = c.on(type, (ev) => {
+      if (!pred(ev)) return;
+      clearTimeout(timer);
+      off();
+      resolve(ev);
+    });
+  });
+}
+
+async function join(room, token, texts) {
+  const c = new MedverseClient({
+    url: server.url,
+    WebSocket,
+    room,
+    token,
+    pingInterval: 0,
+    connectTimeout: 10,
+    consent: (version, text) => {
+      texts.push(text);
+      return true;
+    },
+  });
+  clients.push(c);
+  const queue = nextEvent(c, "queue").catch(() => null);
+  await c.start();
+  return { c, queue };
+}
+
+test("a patient is called into a consultation and sent back", { timeout: TIMEOUT }, async () => {
+  const patientTexts = [];
+  const { c: patient, queue } = await join("waiting", tokens.patient, patientTexts);
+  const first = await queue;
+  assert.deepEqual([first.position, first.waiting, first.estimate], [1, 1, 720]);
+  assert.match(first.message, /Riverside/);
+  assert.equal(patientTexts.length, 1);
+
+  const { c: doctor } = await join("consult-1", tokens.doctor, []);
+  const called = nextEvent(patient, "called");
+  const moved = nextEvent(patient, "moved");
+  const arrived = nextEvent(patient, "arrived");
+  await doctor.callNext();
+  assert.deepEqual({ ...(await called) }, { type: "called", room: "consult-1", by: "DOC" });
+  assert.equal((await moved).reason, "called");
+  const a = await arrived;
+  assert.equal(a.room, "consult-1");
+  assert.equal(patient.room, "consult-1");
+  assert.equal(patient.state, "joined");
+  assert.equal(patientTexts.length, 2);
+  assert.match(patientTexts[1], /consultation/);
+  assert.ok(patient.members.has(doctor.memberId));
+
+  const back = nextEvent(patient, "arrived", (ev) => ev.room === "waiting");
+  const again = nextEvent(patient, "queue");
+  await doctor.sendBack(a.memberId);
+  await back;
+  assert.equal(patient.room, "waiting");
+  assert.equal((await again).position, 1);
+
+  // A patient may not call anyone: the request is refused by name.
+  await assert.rejects(patient.callNext(), (err) => err.code === "forbidden");
+});
