@@ -215,6 +215,20 @@ def _workers(cfg: ServerConfig, count: int) -> int:
         # One secret for every worker, so a token minted for the cluster works on each.
         secret, _ = load_or_create_secret(cfg.data_dir)
         env["MEDVERSE_AUTH_SECRET"] = secret.decode()
+    if getattr(cfg, "database_url", ""):
+        # One audit log in the shared database takes one signing key: made here once, and
+        # copied into every worker's data directory.
+        import shutil
+
+        from .audit import KEY_FILE, PUBLIC_KEY_FILE, _load_key
+
+        _load_key(Path(cfg.data_dir))
+        for i in range(n):
+            node_dir = Path(cfg.data_dir) / f"node-{i}"
+            node_dir.mkdir(parents=True, exist_ok=True)
+            for name in (KEY_FILE, PUBLIC_KEY_FILE):
+                if not (node_dir / name).exists():
+                    shutil.copy2(Path(cfg.data_dir) / name, node_dir / name)
     procs = []
     for i in range(n):
         child = dict(env)

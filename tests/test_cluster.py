@@ -527,12 +527,24 @@ async def test_failover_recreates_the_room_from_the_shared_database(
 ) -> None:
     """Nodes that share PostgreSQL: a ban a host gave on the node that died still holds on the
     node that takes the room over, and the host resumes there as itself."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from medverse.server.audit import KEY_FILE, PUBLIC_KEY_FILE
+
     from .pgservice import new_database
 
     url = new_database(postgres_server)
-    a, b = start_node(redis, database_url=url), start_node(redis, database_url=url)
+    dirs = [Path(tempfile.mkdtemp(prefix="medverse-")) for _ in range(2)]
+    a = start_node(redis, database_url=url, data_dir=dirs[0])
+    b = None
     try:
         a.wait_ready(timeout=60)
+        # One audit log in the database, one signing key: the second server gets a copy.
+        for name in (KEY_FILE, PUBLIC_KEY_FILE):
+            shutil.copy2(dirs[0] / name, dirs[1] / name)
+        b = start_node(redis, database_url=url, data_dir=dirs[1])
         b.wait_ready(timeout=60)
         host = connect(
             a.url,
@@ -563,6 +575,6 @@ async def test_failover_recreates_the_room_from_the_shared_database(
         await host.close()
     finally:
         for s in (a, b):
-            if s.proc.poll() is None:
+            if s is not None and s.proc.poll() is None:
                 s.proc.kill()
                 s.proc.wait()
