@@ -356,7 +356,12 @@ class Cluster:
                 # so the join goes where rooms are placed now.
                 await self.release_lease(room, gen)
                 return Route(False, moving=True)
-            self.leases[room] = _Lease(gen, sent + pttl / 1000.0 - self._margin)
+            until = sent + pttl / 1000.0 - self._margin
+            held = self.leases.get(room)
+            if held is not None and held.gen == gen:  # joins racing for one new room
+                held.until = max(held.until, until)
+            else:
+                self.leases[room] = _Lease(gen, until)
             return Route(True)
         if owner in self._seen and owner not in self._nodes:
             # Its node stopped heartbeating: the room waits for its lease to expire.
