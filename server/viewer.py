@@ -623,10 +623,12 @@ class RoomImages(RoomPlugin):
         count = sum(1 for m in self.measurements.values() if m.series == msg.series)
         if count >= self.ctx.config.max_annotations_per_object:
             raise Refusal(ErrorCode.LIMIT_REACHED, "the series carries its maximum of measurements")
-        if msg.kind == "roi" and vol.data.shape[1] * vol.data.shape[2] > 128 * 128:
-            value, stats = await asyncio.to_thread(measure, vol, msg.kind, msg.points)
+        # Measured from the stored pixels only while the file is what its hash says (a stat;
+        # hashed again only if it changed), in a thread unless the images are small.
+        if vol.data.shape[1] * vol.data.shape[2] > 128 * 128:
+            value, stats = await asyncio.to_thread(self._measure_checked, vol, msg)
         else:
-            value, stats = measure(vol, msg.kind, msg.points)
+            value, stats = self._measure_checked(vol, msg)
         self.seq += 1
         m = Measurement(
             self.next_measurement,
@@ -654,6 +656,13 @@ class RoomImages(RoomPlugin):
         )
         self.ctx.broadcast(m.msg())
         self.ctx.send(member, ImageAck(msg.req, None, m.measurement_id))
+
+    def _measure_checked(self, vol: Volume, msg: Measure) -> tuple[float, dict[str, Any]]:
+        problem = self.service.store.check(vol.sha256)
+        if problem is not None:
+            self.service.store.forget(vol.sha256)
+            raise Refusal(ErrorCode.CORRUPT, f"the stored series is damaged: {problem}")
+        return measure(vol, msg.kind, msg.points)
 
     async def _unmeasure(self, member: MemberView, msg: DeleteMeasurement) -> None:
         self._allowed(member, "annotate")

@@ -602,6 +602,38 @@ async def test_viewer_state_survives_a_restart() -> None:
             assert await lead.open_panel(sha) == pid + 1
 
 
+async def test_a_damaged_series_file_is_refused(srv: ServerProcess) -> None:
+    room = "damaged"
+    client = ImageClient(srv.url, room, tok(room, "chief", "host"))
+    try:
+        sha = (await client.upload(synthetic_ct(24, 24, 6, slice_spacing=3.0))).sha256
+        png, _ = await client.fetch_slice(sha, "axial", 2)
+        assert png is not None
+        path = srv.data_dir / "images" / sha[:2] / f"{sha}.series"  # type: ignore[attr-defined]
+        with open(path, "r+b") as f:  # bit rot: same size, other bytes
+            f.seek(path.stat().st_size - 100)
+            f.write(b"\xff" * 8)
+        png, _ = await client.fetch_slice(sha, "axial", 2)  # rendered before: still served
+        with pytest.raises(ImageError) as e:
+            await client.fetch_slice(sha, "axial", 3)
+        assert (e.value.code, e.value.status) == ("corrupt", 500)
+        with pytest.raises(ImageError) as e:
+            await client.descriptor(sha)
+        assert e.value.code == "corrupt"
+        assert "series_corrupt" in audit_text(srv)
+        async with member(srv.url, room, "chief", "host") as chief:
+            with pytest.raises(ImageViewError) as refused:
+                await chief.measure(sha, "distance", [(0, 0, 3), (1, 0, 3)])
+            assert refused.value.code == "corrupt"
+        # Uploading it again repairs it.
+        again = await client.upload(synthetic_ct(24, 24, 6, slice_spacing=3.0))
+        assert again.sha256 == sha
+        png, _ = await client.fetch_slice(sha, "axial", 3)
+        assert png is not None and png.startswith(b"\x89PNG")
+    finally:
+        await client.close()
+
+
 def test_zip_helper_round_trips() -> None:
     import io
     import zipfile
