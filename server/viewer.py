@@ -289,7 +289,7 @@ class RoomImages(RoomPlugin):
         self._changed: dict[int, Panel] = {}  # panels changed since the last tick
         self.dirty = False  # panel states changed since the last store
         self._pointers: dict[int, tuple[int, int, float, float, float]] = {}
-        self._visible: set[int] = set()  # members whose pointer shows
+        self._visible: dict[int, int] = {}  # member id -> the panel its pointer is on
         self._handlers: dict[type[Message], Callable[[MemberView, Any], Any]] = {
             OpenPanel: self._open,
             ClosePanel: self._close,
@@ -372,8 +372,7 @@ class RoomImages(RoomPlugin):
     def _hide_pointer(self, member: MemberView) -> None:
         """Hide the member's pointer if it shows one (nobody hears of members who never
         pointed)."""
-        if member.id in self._visible:
-            self._visible.discard(member.id)
+        if self._visible.pop(member.id, None) is not None:
             self._pointers[member.id] = (member.id, 0, 0.0, 0.0, 0.0)
 
     def _send_all(self, member: MemberView) -> None:
@@ -496,6 +495,9 @@ class RoomImages(RoomPlugin):
         await self._commit(self.service.store.delete_panel, panel.panel_id, *self._counters())
         self.panels.pop(panel.panel_id, None)
         self._changed.pop(panel.panel_id, None)
+        for mid in [m for m, p in self._visible.items() if p == panel.panel_id]:
+            del self._visible[mid]  # pointers on the panel go with it
+            self._pointers[mid] = (mid, 0, 0.0, 0.0, 0.0)
         self.ctx.audit(
             "image_panel_closed", actor=member.identity.subject, subject=f"panel:{panel.panel_id}"
         )
@@ -613,7 +615,7 @@ class RoomImages(RoomPlugin):
         if msg.point is None:
             raise ProtocolError(ErrorCode.BAD_FIELD, "point is required on a panel")
         self._pointers[member.id] = (member.id, msg.panel_id, *msg.point)
-        self._visible.add(member.id)
+        self._visible[member.id] = msg.panel_id
 
     # ----------------------------------------------------------------- measurements
 

@@ -168,6 +168,13 @@ async def test_case_review(srv: ServerProcess, ct_phi: dict[str, bytes]) -> None
         await wait_for(lambda: surgeon.member_id in onc.panels.pointers)
         await surgeon.point(panel, None)
         await wait_for(lambda: surgeon.member_id not in onc.panels.pointers)
+        # A pointer on a panel that closes goes with it.
+        scratch = await onc.open_panel(sha, position=(1.0, 1.4, -1.2))
+        await host.point(scratch, target)
+        await wait_for(lambda: host.member_id in surgeon.panels.pointers)
+        await onc.close_panel(scratch)
+        await wait_for(lambda: host.member_id not in surgeon.panels.pointers)
+        await wait_for(lambda: scratch not in surgeon.panels)
         # 6. Measurements, computed by the server from the pixels.
         cx, cy, cz = PHANTOM.sphere_center
         dist = await surgeon.measure(sha, "distance", [(cx, cy, cz), (cx + 6.0, cy + 8.0, cz)])
