@@ -61,6 +61,8 @@ log = logging.getLogger("medverse.viewer")
 MAX_PANELS = 16
 #: Requests a room keeps waiting for its turn (more are refused with rate_limited).
 MAX_QUEUED = 256
+#: The grant each request needs (the others: ``manipulate_objects``, like an object's view).
+GRANTS: dict[type[Message], str] = {Measure: "annotate", DeleteMeasurement: "annotate"}
 
 
 @dataclass
@@ -341,7 +343,7 @@ class RoomImages(RoomPlugin):
             if self.ctx.members.get(member.id) is not member:
                 continue  # left meanwhile
             try:
-                self._allowed(member)
+                self._allowed(member, GRANTS.get(type(msg), "manipulate_objects"))
                 await self._handlers[type(msg)](member, msg)
             except ProtocolError as err:
                 self._refuse(member, msg, err)
@@ -620,7 +622,6 @@ class RoomImages(RoomPlugin):
     # ----------------------------------------------------------------- measurements
 
     async def _measure(self, member: MemberView, msg: Measure) -> None:
-        self._allowed(member, "annotate")
         vol = await self._volume(msg.series)
         count = sum(1 for m in self.measurements.values() if m.series == msg.series)
         if count >= self.ctx.config.max_annotations_per_object:
@@ -667,7 +668,6 @@ class RoomImages(RoomPlugin):
         return measure(vol, msg.kind, msg.points)
 
     async def _unmeasure(self, member: MemberView, msg: DeleteMeasurement) -> None:
-        self._allowed(member, "annotate")
         m = self.measurements.get(msg.measurement_id)
         if m is None:
             raise Refusal(ErrorCode.NOT_FOUND, f"no measurement {msg.measurement_id}")

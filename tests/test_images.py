@@ -583,6 +583,28 @@ async def test_bad_input_for_every_image_message(srv: ServerProcess) -> None:
         assert isinstance(got, ImageRefused) and got.code == "forbidden"
     finally:
         await shut(viewer)
+    # ... and one with annotate alone measures but does not scroll.
+    scribe = await RawClient.open(srv.url)
+    hello = Hello(
+        PROTOCOL_VERSION, room, "scribe", 3, None, tok(room, "scribe", grants=["annotate"])
+    )
+    await scribe.ws.send_bytes(encode_message(hello))
+    try:
+        measure_frame = {
+            "t": "img_measure",
+            "req": 1,
+            "series": sha,
+            "kind": "distance",
+            "points": [[0, 0, 5], [2, 0, 5]],
+        }
+        await scribe.ws.send_bytes(frame(measure_frame))
+        got = await answer(scribe, 1)
+        assert isinstance(got, ImageAck) and got.measurement_id, got
+        await scribe.ws.send_bytes(frame({"t": "img_view", "req": 2, "panel_id": pid}))
+        got = await answer(scribe, 2)
+        assert isinstance(got, ImageRefused) and got.code == "forbidden"
+    finally:
+        await shut(scribe)
 
 
 async def test_viewer_state_survives_a_restart() -> None:
