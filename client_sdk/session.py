@@ -74,6 +74,7 @@ from medverse.protocol.snapshot import FRAME_STATE, OBJECT_ID_BASE, Snapshot, Sn
 
 from .assets import AssetClient, AssetInfo
 from .audio import AudioClient
+from .images import ImagesAPI, PanelsClient
 from .objects import ObjectsAPI, ObjectsClient
 from .types import (
     Arrived,
@@ -198,7 +199,7 @@ def _slerp(q0: np.ndarray, q1: np.ndarray, a: float) -> np.ndarray:
     return out / np.linalg.norm(out, axis=-1, keepdims=True)
 
 
-class Session(ObjectsAPI):
+class Session(ObjectsAPI, ImagesAPI):
     """A member's connection to a room. Create it with :func:`connect`.
 
     Attributes kept current while connected: ``member_id``, ``room``, ``rate`` (ticks per
@@ -323,6 +324,10 @@ class Session(ObjectsAPI):
         #: The room's shared objects ({object_id: SharedObject}); the object calls (spawn,
         #: grab, move, release, annotate, ...) are methods of the session.
         self.objects = ObjectsClient(self)
+        #: The room's image panels ({panel_id: ImagePanel}), their measurements and pointers;
+        #: the image calls (upload_series, open_panel, set_image_view, measure, ...) are
+        #: methods of the session.
+        self.panels = PanelsClient(self)
 
     @property
     def state(self) -> State:
@@ -391,6 +396,8 @@ class Session(ObjectsAPI):
             await self._http.close()
         if self._assets is not None:
             await self._assets.close()
+        if self._image_client is not None:
+            await self._image_client.close()
         self._finish(Closed("closed by the application", "closed"))
 
     async def _open(self) -> Welcome:

@@ -35,6 +35,12 @@ class ErrorCode(enum.StrEnum):
     NOT_FOUND = "not_found"  # no such member, object, annotation or asset
     INVALID_ASSET = "invalid_asset"  # an upload that is not a glTF 2.0 model we accept
     CORRUPT = "corrupt"  # stored data failed its integrity check and is not served
+    NOT_DICOM = "not_dicom"  # an image upload holds a file that is not DICOM
+    NO_PIXEL_DATA = "no_pixel_data"  # a DICOM file without the Image Pixel module
+    MIXED_SERIES = "mixed_series"  # files of several series (UIDs, sizes, orientations, positions)
+    UNSUPPORTED_TRANSFER_SYNTAX = "unsupported_transfer_syntax"  # a syntax we do not decode
+    UNSUPPORTED_IMAGE = "unsupported_image"  # colour, multi-frame, uneven or sheared slices
+    IDENTIFIABLE_DATA = "identifiable_data"  # identifying attributes where they are not allowed
     OBJECT_LOCKED = "object_locked"  # another member holds the object's lease (names the holder)
     NOT_HOLDER = "not_holder"  # moving or releasing an object without holding its lease
     LIMIT_REACHED = "limit_reached"  # too many objects in the room or annotations on an object

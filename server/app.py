@@ -43,6 +43,7 @@ from .clock import FixedRateClock
 from .config import ServerConfig
 from .entities import EntityTable
 from .httpauth import HttpAuth
+from .imaging import ImageService, ImageStore
 from .integrity import AssetScrub, Integrity
 from .limits import ConnectionBudget
 from .metrics import Metrics, Traffic
@@ -69,6 +70,8 @@ from .session import (
 from .store import PostgresObjectStore
 from .tick import TickLoop
 from .transport import WebSocketConnection
+from .viewer import SharedImages
+from .webapp import WebApp
 
 if TYPE_CHECKING:
     from .cluster import Cluster, Load
@@ -78,8 +81,8 @@ log = logging.getLogger("medverse")
 
 def default_plugins() -> list[ServerPlugin | type[RoomPlugin]]:
     """The plugins every room runs unless told otherwise: moderation, spatial audio, shared
-    objects and the clinic's transfers (fresh instances: each app gets its own)."""
-    return [ModerationService(), SpatialAudio(), SharedObjects(), ClinicService()]
+    objects, the clinic's transfers and image viewers (fresh instances: each app gets its own)."""
+    return [ModerationService(), SpatialAudio(), SharedObjects(), ClinicService(), SharedImages()]
 
 
 def make_verifier(cfg: ServerConfig) -> TokenVerifier | None:
@@ -162,6 +165,7 @@ class Server:
             self.rooms.on_closed = self.cluster.closed
         self.tick = TickLoop(self.clock, self.table, self.rooms, self.metrics, self.traffic)
         self.assets: AssetStore | None = None
+        self.images: ImageStore | None = None
         #: Connections per address and those not yet identified (no valid hello).
         self.budget = ConnectionBudget(
             config.max_connections_per_address,
@@ -341,6 +345,7 @@ class Server:
         else:
             self.audit.open(cfg.data_dir, cfg.audit_retention_days, auth=auth, **node)
         self.assets = AssetStore(cfg.data_dir)
+        self.images = ImageStore(cfg.data_dir)
         context = ServerContext(
             cfg,
             self.metrics.registry,
@@ -348,6 +353,7 @@ class Server:
             lambda code: self.metrics.protocol_errors.labels(code).inc(),
             self.assets,
             self.clinic,
+            self.images,
         )
         for plugin in self.plugins:
             await plugin.start(context)
@@ -399,6 +405,9 @@ class Server:
         if self.assets is not None:
             self.assets.close()
             self.assets = None
+        if self.images is not None:
+            self.images.close()
+            self.images = None
         if self.database is not None:
             await asyncio.to_thread(self.audit.close)  # commits what is queued: a round trip
         else:
@@ -511,6 +520,7 @@ def clinic_room_types(clinic: Clinic, plugin_names: Sequence[str]) -> list[RoomT
 
 
 SERVER_KEY = web.AppKey("medverse.server", Server)
+IMAGES_KEY = web.AppKey("medverse.images", ImageService)
 
 
 def create_app(
@@ -541,11 +551,24 @@ def create_app(
         report=server.integrity.asset_checked,
     )
     assets.routes(app)
+    images = ImageService(
+        server.http_auth,
+        server.audit,
+        cfg.max_series_bytes,
+        cfg.max_series_per_room,
+        identifiable=server.policy.identifiable_images,
+        pseudonymous=server.policy.pseudonymous,
+        ended=server.session_ended,
+    )
+    images.routes(app)
+    app[IMAGES_KEY] = images
     AdminAPI(server.http_auth, server.rooms, lambda: server.audit.log, server).routes(app)
+    WebApp().routes(app)  # the clinic app at / and /join
 
     async def on_startup(app: web.Application) -> None:
         await server.start()
         assets.store = server.assets  # type: ignore[assignment]
+        images.store = server.images  # type: ignore[assignment]
 
     async def on_shutdown(app: web.Application) -> None:
         server.close_sessions()

@@ -516,6 +516,9 @@ async def _serve(cfg: ServerConfig, app: web.Application, ssl_ctx: ssl.SSLContex
             cfg.port,
             ssl=ssl_ctx,
             reuse_address=True,
+            # The guard sees a TLS connection only once its handshake is done: the event
+            # loop's own timeout bounds the handshake (aborted, not counted), then the guard's.
+            ssl_handshake_timeout=(cfg.header_timeout or None) if ssl_ctx is not None else None,
         )
     except OSError as exc:
         await runner.cleanup()
@@ -526,6 +529,9 @@ async def _serve(cfg: ServerConfig, app: web.Application, ssl_ctx: ssl.SSLContex
         secret, _ = load_or_create_secret(cfg.data_dir)
         token = mint_token(secret, room="demo", identity="dev", name="Developer", role="host")
         log.info("development token for room 'demo' (host, 1 h): %s", token)
+        # The token rides in the fragment, which browsers never send to the server.
+        base = f"{'https' if ssl_ctx is not None else 'http'}://{_url_host(cfg.host)}:{cfg.port}"
+        log.info("development link for room 'demo': %s/join#token=%s", base, token)
     await stop.wait()
     listener.close()
     await runner.cleanup()
@@ -588,6 +594,7 @@ def _print_banner(cfg: ServerConfig, tls: bool) -> None:
     ws = f"{'wss' if tls else 'ws'}://{_url_host(cfg.host)}:{cfg.port}/ws"
     print(
         f"medverse serving {base} (tick {cfg.tick_rate} Hz)\n"
+        f"  web app  {base}/\n"
         f"  rooms    {ws}\n"
         f"  health   {base}/health\n"
         f"  metrics  {base}/metrics\n"
@@ -660,20 +667,27 @@ def run_loop(coro: object) -> None:
         uvloop.run(coro)  # type: ignore[arg-type]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``medverse`` command's parser, with every subcommand."""
+def build_parser(loadtest: bool = True) -> argparse.ArgumentParser:
+    """The ``medverse`` command's parser, with every subcommand.
+
+    ``loadtest=False`` leaves the load generator's options out: they come from the client SDK,
+    whose import (aiohttp, aiortc, numpy) takes seconds on a busy machine, which ``medverse
+    token`` and ``medverse audit`` should not pay.
+    """
     parser = _Parser(prog="medverse", description="medverse telepresence server")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve(sub)
     _add_token(sub)
     _add_audit(sub)
     _add_cluster(sub)
-    try:
-        from medverse.client_sdk.loadtest import add_arguments as add_loadtest
-    except ImportError:
-        add_loadtest = None
-    if add_loadtest is not None:
-        add_loadtest(sub.add_parser("loadtest", help="simulate headsets against a server"))
+    lt = sub.add_parser("loadtest", help="simulate headsets against a server")
+    if loadtest:
+        try:
+            from medverse.client_sdk.loadtest import add_arguments as add_loadtest
+        except ImportError:  # a server installed without the client SDK
+            sub.choices.pop("loadtest", None)
+        else:
+            add_loadtest(lt)
     return parser
 
 
@@ -683,7 +697,8 @@ def serve_config(args: argparse.Namespace) -> ServerConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(loadtest=argv[:1] == ["loadtest"]).parse_args(argv)
     if args.command == "serve":
         try:
             if args.workers is not None:

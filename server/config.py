@@ -29,7 +29,8 @@ class ServerConfig:
     #: Seconds a new connection has to send its hello.
     handshake_timeout: float = 5.0
     #: Seconds a new TCP connection has to send a complete HTTP request head (request line
-    #: and headers), TLS handshake included; slower ones are cut (0: no deadline).
+    #: and headers; with TLS, as long again for the handshake first); slower ones are cut (0:
+    #: no deadline).
     header_timeout: float = 10.0
     #: Largest WebSocket message accepted from a client, bytes.
     max_frame_bytes: int = 16 * 1024
@@ -110,6 +111,13 @@ class ServerConfig:
     max_asset_bytes: int = 128 * 1024 * 1024
     #: Most assets one room may list.
     max_assets_per_room: int = 256
+    #: Rooms (regular expression, full match) that take image series whose attributes carry
+    #: identifying data (PS3.15 basic profile); elsewhere such an upload is refused unless it
+    #: asks to be de-identified. Empty (the default): no room does.
+    identifiable_image_rooms: str = ""
+    #: Largest image series upload (a zip or the .dcm files), and most series one room lists.
+    max_series_bytes: int = 1024 * 1024 * 1024
+    max_series_per_room: int = 64
     #: Seconds between background passes that re-read every stored model file and check it
     #: against its SHA-256, at low priority (0: none; downloads are checked either way).
     asset_scrub_interval: float = 3600.0
@@ -178,6 +186,7 @@ class ServerConfig:
         _at_least(self, 0, "max_assets_per_room", "audio_max_speakers", "asset_scrub_interval")
         _at_least(self, 1, "max_members_per_room", "max_violations", "send_hard_limit")
         _at_least(self, 1, "max_asset_bytes", "audio_degraded_speakers")
+        _at_least(self, 1, "max_series_bytes", "max_series_per_room")
         _positive(self, "handshake_timeout", "error_reply_rate", "message_rate", "byte_rate")
         _positive(self, "message_burst", "byte_burst", "audio_mix_budget_ms")
         # A hello with its join token takes up to about 1 KB: smaller frames lock everyone out.
@@ -206,7 +215,7 @@ class ServerConfig:
             path = getattr(self, name)
             if path and not os.path.isfile(path):
                 raise ValueError(f"{name} {path}: no such file")
-        for name in ("consent_rooms", "pseudonymous_rooms"):
+        for name in ("consent_rooms", "pseudonymous_rooms", "identifiable_image_rooms"):
             try:
                 re.compile(getattr(self, name))
             except re.error as exc:

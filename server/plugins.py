@@ -53,6 +53,7 @@ if TYPE_CHECKING:
     from .assets import AssetStore
     from .clinicdef import Clinic
     from .config import ServerConfig
+    from .imaging import ImageStore
 
 
 P = TypeVar("P", bound="RoomPlugin")
@@ -359,6 +360,8 @@ class ServerContext:
     assets: AssetStore | None = None
     #: The clinic definition the server was given (None: no ``--clinic`` file).
     clinic: Clinic | None = None
+    #: Uploaded image series and the image viewers' state (None without image storage).
+    images: ImageStore | None = None
 
 
 class ServerPlugin:

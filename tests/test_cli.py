@@ -146,7 +146,7 @@ def test_serve_says_where_it_listens_and_keeps_its_data() -> None:
     )
     try:
         assert proc.stdout is not None
-        banner = [proc.stdout.readline() for _ in range(5)]
+        banner = [proc.stdout.readline() for _ in range(6)]
     finally:
         proc.terminate()
         _, err = proc.communicate(timeout=10)
@@ -154,6 +154,7 @@ def test_serve_says_where_it_listens_and_keeps_its_data() -> None:
     base = f"http://127.0.0.1:{port}"
     assert f"{base} " in text and f"{base}/health" in text and f"{base}/metrics" in text, text
     assert f"ws://127.0.0.1:{port}/ws" in text
+    assert f"web app  {base}/\n" in text
     assert str((workdir / "medverse-data").resolve()) in text
     assert proc.returncode == 0 and "Traceback" not in err, err
 

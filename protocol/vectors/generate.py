@@ -30,6 +30,22 @@ from medverse.protocol.connection import (
     Refused,
     Role,
 )
+from medverse.protocol.images import (
+    ImageAck,
+    ImageRefused,
+    ImagesSynced,
+    LinkPanel,
+    Locate,
+    Measure,
+    MeasurementDeleted,
+    MeasurementState,
+    OpenPanel,
+    PanelClosed,
+    PanelState,
+    Point,
+    Pointers,
+    SetImageView,
+)
 from medverse.protocol.messages import (
     PROTOCOL_VERSION,
     Ack,
@@ -372,6 +388,40 @@ _CONSENT_TEXT = ConsentRequired("ab" * 32, "Nothing of this room is recorded.")
 _POSE = encode_pose(1, [((0.0, 1.6, 0.0), (0.0, 0.0, 0.0, 1.0)), None, None])
 _MOVE = bytes((0x04, 0, 0, 0, 1, 0, 0, 0)) + bytes(36)
 _STATE = bytes((0x02, 0x00, 0xB0, 0x04, 0x00, 0x00))  # opaque here: the machine only routes it
+_SERIES = "5e" * 32
+_PANEL = PanelState(
+    1,
+    _SERIES,
+    (0.0, 1.5, -1.0),
+    (0.0, 0.0, 0.0, 1.0),
+    0.6,
+    "axial",
+    (150, 256, 256),
+    (40.0, 400.0),
+    1.0,
+    (0.0, 0.0),
+    0,
+    None,
+    7,
+)
+_MEASUREMENT = MeasurementState(
+    1,
+    _SERIES,
+    "roi",
+    ((0.0, 0.0, 50.0), (9.5, 0.0, 50.0), (0.0, 9.5, 50.0)),
+    45.125,
+    "B",
+    2,
+    1796000000.5,
+    1,
+    "lesion",
+    61.25,
+    3.5,
+    55.0,
+    70.0,
+    92,
+    "HU",
+)
 
 
 def _c(msg: Message) -> ConnStep:
@@ -578,6 +628,64 @@ def _conn_cases() -> list[tuple[str, str, str, list[ConnStep]]]:
                 _c(Ack(1)),
                 ("send", Pause(True, 2)),
                 _c(RequestRefused(2, "forbidden", "no")),
+            ],
+        ),
+        (
+            "server_image_viewer",
+            "Image viewer requests in the room: each decoded with its fields, a pointer (no "
+            "req), a request that does not decode but names its req (refused with "
+            "img_refused), a pointer with a bad id (a plain error), and the server's image "
+            "messages sent.",
+            "server",
+            [
+                _c(_HELLO),
+                ("send", _WELCOME),
+                _c(OpenPanel(1, _SERIES, (0.0, 1.5, -1.0), (0.0, 0.0, 0.0, 1.0), 0.6)),
+                ("send", ImageAck(1, 1)),
+                ("send", _PANEL),
+                _c(SetImageView(2, 1, None, "coronal", (40, 200, 256), (40.0, 400.0), 2.0)),
+                _c(SetImageView(3, 1, None, None, None, None, None, (0.25, -0.5))),
+                _c(Point(1, (12.5, -30.0, 101.25))),
+                _c(Point(0)),
+                _c(LinkPanel(4, 1, 3, "1.2.826.0.1.3680043.8.498.2001")),
+                _c(Locate(5, 1, (0.01, -0.02, 0.1))),
+                _c(
+                    Measure(
+                        6, _SERIES, "roi", ((0.0, 0.0, 50.0), (9.5, 0.0, 50.0), (0.0, 9.5, 50.0))
+                    )
+                ),
+                (
+                    "recv",
+                    _wire({"t": "img_view", "req": 7, "panel_id": 1, "slices": [1, 2, 70000]}),
+                ),
+                (
+                    "recv",
+                    _wire({"t": "img_view", "req": 8, "panel_id": 1, "window": [40.0, 0.5]}),
+                ),
+                ("recv", _wire({"t": "img_pointer", "panel_id": -1})),
+                ("send", Pointers(((2, 1, 12.5, -30.0, 101.25), (7, 0, 0.0, 0.0, 0.0)))),
+                ("send", _MEASUREMENT),
+                ("send", MeasurementDeleted(1, 2)),
+                ("send", PanelClosed(1, 7)),
+                ("send", ImagesSynced(0, 0)),
+            ],
+        ),
+        (
+            "client_image_viewer",
+            "A client receives panels, pointers and measurements, and sends image requests.",
+            "client",
+            [
+                ("send", _HELLO),
+                _c(_WELCOME),
+                _c(_PANEL),
+                _c(_MEASUREMENT),
+                _c(ImagesSynced(1, 1)),
+                ("send", SetImageView(1, 1, slices=(41, 256, 256))),
+                _c(ImageAck(1, 1)),
+                ("send", Measure(2, _SERIES, "distance", ((0.0, 0.0, 0.0), (1.0, 0.0, 0.0)))),
+                _c(ImageRefused(2, "out_of_range", "a point lies outside the series' volume")),
+                _c(Pointers(((2, 1, 12.5, -30.0, 101.25),))),
+                _c(PanelClosed(1)),
             ],
         ),
         (

@@ -640,6 +640,165 @@ export const Called = defineMessage("called", { room: str({ pattern: ROOM_NAME_R
 export const CLIENT_CLINIC = [Transfer, CallNext, SendBack];
 export const SERVER_CLINIC = [Moved, Queue, Called];
 
+// --------------------------------------------------------------------------- image viewers
+// As protocol/images.py: panels showing an image series, pointers and measurements.
+
+export const MAX_IMAGE_INDEX = 65535;
+export const MAX_POINTERS = 1024;
+const PLANE_RE = /^(axial|coronal|sagittal)$/u;
+const MEASURE_KIND_RE = /^(distance|angle|roi)$/u;
+const UID_RE = /^[0-9.]{1,64}$/u;
+const pid = (optional = false) => int(1, MAX_OBJECT_ID, optional);
+const panelWidth = (optional = false) => float({ lo: 0.05, hi: 10.0, optional });
+
+defineFieldKind(
+  "indices",
+  (name, spec, v) => {
+    if (!Array.isArray(v) || v.length !== 3) fail(ErrorCode.BAD_FIELD, `${name} must be a list of 3 integers`);
+    return v.map((x) => {
+      if (!isInt(x)) fail(ErrorCode.BAD_FIELD, `${name} must hold integers`);
+      if (x < 0 || x > MAX_IMAGE_INDEX) fail(ErrorCode.OUT_OF_RANGE, `${name} entries are 0-${MAX_IMAGE_INDEX}`);
+      return Number(x);
+    });
+  },
+  (spec, v) => [...v],
+);
+defineFieldKind(
+  "window",
+  (name, spec, v) => {
+    if (!Array.isArray(v) || v.length !== 2) fail(ErrorCode.BAD_FIELD, `${name} must be [center, width]`);
+    const [c, w] = [numberOf(name, v[0]), numberOf(name, v[1])];
+    if (Math.abs(c) > 1e6 || !(w >= 1 && w <= 1e6)) fail(ErrorCode.OUT_OF_RANGE, `${name}: center within ±1e+06, width 1-1e6`);
+    return [c, w];
+  },
+  floats,
+);
+defineFieldKind(
+  "pan",
+  (name, spec, v) => {
+    if (!Array.isArray(v) || v.length !== 2) fail(ErrorCode.BAD_FIELD, `${name} must be [x, y]`);
+    const [x, y] = [numberOf(name, v[0]), numberOf(name, v[1])];
+    if (Math.abs(x) > 10 || Math.abs(y) > 10) fail(ErrorCode.OUT_OF_RANGE, `${name} within ±10 image widths`);
+    return [x, y];
+  },
+  floats,
+);
+defineFieldKind(
+  "pointers",
+  (name, spec, v) => {
+    if (!Array.isArray(v) || v.length > MAX_POINTERS) fail(ErrorCode.BAD_FIELD, `${name} must be a list of pointers`);
+    return v.map((p) => {
+      if (!Array.isArray(p) || p.length !== 5) fail(ErrorCode.BAD_FIELD, `${name} entries are [member, panel, x, y, z]`);
+      for (const x of [p[0], p[1]]) {
+        if (!isInt(x) || x < 0 || x > U32) fail(ErrorCode.OUT_OF_RANGE, `${name} ids out of range`);
+      }
+      return [Number(p[0]), Number(p[1]), ...vec3(name, p.slice(2))];
+    });
+  },
+  (spec, v) => v.map(([m, p, x, y, z]) => [m, p, new F64(x), new F64(y), new F64(z)]),
+);
+
+export const OpenPanel = defineMessage("img_open", {
+  req: req(),
+  series: str({ pattern: SHA256_RE }),
+  position: field("vec3"),
+  rotation: field("quat"),
+  width: panelWidth(),
+});
+export const ClosePanel = defineMessage("img_close", { req: req(), panel_id: pid() });
+export const SetImageView = defineMessage("img_view", {
+  req: req(),
+  panel_id: pid(),
+  series: str({ pattern: SHA256_RE, ...opt }),
+  plane: str({ pattern: PLANE_RE, ...opt }),
+  slices: field("indices", opt),
+  window: field("window", opt),
+  zoom: float({ lo: 0.1, hi: 20.0, ...opt }),
+  pan: field("pan", opt),
+});
+export const PlacePanel = defineMessage("img_place", {
+  req: req(),
+  panel_id: pid(),
+  position: field("vec3"),
+  rotation: field("quat"),
+  width: panelWidth(true),
+});
+export const LinkPanel = defineMessage("img_link", {
+  req: req(),
+  panel_id: pid(),
+  object_id: oid(true),
+  frame_of_reference: str({ pattern: UID_RE, ...opt }),
+});
+export const Locate = defineMessage("img_locate", { req: req(), panel_id: pid(), point: field("vec3") });
+export const Point = defineMessage("img_pointer", { panel_id: int(0, MAX_OBJECT_ID), point: field("vec3", opt) });
+export const Measure = defineMessage("img_measure", {
+  req: req(),
+  series: str({ pattern: SHA256_RE }),
+  kind: str({ pattern: MEASURE_KIND_RE }),
+  points: field("points"),
+  label: str({ maxLen: 256, ...opt }),
+});
+export const DeleteMeasurement = defineMessage("img_unmeasure", { req: req(), measurement_id: int(1, U32) });
+
+export const ImageAck = defineMessage("img_ack", { req: req(), panel_id: pid(true), measurement_id: int(1, U32, true) });
+export const ImageRefused = defineMessage("img_refused", {
+  req: req(),
+  code: str({ maxLen: 64 }),
+  message: str({ maxLen: 1024 }),
+});
+export const PanelState = defineMessage("img_panel", {
+  panel_id: pid(),
+  series: str({ pattern: SHA256_RE }),
+  position: field("vec3"),
+  rotation: field("quat"),
+  width: panelWidth(),
+  plane: str({ pattern: PLANE_RE }),
+  slices: field("indices"),
+  window: field("window"),
+  zoom: float({ lo: 0.1, hi: 20.0 }),
+  pan: field("pan"),
+  version: int(0, 2 ** 53),
+  object_id: oid(true),
+  by: mid(true),
+});
+export const PanelClosed = defineMessage("img_closed", { panel_id: pid(), by: mid(true) });
+export const Pointers = defineMessage("img_pointers", { pointers: field("pointers") });
+export const MeasurementState = defineMessage("img_measurement", {
+  measurement_id: int(1, U32),
+  series: str({ pattern: SHA256_RE }),
+  kind: str({ pattern: MEASURE_KIND_RE }),
+  points: field("points"),
+  value: float(),
+  author: str({ maxLen: 64 }),
+  author_id: mid(),
+  time: float({ lo: 0 }),
+  seq: int(0, 2 ** 53),
+  label: str({ maxLen: 256, ...opt }),
+  mean: float(opt),
+  sd: float(opt),
+  min: float(opt),
+  max: float(opt),
+  pixels: int(0, 2 ** 53, true),
+  units: str({ maxLen: 16, ...opt }),
+});
+export const MeasurementDeleted = defineMessage("img_measurement_deleted", {
+  measurement_id: int(1, U32),
+  seq: int(0, 2 ** 53),
+});
+export const ImagesSynced = defineMessage("img_synced", { panels: int(0, U32), measurements: int(0, U32) });
+
+export const CLIENT_IMAGES = [OpenPanel, ClosePanel, SetImageView, PlacePanel, LinkPanel, Locate, Point, Measure, DeleteMeasurement];
+export const SERVER_IMAGES = [
+  ImageAck,
+  ImageRefused,
+  PanelState,
+  PanelClosed,
+  Pointers,
+  MeasurementState,
+  MeasurementDeleted,
+  ImagesSynced,
+];
+
 /** A decoder's registry (wire type -> message type) of the given families; a type named twice
  * is an error. */
 export function messageRegistry(...families) {
@@ -658,8 +817,9 @@ export function messageRegistry(...families) {
 
 /** Every message a client may send, and every message a server may send. */
 const OBJECT_REQUESTS = new Set(CLIENT_OBJECTS.map((def) => def.type));
-export const CLIENT_MESSAGES = messageRegistry(CORE_CLIENT_MESSAGES, CLIENT_AUDIO, CLIENT_OBJECTS, CLIENT_CLINIC);
-export const SERVER_MESSAGES = messageRegistry(CORE_SERVER_MESSAGES, SERVER_AUDIO, SERVER_OBJECTS, SERVER_CLINIC);
+const IMAGE_REQUESTS = new Set(CLIENT_IMAGES.map((def) => def.type));
+export const CLIENT_MESSAGES = messageRegistry(CORE_CLIENT_MESSAGES, CLIENT_AUDIO, CLIENT_OBJECTS, CLIENT_CLINIC, CLIENT_IMAGES);
+export const SERVER_MESSAGES = messageRegistry(CORE_SERVER_MESSAGES, SERVER_AUDIO, SERVER_OBJECTS, SERVER_CLINIC, SERVER_IMAGES);
 const ALL_MESSAGES = messageRegistry(CLIENT_MESSAGES.values(), SERVER_MESSAGES.values());
 
 // --------------------------------------------------------------------------- control frames
@@ -741,7 +901,9 @@ function answerable(def, data, err) {
   const req = data.get("req");
   if (Object.hasOwn(def.fields, "req") && isInt(req) && req >= 0 && req <= U32) {
     const object = OBJECT_REQUESTS.has(def.type);
-    err.answer = { t: object ? "obj_refused" : "refused", req, code: err.code, message: err.message.slice(0, 1024) };
+    const image = IMAGE_REQUESTS.has(def.type);
+    const t = object ? "obj_refused" : image ? "img_refused" : "refused";
+    err.answer = { t, req, code: err.code, message: err.message.slice(0, 1024) };
   }
   return err;
 }
