@@ -661,3 +661,48 @@ async def test_a_member_moved_by_a_host_arrives_in_the_other_room(
         assert any("physiotherapist" in a for a in said_all)
         await wait_for(page, f"window.medverse.describe().avatars['{there.member_id}']")
         assert "Dr Ben" in await page.inner_text("#people-list")
+
+
+REFUSE_MICROPHONE = """
+window.micAsked = 0;
+navigator.mediaDevices.getUserMedia = async () => {
+  window.micAsked += 1;
+  throw new DOMException("Permission denied", "NotAllowedError");
+};
+"""
+
+# What a page served over plain http from another machine's address is: not a secure context.
+NOT_SECURE = "Object.defineProperty(window, 'isSecureContext', { value: false });"
+
+
+async def test_a_refused_microphone_or_an_insecure_page_is_explained(
+    browser: Browser, site: ServerProcess, pages: list[Page], emulator: str
+) -> None:
+    room = "ward-10"
+    refused = await open_app(
+        browser, site, token(room, "pat-k", "Kim"), init_script=REFUSE_MICROPHONE
+    )
+    pages.append(refused)
+    await screen(refused, "room")
+    await wait_for(refused, "window.medverse.audio.connection === 'connected'", timeout=30)
+    state = await refused.evaluate("window.medverse.audio")
+    assert state["mic"] == "refused" and not state["publishing"] and state["receiving"]
+    assert "You did not allow the microphone" in await refused.inner_text("#mic-text")
+    # Asked once: coming back after a dropped connection does not ask again.
+    await refused.evaluate("window.medverse.client.socket.close()")
+    await said(refused, "Reconnected. You are back in the session.")
+    assert await refused.evaluate("window.micAsked") == 1
+    await screenshot(refused, "webapp-mic-refused")
+
+    insecure = await open_app(
+        browser, site, token(room, "pat-l", "Lee"), init_script=emulator + NOT_SECURE
+    )
+    pages.append(insecure)
+    await screen(insecure, "room")
+    notices = await insecure.inner_text("#notices")
+    assert "not a secure context" in notices and "microphone" in notices
+    await wait_for(insecure, "document.getElementById('xr-text').textContent.includes('secure')")
+    assert await insecure.locator("#vr-enter").is_hidden()
+    await wait_for(insecure, "window.medverse.audio.mic === 'insecure'", timeout=30)
+    assert "not a secure context" in await insecure.inner_text("#mic-text")
+    await screenshot(insecure, "webapp-insecure")
