@@ -493,19 +493,32 @@ async def test_an_emulated_headset_grabs_and_moves_a_model(
             other,
             f"window.medverse.describe().avatars['{vr_id}']?.hands.every((h) => h !== null)",
         )
-        # The right controller goes to the model, squeezes, carries it 30 cm, lets go.
-        await vr.evaluate(
-            "(() => { const c = window.xrDevice.controllers.right;"
-            " c.position.set(0.22, 1.21, -0.4); })()"
-        )
-        await asyncio.sleep(0.3)
-        await vr.evaluate("window.xrDevice.controllers.right.updateButtonValue('squeeze', 1)")
+
+        # The right controller goes to the model, squeezes, carries it 30 cm, lets go. Each
+        # step waits until the page's frames have seen the device's change (the grip, which
+        # the page sends as the hand, sits 5 cm from the controller's origin on a Quest).
+        async def hand_at(x: float, y: float, z: float) -> None:
+            await vr.evaluate(f"window.xrDevice.controllers.right.position.set({x}, {y}, {z})")
+            await wait_for(
+                vr,
+                f"(() => {{ const r = window.medverse.xrPoses?.[2]; return r && "
+                f"Math.hypot(r.position[0] - {x}, r.position[1] - {y}, r.position[2] - {z})"
+                " < 0.07; })()",
+            )
+
+        right = "window.xrDevice.controllers.right"
+        await hand_at(0.22, 1.21, -0.4)
+        await vr.evaluate(f"{right}.updateButtonValue('squeeze', 1)")
         await wait_for(vr, "window.medverse.held?.hand === 'right'")
-        await vr.evaluate("window.xrDevice.controllers.right.position.set(0.52, 1.31, -0.4)")
-        await asyncio.sleep(0.5)
-        await vr.evaluate("window.xrDevice.controllers.right.updateButtonValue('squeeze', 0)")
-        await wait_for(vr, "!window.medverse.held")
+        await hand_at(0.52, 1.31, -0.4)
         expected = [0.5, 1.3, -0.4]
+        drawn = f"window.medverse.describe().models['{oid}'].position"
+        await wait_for(
+            vr,
+            f"Math.hypot(...{drawn}.map((v, k) => v - {expected}[k])) < 0.002",
+        )
+        await vr.evaluate(f"{right}.updateButtonValue('squeeze', 0)")
+        await wait_for(vr, "!window.medverse.held")
 
         async def moved_for_the_other() -> bool:
             seen = (await describe(other))["models"][str(oid)]["position"]
@@ -515,11 +528,10 @@ async def test_an_emulated_headset_grabs_and_moves_a_model(
         state = bot.objects.get(oid)
         assert state is not None and state.holder is None
         # The trigger pins an annotation where the controller's ray (along -Z) meets the model.
-        await vr.evaluate("window.xrDevice.controllers.right.position.set(0.52, 1.32, 0)")
-        await asyncio.sleep(0.3)
-        await vr.evaluate("window.xrDevice.controllers.right.updateButtonValue('trigger', 1)")
-        await asyncio.sleep(0.2)
-        await vr.evaluate("window.xrDevice.controllers.right.updateButtonValue('trigger', 0)")
+        await hand_at(0.52, 1.32, 0)
+        await vr.evaluate(f"{right}.updateButtonValue('trigger', 1)")
+        await wait_for(vr, f"window.medverse.describe().models['{oid}'].annotations === 1")
+        await vr.evaluate(f"{right}.updateButtonValue('trigger', 0)")
         await wait_for(other, f"window.medverse.describe().models['{oid}'].annotations === 1")
         pin = next(iter(bot.objects[oid].annotations.values()))
         assert pin.kind == "pin" and off(pin.points[0], [0.02, 0.02, 0.0]) < 0.003, pin.points

@@ -1139,6 +1139,10 @@ window.medverse = {
   get xrPresenting() {
     return Boolean(app.xr?.presenting);
   },
+  /** In VR: this frame's head, left and right hand poses (world), as sent to the room. */
+  get xrPoses() {
+    return app.xr?.presenting ? app.xr.poses() : null;
+  },
   /** What is drawn: avatars, models and this member's head, in world coordinates. */
   describe() {
     return app.scene ? app.scene.describe() : null;
