@@ -451,10 +451,9 @@ async def test_models_annotations_and_view_are_shared(
         await a.focus("#scene")
         await a.keyboard.press("KeyG")
         await wait_for(a, "window.medverse.held")
-        await a.keyboard.down("KeyW")
-        await asyncio.sleep(0.3)
+        await a.keyboard.down("KeyW")  # walk until 30 cm ahead, however slow the frames
+        await wait_for(a, "window.medverse.describe().head.position[2] < -0.3")
         await a.keyboard.up("KeyW")
-        await asyncio.sleep(0.2)
         await a.keyboard.press("KeyG")
         await wait_for(a, "!window.medverse.held")
         moved = (await describe(a))["models"][str(oid)]["position"]
