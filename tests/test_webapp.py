@@ -639,7 +639,7 @@ async def test_audio_connects_with_the_microphone_and_mutes(
         "connection": "connected",
         "receiving": True,
     }
-    assert "microphone is on" in await page.inner_text("#mic-text")
+    await wait_for(page, "document.getElementById('mic-text').textContent.includes('is on')")
     # Without the publish_audio grant the page only listens, and says why.
     await wait_for(listener, "window.medverse.audio.connection === 'connected'", timeout=30)
     heard = await listener.evaluate("window.medverse.audio")
@@ -696,6 +696,7 @@ async def test_a_refused_microphone_or_an_insecure_page_is_explained(
     pages.append(refused)
     await screen(refused, "room")
     await wait_for(refused, "window.medverse.audio.connection === 'connected'", timeout=30)
+    await wait_for(refused, "document.getElementById('mic-text').textContent")
     state = await refused.evaluate("window.medverse.audio")
     assert state["mic"] == "refused" and not state["publishing"] and state["receiving"]
     assert "You did not allow the microphone" in await refused.inner_text("#mic-text")
@@ -714,6 +715,7 @@ async def test_a_refused_microphone_or_an_insecure_page_is_explained(
     assert "not a secure context" in notices and "microphone" in notices
     await wait_for(insecure, "document.getElementById('xr-text').textContent.includes('secure')")
     assert await insecure.locator("#vr-enter").is_hidden()
-    await wait_for(insecure, "window.medverse.audio.mic === 'insecure'", timeout=30)
-    assert "not a secure context" in await insecure.inner_text("#mic-text")
+    mic_text = "document.getElementById('mic-text').textContent"
+    await wait_for(insecure, f"{mic_text}.includes('not a secure context')", timeout=30)
+    assert await insecure.evaluate("window.medverse.audio.mic") == "insecure"
     await screenshot(insecure, "webapp-insecure")
