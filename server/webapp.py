@@ -22,7 +22,8 @@ log = logging.getLogger("medverse.server.webapp")
 WEBAPP_DIR = Path(__file__).resolve().parent / "webapp"
 
 # A bundle file's name: esbuild's [name]-[hash] plus an extension; nothing else is served.
-_FILE = re.compile(r"^[A-Za-z0-9_-]+-[A-Z0-9]{8}\.(js|css)(\.map)?$")
+# (Bounded: a name longer than the file system allows would make the lookup itself fail.)
+_FILE = re.compile(r"^[A-Za-z0-9_-]{1,64}-[A-Z0-9]{8}\.(js|css)(\.map)?$")
 _TYPES = {"js": "text/javascript; charset=utf-8", "css": "text/css; charset=utf-8"}
 _MAP_TYPE = "application/json; charset=utf-8"
 
@@ -89,7 +90,11 @@ class WebApp:
         name = request.match_info["file"]
         match = _FILE.match(name)
         path = self.root / name
-        if match is None or not path.is_file():
+        try:
+            found = match is not None and path.is_file()
+        except OSError:
+            found = False
+        if not found or match is None:
             raise web.HTTPNotFound(text="no such file\n")
         kind = _MAP_TYPE if match[2] else _TYPES[match[1]]
         # The name changes with the content: a year of caching is safe.

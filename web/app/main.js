@@ -783,9 +783,8 @@ async function toggleGrab() {
   try {
     await c.grab(id);
     const t = c.objectTransform(id);
-    const target = app.desktop.heldTarget();
+    // Carried at the distance it was grabbed from (the mouse wheel changes it).
     app.desktop.heldDistance = Math.min(4, Math.max(0.3, new THREE.Vector3(...t.position).distanceTo(app.scene.camera.getWorldPosition(new THREE.Vector3()))));
-    void target;
     app.held = { objectId: id, hand: "desktop", yaw: 0, rotation: new THREE.Quaternion(...t.rotation), scale: t.scale };
     announce("You hold the model. Move to carry it; G lets go.");
   } catch (err) {
@@ -1139,6 +1138,10 @@ window.medverse = {
   },
   get xrPresenting() {
     return Boolean(app.xr?.presenting);
+  },
+  /** In VR: this frame's head, left and right hand poses (world), as sent to the room. */
+  get xrPoses() {
+    return app.xr?.presenting ? app.xr.poses() : null;
   },
   /** What is drawn: avatars, models and this member's head, in world coordinates. */
   describe() {
