@@ -425,10 +425,14 @@ async def test_tick_rate_is_configurable() -> None:
         async with connect(srv.url, room="fast", name="f") as s:
             assert s.rate == 60
             await wait_for(lambda: s.tick is not None)
-            f0, t0 = s.frames_received, time.monotonic()
-            await asyncio.sleep(1.5)
-            rate = (s.frames_received - f0) / (time.monotonic() - t0)
-            assert 55 < rate < 65
+            f0, k0, t0 = s.frames_received, s.tick, time.monotonic()
+            await asyncio.sleep(3.0)
+            elapsed = time.monotonic() - t0
+            # The server's tick numbers follow its fixed-rate clock even when a busy machine
+            # delays a tick; the frames received show it runs well past the default 30 Hz.
+            assert s.tick is not None and k0 is not None
+            assert 55 < (s.tick - k0) / elapsed < 65
+            assert (s.frames_received - f0) / elapsed > 40
 
 
 async def test_app_is_embeddable_in_another_aiohttp_app() -> None:
