@@ -321,3 +321,18 @@ async def test_a_change_made_while_the_database_is_away_is_stored_once_it_is_bac
             kinds = [r[3] for r in src.rows()]
         assert report.ok, report.problems
         assert "annotation_created" in kinds and kinds.count("server_stop") == 1
+
+
+def test_a_batch_the_database_cannot_take_fails_whole_and_at_once(postgres_server: str) -> None:
+    from functools import partial
+
+    from medverse.server.store import PostgresObjectStore
+
+    backend = Backend("postgresql", new_database(postgres_server))
+    with backend.database() as db:
+        store = PostgresObjectStore(db)
+        db.close()  # out of reach: not worth trying each operation on its own
+        t0 = time.monotonic()
+        errors = store.run_batch([partial(store.delete_annotation, "r", i, i) for i in (1, 2, 3)])
+        assert all(isinstance(e, DatabaseUnavailable) for e in errors), errors
+        assert time.monotonic() - t0 < 5.0
