@@ -93,18 +93,21 @@ def test_a_closed_database_says_so() -> None:
 # --------------------------------------------------------------------------- the audit log
 
 APPENDER = """
-import sys, time
+import os, sys, time
 from medverse.server.audit import PostgresAuditLog
 from medverse.server.pg import Database
-url, data, name, count, start = sys.argv[1:]
+url, data, name, count, gate = sys.argv[1:]
 db = Database(url)
 db.start()
 log = PostgresAuditLog(db, data, sign_delay=0.05)
-time.sleep(max(0.0, float(start) - time.time()))  # both begin together
+open(os.path.join(gate, "ready-" + name), "w").close()
+while not os.path.exists(os.path.join(gate, "go")):  # both begin together
+    time.sleep(0.005)
 for i in range(int(count)):
     log.append("join", room=name, actor=f"{name}-{i}")
     if i % 5 == 4:
         log.flush()  # many small transactions: the other process's come in between
+        time.sleep(0.002)
 log.close()
 db.close()
 """
@@ -113,15 +116,20 @@ db.close()
 def test_two_processes_append_to_one_log_in_one_order(postgres_server: str) -> None:
     url = new_database(postgres_server)
     data = tempfile.mkdtemp(prefix="medverse-audit-")  # shared: one signing key
-    start = time.time() + 3.0
+    gate = tempfile.mkdtemp(prefix="medverse-gate-")
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", APPENDER, url, data, name, "300", str(start)],
+            [sys.executable, "-c", APPENDER, url, data, name, "300", gate],
             cwd=ROOT,
             stderr=subprocess.PIPE,
         )
         for name in ("a", "b")
     ]
+    deadline = time.monotonic() + 90
+    while not all(os.path.exists(os.path.join(gate, f"ready-{n}")) for n in "ab"):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+        time.sleep(0.01)
+    open(os.path.join(gate, "go"), "w").close()
     for p in procs:
         _, err = p.communicate(timeout=120)
         assert p.returncode == 0, err.decode()
