@@ -17,7 +17,8 @@ deployment runs it) is started first. Then, for each backend in turn:
 
 SQLite commits with ``synchronous=FULL`` (an fsync per commit); PostgreSQL commits a transaction
 per change over a loopback socket (its WAL is flushed at commit). The machine is shared, so
-figures vary between runs; the two backends are measured back to back to compare them. (No
+figures vary between runs; the two backends are measured back to back, in ``--repeat``
+rounds that alternate them, and the medians are shown. (No
 process is pinned to a core: on a machine shared with other pinned work, a pinned load
 process waited for seconds behind it.)
 """
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -41,6 +43,7 @@ from tests.models import HEART, provide, sha256_of
 from .harness import progress, run_server, save_results, spawn
 
 ASSET = sha256_of(HEART)
+BACKENDS = ("sqlite", "postgresql")
 #: Annotations one object may carry by default (a member moves to a new object before).
 PER_OBJECT = 1000
 
@@ -116,7 +119,7 @@ async def load(url: str, clients: int, seconds: float) -> dict[str, Any]:
     start = asyncio.Event()
 
     async def member(i: int) -> None:
-        room = f"bench-{i}"
+        room = f"bench-{os.getpid()}-{i}"  # fresh rooms each round
         async with connect(url, room=room, name=f"member {i}", ping_interval=0) as s:
             await s.objects.wait_synced()
             oid = await s.spawn(ASSET)
@@ -133,7 +136,7 @@ async def load(url: str, clients: int, seconds: float) -> dict[str, Any]:
             counts[i] = k
 
     for i in range(clients):  # one upload at a time (the server limits them per address)
-        await provide(url, f"bench-{i}")
+        await provide(url, f"bench-{os.getpid()}-{i}")
     tasks = [asyncio.ensure_future(member(i)) for i in range(clients)]
     await asyncio.sleep(0.5)
     t0 = time.monotonic()
@@ -148,8 +151,10 @@ async def load(url: str, clients: int, seconds: float) -> dict[str, Any]:
     }
 
 
-def server_run(name: str, url: str | None, seconds: float, clients: int) -> dict[str, Any]:
-    settings: dict[str, object] = {"room_linger": 30}
+def server_run(
+    name: str, url: str | None, data_dir: str, seconds: float, clients: int
+) -> dict[str, Any]:
+    settings: dict[str, object] = {"room_linger": 30, "data_dir": data_dir}
     if url is not None:
         settings["database_url"] = url
     with run_server(**settings) as srv:
@@ -172,11 +177,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--repeat", type=int, default=3, help="rounds (medians are shown)")
     parser.add_argument("--load", metavar="URL", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if not 0 < args.seconds <= 120 or not 1 <= args.clients <= 64:
-        parser.error("--seconds must be in (0, 120] and --clients 1-64")
+    if not 0 < args.seconds <= 120 or not 1 <= args.clients <= 64 or not 1 <= args.repeat <= 20:
+        parser.error("--seconds must be in (0, 120], --clients 1-64 and --repeat 1-20")
     if args.load:  # the load process
         result = asyncio.run(load(args.load, args.clients, args.seconds))
         Path(args.out).write_text(json.dumps(result))
@@ -185,29 +191,58 @@ def main() -> None:
     from tests.pgservice import running_postgres
 
     progress("starting a private PostgreSQL server (fsync on)")
-    results: dict[str, Any] = {"seconds": args.seconds, "clients": args.clients, "backends": {}}
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {
+        name: {"store": [], "server": []} for name in BACKENDS
+    }
     with running_postgres(fsync=True) as pg:
-        for name in ("sqlite", "postgresql"):
-            url = pg.create_database("bench") if name == "postgresql" else None
-            progress(f"{name}: put_annotation on one thread for {args.seconds:g} s")
-            store = store_run(name, tempfile.mkdtemp(prefix="medverse-bench-"), url, args.seconds)
-            progress(f"{name}: {args.clients} members annotating through a server")
-            server = server_run(name, url, args.seconds, args.clients)
-            results["backends"][name] = {"store": store, "server": server}
+        urls = {"sqlite": None, "postgresql": pg.create_database("bench")}
+        # One data directory per backend for all rounds' servers (one audit signing key).
+        dirs = {name: tempfile.mkdtemp(prefix=f"medverse-bench-{name}-") for name in BACKENDS}
+        # Rounds alternate the backends, so a busy spell of the machine hits both alike.
+        for r in range(args.repeat):
+            for name in BACKENDS:
+                data = tempfile.mkdtemp(prefix="medverse-bench-")
+                progress(f"round {r + 1}/{args.repeat}, {name}: put_annotation on one thread")
+                runs[name]["store"].append(store_run(f"{name}{r}", data, urls[name], args.seconds))
+                progress(f"round {r + 1}/{args.repeat}, {name}: {args.clients} members annotating")
+                runs[name]["server"].append(
+                    server_run(name, urls[name], dirs[name], args.seconds, args.clients)
+                )
+    results: dict[str, Any] = {
+        "seconds": args.seconds,
+        "clients": args.clients,
+        "repeat": args.repeat,
+        "median": {n: {p: median(rs) for p, rs in paths.items()} for n, paths in runs.items()},
+        "runs": runs,
+    }
     print()
-    print(f"{'backend':<11} {'path':<7} {'writes/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}")
-    for name, r in results["backends"].items():
+    print(
+        f"{'backend':<11} {'path':<7} {'writes/s':>9} {'(range)':>15} {'p50 ms':>8} {'p99 ms':>8}"
+    )
+    for name in BACKENDS:
         for path in ("store", "server"):
-            x = r[path]
+            x = results["median"][name][path]
+            rates = [r["per_second"] for r in runs[name][path]]
+            span = f"{min(rates):.0f}-{max(rates):.0f}"
             print(
-                f"{name:<11} {path:<7} {x['per_second']:>9.1f} {x['p50_ms']:>8.2f} "
-                f"{x['p99_ms']:>8.2f} {x['max_ms']:>8.2f}"
+                f"{name:<11} {path:<7} {x['per_second']:>9.1f} {span:>15} {x['p50_ms']:>8.2f} "
+                f"{x['p99_ms']:>8.2f}"
             )
     print(
-        "\nstore: put_annotation back to back on one thread (durable on return); server: "
-        f"{args.clients} members annotating, call to acknowledgement"
+        f"\nmedians of {args.repeat} rounds. store: put_annotation back to back on one thread "
+        f"(durable on return); server: {args.clients} members annotating, call to "
+        "acknowledgement"
     )
     save_results("stores", results)
+
+
+def median(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Each figure's median over the rounds."""
+    return {
+        k: round(float(np.median([r[k] for r in rows])), 3)
+        for k in rows[0]
+        if k != "acknowledged" and k != "appends"
+    }
 
 
 if __name__ == "__main__":

@@ -30,6 +30,9 @@ SCHEMA_LOCK = 0x6D65_6476_0001
 #: and the member is told its change was not stored).
 RETRY_FOR = 30.0
 
+#: Seconds one statement may take before it is abandoned (and retried).
+COMMAND_TIMEOUT = 30.0
+
 #: Schema versions, applied in order, each once (``medverse_schema`` records which).
 MIGRATIONS: list[tuple[int, str]] = [
     (
@@ -161,6 +164,11 @@ def _transient() -> tuple[type[BaseException], ...]:
     )
 
 
+def is_transient(exc: BaseException) -> bool:
+    """Whether ``exc`` is about reaching the database rather than about the request."""
+    return isinstance(exc, (*_transient(), DatabaseUnavailable))
+
+
 def _reason(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     return " ".join(text.split())
@@ -215,7 +223,13 @@ class Database:
         try:
             self._pool = await asyncio.wait_for(
                 asyncpg.create_pool(
-                    self.url, min_size=self._min, max_size=self._max, timeout=timeout
+                    self.url,
+                    min_size=self._min,
+                    max_size=self._max,
+                    timeout=timeout,
+                    # A database that stops answering (rather than refusing) fails the
+                    # statement, to be retried, instead of holding a writer forever.
+                    command_timeout=COMMAND_TIMEOUT,
                 ),
                 timeout,
             )

@@ -455,8 +455,12 @@ class PostgresObjectStore(ObjectStore):
         try:
             self.db.transaction(tx)
             return [None] * len(calls)
-        except Exception:
-            return super().run_batch(calls)
+        except Exception as exc:
+            from .pg import is_transient
+
+            if is_transient(exc):  # the database was out of reach (and retried): all failed
+                return [exc] * len(calls)
+            return super().run_batch(calls)  # one of them is bad: find which
 
     def load_room(self, room: str) -> RoomRecord:
         async def load(conn: Any) -> RoomRecord:

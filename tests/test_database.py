@@ -93,18 +93,21 @@ def test_a_closed_database_says_so() -> None:
 # --------------------------------------------------------------------------- the audit log
 
 APPENDER = """
-import sys, time
+import os, sys, time
 from medverse.server.audit import PostgresAuditLog
 from medverse.server.pg import Database
-url, data, name, count, start = sys.argv[1:]
+url, data, name, count, gate = sys.argv[1:]
 db = Database(url)
 db.start()
 log = PostgresAuditLog(db, data, sign_delay=0.05)
-time.sleep(max(0.0, float(start) - time.time()))  # both begin together
+open(os.path.join(gate, "ready-" + name), "w").close()
+while not os.path.exists(os.path.join(gate, "go")):  # both begin together
+    time.sleep(0.005)
 for i in range(int(count)):
     log.append("join", room=name, actor=f"{name}-{i}")
     if i % 5 == 4:
         log.flush()  # many small transactions: the other process's come in between
+        time.sleep(0.002)
 log.close()
 db.close()
 """
@@ -113,15 +116,20 @@ db.close()
 def test_two_processes_append_to_one_log_in_one_order(postgres_server: str) -> None:
     url = new_database(postgres_server)
     data = tempfile.mkdtemp(prefix="medverse-audit-")  # shared: one signing key
-    start = time.time() + 3.0
+    gate = tempfile.mkdtemp(prefix="medverse-gate-")
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", APPENDER, url, data, name, "300", str(start)],
+            [sys.executable, "-c", APPENDER, url, data, name, "300", gate],
             cwd=ROOT,
             stderr=subprocess.PIPE,
         )
         for name in ("a", "b")
     ]
+    deadline = time.monotonic() + 90
+    while not all(os.path.exists(os.path.join(gate, f"ready-{n}")) for n in "ab"):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+        time.sleep(0.01)
+    open(os.path.join(gate, "go"), "w").close()
     for p in procs:
         _, err = p.communicate(timeout=120)
         assert p.returncode == 0, err.decode()
@@ -304,9 +312,12 @@ async def test_a_change_made_while_the_database_is_away_is_stored_once_it_is_bac
                 oid = await s.spawn(ASSET)
                 await asyncio.to_thread(pg.halt)
                 pending = asyncio.ensure_future(s.annotate(oid, "pin", [(0, 0, 0)], text="late"))
+                frames = s.frames_received
                 await asyncio.sleep(1.5)
                 assert not pending.done()  # not acknowledged: not stored yet
-                s.send_pose()  # the room carries on meanwhile
+                # The room carries on meanwhile: its ticks never wait for the database (30 Hz;
+                # half of that is headroom for a busy machine).
+                assert s.frames_received - frames >= 22, s.frames_received - frames
                 await asyncio.to_thread(pg.start)
                 aid = await asyncio.wait_for(pending, 40)
         backend = Backend("postgresql", url)
@@ -318,3 +329,18 @@ async def test_a_change_made_while_the_database_is_away_is_stored_once_it_is_bac
             kinds = [r[3] for r in src.rows()]
         assert report.ok, report.problems
         assert "annotation_created" in kinds and kinds.count("server_stop") == 1
+
+
+def test_a_batch_the_database_cannot_take_fails_whole_and_at_once(postgres_server: str) -> None:
+    from functools import partial
+
+    from medverse.server.store import PostgresObjectStore
+
+    backend = Backend("postgresql", new_database(postgres_server))
+    with backend.database() as db:
+        store = PostgresObjectStore(db)
+        db.close()  # out of reach: not worth trying each operation on its own
+        t0 = time.monotonic()
+        errors = store.run_batch([partial(store.delete_annotation, "r", i, i) for i in (1, 2, 3)])
+        assert all(isinstance(e, DatabaseUnavailable) for e in errors), errors
+        assert time.monotonic() - t0 < 5.0
