@@ -144,7 +144,14 @@ async def test_panel_shows_rooms_and_live_figures(browser: Browser, site: Server
         connect(site.url, room=room, token=join_token(room, "bot-a", "Bot Ada")) as a,
         connect(site.url, room=room, token=join_token(room, "bot-b", "Bot Ben")),
     ):
-        page = await sign_in(browser, site, admin_token())
+        # Signed in with the keyboard alone: skip link, token field, Enter.
+        page = await new_page(browser, viewport={"width": 1280, "height": 900})
+        await page.goto(f"{site.http}/panel")
+        await page.keyboard.press("Tab")
+        await page.keyboard.press("Tab")
+        await expect(page.get_by_label("Admin token")).to_be_focused()
+        await page.keyboard.type(admin_token())
+        await page.keyboard.press("Enter")
         await expect(page.locator("#dashboard")).to_be_visible(timeout=20_000)
         ward = row(page, room)
         await expect(ward.locator("td.members")).to_have_text("2", timeout=10_000)
@@ -160,7 +167,17 @@ async def test_panel_shows_rooms_and_live_figures(browser: Browser, site: Server
         await expect(page.locator(".chart svg polyline.s0").first).to_have_attribute(
             "points", re.compile(r"\d+(\.\d+)?,[\d.]+ \d")
         )
+        # A few refreshes in, every chart has a line (the screenshot in docs/ is this one).
+        await expect(page.locator(".chart svg polyline.s0").first).to_have_attribute(
+            "points", re.compile(r"^(\S+ ){5}\S+"), timeout=30_000
+        )
         await screenshot(page, "panel")
+        # At 200 % zoom (half the CSS width) everything reflows: no sideways scrolling.
+        await page.set_viewport_size({"width": 640, "height": 450})
+        await expect(ward.locator("td.members")).to_have_text("2")
+        assert await page.evaluate("document.documentElement.scrollWidth <= innerWidth")
+        await screenshot(page, "panel-zoom-200")
+        await page.set_viewport_size({"width": 1280, "height": 900})
         await a.close()
         # One bot left: the next refresh shows one member, with no reload.
         await expect(ward.locator("td.members")).to_have_text("1", timeout=10_000)

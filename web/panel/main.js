@@ -6,6 +6,7 @@
 const TOKEN_KEY = "medverse.panel.token";
 const PERIOD_MS = 2000;
 const HISTORY = 150; // samples kept per chart: 5 minutes at one every 2 s
+const MIN_SPAN = 31; // the shortest time axis: a minute
 const REQUEST_TIMEOUT_MS = 5000;
 const SVG = "http://www.w3.org/2000/svg";
 
@@ -128,8 +129,12 @@ class Chart {
   draw() {
     const all = this.data.flat().filter((v) => v != null);
     const max = Math.max(...all, 0) || 1;
+    // The time axis spans at least a minute and grows to HISTORY samples, newest at the right.
+    const n = Math.max(...this.data.map((d) => d.length));
+    const span = Math.min(HISTORY, Math.max(MIN_SPAN, n));
+    this.svg.setAttribute("viewBox", `0 0 ${span - 1} 100`);
     this.data.forEach((d, i) => {
-      const offset = HISTORY - d.length;
+      const offset = span - d.length;
       const points = [];
       d.forEach((v, j) => {
         if (v != null) points.push(`${offset + j},${(100 - (v / max) * 96).toFixed(2)}`);
@@ -138,16 +143,15 @@ class Chart {
     });
     this.top.textContent = this.format(max);
     this.bottom.textContent = this.format(0);
-    const n = Math.max(...this.data.map((d) => d.length));
-    const minutes = ((n - 1) * PERIOD_MS) / 60000;
-    this.span.textContent = n > 1 ? `last ${minutes < 1 ? `${Math.round(minutes * 60)} s` : `${minutes.toFixed(1)} min`}` : "";
+    const minutes = ((span - 1) * PERIOD_MS) / 60000;
+    this.span.textContent = `last ${minutes.toFixed(1)} min`;
     const nowText = this.series.map((s, i) => {
       const last = this.data[i].at(-1);
       const text = last == null ? "–" : this.format(last);
       this.now[i].textContent = text;
       return `${s.label} ${text}`;
     });
-    this.svg.setAttribute("aria-label", `${this.title}, ${this.span.textContent || "now"}: now ${nowText.join(", ")}; highest ${this.format(max)}`);
+    this.svg.setAttribute("aria-label", `${this.title}, ${this.span.textContent}: now ${nowText.join(", ")}; highest ${this.format(max)}`);
   }
 }
 
@@ -344,7 +348,7 @@ function render(rooms, health) {
   charts.assets.push([assets.bytes]);
   renderRooms(rooms);
   renderRefusals(now, before);
-  $("updated").textContent = `Updated ${new Date().toLocaleTimeString()}`;
+  $("updated").textContent = `Last update ${new Date().toLocaleTimeString()}`;
 }
 
 let tickRate = 30;
