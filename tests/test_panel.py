@@ -18,10 +18,11 @@ from collections.abc import Iterator
 import pytest
 from playwright.async_api import Browser, Page, expect
 
-from medverse.client_sdk import connect
+from medverse.client_sdk import AssetClient, connect
 from medverse.server.auth import mint_admin_token, mint_token
 from medverse.server.webapp import WEBAPP_DIR
 from tests.conftest import ROOT, ServerProcess, run_server
+from tests.models import triangle_glb
 
 harness = pytest.importorskip("tests.browser")
 console_errors, new_page, screenshot = harness.console_errors, harness.new_page, harness.screenshot
@@ -92,6 +93,17 @@ def test_health_reports_what_the_panel_charts(site: ServerProcess) -> None:
     after = json.loads(site.get("/health"))
     auth = after["refusals"]["auth"]
     assert auth.get("unauthorized", 0) == before["refusals"]["auth"].get("unauthorized", 0) + 1
+
+
+async def test_health_counts_stored_assets(site: ServerProcess) -> None:
+    before = json.loads(site.get("/health"))["assets"]
+    model = triangle_glb(extra=secrets.randbelow(10**6))  # bytes no other test stored
+    host = mint_token(SECRET.encode(), room="assets-ward", identity="h", role="host")
+    async with AssetClient(site.http, "assets-ward", host) as assets:
+        await assets.upload(model, "heart.glb")
+        await assets.upload(model, "heart.glb")  # stored once, whatever the uploads
+    after = json.loads(site.get("/health"))["assets"]
+    assert after == {"files": before["files"] + 1, "bytes": before["bytes"] + len(model)}
 
 
 def test_panel_files_are_served_with_a_strict_policy(site: ServerProcess) -> None:
@@ -199,4 +211,9 @@ async def test_an_unreachable_server_is_said_so(browser: Browser) -> None:
     await expect(page.get_by_role("button", name="Try again now")).to_be_focused()
     assert await page.evaluate("sessionStorage.length") == 1
     await screenshot(page, "panel-unreachable")
+    # Back on the same port, the panel returns to its figures by itself.
+    with run_server(auth_secret=SECRET, port=alone.port) as again:
+        await expect(page.locator("#dashboard")).to_be_visible(timeout=20_000)
+        await expect(page.locator("#fig-status")).to_have_text("ok")
+        assert again.port == alone.port
     assert [e for e in console_errors(page) if not REFUSED_LOAD.search(e)] == []
