@@ -217,3 +217,27 @@ async def test_an_unreachable_server_is_said_so(browser: Browser) -> None:
         await expect(page.locator("#fig-status")).to_have_text("ok")
         assert again.port == alone.port
     assert [e for e in console_errors(page) if not REFUSED_LOAD.search(e)] == []
+
+
+async def test_a_cluster_shows_its_nodes_and_their_rooms(browser: Browser) -> None:
+    from tests.services import redis_available, redis_server
+
+    if not redis_available():
+        pytest.skip("redis-server is not installed")
+    with redis_server() as redis:
+        settings = {"redis_url": redis.url, "cluster_lease_ttl": 2.5, "auth_secret": SECRET}
+        with run_server(**settings) as a, run_server(**settings) as b:
+            room = "panel-far"
+            async with connect(b.url, room=room, token=join_token(room, "bot", "Bot Far")):
+                page = await sign_in(browser, a, admin_token())
+                nodes = page.locator("#nodes tbody tr")
+                await expect(nodes).to_have_count(2, timeout=20_000)
+                await expect(page.locator("#cluster")).to_contain_text("(this one)")
+                await expect(page.locator("#scope")).to_contain_text("of the whole cluster")
+                # The room runs on the other node; this one's panel lists it with its node.
+                far = row(page, room)
+                await expect(far.locator("td.members")).to_have_text("1", timeout=20_000)
+                await expect(far.locator("th")).to_contain_text("node ")
+                await page.locator("#cluster").scroll_into_view_if_needed()
+                await screenshot(page, "panel-cluster")
+                assert console_errors(page) == []

@@ -276,6 +276,35 @@ function renderRooms(rooms) {
   }
 }
 
+function renderNodes(nodes, self) {
+  $("cluster").hidden = nodes === null;
+  if (nodes === null) return;
+  const body = $("nodes").tBodies[0];
+  body.replaceChildren();
+  for (const n of nodes) {
+    const tr = document.createElement("tr");
+    tr.dataset.node = n.node;
+    const name = document.createElement("th");
+    name.scope = "row";
+    name.textContent = n.node === self ? `${n.node} (this one)` : n.node;
+    const cells = [
+      n.url ?? "",
+      n.rooms ?? "–",
+      `${n.members ?? "–"} / ${n.capacity ?? "–"}`,
+      n.tick_p99_ms == null ? "–" : fmtMs(Number(n.tick_p99_ms)),
+      n.cpu_percent == null ? "–" : `${n.cpu_percent} %`,
+      n.draining === "1" ? "draining" : "serving",
+    ];
+    tr.append(name);
+    for (const text of cells) {
+      const td = document.createElement("td");
+      td.textContent = text;
+      tr.append(td);
+    }
+    body.append(tr);
+  }
+}
+
 function renderRefusals(now, before) {
   const body = $("refusals").tBodies[0];
   body.replaceChildren();
@@ -304,7 +333,7 @@ function renderRefusals(now, before) {
   $("refusals").hidden = rows === 0;
 }
 
-function render(rooms, health) {
+function render(rooms, health, nodes) {
   const now = totals(health);
   const before = previous;
   previous = now;
@@ -347,6 +376,12 @@ function render(rooms, health) {
   ]);
   charts.assets.push([assets.bytes]);
   renderRooms(rooms);
+  renderNodes(nodes, health.cluster?.node);
+  // /health speaks for the node that answers; /admin/rooms for the whole cluster.
+  $("scope").hidden = !health.cluster;
+  $("scope").textContent = health.cluster
+    ? `Figures and charts of node ${health.cluster.node} (the one this page came from); rooms and nodes of the whole cluster.`
+    : "";
   renderRefusals(now, before);
   $("updated").textContent = `Last update ${new Date().toLocaleTimeString()}`;
 }
@@ -364,7 +399,10 @@ async function poll() {
     ]);
     if (mine !== generation) return;
     if (Number.isFinite(health.tick_rate) && health.tick_rate > 0) tickRate = health.tick_rate;
-    render(admin.rooms ?? [], health);
+    // In a cluster, its nodes too (any node answers for all of them).
+    const nodes = health.cluster ? ((await getJSON("/admin/nodes", token)).nodes ?? []) : null;
+    if (mine !== generation) return;
+    render(admin.rooms ?? [], health, nodes);
     if ($("dashboard").hidden) show("dashboard");
   } catch (err) {
     if (mine !== generation) return;
