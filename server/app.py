@@ -49,6 +49,7 @@ from .limits import ConnectionBudget
 from .metrics import Metrics, Traffic
 from .moderation import Moderation, ModerationService
 from .objects import SharedObjects
+from .panel import OperatorPanel
 from .pg import Database
 from .plugins import (
     RoomPlugin,
@@ -487,6 +488,10 @@ class Server:
                 "p99": round(float(np.percentile(work, 99)), 3),
                 "max": round(float(work.max()), 3),
             }
+        body.update(self.metrics.totals())
+        if self.assets is not None:
+            files, size = self.assets.totals()
+            body["assets"] = {"files": files, "bytes": size}
         for plugin in self.plugins:
             body.update(plugin.health())
         if self.cluster is not None:
@@ -564,6 +569,7 @@ def create_app(
     app[IMAGES_KEY] = images
     AdminAPI(server.http_auth, server.rooms, lambda: server.audit.log, server).routes(app)
     WebApp().routes(app)  # the clinic app at / and /join
+    OperatorPanel().routes(app)  # the operators' panel at /panel
 
     async def on_startup(app: web.Application) -> None:
         await server.start()

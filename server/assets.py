@@ -206,6 +206,14 @@ class AssetStore:
             ).fetchall()
         return [_row_info(r, pseudonymous) for r in rows]
 
+    def totals(self) -> tuple[int, int]:
+        """How many files are stored and their bytes (each stored once, whatever the number
+        of rooms that list it)."""
+        with self._lock:
+            row = self._db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM blobs")
+            files, size = row.fetchone()
+        return int(files), int(size)
+
     def count(self, room: str) -> int:
         with self._lock:
             row = self._db.execute("SELECT COUNT(*) FROM room_assets WHERE room = ?", (room,))

@@ -86,6 +86,39 @@ class Metrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
+    def totals(self) -> dict[str, object]:
+        """The running totals ``/health`` reports (and the operator panel charts as rates):
+        bytes in and out, and refusals by reason, read from the same counters as
+        ``/metrics``."""
+        return {
+            "traffic": {
+                "sent_bytes": _total(self.sent_bytes),
+                "received_bytes": _total(self.received_bytes),
+            },
+            "refusals": {
+                "connections": _by_label(self.connections_refused),
+                "auth": _by_label(self.auth_refusals),
+                "protocol_errors": _by_label(self.protocol_errors),
+            },
+        }
+
+
+def _total(counter: Counter) -> int:
+    """An unlabelled counter's value."""
+    return sum(
+        int(s.value) for f in counter.collect() for s in f.samples if s.name.endswith("_total")
+    )
+
+
+def _by_label(counter: Counter) -> dict[str, int]:
+    """A counter with one label as ``{label value: count}``."""
+    return {
+        next(iter(s.labels.values())): int(s.value)
+        for f in counter.collect()
+        for s in f.samples
+        if s.name.endswith("_total") and s.labels
+    }
+
 
 class Traffic:
     """Counters written on the hot paths (every write, every tick) as plain integers and moved

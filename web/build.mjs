@@ -6,6 +6,7 @@ import { build } from "esbuild";
 import { mkdirSync, readFileSync, readdirSync, rmSync, writeFileSync } from "node:fs";
 import { basename, dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
+import { buildPanel } from "./panel/build.mjs";
 
 const here = dirname(fileURLToPath(import.meta.url));
 const outdir = resolve(process.argv[2] ?? join(here, "..", "server", "webapp"));
@@ -31,4 +32,5 @@ const html = readFileSync(join(here, "app", "index.html"), "utf8")
   .replace("%APP_JS%", named("main.js"))
   .replace("%STYLE_CSS%", named("style.css"));
 writeFileSync(join(outdir, "index.html"), html);
+await buildPanel(outdir); // the operator panel at /panel, a bundle of its own
 console.log(`web app built in ${outdir}: ${readdirSync(outdir).join(", ")}`);
