@@ -32,8 +32,11 @@ class Phantom:
     sphere_radius: float
 
 
-def phantom_volume(rows: int, cols: int, slices: int) -> np.ndarray:
-    """The phantom in HU, (slices, rows, cols) int16: each slice filled from two masks."""
+def phantom_volume(rows: int, cols: int, slices: int, noise: float = 0.0) -> np.ndarray:
+    """The phantom in HU, (slices, rows, cols) int16: each slice filled from two masks, plus
+    Gaussian noise of ``noise`` HU (a real scanner's images are never flat; their PNGs are
+    larger and slower to compress than flat ones)."""
+    rng = np.random.default_rng(7)
     y, x = np.ogrid[:rows, :cols]
     cy, cx, cz = rows / 2, cols / 2, slices / 2
     body = ((x - cx) / (0.42 * cols)) ** 2 + ((y - cy) / (0.35 * rows)) ** 2 <= 1.0
@@ -44,6 +47,8 @@ def phantom_volume(rows: int, cols: int, slices: int) -> np.ndarray:
         dz = ((k - cz) / max(1.0, 0.25 * slices)) ** 2
         vol[k][body] = BODY_HU
         vol[k][(disc + dz <= 1) & body] = SPHERE_HU
+        if noise:
+            vol[k] += rng.normal(0.0, noise, (rows, cols)).round().astype(np.int16)
     return vol
 
 
@@ -58,9 +63,10 @@ def synthetic_ct(
     series_uid: str = "1.2.826.0.1.3680043.8.498.1001",
     frame_of_reference: str = "1.2.826.0.1.3680043.8.498.2001",
     burned_in: bool = False,
+    noise: float = 0.0,
 ) -> dict[str, bytes]:
     """A CT series as ``{file name: DICOM bytes}``, slice 0 at z = 0 going up (+z)."""
-    vol = phantom_volume(rows, cols, slices)
+    vol = phantom_volume(rows, cols, slices, noise)
     stored = (vol.astype(np.int32) + 1024).astype(np.uint16)  # intercept -1024
     origin = (-(cols - 1) * pixel_spacing / 2, -(rows - 1) * pixel_spacing / 2, 0.0)
     out: dict[str, bytes] = {}

@@ -230,6 +230,15 @@ class LevelMeter:
         self._task.cancel()
 
 
+class _Detached(MediaStreamTrack):
+    """What a closing sender reads instead of the application's track: nothing."""
+
+    kind = "audio"
+
+    async def recv(self) -> AudioFrame:
+        raise MediaStreamError
+
+
 class AudioClient:
     """A session's audio: reach it as ``session.audio``.
 
@@ -310,10 +319,17 @@ class AudioClient:
         return self.mix
 
     async def close(self) -> None:
-        """Stop audio (the room connection stays)."""
+        """Stop audio (the room connection stays). The published track is the application's
+        and is not stopped: a new :meth:`start` (after a move to another room, or a rejoin as
+        a new member) publishes it again."""
         pc, self.pc = self.pc, None
         self.mix = None
         if pc is not None:
+            # aiortc's sender stops its track when its RTP loop ends: give it a stand-in that
+            # ends that loop at once, so the application's track lives on.
+            for sender in pc.getSenders():
+                if sender.track is not None:
+                    sender.replaceTrack(_Detached())
             await pc.close()
 
     # Routing calls return once the server applied them (the mixer uses them from its next

@@ -36,6 +36,7 @@ from medverse.protocol.messages import (
     PROTOCOL_VERSION,
     Error,
     Hello,
+    Redirect,
     Welcome,
     decode_message,
     encode_message,
@@ -116,6 +117,17 @@ def _default_trace() -> str | None:
     return None
 
 
+def split_url(url: str) -> tuple[str, str, int, str]:
+    """``ws://host:port/path`` as (host:port, host, port, path); the path defaults to /ws."""
+    url = url.rstrip("/")
+    if "://" not in url:
+        url = "ws://" + url
+    rest = url.split("://", 1)[1]
+    hostport, _, path = rest.partition("/")
+    addr, _, port = hostport.rpartition(":")
+    return hostport, addr, int(port) if port else 80, "/" + (path or "ws")
+
+
 def _factory(protocol: asyncio.Protocol) -> Callable[[], asyncio.Protocol]:
     """A protocol factory that returns ``protocol`` itself (one per connection)."""
     return lambda: protocol
@@ -152,22 +164,51 @@ class Headset(asyncio.Protocol):
         self.sent_keys: dict[bytes, float] = {}
         self._key_order: deque[bytes] = deque()
         self._key = base64.b64encode(os.urandom(16)).decode()
+        # Where this headset connects (a redirect from a cluster's node changes it).
+        self.host, self.addr, self.port, self.path = run.host, run.addr, run.port, run.path
+        #: Redirects followed before the welcome, and seconds from connecting to the welcome.
+        self.redirects = 0
+        self.join_started = time.perf_counter()
+        self.join_seconds: float | None = None
+        self._stale_losses = 0  # connections left behind by a redirect, not yet closed
+
+    async def connect(self) -> None:
+        """Open the connection (the hello follows the upgrade)."""
+        self.join_started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        await loop.create_connection(_factory(self), self.addr, self.port)
+
+    async def _follow(self, url: str) -> None:
+        """A node of a cluster sent us to the one that runs our room: join there."""
+        self.host, self.addr, self.port, self.path = split_url(url)
+        self.buf = bytearray()
+        self.upgraded = False
+        self.closed = False
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.create_connection(_factory(self), self.addr, self.port)
+        except OSError as exc:
+            if not self.joined.done():
+                self.joined.set_exception(exc)
 
     # ----------------------------------------------------------------- wire
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not subclasses of asyncio.Transport, but write like one.
         self.transport = t = transport  # type: ignore[assignment]
-        host = self.run.host
+        host = self.host
         t.write(  # type: ignore[attr-defined]
             (
-                f"GET {self.run.path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n"
+                f"GET {self.path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n"
                 f"Connection: Upgrade\r\nSec-WebSocket-Key: {self._key}\r\n"
                 "Sec-WebSocket-Version: 13\r\n\r\n"
             ).encode()
         )
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._stale_losses:
+            self._stale_losses -= 1  # the connection a redirect left
+            return
         self.closed = True
         if not self.joined.done():
             self.joined.set_exception(ConnectionError("connection lost before welcome"))
@@ -199,6 +240,8 @@ class Headset(asyncio.Protocol):
         frames, used = server_frames(buf)
         del buf[:used]
         for opcode, payload, wire in frames:
+            if self.transport is None:
+                return  # redirected: what followed on this connection does not matter
             if opcode == _OP_BINARY:
                 self.on_message(payload, wire)
             elif opcode == _OP_PING:
@@ -234,7 +277,23 @@ class Headset(asyncio.Protocol):
             if isinstance(m, Welcome):
                 self.member_id = m.member_id
                 if not self.joined.done():
+                    self.join_seconds = time.perf_counter() - self.join_started
                     self.joined.set_result(m)
+            elif isinstance(m, Redirect) and not self.joined.done():
+                self.redirects += 1
+                self._stale_losses += 1
+                assert self.transport is not None
+                self.transport.close()
+                self.transport = None
+                asyncio.get_running_loop().create_task(self._follow(m.url))
+            elif isinstance(m, Error) and m.code == "room_moving" and not self.joined.done():
+                # The room is between nodes of a cluster: ask again shortly where it is.
+                self._stale_losses += 1
+                assert self.transport is not None
+                self.transport.close()
+                self.transport = None
+                loop = asyncio.get_running_loop()
+                loop.call_later(0.25, lambda: loop.create_task(self._follow(self.run.url)))
             elif isinstance(m, Error) or isinstance(m, ProtocolError):
                 st.errors += 1
                 if isinstance(m, Error) and m.fatal and not self.joined.done():
@@ -258,15 +317,8 @@ class LoadRun:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        url = args.url.rstrip("/")
-        if "://" not in url:
-            url = "ws://" + url
-        rest = url.split("://", 1)[1]
-        hostport, _, path = rest.partition("/")
-        self.host = hostport
-        self.addr, _, port = hostport.rpartition(":")
-        self.port = int(port) if port else 80
-        self.path = "/" + (path or "ws")
+        self.url = args.url
+        self.host, self.addr, self.port, self.path = split_url(args.url)
         self.rate = args.rate
         self.headsets: list[Headset] = []
         self.by_member: dict[tuple[str, int], Headset] = {}
@@ -330,9 +382,7 @@ class LoadRun:
         # Connect in batches so the accept queue is not flooded.
         for k in range(0, n, 50):
             batch = self.headsets[k : k + 50]
-            await asyncio.gather(
-                *(loop.create_connection(_factory(h), self.addr, self.port) for h in batch)
-            )
+            await asyncio.gather(*(h.connect() for h in batch))
             await asyncio.gather(*(h.joined for h in batch))
         for h in self.headsets:
             self.by_member[(h.room, h.member_id)] = h
@@ -443,9 +493,24 @@ class LoadRun:
             "errors": int(sum(h.stats.errors for h in hs)),
             "rate_held": bool(missed == 0 and fps.min() >= 0.97 * expected / window),
             "probes": sum(h.probe for h in hs),
+            "redirected": sum(h.redirects > 0 for h in hs),
+            "join_ms": _join_ms(hs),
             "motion_prep_seconds": round(prep, 2),
             "failures": self.failures[:10],
         }
+
+
+def _join_ms(hs: list[Headset]) -> dict[str, float | None]:
+    """Join time percentiles (connect to welcome), direct and through a redirect."""
+    out: dict[str, float | None] = {}
+    for label, chosen in (
+        ("direct", [h for h in hs if h.redirects == 0]),
+        ("redirected", [h for h in hs if h.redirects > 0]),
+    ):
+        ms = np.array([h.join_seconds for h in chosen if h.join_seconds is not None]) * 1000
+        out[f"{label}_p50"] = round(float(np.percentile(ms, 50)), 2) if ms.size else None
+        out[f"{label}_p99"] = round(float(np.percentile(ms, 99)), 2) if ms.size else None
+    return out
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

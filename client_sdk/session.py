@@ -50,6 +50,7 @@ from medverse.protocol.messages import (
     Pause,
     Ping,
     Pong,
+    Redirect,
     RequestRefused,
     RequestUnmute,
     RoomState,
@@ -123,6 +124,17 @@ _FINAL_CODES = {
 }
 #: Close code of a connection the server closed after a consent withdrawal.
 CLOSE_CONSENT = 4011
+#: Redirects followed in a row before a join counts as failed (servers that keep sending a
+#: client elsewhere disagree about where the room lives; reconnecting later may help).
+MAX_REDIRECTS = 5
+
+
+class _Redirected(Exception):
+    """The server answered our hello with ``redirect``: the room lives at ``url``."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.url = url
 
 
 class JoinError(Exception):
@@ -214,8 +226,20 @@ class Session(ObjectsAPI, ImagesAPI):
         receive_state: bool = True,
         on_waiting: Callable[[Waiting], None] | None = None,
         lobby_timeout: float | None = None,
+        fallback_urls: Sequence[str] = (),
     ) -> None:
         self.url = _ws_url(url)
+        #: Other servers of the cluster, tried in turn after the given URL when reconnecting
+        #: fails (the server we knew may be the one that died).
+        self.fallback_urls = [_ws_url(u) for u in fallback_urls]
+        self._fallback = 0
+        #: The URL the application gave: where reconnecting goes back to when the server a
+        #: redirect named cannot be reached (it may have died; another takes its rooms).
+        self.entry_url = self.url
+        #: Where the server last redirected a joined member (the room moved); None otherwise.
+        self._redirected_to: str | None = None
+        #: Redirects followed since the application started the session.
+        self.redirects = 0
         #: False: state frames are dropped unread (bots that use the room for signaling only).
         self.receive_state = receive_state
         self.room = room
@@ -377,6 +401,32 @@ class Session(ObjectsAPI, ImagesAPI):
         self._finish(Closed("closed by the application", "closed"))
 
     async def _open(self) -> Welcome:
+        """Connect and join, following the servers' redirects (at most
+        :data:`MAX_REDIRECTS` in a row) to the server that runs the room."""
+        deadline = time.monotonic() + self.connect_timeout
+        hops = 0
+        while True:
+            try:
+                return await self._open_once()
+            except _Redirected as moved:
+                hops += 1
+                if hops > MAX_REDIRECTS:
+                    raise ConnectionError(
+                        f"more than {MAX_REDIRECTS} redirects in a row for room {self.room}"
+                    ) from None
+                log.debug("room %s lives at %s: following", self.room, moved.url)
+                self.url = moved.url
+                self.redirects += 1
+            except JoinError as err:
+                # Its server stopped and another takes the room within seconds: ask again
+                # (through the URL we were given) until connect_timeout.
+                if err.code != ErrorCode.ROOM_MOVING.value or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+                self.url = self.entry_url
+                hops = 0
+
+    async def _open_once(self) -> Welcome:
         assert self._http is not None
         ws = await self._http.ws_connect(
             self.url,
@@ -471,6 +521,8 @@ class Session(ObjectsAPI, ImagesAPI):
             m = ev.message
             if isinstance(m, Welcome):
                 return m
+            if isinstance(m, Redirect):
+                raise _Redirected(m.url)
             if isinstance(m, ConsentRequired):
                 self.consent_version = m.version
                 if self.consent is None:
@@ -746,9 +798,15 @@ class Session(ObjectsAPI, ImagesAPI):
     async def _reconnect(self) -> bool:
         attempt = 0
         old_id = self.member_id
+        moved, self._redirected_to = self._redirected_to, None
+        if moved is not None:
+            self.url = moved
+            self.redirects += 1
         while not self._closing:
             attempt += 1
             delay = min(self.max_backoff, 0.05 * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
+            if moved is not None and attempt == 1:
+                delay = 0.0  # the room moved: its new server expects us now
             self.emit(Reconnecting(attempt, delay))
             await asyncio.sleep(delay)
             try:
@@ -758,6 +816,10 @@ class Session(ObjectsAPI, ImagesAPI):
                     self._finish(Closed(str(err), err.code, err.message))
                     return False
             except (aiohttp.ClientError, OSError, TimeoutError, ConnectionError):
+                # The server a redirect named may be gone (its rooms move to others): go
+                # back to the URL we were given, which finds the room wherever it is now, or
+                # to the cluster's other servers in turn.
+                self.url = self._next_entry()
                 continue
             else:
                 self.emit(
@@ -765,6 +827,15 @@ class Session(ObjectsAPI, ImagesAPI):
                 )
                 return True
         return False
+
+    def _next_entry(self) -> str:
+        """The next URL to reconnect through: the given one, then each fallback in turn."""
+        entries = [self.entry_url, *self.fallback_urls]
+        if self.url != self.entry_url and self.url not in entries:
+            self._fallback = 0  # a redirected server failed: start again at the given URL
+        else:
+            self._fallback = (self._fallback + 1) % len(entries)
+        return entries[self._fallback]
 
     def _finish(self, ending: Closed) -> None:
         """The session is over: say how, once, and end :meth:`events`."""
@@ -843,6 +914,10 @@ class Session(ObjectsAPI, ImagesAPI):
                     self._arrived(m)
                 else:
                     self._rewelcome(m)
+            elif isinstance(m, Redirect):
+                # The room moves to another server: the server closes us now, and we resume
+                # there at once (no backoff: the room is already waiting for us).
+                self._redirected_to = m.url
             elif isinstance(m, MovedMsg):
                 self._moved(m)
             elif isinstance(m, ConsentRequired):
@@ -1106,6 +1181,9 @@ def connect(url: str, room: str, name: str | None = None, **options: Any) -> Ses
     ``session.state`` is ``lobby`` and ``session.waiting`` names the lobby id) and
     ``lobby_timeout`` (seconds to wait there before ``start()`` raises TimeoutError; default:
     until a host admits or denies you; wrapping ``start()`` in your own ``asyncio.timeout``
-    works as well, and leaves the lobby).
+    works as well, and leaves the lobby). In a cluster the session follows the servers'
+    redirects to the server that runs the room, carrying its token and resume token;
+    ``fallback_urls`` names other servers of the cluster to reconnect through when the one it
+    was on, and the one ``url`` names, cannot be reached.
     """
     return Session(url, room, name, **options)

@@ -61,6 +61,7 @@ from .messages import (
     Pause,
     Ping,
     Pong,
+    Redirect,
     Waiting,
     Welcome,
     check_pose_frame,
@@ -421,6 +422,11 @@ class Connection:
             if msg_type is Welcome:
                 ok = (state is State.HELLO and hello) or state in _WELCOME_FROM
                 return State.JOINED if ok else None
+            if msg_type is Redirect:
+                # The room lives elsewhere: only the close follows, from any state the hello
+                # has been read in.
+                ok = (state is State.HELLO and hello) or state in _BEFORE_CLOSING - {State.HELLO}
+                return State.CLOSING if ok else None
             if msg_type is Pong or msg_type is Error:  # Error here: a non-fatal one
                 return state if state in _BEFORE_CLOSING else None
             return state if state in _IN_ROOM else None

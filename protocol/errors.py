@@ -48,6 +48,7 @@ class ErrorCode(enum.StrEnum):
     STALE_INPUT = "stale_input"  # pose sequence number not newer than the last one applied
     TOO_SLOW = "too_slow"  # the member's connection cannot keep up and was closed
     SHUTTING_DOWN = "shutting_down"  # the server is stopping
+    ROOM_MOVING = "room_moving"  # the room is between servers of a cluster; join again shortly
     INTERNAL = "internal"  # a bug on our side; the member stays connected
 
 

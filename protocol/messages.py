@@ -488,6 +488,22 @@ class RequestRefused(Message):
     message: str = wire_field("str", max_len=1024)
 
 
+#: Where a ``redirect`` may send a client: a WebSocket URL without spaces or control characters.
+REDIRECT_URL_RE = re.compile(r"^wss?://[^\x00-\x20\x7f]{1,500}$")
+
+
+@dataclass(frozen=True, slots=True)
+class Redirect(Message):
+    """Another server runs this room (or is about to): connect to ``url`` and send the same
+    ``hello`` there, with the resume token if you had one, so the member carries on as itself.
+    The server closes the connection right after. ``reason`` says why: ``owner`` (the room
+    lives on that server), ``moving`` (this server hands the room over, as when it drains)."""
+
+    TYPE: ClassVar[str] = "redirect"
+    url: str = wire_field("str", pattern=REDIRECT_URL_RE)
+    reason: str = wire_field("str", max_len=64)
+
+
 class RequestError(ProtocolError):
     """A request that did not decode but whose ``req`` could be read: the server answers it
     with :attr:`answer` (its family's refusal carrying that ``req``) instead of a plain
@@ -538,6 +554,7 @@ CORE_SERVER_MESSAGES: tuple[type[Message], ...] = (
     Bans,
     Ack,
     RequestRefused,
+    Redirect,
 )
 
 
@@ -748,6 +765,7 @@ __all__ += [
     "Ping",
     "Pong",
     "PoseBatch",
+    "Redirect",
     "RequestError",
     "RequestRefused",
     "RequestUnmute",

@@ -16,8 +16,9 @@ import contextlib
 import json
 import logging
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from aiohttp import web
@@ -71,6 +72,9 @@ from .tick import TickLoop
 from .transport import WebSocketConnection
 from .viewer import SharedImages
 from .webapp import WebApp
+
+if TYPE_CHECKING:
+    from .cluster import Cluster, Load
 
 log = logging.getLogger("medverse")
 
@@ -134,13 +138,31 @@ class Server:
         )
         self.clock = FixedRateClock(1.0 / config.tick_rate)
         self.table = EntityTable()
+        #: This server's place in a cluster (``redis_url``); None when it runs alone.
+        self.cluster: Cluster | None = None
+        if config.redis_url:
+            from .cluster import Cluster  # redis is needed only in a cluster
+
+            self.cluster = Cluster(config)
+        #: Called once this server, draining, has handed every room to other servers.
+        self.on_drained: Callable[[], None] = lambda: None
         self.rooms = RoomRegistry(
-            RoomServices(config, self.table, self.clock, self.traffic, self.audit),
+            RoomServices(
+                config,
+                self.table,
+                self.clock,
+                self.traffic,
+                self.audit,
+                self._resume_token if self.cluster is not None else None,
+            ),
             self.plugins,
             room_types,
             pseudonymous=self.policy.pseudonymous,
             settings=self.policy.settings,
         )
+        if self.cluster is not None:
+            self.rooms.first_member_id = self._first_member_id
+            self.rooms.on_closed = self.cluster.closed
         self.tick = TickLoop(self.clock, self.table, self.rooms, self.metrics, self.traffic)
         self.assets: AssetStore | None = None
         self.images: ImageStore | None = None
@@ -166,6 +188,7 @@ class Server:
             self.client_messages,
             self.server_messages,
             self.budget,
+            self.cluster,
         )
         self.metrics.rooms.set_function(lambda: len(self.rooms))
         self.metrics.members.set_function(self.rooms.member_count)
@@ -176,6 +199,95 @@ class Server:
             lambda code: self.metrics.auth_refusals.labels(code).inc(),
             self._http_identity,
         )
+
+    # ----------------------------------------------------------------- cluster
+
+    def _resume_token(self, room: str, member_id: int, identity: Identity, slots: int) -> str:
+        assert self.cluster is not None and self.cluster.tokens is not None
+        return self.cluster.tokens.issue(room, member_id, identity.subject, slots)
+
+    def _first_member_id(self, room: str) -> int:
+        """New members of a room get ids from here: each lease generation its own block of
+        65,536, so members resuming from the room's previous server keep theirs."""
+        assert self.cluster is not None
+        gen = self.cluster.generation(room)
+        return 1 + ((gen - 1) % 32767) * 65536 if gen > 0 else 1
+
+    def _load(self) -> Load:
+        from .cluster import Load
+
+        work = self.tick.work[-90:]
+        p99 = float(np.percentile(np.array(work), 99)) * 1000.0 if work else 0.0
+        return Load(self.rooms.member_count(), len(self.rooms), p99, 0.0)
+
+    def cluster_command(self, cmd: dict[str, Any]) -> None:
+        """An operator's command from any node of the cluster: ``end`` a room this node runs,
+        or ``ban`` an identity from a room (recorded here, and its members removed if the
+        room runs here)."""
+        op = cmd.get("op")
+        name = cmd.get("room")
+        actor = cmd.get("actor")
+        if not isinstance(name, str) or not isinstance(actor, str):
+            return
+        reason = cmd.get("reason") if isinstance(cmd.get("reason"), str) else ""
+        room = self.rooms.get(name)
+        if op == "end":
+            if room is not None and not room.ended:
+                room.end(actor, reason or "an administrator ended the session")
+        elif op == "ban":
+            subject = cmd.get("identity")
+            until = cmd.get("until")
+            if not isinstance(subject, str) or not (until is None or isinstance(until, float)):
+                return
+            # With each node's own store, each records the ban. With a store they share, one
+            # node records it (the sender, or the node the command names) and the others
+            # only remove the identity's members where the room runs.
+            recorder = cmd.get("recorder")
+            me = self.cluster.node_id if self.cluster is not None else None
+            record = not cmd.get("recorded") and (
+                not self.shared_store or recorder is None or recorder == me
+            )
+            self.ban(name, subject, reason or "", actor, until, record=record)
+
+    @property
+    def shared_store(self) -> bool:
+        """Whether the servers of the cluster share one durable store (bans, objects,
+        audit): PostgreSQL through ``database_url``."""
+        return bool(getattr(self.config, "database_url", ""))
+
+    def ban(
+        self,
+        room_name: str,
+        subject: str,
+        reason: str,
+        actor: str,
+        until: float | None,
+        record: bool = True,
+    ) -> bool:
+        """Ban ``subject`` from ``room_name`` on this node: recorded in its store (unless
+        ``record`` is False: another node recorded it in the store they share), and every
+        device of the identity removed if the room runs here. False: no moderation here."""
+        room = self.rooms.get(room_name)
+        moderation = room.plugin(Moderation) if room is not None else None
+        if moderation is not None:
+            moderation.ban_identity(subject, reason, actor, until, record)
+            return True
+        if not record:
+            return True
+        for plugin in self.plugins:
+            if isinstance(plugin, ModerationService):
+                ban = plugin.store.add(room_name, subject, subject, reason, actor, until)
+                self.audit(
+                    "banned",
+                    room=room_name,
+                    actor=actor,
+                    subject=subject,
+                    ban=ban.id,
+                    until=int(until) if until is not None else None,
+                    reason=reason,
+                )
+                return True
+        return False
 
     def session_ended(self, room: str) -> bool:
         """Whether a host ended ``room``'s session and the room has not closed since."""
@@ -217,6 +329,9 @@ class Server:
                 elif isinstance(plugin, ModerationService):
                     plugin.use_store(bans)
         auth = "off" if cfg.no_auth else "tokens"
+        # In a cluster each node's log names the node that writes it (a room's entries are
+        # written by the node that ran it then).
+        node = {"node": self.cluster.node_id} if self.cluster is not None else {}
         if self.database is not None:
             # Registering the signing key is a round trip: off the loop, like the connect.
             await asyncio.to_thread(
@@ -225,9 +340,10 @@ class Server:
                 cfg.audit_retention_days,
                 database=self.database,
                 auth=auth,
+                **node,
             )
         else:
-            self.audit.open(cfg.data_dir, cfg.audit_retention_days, auth=auth)
+            self.audit.open(cfg.data_dir, cfg.audit_retention_days, auth=auth, **node)
         self.assets = AssetStore(cfg.data_dir)
         self.images = ImageStore(cfg.data_dir)
         context = ServerContext(
@@ -254,6 +370,20 @@ class Server:
                 )
         self.scrub = AssetScrub(self.assets, self.integrity, cfg.asset_scrub_interval)
         self.scrub.start()
+        if self.cluster is not None:
+            from .cluster import ClusterHooks
+
+            await self.cluster.start(
+                ClusterHooks(
+                    load=self._load,
+                    describe=lambda: [room.describe() for room in self.rooms],
+                    drop_room=self.rooms.drop,
+                    command=self.cluster_command,
+                    rooms=lambda: [room.name for room in self.rooms],
+                    drained=lambda: self.on_drained(),
+                ),
+                bind_subject=self.verifier is not None,
+            )
         self.tick.start()
 
     def close_sessions(self) -> None:
@@ -264,6 +394,9 @@ class Server:
     async def stop(self) -> None:
         await self.tick.stop()
         self.rooms.close_all()  # rooms close (plugins' on_close) before their plugins stop
+        if self.cluster is not None:
+            # After the rooms stored what they keep: other servers may take them now.
+            await self.cluster.stop()
         for plugin in reversed(self.plugins):
             await plugin.stop()
         if self.scrub is not None:
@@ -356,6 +489,8 @@ class Server:
             }
         for plugin in self.plugins:
             body.update(plugin.health())
+        if self.cluster is not None:
+            body.update(self.cluster.health())
         body.update(self.integrity.health())
         if not self.integrity.ok:
             body["status"] = "degraded"
@@ -427,7 +562,7 @@ def create_app(
     )
     images.routes(app)
     app[IMAGES_KEY] = images
-    AdminAPI(server.http_auth, server.rooms, lambda: server.audit.log).routes(app)
+    AdminAPI(server.http_auth, server.rooms, lambda: server.audit.log, server).routes(app)
     WebApp().routes(app)  # the clinic app at / and /join
 
     async def on_startup(app: web.Application) -> None:

@@ -536,6 +536,10 @@ class PostgresAuditLog:
         return self._sign_at is not None and time.monotonic() >= self._sign_at
 
     async def _write(self, conn: Any, *, batch: list[tuple[Any, ...]]) -> int:
+        # As the SQLite log (synchronous=NORMAL): committed at once for every reader, flushed
+        # to disk by PostgreSQL's WAL writer within a fraction of a second rather than
+        # waiting for a flush of its own, which objects' commits (acknowledged ones) need.
+        await conn.execute("SET LOCAL synchronous_commit = off")
         # The row lock orders appenders of every server: sequence numbers come from here.
         size, peaks = await conn.fetchrow(
             "SELECT size, peaks FROM audit_state WHERE id = 1 FOR UPDATE"

@@ -90,6 +90,167 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         else:
             p.add_argument(flag, type=type(value), default=None, help=f"(default {value!r}; {env})")
 
+    p.add_argument(
+        "--workers",
+        type=int,
+        nargs="?",
+        const=0,
+        default=None,
+        metavar="N",
+        help="start N server processes on this machine (ports PORT..PORT+N-1, data in "
+        "DATA_DIR/node-I), one cluster sharing --redis-url; without N, one per core",
+    )
+
+
+def _add_cluster(sub: argparse._SubParsersAction) -> None:
+    redis_help = "the cluster's Redis (env MEDVERSE_REDIS_URL)"
+    for name, text in (
+        ("nodes", "list the nodes of a cluster with their load"),
+        ("rooms", "list the rooms and members of a whole cluster"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--redis-url", default=None, help=redis_help)
+    p = sub.add_parser("end", help="end a room's session wherever it runs in the cluster")
+    p.add_argument("room")
+    p.add_argument("--reason", default="an administrator ended the session")
+    p.add_argument("--redis-url", default=None, help=redis_help)
+    p = sub.add_parser("ban", help="ban an identity from a room on every node of the cluster")
+    p.add_argument("identity", help="the token subject to ban")
+    p.add_argument("--room", required=True)
+    p.add_argument("--reason", default="")
+    p.add_argument("--duration", default=None, help="90s, 30m, 1h, 2d (default: until lifted)")
+    p.add_argument("--redis-url", default=None, help=redis_help)
+    p = sub.add_parser("drain", help="drain a node: its rooms move to other nodes, then it exits")
+    p.add_argument("node", help="the node's id or URL (see medverse nodes)")
+    p.add_argument("--redis-url", default=None, help=redis_help)
+
+
+def _cluster_command(args: argparse.Namespace) -> int:
+    """``medverse nodes|rooms|end|ban|drain``: the cluster's directory in Redis, and
+    commands every node hears."""
+    import getpass
+    import json
+    import os
+    import time
+
+    prog = f"medverse {args.command}"
+    url = args.redis_url or os.environ.get("MEDVERSE_REDIS_URL", "")
+    if not url:
+        return _fail(prog, "--redis-url (or MEDVERSE_REDIS_URL) names the cluster's Redis")
+    try:
+        from redis.exceptions import RedisError
+
+        from .auth import parse_ttl
+        from .cluster import COMMANDS, read_nodes, read_rooms, run_command
+    except ImportError as exc:
+        return _fail(prog, f"the redis package is needed ({one_line(exc)})")
+    actor = f"operator:{getpass.getuser()}@{socket.gethostname()}"
+
+    async def act(r: object) -> int:
+        if args.command == "nodes":
+            for n in await read_nodes(r):  # type: ignore[arg-type]
+                print(json.dumps(n))
+            return 0
+        if args.command == "rooms":
+            for room in await read_rooms(r):  # type: ignore[arg-type]
+                print(json.dumps(room))
+            return 0
+        if args.command == "drain":
+            nodes = await read_nodes(r)  # type: ignore[arg-type]
+            if not any(args.node in (n["node"], n.get("url")) for n in nodes):
+                raise CommandError(f"no live node {args.node!r} (see medverse nodes)")
+            cmd: dict[str, object] = {"op": "drain", "node": args.node, "actor": actor}
+        elif args.command == "end":
+            rooms = await read_rooms(r)  # type: ignore[arg-type]
+            if not any(room.get("room") == args.room for room in rooms):
+                raise CommandError(f"no live room {args.room!r} (see medverse rooms)")
+            cmd = {"op": "end", "room": args.room, "actor": actor, "reason": args.reason}
+        else:
+            until = time.time() + parse_ttl(args.duration) if args.duration else None
+            nodes = await read_nodes(r)  # type: ignore[arg-type]
+            if not nodes:
+                raise CommandError("no live node to record the ban (see medverse nodes)")
+            cmd = {
+                "op": "ban",
+                "room": args.room,
+                "identity": args.identity,
+                "reason": args.reason,
+                "actor": actor,
+                "until": until,
+                # Nodes that share one database: this one records it, the others enforce it.
+                "recorder": nodes[0]["node"],
+            }
+        heard = await r.publish(COMMANDS, json.dumps(cmd))  # type: ignore[attr-defined]
+        print(f"{args.command}: sent to {heard} node(s)")
+        return 0
+
+    try:
+        return int(asyncio.run(run_command(url, act)))
+    except (CommandError, ValueError, RedisError, OSError) as exc:
+        return _fail(prog, exc)
+
+
+def _workers(cfg: ServerConfig, count: int) -> int:
+    """``medverse serve --workers N``: N server processes on consecutive ports, one cluster
+    through ``redis_url``, each with its own data directory; they share the token secret.
+    SIGTERM and SIGINT are passed on to each (SIGTERM drains them); returns when all ended."""
+    import os
+    import subprocess
+
+    from .auth import load_or_create_secret
+
+    if not cfg.redis_url:
+        raise CommandError(
+            "--workers needs --redis-url: the processes find each other's rooms through Redis "
+            "(start one with: redis-server --port 6379)"
+        )
+    if cfg.public_url:
+        raise CommandError("--public-url names one server; give each worker its own instead")
+    n = count or os.cpu_count() or 1
+    if not 1 <= n <= 256 or cfg.port + n - 1 > 65535:
+        raise CommandError(f"--workers {n}: ports {cfg.port}-{cfg.port + n - 1} do not fit")
+    prepare_data_dir(cfg.data_dir)
+    env = dict(os.environ)
+    if not cfg.no_auth and not cfg.auth_secret and not cfg.auth_public_key:
+        # One secret for every worker, so a token minted for the cluster works on each.
+        secret, _ = load_or_create_secret(cfg.data_dir)
+        env["MEDVERSE_AUTH_SECRET"] = secret.decode()
+    if getattr(cfg, "database_url", ""):
+        # One audit log in the shared database takes one signing key: made here once, and
+        # copied into every worker's data directory.
+        import shutil
+
+        from .audit import KEY_FILE, PUBLIC_KEY_FILE, _load_key
+
+        _load_key(Path(cfg.data_dir))
+        for i in range(n):
+            node_dir = Path(cfg.data_dir) / f"node-{i}"
+            node_dir.mkdir(parents=True, exist_ok=True)
+            for name in (KEY_FILE, PUBLIC_KEY_FILE):
+                if not (node_dir / name).exists():
+                    shutil.copy2(Path(cfg.data_dir) / name, node_dir / name)
+    procs = []
+    for i in range(n):
+        child = dict(env)
+        for f in fields(ServerConfig):
+            value = getattr(cfg, f.name)
+            if value != getattr(ServerConfig(), f.name):
+                child[f"MEDVERSE_{f.name.upper()}"] = str(value)
+        child["MEDVERSE_PORT"] = str(cfg.port + i)
+        child["MEDVERSE_DATA_DIR"] = str(Path(cfg.data_dir) / f"node-{i}")
+        cmd = [sys.executable, "-m", "medverse.server.cli", "serve"]
+        procs.append(subprocess.Popen(cmd, env=child))
+
+    def forward(sig: int, _frame: object) -> None:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(sig)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    codes = [p.wait() for p in procs]
+    return max(codes, default=0)
+
 
 def _add_token(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -319,6 +480,7 @@ def _token_secret(data_dir: str) -> bytes:
 async def _serve(cfg: ServerConfig, app: web.Application, ssl_ctx: ssl.SSLContext | None) -> None:
     from aiohttp import web
 
+    from .app import SERVER_KEY
     from .auth import load_or_create_secret, mint_token
 
     # Signals first: a SIGTERM at any point from here on stops the server cleanly.
@@ -326,6 +488,13 @@ async def _serve(cfg: ServerConfig, app: web.Application, ssl_ctx: ssl.SSLContex
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    server = app.get(SERVER_KEY)
+    cluster = server.cluster if server is not None else None
+    if server is not None and cluster is not None:
+        # In a cluster SIGTERM drains: no new rooms here, every room handed to another node
+        # (its members redirected), then the process exits. SIGINT stops at once.
+        server.on_drained = stop.set
+        loop.add_signal_handler(signal.SIGTERM, lambda: loop.create_task(cluster.drain()) and None)
     # Handlers finish when their client disconnects (see medverse.server.httplog).
     # aiohttp's keep-alive timer (about an hour by default in recent versions) closes idle
     # connections between requests; a slow first request is cut by the head guard below.
@@ -498,19 +667,27 @@ def run_loop(coro: object) -> None:
         uvloop.run(coro)  # type: ignore[arg-type]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``medverse`` command's parser, with every subcommand."""
+def build_parser(loadtest: bool = True) -> argparse.ArgumentParser:
+    """The ``medverse`` command's parser, with every subcommand.
+
+    ``loadtest=False`` leaves the load generator's options out: they come from the client SDK,
+    whose import (aiohttp, aiortc, numpy) takes seconds on a busy machine, which ``medverse
+    token`` and ``medverse audit`` should not pay.
+    """
     parser = _Parser(prog="medverse", description="medverse telepresence server")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve(sub)
     _add_token(sub)
     _add_audit(sub)
-    try:
-        from medverse.client_sdk.loadtest import add_arguments as add_loadtest
-    except ImportError:
-        add_loadtest = None
-    if add_loadtest is not None:
-        add_loadtest(sub.add_parser("loadtest", help="simulate headsets against a server"))
+    _add_cluster(sub)
+    lt = sub.add_parser("loadtest", help="simulate headsets against a server")
+    if loadtest:
+        try:
+            from medverse.client_sdk.loadtest import add_arguments as add_loadtest
+        except ImportError:  # a server installed without the client SDK
+            sub.choices.pop("loadtest", None)
+        else:
+            add_loadtest(lt)
     return parser
 
 
@@ -520,9 +697,12 @@ def serve_config(args: argparse.Namespace) -> ServerConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(loadtest=argv[:1] == ["loadtest"]).parse_args(argv)
     if args.command == "serve":
         try:
+            if args.workers is not None:
+                return _workers(serve_config(args), args.workers)
             serve(serve_config(args))
         except (CommandError, ValueError, OSError, sqlite3.Error) as exc:
             # Settings, files and the listening socket: the operator's to fix, so one line.
@@ -534,6 +714,8 @@ def main(argv: list[str] | None = None) -> int:
         return _audit(args)
     if args.command == "loadtest":
         return _loadtest(args)
+    if args.command in ("nodes", "rooms", "end", "ban", "drain"):
+        return _cluster_command(args)
     return 2
 
 

@@ -148,6 +148,18 @@ class ServerConfig:
     #: Received 20 ms frames aiortc holds before the mixer gets them (aiortc's default is 4).
     #: 0 hands each packet on at once; the mixer then absorbs up to 60 ms of jitter itself.
     audio_jitter_frames: int = 0
+    #: Redis that the servers of a cluster share as their directory of nodes and rooms
+    #: (``redis://host:6379/0``); empty: this server runs alone.
+    redis_url: str = ""
+    #: The WebSocket URL clients reach this server at, given to them in redirects (default:
+    #: ``ws://HOST:PORT/ws``; behind a proxy or TLS terminator, the public one).
+    public_url: str = ""
+    #: Members this server is meant to hold; the cluster places new rooms on the server with
+    #: the most room left.
+    node_capacity: int = 1000
+    #: Seconds a room's lease in the cluster lasts unless its server renews it: how long a
+    #: dead server's rooms wait before another server takes them over.
+    cluster_lease_ttl: float = 5.0
     #: Make up a speaker's lost or late 20 ms frames with Opus's loss concealment (and the
     #: next packet's in-band FEC, when the sender sends one) instead of mixing silence.
     audio_conceal: bool = True
@@ -220,6 +232,13 @@ class ServerConfig:
             raise ValueError("audio_complexity must be 0-10")
         if not 0 <= self.audio_jitter_frames <= 8:
             raise ValueError("audio_jitter_frames must be 0-8")
+        if self.redis_url and not re.match(r"^(rediss?|unix)://", self.redis_url):
+            raise ValueError("redis_url must start with redis://, rediss:// or unix://")
+        if self.public_url and not re.match(r"^wss?://[^\x00-\x20\x7f]{1,490}$", self.public_url):
+            raise ValueError("public_url must be a ws:// or wss:// URL")
+        _at_least(self, 1, "node_capacity")
+        if not 1.0 <= self.cluster_lease_ttl <= 60.0:
+            raise ValueError("cluster_lease_ttl must be between 1 and 60 seconds")
         # Fail at start, not at the first audio offer (medverse.rtc parses them again then;
         # it is not imported here because it loads aiortc, which `medverse token` need not).
         addresses = [a.strip() for a in self.rtc_host_addresses.split(",") if a.strip()]

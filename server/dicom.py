@@ -406,8 +406,10 @@ def build_series(datasets: Sequence[Dataset], syntaxes: Sequence[str] | None = N
 
 
 def _volume(datasets: Sequence[Dataset], rows: int, cols: int) -> np.ndarray:
-    """Decode every slice and apply its rescale; int16 when the values fit, else float32."""
-    vol = np.empty((len(datasets), rows, cols), np.float32)
+    """Decode every slice and apply its rescale: int16 while every value is a whole number
+    that fits (CT in HU), else float32. Slice by slice, so a 300-slice CT never has a float
+    copy of the whole volume in memory."""
+    vol: np.ndarray = np.empty((len(datasets), rows, cols), np.int16)
     for k, ds in enumerate(datasets):
         try:
             arr = ds.pixel_array
@@ -419,13 +421,20 @@ def _volume(datasets: Sequence[Dataset], rows: int, cols: int) -> np.ndarray:
             raise ImageError("mixed_series", f"{_name(ds)} is {arr.shape}, not {(rows, cols)}")
         slope = float(ds.get("RescaleSlope", 1) or 1)
         intercept = float(ds.get("RescaleIntercept", 0) or 0)
-        np.multiply(arr, slope, out=vol[k], casting="unsafe")
-        vol[k] += intercept
-    if not np.isfinite(vol).all():
-        raise ImageError("unsupported_image", "the rescaled values are not finite")
-    lo, hi = float(vol.min()), float(vol.max())
-    if lo >= -32768 and hi <= 32767 and np.array_equal(vol, np.round(vol)):
-        return vol.astype(np.int16)
+        values = arr.astype(np.float32)
+        if slope != 1.0:
+            values *= np.float32(slope)
+        if intercept != 0.0:
+            values += np.float32(intercept)
+        if not np.isfinite(values).all():
+            raise ImageError("unsupported_image", f"{_name(ds)}: rescaled values are not finite")
+        if vol.dtype == np.int16 and not (
+            float(values.min()) >= -32768
+            and float(values.max()) <= 32767
+            and np.array_equal(values, np.round(values))
+        ):
+            vol = vol.astype(np.float32)  # this slice does not fit: the whole volume floats
+        vol[k] = values
     return vol
 
 

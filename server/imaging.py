@@ -103,10 +103,11 @@ def write_volume(path: Path, series: Series) -> str:
         for part in (_MAGIC, struct.pack("<I", len(raw)), raw):
             f.write(part)
             digest.update(part)
-        data = memoryview(vol.astype(vol.dtype.newbyteorder("<"), copy=False).tobytes())
-        for i in range(0, len(data), 8 << 20):
-            f.write(data[i : i + (8 << 20)])
-            digest.update(data[i : i + (8 << 20)])
+        little = vol.dtype.newbyteorder("<")
+        for k in range(vol.shape[0]):  # a slice at a time: no copy of the whole volume
+            data = vol[k].astype(little, copy=False).tobytes()
+            f.write(data)
+            digest.update(data)
         f.flush()
         os.fsync(f.fileno())
     return digest.hexdigest()

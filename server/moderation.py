@@ -330,6 +330,34 @@ class Moderation(RoomPlugin):
                 ctx.set_muted(m, muted)
                 ctx.broadcast(self._state(m))
 
+    def ban_identity(
+        self, subject: str, reason: str, actor: str, until: float | None, record: bool = True
+    ) -> None:
+        """An operator bans ``subject`` from this room (the admin API, on every server of a
+        cluster): recorded (unless another server recorded it in a store they share), every
+        device of the identity removed, the hosts told."""
+        ctx = self.ctx
+        gone = self._members_of(subject)
+        name = gone[0].name if gone else subject
+        if record:
+            ban = self.bans.add(ctx.name, subject, name, reason, actor, until)
+            ctx.audit(
+                "banned",
+                actor=actor,
+                subject=subject,
+                ban=ban.id,
+                until=int(until) if until is not None else None,
+                reason=reason,
+            )
+            err = ban_refusal(ban)
+        else:
+            err = ban_refusal(Ban(0, ctx.name, subject, name, reason, actor, time.time(), until))
+        err = ProtocolError(err.code, reason or err.message)
+        for m in gone:
+            ctx.audit("removed", actor=actor, subject=subject, member=m.id, ban=True, reason=reason)
+            ctx.remove(m, err, "removed")
+        self._send_bans()
+
     def _admit(self, lobby_id: int, actor: str) -> None:
         subject = self.ctx.lobby[lobby_id].subject
         self.ctx.admit(lobby_id)  # raises room_full (the waiter is turned away)

@@ -12,8 +12,10 @@ only once durable; moved transforms are written every ``object_flush_interval`` 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -76,6 +78,8 @@ log = logging.getLogger("medverse.objects")
 
 #: Annotations sent to a joining member between two yields to the event loop.
 SEND_CHUNK = 256
+#: Store operations committed in one transaction at most.
+MAX_BATCH = 256
 #: Object requests a loading room keeps to answer once it has loaded (more are refused).
 MAX_WAITING_REQUESTS = 256
 #: Refused moves answered per second per member (a token bucket with this burst too): moves
@@ -766,6 +770,9 @@ class SharedObjects(ServerPlugin):
         self.dirty: set[LiveObject] = set()
         #: Rooms whose stored objects must not be opened, and why (see :meth:`hold_back`).
         self.held_back: dict[str, str] = {}
+        #: Store calls waiting for the writer, with the futures they settle.
+        self._batch: list[tuple[Callable[[], None], asyncio.Future[None]]] = []
+        self._batch_lock = threading.Lock()
 
     room_plugin = RoomObjects
 
@@ -872,9 +879,16 @@ class SharedObjects(ServerPlugin):
         failed: Callable[[], None],
     ) -> None:
         """Run a store call on the writer thread; ``done`` or ``failed`` runs on the loop, in
-        the order the calls were made (one writer, FIFO)."""
+        the order the calls were made (one writer, FIFO). Calls that queue up while the
+        writer commits are committed together next (see :meth:`ObjectStore.run_batch`)."""
         assert self._writer is not None
-        fut = asyncio.get_running_loop().run_in_executor(self._writer, fn, *args)
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        with self._batch_lock:
+            self._batch.append((functools.partial(fn, *args), fut))
+            first = len(self._batch) == 1
+        if first:  # else the drain already queued takes it along
+            self._writer.submit(self._drain, loop)
 
         def finished(f: asyncio.Future[None]) -> None:
             if f.cancelled() or f.exception() is not None:
@@ -886,6 +900,29 @@ class SharedObjects(ServerPlugin):
                 done()
 
         fut.add_done_callback(finished)
+
+    def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
+        """On the writer thread: commit what is queued (up to MAX_BATCH at once)."""
+        with self._batch_lock:
+            batch, self._batch = self._batch[:MAX_BATCH], self._batch[MAX_BATCH:]
+            more = bool(self._batch)
+        if more:  # the rest after this batch, still before anything queued later
+            self._writer.submit(self._drain, loop)  # type: ignore[union-attr]
+        try:
+            errors = self.store.run_batch([call for call, _ in batch])
+        except Exception as exc:
+            errors = [exc] * len(batch)
+
+        def settle() -> None:
+            for (_, fut), err in zip(batch, errors, strict=True):
+                if fut.done():
+                    continue
+                if err is None:
+                    fut.set_result(None)
+                else:
+                    fut.set_exception(err)
+
+        loop.call_soon_threadsafe(settle)
 
 
 def _check_points(kind: str, points: tuple[Any, ...]) -> None:

@@ -31,6 +31,10 @@ class RoomRegistry:
         pseudonymous: Callable[[str], bool] | None = None,
         settings: Callable[[str], RoomSettings] | None = None,
     ) -> None:
+        #: In a cluster: the first member id of a room placed here (from its lease's
+        #: generation), and what to do once a room closed here (give up its lease).
+        self.first_member_id: Callable[[str], int] = lambda name: 1
+        self.on_closed: Callable[[str], None] = lambda name: None
         self._services = services
         self._plugins = {p.name: p for p in plugins}
         self._default = list(plugins)
@@ -92,6 +96,7 @@ class RoomRegistry:
             kind=kind,
             pseudonymous=pseudonymous,
             on_empty=self._empty,
+            first_member_id=self.first_member_id(name),
             settings=settings,
         )
         self._next_segment += 1
@@ -110,13 +115,16 @@ class RoomRegistry:
             self._empty(room)  # cancelled when someone joins
         return answer
 
-    def join(self, identity: Identity, slots: int, link: Link) -> Member:
-        """Add a member to its room, placing the room if needed (raises ``room_full``)."""
+    def join(
+        self, identity: Identity, slots: int, link: Link, member_id: int | None = None
+    ) -> Member:
+        """Add a member to its room, placing the room if needed (raises ``room_full``);
+        ``member_id``: a member resuming after its room moved here keeps its id."""
         room = self.place(identity.room)
         timer = self._close_timers.pop(room.name, None)
         if timer is not None:
             timer.cancel()
-        return room.join(identity, slots, link)
+        return room.join(identity, slots, link, member_id)
 
     # ----------------------------------------------------------------- closing
 
@@ -136,7 +144,23 @@ class RoomRegistry:
         del self._rooms[room.name]
         del self._by_segment[room.segment]
         room.close()
+        self.on_closed(room.name)
         log.info("room %s closed", room.name)
+
+    def drop(self, name: str, url: str | None) -> None:
+        """Stop running room ``name`` here at once: its members and lobby are redirected to
+        ``url`` (another server of the cluster runs it now) or, without one, disconnected to
+        find it again; then it closes."""
+        room = self._rooms.pop(name, None)
+        if room is None:
+            return
+        del self._by_segment[room.segment]
+        timer = self._close_timers.pop(name, None)
+        if timer is not None:
+            timer.cancel()
+        room.hand_over(url)
+        room.close()
+        log.info("room %s moved %s", name, f"to {url}" if url else "away (lease lost)")
 
     def close_all(self) -> None:
         """Close every room now (the server is stopping)."""

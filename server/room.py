@@ -28,6 +28,7 @@ from medverse.protocol.messages import (
     Left,
     MemberInfo,
     Message,
+    Redirect,
     Welcome,
     encode_message,
     pose_frame_size,
@@ -46,6 +47,7 @@ from .rfc6455 import binary_frame
 log = logging.getLogger("medverse.room")
 
 #: Close codes the room asks a connection to close with.
+CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY = 1008
 CLOSE_REPLACED = 4002
 CLOSE_MODERATION = 4010
@@ -207,6 +209,9 @@ class RoomServices:
     traffic: Traffic
     #: ``audit(kind, room=..., actor=..., subject=..., **fields)``; never raises.
     audit: Callable[..., None]
+    #: In a cluster, makes the resume token of a member (room, member id, identity, slots)
+    #: that any node can check; None: random tokens this process alone knows.
+    resume_token: Callable[[str, int, Identity, int], str] | None = None
 
 
 @dataclass
@@ -397,6 +402,7 @@ class Room:
         kind: str = "default",
         pseudonymous: bool = False,
         on_empty: Callable[[Room], None] = lambda room: None,
+        first_member_id: int = 1,
         settings: RoomSettings | None = None,
     ) -> None:
         self.name = name
@@ -418,7 +424,9 @@ class Room:
         self.views: Mapping[int, MemberView] = MappingProxyType(self._views)
         self._by_token: dict[str, Member] = {}
         self._lobby: dict[int, LobbyEntry] = {}
-        self._next_id = 1
+        # A room that moved to this server starts its new members' ids where no member resuming
+        # from its previous server can have one.
+        self._next_id = first_member_id
         self._next_lobby_id = 1
         self._on_empty = on_empty
         self._last_tick: int | None = None  # room tick of the last state frame sent
@@ -699,29 +707,73 @@ class Room:
         if self._lobby.pop(lobby_id, None) is not None:
             self._notify("on_lobby_changed")
 
-    def join(self, identity: Identity, slots: int, link: Link) -> Member:
+    def join(
+        self, identity: Identity, slots: int, link: Link, member_id: int | None = None
+    ) -> Member:
         """Add a member, send its welcome, tell the room and the plugins (raises
-        ``room_full``). Hidden members (observers) get no avatar and nobody is told."""
+        ``room_full``). Hidden members (observers) get no avatar and nobody is told.
+        ``member_id``: a member resuming here after its room moved from another server of the
+        cluster keeps its id (its welcome says ``resumed``)."""
         if len(self._members) >= self.config.max_members_per_room:
             raise ProtocolError(ErrorCode.ROOM_FULL, f"room {self.name} is full")
-        mid = self._next_id
-        self._next_id += 1
+        moved = member_id is not None and member_id not in self._members
+        if moved:
+            assert member_id is not None
+            mid = member_id
+            if mid >= self._next_id:
+                self._next_id = mid + 1
+        else:
+            mid = self._next_id
+            self._next_id += 1
         name = (identity.pseudonym or f"Participant {mid}") if self.pseudonymous else identity.name
         member = Member(mid, identity, slots, -1, link, name)
+        make_token = self._services.resume_token
+        if make_token is not None:
+            member.resume_token = make_token(self.name, mid, identity, slots)
         if not identity.hidden:
             member.row = self._table.alloc(self.segment, mid, slots, owner=member)
         self._members[mid] = member
         self._views[mid] = member.view
         self._by_token[member.resume_token] = member
         self._keyframe_wanted = True
-        self.audit(
-            "join", actor=identity.subject, subject=str(mid), name=identity.name, role=identity.role
-        )
+        if moved:
+            self.audit("resume", actor=identity.subject, subject=str(mid), moved=True)
+        else:
+            self.audit(
+                "join",
+                actor=identity.subject,
+                subject=str(mid),
+                name=identity.name,
+                role=identity.role,
+            )
         if not member.hidden:
             self.broadcast(Joined(mid, member.name), exclude=mid)
-        link.send(self.welcome(member, False))
+        link.send(self.welcome(member, moved))
         self._notify("on_join", member.view)
         return member
+
+    def has_member(self, member_id: int) -> bool:
+        return member_id in self._members
+
+    def hand_over(self, url: str | None) -> None:
+        """This server stops running the room (it moved to another server of the cluster, or
+        its lease is lost): every member and lobby connection is redirected to ``url`` (or,
+        without one, closed so it reconnects), keeping its place to resume there. Then the
+        registry closes the room here."""
+        self.audit("room_moved", to=url)
+        links = [e.link for e in self._lobby.values()]
+        self._lobby.clear()
+        for m in self._members.values():
+            if m.grace is not None:
+                m.grace.cancel()
+                m.grace = None
+            if m.link is not None:
+                links.append(m.link)
+                m.link = None  # its session's close must not start a resume grace here
+        for link in links:
+            if url is not None:
+                link.send(Redirect(url, "moving"))
+            link.close(CLOSE_GOING_AWAY, b"room moved")
 
     def welcome(self, member: Member, resumed: bool) -> Welcome:
         """The ``welcome`` for ``member`` now (after a join, a resume or a pause)."""

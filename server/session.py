@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from medverse.protocol.clinic import Moved
 from medverse.protocol.connection import (
@@ -42,6 +43,7 @@ from medverse.protocol.messages import (
     Pause,
     Ping,
     Pong,
+    Redirect,
     RequestError,
     RequestRefused,
     Waiting,
@@ -57,6 +59,9 @@ from .registry import RoomRegistry
 from .rfc6455 import OP_BINARY, OP_PING, binary_frame, control_frame
 from .room import Member, Room
 from .transport import WebSocketConnection
+
+if TYPE_CHECKING:
+    from .cluster import Cluster
 
 log = logging.getLogger("medverse.session")
 
@@ -91,6 +96,8 @@ class SessionServices:
     server_messages: Mapping[str, type[Message]]
     #: Connections per address, and those not identified yet.
     budget: ConnectionBudget
+    #: This server's place in a cluster (None: it runs alone).
+    cluster: Cluster | None = None
 
 
 class Session:
@@ -118,6 +125,7 @@ class Session:
         self._closed = False
         #: A valid hello named who this is (the connection left the unidentified budget).
         self.identified = False
+        self._routing: asyncio.Task[None] | None = None  # asking the cluster where the room is
         self._handshake_timer: asyncio.TimerHandle | None = None
         self._heartbeat_timer: asyncio.TimerHandle | None = None
         self._next_ping = 0.0  # loop time of the next heartbeat ping
@@ -387,7 +395,48 @@ class Session:
             self._refuse(err, CLOSE_POLICY, b"join refused")
             return
         self._accepted(identity)
+        cluster = s.cluster
+        if cluster is not None and not cluster.holds(hello.room):
+            # Where does the room live? One round trip to the cluster's directory; the hello
+            # is answered when it is back (a redirect, or the join here).
+            self._routing = asyncio.get_running_loop().create_task(self._route(hello, identity))
+            return
+        self._join(hello, identity)
+
+    async def _route(self, hello: Hello, identity: Identity) -> None:
+        cluster = self._s.cluster
+        assert cluster is not None
+        try:
+            route = await cluster.route(hello.room)
+        except Exception as exc:  # Redis unreachable: the client tries again later
+            log.warning("room %s: the cluster directory did not answer: %s", hello.room, exc)
+            route = None
+        if self._closed:
+            return
+        try:
+            if route is not None and route.local:
+                self._join(hello, identity)
+            elif route is not None and route.url is not None:
+                self.send(Redirect(route.url, "owner"))
+                self.close(CLOSE_NORMAL, b"redirect")
+            else:
+                self._refuse(
+                    ProtocolError(
+                        ErrorCode.ROOM_MOVING,
+                        "the room is moving to another server; join again in a moment",
+                    ),
+                    CLOSE_GOING_AWAY,
+                    b"room moving",
+                )
+        except Exception:
+            log.exception("session %s: error joining room %s", self.peer, hello.room)
+            self._refuse(ProtocolError(ErrorCode.INTERNAL, "internal error"), 1011, b"internal")
+
+    def _join(self, hello: Hello, identity: Identity) -> None:
+        """The hello, answered on the server that runs its room."""
+        s = self._s
         room = s.rooms.get(hello.room)
+        moved: int | None = None
         if hello.resume is not None:
             slots = hello.slots
             member = room.resumable(hello.resume, slots) if room is not None else None
@@ -400,8 +449,25 @@ class Session:
                 self.member, self._room = member, room
                 room.reattach(member, self)
                 return
-            self.send_error(ProtocolError(ErrorCode.BAD_RESUME, "cannot resume; joining anew"))
-        self._enter(identity, consented=False)
+            moved = self._moved_member(hello, identity)
+            if moved is None:
+                self.send_error(ProtocolError(ErrorCode.BAD_RESUME, "cannot resume; joining anew"))
+        self._enter(identity, consented=False, member_id=moved)
+
+    def _moved_member(self, hello: Hello, identity: Identity) -> int | None:
+        """The member id a resume token from another server of the cluster names, if it is
+        valid for this room and identity and nobody here has that id (the room moved here)."""
+        cluster = self._s.cluster
+        tokens = cluster.tokens if cluster is not None else None
+        if tokens is None or hello.resume is None:
+            return None
+        checked = tokens.check(hello.resume, hello.room, identity.subject)
+        if checked is None or checked[1] != hello.slots:
+            return None
+        room = self._s.rooms.get(hello.room)
+        if room is not None and room.has_member(checked[0]):
+            return None
+        return checked[0]
 
     def _accepted(self, identity: Identity) -> None:
         self.identified = True
@@ -444,9 +510,17 @@ class Session:
             raise ProtocolError(ErrorCode.UNAUTHORIZED, "a join token is required")
         return verifier.verify(hello.token, hello.room)
 
-    def _enter(self, identity: Identity, consented: bool, admit: bool = False) -> None:
+    def _enter(
+        self,
+        identity: Identity,
+        consented: bool,
+        admit: bool = False,
+        member_id: int | None = None,
+    ) -> None:
         """Entry checks, then consent, then the lobby (unless a host moved us in: ``admit``)
-        or the room itself."""
+        or the room itself. A member whose room moved here from another server of the cluster
+        (``member_id``) consented and was admitted there: only the entry checks (bans, an
+        ended session) apply again."""
         s = self._s
         identity = s.policy.identity_in(identity, identity.room)
         if not consented:
@@ -458,6 +532,8 @@ class Session:
             )
             self._refuse(answer, CLOSE_POLICY, b"join refused")
             return
+        if member_id is not None:
+            consented, answer, self._admit = True, None, True
         consent = s.policy.consent(identity.room)
         if not consented and consent is not None:
             self._consent = identity
@@ -473,7 +549,7 @@ class Session:
             return
         try:
             self._room = s.rooms.place(identity.room)
-            self.member = s.rooms.join(identity, slots, self)
+            self.member = s.rooms.join(identity, slots, self, member_id)
         except ProtocolError as err:
             self._refuse(err, CLOSE_POLICY, b"join refused")
 

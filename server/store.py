@@ -8,6 +8,9 @@ embedded default, :class:`SQLiteObjectStore`, keeps one SQLite file in the data 
 methods on PostgreSQL (``--database-url``), for several servers sharing one state.
 
 Every method is blocking; the server calls them from one dedicated writer thread, in order.
+Operations that queue up while a commit is under way are committed together, in one
+transaction, by :meth:`ObjectStore.run_batch` (group commit: one fsync, or one round trip, for
+all of them), each still acknowledged only once that transaction is durable.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import json
 import sqlite3
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,6 +121,19 @@ class ObjectStore(ABC):
     @abstractmethod
     def close(self) -> None: ...
 
+    def run_batch(self, calls: list[Callable[[], None]]) -> list[BaseException | None]:
+        """Run operations of this store (``put_*`` and ``delete_*`` calls, in order), durable
+        when this returns, in as few commits as the backend can; what each ended with (None,
+        or the exception that failed it). This default runs them one by one."""
+        errors: list[BaseException | None] = []
+        for call in calls:
+            try:
+                call()
+                errors.append(None)
+            except Exception as exc:
+                errors.append(exc)
+        return errors
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS objects (
@@ -174,11 +190,36 @@ class SQLiteObjectStore(ObjectStore):
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # durable at commit, even on power loss
         self._db.executescript(_SCHEMA)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._batching = False  # inside run_batch's transaction
+
+    def run_batch(self, calls: list[Callable[[], None]]) -> list[BaseException | None]:
+        """One transaction (one fsync) for all of them; if it fails, each on its own, so one
+        bad operation fails alone."""
+        if len(calls) < 2:
+            return super().run_batch(calls)
+        with self._lock:
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            self._batching = True
+            try:
+                for call in calls:
+                    call()
+                db.execute("COMMIT")
+                return [None] * len(calls)
+            except Exception:
+                db.execute("ROLLBACK")
+            finally:
+                self._batching = False
+        return super().run_batch(calls)
 
     def _tx(self, statements: list[tuple[str, tuple[object, ...]]]) -> None:
         with self._lock:
             db = self._db
+            if self._batching:  # part of run_batch's transaction
+                for sql, args in statements:
+                    db.execute(sql, args)
+                return
             db.execute("BEGIN IMMEDIATE")
             try:
                 for sql, args in statements:
@@ -342,14 +383,23 @@ class SQLiteObjectStore(ObjectStore):
 
 # --------------------------------------------------------------------------- PostgreSQL
 
-_PG_COUNTERS = (
-    "INSERT INTO rooms (room, next_object_id, next_annotation_id, seq) "
-    "VALUES ($1, GREATEST($2::bigint, 1), GREATEST($3::bigint, 1), GREATEST($4::bigint, 0)) "
-    "ON CONFLICT (room) DO UPDATE SET "
-    "next_object_id = GREATEST(rooms.next_object_id, EXCLUDED.next_object_id), "
-    "next_annotation_id = GREATEST(rooms.next_annotation_id, EXCLUDED.next_annotation_id), "
-    "seq = GREATEST(rooms.seq, EXCLUDED.seq)"
-)
+
+def _pg_counters(first: int) -> str:
+    """A CTE raising the room's counters (room ``$1``; next object id, next annotation id and
+    sequence number ``$first`` onwards): joined to the operation's own statement, the whole
+    change is one statement, one round trip, atomic without a transaction of its own."""
+    obj, anno, seq = first, first + 1, first + 2
+    return (
+        "c AS (INSERT INTO rooms (room, next_object_id, next_annotation_id, seq) "
+        f"VALUES ($1, GREATEST(${obj}::bigint, 1), GREATEST(${anno}::bigint, 1), "
+        f"GREATEST(${seq}::bigint, 0)) "
+        "ON CONFLICT (room) DO UPDATE SET "
+        "next_object_id = GREATEST(rooms.next_object_id, EXCLUDED.next_object_id), "
+        "next_annotation_id = GREATEST(rooms.next_annotation_id, EXCLUDED.next_annotation_id), "
+        "seq = GREATEST(rooms.seq, EXCLUDED.seq))"
+    )
+
+
 _PG_OBJECT_COLUMNS = (
     "room, id, asset, name, author, author_subject, created, px, py, pz, qx, qy, qz, qw, "
     "scale, nodes, plane"
@@ -382,6 +432,31 @@ class PostgresObjectStore(ObjectStore):
 
         assert isinstance(db, Database)
         self.db = db
+        #: Statements of the operations run_batch is collecting (None: run each at once).
+        self._collecting: list[tuple[str, tuple[Any, ...]]] | None = None
+
+    def run_batch(self, calls: list[Callable[[], None]]) -> list[BaseException | None]:
+        """One transaction (one round trip of commits) for all of them; if it fails, each on
+        its own, so one bad operation fails alone."""
+        if len(calls) < 2:
+            return super().run_batch(calls)
+        self._collecting = []
+        try:
+            for call in calls:
+                call()
+            statements = self._collecting
+        finally:
+            self._collecting = None
+
+        async def tx(conn: Any) -> None:
+            for sql, args in statements:
+                await conn.execute(sql, *args)
+
+        try:
+            self.db.transaction(tx)
+            return [None] * len(calls)
+        except Exception:
+            return super().run_batch(calls)
 
     def load_room(self, room: str) -> RoomRecord:
         async def load(conn: Any) -> RoomRecord:
@@ -445,77 +520,71 @@ class PostgresObjectStore(ObjectStore):
 
         return self.db.run(names)  # type: ignore[no-any-return]
 
-    def _tx(self, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
-        async def tx(conn: Any) -> None:
-            for sql, args in statements:
-                await conn.execute(sql, *args)
+    def _op(self, sql: str, args: tuple[Any, ...]) -> None:
+        """One change as one statement (committed on return), or into run_batch's
+        transaction."""
+        if self._collecting is not None:  # run_batch commits it with the others
+            self._collecting.append((sql, args))
+            return
 
-        self.db.transaction(tx)
+        async def run(conn: Any) -> None:
+            await conn.execute(sql, *args)
+
+        self.db.run(run)
 
     def put_object(self, o: StoredObject) -> None:
-        self._tx(
-            [
-                (_PG_COUNTERS, (o.room, o.id + 1, 0, 0)),
-                (
-                    _upsert("objects", _PG_OBJECT_COLUMNS),
-                    (
-                        o.room,
-                        o.id,
-                        o.asset,
-                        o.name,
-                        o.author,
-                        o.author_subject,
-                        o.created,
-                        *map(float, o.position),
-                        *map(float, o.rotation),
-                        float(o.scale),
-                        json.dumps(o.nodes, separators=(",", ":"), sort_keys=True),
-                        json.dumps(list(o.plane)),
-                    ),
-                ),
-            ]
+        args = (
+            o.room,
+            o.id,
+            o.asset,
+            o.name,
+            o.author,
+            o.author_subject,
+            o.created,
+            *map(float, o.position),
+            *map(float, o.rotation),
+            float(o.scale),
+            json.dumps(o.nodes, separators=(",", ":"), sort_keys=True),
+            json.dumps(list(o.plane)),
+        )
+        self._op(
+            f"WITH {_pg_counters(18)} {_upsert('objects', _PG_OBJECT_COLUMNS)}",
+            (*args, o.id + 1, 0, 0),
         )
 
     def delete_object(self, room: str, object_id: int, seq: int) -> None:
-        self._tx(
-            [
-                (_PG_COUNTERS, (room, object_id + 1, 0, seq)),
-                ("DELETE FROM annotations WHERE room = $1 AND object_id = $2", (room, object_id)),
-                ("DELETE FROM objects WHERE room = $1 AND id = $2", (room, object_id)),
-            ]
+        self._op(
+            f"WITH {_pg_counters(3)}, "
+            "a AS (DELETE FROM annotations WHERE room = $1 AND object_id = $2) "
+            "DELETE FROM objects WHERE room = $1 AND id = $2",
+            (room, object_id, object_id + 1, 0, seq),
         )
 
     def put_annotation(self, a: StoredAnnotation) -> None:
-        self._tx(
-            [
-                (_PG_COUNTERS, (a.room, 0, a.id + 1, a.seq)),
-                (
-                    _upsert("annotations", _PG_ANNOTATION_COLUMNS),
-                    (
-                        a.room,
-                        a.id,
-                        a.object_id,
-                        a.kind,
-                        json.dumps([list(p) for p in a.points]),
-                        a.text,
-                        a.color,
-                        a.author,
-                        a.author_subject,
-                        a.author_id,
-                        a.created,
-                        a.edited,
-                        a.seq,
-                    ),
-                ),
-            ]
+        args = (
+            a.room,
+            a.id,
+            a.object_id,
+            a.kind,
+            json.dumps([list(p) for p in a.points]),
+            a.text,
+            a.color,
+            a.author,
+            a.author_subject,
+            a.author_id,
+            a.created,
+            a.edited,
+            a.seq,
+        )
+        self._op(
+            f"WITH {_pg_counters(14)} {_upsert('annotations', _PG_ANNOTATION_COLUMNS)}",
+            (*args, 0, a.id + 1, a.seq),
         )
 
     def delete_annotation(self, room: str, annotation_id: int, seq: int) -> None:
-        self._tx(
-            [
-                (_PG_COUNTERS, (room, 0, annotation_id + 1, seq)),
-                ("DELETE FROM annotations WHERE room = $1 AND id = $2", (room, annotation_id)),
-            ]
+        self._op(
+            f"WITH {_pg_counters(3)} DELETE FROM annotations WHERE room = $1 AND id = $2",
+            (room, annotation_id, 0, annotation_id + 1, seq),
         )
 
     def put_transforms(self, rows: Iterable[TransformRow]) -> None:

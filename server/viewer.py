@@ -289,6 +289,7 @@ class RoomImages(RoomPlugin):
         self._changed: dict[int, Panel] = {}  # panels changed since the last tick
         self.dirty = False  # panel states changed since the last store
         self._pointers: dict[int, tuple[int, int, float, float, float]] = {}
+        self._visible: set[int] = set()  # members whose pointer shows
         self._handlers: dict[type[Message], Callable[[MemberView, Any], Any]] = {
             OpenPanel: self._open,
             ClosePanel: self._close,
@@ -314,9 +315,21 @@ class RoomImages(RoomPlugin):
     async def _run(self) -> None:
         """Load the room's viewer state, then run its requests one at a time."""
         store = self.service.store
-        panels, measurements, np_, nm, seq = await self.service.run(
-            store.load_viewer, self.ctx.name
-        )
+        try:
+            panels, measurements, np_, nm, seq = await self.service.run(
+                store.load_viewer, self.ctx.name
+            )
+        except Exception:
+            # Nothing can be answered without the room's state: refuse every request (new
+            # ids would overwrite what is stored) until the room is opened again.
+            log.exception("loading the image viewers of room %s failed", self.ctx.name)
+            while True:
+                member, msg = await self._queue.get()
+                self._refuse(
+                    member,
+                    msg,
+                    ProtocolError(ErrorCode.INTERNAL, "the room's images are not loaded"),
+                )
         self.panels = {p["panel_id"]: Panel.from_json(p) for p in panels}
         self.measurements = {m["measurement_id"]: Measurement.from_json(m) for m in measurements}
         self.next_panel, self.next_measurement, self.seq = np_, nm, seq
@@ -357,7 +370,11 @@ class RoomImages(RoomPlugin):
         self._hide_pointer(member)
 
     def _hide_pointer(self, member: MemberView) -> None:
-        self._pointers[member.id] = (member.id, 0, 0.0, 0.0, 0.0)
+        """Hide the member's pointer if it shows one (nobody hears of members who never
+        pointed)."""
+        if member.id in self._visible:
+            self._visible.discard(member.id)
+            self._pointers[member.id] = (member.id, 0, 0.0, 0.0, 0.0)
 
     def _send_all(self, member: MemberView) -> None:
         if not member.connected or member.paused or not self.loaded:
@@ -589,13 +606,14 @@ class RoomImages(RoomPlugin):
         if member.hidden or member.paused:
             raise ProtocolError(ErrorCode.FORBIDDEN, "observers and paused members do not point")
         if msg.panel_id == 0:
-            self._pointers[member.id] = (member.id, 0, 0.0, 0.0, 0.0)
+            self._hide_pointer(member)
             return
         if msg.panel_id not in self.panels:
             raise ProtocolError(ErrorCode.NOT_FOUND, f"no panel {msg.panel_id}")
         if msg.point is None:
             raise ProtocolError(ErrorCode.BAD_FIELD, "point is required on a panel")
         self._pointers[member.id] = (member.id, msg.panel_id, *msg.point)
+        self._visible.add(member.id)
 
     # ----------------------------------------------------------------- measurements
 

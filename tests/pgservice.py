@@ -54,7 +54,10 @@ class PostgresServer:
             raise FileNotFoundError("PostgreSQL is not installed (initdb not found)")
         self.bindir = bindir
         self.port = free_port()
-        self.root = Path(tempfile.mkdtemp(prefix="medverse-pg-"))
+        # As root the folder is handed to the postgres user, who must reach it: /tmp, not a
+        # TMPDIR that may be private to root.
+        parent = "/tmp" if os.geteuid() == 0 and os.path.isdir("/tmp") else None
+        self.root = Path(tempfile.mkdtemp(prefix="medverse-pg-", dir=parent))
         self.data = self.root / "data"
         self.log = self.root / "server.log"
         self._as: list[str] = []

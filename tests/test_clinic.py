@@ -252,6 +252,9 @@ async def test_scripted_consultation(srv: ServerProcess) -> None:
                 assert (moved.room, moved.reason) == ("waiting", "sent back to the waiting room")
                 await expect(pa, "arrived", lambda e: e.room == "waiting")
                 assert ann.texts[-1] == TEXTS["waiting"]
+                # The waiting room's audio policy: patients enter muted by the server.
+                state = await expect(pa, "member_state", lambda e: e.member_id == pa.member_id)
+                assert state.muted
                 q = await expect(pa, "queue")
                 # Back at the end of the queue; the estimate now comes from the measured
                 # consultation (well under the 12-minute default).
@@ -333,7 +336,10 @@ async def test_audio_follows_the_patient(srv: ServerProcess) -> None:
                 what="the patient's audio renegotiated",
             )
             pd.send_pose(head=Pose((0.0, 1.6, -1.0)))
-            await until(lambda: max(meter.levels(0.2)) > -45.0, timeout=20, what="heard")
+            # The track published in the waiting room is published again (aiortc would stop
+            # it with the old connection), and the clinician hears it.
+            await until(lambda: max(meter.levels(0.2)) > -45.0, timeout=30, what="heard")
+            assert tone.readyState == "live"
         finally:
             meter.stop()
 

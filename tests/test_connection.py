@@ -152,6 +152,7 @@ SERVER_SAMPLES: dict[str, dict[str, Any]] = {
     "bans": {"t": "bans", "bans": [{"id": 1, "name": "C", "until": 0, "reason": "threats"}]},
     "ack": {"t": "ack", "req": 5},
     "refused": {"t": "refused", "req": 5, "code": "forbidden", "message": "hosts only"},
+    "redirect": {"t": "redirect", "url": "ws://127.0.0.1:9001/ws", "reason": "owner"},
     "audio_answer": {"t": "audio_answer", "sdp": "v=0\r\n", "publish": False},
     "audio_rules": {
         "t": "audio_rules",
@@ -533,21 +534,43 @@ SERVER_SEND: dict[str, tuple[dict[str, str | None], str | None]] = {
             "welcome": "joined",
             "error": "hello",
             "pong": "hello",
+            "redirect": "closing",
         },
         None,
     ),
     "consent": (
-        {"waiting": "lobby", "welcome": "joined", "error": "consent", "pong": "consent"},
+        {
+            "waiting": "lobby",
+            "welcome": "joined",
+            "error": "consent",
+            "pong": "consent",
+            "redirect": "closing",
+        },
         None,
     ),
-    "lobby": ({"welcome": "joined", "error": "lobby", "pong": "lobby"}, None),
+    "lobby": (
+        {"welcome": "joined", "error": "lobby", "pong": "lobby", "redirect": "closing"},
+        None,
+    ),
     # A move leaves the room: the target room's entry follows as after a hello.
     "joined": (
-        {"consent_required": None, "waiting": None, "welcome": "joined", "moved": "hello"},
+        {
+            "consent_required": None,
+            "waiting": None,
+            "welcome": "joined",
+            "redirect": "closing",
+            "moved": "hello",
+        },
         "joined",
     ),
     "paused": (
-        {"consent_required": None, "waiting": None, "welcome": "joined", "moved": "hello"},
+        {
+            "consent_required": None,
+            "waiting": None,
+            "welcome": "joined",
+            "redirect": "closing",
+            "moved": "hello",
+        },
         "paused",
     ),
     "closing": ({}, None),
@@ -647,6 +670,7 @@ CLIENT_RECV_MESSAGES: dict[str, tuple[dict[str, Outcome], Outcome]] = {
             "welcome": ok("joined"),
             "error": ok("hello"),
             "pong": ok("hello"),
+            "redirect": ok("closing"),
         },
         refused("handshake_required", False, "hello"),
     ),
@@ -656,17 +680,24 @@ CLIENT_RECV_MESSAGES: dict[str, tuple[dict[str, Outcome], Outcome]] = {
             "welcome": ok("joined"),
             "error": ok("consent"),
             "pong": ok("consent"),
+            "redirect": ok("closing"),
         },
         refused("consent_required", False, "consent"),
     ),
     "lobby": (
-        {"welcome": ok("joined"), "error": ok("lobby"), "pong": ok("lobby")},
+        {
+            "welcome": ok("joined"),
+            "error": ok("lobby"),
+            "pong": ok("lobby"),
+            "redirect": ok("closing"),
+        },
         refused("forbidden", False, "lobby"),
     ),
     "joined": (
         {
             "consent_required": refused("already_joined", False, "joined"),
             "waiting": refused("already_joined", False, "joined"),
+            "redirect": ok("closing"),
             "moved": ok("hello"),
         },
         ok("joined"),
@@ -676,6 +707,7 @@ CLIENT_RECV_MESSAGES: dict[str, tuple[dict[str, Outcome], Outcome]] = {
             "consent_required": refused("already_joined", False, "paused"),
             "waiting": refused("already_joined", False, "paused"),
             "welcome": ok("paused"),  # only our own pause(false) ends the pause
+            "redirect": ok("closing"),
             "moved": ok("hello"),
         },
         ok("paused"),

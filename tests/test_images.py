@@ -30,7 +30,7 @@ from medverse.client_sdk import (
     connect,
 )
 from medverse.client_sdk.images import ImageClient, zip_files
-from medverse.protocol.images import ImageAck, ImageRefused, Pointers
+from medverse.protocol.images import CLIENT_IMAGES, ImageAck, ImageRefused, Pointers
 from medverse.protocol.messages import PROTOCOL_VERSION, Error, Hello, Message, encode_message
 from medverse.server.audit import DB_FILE
 from medverse.server.auth import mint_token
@@ -473,7 +473,34 @@ async def test_bad_input_for_every_image_message(srv: ServerProcess) -> None:
             await raw.ws.send_bytes(frame({"t": "img_pointer", **fields}))
             err = await answer(raw, None)
             assert isinstance(err, Error) and err.code == code, (fields, err)
-        # The lead carried on throughout.
+        # Oversized, for every message type: refused from the frame's size, before decoding.
+        for n, t in enumerate(sorted(c.TYPE for c in CLIENT_IMAGES)):
+            await asyncio.sleep(0.06)  # under the error-reply rate
+            await raw.ws.send_bytes(frame({"t": t, "req": 600 + n, "pad": "x" * 5000}))
+            err = await answer(raw, None)
+            assert isinstance(err, Error) and err.code == "oversized", (t, err)
+        # Flooding every request type a little (each is answered or refused, in order), then
+        # the lead carries on.
+        floods = {
+            "img_place": {"panel_id": pid, "position": pos, "rotation": rot},
+            "img_close": {"panel_id": 4242},
+            "img_link": {"panel_id": pid},
+            "img_locate": {"panel_id": pid, "point": [0, 0, 0]},
+            "img_measure": {"series": sha, "kind": "distance", "points": [[0, 0, 5], [0, 1, 5]]},
+            "img_unmeasure": {"measurement_id": 4242},
+            "img_open": {"series": "cd" * 32, "position": pos, "rotation": rot, "width": 1.0},
+        }
+        req = 700
+        for t, fields in floods.items():
+            first = req
+            for _ in range(30):
+                await raw.ws.send_bytes(frame({"t": t, "req": req, **fields}))
+                req += 1
+            got = await answer(raw, req - 1, timeout=30)  # the last one: all before it are done
+            assert isinstance(got, ImageAck | ImageRefused), (t, got)
+            assert req - first == 30
+        ours = [m for m in lead.panels.measurements.values() if m.author == "fuzzer"]
+        assert 0 < len(ours) <= 30
         await lead.set_image_view(pid, slices=(2, 3, 4))
         # Flooding: scrolling and pointing as fast as the socket takes them. Excess is refused
         # by the connection's buckets (or the room's queue), answered or dropped, never

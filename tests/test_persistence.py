@@ -151,3 +151,32 @@ def fill(store: Any) -> None:
     store.put_annotation(a)
     store.put_transforms([TransformRow("r", 1, (1.0, 2.0, 3.0), (0.0, 1.0, 0.0, 0.0), 3.5)])
     store.delete_object("r", 2, 1)  # takes its annotation along
+
+
+def test_a_batch_commits_together_and_a_bad_operation_fails_alone(
+    tmp_path: Any, backend: Backend
+) -> None:
+    """Operations that queued up are committed in one transaction (group commit); if one of
+    them cannot be stored, it fails on its own and the others are stored."""
+    from functools import partial
+
+    from medverse.server.store import StoredAnnotation, StoredObject
+
+    def anno(aid: int, kind: Any = "pin") -> StoredAnnotation:
+        return StoredAnnotation(
+            "b", aid, 1, kind, ((0, 0, 0),), f"n{aid}", None, "a", "a", 1, 1.0, None, aid
+        )
+
+    with backend.object_store(tmp_path) as store:
+        obj = StoredObject("b", 1, ASSET, "h", "a", "a", 1.0, (0, 0, 0), (0, 0, 0, 1), 1.0)
+        calls = [partial(store.put_object, obj)]
+        calls += [partial(store.put_annotation, anno(i)) for i in range(1, 6)]
+        assert store.run_batch(calls) == [None] * 6
+        bad = [partial(store.put_annotation, anno(6)), partial(store.put_annotation, anno(7, None))]
+        bad += [partial(store.delete_annotation, "b", 2, 8)]
+        errors = store.run_batch(bad)
+        assert errors[0] is None and errors[1] is not None and errors[2] is None
+    with backend.object_store(tmp_path) as store:
+        rec = store.load_room("b")
+    assert [a.id for a in rec.annotations] == [1, 3, 4, 5, 6]
+    assert (rec.next_annotation_id, rec.seq) == (7, 8)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import secrets
 import shutil
 import subprocess
@@ -17,7 +18,8 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
-from playwright.async_api import Browser, Page
+import pytest_asyncio
+from playwright.async_api import Browser, Page, async_playwright
 
 from medverse.client_sdk import Pose, connect
 from medverse.protocol.tokens import mint_token
@@ -33,7 +35,9 @@ WEB = ROOT / "web"
 SECRET = secrets.token_hex(32)
 CONSENT_TEXT = "Your session is recorded in the audit log only: no audio or video is stored."
 
-pytestmark = pytest.mark.timeout(180)
+# One event loop and one browser for the whole module: launching Chromium for every test would
+# cost more than most tests take. Each test's pages get contexts of their own.
+pytestmark = [pytest.mark.timeout(180), pytest.mark.asyncio(loop_scope="module")]
 
 # The codec's bounds: positions in whole millimetres (0.5 mm off at most), rotations within
 # 0.15 degrees (protocol/SPEC.md).
@@ -90,7 +94,8 @@ def token(room: str, identity: str, name: str, role: str = "participant") -> str
 async def open_app(browser: Browser, site: ServerProcess, tok: str, **ctx: Any) -> Page:
     """A page on /join with the token in the fragment."""
     init = ctx.pop("init_script", None)
-    ctx.setdefault("viewport", {"width": 1280, "height": 800})
+    # Small enough that several pages' software WebGL does not starve a 2-core machine.
+    ctx.setdefault("viewport", {"width": 960, "height": 600})
     page = await new_page(browser, **ctx)
     if init:
         await page.add_init_script(init)
@@ -147,16 +152,34 @@ async def until(check: Any, timeout: float = 15.0, step: float = 0.1) -> Any:
         await asyncio.sleep(step)
 
 
-@pytest.fixture
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def browser() -> AsyncIterator[Browser]:
+    """Headless Chromium as tests/browser.py launches it, shared by this module's tests."""
+    missing = harness.chromium_missing()
+    if missing:
+        if os.environ.get("CI"):
+            pytest.fail(missing)
+        pytest.skip(missing)
+    async with async_playwright() as pw:
+        b = await harness.launch(pw)
+        try:
+            yield b
+        finally:
+            await b.close()
+
+
+@pytest_asyncio.fixture(loop_scope="module")
 async def pages(browser: Browser) -> AsyncIterator[list[Page]]:
-    """Pages a test opened, checked for console errors at the end."""
+    """Pages a test opened, checked for console errors and closed at the end."""
     opened: list[Page] = []
     yield opened
+    errors = [e for page in opened for e in console_errors(page) if "GPU stall" not in e]
     for page in opened:
-        assert [e for e in console_errors(page) if "GPU stall" not in e] == []
+        await page.context.close()
+    assert errors == []
 
 
-def test_the_server_serves_the_app(site: ServerProcess) -> None:
+async def test_the_server_serves_the_app(site: ServerProcess) -> None:
     """/ and /join are the page (never cached, a strict content security policy); the bundle
     is cached for good under its hashed name; other names are 404; the API is untouched."""
     import urllib.error
@@ -283,6 +306,14 @@ async def test_the_waiting_room_sees_nothing_until_admitted(
     host_id = await host.evaluate("window.medverse.memberId")
     await wait_for(patient, f"window.medverse.describe().avatars['{host_id}']")
     await wait_for(host, "window.medverse.lobby.length === 0")
+    # Someone the host does not let in is told so.
+    other = await open_app(browser, site, token(room, "pat-x", "Xan"))
+    pages.append(other)
+    await screen(other, "lobby")
+    await host.get_by_role("button", name="Deny Xan").click()
+    await screen(other, "closed")
+    assert await other.evaluate("window.medverse.closed.reason") == "denied"
+    assert "did not let you into" in await other.inner_text("#closed-text")
 
     # Stepping out and back, then a removal.
     await patient.get_by_role("button", name="Step out").click()
@@ -330,14 +361,14 @@ async def test_consent_declined_closes_and_accepted_joins(
 async def test_a_pasted_link_joins_and_a_bad_one_is_explained(
     browser: Browser, site: ServerProcess, pages: list[Page]
 ) -> None:
-    page = await new_page(browser, viewport={"width": 1280, "height": 800})
+    page = await new_page(browser, viewport={"width": 960, "height": 600})
     pages.append(page)
     await page.goto(f"{site.http}/")
     await screen(page, "signin")
     await page.get_by_label("Join link or token").fill("not a token")
     await page.get_by_role("button", name="Join").click()
     await wait_for(page, "!document.getElementById('signin-error').hidden")
-    assert "not a join token" in await page.inner_text("#signin-error")
+    assert "This is not a join token" in await page.inner_text("#signin-error")
     await screenshot(page, "webapp-signin")
     tok = token("ward-3", "pat-f", "Fay")
     await page.get_by_label("Join link or token").fill(f"{site.http}/join#token={tok}")
@@ -393,6 +424,18 @@ async def test_models_annotations_and_view_are_shared(
         await wait_for(b, f"window.medverse.describe().models['{oid}'].annotations === 2")
         kinds = sorted(x.kind for x in bot.objects[oid].annotations.values())
         assert kinds == ["measure", "pin"]
+
+        # A stroke from the keyboard: a point at the centre cross, turn a little, another
+        # point, then "Finish stroke".
+        await a.get_by_label("Stroke", exact=True).check()
+        await a.focus("#scene")
+        await a.keyboard.press("Enter")
+        await a.evaluate("window.medverse.place(0, 0, 0.03)")
+        await a.keyboard.press("Enter")
+        await a.get_by_role("button", name="Finish stroke").click()
+        await wait_for(b, f"window.medverse.describe().models['{oid}'].annotations === 3")
+        stroke = [x for x in bot.objects[oid].annotations.values() if x.kind == "stroke"]
+        assert len(stroke) == 1 and len(stroke[0].points) == 2
 
         # Node visibility and the clipping plane reach the other page's drawing.
         await a.get_by_label("Show skin").uncheck()
@@ -471,6 +514,15 @@ async def test_an_emulated_headset_grabs_and_moves_a_model(
         await until(moved_for_the_other)
         state = bot.objects.get(oid)
         assert state is not None and state.holder is None
+        # The trigger pins an annotation where the controller's ray (along -Z) meets the model.
+        await vr.evaluate("window.xrDevice.controllers.right.position.set(0.52, 1.32, 0)")
+        await asyncio.sleep(0.3)
+        await vr.evaluate("window.xrDevice.controllers.right.updateButtonValue('trigger', 1)")
+        await asyncio.sleep(0.2)
+        await vr.evaluate("window.xrDevice.controllers.right.updateButtonValue('trigger', 0)")
+        await wait_for(other, f"window.medverse.describe().models['{oid}'].annotations === 1")
+        pin = next(iter(bot.objects[oid].annotations.values()))
+        assert pin.kind == "pin" and off(pin.points[0], [0.02, 0.02, 0.0]) < 0.003, pin.points
         await screenshot(other, "webapp-xr-moved")
 
 

@@ -62,6 +62,7 @@ from medverse.protocol.messages import (
     Pause,
     Ping,
     Pong,
+    Redirect,
     RequestError,
     RequestRefused,
     Waiting,
@@ -382,6 +383,7 @@ ConnStep = tuple[str] | tuple[str, bytes] | tuple[str, Message]
 
 _HELLO = Hello(PROTOCOL_VERSION, "ward-3", "Dr A", 3, None, "token")
 _WELCOME = Welcome(PROTOCOL_VERSION, 7, "ward-3", 30, 1200, "r" * 32, False, (MemberInfo(2, "B"),))
+_REDIRECT = Redirect("wss://node-b.example/ws", "owner")
 _CONSENT_TEXT = ConsentRequired("ab" * 32, "Nothing of this room is recorded.")
 _POSE = encode_pose(1, [((0.0, 1.6, 0.0), (0.0, 0.0, 0.0, 1.0)), None, None])
 _MOVE = bytes((0x04, 0, 0, 0, 1, 0, 0, 0)) + bytes(36)
@@ -796,6 +798,57 @@ def _conn_cases() -> list[tuple[str, str, str, list[ConnStep]]]:
                 _c(Error("unauthorized", "a join token is required", True)),
                 _c(_WELCOME),
                 ("send", Leave()),
+            ],
+        ),
+        (
+            "server_redirect",
+            "Before the hello a redirect is not allowed; after it the server redirects (the "
+            "room lives on another server) and reads nothing more.",
+            "server",
+            [
+                ("send", _REDIRECT),
+                _c(_HELLO),
+                ("send", _REDIRECT),
+                ("recv", _POSE),
+                _c(Ping(1, 0.0)),
+                ("send", _WELCOME),
+            ],
+        ),
+        (
+            "server_redirect_members",
+            "A room moving to another server: its joined and paused members are redirected.",
+            "server",
+            [
+                _c(_HELLO),
+                ("send", _WELCOME),
+                _c(Pause(True)),
+                ("send", Redirect("wss://node-b.example/ws", "moving")),
+                _c(Pause(False)),
+            ],
+        ),
+        (
+            "client_redirect",
+            "A redirect answers the hello: the client closes and joins at the URL it names; "
+            "a redirect in the room (the room moves) likewise; out of place before the hello.",
+            "client",
+            [
+                _c(_REDIRECT),
+                ("send", _HELLO),
+                _c(_REDIRECT),
+                _c(_WELCOME),
+                ("send", Leave()),
+            ],
+        ),
+        (
+            "client_redirect_in_room",
+            "Joined, then the room moves to another server.",
+            "client",
+            [
+                ("send", _HELLO),
+                _c(_WELCOME),
+                ("recv", _STATE),
+                _c(Redirect("ws://127.0.0.1:9001/ws", "moving")),
+                ("recv", _STATE),
             ],
         ),
         (

@@ -221,7 +221,8 @@ function onEvent(client, ev) {
       renderPeople();
       break;
     case "error":
-      alertText(`The server refused: ${ev.message} (${ev.code}).`);
+      // A fatal one ends the session: the closing screen says why.
+      if (!ev.fatal) alertText(`The server refused: ${ev.message} (${ev.code}).`);
       break;
     case "reconnecting":
       if (app.screen === "room" || app.screen === "reconnecting") {
@@ -299,6 +300,7 @@ function showClosed(reason, message) {
   if (app.closed !== null) return;
   app.closed = { reason, message };
   app.held = null;
+  alertText("");
   if (app.xr?.presenting) app.xr.exit().catch(() => {});
   const [title, text] = CLOSED_TEXT[reason] ?? ["Session closed", `The session closed (${reason}).`];
   $("closed-title").textContent = title;

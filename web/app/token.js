@@ -28,15 +28,15 @@ function base64UrlJson(part) {
  * naming what is wrong when it is not a join token. */
 export function readClaims(token) {
   const parts = String(token).split(".");
-  if (parts.length !== 3) throw new TypeError("this is not a join token (it should have three parts separated by dots)");
+  if (parts.length !== 3) throw new TypeError("This is not a join token (it should have three parts separated by dots)");
   let claims;
   try {
     claims = base64UrlJson(parts[1]);
   } catch {
-    throw new TypeError("this join token cannot be read (it may have been cut off when copied)");
+    throw new TypeError("This join token cannot be read (it may have been cut off when copied)");
   }
   if (typeof claims !== "object" || claims === null || typeof claims.room !== "string" || !claims.room) {
-    throw new TypeError("this token names no room: ask for a join link to a session");
+    throw new TypeError("This token names no room: ask for a join link to a session");
   }
   return {
     room: claims.room,

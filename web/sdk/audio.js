@@ -12,7 +12,8 @@
 //
 // Signaling is the room connection's audio_offer / audio_answer (protocol/SPEC.md "Spatial
 // audio"): the offer carries every ICE candidate (no trickle) and the server answers with its
-// own. No STUN or TURN server is asked unless `iceServers` names one.
+// own. No STUN or TURN server is asked unless `iceServers` names one. After a reconnect as a new
+// member, or a move to another room, it offers again by itself.
 
 import { RequestError } from "./client.js";
 import { ErrorCode } from "./errors.js";
@@ -100,6 +101,14 @@ export class AudioClient {
       client.on("resumed", (ev) => {
         // A new member after a reconnect: the server dropped our connection, so offer again.
         if (!ev.sameMember && this._want !== null) this.#restart();
+      }),
+      // Moved to another room (a clinic's transfer): the old room's mix ends with the move,
+      // and the new room mixes us once we offer there.
+      client.on("moved", () => {
+        if (this._want !== null) this.#stop();
+      }),
+      client.on("arrived", () => {
+        if (this._want !== null) this.#restart();
       }),
       client.on("closed", () => this.close()),
     ];

@@ -67,6 +67,17 @@ const CLOSE_REASONS = new Map([
 ]);
 
 /** The server refused the join (`code`: an ErrorCode string). */
+/** Redirects followed in a row before a join counts as failed. */
+export const MAX_REDIRECTS = 5;
+
+// The server answered our hello with `redirect`: the room lives at `url`.
+class Redirected extends Error {
+  constructor(url) {
+    super(`redirected to ${url}`);
+    this.url = url;
+  }
+}
+
 export class JoinError extends Error {
   constructor(code, message) {
     super(`${code}: ${message}`);
@@ -180,11 +191,22 @@ export class MedverseClient {
    * `reconnect` (default true), `maxBackoff` (seconds), `connectTimeout` (seconds),
    * `interpolationDelay` (seconds; default three ticks), `history` (states kept for
    * sampling), `pingInterval` (seconds; 0: off), `messages` (definitions of an application's
-   * own message types), `requestTimeout` (seconds). */
+   * own message types), `requestTimeout` (seconds), `fallbackUrls` (other servers of a
+   * cluster to reconnect through when the one we were on and `url` cannot be reached). In a
+   * cluster the client follows the servers' `redirect` to the server that runs the room,
+   * with its token and resume token. */
   constructor(options) {
     const o = { slots: 3, name: "guest", reconnect: true, maxBackoff: 5, connectTimeout: 10, history: 64, pingInterval: 2, requestTimeout: 10, ...options };
     if (!o.url || !o.room) throw new TypeError("url and room are required");
     this.url = wsUrl(o.url);
+    /** The URL the application gave: reconnecting goes back to it when a server a redirect
+     * named cannot be reached (it may have died; another takes its rooms). */
+    this.entryUrl = this.url;
+    this.fallbackUrls = (o.fallbackUrls ?? []).map(wsUrl);
+    this._fallback = 0;
+    this._movedTo = null; // where a redirect sent a joined member (its room moved)
+    /** Redirects followed since start(). */
+    this.redirects = 0;
     this.room = o.room;
     this.token = o.token ?? null;
     this.name = o.name;
@@ -291,7 +313,7 @@ export class MedverseClient {
   async start() {
     this._closing = false;
     try {
-      await this.#open();
+      await this.#join();
     } catch (err) {
       if (err instanceof JoinError && !this._closing) this.#finish(err.code, err.message);
       throw err;
@@ -343,6 +365,38 @@ export class MedverseClient {
     }
     this.conn?.closed();
     this.emit({ type: "closed", reason, message });
+  }
+
+  // Connect and join, following redirects (at most MAX_REDIRECTS in a row) to the server that
+  // runs the room, and asking again while the room moves between servers (room_moving).
+  async #join() {
+    const deadline = now() + this.connectTimeout;
+    let hops = 0;
+    for (;;) {
+      try {
+        return await this.#open();
+      } catch (err) {
+        if (err instanceof Redirected) {
+          if (++hops > MAX_REDIRECTS) throw new Error(`more than ${MAX_REDIRECTS} redirects in a row for room ${this.room}`);
+          this.url = err.url;
+          this.redirects += 1;
+        } else if (err instanceof JoinError && err.code === ErrorCode.ROOM_MOVING && now() < deadline && !this._closing) {
+          await new Promise((resolve) => setTimeout(resolve, 200));
+          this.url = this.entryUrl;
+          hops = 0;
+        } else {
+          throw err;
+        }
+      }
+    }
+  }
+
+  // The next URL to reconnect through: the given one, then each fallback in turn.
+  #nextEntry() {
+    const entries = [this.entryUrl, ...this.fallbackUrls];
+    if (!entries.includes(this.url)) this._fallback = 0;
+    else this._fallback = (this._fallback + 1) % entries.length;
+    return entries[this._fallback];
   }
 
   // One connection attempt: hello, consent, lobby, until the welcome.
@@ -401,6 +455,8 @@ export class MedverseClient {
           this._opening = this._openingConn = null;
           this.#welcomed(ws, conn, m);
           resolve(m);
+        } else if (m.t === "redirect") {
+          fail(new Redirected(m.url));
         } else if (m.t === "consent_required") {
           let accept = false;
           try {
@@ -453,8 +509,15 @@ export class MedverseClient {
       return;
     }
     const oldId = this.memberId;
+    const moved = this._movedTo;
+    this._movedTo = null;
+    if (moved !== null) {
+      this.url = moved;
+      this.redirects += 1;
+    }
     for (let attempt = 1; !this._closing; attempt++) {
-      const delay = Math.min(this.maxBackoff, 0.05 * 2 ** (attempt - 1)) * (0.5 + Math.random() / 2);
+      let delay = Math.min(this.maxBackoff, 0.05 * 2 ** (attempt - 1)) * (0.5 + Math.random() / 2);
+      if (moved !== null && attempt === 1) delay = 0; // the room moved: its new server expects us now
       this.emit({ type: "reconnecting", attempt, delay });
       await new Promise((resolve) => {
         const t = setTimeout(resolve, delay * 1000);
@@ -466,7 +529,7 @@ export class MedverseClient {
       this._wake = null;
       if (this._closing) return;
       try {
-        const welcome = await this.#open();
+        const welcome = await this.#join();
         if (this._closing) {
           this.socket?.close();
           return;
@@ -478,6 +541,9 @@ export class MedverseClient {
           this.#finish(err.code, err.message);
           return;
         }
+        // The server may be gone (its rooms move to others): go back to the URL we were
+        // given, which finds the room wherever it is now, or to the fallbacks in turn.
+        if (!(err instanceof JoinError)) this.url = this.#nextEntry();
       }
     }
   }
@@ -629,6 +695,8 @@ export class MedverseClient {
       if (handle !== undefined) handle(this, m);
       else for (const fn of this._listeners.get(m.t) ?? []) fn(m);
       if (m.t === "error" && m.fatal) return m;
+      // The room moves to another server: the server closes us, and we resume there at once.
+      if (m.t === "redirect") this._movedTo = m.url;
     }
     return null;
   }

@@ -255,6 +255,8 @@ export class Connection {
       if (type === "consent_required") return state === State.HELLO && hello ? State.CONSENT : null;
       if (type === "waiting") return (state === State.HELLO && hello) || state === State.CONSENT ? State.LOBBY : null;
       if (type === "welcome") return (state === State.HELLO && hello) || WELCOME_FROM.has(state) ? State.JOINED : null;
+      // The room lives elsewhere: only the close follows.
+      if (type === "redirect") return (state === State.HELLO && hello) || (BEFORE_CLOSING.has(state) && state !== State.HELLO) ? State.CLOSING : null;
       if (type === "pong" || type === "error") return BEFORE_CLOSING.has(state) ? state : null;
       return IN_ROOM.has(state) ? state : null;
     }

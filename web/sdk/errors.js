@@ -39,6 +39,7 @@ export const ErrorCode = Object.freeze({
   STALE_INPUT: "stale_input",
   TOO_SLOW: "too_slow",
   SHUTTING_DOWN: "shutting_down",
+  ROOM_MOVING: "room_moving",
   INTERNAL: "internal",
 });
 

@@ -409,6 +409,11 @@ export const RequestRefused = defineMessage("refused", {
   message: str({ maxLen: 1024 }),
 });
 
+/** Where a `redirect` may send a client: a WebSocket URL without spaces or control characters. */
+export const REDIRECT_URL_RE = /^wss?:\/\/[^\x00-\x20\x7f]{1,500}$/u;
+/** Another server runs this room: join at `url` with the same hello (and resume token). */
+export const Redirect = defineMessage("redirect", { url: str({ pattern: REDIRECT_URL_RE }), reason: str({ maxLen: 64 }) });
+
 export const CORE_SERVER_MESSAGES = [
   Welcome,
   Joined,
@@ -424,6 +429,7 @@ export const CORE_SERVER_MESSAGES = [
   Bans,
   Ack,
   RequestRefused,
+  Redirect,
 ];
 
 // Spatial audio (protocol/audio.py).

@@ -304,3 +304,22 @@ test("after a reconnect as a new member the audio is negotiated again", async ()
   assert.equal(audio.pc, FakePC.all[1]);
   c.close();
 });
+
+test("moved to another room: audio stops with the move and is negotiated again there", async () => {
+  const { c, ws } = await joined();
+  const audio = new AudioClient(c, { RTCPeerConnection: FakePC, mediaDevices: null });
+  const started = audio.start({ microphone: false });
+  await offered(ws);
+  ws.deliver({ t: "audio_answer", sdp: ANSWER, publish: false });
+  await started;
+  ws.deliver({ t: "moved", room: "exam-2", by: "Reception", reason: "" });
+  assert.equal(FakePC.all[0].closed, true);
+  assert.equal(audio.pc, null);
+  ws.deliver({ ...welcome(11), room: "exam-2" });
+  const again = await offered(ws, 2);
+  assert.equal(again.publish, false);
+  ws.deliver({ t: "audio_answer", sdp: ANSWER, publish: false });
+  for (let i = 0; i < 100 && audio.mix === null; i++) await tick(2);
+  assert.deepEqual(audio.mix, { id: "mix" });
+  c.close();
+});

@@ -17,7 +17,7 @@ test("the SDK bundles into one self-contained ES module", async () => {
   const code = out.outputFiles[0].text;
   assert.doesNotMatch(code, /^\s*import\s/mu);
   const mod = await import(`data:text/javascript;base64,${Buffer.from(code).toString("base64")}`);
-  for (const name of ["connect", "MedverseClient", "Connection", "SnapshotDecoder", "defineMessage", "encodePose"]) {
+  for (const name of ["connect", "MedverseClient", "Connection", "SnapshotDecoder", "defineMessage", "encodePose", "AudioClient"]) {
     assert.equal(typeof mod[name], "function", name);
   }
 });

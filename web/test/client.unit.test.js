@@ -135,3 +135,54 @@ test("closing while waiting in a lobby ends the join", async () => {
   assert.equal(events.at(-1).type, "closed");
   assert.equal(events.at(-1).reason, CloseReason.LEFT);
 });
+
+test("a redirect answering the hello is followed with the same token", async () => {
+  FakeSocket.all = [];
+  const c = new MedverseClient({ url: "ws://a", room: "r", token: "t0k", WebSocket: FakeSocket, pingInterval: 0 });
+  const started = c.start();
+  await tick();
+  FakeSocket.all[0].deliver({ t: "redirect", url: "ws://b:9001/ws", reason: "owner" }, SERVER_MESSAGES);
+  while (FakeSocket.all.length < 2) await tick();
+  const ws2 = FakeSocket.all[1];
+  assert.equal(ws2.url, "ws://b:9001/ws");
+  await tick();
+  const [h] = ws2.controls(messageRegistry([Hello]));
+  assert.deepEqual([h.room, h.token], ["r", "t0k"]);
+  ws2.deliver(welcome(), SERVER_MESSAGES);
+  await started;
+  assert.equal(c.url, "ws://b:9001/ws");
+  assert.equal(c.redirects, 1);
+  assert.equal(FakeSocket.all[0].readyState, 3);
+  c.close();
+});
+
+test("redirects that never end fail the join", async () => {
+  FakeSocket.all = [];
+  const c = new MedverseClient({ url: "ws://a", room: "r", WebSocket: FakeSocket, pingInterval: 0 });
+  const started = c.start();
+  for (let i = 0; i < 6; i++) {
+    while (FakeSocket.all.length < i + 1) await tick();
+    await tick();
+    FakeSocket.all[i].deliver({ t: "redirect", url: `ws://n${i}/ws`, reason: "owner" }, SERVER_MESSAGES);
+  }
+  await assert.rejects(started, /more than 5 redirects/u);
+});
+
+test("a room that moves redirects its members, who resume at once with their token", async () => {
+  const { c, ws } = await joined({ maxBackoff: 5 });
+  const events = [];
+  c.on("*", (ev) => events.push(ev));
+  ws.deliver({ t: "redirect", url: "ws://c/ws", reason: "moving" }, SERVER_MESSAGES);
+  assert.equal(c.state, "closing");
+  ws.close(1001);
+  while (FakeSocket.all.length < 2) await tick();
+  const ws2 = FakeSocket.all[1];
+  assert.equal(ws2.url, "ws://c/ws");
+  assert.equal(events.find((e) => e.type === "reconnecting").delay, 0);
+  await tick();
+  assert.equal(ws2.controls(messageRegistry([Hello]))[0].resume, "tok");
+  const resumed = new Promise((r) => c.on("resumed", r));
+  ws2.deliver({ ...welcome(), resumed: true }, SERVER_MESSAGES);
+  assert.deepEqual(await resumed, { type: "resumed", memberId: 7, sameMember: true });
+  c.close();
+});

@@ -84,7 +84,7 @@ export async function startServer({ env = {}, consentText = null, consentRooms =
     new Promise((resolve, reject) => {
       const args = ["-m", "medverse.server.cli", "token", "--room", room, "--identity", identity, "--name", name, "--role", role, "--ttl", "1h"];
       if (grants !== null) args.push("--grants", grants.join(","));
-      execFile(PYTHON, args, { env: settings, timeout: 30000 }, (err, stdout, stderr) => (err ? reject(new Error(`${err.message}\n${stderr}`)) : resolve(stdout.trim())));
+      execFile(PYTHON, args, { env: settings, timeout: 90000 }, (err, stdout, stderr) => (err ? reject(new Error(`${err.message}\n${stderr}`)) : resolve(stdout.trim())));
     });
   return { url: `ws://127.0.0.1:${port}/ws`, http, port, dataDir, token, stop, log: () => log };
 }

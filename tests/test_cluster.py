@@ -1,0 +1,580 @@
+"""A cluster of real ``medverse serve`` processes sharing a private redis-server: node
+registration and expiry, lease fencing, redirects followed by the SDK, cluster-wide admin
+operations, failover after ``kill -9`` and draining."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import aiohttp
+import msgpack
+import pytest
+
+from medverse.client_sdk import Closed, Resumed, connect
+from medverse.protocol.connection import Connection, MessageReceived, Refused, Role
+from medverse.protocol.messages import PROTOCOL_VERSION, Hello, Redirect, encode_message
+from medverse.server.auth import mint_admin_token, mint_token
+from medverse.server.cluster import (
+    Cluster,
+    ClusterHooks,
+    Load,
+    ResumeTokens,
+    read_nodes,
+    room_key,
+)
+from medverse.server.config import ServerConfig
+
+from .conftest import ROOT, ServerProcess
+from .helpers import wait_for
+from .services import RedisServer, redis_available, redis_server
+
+pytestmark = pytest.mark.skipif(not redis_available(), reason="redis-server is not installed")
+
+SECRET = "c" * 48
+TTL = 2.5  # lease and heartbeat time to live: failover waits about this long
+
+
+@pytest.fixture(scope="module")
+def redis() -> Iterator[RedisServer]:
+    with redis_server() as r:
+        yield r
+
+
+def start_node(redis: RedisServer, **settings: object) -> ServerProcess:
+    from benchmarks.harness import start_server
+
+    options: dict[str, object] = {
+        "redis_url": redis.url,
+        "cluster_lease_ttl": TTL,
+        "auth_secret": SECRET,
+        "room_linger": 2.0,
+        "resume_grace": 10.0,
+    }
+    return start_server(**(options | settings))
+
+
+@pytest.fixture
+def nodes(redis: RedisServer) -> Iterator[list[ServerProcess]]:
+    """Two nodes of one cluster (a fresh pair per test: some tests kill one)."""
+    started = [start_node(redis), start_node(redis)]
+    try:
+        for s in started:
+            s.wait_ready(timeout=60)  # the machine may be busy
+        yield started
+    finally:
+        for s in started:
+            if s.proc.poll() is None:
+                s.proc.kill()
+                s.proc.wait()
+
+
+def token(room: str, who: str, role: str = "participant") -> str:
+    return mint_token(SECRET.encode(), room=room, identity=who, name=who, role=role)
+
+
+def admin() -> str:
+    return mint_admin_token(SECRET.encode(), identity="ops", ttl=600)
+
+
+async def call(srv: ServerProcess, method: str, path: str, **kw: Any) -> tuple[int, dict[str, Any]]:
+    headers = {"Authorization": f"Bearer {admin()}"}
+    async with (
+        aiohttp.ClientSession() as http,
+        http.request(method, srv.http + path, headers=headers, **kw) as r,
+    ):
+        return r.status, await r.json(content_type=None)
+
+
+async def directory(redis: RedisServer) -> list[dict[str, str]]:
+    import redis.asyncio as aioredis
+
+    r = aioredis.Redis.from_url(redis.url)
+    try:
+        return await read_nodes(r)
+    finally:
+        await r.aclose()
+
+
+async def wait_nodes(redis: RedisServer, n: int, timeout: float = 10.0) -> list[dict[str, str]]:
+    deadline = time.monotonic() + timeout
+    while True:
+        found = await directory(redis)
+        if len(found) == n or time.monotonic() > deadline:
+            return found
+        await asyncio.sleep(0.1)
+
+
+def redis_url_of(node: ServerProcess) -> str:
+    return node.env["MEDVERSE_REDIS_URL"]
+
+
+def medverse(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``medverse ARGS --redis-url ...`` as an operator runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "medverse.server.cli", *args, "--redis-url", redis_url],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+
+
+def owner_of(nodes: list[ServerProcess], url: str) -> ServerProcess:
+    return next(n for n in nodes if url.startswith(n.url))
+
+
+# --------------------------------------------------------------------------- units
+
+
+def test_resume_tokens_are_bound_to_room_subject_and_secret() -> None:
+    tokens = ResumeTokens(b"k" * 32, bind_subject=True)
+    t = tokens.issue("ward-1", 70000, "alice", 3)
+    assert len(t) <= 128  # fits the hello's resume field
+    assert tokens.check(t, "ward-1", "alice") == (70000, 3)
+    assert tokens.check(t, "ward-2", "alice") is None
+    assert tokens.check(t, "ward-1", "mallory") is None
+    assert ResumeTokens(b"x" * 32, True).check(t, "ward-1", "alice") is None
+    flipped = t[:5] + ("A" if t[5] != "A" else "B") + t[6:]
+    assert tokens.check(flipped, "ward-1", "alice") is None
+    for junk in ("", "!!!", "a" * 128, t[:-4]):
+        assert tokens.check(junk, "ward-1", "alice") is None
+    anonymous = ResumeTokens(b"k" * 32, bind_subject=False)
+    assert anonymous.check(anonymous.issue("r", 1, "x", 1), "r", "y") == (1, 1)
+
+
+def test_a_client_refuses_malformed_redirects() -> None:
+    for url in ("http://b/ws", "ws://a b/ws", "ws://" + "x" * 600, "", "ws://\x00"):
+        c = Connection(Role.CLIENT)
+        c.send(Hello(PROTOCOL_VERSION, "ward-1", "A", 3, None, None))
+        frame = b"\x01" + msgpack.packb({"t": "redirect", "url": url, "reason": "owner"})
+        ev = c.receive(frame)
+        assert isinstance(ev, Refused) and ev.error.code.value == "out_of_range", url
+        assert c.state.value == "hello"
+    c = Connection(Role.CLIENT)
+    c.send(Hello(PROTOCOL_VERSION, "ward-1", "A", 3, None, None))
+    ev = c.receive(encode_message(Redirect("wss://node-b.example:8443/ws", "owner")))
+    assert isinstance(ev, MessageReceived) and c.state.value == "closing"
+
+
+async def test_leases_are_fenced_by_generation(redis: RedisServer) -> None:
+    """Two nodes in this process: the lease goes to one; once it expired and the other was
+    granted the room, the stale owner can neither renew, release nor hand it over, and stops
+    serving the room."""
+    cfg = ServerConfig(redis_url=redis.url, cluster_lease_ttl=1.0, port=1111)
+    a, b = Cluster(cfg, node_id="node-a"), Cluster(cfg, node_id="node-b")
+    dropped: list[tuple[str, str | None]] = []
+
+    def hooks(label: str) -> ClusterHooks:
+        return ClusterHooks(
+            load=lambda: Load(0, 0, 0.0, 0.0),
+            describe=list,
+            drop_room=lambda room, url: dropped.append((f"{label}:{room}", url)),
+            command=lambda cmd: None,
+            rooms=list,
+        )
+
+    a._hooks, b._hooks = hooks("a"), hooks("b")
+    loop = asyncio.get_running_loop()
+
+    async def renew(c: Cluster) -> None:
+        # As the node's heartbeat thread does; a lost lease is dropped on the loop.
+        await asyncio.to_thread(c._renew_sync, loop)
+        await asyncio.sleep(0.05)
+
+    try:
+        await a.redis.delete(room_key("fenced"))
+        assert (await a.route("fenced")).local
+        gen_a = a.generation("fenced")
+        assert a.holds("fenced")
+        elsewhere = await b.route("fenced")
+        assert not elsewhere.local and elsewhere.url == a.url
+        await renew(a)  # the owner renews: still its own
+        assert a.holds("fenced") and not dropped
+        # A partition: a renews no more. Its own clock stops it serving before Redis frees
+        # the lease.
+        await asyncio.sleep(1.0 - a._margin + 0.05)
+        assert not a.holds("fenced")
+        deadline = time.monotonic() + 3
+        while await a.redis.exists(room_key("fenced")):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        assert (await b.route("fenced")).local
+        gen_b = b.generation("fenced")
+        assert gen_b > gen_a
+        # The stale owner comes back with its old generation: every write is refused.
+        await renew(a)
+        assert ("a:fenced", None) in dropped and "fenced" not in a.leases
+        await a.release_lease("fenced", gen_a)
+        a.leases["fenced"] = type(b.leases["fenced"])(gen_a, time.monotonic() + 5)
+        assert not await a.transfer("fenced", "node-a", a.url)
+        owner, gen = await a.redis.hmget(room_key("fenced"), "owner", "gen")
+        assert owner == b"node-b" and int(gen) == gen_b
+        await renew(b)
+        assert b.holds("fenced") and not any(d[0].startswith("b:") for d in dropped)
+    finally:
+        for c in (a, b):
+            c.leases.clear()
+            await c._close_clients()
+
+
+# --------------------------------------------------------------------------- processes
+
+
+async def test_nodes_register_and_vanish_when_killed(
+    redis: RedisServer, nodes: list[ServerProcess]
+) -> None:
+    found = await wait_nodes(redis, 2)
+    assert len(found) == 2
+    urls = sorted(n["url"] for n in found)
+    assert urls == sorted(f"{s.url}/ws" for s in nodes)
+    for n in found:
+        assert int(n["capacity"]) == 1000 and n["members"] == "0" and n["draining"] == "0"
+    health = nodes[0].get_json("/health")["cluster"]
+    assert health["url"] == f"{nodes[0].url}/ws"
+    os.kill(nodes[1].pid, signal.SIGKILL)
+    nodes[1].proc.wait()
+    t0 = time.monotonic()
+    left = await wait_nodes(redis, 1, timeout=3 * TTL)
+    assert [n["url"] for n in left] == [f"{nodes[0].url}/ws"]
+    assert time.monotonic() - t0 < 3 * TTL
+
+
+async def test_the_sdk_follows_redirects_with_its_token(nodes: list[ServerProcess]) -> None:
+    a, b = nodes
+    first = connect(a.url, "ward-7", token=token("ward-7", "alice"), reconnect=False)
+    await first.start()
+    home = owner_of(nodes, first.url)
+    other = b if home is a else a
+    # The second member enters through the node that does not run the room.
+    second = connect(other.url, "ward-7", token=token("ward-7", "bob"), reconnect=False)
+    await second.start()
+    try:
+        assert second.url == first.url == f"{home.url}/ws"
+        assert second.redirects == 1
+        assert second.member_id != first.member_id
+        await wait_for(lambda: second.member_id in first.members)
+        assert first.members[second.member_id] == "bob"
+        # A hello for the room on the other node, by hand: a typed redirect, then the close.
+        async with aiohttp.ClientSession() as http, http.ws_connect(other.url + "/ws") as ws:
+            conn = Connection(Role.CLIENT)
+            hello = Hello(PROTOCOL_VERSION, "ward-7", "carol", 3, None, token("ward-7", "carol"))
+            await ws.send_bytes(conn.send(hello))
+            msg = await ws.receive(timeout=10)
+            ev = conn.receive(msg.data)
+            assert isinstance(ev, MessageReceived) and isinstance(ev.message, Redirect)
+            assert ev.message.url == f"{home.url}/ws" and ev.message.reason == "owner"
+            assert (await ws.receive(timeout=10)).type in (
+                aiohttp.WSMsgType.CLOSE,
+                aiohttp.WSMsgType.CLOSED,
+            )
+        # A join with a forged token is refused where the room lives, not redirected blindly.
+        bad = connect(other.url, "ward-7", token=token("ward-7", "eve")[:-4] + "AAAA")
+        with pytest.raises(Exception, match="unauthorized"):
+            await bad.start()
+        health = other.get_json("/health")["cluster"]["redis"]
+        assert health["joins"] >= 2 and health["join_round_trips"] == health["joins"]
+    finally:
+        await second.close()
+        await first.close()
+
+
+async def test_cluster_wide_list_end_and_ban(nodes: list[ServerProcess]) -> None:
+    a, b = nodes
+    host = connect(a.url, "ward-8", token=token("ward-8", "host", "host"), reconnect=False)
+    await host.start()
+    home = owner_of(nodes, host.url)
+    other = b if home is a else a
+    guest = connect(other.url, "ward-8", token=token("ward-8", "guest"))
+    await guest.start()
+    try:
+        # The node that does not run the room lists it with both members and its node.
+        async def listed() -> list[dict[str, Any]]:
+            status, body = await call(other, "GET", "/admin/rooms")
+            assert status == 200
+            return [r for r in body["rooms"] if r["room"] == "ward-8"]
+
+        deadline = time.monotonic() + 5
+        while len(rooms := await listed()) != 1 or len(rooms[0]["members"]) != 2:
+            assert time.monotonic() < deadline, rooms
+            await asyncio.sleep(0.1)
+        assert rooms[0]["url"] == f"{home.url}/ws"
+        assert sorted(m["name"] for m in rooms[0]["members"]) == ["guest", "host"]
+        status, body = await call(other, "GET", "/admin/nodes")
+        assert status == 200 and len(body["nodes"]) == 2
+        # The same from a shell with access to the Redis.
+        out = await asyncio.to_thread(medverse, redis_url_of(other), "rooms")
+        rows = [json.loads(line) for line in out.stdout.splitlines()]
+        assert out.returncode == 0 and [r["url"] for r in rows if r["room"] == "ward-8"] == [
+            f"{home.url}/ws"
+        ]
+        # Bad bans are refused with typed errors.
+        for bad, code in (
+            ({"identity": "guest"}, "bad_field"),
+            ({"room": "ward 8", "identity": "guest"}, "bad_field"),
+            ({"room": "ward-8", "identity": ""}, "bad_field"),
+            ({"room": "ward-8", "identity": "guest", "duration": -1}, "out_of_range"),
+            ({"room": "ward-8", "identity": "guest", "duration": True}, "out_of_range"),
+            ({"room": "ward-8", "identity": "guest", "reason": "x" * 300}, "bad_field"),
+        ):
+            status, body = await call(other, "POST", "/admin/bans", json=bad)
+            assert status == 400 and body["error"]["code"] == code, (bad, body)
+        status, body = await call(other, "POST", "/admin/bans", data=b"[1,")
+        assert status == 400
+        # The ban, sent to the node that does not run the room, removes the guest there.
+        status, body = await call(
+            other, "POST", "/admin/bans", json={"room": "ward-8", "identity": "guest"}
+        )
+        assert status == 200 and body["nodes"] == 2
+        closed = await asyncio.wait_for(guest.wait_closed(), 10)
+        assert closed.code == "banned"
+        again = connect(other.url, "ward-8", token=token("ward-8", "guest"), reconnect=False)
+        with pytest.raises(Exception, match="banned"):
+            await again.start()
+        # Ending the room through the other node ends it where it runs.
+        status, body = await call(other, "POST", "/admin/rooms/ward-8/end", json={"reason": "x"})
+        assert status == 200 and body["node"]
+        closed = await asyncio.wait_for(host.wait_closed(), 10)
+        assert closed.code == "session_ended"
+        status, body = await call(other, "POST", "/admin/rooms/nowhere/end")
+        assert status == 404
+    finally:
+        await guest.close()
+        await host.close()
+
+
+async def test_failover_after_kill_9(nodes: list[ServerProcess]) -> None:
+    a, b = nodes
+    members = [
+        connect(
+            a.url,
+            "ward-9",
+            token=token("ward-9", who),
+            fallback_urls=[b.url],
+            max_backoff=0.5,
+        )
+        for who in ("p1", "p2")
+    ]
+    for m in members:
+        await m.start()
+    home = owner_of(nodes, members[0].url)
+    survivor = b if home is a else a
+    ids = [m.member_id for m in members]
+    resumed: list[Resumed] = []
+
+    async def watch(m: Any) -> None:
+        async for ev in m.events():
+            if isinstance(ev, Resumed):
+                resumed.append(ev)
+                return
+
+    watchers = [asyncio.create_task(watch(m)) for m in members]
+    try:
+        t0 = time.monotonic()
+        os.kill(home.pid, signal.SIGKILL)
+        await asyncio.wait_for(asyncio.gather(*watchers), 20)
+        took = time.monotonic() - t0
+        assert all(ev.same_member for ev in resumed), resumed
+        assert [m.member_id for m in members] == ids
+        assert all(m.url == f"{survivor.url}/ws" for m in members)
+        await wait_for(lambda: all(len(m.members) == 1 for m in members))
+        assert took < 4 * TTL + 5, took
+    finally:
+        for w in watchers:
+            w.cancel()
+        for m in members:
+            await m.close()
+
+
+async def test_drain_moves_rooms_and_exits(nodes: list[ServerProcess]) -> None:
+    a, b = nodes
+    m1 = connect(a.url, "ward-10", token=token("ward-10", "d1"), fallback_urls=[b.url])
+    await m1.start()
+    home = owner_of(nodes, m1.url)
+    other = b if home is a else a
+    m2 = connect(other.url, "ward-10", token=token("ward-10", "d2"), fallback_urls=[a.url])
+    await m2.start()
+    ids = (m1.member_id, m2.member_id)
+    gaps: list[float] = []
+
+    async def watch(m: Any) -> None:
+        lost = None
+        async for ev in m.events():
+            if ev.type == "reconnecting" and lost is None:
+                lost = time.monotonic()
+            if isinstance(ev, Resumed):
+                assert lost is not None
+                gaps.append(time.monotonic() - lost)
+                assert ev.same_member
+                return
+            assert not isinstance(ev, Closed), ev
+
+    watchers = [asyncio.create_task(watch(m)) for m in (m1, m2)]
+    try:
+        home.proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(asyncio.gather(*watchers), 15)
+        assert (m1.member_id, m2.member_id) == ids
+        assert m1.url == m2.url == f"{other.url}/ws"
+        assert max(gaps) < 1.0, gaps
+        assert home.proc.wait(15) == 0
+        # The drained node is gone from the directory; the room answers on the other.
+        await wait_for(lambda: m2.member_id in m1.members)
+        health = other.get_json("/health")
+        assert health["rooms"] == 1 and health["members"] == 2
+    finally:
+        for w in watchers:
+            w.cancel()
+        await m1.close()
+        await m2.close()
+
+
+async def test_drain_command_names_a_live_node(redis: RedisServer) -> None:
+    """``medverse drain`` refuses a node the directory does not know, in one line."""
+    env = dict(os.environ, MEDVERSE_REDIS_URL=redis.url)
+    out = subprocess.run(
+        [sys.executable, "-m", "medverse.server.cli", "drain", "no-such-node"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=30,
+    )
+    assert out.returncode == 2 and "no live node" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_workers_without_redis_fail_clearly(tmp_path: Any) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDVERSE_")}
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medverse.server.cli",
+            "serve",
+            "--workers",
+            "2",
+            "--data-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=30,
+    )
+    assert out.returncode == 2
+    assert "--workers needs --redis-url" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def _two_free_ports() -> int:
+    import socket
+
+    from .conftest import free_port
+
+    for _ in range(50):
+        port = free_port()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no two consecutive free ports")
+
+
+async def test_workers_start_a_cluster_and_stop_on_sigterm(
+    redis: RedisServer, tmp_path: Any
+) -> None:
+    port = _two_free_ports()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDVERSE_")}
+    env.update(MEDVERSE_LOG_LEVEL="warning", MEDVERSE_CLUSTER_LEASE_TTL=str(TTL))
+    cmd = [sys.executable, "-m", "medverse.server.cli", "serve", "--workers", "2"]
+    cmd += ["--redis-url", redis.url, "--port", str(port), "--data-dir", str(tmp_path)]
+    before = {n["node"] for n in await directory(redis)}
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while len(mine := [n for n in await directory(redis) if n["node"] not in before]) < 2:
+            assert time.monotonic() < deadline and proc.poll() is None
+            await asyncio.sleep(0.1)
+        assert sorted(n["url"] for n in mine) == [
+            f"ws://127.0.0.1:{port}/ws",
+            f"ws://127.0.0.1:{port + 1}/ws",
+        ]
+        # One token secret for both, made once in the shared data directory.
+        assert (tmp_path / "auth_secret").exists()
+        assert (tmp_path / "node-0").is_dir() and (tmp_path / "node-1").is_dir()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        left = {n["node"] for n in await directory(redis)}
+        assert not left & {n["node"] for n in mine}
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+async def test_failover_recreates_the_room_from_the_shared_database(
+    redis: RedisServer, postgres_server: str
+) -> None:
+    """Nodes that share PostgreSQL: a ban a host gave on the node that died still holds on the
+    node that takes the room over, and the host resumes there as itself."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from medverse.server.audit import KEY_FILE, PUBLIC_KEY_FILE
+
+    from .pgservice import new_database
+
+    url = new_database(postgres_server)
+    dirs = [Path(tempfile.mkdtemp(prefix="medverse-")) for _ in range(2)]
+    a = start_node(redis, database_url=url, data_dir=dirs[0])
+    b = None
+    try:
+        a.wait_ready(timeout=60)
+        # One audit log in the database, one signing key: the second server gets a copy.
+        for name in (KEY_FILE, PUBLIC_KEY_FILE):
+            shutil.copy2(dirs[0] / name, dirs[1] / name)
+        b = start_node(redis, database_url=url, data_dir=dirs[1])
+        b.wait_ready(timeout=60)
+        host = connect(
+            a.url,
+            "ward-11",
+            token=token("ward-11", "doctor", "host"),
+            fallback_urls=[b.url],
+            max_backoff=0.5,
+        )
+        await host.start()
+        home = owner_of([a, b], host.url)
+        survivor = b if home is a else a
+        guest = connect(a.url, "ward-11", token=token("ward-11", "troll"))
+        await guest.start()
+        await wait_for(lambda: guest.member_id in host.members)
+        await host.moderate("ban", guest.member_id, "disruptive")
+        assert (await asyncio.wait_for(guest.wait_closed(), 10)).code == "banned"
+        hid = host.member_id
+        resumed = asyncio.create_task(
+            anext(e async for e in host.events() if isinstance(e, Resumed))
+        )
+        os.kill(home.pid, signal.SIGKILL)
+        ev = await asyncio.wait_for(resumed, 30)
+        assert ev.same_member and host.member_id == hid
+        assert host.url == f"{survivor.url}/ws"
+        again = connect(survivor.url, "ward-11", token=token("ward-11", "troll"), reconnect=False)
+        with pytest.raises(Exception, match="banned"):
+            await again.start()
+        await host.close()
+    finally:
+        for s in (a, b):
+            if s is not None and s.proc.poll() is None:
+                s.proc.kill()
+                s.proc.wait()
