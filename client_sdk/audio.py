@@ -230,13 +230,22 @@ class LevelMeter:
         self._task.cancel()
 
 
-class _Detached(MediaStreamTrack):
-    """What a closing sender reads instead of the application's track: nothing."""
+class _Published(MediaStreamTrack):
+    """The application's track as one peer connection sends it. aiortc's sender stops the track
+    it reads when its connection ends (closed by us, or by the server when we leave a room);
+    it stops this stand-in instead, and the application's track can be published again (after
+    a move to another room, or a rejoin as a new member)."""
 
     kind = "audio"
 
-    async def recv(self) -> AudioFrame:
-        raise MediaStreamError
+    def __init__(self, source: MediaStreamTrack) -> None:
+        super().__init__()
+        self.source = source
+
+    async def recv(self) -> Any:
+        if self.readyState != "live":
+            raise MediaStreamError
+        return await self.source.recv()
 
 
 class AudioClient:
@@ -296,7 +305,7 @@ class AudioClient:
                 got.set_result(remote)
 
         if track is not None:
-            pc.addTransceiver(track, direction="sendrecv")
+            pc.addTransceiver(_Published(track), direction="sendrecv")
         else:
             pc.addTransceiver("audio", direction="recvonly")
         set_jitter_prefetch(pc, self.jitter_frames)
@@ -325,11 +334,6 @@ class AudioClient:
         pc, self.pc = self.pc, None
         self.mix = None
         if pc is not None:
-            # aiortc's sender stops its track when its RTP loop ends: give it a stand-in that
-            # ends that loop at once, so the application's track lives on.
-            for sender in pc.getSenders():
-                if sender.track is not None:
-                    sender.replaceTrack(_Detached())
             await pc.close()
 
     # Routing calls return once the server applied them (the mixer uses them from its next

@@ -383,7 +383,11 @@ class LoadRun:
         for k in range(0, n, 50):
             batch = self.headsets[k : k + 50]
             await asyncio.gather(*(h.connect() for h in batch))
-            await asyncio.gather(*(h.joined for h in batch))
+            try:
+                await asyncio.wait_for(asyncio.gather(*(h.joined for h in batch)), 120)
+            except TimeoutError:
+                late = sum(not h.joined.done() for h in batch)
+                raise ConnectionError(f"{late} headset(s) not welcomed within 120 s") from None
         for h in self.headsets:
             self.by_member[(h.room, h.member_id)] = h
         sender = loop.create_task(self._send_loop())

@@ -474,6 +474,10 @@ class ImageStore:
         self._volumes[sha256] = vol
         return vol
 
+    def forget(self, sha256: str) -> None:
+        """Close the series (it is opened and checked again when next asked for)."""
+        self._volumes.pop(sha256, None)
+
     def cached_volume(self, sha256: str) -> Volume | None:
         """The series if it is open already (never blocks)."""
         return self._volumes.get(sha256)
@@ -691,8 +695,6 @@ class ImageService:
         self.cache = RenderCache()
         self._uploads_by_address: dict[str, int] = {}
         self._opening: dict[str, asyncio.Future[Volume]] = {}
-        #: Seconds each upload took to parse, validate and store, per file (for benchmarks).
-        self.last_upload: dict[str, float] = {}
 
     @property
     def store(self) -> ImageStore:
@@ -739,7 +741,22 @@ class ImageService:
         try:
             return await asyncio.shield(fut)
         except ProtocolError as err:
-            raise http_error(err, 500) from None
+            raise self._corrupt(sha256, err) from None
+
+    def _corrupt(self, sha256: str, err: ProtocolError) -> web.HTTPException:
+        """A stored series that no longer matches its hash: never served, reported once per
+        finding (log and audit), and opened afresh if it is uploaded again."""
+        self.store.forget(sha256)
+        self.cache.drop(sha256)
+        log.error("stored series %s is damaged: %s", sha256, err.message)
+        self._audit("series_corrupt", subject=sha256)
+        return http_error(
+            ProtocolError(
+                ErrorCode.CORRUPT,
+                "the stored series is damaged and is not served (uploading it again repairs it)",
+            ),
+            500,
+        )
 
     async def listing(self, request: web.Request) -> web.Response:
         room, _ = self._member(request)
@@ -811,12 +828,18 @@ class ImageService:
             return web.Response(status=304, headers=headers)
         png = self.cache.get(key)
         if png is None:
-            # Small images render on the loop (a thread hop costs more); large ones in a
-            # thread, so other rooms' ticks never wait for a 512 x 512 encode.
-            if vol.data.shape[1] * vol.data.shape[2] <= 128 * 128:
-                png = render(vol, plane, index, center, width)
-            else:
-                png = await asyncio.to_thread(render, vol, plane, index, center, width)
+            # Rendered from the stored file only while it is what its hash says (a stat per
+            # render; hashed again only when the file changed). Small images render on the
+            # loop (a thread hop costs more); large ones in a thread, so other rooms' ticks
+            # never wait for a 512 x 512 encode.
+            args = (vol, plane, index, center, width)
+            try:
+                if vol.data.shape[1] * vol.data.shape[2] <= 128 * 128:
+                    png = self._render_checked(*args)
+                else:
+                    png = await asyncio.to_thread(self._render_checked, *args)
+            except ProtocolError as err:
+                raise self._corrupt(listing.sha256, err) from None
             self.cache.put(key, png)
         size = len(png)
         start, end, status = 0, size - 1, 200
@@ -832,6 +855,14 @@ class ImageService:
             headers["Content-Range"] = f"bytes {start}-{end}/{size}"
         # aiohttp leaves the body out of an answer to HEAD (its length stays in the headers).
         return web.Response(status=status, body=png[start : end + 1], headers=headers)
+
+    def _render_checked(
+        self, vol: Volume, plane: str, index: int, center: float, width: float
+    ) -> bytes:
+        problem = self.store.check(vol.sha256)
+        if problem is not None:
+            raise ProtocolError(ErrorCode.CORRUPT, problem)
+        return render(vol, plane, index, center, width)
 
     async def upload(self, request: web.Request) -> web.Response:
         room, identity = self._member(request)
@@ -906,8 +937,12 @@ class ImageService:
                 self._uploads_by_address[addr] = left
             else:
                 self._uploads_by_address.pop(addr, None)
-        elapsed = time.perf_counter() - t0
-        self.last_upload = {"seconds": elapsed, "instances": listing.instances}
+        log.debug(
+            "series %s: %d files in %.3f s",
+            listing.sha256,
+            listing.instances,
+            time.perf_counter() - t0,
+        )
         if prepared.actions:
             kind = "series_deidentified"
         elif prepared.identifying:

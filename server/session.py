@@ -233,6 +233,12 @@ class Session:
             raise ProtocolError(ErrorCode.BAD_FIELD, f"the member is already in {room}")
         if not s.policy.known(room):
             raise ProtocolError(ErrorCode.NOT_FOUND, f"this clinic has no room {room}")
+        if s.cluster is not None and not s.cluster.holds(room):
+            # The member's connection is here and the room may live on another server (or
+            # nowhere yet): placing it here could run it twice. Moves stay within a server.
+            raise ProtocolError(
+                ErrorCode.NOT_FOUND, f"room {room} is not open on this server of the cluster"
+            )
         identity = s.policy.identity_in(replace(base, room=room), room)
         answer = s.rooms.entry(identity)  # places the room: its plugins decide
         if isinstance(answer, ProtocolError):

@@ -61,6 +61,8 @@ log = logging.getLogger("medverse.viewer")
 MAX_PANELS = 16
 #: Requests a room keeps waiting for its turn (more are refused with rate_limited).
 MAX_QUEUED = 256
+#: The grant each request needs (the others: ``manipulate_objects``, like an object's view).
+GRANTS: dict[type[Message], str] = {Measure: "annotate", DeleteMeasurement: "annotate"}
 
 
 @dataclass
@@ -289,7 +291,7 @@ class RoomImages(RoomPlugin):
         self._changed: dict[int, Panel] = {}  # panels changed since the last tick
         self.dirty = False  # panel states changed since the last store
         self._pointers: dict[int, tuple[int, int, float, float, float]] = {}
-        self._visible: set[int] = set()  # members whose pointer shows
+        self._visible: dict[int, int] = {}  # member id -> the panel its pointer is on
         self._handlers: dict[type[Message], Callable[[MemberView, Any], Any]] = {
             OpenPanel: self._open,
             ClosePanel: self._close,
@@ -341,7 +343,7 @@ class RoomImages(RoomPlugin):
             if self.ctx.members.get(member.id) is not member:
                 continue  # left meanwhile
             try:
-                self._allowed(member)
+                self._allowed(member, GRANTS.get(type(msg), "manipulate_objects"))
                 await self._handlers[type(msg)](member, msg)
             except ProtocolError as err:
                 self._refuse(member, msg, err)
@@ -372,8 +374,7 @@ class RoomImages(RoomPlugin):
     def _hide_pointer(self, member: MemberView) -> None:
         """Hide the member's pointer if it shows one (nobody hears of members who never
         pointed)."""
-        if member.id in self._visible:
-            self._visible.discard(member.id)
+        if self._visible.pop(member.id, None) is not None:
             self._pointers[member.id] = (member.id, 0, 0.0, 0.0, 0.0)
 
     def _send_all(self, member: MemberView) -> None:
@@ -496,6 +497,9 @@ class RoomImages(RoomPlugin):
         await self._commit(self.service.store.delete_panel, panel.panel_id, *self._counters())
         self.panels.pop(panel.panel_id, None)
         self._changed.pop(panel.panel_id, None)
+        for mid in [m for m, p in self._visible.items() if p == panel.panel_id]:
+            del self._visible[mid]  # pointers on the panel go with it
+            self._pointers[mid] = (mid, 0, 0.0, 0.0, 0.0)
         self.ctx.audit(
             "image_panel_closed", actor=member.identity.subject, subject=f"panel:{panel.panel_id}"
         )
@@ -613,20 +617,21 @@ class RoomImages(RoomPlugin):
         if msg.point is None:
             raise ProtocolError(ErrorCode.BAD_FIELD, "point is required on a panel")
         self._pointers[member.id] = (member.id, msg.panel_id, *msg.point)
-        self._visible.add(member.id)
+        self._visible[member.id] = msg.panel_id
 
     # ----------------------------------------------------------------- measurements
 
     async def _measure(self, member: MemberView, msg: Measure) -> None:
-        self._allowed(member, "annotate")
         vol = await self._volume(msg.series)
         count = sum(1 for m in self.measurements.values() if m.series == msg.series)
         if count >= self.ctx.config.max_annotations_per_object:
             raise Refusal(ErrorCode.LIMIT_REACHED, "the series carries its maximum of measurements")
-        if msg.kind == "roi" and vol.data.shape[1] * vol.data.shape[2] > 128 * 128:
-            value, stats = await asyncio.to_thread(measure, vol, msg.kind, msg.points)
+        # Measured from the stored pixels only while the file is what its hash says (a stat;
+        # hashed again only if it changed), in a thread unless the images are small.
+        if vol.data.shape[1] * vol.data.shape[2] > 128 * 128:
+            value, stats = await asyncio.to_thread(self._measure_checked, vol, msg)
         else:
-            value, stats = measure(vol, msg.kind, msg.points)
+            value, stats = self._measure_checked(vol, msg)
         self.seq += 1
         m = Measurement(
             self.next_measurement,
@@ -655,8 +660,14 @@ class RoomImages(RoomPlugin):
         self.ctx.broadcast(m.msg())
         self.ctx.send(member, ImageAck(msg.req, None, m.measurement_id))
 
+    def _measure_checked(self, vol: Volume, msg: Measure) -> tuple[float, dict[str, Any]]:
+        problem = self.service.store.check(vol.sha256)
+        if problem is not None:
+            self.service.store.forget(vol.sha256)
+            raise Refusal(ErrorCode.CORRUPT, f"the stored series is damaged: {problem}")
+        return measure(vol, msg.kind, msg.points)
+
     async def _unmeasure(self, member: MemberView, msg: DeleteMeasurement) -> None:
-        self._allowed(member, "annotate")
         m = self.measurements.get(msg.measurement_id)
         if m is None:
             raise Refusal(ErrorCode.NOT_FOUND, f"no measurement {msg.measurement_id}")

@@ -49,6 +49,7 @@ from medverse.server.clinicdef import ClinicError, load_clinic
 
 from .conftest import ServerProcess, free_port, run_server
 from .helpers import RawClient
+from .services import redis_available, redis_server
 
 SECRET = "k" * 48
 CLINIC_FILE = Path(__file__).resolve().parent.parent / "examples" / "clinic.toml"
@@ -381,6 +382,12 @@ async def test_unauthorised_and_impossible_transfers_are_refused(srv: ServerProc
             for i in range(MAX_MEMBERS):
                 await stack.enter_async_context(member(srv, "consult-5", f"g{i}", role="host"))
             await refused(desk.transfer(pf.member_id, "consult-5"), "room_full")
+        # The room type's host roles: the front desk hosts the waiting room, a clinician's
+        # host token does not (hosts = ["receptionist"] there).
+        async with member(srv, "waiting", "drvisit", role="host") as visitor:
+            await refused(visitor.moderate("lock"), "forbidden")
+            await refused(visitor.call_next(), "forbidden")
+        await desk.moderate("allow_unmute", pf.member_id)
         # Nothing moved: both patients are still waiting, in order.
         assert pe.room == pf.room == "waiting"
         assert pe.member_id in desk.members and pf.member_id in desk.members
@@ -567,3 +574,31 @@ async def test_a_moved_member_resumes_in_its_new_room(srv: ServerProcess) -> Non
             await other.close()
     finally:
         await raw.close()
+
+
+@pytest.mark.skipif(not redis_available(), reason="redis-server is not installed")
+async def test_in_a_cluster_moves_stay_on_the_server_that_holds_both_rooms() -> None:
+    """A room is run by one server of a cluster: a move goes only to a room the member's
+    server holds (else a typed refusal, nothing moved), never placing a second copy."""
+    from benchmarks.harness import start_server
+
+    with redis_server() as redis:
+        node = start_server(
+            redis_url=redis.url, auth_secret=SECRET, cluster_lease_ttl=2.5, room_linger=2.0
+        )
+        try:
+            node.wait_ready(timeout=60)
+            async with (
+                member(node, "ward-a", "host-a", role="host") as host,
+                member(node, "ward-a", "pat-a") as pat,
+                member(node, "ward-b", "host-b", role="host") as other,
+            ):
+                with pytest.raises(RefusedError) as err:
+                    await host.transfer(pat.member_id, "ward-never-opened")
+                assert err.value.code == "not_found" and "cluster" in err.value.message
+                assert pat.room == "ward-a"
+                await host.transfer(pat.member_id, "ward-b")  # held here: moves
+                arrived = await expect(pat, "arrived")
+                assert arrived.room == "ward-b" and other.member_id in arrived.members
+        finally:
+            node.stop()

@@ -168,6 +168,13 @@ async def test_case_review(srv: ServerProcess, ct_phi: dict[str, bytes]) -> None
         await wait_for(lambda: surgeon.member_id in onc.panels.pointers)
         await surgeon.point(panel, None)
         await wait_for(lambda: surgeon.member_id not in onc.panels.pointers)
+        # A pointer on a panel that closes goes with it.
+        scratch = await onc.open_panel(sha, position=(1.0, 1.4, -1.2))
+        await host.point(scratch, target)
+        await wait_for(lambda: host.member_id in surgeon.panels.pointers)
+        await onc.close_panel(scratch)
+        await wait_for(lambda: host.member_id not in surgeon.panels.pointers)
+        await wait_for(lambda: scratch not in surgeon.panels)
         # 6. Measurements, computed by the server from the pixels.
         cx, cy, cz = PHANTOM.sphere_center
         dist = await surgeon.measure(sha, "distance", [(cx, cy, cz), (cx + 6.0, cy + 8.0, cz)])
@@ -576,6 +583,28 @@ async def test_bad_input_for_every_image_message(srv: ServerProcess) -> None:
         assert isinstance(got, ImageRefused) and got.code == "forbidden"
     finally:
         await shut(viewer)
+    # ... and one with annotate alone measures but does not scroll.
+    scribe = await RawClient.open(srv.url)
+    hello = Hello(
+        PROTOCOL_VERSION, room, "scribe", 3, None, tok(room, "scribe", grants=["annotate"])
+    )
+    await scribe.ws.send_bytes(encode_message(hello))
+    try:
+        measure_frame = {
+            "t": "img_measure",
+            "req": 1,
+            "series": sha,
+            "kind": "distance",
+            "points": [[0, 0, 5], [2, 0, 5]],
+        }
+        await scribe.ws.send_bytes(frame(measure_frame))
+        got = await answer(scribe, 1)
+        assert isinstance(got, ImageAck) and got.measurement_id, got
+        await scribe.ws.send_bytes(frame({"t": "img_view", "req": 2, "panel_id": pid}))
+        got = await answer(scribe, 2)
+        assert isinstance(got, ImageRefused) and got.code == "forbidden"
+    finally:
+        await shut(scribe)
 
 
 async def test_viewer_state_survives_a_restart() -> None:
@@ -600,6 +629,38 @@ async def test_viewer_state_survives_a_restart() -> None:
             assert png.startswith(b"\x89PNG")
             # The ids go on from where they were.
             assert await lead.open_panel(sha) == pid + 1
+
+
+async def test_a_damaged_series_file_is_refused(srv: ServerProcess) -> None:
+    room = "damaged"
+    client = ImageClient(srv.url, room, tok(room, "chief", "host"))
+    try:
+        sha = (await client.upload(synthetic_ct(24, 24, 6, slice_spacing=3.0))).sha256
+        png, _ = await client.fetch_slice(sha, "axial", 2)
+        assert png is not None
+        path = srv.data_dir / "images" / sha[:2] / f"{sha}.series"  # type: ignore[attr-defined]
+        with open(path, "r+b") as f:  # bit rot: same size, other bytes
+            f.seek(path.stat().st_size - 100)
+            f.write(b"\xff" * 8)
+        png, _ = await client.fetch_slice(sha, "axial", 2)  # rendered before: still served
+        with pytest.raises(ImageError) as e:
+            await client.fetch_slice(sha, "axial", 3)
+        assert (e.value.code, e.value.status) == ("corrupt", 500)
+        with pytest.raises(ImageError) as e:
+            await client.descriptor(sha)
+        assert e.value.code == "corrupt"
+        assert "series_corrupt" in audit_text(srv)
+        async with member(srv.url, room, "chief", "host") as chief:
+            with pytest.raises(ImageViewError) as refused:
+                await chief.measure(sha, "distance", [(0, 0, 3), (1, 0, 3)])
+            assert refused.value.code == "corrupt"
+        # Uploading it again repairs it.
+        again = await client.upload(synthetic_ct(24, 24, 6, slice_spacing=3.0))
+        assert again.sha256 == sha
+        png, _ = await client.fetch_slice(sha, "axial", 3)
+        assert png is not None and png.startswith(b"\x89PNG")
+    finally:
+        await client.close()
 
 
 def test_zip_helper_round_trips() -> None:
