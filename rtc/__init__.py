@@ -28,7 +28,9 @@ what breaks, as soon as an upgrade removes or retypes anything listed here.
    replaces the private ``RTCRtpReceiver.__jitter_buffer`` (an ``aiortc.jitterbuffer.
    JitterBuffer`` with prefetch 4 for audio), reads the depayloaded payload aiortc's receiver
    leaves in the private ``RtpPacket._data``, and builds ``aiortc.jitterbuffer.JitterFrame``.
-   aiortc's buffer holds four 20 ms frames (80 ms) before anything is decoded.
+   aiortc's buffer holds four 20 ms frames (80 ms) before anything is decoded. The server's
+   also hands on packets the network reordered, which its :class:`EncodedInbox` puts back in
+   order while their successors still wait.
 4. **Encoded frames instead of aiortc's decoder thread** (:func:`capture_encoded`,
    :class:`EncodedInbox`): replaces the private ``RTCRtpReceiver.__decoder_queue``, a
    ``queue.Queue`` into which the receiver puts ``(codec, frame)`` and from which the thread
@@ -214,13 +216,18 @@ class ImmediateAudioBuffer:
 
     aiortc's buffer releases a frame only when a packet of the next frame has arrived (and its
     audio buffer waits for four), which adds 20 ms (80 ms) per hop. An Opus packet is a whole
-    frame, so it can be decoded at once; duplicates and packets older than the last one handed
-    on are dropped. Smoothing jitter is then left to whoever plays the audio: the server's
-    mixer keeps up to three frames per speaker, a client's audio output keeps its own buffer.
+    frame, so it can be decoded at once; duplicates are dropped, and so are packets older than
+    the newest one handed on, except (once each) those at most ``late`` sequence numbers older:
+    a consumer that orders frames itself (the server's :class:`EncodedInbox`) can still use a
+    packet the network reordered. Smoothing jitter is then left to whoever plays the audio: the
+    server's mixer keeps up to three frames per speaker, a client's audio output keeps its own
+    buffer.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, late: int = 0) -> None:
         self._last: int | None = None
+        self.late = min(late, 63)
+        self._recent = 0  # bit i: packet self._last - i was handed on (i < 64)
 
     def add(self, packet: Any) -> tuple[bool, JitterFrame | None]:
         """Take one RTP packet (the receiver has depayloaded it into ``packet._data``);
@@ -228,20 +235,43 @@ class ImmediateAudioBuffer:
         seq = packet.sequence_number
         if self._last is not None:
             ahead = (seq - self._last) & 0xFFFF
-            if ahead == 0 or (ahead >= 0x8000 and 0x10000 - ahead < 512):
-                return False, None  # a duplicate, or late: an older frame than one handed on
+            if ahead == 0:
+                return False, None  # a duplicate
+            behind = 0x10000 - ahead
+            if ahead >= 0x8000 and behind < 512:  # older than the newest handed on
+                if behind > self.late or (self._recent >> behind) & 1:
+                    return False, None  # too late, or handed on already
+                self._recent |= 1 << behind
+                return False, self._frame(packet)
+            self._recent = ((self._recent << ahead) | 1) & _BITS64 if ahead < 64 else 1
+        else:
+            self._recent = 1
         self._last = seq
+        return False, self._frame(packet)
+
+    @staticmethod
+    def _frame(packet: Any) -> JitterFrame:
         frame = JitterFrame(data=packet._data, timestamp=packet.timestamp)
         # The sender's own level for this packet (RFC 6464, -dBov), when it sends one: a
         # mixer can leave a silent speaker's packet undecoded.
         level = packet.extensions.audio_level
         frame.audio_level = None if level is None else -int(level[1])  # type: ignore[attr-defined]
-        return False, frame
+        return frame
 
 
-def set_jitter_prefetch(pc: RTCPeerConnection, frames: int) -> None:
+_BITS64 = (1 << 64) - 1
+_TS_HALF = 0x80000000  # RTP timestamps are 32 bits: "older" is within half the range back
+
+
+def _older(ts: int, than: int) -> bool:
+    """Whether RTP timestamp ``ts`` comes before ``than`` (wrapping at 32 bits)."""
+    return 0 < ((than - ts) & 0xFFFFFFFF) < _TS_HALF
+
+
+def set_jitter_prefetch(pc: RTCPeerConnection, frames: int, late: int = 0) -> None:
     """Hold received audio for ``frames`` 20 ms frames before decoding (aiortc holds 4);
-    0 hands every packet on at once (:class:`ImmediateAudioBuffer`).
+    0 hands every packet on at once (:class:`ImmediateAudioBuffer`), and also up to ``late``
+    reordered packets behind the newest (for a consumer that orders frames itself).
 
     Each frame held adds 20 ms of mouth-to-ear latency; on a LAN or loopback none is needed.
     Call it once the audio transceiver exists and before media flows.
@@ -249,7 +279,7 @@ def set_jitter_prefetch(pc: RTCPeerConnection, frames: int) -> None:
     for transceiver in pc.getTransceivers():
         if transceiver.kind == "audio":
             buffer = (
-                ImmediateAudioBuffer()
+                ImmediateAudioBuffer(late)
                 if frames <= 0
                 else JitterBuffer(capacity=16, prefetch=frames)
             )
@@ -270,18 +300,39 @@ class EncodedInbox:
     """
 
     def __init__(self, depth: int = 8) -> None:
-        #: (codec parameters, :class:`JitterFrame`) in arrival order; the oldest go first when
-        #: more than ``depth`` wait.
+        #: (codec parameters, :class:`JitterFrame`) in RTP timestamp order; the oldest go
+        #: first when more than ``depth`` wait.
         self.frames: deque[tuple[Any, JitterFrame]] = deque(maxlen=depth)
         self.received = 0
+        #: Reordered frames that came after a newer one had been taken: dropped.
+        self.stale = 0
         self.arrivals: deque[float] = deque(maxlen=4096)
+        self._newest: int | None = None
 
     def put(self, item: tuple[Any, JitterFrame] | None) -> None:
-        """Called by aiortc's receiver for each frame (and with None when it stops)."""
-        if item is not None:
-            self.frames.append(item)
-            self.received += 1
-            self.arrivals.append(time.monotonic())
+        """Called by aiortc's receiver for each frame (and with None when it stops). A frame
+        the network reordered (older than the newest put) goes before the newer frames still
+        waiting, or is dropped if they have all been taken already."""
+        if item is None:
+            return
+        self.received += 1
+        self.arrivals.append(time.monotonic())
+        ts = item[1].timestamp
+        if self._newest is not None and _older(ts, self._newest):
+            frames = self.frames
+            for i, (_, waiting) in enumerate(frames):
+                if _older(ts, waiting.timestamp):
+                    if len(frames) == frames.maxlen:  # full: the oldest goes, as always
+                        if i == 0:
+                            break  # which is this one
+                        frames.popleft()
+                        i -= 1
+                    frames.insert(i, item)
+                    return
+            self.stale += 1
+            return
+        self._newest = ts
+        self.frames.append(item)
 
     def get(self) -> None:
         """Called once by aiortc's decoder thread: None ends it at once, nothing is decoded

@@ -8,7 +8,9 @@ never touch the machine's own loopback. The function returns a JSON-able value, 
 gets back to assert on. Everything is bounded by ``timeout``.
 
 Where the namespace cannot be made (not root, no ``unshare``, a sandbox that forbids it) or
-the kernel has no netem, :func:`require` skips the test saying which.
+the kernel has no netem, :func:`require` skips the test saying which. Kernels without netem
+still get loss, delay and reordering in user space (``tests/impair.py``) or loss from
+nftables inside the namespace (``tests/test_impairment.py``).
 """
 
 from __future__ import annotations

@@ -323,3 +323,21 @@ def test_frames_dropped_to_bound_latency_are_not_concealed_back() -> None:
     assert counters.dropped_in >= 2
     assert counters.concealed == 0
     assert mx.wpos[0] - mx.rpos[0] <= 3
+
+
+def test_a_reordered_pair_arriving_before_its_mix_is_played_in_order() -> None:
+    """Packets the network swapped (21 before 20) that both arrive before frame 20's mix are
+    put back in order by the speaker's inbox: nothing is concealed, the listener hears exactly
+    what it hears without the swap. One that comes after its successor was mixed is dropped."""
+    packets, _ = voice_packets(40)
+    clean, _ = listen(packets, {k: [k] for k in range(40)}, 40)
+    swapped = {k: [k] for k in range(40)}
+    swapped[20], swapped[21] = [21, 20], []
+    heard, counters = listen(packets, swapped, 40)
+    assert counters.concealed == 0
+    assert np.array_equal(heard, clean)
+    # 31 overtakes 30 by a whole frame: 30 comes after 31 was mixed (too late to use).
+    late = {k: [k] for k in range(40)}
+    late[30], late[31] = [31], [30]
+    _, counters = listen(packets, late, 40)
+    assert counters.concealed == 1  # frame 30, filled when 31 showed the hole

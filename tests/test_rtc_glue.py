@@ -340,3 +340,46 @@ def test_encoded_inbox_keeps_the_newest_frames() -> None:
     assert [f.data for _, f in inbox.frames] == [b"\x01", b"\x02"]
     assert inbox.received == 3 and len(inbox.arrivals) == 3
     assert inbox.get() is None
+
+
+def test_immediate_audio_buffer_hands_reordered_packets_on_once_within_its_window() -> None:
+    buf = ImmediateAudioBuffer(late=3)
+
+    def add(seq: int) -> bool:
+        p = RtpPacket(payload_type=96, sequence_number=seq, timestamp=seq * 960)
+        p._data = bytes([seq & 0xFF])  # type: ignore[attr-defined]
+        return buf.add(p)[1] is not None
+
+    assert add(65533) and add(65535)  # 65534 is late
+    assert add(1)  # wraps: 0 is late too
+    assert add(65534) and add(0)  # reordered, within three of the newest: handed on
+    assert not add(65534) and not add(0)  # but once only
+    assert not add(65535) and not add(1)  # duplicates
+    assert add(5) and not add(1)  # four behind the newest: too late
+
+
+def test_encoded_inbox_puts_reordered_frames_back_in_order() -> None:
+    inbox = EncodedInbox(depth=4)
+
+    def put(k: int) -> None:
+        inbox.put((None, JitterFrame(data=bytes([k]), timestamp=(k * 960) & 0xFFFFFFFF)))
+
+    def waiting() -> list[int]:
+        return [f.data[0] for _, f in inbox.frames]
+
+    put(1)
+    put(3)
+    put(2)  # overtaken by 3 while both wait: back in order
+    assert waiting() == [1, 2, 3]
+    put(5)
+    inbox.frames.clear()  # the mixer took them all
+    put(4)  # 5 was already taken: too late to play in order
+    assert waiting() == [] and inbox.stale == 1
+    for k in (6, 7, 8, 9):
+        put(k)
+    put(5)  # older than every waiting frame of a full inbox: the one to go
+    assert waiting() == [6, 7, 8, 9] and inbox.stale == 2
+    inbox.frames.pop()
+    put(10)
+    put(9)  # reordered into a full inbox: in order, and the oldest goes
+    assert waiting() == [7, 8, 9, 10] and inbox.received == 12

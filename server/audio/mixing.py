@@ -338,7 +338,8 @@ class RoomMix:
         frame (one decode per speaker and frame; more only after network jitter) into its
         ring.
 
-        A hole in a speaker's RTP timestamps (packets lost, or reordered and dropped as late)
+        A hole in a speaker's RTP timestamps (packets lost, or reordered too late for the
+        inbox to put them back in order)
         of up to ``MAX_GAP`` is filled before the packet after it is decoded: the frame right
         before that packet from its in-band FEC when the sender put one in, anything else by
         Opus's loss concealment, less what the mixer already concealed at mix time for the

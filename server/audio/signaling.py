@@ -250,7 +250,9 @@ async def negotiate(
     try:
         async with asyncio.timeout(NEGOTIATION_TIMEOUT):
             await pc.setRemoteDescription(RTCSessionDescription(sdp, "offer"))
-            set_jitter_prefetch(pc, cfg.audio_jitter_frames)
+            # Reordered packets are handed on too: the speaker's inbox puts them back in order
+            # if their successors have not been decoded yet.
+            set_jitter_prefetch(pc, cfg.audio_jitter_frames, late=RING)
             for t in pc.getTransceivers():
                 t.setCodecPreferences(OPUS)  # the mixer decodes and encodes Opus only
             if offer.publish:
