@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 import msgpack
 import pytest
+import redis as redis_py
 
 from medverse.client_sdk import Closed, Resumed, connect
 from medverse.protocol.connection import Connection, MessageReceived, Refused, Role
@@ -64,6 +65,10 @@ def start_node(redis: RedisServer, **settings: object) -> ServerProcess:
 @pytest.fixture
 def nodes(redis: RedisServer) -> Iterator[list[ServerProcess]]:
     """Two nodes of one cluster (a fresh pair per test: some tests kill one)."""
+    # The nodes of earlier tests were killed, so their entries and leases would linger for a
+    # TTL in the module's Redis: each test starts from an empty directory instead.
+    with redis_py.Redis.from_url(redis.url) as r:
+        r.flushall()
     started = [start_node(redis), start_node(redis)]
     try:
         for s in started:
