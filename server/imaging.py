@@ -52,7 +52,7 @@ from aiohttp import BodyPartReader, web
 
 from medverse.protocol.errors import ErrorCode, ProtocolError
 
-from .assets import SHA256_RE, _fsync_dir, _parse_range, pseudonym_of
+from .assets import SHA256_RE, _fsync_dir, pseudonym_of
 from .auth import Identity
 from .dicom import (
     Geometry,
@@ -64,6 +64,7 @@ from .dicom import (
     read_files,
 )
 from .httpauth import HttpAuth, http_error
+from .httpfiles import byte_range, immutable_headers, not_modified
 
 log = logging.getLogger("medverse.images")
 
@@ -817,14 +818,8 @@ class ImageService:
             center, width = c, w
         key = image_key(listing.sha256, plane, index, center, width)
         etag = '"' + hashlib.sha256(key.encode()).hexdigest() + '"'
-        headers = {
-            "ETag": etag,
-            "Accept-Ranges": "bytes",
-            "Content-Type": "image/png",
-            "Cache-Control": "private, max-age=31536000, immutable",
-        }
-        inm = request.headers.get("If-None-Match")
-        if inm is not None and (inm.strip() == "*" or etag in [t.strip() for t in inm.split(",")]):
+        headers = immutable_headers(etag, "image/png")
+        if not_modified(request, etag):
             return web.Response(status=304, headers=headers)
         png = self.cache.get(key)
         if png is None:
@@ -841,18 +836,7 @@ class ImageService:
             except ProtocolError as err:
                 raise self._corrupt(listing.sha256, err) from None
             self.cache.put(key, png)
-        size = len(png)
-        start, end, status = 0, size - 1, 200
-        rng = request.headers.get("Range")
-        if_range = request.headers.get("If-Range")
-        if rng is not None and "," not in rng and (if_range is None or if_range.strip() == etag):
-            parsed = _parse_range(rng, size)
-            if parsed is None:
-                headers["Content-Range"] = f"bytes */{size}"
-                raise web.HTTPRequestRangeNotSatisfiable(headers=headers)
-            start, end = parsed
-            status = 206
-            headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+        start, end, status = byte_range(request, etag, len(png), headers)
         # aiohttp leaves the body out of an answer to HEAD (its length stays in the headers).
         return web.Response(status=status, body=png[start : end + 1], headers=headers)
 
