@@ -49,6 +49,7 @@ from medverse.protocol.images import (
     PlacePanel,
     Point,
     Pointers,
+    SeriesListing,
     SetImageView,
 )
 from medverse.protocol.messages import Message, Welcome
@@ -75,39 +76,6 @@ class ImageError(Exception):
 class ImageViewError(RefusedError):
     """The server refused a viewer request (``code``: ``not_found``, ``out_of_range``,
     ``forbidden``, ``limit_reached``, ...)."""
-
-
-@dataclass(frozen=True, slots=True)
-class SeriesListing:
-    """A series as its room lists it."""
-
-    sha256: str
-    name: str
-    size: int
-    uploader: str
-    uploaded_at: float
-    series_uid: str
-    study_uid: str
-    frame_of_reference: str
-    instances: int
-    deidentified: bool
-    transfer_syntaxes: tuple[str, ...]
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> SeriesListing:
-        return cls(
-            d["sha256"],
-            d["name"],
-            int(d["size"]),
-            d["uploader"],
-            float(d["uploaded_at"]),
-            d["series_uid"],
-            d["study_uid"],
-            d["frame_of_reference"],
-            int(d["instances"]),
-            bool(d["deidentified"]),
-            tuple(d.get("transfer_syntaxes", ())),
-        )
 
 
 def zip_files(files: Mapping[str, bytes]) -> bytes:

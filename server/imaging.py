@@ -51,6 +51,7 @@ import numpy as np
 from aiohttp import BodyPartReader, web
 
 from medverse.protocol.errors import ErrorCode, ProtocolError
+from medverse.protocol.images import SeriesListing
 
 from .assets import SHA256_RE, _fsync_dir, pseudonym_of
 from .auth import Identity
@@ -251,38 +252,6 @@ def image_key(sha256: str, plane: str, index: int, center: float, width: float) 
 
 
 # --------------------------------------------------------------------------- the store
-
-
-@dataclass(frozen=True, slots=True)
-class SeriesListing:
-    """A series as a room lists it."""
-
-    sha256: str
-    name: str
-    size: int
-    uploader: str
-    uploaded_at: float
-    series_uid: str
-    study_uid: str
-    frame_of_reference: str
-    instances: int
-    deidentified: bool
-    syntaxes: tuple[str, ...]
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "sha256": self.sha256,
-            "name": self.name,
-            "size": self.size,
-            "uploader": self.uploader,
-            "uploaded_at": self.uploaded_at,
-            "series_uid": self.series_uid,
-            "study_uid": self.study_uid,
-            "frame_of_reference": self.frame_of_reference,
-            "instances": self.instances,
-            "deidentified": self.deidentified,
-            "transfer_syntaxes": list(self.syntaxes),
-        }
 
 
 class ImageStore:
