@@ -19,7 +19,7 @@ import json
 import sqlite3
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,6 +65,45 @@ class StoredAnnotation:
     created: float
     edited: float | None
     seq: int
+
+
+def _object_from_row(r: Sequence[Any]) -> StoredObject:
+    """An ``objects`` row (SQLite's columns, or PostgreSQL's in :data:`_PG_OBJECT_COLUMNS`
+    order) as a :class:`StoredObject`."""
+    return StoredObject(
+        r[0],
+        r[1],
+        r[2],
+        r[3],
+        r[4],
+        r[5],
+        r[6],
+        (r[7], r[8], r[9]),
+        (r[10], r[11], r[12], r[13]),
+        r[14],
+        json.loads(r[15]),
+        tuple(json.loads(r[16])),
+    )
+
+
+def _annotation_from_row(r: Sequence[Any]) -> StoredAnnotation:
+    """An ``annotations`` row (SQLite's columns, or PostgreSQL's in
+    :data:`_PG_ANNOTATION_COLUMNS` order) as a :class:`StoredAnnotation`."""
+    return StoredAnnotation(
+        r[0],
+        r[1],
+        r[2],
+        r[3],
+        tuple(tuple(p) for p in json.loads(r[4])),
+        r[5],
+        r[6],
+        r[7],
+        r[8],
+        r[9],
+        r[10],
+        r[11],
+        r[12],
+    )
 
 
 @dataclass(slots=True)
@@ -244,38 +283,11 @@ class SQLiteObjectStore(ObjectStore):
         with self._lock:
             db = self._db
             objs = [
-                StoredObject(
-                    r[0],
-                    r[1],
-                    r[2],
-                    r[3],
-                    r[4],
-                    r[5],
-                    r[6],
-                    (r[7], r[8], r[9]),
-                    (r[10], r[11], r[12], r[13]),
-                    r[14],
-                    json.loads(r[15]),
-                    tuple(json.loads(r[16])),
-                )
+                _object_from_row(r)
                 for r in db.execute("SELECT * FROM objects WHERE room = ? ORDER BY id", (room,))
             ]
             annos = [
-                StoredAnnotation(
-                    r[0],
-                    r[1],
-                    r[2],
-                    r[3],
-                    tuple(tuple(p) for p in json.loads(r[4])),
-                    r[5],
-                    r[6],
-                    r[7],
-                    r[8],
-                    r[9],
-                    r[10],
-                    r[11],
-                    r[12],
-                )
+                _annotation_from_row(r)
                 for r in db.execute(
                     "SELECT * FROM annotations WHERE room = ? ORDER BY seq", (room,)
                 )
@@ -478,41 +490,8 @@ class PostgresObjectStore(ObjectStore):
                     "SELECT next_object_id, next_annotation_id, seq FROM rooms WHERE room = $1",
                     room,
                 )
-            objs = [
-                StoredObject(
-                    r[0],
-                    r[1],
-                    r[2],
-                    r[3],
-                    r[4],
-                    r[5],
-                    r[6],
-                    (r[7], r[8], r[9]),
-                    (r[10], r[11], r[12], r[13]),
-                    r[14],
-                    json.loads(r[15]),
-                    tuple(json.loads(r[16])),
-                )
-                for r in orows
-            ]
-            annos = [
-                StoredAnnotation(
-                    r[0],
-                    r[1],
-                    r[2],
-                    r[3],
-                    tuple(tuple(p) for p in json.loads(r[4])),
-                    r[5],
-                    r[6],
-                    r[7],
-                    r[8],
-                    r[9],
-                    r[10],
-                    r[11],
-                    r[12],
-                )
-                for r in arows
-            ]
+            objs = [_object_from_row(r) for r in orows]
+            annos = [_annotation_from_row(r) for r in arows]
             nobj, nanno, seq = tuple(counters) if counters else (1, 1, 0)
             return RoomRecord(objs, annos, nobj, nanno, seq)
 
