@@ -43,7 +43,7 @@ from medverse.protocol.errors import ErrorCode, ProtocolError
 
 from .auth import Identity
 from .gltf import InvalidAsset, ModelInfo, pack_gltf, validate_glb
-from .httpauth import HttpAuth, http_error
+from .httpauth import HttpAuth, UploadSlots, http_error
 from .httpfiles import byte_range, immutable_headers, not_modified
 
 log = logging.getLogger("medverse.assets")
@@ -359,7 +359,7 @@ class AssetService:
         self._checking: dict[str, asyncio.Future[str | None]] = {}
         self.max_bytes = max_bytes
         self.max_per_room = max_per_room
-        self._uploads_by_address: dict[str, int] = {}
+        self._uploads = UploadSlots()
 
     @property
     def store(self) -> AssetStore:
@@ -485,13 +485,7 @@ class AssetService:
             )
         if self.store.count(room) >= self.max_per_room:
             raise http_error(ProtocolError(ErrorCode.ROOM_FULL, "this room has its maximum assets"))
-        addr = request.remote or "?"
-        busy = self._uploads_by_address.get(addr, 0)
-        if busy >= 2:
-            raise http_error(
-                ProtocolError(ErrorCode.RATE_LIMITED, "two uploads at a time per address")
-            )
-        self._uploads_by_address[addr] = busy + 1
+        addr = self._uploads.take(request)
         staged: Path | None = None
         try:
             if request.content_type == "multipart/form-data":
@@ -520,11 +514,7 @@ class AssetService:
             if staged is not None:
                 with contextlib.suppress(FileNotFoundError):
                     staged.unlink()
-            left = self._uploads_by_address.get(addr, 1) - 1
-            if left > 0:
-                self._uploads_by_address[addr] = left
-            else:
-                self._uploads_by_address.pop(addr, None)
+            self._uploads.give(addr)
         self._report(info.sha256, None, "upload")  # the stored copy is the one just checked
         if new:
             self._audit(

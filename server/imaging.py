@@ -64,7 +64,7 @@ from .dicom import (
     identifying_attributes,
     read_files,
 )
-from .httpauth import HttpAuth, http_error
+from .httpauth import HttpAuth, UploadSlots, http_error
 from .httpfiles import byte_range, immutable_headers, not_modified
 
 log = logging.getLogger("medverse.images")
@@ -663,7 +663,7 @@ class ImageService:
         self._ended = ended
         self._store: ImageStore | None = None
         self.cache = RenderCache()
-        self._uploads_by_address: dict[str, int] = {}
+        self._uploads = UploadSlots()
         self._opening: dict[str, asyncio.Future[Volume]] = {}
 
     @property
@@ -827,12 +827,7 @@ class ImageService:
             raise self._too_big()
         if self.store.count(room) >= self.max_per_room:
             raise http_error(ProtocolError(ErrorCode.ROOM_FULL, "this room has its maximum series"))
-        addr = request.remote or "?"
-        if self._uploads_by_address.get(addr, 0) >= 2:
-            raise http_error(
-                ProtocolError(ErrorCode.RATE_LIMITED, "two uploads at a time per address")
-            )
-        self._uploads_by_address[addr] = self._uploads_by_address.get(addr, 0) + 1
+        addr = self._uploads.take(request)
         flag = request.query.get("deidentify", "")
         name = request.query.get("name", "series")
         allowed = self._identifiable(room)
@@ -885,11 +880,7 @@ class ImageService:
         finally:
             if prepared is not None and prepared.staged.exists():
                 prepared.staged.unlink(missing_ok=True)
-            left = self._uploads_by_address.get(addr, 1) - 1
-            if left > 0:
-                self._uploads_by_address[addr] = left
-            else:
-                self._uploads_by_address.pop(addr, None)
+            self._uploads.give(addr)
         log.debug(
             "series %s: %d files in %.3f s",
             listing.sha256,
