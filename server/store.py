@@ -106,6 +106,26 @@ def _annotation_from_row(r: Sequence[Any]) -> StoredAnnotation:
     )
 
 
+def _annotation_values(a: StoredAnnotation) -> tuple[Any, ...]:
+    """An annotation's column values, in the table's order (the inverse of
+    :func:`_annotation_from_row`)."""
+    return (
+        a.room,
+        a.id,
+        a.object_id,
+        a.kind,
+        json.dumps([list(p) for p in a.points]),
+        a.text,
+        a.color,
+        a.author,
+        a.author_subject,
+        a.author_id,
+        a.created,
+        a.edited,
+        a.seq,
+    )
+
+
 @dataclass(slots=True)
 class RoomRecord:
     """Everything stored about one room, and the counters to continue from."""
@@ -343,21 +363,7 @@ class SQLiteObjectStore(ObjectStore):
                 (
                     "INSERT OR REPLACE INTO annotations VALUES "
                     "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        a.room,
-                        a.id,
-                        a.object_id,
-                        a.kind,
-                        json.dumps([list(p) for p in a.points]),
-                        a.text,
-                        a.color,
-                        a.author,
-                        a.author_subject,
-                        a.author_id,
-                        a.created,
-                        a.edited,
-                        a.seq,
-                    ),
+                    _annotation_values(a),
                 ),
             ]
         )
@@ -544,21 +550,7 @@ class PostgresObjectStore(ObjectStore):
         )
 
     def put_annotation(self, a: StoredAnnotation) -> None:
-        args = (
-            a.room,
-            a.id,
-            a.object_id,
-            a.kind,
-            json.dumps([list(p) for p in a.points]),
-            a.text,
-            a.color,
-            a.author,
-            a.author_subject,
-            a.author_id,
-            a.created,
-            a.edited,
-            a.seq,
-        )
+        args = _annotation_values(a)
         self._op(
             f"WITH {_pg_counters(14)} {_upsert('annotations', _PG_ANNOTATION_COLUMNS)}",
             (*args, 0, a.id + 1, a.seq),
