@@ -56,6 +56,7 @@ from medverse.protocol.messages import Message, Welcome
 
 from .assets import AssetClient
 from .feature import PendingRequests, SessionLink
+from .objects import _vec
 from .types import Quat, RefusedError, Vec3
 
 
@@ -420,12 +421,6 @@ class PanelsClient(Mapping[int, ImagePanel]):
         if self._synced is None:
             self._synced = asyncio.Event()
         self._synced.set()
-
-
-def _vec(v: Sequence[float], n: int, what: str) -> tuple[float, ...]:
-    if len(v) != n:
-        raise ValueError(f"{what} needs {n} numbers")
-    return tuple(float(x) for x in v)
 
 
 class ImagesAPI:
