@@ -7,8 +7,8 @@ depend on a narrow interface and the session module depends on them, never the o
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Generic, Protocol, TypeVar
 
 from medverse.protocol.messages import Message, Welcome
 from medverse.protocol.snapshot import Snapshot
@@ -64,3 +64,52 @@ class SessionLink(Protocol):
     ) -> None:
         """Send ``make(req)`` (a message with a ``req``) and return once the server
         acknowledged it; raise ``error(code, message)`` if it refused it."""
+
+
+AckT = TypeVar("AckT")
+
+
+class PendingRequests(Generic[AckT]):
+    """A feature client's requests that await their answer, by ``req`` (one counter per
+    client, wrapping at 32 bits): the acknowledgement resolves the caller's wait, a refusal
+    raises in it, and a renewed connection fails every wait (the answer will never come)."""
+
+    def __init__(self) -> None:
+        self._futures: dict[int, asyncio.Future[AckT]] = {}
+        self._req = 0
+
+    def next_req(self) -> int:
+        """A fresh request id."""
+        self._req = (self._req + 1) & 0xFFFFFFFF
+        return self._req
+
+    async def wait(self, req: int, send: Callable[[], Awaitable[None]], timeout: float) -> AckT:
+        """Await ``send()`` (which sends the request ``req``), then its acknowledgement,
+        within ``timeout`` seconds; an answer arriving during ``send()`` is not missed."""
+        fut: asyncio.Future[AckT] = asyncio.get_running_loop().create_future()
+        self._futures[req] = fut
+        try:
+            await send()
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            self._futures.pop(req, None)
+
+    def acknowledged(self, req: int, ack: AckT) -> None:
+        fut = self._futures.get(req)
+        if fut is not None and not fut.done():
+            fut.set_result(ack)
+
+    def refused(self, req: int, error: BaseException) -> bool:
+        """Raise ``error`` in the wait for ``req``; whether one was waiting for it."""
+        fut = self._futures.get(req)
+        if fut is None:
+            return False
+        if not fut.done():
+            fut.set_exception(error)
+        return True
+
+    def renewed(self) -> None:
+        """The connection was renewed: no pending request will be answered."""
+        for fut in self._futures.values():
+            if not fut.done():
+                fut.set_exception(ConnectionError("connection renewed before the answer"))

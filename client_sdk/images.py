@@ -49,12 +49,14 @@ from medverse.protocol.images import (
     PlacePanel,
     Point,
     Pointers,
+    SeriesListing,
     SetImageView,
 )
 from medverse.protocol.messages import Message, Welcome
 
 from .assets import AssetClient
-from .feature import SessionLink
+from .feature import PendingRequests, SessionLink
+from .objects import _vec
 from .types import Quat, RefusedError, Vec3
 
 
@@ -75,39 +77,6 @@ class ImageError(Exception):
 class ImageViewError(RefusedError):
     """The server refused a viewer request (``code``: ``not_found``, ``out_of_range``,
     ``forbidden``, ``limit_reached``, ...)."""
-
-
-@dataclass(frozen=True, slots=True)
-class SeriesListing:
-    """A series as its room lists it."""
-
-    sha256: str
-    name: str
-    size: int
-    uploader: str
-    uploaded_at: float
-    series_uid: str
-    study_uid: str
-    frame_of_reference: str
-    instances: int
-    deidentified: bool
-    transfer_syntaxes: tuple[str, ...]
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> SeriesListing:
-        return cls(
-            d["sha256"],
-            d["name"],
-            int(d["size"]),
-            d["uploader"],
-            float(d["uploaded_at"]),
-            d["series_uid"],
-            d["study_uid"],
-            d["frame_of_reference"],
-            int(d["instances"]),
-            bool(d["deidentified"]),
-            tuple(d.get("transfer_syntaxes", ())),
-        )
 
 
 def zip_files(files: Mapping[str, bytes]) -> bytes:
@@ -329,8 +298,7 @@ class PanelsClient(Mapping[int, ImagePanel]):
         ):
             session.add_handler(cls, fn)
         session.add_connected_hook(self._on_welcome)
-        self._pending: dict[int, asyncio.Future[ImageAck]] = {}
-        self._req = 0
+        self._pending: PendingRequests[ImageAck] = PendingRequests()
         self._changed = asyncio.Event()
 
     def __getitem__(self, panel_id: int) -> ImagePanel:
@@ -350,15 +318,8 @@ class PanelsClient(Mapping[int, ImagePanel]):
 
     async def request(self, make: Any, timeout: float = 10.0) -> ImageAck:
         """Send ``make(req)``; wait for its ``img_ack`` or raise :class:`ImageViewError`."""
-        self._req = (self._req + 1) & 0xFFFFFFFF
-        req = self._req
-        fut: asyncio.Future[ImageAck] = asyncio.get_running_loop().create_future()
-        self._pending[req] = fut
-        try:
-            await self._s.send_message(make(req))
-            return await asyncio.wait_for(fut, timeout)
-        finally:
-            self._pending.pop(req, None)
+        req = self._pending.next_req()
+        return await self._pending.wait(req, lambda: self._s.send_message(make(req)), timeout)
 
     async def wait_version(self, panel_id: int, version: int, timeout: float = 5.0) -> ImagePanel:
         """Wait until the panel's state is at least ``version`` (changes reach the room with
@@ -381,21 +342,15 @@ class PanelsClient(Mapping[int, ImagePanel]):
         self.pointers.clear()
         if self._synced is not None:
             self._synced.clear()
-        for fut in self._pending.values():
-            if not fut.done():
-                fut.set_exception(ConnectionError("connection renewed before the answer"))
+        self._pending.renewed()
 
     def _on_ack(self, m: Message) -> None:
         assert isinstance(m, ImageAck)
-        fut = self._pending.get(m.req)
-        if fut is not None and not fut.done():
-            fut.set_result(m)
+        self._pending.acknowledged(m.req, m)
 
     def _on_refused(self, m: Message) -> None:
         assert isinstance(m, ImageRefused)
-        fut = self._pending.get(m.req)
-        if fut is not None and not fut.done():
-            fut.set_exception(ImageViewError(m.code, m.message))
+        self._pending.refused(m.req, ImageViewError(m.code, m.message))
 
     def _on_panel(self, m: Message) -> None:
         assert isinstance(m, PanelState)
@@ -466,12 +421,6 @@ class PanelsClient(Mapping[int, ImagePanel]):
         if self._synced is None:
             self._synced = asyncio.Event()
         self._synced.set()
-
-
-def _vec(v: Sequence[float], n: int, what: str) -> tuple[float, ...]:
-    if len(v) != n:
-        raise ValueError(f"{what} needs {n} numbers")
-    return tuple(float(x) for x in v)
 
 
 class ImagesAPI:

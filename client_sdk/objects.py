@@ -55,7 +55,7 @@ from medverse.protocol.objects import (
 )
 from medverse.protocol.quant import dequantize_positions, dequantize_rotations
 
-from .feature import SessionLink
+from .feature import PendingRequests, SessionLink
 from .types import Pose, Quat, RefusedError, Vec3, from_message
 
 
@@ -236,11 +236,10 @@ class ObjectsClient(Mapping[int, SharedObject]):
         # After a release: our last transform and the room time until which the state (as
         # rendered, a few ticks late) may not show it yet.
         self._released: dict[int, tuple[tuple[Vec3, Quat, float], float]] = {}
-        self._pending: dict[int, asyncio.Future[ObjectAck]] = {}
+        self._pending: PendingRequests[ObjectAck] = PendingRequests()
         self._moves: dict[int, bytes] = {}
         self._move_ready: asyncio.Event | None = None
         self._move_task: asyncio.Task[None] | None = None
-        self._req = 0
         self._synced: asyncio.Event | None = None
         for cls, fn in (
             (ObjectAck, self._on_ack),
@@ -293,20 +292,17 @@ class ObjectsClient(Mapping[int, SharedObject]):
 
     def _next_req(self) -> int:
         # One counter for requests and moves, so a refusal's id names exactly one of them.
-        self._req = (self._req + 1) & 0xFFFFFFFF
-        return self._req
+        return self._pending.next_req()
 
     async def request(self, make: Any, timeout: float = 10.0) -> ObjectAck:
         """Send ``make(req)`` and wait for its acknowledgement; raise ObjectError if refused."""
         req = self._next_req()
-        fut: asyncio.Future[ObjectAck] = asyncio.get_running_loop().create_future()
-        self._pending[req] = fut
-        try:
+
+        async def send() -> None:
             await self._flush_moves()  # moves made before this call reach the server first
             await self._s.send_message(make(req))
-            return await asyncio.wait_for(fut, timeout)
-        finally:
-            self._pending.pop(req, None)
+
+        return await self._pending.wait(req, send, timeout)
 
     def move(
         self,
@@ -391,22 +387,15 @@ class ObjectsClient(Mapping[int, SharedObject]):
         self._released.clear()
         if self._synced is not None:
             self._synced.clear()
-        for fut in self._pending.values():
-            if not fut.done():
-                fut.set_exception(ConnectionError("connection renewed before the answer"))
+        self._pending.renewed()
 
     def _on_ack(self, m: Message) -> None:
         assert isinstance(m, ObjectAck)
-        fut = self._pending.get(m.req)
-        if fut is not None and not fut.done():
-            fut.set_result(m)
+        self._pending.acknowledged(m.req, m)
 
     def _on_refused(self, m: Message) -> None:
         assert isinstance(m, ObjectRefused)
-        fut = self._pending.get(m.req)
-        if fut is not None:
-            if not fut.done():
-                fut.set_exception(ObjectError(m.code, m.message, m.object_id, m.holder))
+        if self._pending.refused(m.req, ObjectError(m.code, m.message, m.object_id, m.holder)):
             return
         if m.object_id is not None:  # a refused move: show the server's transform again
             self._local.pop(m.object_id, None)

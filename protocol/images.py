@@ -350,6 +350,55 @@ class ImagesSynced(ImageMessage):
     measurements: int = wire_field("int", lo=0, hi=MAX_U32)
 
 
+@dataclass(frozen=True, slots=True)
+class SeriesListing:
+    """A series as its room lists it over HTTP (``GET /rooms/{room}/series``, and the answer to
+    an upload): the JSON document the server writes and the SDK reads."""
+
+    sha256: str
+    name: str
+    size: int
+    uploader: str
+    uploaded_at: float  # Unix time
+    series_uid: str
+    study_uid: str
+    frame_of_reference: str
+    instances: int
+    deidentified: bool
+    transfer_syntaxes: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "sha256": self.sha256,
+            "name": self.name,
+            "size": self.size,
+            "uploader": self.uploader,
+            "uploaded_at": self.uploaded_at,
+            "series_uid": self.series_uid,
+            "study_uid": self.study_uid,
+            "frame_of_reference": self.frame_of_reference,
+            "instances": self.instances,
+            "deidentified": self.deidentified,
+            "transfer_syntaxes": list(self.transfer_syntaxes),
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> SeriesListing:
+        return cls(
+            d["sha256"],
+            d["name"],
+            int(d["size"]),
+            d["uploader"],
+            float(d["uploaded_at"]),
+            d["series_uid"],
+            d["study_uid"],
+            d["frame_of_reference"],
+            int(d["instances"]),
+            bool(d["deidentified"]),
+            tuple(d.get("transfer_syntaxes", ())),
+        )
+
+
 CLIENT_IMAGES: tuple[type[Message], ...] = (
     OpenPanel,
     ClosePanel,
@@ -394,5 +443,6 @@ __all__ = [
     "PlacePanel",
     "Point",
     "Pointers",
+    "SeriesListing",
     "SetImageView",
 ]

@@ -43,7 +43,8 @@ from medverse.protocol.errors import ErrorCode, ProtocolError
 
 from .auth import Identity
 from .gltf import InvalidAsset, ModelInfo, pack_gltf, validate_glb
-from .httpauth import HttpAuth, http_error
+from .httpauth import HttpAuth, UploadSlots, http_error
+from .httpfiles import byte_range, immutable_headers, not_modified
 
 log = logging.getLogger("medverse.assets")
 
@@ -358,7 +359,7 @@ class AssetService:
         self._checking: dict[str, asyncio.Future[str | None]] = {}
         self.max_bytes = max_bytes
         self.max_per_room = max_per_room
-        self._uploads_by_address: dict[str, int] = {}
+        self._uploads = UploadSlots()
 
     @property
     def store(self) -> AssetStore:
@@ -444,31 +445,11 @@ class AssetService:
         _, _, info = self._lookup(request)
         path = self.store.blob_path(info.sha256)
         etag = f'"{info.sha256}"'
-        headers = {
-            "ETag": etag,
-            "Accept-Ranges": "bytes",
-            "Content-Type": "model/gltf-binary",
-            "Cache-Control": "private, max-age=31536000, immutable",
-        }
-        inm = request.headers.get("If-None-Match")
-        if inm is not None and (inm.strip() == "*" or etag in [t.strip() for t in inm.split(",")]):
+        headers = immutable_headers(etag, "model/gltf-binary")
+        if not_modified(request, etag):
             return web.Response(status=304, headers=headers)  # the client's copy is good
         await self._intact(info.sha256)
-        size = info.size
-        start, end = 0, size - 1
-        status = 200
-        rng = request.headers.get("Range")
-        if_range = request.headers.get("If-Range")
-        # A multi-range request is answered whole (allowed by RFC 9110); headsets resume with
-        # one open range.
-        if rng is not None and "," not in rng and (if_range is None or if_range.strip() == etag):
-            parsed = _parse_range(rng, size)
-            if parsed is None:
-                headers["Content-Range"] = f"bytes */{size}"
-                raise web.HTTPRequestRangeNotSatisfiable(headers=headers)
-            start, end = parsed
-            status = 206
-            headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+        start, end, status = byte_range(request, etag, info.size, headers)
         headers["Content-Length"] = str(end - start + 1)
         resp = web.StreamResponse(status=status, headers=headers)
         await resp.prepare(request)
@@ -504,13 +485,7 @@ class AssetService:
             )
         if self.store.count(room) >= self.max_per_room:
             raise http_error(ProtocolError(ErrorCode.ROOM_FULL, "this room has its maximum assets"))
-        addr = request.remote or "?"
-        busy = self._uploads_by_address.get(addr, 0)
-        if busy >= 2:
-            raise http_error(
-                ProtocolError(ErrorCode.RATE_LIMITED, "two uploads at a time per address")
-            )
-        self._uploads_by_address[addr] = busy + 1
+        addr = self._uploads.take(request)
         staged: Path | None = None
         try:
             if request.content_type == "multipart/form-data":
@@ -539,11 +514,7 @@ class AssetService:
             if staged is not None:
                 with contextlib.suppress(FileNotFoundError):
                     staged.unlink()
-            left = self._uploads_by_address.get(addr, 1) - 1
-            if left > 0:
-                self._uploads_by_address[addr] = left
-            else:
-                self._uploads_by_address.pop(addr, None)
+            self._uploads.give(addr)
         self._report(info.sha256, None, "upload")  # the stored copy is the one just checked
         if new:
             self._audit(
@@ -634,23 +605,3 @@ def _validate_file(path: Path) -> ModelInfo:
             # released before the map can close.
             message = str(exc)
     raise InvalidAsset(message)
-
-
-def _parse_range(header: str, size: int) -> tuple[int, int] | None:
-    """One ``bytes=a-b`` / ``a-`` / ``-n`` range within ``size`` (None: not satisfiable)."""
-    m = re.fullmatch(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", header)
-    if m is None or size == 0:
-        return None
-    a, b = m.group(1), m.group(2)
-    if a == "" and b == "":
-        return None
-    if a == "":
-        n = int(b)
-        if n == 0:
-            return None
-        return max(0, size - n), size - 1
-    start = int(a)
-    end = int(b) if b else size - 1
-    if start >= size or end < start:
-        return None
-    return start, min(end, size - 1)

@@ -37,6 +37,36 @@ def http_error(err: ProtocolError, status: int | None = None) -> web.HTTPExcepti
     return exc
 
 
+class UploadSlots:
+    """At most two uploads at a time from one address: an upload takes a slot before its body
+    is read and gives it back (in a ``finally``) once it is stored or refused."""
+
+    PER_ADDRESS = 2
+
+    def __init__(self) -> None:
+        self._busy: dict[str, int] = {}
+
+    def take(self, request: web.Request) -> str:
+        """Take one of the asking address's slots and return the address (for :meth:`give`);
+        with none free, refuse with ``rate_limited`` (429)."""
+        addr = request.remote or "?"
+        busy = self._busy.get(addr, 0)
+        if busy >= self.PER_ADDRESS:
+            raise http_error(
+                ProtocolError(ErrorCode.RATE_LIMITED, "two uploads at a time per address")
+            )
+        self._busy[addr] = busy + 1
+        return addr
+
+    def give(self, addr: str) -> None:
+        """Give back a slot :meth:`take` returned ``addr`` for."""
+        left = self._busy.get(addr, 1) - 1
+        if left > 0:
+            self._busy[addr] = left
+        else:
+            self._busy.pop(addr, None)
+
+
 def _bearer(request: web.Request) -> str | None:
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None

@@ -51,8 +51,9 @@ import numpy as np
 from aiohttp import BodyPartReader, web
 
 from medverse.protocol.errors import ErrorCode, ProtocolError
+from medverse.protocol.images import SeriesListing
 
-from .assets import SHA256_RE, _fsync_dir, _parse_range, pseudonym_of
+from .assets import SHA256_RE, _fsync_dir, pseudonym_of
 from .auth import Identity
 from .dicom import (
     Geometry,
@@ -63,7 +64,8 @@ from .dicom import (
     identifying_attributes,
     read_files,
 )
-from .httpauth import HttpAuth, http_error
+from .httpauth import HttpAuth, UploadSlots, http_error
+from .httpfiles import byte_range, immutable_headers, not_modified
 
 log = logging.getLogger("medverse.images")
 
@@ -250,38 +252,6 @@ def image_key(sha256: str, plane: str, index: int, center: float, width: float) 
 
 
 # --------------------------------------------------------------------------- the store
-
-
-@dataclass(frozen=True, slots=True)
-class SeriesListing:
-    """A series as a room lists it."""
-
-    sha256: str
-    name: str
-    size: int
-    uploader: str
-    uploaded_at: float
-    series_uid: str
-    study_uid: str
-    frame_of_reference: str
-    instances: int
-    deidentified: bool
-    syntaxes: tuple[str, ...]
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "sha256": self.sha256,
-            "name": self.name,
-            "size": self.size,
-            "uploader": self.uploader,
-            "uploaded_at": self.uploaded_at,
-            "series_uid": self.series_uid,
-            "study_uid": self.study_uid,
-            "frame_of_reference": self.frame_of_reference,
-            "instances": self.instances,
-            "deidentified": self.deidentified,
-            "transfer_syntaxes": list(self.syntaxes),
-        }
 
 
 class ImageStore:
@@ -693,7 +663,7 @@ class ImageService:
         self._ended = ended
         self._store: ImageStore | None = None
         self.cache = RenderCache()
-        self._uploads_by_address: dict[str, int] = {}
+        self._uploads = UploadSlots()
         self._opening: dict[str, asyncio.Future[Volume]] = {}
 
     @property
@@ -817,14 +787,8 @@ class ImageService:
             center, width = c, w
         key = image_key(listing.sha256, plane, index, center, width)
         etag = '"' + hashlib.sha256(key.encode()).hexdigest() + '"'
-        headers = {
-            "ETag": etag,
-            "Accept-Ranges": "bytes",
-            "Content-Type": "image/png",
-            "Cache-Control": "private, max-age=31536000, immutable",
-        }
-        inm = request.headers.get("If-None-Match")
-        if inm is not None and (inm.strip() == "*" or etag in [t.strip() for t in inm.split(",")]):
+        headers = immutable_headers(etag, "image/png")
+        if not_modified(request, etag):
             return web.Response(status=304, headers=headers)
         png = self.cache.get(key)
         if png is None:
@@ -841,18 +805,7 @@ class ImageService:
             except ProtocolError as err:
                 raise self._corrupt(listing.sha256, err) from None
             self.cache.put(key, png)
-        size = len(png)
-        start, end, status = 0, size - 1, 200
-        rng = request.headers.get("Range")
-        if_range = request.headers.get("If-Range")
-        if rng is not None and "," not in rng and (if_range is None or if_range.strip() == etag):
-            parsed = _parse_range(rng, size)
-            if parsed is None:
-                headers["Content-Range"] = f"bytes */{size}"
-                raise web.HTTPRequestRangeNotSatisfiable(headers=headers)
-            start, end = parsed
-            status = 206
-            headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+        start, end, status = byte_range(request, etag, len(png), headers)
         # aiohttp leaves the body out of an answer to HEAD (its length stays in the headers).
         return web.Response(status=status, body=png[start : end + 1], headers=headers)
 
@@ -874,12 +827,7 @@ class ImageService:
             raise self._too_big()
         if self.store.count(room) >= self.max_per_room:
             raise http_error(ProtocolError(ErrorCode.ROOM_FULL, "this room has its maximum series"))
-        addr = request.remote or "?"
-        if self._uploads_by_address.get(addr, 0) >= 2:
-            raise http_error(
-                ProtocolError(ErrorCode.RATE_LIMITED, "two uploads at a time per address")
-            )
-        self._uploads_by_address[addr] = self._uploads_by_address.get(addr, 0) + 1
+        addr = self._uploads.take(request)
         flag = request.query.get("deidentify", "")
         name = request.query.get("name", "series")
         allowed = self._identifiable(room)
@@ -932,11 +880,7 @@ class ImageService:
         finally:
             if prepared is not None and prepared.staged.exists():
                 prepared.staged.unlink(missing_ok=True)
-            left = self._uploads_by_address.get(addr, 1) - 1
-            if left > 0:
-                self._uploads_by_address[addr] = left
-            else:
-                self._uploads_by_address.pop(addr, None)
+            self._uploads.give(addr)
         log.debug(
             "series %s: %d files in %.3f s",
             listing.sha256,

@@ -89,6 +89,18 @@ MOVE_REFUSALS_PER_SECOND = 30.0
 _IDENTITY_INDEX, _IDENTITY_ROT = (a[0] for a in quantize_rotations(np.array([[0.0, 0, 0, 1]])))
 
 
+def why_not_allowed(member: MemberView, grant: str) -> str | None:
+    """Why ``member`` may not act on the room's shared things with ``grant`` (None: it may):
+    observers and paused members act on nothing, others as their role allows."""
+    if member.hidden:
+        return "observers receive only"
+    if member.paused:
+        return "paused members act on nothing"
+    if not member.can(grant):
+        return f"role {member.identity.role} may not {grant}"
+    return None
+
+
 class Refusal(ProtocolError):
     """A refused object operation; ``holder`` names the lease holder for ``object_locked``."""
 
@@ -350,12 +362,9 @@ class RoomObjects(RoomPlugin):
 
     @staticmethod
     def _allowed(member: MemberView, grant: str) -> None:
-        if member.hidden:
-            raise Refusal(ErrorCode.FORBIDDEN, "observers receive only")
-        if member.paused:
-            raise Refusal(ErrorCode.FORBIDDEN, "paused members act on nothing")
-        if not member.can(grant):
-            raise Refusal(ErrorCode.FORBIDDEN, f"role {member.identity.role} may not {grant}")
+        reason = why_not_allowed(member, grant)
+        if reason is not None:
+            raise Refusal(ErrorCode.FORBIDDEN, reason)
 
     def _object(self, object_id: int) -> LiveObject:
         obj = self.objects.get(object_id)

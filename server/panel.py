@@ -15,7 +15,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from .webapp import WEBAPP_DIR
+from .webapp import WEBAPP_DIR, bundle_response, page_response
 
 # esbuild's names for the panel's two bundles; nothing else is served under /panel/.
 _FILE = re.compile(r"^panel-(main|style)-[A-Z0-9]{8}\.(js|css)$")
@@ -26,7 +26,6 @@ CONTENT_SECURITY_POLICY = (
     "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
     "img-src 'self'; base-uri 'none'; frame-ancestors 'none'; form-action 'none'"
 )
-_COMMON = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
 
 
 class OperatorPanel:
@@ -49,16 +48,7 @@ class OperatorPanel:
                 text="The medverse operator panel is not built on this server "
                 "(npm ci && npm run build in web/).\n",
             )
-        return web.Response(
-            body=body,
-            content_type="text/html",
-            charset="utf-8",
-            headers={
-                **_COMMON,
-                "Cache-Control": "no-cache",
-                "Content-Security-Policy": CONTENT_SECURITY_POLICY,
-            },
-        )
+        return page_response(body, CONTENT_SECURITY_POLICY)
 
     async def file(self, request: web.Request) -> web.StreamResponse:
         """One bundle by its hashed name; anything else is 404."""
@@ -67,8 +57,4 @@ class OperatorPanel:
         path = self.root / name
         if match is None or not path.is_file():
             raise web.HTTPNotFound(text="no such file\n")
-        # The name changes with the content: a year of caching is safe.
-        cache = "public, max-age=31536000, immutable"
-        return web.FileResponse(
-            path, headers={**_COMMON, "Cache-Control": cache, "Content-Type": _TYPES[match[2]]}
-        )
+        return bundle_response(path, _TYPES[match[2]])

@@ -19,7 +19,7 @@ import json
 import sqlite3
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,6 +65,65 @@ class StoredAnnotation:
     created: float
     edited: float | None
     seq: int
+
+
+def _object_from_row(r: Sequence[Any]) -> StoredObject:
+    """An ``objects`` row (SQLite's columns, or PostgreSQL's in :data:`_PG_OBJECT_COLUMNS`
+    order) as a :class:`StoredObject`."""
+    return StoredObject(
+        r[0],
+        r[1],
+        r[2],
+        r[3],
+        r[4],
+        r[5],
+        r[6],
+        (r[7], r[8], r[9]),
+        (r[10], r[11], r[12], r[13]),
+        r[14],
+        json.loads(r[15]),
+        tuple(json.loads(r[16])),
+    )
+
+
+def _annotation_from_row(r: Sequence[Any]) -> StoredAnnotation:
+    """An ``annotations`` row (SQLite's columns, or PostgreSQL's in
+    :data:`_PG_ANNOTATION_COLUMNS` order) as a :class:`StoredAnnotation`."""
+    return StoredAnnotation(
+        r[0],
+        r[1],
+        r[2],
+        r[3],
+        tuple(tuple(p) for p in json.loads(r[4])),
+        r[5],
+        r[6],
+        r[7],
+        r[8],
+        r[9],
+        r[10],
+        r[11],
+        r[12],
+    )
+
+
+def _annotation_values(a: StoredAnnotation) -> tuple[Any, ...]:
+    """An annotation's column values, in the table's order (the inverse of
+    :func:`_annotation_from_row`)."""
+    return (
+        a.room,
+        a.id,
+        a.object_id,
+        a.kind,
+        json.dumps([list(p) for p in a.points]),
+        a.text,
+        a.color,
+        a.author,
+        a.author_subject,
+        a.author_id,
+        a.created,
+        a.edited,
+        a.seq,
+    )
 
 
 @dataclass(slots=True)
@@ -244,38 +303,11 @@ class SQLiteObjectStore(ObjectStore):
         with self._lock:
             db = self._db
             objs = [
-                StoredObject(
-                    r[0],
-                    r[1],
-                    r[2],
-                    r[3],
-                    r[4],
-                    r[5],
-                    r[6],
-                    (r[7], r[8], r[9]),
-                    (r[10], r[11], r[12], r[13]),
-                    r[14],
-                    json.loads(r[15]),
-                    tuple(json.loads(r[16])),
-                )
+                _object_from_row(r)
                 for r in db.execute("SELECT * FROM objects WHERE room = ? ORDER BY id", (room,))
             ]
             annos = [
-                StoredAnnotation(
-                    r[0],
-                    r[1],
-                    r[2],
-                    r[3],
-                    tuple(tuple(p) for p in json.loads(r[4])),
-                    r[5],
-                    r[6],
-                    r[7],
-                    r[8],
-                    r[9],
-                    r[10],
-                    r[11],
-                    r[12],
-                )
+                _annotation_from_row(r)
                 for r in db.execute(
                     "SELECT * FROM annotations WHERE room = ? ORDER BY seq", (room,)
                 )
@@ -331,21 +363,7 @@ class SQLiteObjectStore(ObjectStore):
                 (
                     "INSERT OR REPLACE INTO annotations VALUES "
                     "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        a.room,
-                        a.id,
-                        a.object_id,
-                        a.kind,
-                        json.dumps([list(p) for p in a.points]),
-                        a.text,
-                        a.color,
-                        a.author,
-                        a.author_subject,
-                        a.author_id,
-                        a.created,
-                        a.edited,
-                        a.seq,
-                    ),
+                    _annotation_values(a),
                 ),
             ]
         )
@@ -478,41 +496,8 @@ class PostgresObjectStore(ObjectStore):
                     "SELECT next_object_id, next_annotation_id, seq FROM rooms WHERE room = $1",
                     room,
                 )
-            objs = [
-                StoredObject(
-                    r[0],
-                    r[1],
-                    r[2],
-                    r[3],
-                    r[4],
-                    r[5],
-                    r[6],
-                    (r[7], r[8], r[9]),
-                    (r[10], r[11], r[12], r[13]),
-                    r[14],
-                    json.loads(r[15]),
-                    tuple(json.loads(r[16])),
-                )
-                for r in orows
-            ]
-            annos = [
-                StoredAnnotation(
-                    r[0],
-                    r[1],
-                    r[2],
-                    r[3],
-                    tuple(tuple(p) for p in json.loads(r[4])),
-                    r[5],
-                    r[6],
-                    r[7],
-                    r[8],
-                    r[9],
-                    r[10],
-                    r[11],
-                    r[12],
-                )
-                for r in arows
-            ]
+            objs = [_object_from_row(r) for r in orows]
+            annos = [_annotation_from_row(r) for r in arows]
             nobj, nanno, seq = tuple(counters) if counters else (1, 1, 0)
             return RoomRecord(objs, annos, nobj, nanno, seq)
 
@@ -565,21 +550,7 @@ class PostgresObjectStore(ObjectStore):
         )
 
     def put_annotation(self, a: StoredAnnotation) -> None:
-        args = (
-            a.room,
-            a.id,
-            a.object_id,
-            a.kind,
-            json.dumps([list(p) for p in a.points]),
-            a.text,
-            a.color,
-            a.author,
-            a.author_subject,
-            a.author_id,
-            a.created,
-            a.edited,
-            a.seq,
-        )
+        args = _annotation_values(a)
         self._op(
             f"WITH {_pg_counters(14)} {_upsert('annotations', _PG_ANNOTATION_COLUMNS)}",
             (*args, 0, a.id + 1, a.seq),

@@ -52,7 +52,7 @@ from medverse.protocol.messages import Message
 
 from .dicom import Geometry, uid_mapper
 from .imaging import ImageStore, SeriesListing, Volume, plane_image
-from .objects import RoomObjects
+from .objects import RoomObjects, why_not_allowed
 from .plugins import MemberView, RoomContext, RoomPlugin, ServerContext, ServerPlugin
 
 log = logging.getLogger("medverse.viewer")
@@ -420,12 +420,9 @@ class RoomImages(RoomPlugin):
 
     @staticmethod
     def _allowed(member: MemberView, grant: str = "manipulate_objects") -> None:
-        if member.hidden:
-            raise Refusal(ErrorCode.FORBIDDEN, "observers receive only")
-        if member.paused:
-            raise Refusal(ErrorCode.FORBIDDEN, "paused members act on nothing")
-        if not member.can(grant):
-            raise Refusal(ErrorCode.FORBIDDEN, f"role {member.identity.role} may not {grant}")
+        reason = why_not_allowed(member, grant)
+        if reason is not None:
+            raise Refusal(ErrorCode.FORBIDDEN, reason)
 
     def _panel(self, panel_id: int) -> Panel:
         panel = self.panels.get(panel_id)

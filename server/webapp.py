@@ -41,6 +41,26 @@ _COMMON = {
 }
 
 
+def page_response(body: bytes, policy: str) -> web.Response:
+    """A built HTML page: never cached (it names the current bundles), with its Content
+    Security Policy."""
+    return web.Response(
+        body=body,
+        content_type="text/html",
+        charset="utf-8",
+        headers={**_COMMON, "Cache-Control": "no-cache", "Content-Security-Policy": policy},
+    )
+
+
+def bundle_response(path: Path, content_type: str) -> web.FileResponse:
+    """One content-hashed bundle file."""
+    # The name changes with the content: a year of caching is safe.
+    cache = "public, max-age=31536000, immutable"
+    return web.FileResponse(
+        path, headers={**_COMMON, "Cache-Control": cache, "Content-Type": content_type}
+    )
+
+
 class WebApp:
     """Serves the built app from ``root`` (default :data:`WEBAPP_DIR`)."""
 
@@ -74,16 +94,7 @@ class WebApp:
             body = index.read_bytes()
         except OSError:
             return self._missing()
-        return web.Response(
-            body=body,
-            content_type="text/html",
-            charset="utf-8",
-            headers={
-                **_COMMON,
-                "Cache-Control": "no-cache",
-                "Content-Security-Policy": CONTENT_SECURITY_POLICY,
-            },
-        )
+        return page_response(body, CONTENT_SECURITY_POLICY)
 
     async def file(self, request: web.Request) -> web.StreamResponse:
         """One file of the bundle by its hashed name; anything else is 404."""
@@ -97,8 +108,4 @@ class WebApp:
         if not found or match is None:
             raise web.HTTPNotFound(text="no such file\n")
         kind = _MAP_TYPE if match[2] else _TYPES[match[1]]
-        # The name changes with the content: a year of caching is safe.
-        cache = "public, max-age=31536000, immutable"
-        return web.FileResponse(
-            path, headers={**_COMMON, "Cache-Control": cache, "Content-Type": kind}
-        )
+        return bundle_response(path, kind)
