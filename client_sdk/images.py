@@ -430,15 +430,22 @@ class ImagesAPI:
     url: str
     room: str
     token: str | None
+    room_access: str | None
     _ssl: Any
     _image_client: ImageClient | None = None
+
+    @property
+    def http_token(self) -> str | None:
+        """The bearer token for this room's HTTP APIs (assets, image series): the room access
+        credential the server gave with our last move, else our join token."""
+        return self.room_access or self.token
 
     @property
     def images(self) -> ImageClient:
         """The room's image series over HTTP, with this session's token."""
         client = self._image_client
         if client is None:
-            client = ImageClient(self.url, self.room, self.token, ssl=self._ssl)
+            client = ImageClient(self.url, self.room, self.http_token, ssl=self._ssl)
             self._image_client = client
         return client
 

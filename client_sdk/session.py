@@ -264,6 +264,9 @@ class Session(ObjectsAPI, ImagesAPI):
         self.moving_to: str | None = None
         self.ping_interval = ping_interval
         self.token = token
+        #: After a move: the server's credential for the HTTP APIs (assets, image series) of
+        #: the room we are in now, whose join token names the room we first entered.
+        self.room_access: str | None = None
         self._ssl = ssl
         #: Asked (version, text) when a room requires consent; True accepts.
         self.consent = consent
@@ -586,7 +589,7 @@ class Session(ObjectsAPI, ImagesAPI):
     def assets(self) -> AssetClient:
         """The room's 3D models over HTTP (upload, list, download), with this session's token."""
         if self._assets is None:
-            self._assets = AssetClient(self.url, self.room, self.token, ssl=self._ssl)
+            self._assets = AssetClient(self.url, self.room, self.http_token, ssl=self._ssl)
         return self._assets
 
     async def upload_asset(
@@ -972,6 +975,12 @@ class Session(ObjectsAPI, ImagesAPI):
         the new room's entry follows on this connection."""
         self.moving_to = m.room
         self.room = m.room
+        # The HTTP clients follow us: the new room's URLs, with its credential (our join
+        # token names the room we first entered, which the new room's APIs refuse).
+        self.room_access = m.access
+        for client in (self._assets, self._image_client):
+            if client is not None:
+                client.room, client.token = m.room, self.http_token
         self.queue = None
         self.members = {}
         self._decoder.reset()

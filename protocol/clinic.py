@@ -22,6 +22,8 @@ MAX_REASON_CHARS = 256
 MAX_CLINIC_MESSAGE_CHARS = 2048
 #: Longest estimate the server sends, seconds (a day: beyond it an estimate means nothing).
 MAX_ESTIMATE_SECONDS = 86_400
+#: Longest room access credential (a compact JWT).
+MAX_ACCESS_CHARS = 2048
 _ID = {"lo": 1, "hi": 2**32 - 1}
 _REQ = {"lo": 0, "hi": 2**32 - 1, "optional": True}
 
@@ -65,12 +67,16 @@ class SendBack(Message):
 class Moved(Message):
     """To the member moved: it has left its room for ``room``, moved by ``by`` (the mover's
     name as the old room showed it) for ``reason``. The target room's entry follows at once
-    (``consent_required``, ``waiting`` or ``welcome``, as after a ``hello``)."""
+    (``consent_required``, ``waiting`` or ``welcome``, as after a ``hello``). ``access`` (on a
+    server with join tokens) is the bearer credential for ``room``'s HTTP APIs (assets,
+    image series) in place of the join token, which names the first room: valid while the
+    member is in ``room``, and for at most an hour."""
 
     TYPE: ClassVar[str] = "moved"
     room: str = wire_field("str", pattern=ROOM_NAME_RE)
     by: str = wire_field("str", max_len=MAX_NAME_CHARS)
     reason: str = wire_field("str", max_len=MAX_REASON_CHARS)
+    access: str | None = wire_field("str", max_len=MAX_ACCESS_CHARS, optional=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +107,7 @@ SERVER_CLINIC: tuple[type[Message], ...] = (Moved, Queue, Called)
 
 __all__ = [
     "CLIENT_CLINIC",
+    "MAX_ACCESS_CHARS",
     "MAX_CLINIC_MESSAGE_CHARS",
     "MAX_ESTIMATE_SECONDS",
     "MAX_REASON_CHARS",

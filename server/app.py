@@ -62,6 +62,7 @@ from .plugins import (
 from .policy import RoomPolicy
 from .registry import RoomRegistry
 from .room import RoomServices
+from .roomaccess import Access, RoomAccess, derive_key
 from .session import (
     CLOSE_GOING_AWAY,
     CLOSE_TOO_MANY_CONNECTIONS,
@@ -117,6 +118,11 @@ class Server:
         #: The clinic definition (``--clinic``): room types, their policies, the waiting room.
         self.clinic: Clinic | None = load_clinic(config.clinic) if config.clinic else None
         self.verifier = make_verifier(config)
+        #: Signs the credentials a moved member uses for its new room's HTTP APIs.
+        self.room_access: RoomAccess | None = None
+        if self.verifier is not None:
+            secret = self.verifier.shared_secret
+            self.room_access = RoomAccess(derive_key(secret) if secret is not None else None)
         self.policy = RoomPolicy(config, self.clinic)
         self.plugins = [as_server_plugin(p) for p in plugins]
         names = [p.name for p in self.plugins]
@@ -190,6 +196,7 @@ class Server:
             self.server_messages,
             self.budget,
             self.cluster,
+            room_access=self.room_access,
         )
         self.metrics.rooms.set_function(lambda: len(self.rooms))
         self.metrics.members.set_function(self.rooms.member_count)
@@ -199,6 +206,8 @@ class Server:
             self.audit,
             lambda code: self.metrics.auth_refusals.labels(code).inc(),
             self._http_identity,
+            self.room_access,
+            self._access_holder,
         )
 
     # ----------------------------------------------------------------- cluster
@@ -294,6 +303,18 @@ class Server:
         """Whether a host ended ``room``'s session and the room has not closed since."""
         live = self.rooms.get(room)
         return live is not None and live.ended
+
+    def _access_holder(self, access: Access) -> Identity:
+        """The identity of the member of ``access.room`` a room access credential names, as
+        it is now; ``unauthorized`` once no member there holds that subject and join token
+        (moved on, removed, left: the credential is revoked with the membership)."""
+        room = self.rooms.get(access.room)
+        if room is not None:
+            for view in room.views.values():
+                who = view.identity
+                if who.subject == access.subject and who.token_id == access.token_id:
+                    return who
+        raise ProtocolError(ErrorCode.UNAUTHORIZED, "that member is no longer in this room")
 
     def _http_identity(self, identity: Identity) -> Identity:
         """``identity`` (from a valid token) as its room's session sees it now: refused if a

@@ -93,6 +93,11 @@ class TokenVerifier:
                 raise ValueError("auth_public_key: the key must be Ed25519 or RSA")
             self._key = key
 
+    @property
+    def shared_secret(self) -> bytes | None:
+        """The HS256 secret, if tokens are checked with one (None with a public key)."""
+        return self._key if isinstance(self._key, bytes) else None
+
     def _claims(self, token: str, kind: str) -> dict[str, Any]:
         """The verified claims of a signed, unexpired token; typed errors otherwise."""
         try:

@@ -14,6 +14,7 @@ from medverse.protocol.errors import ErrorCode, ProtocolError
 from medverse.protocol.messages import ROOM_NAME_RE
 
 from .auth import ROLE_GRANTS, Identity, TokenVerifier
+from .roomaccess import Access, RoomAccess, is_access_credential
 
 _HTTP_STATUS = {
     ErrorCode.UNAUTHORIZED: 401,
@@ -81,6 +82,8 @@ class HttpAuth:
         audit: Callable[..., None],
         count_refusal: Callable[[str], None],
         resolve: Callable[[Identity], Identity],
+        access: RoomAccess | None = None,
+        holder: Callable[[Access], Identity] | None = None,
     ) -> None:
         self.verifier = verifier
         self._audit = audit
@@ -88,6 +91,10 @@ class HttpAuth:
         #: The identity as the room's session sees it (grants a host changed); raises a
         #: ProtocolError for a removed token or a banned identity.
         self._resolve = resolve
+        #: Room access credentials (a moved member's, ``server/roomaccess.py``) and the live
+        #: member one names (raises ``unauthorized`` once no member of the room holds it).
+        self.access = access
+        self._holder = holder
 
     def _refused(self, request: web.Request, err: ProtocolError, room: str | None) -> Exception:
         self._count(err.code.value)
@@ -97,7 +104,8 @@ class HttpAuth:
         return http_error(err)
 
     def room_identity(self, request: web.Request, room: str) -> Identity:
-        """Who is asking, from the bearer token for ``room``; fails closed with a typed error.
+        """Who is asking, from the bearer token for ``room`` (a join token, or the room access
+        credential of a member moved into ``room``); fails closed with a typed error.
 
         A server running without authentication treats every caller as an anonymous
         participant who may also upload (there is nobody to grant it on such a server).
@@ -113,7 +121,12 @@ class HttpAuth:
                 raise ProtocolError(
                     ErrorCode.UNAUTHORIZED, "an Authorization: Bearer token is needed"
                 )
-            identity = self.verifier.verify(token, room)
+            if self.access is not None and self._holder is not None and is_access_credential(token):
+                # A member moved here: its join token names another room. The credential
+                # holds only while that member is in this room, with the grants it has now.
+                identity = self._holder(self.access.verify(token, room))
+            else:
+                identity = self.verifier.verify(token, room)
             # Every channel decides from the member's grants now, not the token's role.
             return self._resolve(identity)
         except ProtocolError as err:

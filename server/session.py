@@ -58,6 +58,7 @@ from .policy import RoomPolicy
 from .registry import RoomRegistry
 from .rfc6455 import OP_BINARY, OP_PING, binary_frame, control_frame
 from .room import Member, Room
+from .roomaccess import RoomAccess
 from .transport import WebSocketConnection
 
 if TYPE_CHECKING:
@@ -98,6 +99,9 @@ class SessionServices:
     budget: ConnectionBudget
     #: This server's place in a cluster (None: it runs alone).
     cluster: Cluster | None = None
+    #: Signs the room access credential a moved member gets in ``moved`` (None: no
+    #: authentication, nothing to present).
+    room_access: RoomAccess | None = None
 
 
 class Session:
@@ -260,7 +264,10 @@ class Session:
         self.member = self._room = None
         if notice is not None:
             self.send(notice)
-        self.send(Moved(room, by[:64], reason[:256]))
+        access = None
+        if s.room_access is not None and identity.token_id:
+            access = s.room_access.issue(room, identity.subject, identity.token_id)
+        self.send(Moved(room, by[:64], reason[:256], access))
         self._enter(identity, consented=False, admit=admit)
 
     # ----------------------------------------------------------------- timers

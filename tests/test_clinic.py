@@ -16,9 +16,12 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import jwt
 import msgpack
 import pytest
 
+from benchmarks.dicomgen import synthetic_ct
 from medverse.client_sdk import (
     Arrived,
     Called,
@@ -32,6 +35,8 @@ from medverse.client_sdk import (
     connect,
     tone_track,
 )
+from medverse.client_sdk.assets import AssetError
+from medverse.client_sdk.images import ImageError
 from medverse.client_sdk.types import Event, LobbyChanged
 from medverse.protocol.clinic import CallNext, Transfer
 from medverse.protocol.messages import (
@@ -46,9 +51,11 @@ from medverse.protocol.messages import (
 from medverse.server.audit import DB_FILE
 from medverse.server.auth import mint_token
 from medverse.server.clinicdef import ClinicError, load_clinic
+from medverse.server.roomaccess import RoomAccess, derive_key
 
 from .conftest import ServerProcess, free_port, run_server
 from .helpers import RawClient
+from .models import triangle_glb
 from .services import redis_available, redis_server
 
 SECRET = "k" * 48
@@ -602,3 +609,97 @@ async def test_in_a_cluster_moves_stay_on_the_server_that_holds_both_rooms() -> 
                 assert arrived.room == "ward-b" and other.member_id in arrived.members
         finally:
             node.stop()
+
+
+# --------------------------------------------------------------------------- HTTP after a move
+
+
+async def _http_code(srv: ServerProcess, path: str, bearer: str) -> tuple[int, str]:
+    """(status, typed error code or "") of a GET with ``bearer`` as its token."""
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"{srv.url}{path}", headers={"Authorization": f"Bearer {bearer}"}) as r,
+    ):
+        if r.status < 400:
+            return r.status, ""
+        return r.status, (await r.json())["error"]["code"]
+
+
+async def test_a_moved_member_fetches_its_new_rooms_models_and_images(
+    srv: ServerProcess, tmp_path: Path
+) -> None:
+    """Called in, a patient downloads the consultation room's model and image series with the
+    room access credential of its ``moved`` (its join token names the waiting room); sent
+    back, that credential is refused at once; forged, expired, foreign and misrouted
+    credentials are refused with typed errors."""
+    model = triangle_glb()
+    async with (
+        member(srv, "waiting", "gil") as pg,
+        member(srv, "consult-9", "drpark", role="host") as dr,
+    ):
+        asset = await dr.upload_asset(model, "heart")
+        series = await dr.upload_series(synthetic_ct(16, 16, 4), "abdomen CT")
+        await expect(pg, "queue")
+        # The waiting room's token opens no consultation room.
+        assert await _http_code(srv, "/rooms/consult-9/assets", pg.token or "") == (
+            401,
+            "unauthorized",
+        )
+        assert pg.room_access is None
+        await dr.call_next()
+        await expect(pg, "arrived", lambda e: e.room == "consult-9")
+        access = pg.room_access
+        assert access is not None and access != pg.token
+
+        got = await pg.assets.download(asset.sha256, tmp_path / "heart.glb")
+        assert got.read_bytes() == model
+        assert [a.sha256 for a in await pg.assets.list()] == [asset.sha256]
+        described = await pg.series(series.sha256)
+        assert described["planes"]["axial"]["count"] == 4
+        assert (await pg.fetch_slice(series.sha256, "axial", 2)).startswith(b"\x89PNG")
+        # The credential is for consult-9 only, and grants no upload to a participant.
+        assert await _http_code(srv, "/rooms/consult-8/assets", access) == (401, "unauthorized")
+        with pytest.raises(AssetError) as refused:
+            await pg.upload_asset(triangle_glb(("other",)), "mine")
+        assert refused.value.code == "forbidden"
+
+        claims = jwt.decode(pg.token or "", options={"verify_signature": False})
+        tid = claims["jti"]
+        key = derive_key(SECRET.encode())
+        expired = RoomAccess(key, ttl=-60).issue("consult-9", "gil", tid)
+        forged = RoomAccess(derive_key(b"f" * 48)).issue("consult-9", "gil", tid)
+        # Signed with the token secret itself (not the derived key): not the server's.
+        raw_secret = RoomAccess(SECRET.encode()).issue("consult-9", "gil", tid)
+        someone_else = RoomAccess(key).issue("consult-9", "mallory", tid)
+        other_token = RoomAccess(key).issue("consult-9", "gil", "not-that-token")
+        tampered = access[:-4] + ("AAAA" if not access.endswith("AAAA") else "BBBB")
+        for bad, code in [
+            (expired, "token_expired"),
+            (forged, "unauthorized"),
+            (raw_secret, "unauthorized"),
+            (someone_else, "unauthorized"),
+            (other_token, "unauthorized"),
+            (tampered, "unauthorized"),
+            ("", "unauthorized"),
+            ("x" * 5000, "unauthorized"),
+        ]:
+            assert await _http_code(srv, "/rooms/consult-9/assets", bad) == (401, code), bad
+        assert await _http_code(srv, f"/rooms/consult-9/series/{series.sha256}", access) == (
+            200,
+            "",
+        )
+
+        await dr.send_back(pg.member_id)
+        await expect(pg, "arrived", lambda e: e.room == "waiting")
+        # Gone from consult-9: its credential there is revoked before it expires.
+        for path in ("/rooms/consult-9/assets", f"/rooms/consult-9/series/{series.sha256}"):
+            assert await _http_code(srv, path, access) == (401, "unauthorized")
+        back = pg.room_access
+        assert back is not None and back != access
+        assert await _http_code(srv, "/rooms/consult-9/assets", back) == (401, "unauthorized")
+        # The cached clients followed the member to the waiting room.
+        assert pg.assets.room == pg.images.room == "waiting"
+        assert await pg.assets.list() == []
+        with pytest.raises(ImageError) as gone:
+            await pg.series(series.sha256)
+        assert gone.value.code == "not_found"

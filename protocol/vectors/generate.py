@@ -504,7 +504,7 @@ def _conn_cases() -> list[tuple[str, str, str, list[ConnStep]]]:
                 ("send", Welcome(PROTOCOL_VERSION, 2, "consult-1", 30, 90, "t" * 32, False, ())),
                 ("recv", _POSE),
                 _c(Pause(True)),
-                ("send", Moved("waiting", "Dr A", "sent back")),
+                ("send", Moved("waiting", "Dr A", "sent back", "eyJhbGciOiJIUzI1NiJ9.e30.c2ln")),
                 ("send", Moved("waiting", "Dr A", "twice")),
                 ("send", Welcome(PROTOCOL_VERSION, 5, "waiting", 30, 95, "u" * 32, False, ())),
                 ("recv", _POSE),

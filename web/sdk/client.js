@@ -209,6 +209,9 @@ export class MedverseClient {
     this.redirects = 0;
     this.room = o.room;
     this.token = o.token ?? null;
+    /** After a move: the server's credential for the HTTP APIs of the room we are in now (our
+     * join token names the room we first entered); null before any move. */
+    this.roomAccess = null;
     this.name = o.name;
     this.slots = o.slots;
     this.consent = o.consent ?? null;
@@ -1095,8 +1098,15 @@ export class MedverseClient {
     return `${httpBase(this.url)}/rooms/${encodeURIComponent(this.room)}/assets${sha256 ? `/${sha256}` : ""}${suffix}`;
   }
 
+  /** The bearer token for this room's HTTP APIs: the room access credential of our last
+   * move, else the join token. */
+  get httpToken() {
+    return this.roomAccess ?? this.token;
+  }
+
   #headers(extra = {}) {
-    return this.token ? { ...extra, Authorization: `Bearer ${this.token}` } : { ...extra };
+    const token = this.httpToken;
+    return token ? { ...extra, Authorization: `Bearer ${token}` } : { ...extra };
   }
 
   async #http(url, init = {}) {
@@ -1208,6 +1218,7 @@ const HANDLERS = {
     // Out of our room: the target room's consent, lobby and welcome follow on this connection.
     c.movingTo = m.room;
     c.room = m.room;
+    c.roomAccess = m.access ?? null; // the new room's HTTP APIs refuse our join token
     c.queue = null;
     c.members = new Map();
     c._avatars = null;

@@ -609,6 +609,7 @@ export const SERVER_OBJECTS = [
 // --------------------------------------------------------------------------- clinic (protocol/clinic.py)
 
 const MAX_REASON_CHARS = 256;
+const MAX_ACCESS_CHARS = 2048;
 const MAX_CLINIC_MESSAGE_CHARS = 2048;
 const MAX_ESTIMATE_SECONDS = 86400;
 
@@ -628,6 +629,7 @@ export const Moved = defineMessage("moved", {
   room: str({ pattern: ROOM_NAME_RE }),
   by: str({ maxLen: MAX_NAME_CHARS }),
   reason: str({ maxLen: MAX_REASON_CHARS }),
+  access: str({ maxLen: MAX_ACCESS_CHARS, ...opt }),
 });
 export const Queue = defineMessage("queue", {
   position: int(1, U32),

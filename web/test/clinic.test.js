@@ -6,6 +6,7 @@ import { after, before, test } from "node:test";
 import WebSocket from "ws";
 
 import { MedverseClient } from "../sdk/client.js";
+import { triangleGlb } from "./support/models.js";
 import { startServer } from "./support/server.js";
 
 const CLINIC = fileURLToPath(new URL("../../examples/clinic.toml", import.meta.url));
@@ -18,11 +19,13 @@ const clients = [];
 before(
   async () => {
     server = await startServer({ env: { MEDVERSE_CLINIC: CLINIC } });
-    const [patient, doctor] = await Promise.all([
+    const [patient, doctor, patient2, doctor2] = await Promise.all([
       server.token("waiting", "pat", { name: "PAT" }),
       server.token("consult-1", "doc", { role: "host", name: "DOC" }),
+      server.token("waiting", "pat2", { name: "PAT2" }),
+      server.token("consult-2", "doc2", { role: "host", name: "DOC2" }),
     ]);
-    Object.assign(tokens, { patient, doctor });
+    Object.assign(tokens, { patient, doctor, patient2, doctor2 });
   },
   { timeout: 90000 },
 );
@@ -55,6 +58,7 @@ async function join(room, token, texts) {
     token,
     pingInterval: 0,
     connectTimeout: 10,
+    fetch,
     consent: (version, text) => {
       texts.push(text);
       return true;
@@ -98,4 +102,38 @@ test("a patient is called into a consultation and sent back", { timeout: TIMEOUT
 
   // A patient may not call anyone: the request is refused by name.
   await assert.rejects(patient.callNext(), (err) => err.code === "forbidden");
+  patient.close(); // out of the queue for the next test
+  doctor.close();
+});
+
+test("a moved patient fetches the consultation's model with the credential of its move", { timeout: TIMEOUT }, async () => {
+  const { c: patient, queue } = await join("waiting", tokens.patient2, []);
+  await queue;
+  const { c: doctor } = await join("consult-2", tokens.doctor2, []);
+  const glb = triangleGlb(["skin", "heart"]);
+  const info = await doctor.uploadAsset(glb, "heart.glb");
+  assert.equal(patient.roomAccess, null);
+
+  const arrived = nextEvent(patient, "arrived");
+  await doctor.callNext();
+  const a = await arrived;
+  assert.equal(a.room, "consult-2");
+  const access = patient.roomAccess;
+  assert.ok(typeof access === "string" && access !== tokens.patient2);
+  assert.deepEqual((await patient.listAssets()).map((x) => x.sha256), [info.sha256]);
+  assert.deepEqual(await patient.downloadAsset(info.sha256), glb);
+
+  const assets = `${server.http}/rooms/consult-2/assets`;
+  const status = async (token) => (await fetch(assets, { headers: { Authorization: `Bearer ${token}` } })).status;
+  assert.equal(await status(tokens.patient2), 401); // the join token names the waiting room
+  assert.equal(await status(access), 200);
+
+  const back = nextEvent(patient, "arrived", (ev) => ev.room === "waiting");
+  await doctor.sendBack(a.memberId);
+  await back;
+  // Sent back: the consultation's credential is revoked, and the client uses the new one.
+  assert.equal(await status(access), 401);
+  assert.notEqual(patient.roomAccess, access);
+  assert.deepEqual(await patient.listAssets(), []);
+  await assert.rejects(patient.downloadAsset(info.sha256), (err) => err.code === "not_found");
 });
