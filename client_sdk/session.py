@@ -238,6 +238,9 @@ class Session(ObjectsAPI, ImagesAPI):
         self.entry_url = self.url
         #: Where the server last redirected a joined member (the room moved); None otherwise.
         self._redirected_to: str | None = None
+        #: The transfer grant of a ``redirect`` that moves us to a room another server runs:
+        #: our next hello's token in place of the join token, until a welcome.
+        self._transfer_grant: str | None = None
         #: Redirects followed since the application started the session.
         self.redirects = 0
         #: False: state frames are dropped unread (bots that use the room for signaling only).
@@ -446,9 +449,8 @@ class Session(ObjectsAPI, ImagesAPI):
             server_messages=self._server_messages,
         )
         try:
-            hello = Hello(
-                PROTOCOL_VERSION, self.room, self.name, self.slots, self._resume, self.token
-            )
+            token = self._transfer_grant or self.token
+            hello = Hello(PROTOCOL_VERSION, self.room, self.name, self.slots, self._resume, token)
             await ws.send_bytes(conn.send(hello))
             # session.state shows the join as it goes (consent, lobby) while start() waits.
             self._conn = conn
@@ -460,6 +462,7 @@ class Session(ObjectsAPI, ImagesAPI):
             await ws.close()
             raise
         self.waiting = None
+        self._transfer_grant = None  # used: resumes go with the join token and resume token
         self._conn = conn
         self._ws = ws
         # A member moved to another room resumes there; if it could not, the server let it
@@ -792,7 +795,8 @@ class Session(ObjectsAPI, ImagesAPI):
                 # consent: trying again would only read as an attempt to get back in.
                 self._finish(ending)
                 return
-            if not self.reconnect:
+            if not self.reconnect and self._transfer_grant is None:
+                # (A move to a room another server runs is followed even so: it is the move.)
                 self._finish(Closed(f"connection closed ({ws.close_code})", "disconnected", ""))
                 return
             if not await self._reconnect():
@@ -825,9 +829,16 @@ class Session(ObjectsAPI, ImagesAPI):
                 self.url = self._next_entry()
                 continue
             else:
-                self.emit(
-                    Resumed(welcome.member_id, welcome.resumed and welcome.member_id == old_id)
-                )
+                if self.moving_to is not None:
+                    # The room we were moved to, on the server that runs it: we are a new
+                    # member there (as after a move on one server).
+                    self.moving_to = None
+                    self.role = self.grants = None
+                    self.emit(Arrived(welcome.room, welcome.member_id, dict(self.members)))
+                else:
+                    self.emit(
+                        Resumed(welcome.member_id, welcome.resumed and welcome.member_id == old_id)
+                    )
                 return True
         return False
 
@@ -919,8 +930,11 @@ class Session(ObjectsAPI, ImagesAPI):
                     self._rewelcome(m)
             elif isinstance(m, Redirect):
                 # The room moves to another server: the server closes us now, and we resume
-                # there at once (no backoff: the room is already waiting for us).
+                # there at once (no backoff: the room is already waiting for us). Moved to a
+                # room another server runs, we enter it there with the grant it gave.
                 self._redirected_to = m.url
+                if m.token is not None and self.moving_to is not None:
+                    self._transfer_grant = m.token
             elif isinstance(m, MovedMsg):
                 self._moved(m)
             elif isinstance(m, ConsentRequired):

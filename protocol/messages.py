@@ -497,11 +497,15 @@ class Redirect(Message):
     """Another server runs this room (or is about to): connect to ``url`` and send the same
     ``hello`` there, with the resume token if you had one, so the member carries on as itself.
     The server closes the connection right after. ``reason`` says why: ``owner`` (the room
-    lives on that server), ``moving`` (this server hands the room over, as when it drains)."""
+    lives on that server), ``moving`` (this server hands the room over, as when it drains),
+    ``transfer`` (a host moved the member to a room another server runs). ``token``, with
+    ``transfer``: the signed, short-lived transfer grant to send as that ``hello``'s token in
+    place of the join token (which names another room), for that one join."""
 
     TYPE: ClassVar[str] = "redirect"
     url: str = wire_field("str", pattern=REDIRECT_URL_RE)
     reason: str = wire_field("str", max_len=64)
+    token: str | None = wire_field("str", max_len=2048, optional=True)
 
 
 class RequestError(ProtocolError):

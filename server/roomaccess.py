@@ -21,12 +21,14 @@ import hashlib
 import hmac
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import jwt
 
 from medverse.protocol.errors import ErrorCode, ProtocolError
+
+from .auth import Identity, identity_from_claims
 
 #: The JWT header ``kid`` of room access credentials (join tokens never carry it).
 KID = "medverse-room-access"
@@ -111,4 +113,121 @@ class RoomAccess:
         return Access(room, sub, tid)
 
 
-__all__ = ["ACCESS_TTL", "KID", "Access", "RoomAccess", "derive_key", "is_access_credential"]
+# --------------------------------------------------------------------------- transfer grants
+
+#: The JWT header ``kid`` of transfer grants.
+TRANSFER_KID = "medverse-transfer"
+#: How long a transfer grant lives, seconds: the moved member reconnects at once.
+TRANSFER_TTL = 60.0
+#: Grants redeemed here, remembered (by ``jti``) until they expire: each joins once.
+MAX_REDEEMED = 65_536
+_TRANSFER_LABEL = b"medverse transfer grant v1"
+
+
+def is_transfer_grant(token: str) -> bool:
+    """Whether ``token`` claims to be a transfer grant (its header names
+    :data:`TRANSFER_KID`); nothing is verified here."""
+    try:
+        return jwt.get_unverified_header(token).get("kid") == TRANSFER_KID
+    except jwt.InvalidTokenError:
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class Arrival:
+    """A redeemed transfer grant: who enters which room, skipping its lobby or not, moved by
+    ``actor`` from ``origin``."""
+
+    identity: Identity
+    admit: bool
+    actor: str
+    origin: str
+    reason: str
+
+
+class TransferGrants:
+    """Transfer grants: what a member moved to a room another server of the cluster runs
+    presents there, in its ``hello``, in place of its join token (which names its first
+    room). Signed with a key derived from the secret every server of the cluster shares, for
+    one room, expiring after :data:`TRANSFER_TTL` seconds, redeemed once per server."""
+
+    def __init__(self, cluster_secret: bytes, ttl: float = TRANSFER_TTL) -> None:
+        self._key = hmac.new(cluster_secret, _TRANSFER_LABEL, hashlib.sha256).digest()
+        self.ttl = ttl
+        self._redeemed: dict[str, float] = {}
+
+    def issue(
+        self, identity: Identity, room: str, admit: bool, actor: str, origin: str, reason: str
+    ) -> str:
+        """A grant for ``identity`` (the member's, from its join token) to enter ``room``."""
+        now = int(time.time())
+        claims: dict[str, Any] = {
+            "typ": "transfer",
+            "room": room,
+            "sub": identity.subject,
+            "name": identity.name,
+            "role": identity.role,
+            "grants": sorted(identity.grants),
+            "tid": identity.token_id,
+            "admit": admit,
+            "by": actor,
+            "from": origin,
+            "why": reason,
+            "iat": now,
+            "exp": now + int(self.ttl),
+            "jti": secrets.token_urlsafe(12),
+        }
+        if identity.pseudonym is not None:
+            claims["pseudonym"] = identity.pseudonym
+        return jwt.encode(claims, self._key, algorithm="HS256", headers={"kid": TRANSFER_KID})
+
+    def redeem(self, token: str, room: str) -> Arrival:
+        """The arrival a grant for ``room`` admits, once; typed ``unauthorized`` (forged, for
+        another room, already used) or ``token_expired`` otherwise."""
+        try:
+            claims = jwt.decode(
+                token,
+                self._key,
+                algorithms=["HS256"],
+                options={"require": ["exp", "sub", "room", "role", "jti", "typ"]},
+                leeway=5,
+            )
+        except jwt.ExpiredSignatureError:
+            raise ProtocolError(ErrorCode.TOKEN_EXPIRED, "transfer grant expired") from None
+        except jwt.InvalidTokenError as exc:
+            raise ProtocolError(ErrorCode.UNAUTHORIZED, f"invalid transfer grant: {exc}") from None
+        if claims["typ"] != "transfer" or claims["room"] != room:
+            raise ProtocolError(ErrorCode.UNAUTHORIZED, "transfer grant is for another room")
+        identity = identity_from_claims(claims)
+        tid = claims.get("tid")
+        jti = claims["jti"]
+        now = time.time()
+        if not isinstance(jti, str) or jti in self._redeemed:
+            raise ProtocolError(ErrorCode.UNAUTHORIZED, "transfer grant already used")
+        for old in [j for j, until in self._redeemed.items() if until < now]:
+            del self._redeemed[old]
+        if len(self._redeemed) >= MAX_REDEEMED:
+            self._redeemed.pop(next(iter(self._redeemed)))
+        self._redeemed[jti] = float(claims["exp"]) + 5
+        return Arrival(
+            replace(identity, token_id=tid if isinstance(tid, str) else ""),
+            bool(claims.get("admit")),
+            str(claims.get("by", "")),
+            str(claims.get("from", "")),
+            str(claims.get("why", ""))[:256],
+        )
+
+
+__all__ = [
+    "ACCESS_TTL",
+    "KID",
+    "TRANSFER_KID",
+    "TRANSFER_TTL",
+    "Access",
+    "Arrival",
+    "RoomAccess",
+    "TransferGrants",
+    "derive_key",
+    "is_access_credential",
+    "is_transfer_grant",
+]

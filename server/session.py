@@ -58,7 +58,7 @@ from .policy import RoomPolicy
 from .registry import RoomRegistry
 from .rfc6455 import OP_BINARY, OP_PING, binary_frame, control_frame
 from .room import Member, Room
-from .roomaccess import RoomAccess
+from .roomaccess import Arrival, RoomAccess, is_transfer_grant
 from .transport import WebSocketConnection
 
 if TYPE_CHECKING:
@@ -123,6 +123,7 @@ class Session:
         self._room: Room | None = None  # the member's room (set with ``member``)
         self._consent: Identity | None = None  # asked to consent, as this identity
         self._admit = False  # the entry under way skips the lobby (a host moved us in)
+        self._arrival: Arrival | None = None  # a transfer grant redeemed by our hello
         #: Who the token says this is, before any room's policy (what a move starts from).
         self._base: Identity | None = None
         self._lobby: tuple[Room, int] | None = None  # waiting in this room's lobby
@@ -238,11 +239,10 @@ class Session:
         if not s.policy.known(room):
             raise ProtocolError(ErrorCode.NOT_FOUND, f"this clinic has no room {room}")
         if s.cluster is not None and not s.cluster.holds(room):
-            # The member's connection is here and the room may live on another server (or
-            # nowhere yet): placing it here could run it twice. Moves stay within a server.
-            raise ProtocolError(
-                ErrorCode.NOT_FOUND, f"room {room} is not open on this server of the cluster"
-            )
+            # The room may live on another server (or nowhere yet): placing it here could
+            # run it twice. The cluster's directory says where it goes, after the move.
+            self._move_away(room, by, actor, reason, admit, notice)
+            return
         identity = s.policy.identity_in(replace(base, room=room), room)
         answer = s.rooms.entry(identity)  # places the room: its plugins decide
         if isinstance(answer, ProtocolError):
@@ -269,6 +269,79 @@ class Session:
             access = s.room_access.issue(room, identity.subject, identity.token_id)
         self.send(Moved(room, by[:64], reason[:256], access))
         self._enter(identity, consented=False, admit=admit)
+
+    def _move_away(
+        self, room: str, by: str, actor: str, reason: str, admit: bool, notice: Message | None
+    ) -> None:
+        """Move our member to ``room``, which this server of the cluster does not run now: it
+        leaves its room and is told ``moved`` at once; then the cluster's directory says
+        where ``room`` lives (one round trip). Here (the room went to this server): it enters
+        as in a local move. Elsewhere: ``redirect`` with a transfer grant, and that server
+        applies the room's rules (bans, locks, consent, lobby unless ``admit``) on arrival."""
+        s = self._s
+        cluster = s.cluster
+        member, old, base = self.member, self._room, self._base
+        assert cluster is not None and member is not None and old is not None
+        assert base is not None
+        if cluster.grants is None:
+            raise ProtocolError(ErrorCode.NOT_FOUND, "this server has not joined its cluster")
+        s.audit(
+            "transferred",
+            room=old.name,
+            actor=actor,
+            subject=base.subject,
+            member=member.id,
+            to=room,
+            reason=reason,
+            remote=True,
+        )
+        log.info("member %d of room %s moving to %s by %s", member.id, old.name, room, actor)
+        old.leave(member, "moved")
+        self.member = self._room = None
+        if notice is not None:
+            self.send(notice)
+        access = None
+        if s.room_access is not None and base.token_id:
+            access = s.room_access.issue(room, base.subject, base.token_id)
+        self.send(Moved(room, by[:64], reason[:256], access))
+        target = replace(base, room=room)
+        self._routing = asyncio.get_running_loop().create_task(
+            self._hand_over(target, admit, actor, old.name, reason)
+        )
+
+    async def _hand_over(
+        self, identity: Identity, admit: bool, actor: str, origin: str, reason: str
+    ) -> None:
+        """The second half of :meth:`_move_away`, once the directory has answered."""
+        cluster = self._s.cluster
+        assert cluster is not None and cluster.grants is not None
+        room = identity.room
+        try:
+            route = await cluster.route(room)
+        except Exception as exc:  # Redis unreachable: the member joins again later
+            log.warning("room %s: the cluster directory did not answer: %s", room, exc)
+            route = None
+        if self._closed:
+            return
+        try:
+            if route is not None and route.local:
+                self._enter(identity, consented=False, admit=admit)
+            elif route is not None and route.url is not None:
+                grant = cluster.grants.issue(identity, room, admit, actor, origin, reason)
+                self.send(Redirect(route.url, "transfer", grant))
+                self.close(CLOSE_NORMAL, b"redirect")
+            else:
+                self._refuse(
+                    ProtocolError(
+                        ErrorCode.ROOM_MOVING,
+                        "the room is moving to another server; join again in a moment",
+                    ),
+                    CLOSE_GOING_AWAY,
+                    b"room moving",
+                )
+        except Exception:
+            log.exception("session %s: error moving to room %s", self.peer, room)
+            self._refuse(ProtocolError(ErrorCode.INTERNAL, "internal error"), 1011, b"internal")
 
     # ----------------------------------------------------------------- timers
 
@@ -448,6 +521,20 @@ class Session:
     def _join(self, hello: Hello, identity: Identity) -> None:
         """The hello, answered on the server that runs its room."""
         s = self._s
+        arrival, self._arrival = self._arrival, None
+        if arrival is not None:
+            # Moved here from another server: a new member of this room (its resume token,
+            # if it sent one, is its old room's), under this room's rules.
+            s.audit(
+                "transfer_arrived",
+                room=hello.room,
+                actor=arrival.actor,
+                subject=identity.subject,
+                origin=arrival.origin,
+                reason=arrival.reason,
+            )
+            self._enter(identity, consented=False, admit=arrival.admit)
+            return
         room = s.rooms.get(hello.room)
         moved: int | None = None
         if hello.resume is not None:
@@ -515,7 +602,13 @@ class Session:
         return True
 
     def _identify(self, hello: Hello) -> Identity:
-        """Who is joining: from the verified token, or anonymous on a server without auth."""
+        """Who is joining: from the verified token (or the transfer grant of a member another
+        server of the cluster moved here), or anonymous on a server without auth."""
+        cluster = self._s.cluster
+        grants = cluster.grants if cluster is not None else None
+        if grants is not None and hello.token and is_transfer_grant(hello.token):
+            self._arrival = grants.redeem(hello.token, hello.room)
+            return self._arrival.identity
         verifier = self._s.verifier
         if verifier is None:
             return anonymous(hello.name, hello.room, f"anonymous:{self.peer}:{id(self):x}")

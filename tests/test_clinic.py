@@ -584,9 +584,10 @@ async def test_a_moved_member_resumes_in_its_new_room(srv: ServerProcess) -> Non
 
 
 @pytest.mark.skipif(not redis_available(), reason="redis-server is not installed")
-async def test_in_a_cluster_moves_stay_on_the_server_that_holds_both_rooms() -> None:
-    """A room is run by one server of a cluster: a move goes only to a room the member's
-    server holds (else a typed refusal, nothing moved), never placing a second copy."""
+async def test_in_a_cluster_a_move_places_the_room_through_the_directory() -> None:
+    """A room is run by one server of a cluster: a move to a room nobody runs yet asks the
+    cluster's directory, which places it (here, on the only server); a move to a room the
+    server holds goes on at once. Across servers: tests/test_cluster.py."""
     from benchmarks.harness import start_server
 
     with redis_server() as redis:
@@ -600,13 +601,13 @@ async def test_in_a_cluster_moves_stay_on_the_server_that_holds_both_rooms() -> 
                 member(node, "ward-a", "pat-a") as pat,
                 member(node, "ward-b", "host-b", role="host") as other,
             ):
-                with pytest.raises(RefusedError) as err:
-                    await host.transfer(pat.member_id, "ward-never-opened")
-                assert err.value.code == "not_found" and "cluster" in err.value.message
-                assert pat.room == "ward-a"
-                await host.transfer(pat.member_id, "ward-b")  # held here: moves
+                await host.transfer(pat.member_id, "ward-b")  # held here: moves at once
                 arrived = await expect(pat, "arrived")
                 assert arrived.room == "ward-b" and other.member_id in arrived.members
+                await other.transfer(pat.member_id, "ward-never-opened")
+                arrived = await expect(pat, "arrived")
+                assert arrived.room == pat.room == "ward-never-opened"
+                assert arrived.members == {}
         finally:
             node.stop()
 

@@ -8,10 +8,12 @@ import asyncio
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import aiohttp
@@ -21,8 +23,10 @@ import redis as redis_py
 
 from medverse.client_sdk import Closed, Resumed, connect
 from medverse.protocol.connection import Connection, MessageReceived, Refused, Role
+from medverse.protocol.errors import ErrorCode, ProtocolError
 from medverse.protocol.messages import PROTOCOL_VERSION, Hello, Redirect, encode_message
-from medverse.server.auth import mint_admin_token, mint_token
+from medverse.server.audit import DB_FILE
+from medverse.server.auth import Identity, mint_admin_token, mint_token
 from medverse.server.cluster import (
     Cluster,
     ClusterHooks,
@@ -32,6 +36,7 @@ from medverse.server.cluster import (
     room_key,
 )
 from medverse.server.config import ServerConfig
+from medverse.server.roomaccess import TransferGrants, is_transfer_grant
 
 from .conftest import ROOT, ServerProcess
 from .helpers import wait_for
@@ -583,3 +588,143 @@ async def test_failover_recreates_the_room_from_the_shared_database(
             if s is not None and s.proc.poll() is None:
                 s.proc.kill()
                 s.proc.wait()
+
+
+# --------------------------------------------------------------------------- transfers
+
+
+def test_transfer_grants_are_signed_for_one_room_expire_and_join_once() -> None:
+    ident = Identity("pat", "Pat", "ward-a", "participant", frozenset({"annotate"}), None, "t1")
+    grants = TransferGrants(b"s" * 32)
+    grant = grants.issue(ident, "ward-b", True, "drlee", "ward-a", "review")
+    assert is_transfer_grant(grant) and not is_transfer_grant(token("ward-b", "pat"))
+    # Another server of the same cluster (same secret) redeems it, once.
+    there = TransferGrants(b"s" * 32)
+    with pytest.raises(ProtocolError) as err:
+        there.redeem(grant, "ward-c")
+    assert err.value.code is ErrorCode.UNAUTHORIZED
+    arrival = there.redeem(grant, "ward-b")
+    assert arrival.identity == replace(ident, room="ward-b")
+    assert (arrival.admit, arrival.actor, arrival.origin, arrival.reason) == (
+        True,
+        "drlee",
+        "ward-a",
+        "review",
+    )
+    with pytest.raises(ProtocolError) as err:
+        there.redeem(grant, "ward-b")
+    assert err.value.code is ErrorCode.UNAUTHORIZED and "used" in err.value.message
+    # Another cluster's secret, a tampered signature, an expired grant: refused, typed.
+    expired = TransferGrants(b"s" * 32, ttl=-60).issue(ident, "ward-b", False, "a", "b", "")
+    for bad, code in [
+        (TransferGrants(b"x" * 32).issue(ident, "ward-b", False, "a", "b", ""), "unauthorized"),
+        (grant[:-4] + ("AAAA" if not grant.endswith("AAAA") else "BBBB"), "unauthorized"),
+        (expired, "token_expired"),
+        ("not.a.grant", "unauthorized"),
+    ]:
+        with pytest.raises(ProtocolError) as err:
+            TransferGrants(b"s" * 32).redeem(bad, "ward-b")
+        assert err.value.code.value == code, bad
+
+
+def audit_of(node: ServerProcess, kind: str) -> list[tuple[str, str, str, dict[str, Any]]]:
+    path = os.path.join(node.env["MEDVERSE_DATA_DIR"], DB_FILE)
+    db = sqlite3.connect(path)
+    try:
+        rows = db.execute(
+            "SELECT room, actor, subject, detail FROM entries WHERE kind = ? ORDER BY seq", (kind,)
+        ).fetchall()
+    finally:
+        db.close()
+    return [(r, a, s, json.loads(d) if d else {}) for r, a, s, d in rows]
+
+
+async def test_a_host_moves_a_member_into_a_room_another_node_runs(
+    nodes: list[ServerProcess],
+) -> None:
+    """The member is moved, redirected with a transfer grant to the node that runs the target
+    room and enters it there under that room's rules, with no new token from the organiser;
+    both nodes' audit logs record it; it resumes there with its first token; its room access
+    credential opens the target room's assets on that node."""
+    a = nodes[0]
+    host = connect(a.url, "ward-a", token=token("ward-a", "drlee", "host"), reconnect=False)
+    await host.start()
+    pat = connect(a.url, "ward-a", token=token("ward-a", "pat"), ping_interval=0)
+    sessions = [host, pat]
+    try:
+        await pat.start()
+        home = owner_of(nodes, host.url)
+        # A room the other node runs: new rooms go to the node with the most room left (as
+        # the nodes last read each other's load: tried until they have, bounded).
+        target = None
+        deadline = time.monotonic() + 20
+        for i in range(40):
+            entry = nodes[i % 2]
+            s = connect(
+                entry.url, f"ward-b{i}", token=token(f"ward-b{i}", "drkim", "host"), reconnect=False
+            )
+            await s.start()
+            if owner_of(nodes, s.url) is not home:
+                sessions.append(s)
+                target = s
+                break
+            await s.close()
+            if time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.3)
+        assert target is not None, "no room was placed on the other node"
+        there = owner_of(nodes, target.url)
+        room = target.room
+        await host.transfer(pat.member_id, room, "second opinion")
+        await wait_for(lambda: pat.room == room and pat.moving_to is None, timeout=20)
+        assert pat.url == f"{there.url}/ws"
+        await wait_for(lambda: pat.member_id in target.members, timeout=10)
+        assert target.members[pat.member_id] == "pat"
+        assert pat.members.get(target.member_id) == "drkim"
+        await wait_for(lambda: pat.member_id not in host.members, timeout=10)
+        # Its room access credential opens the target room's assets where it runs.
+        assert pat.room_access is not None
+        assert await pat.assets.list() == []
+        # The grant was for one join: the member resumes there with its first join token.
+        ws = pat._ws
+        assert ws is not None
+        mid = pat.member_id
+        await ws.close()
+        await wait_for(lambda: pat._ws is not ws and pat._connected.is_set(), timeout=20)
+        assert pat.member_id == mid and pat.room == room
+        await wait_for(
+            lambda: any(d.get("to") == room for _, _, _, d in audit_of(home, "transferred")),
+            timeout=10,
+        )
+        (r, actor, subject, detail) = next(
+            e for e in audit_of(home, "transferred") if e[3].get("to") == room
+        )
+        assert (r, actor, subject, detail["remote"]) == ("ward-a", "drlee", "pat", True)
+        await wait_for(lambda: bool(audit_of(there, "transfer_arrived")), timeout=10)
+        (r, actor, subject, detail) = audit_of(there, "transfer_arrived")[-1]
+        assert (r, actor, subject, detail["origin"], detail["reason"]) == (
+            room,
+            "drlee",
+            "pat",
+            "ward-a",
+            "second opinion",
+        )
+    finally:
+        for s in reversed(sessions):
+            await s.close()
+
+
+async def test_a_forged_transfer_grant_is_refused_not_routed(
+    nodes: list[ServerProcess],
+) -> None:
+    ident = Identity("eve", "Eve", "ward-z", "host", frozenset({"moderate"}), None, "t")
+    forged = TransferGrants(b"f" * 32).issue(ident, "ward-z", True, "x", "y", "")
+    for node in nodes:
+        async with aiohttp.ClientSession() as http, http.ws_connect(node.url + "/ws") as ws:
+            conn = Connection(Role.CLIENT)
+            hello = Hello(PROTOCOL_VERSION, "ward-z", "eve", 3, None, forged)
+            await ws.send_bytes(conn.send(hello))
+            ev = conn.receive((await ws.receive(timeout=10)).data)
+            assert isinstance(ev, MessageReceived), ev
+            assert not isinstance(ev.message, Redirect), "a forged grant is refused, not routed"
+            assert getattr(ev.message, "code", None) == "unauthorized", ev.message

@@ -827,6 +827,26 @@ def _conn_cases() -> list[tuple[str, str, str, list[ConnStep]]]:
             ],
         ),
         (
+            "server_moved_to_another_server",
+            "A member moved to a room another server of the cluster runs: moved (with its room "
+            "access credential), then a redirect of reason transfer carrying the transfer "
+            "grant to send as the next hello's token; the server reads nothing more.",
+            "server",
+            [
+                _c(_HELLO),
+                ("send", _WELCOME),
+                ("send", Moved("ward-9", "Dr A", "review", "eyJhbGciOiJIUzI1NiJ9.e30.YWNj")),
+                ("recv", _POSE),
+                (
+                    "send",
+                    Redirect(
+                        "wss://node-b.example/ws", "transfer", "eyJhbGciOiJIUzI1NiJ9.e30.Z3Jh"
+                    ),
+                ),
+                _c(Ping(1, 0.0)),
+            ],
+        ),
+        (
             "client_redirect",
             "A redirect answers the hello: the client closes and joins at the URL it names; "
             "a redirect in the room (the room moves) likewise; out of place before the hello.",

@@ -205,6 +205,9 @@ export class MedverseClient {
     this.fallbackUrls = (o.fallbackUrls ?? []).map(wsUrl);
     this._fallback = 0;
     this._movedTo = null; // where a redirect sent a joined member (its room moved)
+    // The transfer grant of a redirect moving us to a room another server runs: the next
+    // hello's token in place of the join token (which names our first room), until a welcome.
+    this._transferGrant = null;
     /** Redirects followed since start(). */
     this.redirects = 0;
     this.room = o.room;
@@ -432,7 +435,7 @@ export class MedverseClient {
       };
       arm();
       ws.onopen = () => {
-        const hello = { t: "hello", version: PROTOCOL_VERSION, room: this.room, name: this.name, slots: this.slots, resume: this._resume, token: this.token };
+        const hello = { t: "hello", version: PROTOCOL_VERSION, room: this.room, name: this.name, slots: this.slots, resume: this._resume, token: this._transferGrant ?? this.token };
         ws.send(conn.send(hello));
       };
       ws.onerror = () => {}; // a close follows
@@ -485,6 +488,7 @@ export class MedverseClient {
     this.conn = conn;
     this.socket = ws;
     this.room = welcome.room; // a member moved elsewhere resumes there
+    this._transferGrant = null; // used: resumes go with the join token and resume token
     this.movingTo = null;
     this.memberId = welcome.member_id;
     this.rate = welcome.rate;
@@ -507,7 +511,8 @@ export class MedverseClient {
       this.#finish(code, fatal?.message ?? `closed with ${closeCode}`);
       return;
     }
-    if (!this.reconnect) {
+    if (!this.reconnect && this._transferGrant === null) {
+      // (A move to a room another server runs is followed even so: it is the move.)
       this.#finish(CloseReason.CONNECTION_LOST, `connection closed (${closeCode})`);
       return;
     }
@@ -532,9 +537,15 @@ export class MedverseClient {
       this._wake = null;
       if (this._closing) return;
       try {
+        const arriving = this.movingTo !== null; // moved to a room another server runs
         const welcome = await this.#join();
         if (this._closing) {
           this.socket?.close();
+          return;
+        }
+        if (arriving) {
+          // We are a new member of the room we were moved to, on the server that runs it.
+          this.emit({ type: "arrived", room: welcome.room, memberId: welcome.member_id, members: [...this.members] });
           return;
         }
         this.emit({ type: "resumed", memberId: welcome.member_id, sameMember: welcome.resumed && welcome.member_id === oldId });
@@ -699,7 +710,11 @@ export class MedverseClient {
       else for (const fn of this._listeners.get(m.t) ?? []) fn(m);
       if (m.t === "error" && m.fatal) return m;
       // The room moves to another server: the server closes us, and we resume there at once.
-      if (m.t === "redirect") this._movedTo = m.url;
+      if (m.t === "redirect") {
+        this._movedTo = m.url;
+        // Moved to a room another server runs: we enter it there with the grant it gave.
+        if (m.token != null && this.movingTo !== null) this._transferGrant = m.token;
+      }
     }
     return null;
   }

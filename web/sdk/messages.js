@@ -412,7 +412,11 @@ export const RequestRefused = defineMessage("refused", {
 /** Where a `redirect` may send a client: a WebSocket URL without spaces or control characters. */
 export const REDIRECT_URL_RE = /^wss?:\/\/[^\x00-\x20\x7f]{1,500}$/u;
 /** Another server runs this room: join at `url` with the same hello (and resume token). */
-export const Redirect = defineMessage("redirect", { url: str({ pattern: REDIRECT_URL_RE }), reason: str({ maxLen: 64 }) });
+export const Redirect = defineMessage("redirect", {
+  url: str({ pattern: REDIRECT_URL_RE }),
+  reason: str({ maxLen: 64 }),
+  token: str({ maxLen: 2048, ...opt }),
+});
 
 export const CORE_SERVER_MESSAGES = [
   Welcome,

@@ -186,3 +186,38 @@ test("a room that moves redirects its members, who resume at once with their tok
   assert.deepEqual(await resumed, { type: "resumed", memberId: 7, sameMember: true });
   c.close();
 });
+
+test("moved to a room another server runs: the redirect's grant is the next hello's token, once", async () => {
+  const { c, ws } = await joined({ token: "join-tok", maxBackoff: 0.01 });
+  const events = [];
+  c.on("*", (ev) => events.push(ev));
+  ws.deliver({ t: "moved", room: "ward-9", by: "Dr A", reason: "review", access: "acc" }, SERVER_MESSAGES);
+  assert.equal(c.roomAccess, "acc");
+  assert.equal(c.httpToken, "acc");
+  ws.deliver({ t: "redirect", url: "ws://b/ws", reason: "transfer", token: "grant" }, SERVER_MESSAGES);
+  ws.close(1000);
+  while (FakeSocket.all.length < 2) await tick();
+  const ws2 = FakeSocket.all[1];
+  assert.equal(ws2.url, "ws://b/ws");
+  await tick();
+  const [h] = ws2.controls(messageRegistry([Hello]));
+  assert.deepEqual([h.room, h.token], ["ward-9", "grant"]);
+  ws2.deliver({ ...welcome(12), room: "ward-9", resume: "tok2" }, SERVER_MESSAGES);
+  while (!events.some((e) => e.type === "arrived")) await tick();
+  await tick();
+  assert.deepEqual(
+    events.filter((e) => e.type === "arrived"),
+    [{ type: "arrived", room: "ward-9", memberId: 12, members: [] }],
+  );
+  assert.ok(!events.some((e) => e.type === "resumed"));
+  assert.equal(c.room, "ward-9");
+  // The grant was for that one join: a later drop resumes with the join token.
+  ws2.readyState = 3;
+  ws2.onclose({ code: 1006 });
+  while (FakeSocket.all.length < 3) await tick();
+  await tick();
+  const [h3] = FakeSocket.all[2].controls(messageRegistry([Hello]));
+  assert.deepEqual([h3.room, h3.token, h3.resume], ["ward-9", "join-tok", "tok2"]);
+  assert.equal(c.httpToken, "acc");
+  c.close();
+});
