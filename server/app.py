@@ -406,6 +406,12 @@ class Server:
                 ),
                 bind_subject=self.verifier is not None,
             )
+            shared = self.cluster.access_key
+            if self.room_access is not None and self.verifier is not None and shared is not None:
+                if self.verifier.shared_secret is None:
+                    # Tokens checked with a public key: sign room access credentials with
+                    # the cluster's shared secret, so every node accepts every node's.
+                    self.room_access.rekey(shared)
         self.tick.start()
 
     def close_sessions(self) -> None:

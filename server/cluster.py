@@ -48,7 +48,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from .config import ServerConfig
-from .roomaccess import TransferGrants
+from .roomaccess import TransferGrants, derive_key
 
 log = logging.getLogger("medverse.cluster")
 
@@ -248,6 +248,8 @@ class Cluster:
         self.tokens: ResumeTokens | None = None
         #: Transfer grants (a member moved to a room another node runs), once started.
         self.grants: TransferGrants | None = None
+        #: A room access credential key every node derives alike (``server/roomaccess.py``).
+        self.access_key: bytes | None = None
         self._hooks: ClusterHooks | None = None
         self._nodes: dict[str, dict[str, str]] = {}  # the live nodes as last read
         self._seen: set[str] = set()  # every node seen alive
@@ -274,6 +276,7 @@ class Cluster:
             raise ConnectionError(f"redis_url {self.config.redis_url}: {exc}") from None
         self.tokens = ResumeTokens(bytes.fromhex(secret.decode()), bind_subject)
         self.grants = TransferGrants(bytes.fromhex(secret.decode()))
+        self.access_key = derive_key(bytes.fromhex(secret.decode()))
         pubsub = self._sub_redis.pubsub(ignore_subscribe_messages=True)
         await pubsub.subscribe(COMMANDS)
         loop = asyncio.get_running_loop()

@@ -11,8 +11,9 @@ now, with that member's current grants: leaving the room (moved on, removed, gon
 at once, before it expires.
 
 The signing key is the server's own, derived from the token secret when the server has one
-(every server of a cluster sharing the secret accepts the others' credentials), else random
-for the life of the process (a server checking tokens with a public key cannot sign with it).
+(every server of a cluster sharing the secret accepts the others' credentials); a server that
+checks tokens with a public key (it cannot sign with it) derives it from the cluster's shared
+secret in a cluster, and alone uses a random key for the life of the process.
 """
 
 from __future__ import annotations
@@ -68,6 +69,10 @@ class RoomAccess:
     def __init__(self, key: bytes | None = None, ttl: float = ACCESS_TTL) -> None:
         self._key = key if key is not None else secrets.token_bytes(32)
         self.ttl = ttl
+
+    def rekey(self, key: bytes) -> None:
+        """Sign and verify with ``key`` from now on (credentials signed before are refused)."""
+        self._key = key
 
     def issue(self, room: str, subject: str, token_id: str) -> str:
         """A credential for ``room``, for the member with ``subject`` joined with the token

@@ -12,16 +12,19 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
 import aiohttp
+import jwt as pyjwt
 import msgpack
 import pytest
 import redis as redis_py
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from medverse.client_sdk import Closed, Resumed, connect
+from medverse.client_sdk import Closed, Resumed, Session, connect
 from medverse.protocol.connection import Connection, MessageReceived, Refused, Role
 from medverse.protocol.errors import ErrorCode, ProtocolError
 from medverse.protocol.messages import PROTOCOL_VERSION, Hello, Redirect, encode_message
@@ -40,6 +43,7 @@ from medverse.server.roomaccess import TransferGrants, is_transfer_grant
 
 from .conftest import ROOT, ServerProcess
 from .helpers import wait_for
+from .models import triangle_glb
 from .services import RedisServer, redis_available, redis_server
 
 pytestmark = pytest.mark.skipif(not redis_available(), reason="redis-server is not installed")
@@ -639,6 +643,31 @@ def audit_of(node: ServerProcess, kind: str) -> list[tuple[str, str, str, dict[s
     return [(r, a, s, json.loads(d) if d else {}) for r, a, s, d in rows]
 
 
+async def room_elsewhere(
+    nodes: list[ServerProcess],
+    home: ServerProcess,
+    mint: Callable[[str, str, str], str],
+    sessions: list[Session],
+) -> Session | None:
+    """A host's session in a new room that the node other than ``home`` runs (new rooms go
+    to the node with the most room left, as the nodes last read each other's load: tried
+    until they have, bounded), appended to ``sessions``; None if none was placed there."""
+    deadline = time.monotonic() + 20
+    for i in range(40):
+        entry = nodes[i % 2]
+        s = connect(entry.url, f"ward-b{i}", token=mint(f"ward-b{i}", "drkim", "host"))
+        s.reconnect = False
+        await s.start()
+        if owner_of(nodes, s.url) is not home:
+            sessions.append(s)
+            return s
+        await s.close()
+        if time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.3)
+    return None
+
+
 async def test_a_host_moves_a_member_into_a_room_another_node_runs(
     nodes: list[ServerProcess],
 ) -> None:
@@ -654,24 +683,7 @@ async def test_a_host_moves_a_member_into_a_room_another_node_runs(
     try:
         await pat.start()
         home = owner_of(nodes, host.url)
-        # A room the other node runs: new rooms go to the node with the most room left (as
-        # the nodes last read each other's load: tried until they have, bounded).
-        target = None
-        deadline = time.monotonic() + 20
-        for i in range(40):
-            entry = nodes[i % 2]
-            s = connect(
-                entry.url, f"ward-b{i}", token=token(f"ward-b{i}", "drkim", "host"), reconnect=False
-            )
-            await s.start()
-            if owner_of(nodes, s.url) is not home:
-                sessions.append(s)
-                target = s
-                break
-            await s.close()
-            if time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.3)
+        target = await room_elsewhere(nodes, home, token, sessions)
         assert target is not None, "no room was placed on the other node"
         there = owner_of(nodes, target.url)
         room = target.room
@@ -728,3 +740,48 @@ async def test_a_forged_transfer_grant_is_refused_not_routed(
             assert isinstance(ev, MessageReceived), ev
             assert not isinstance(ev.message, Redirect), "a forged grant is refused, not routed"
             assert getattr(ev.message, "code", None) == "unauthorized", ev.message
+
+
+async def test_with_public_key_tokens_room_access_holds_across_nodes(
+    redis: RedisServer, tmp_path: Any
+) -> None:
+    """Nodes that check join tokens with an identity provider's public key cannot sign with
+    it: they sign room access credentials with the cluster's shared secret, so the
+    credential one node gives a member it moves is accepted by the node that runs the room."""
+    key = ed25519.Ed25519PrivateKey.generate()
+    pem = tmp_path / "idp.pem"
+    pem.write_bytes(key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo))
+
+    def idp_token(room: str, who: str, role: str = "participant") -> str:
+        now = int(time.time())
+        claims = {"sub": who, "name": who, "room": room, "role": role, "iat": now}
+        claims |= {"exp": now + 600, "jti": f"{who}-{room}"}
+        return pyjwt.encode(claims, key, algorithm="EdDSA")
+
+    with redis_py.Redis.from_url(redis.url) as r:
+        r.flushall()
+    pair = [start_node(redis, auth_secret="", auth_public_key=str(pem)) for _ in range(2)]
+    sessions: list[Session] = []
+    try:
+        for n in pair:
+            n.wait_ready(timeout=60)
+        host = connect(pair[0].url, "ward-a", token=idp_token("ward-a", "drlee", "host"))
+        host.reconnect = False
+        sessions.append(host)
+        await host.start()
+        pat = connect(pair[0].url, "ward-a", token=idp_token("ward-a", "pat"), ping_interval=0)
+        sessions.append(pat)
+        await pat.start()
+        home = owner_of(pair, host.url)
+        target = await room_elsewhere(pair, home, idp_token, sessions)
+        assert target is not None, "no room was placed on the other node"
+        await host.transfer(pat.member_id, target.room)
+        await wait_for(lambda: pat.room == target.room and pat.moving_to is None, timeout=20)
+        assert pat.url == target.url != host.url
+        asset = await target.upload_asset(triangle_glb(), "heart")
+        assert [a.sha256 for a in await pat.assets.list()] == [asset.sha256]
+    finally:
+        for s in reversed(sessions):
+            await s.close()
+        for n in pair:
+            n.stop()
