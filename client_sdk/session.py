@@ -819,7 +819,8 @@ class Session(ObjectsAPI, ImagesAPI):
             try:
                 welcome = await self._open()
             except JoinError as err:
-                if err.code in _FINAL_CODES:
+                # A move's transfer grant joins once: the room it moved us to refused us.
+                if err.code in _FINAL_CODES or self._transfer_grant is not None:
                     self._finish(Closed(str(err), err.code, err.message))
                     return False
             except (aiohttp.ClientError, OSError, TimeoutError, ConnectionError):

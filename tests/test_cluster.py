@@ -785,3 +785,63 @@ async def test_with_public_key_tokens_room_access_holds_across_nodes(
             await s.close()
         for n in pair:
             n.stop()
+
+
+async def next_event(s: Session, kind: str, timeout: float = 20.0) -> Any:
+    """The next event of type ``kind`` (earlier events of other types are dropped)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        assert left > 0, f"no {kind} event in {timeout} s"
+        ev = await asyncio.wait_for(s._events.get(), left)
+        assert ev is not None, f"the session ended waiting for {kind}: {s.closed_reason}"
+        if ev.type == kind:
+            return ev
+
+
+async def test_the_target_rooms_rules_apply_on_the_node_that_runs_it(
+    nodes: list[ServerProcess],
+) -> None:
+    """Moved across nodes, a member waits in the target room's lobby until its host there
+    admits it; into a locked room, it is refused there with a typed error (as a join)."""
+    a = nodes[0]
+    host = connect(a.url, "ward-a", token=token("ward-a", "drlee", "host"), reconnect=False)
+    sessions = [host]
+    try:
+        await host.start()
+        pat = connect(a.url, "ward-a", token=token("ward-a", "pat"), ping_interval=0)
+        sessions.append(pat)
+        await pat.start()
+        bob = connect(a.url, "ward-a", token=token("ward-a", "bob"), ping_interval=0)
+        sessions.append(bob)
+        await bob.start()
+        home = owner_of(nodes, host.url)
+        target = await room_elsewhere(nodes, home, token, sessions)
+        assert target is not None, "no room was placed on the other node"
+        await target.moderate("lobby")
+        await host.transfer(pat.member_id, target.room)
+        lobby = await next_event(target, "lobby")
+        while not lobby.waiting:
+            lobby = await next_event(target, "lobby")
+        (lobby_id, name), *_ = lobby.waiting
+        assert name == "pat" and pat.member_id not in target.members
+        await target.moderate("admit", lobby_id)
+        await wait_for(lambda: pat.room == target.room and pat.moving_to is None, timeout=20)
+        await wait_for(lambda: pat.member_id in target.members, timeout=10)
+
+        await target.moderate("lock")
+        await host.transfer(bob.member_id, target.room)
+        await wait_for(lambda: bob.closed_reason is not None, timeout=20)
+        assert bob.closed_reason is not None and bob.closed_reason.code == "room_locked"
+        assert bob.member_id not in host.members  # it left ward-a with the move
+        there = owner_of(nodes, target.url)
+        await wait_for(
+            lambda: any(
+                actor == "bob" and d.get("code") == "room_locked"
+                for _, actor, _, d in audit_of(there, "join_refused")
+            ),
+            timeout=10,
+        )
+    finally:
+        for s in reversed(sessions):
+            await s.close()

@@ -551,7 +551,8 @@ export class MedverseClient {
         this.emit({ type: "resumed", memberId: welcome.member_id, sameMember: welcome.resumed && welcome.member_id === oldId });
         return;
       } catch (err) {
-        if (err instanceof JoinError && FINAL_CODES.has(err.code)) {
+        // A move's transfer grant joins once: the room it moved us to refused us.
+        if (err instanceof JoinError && (FINAL_CODES.has(err.code) || this._transferGrant !== null)) {
           this.#finish(err.code, err.message);
           return;
         }

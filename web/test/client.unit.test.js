@@ -221,3 +221,20 @@ test("moved to a room another server runs: the redirect's grant is the next hell
   assert.equal(c.httpToken, "acc");
   c.close();
 });
+
+test("a room another server runs refusing a moved member ends the session: the grant joins once", async () => {
+  const { c, ws } = await joined({ token: "join-tok", maxBackoff: 0.01 });
+  const closed = new Promise((r) => c.on("closed", r));
+  ws.deliver({ t: "moved", room: "ward-9", by: "Dr A", reason: "" }, SERVER_MESSAGES);
+  ws.deliver({ t: "redirect", url: "ws://b/ws", reason: "transfer", token: "grant" }, SERVER_MESSAGES);
+  ws.close(1000);
+  while (FakeSocket.all.length < 2) await tick();
+  const ws2 = FakeSocket.all[1];
+  await tick();
+  ws2.deliver({ t: "error", code: "room_locked", message: "locked", fatal: true }, SERVER_MESSAGES);
+  ws2.close(1008);
+  const ev = await closed;
+  assert.equal(ev.reason, "room_locked");
+  await tick();
+  assert.equal(FakeSocket.all.length, 2);
+});
