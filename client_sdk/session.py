@@ -467,6 +467,11 @@ class Session(ObjectsAPI, ImagesAPI):
         self._ws = ws
         # A member moved to another room resumes there; if it could not, the server let it
         # in anew where its token admits it: the welcome says which room this is.
+        if welcome.room != self.room and self.moving_to is None:
+            # Back in the room our join token names: the move's credential is for another.
+            self.room_access = None
+            self.room = welcome.room
+            self._retarget_http()
         self.room = welcome.room
         self.member_id = welcome.member_id
         self.rate = welcome.rate
@@ -993,15 +998,19 @@ class Session(ObjectsAPI, ImagesAPI):
         # The HTTP clients follow us: the new room's URLs, with its credential (our join
         # token names the room we first entered, which the new room's APIs refuse).
         self.room_access = m.access
-        for client in (self._assets, self._image_client):
-            if client is not None:
-                client.room, client.token = m.room, self.http_token
+        self._retarget_http()
         self.queue = None
         self.members = {}
         self._decoder.reset()
         self._history.clear()
         self._avatars = None
         self.emit(from_message(Moved, m))
+
+    def _retarget_http(self) -> None:
+        """Point the cached HTTP clients (assets, images) at our room now, with its token."""
+        for client in (self._assets, self._image_client):
+            if client is not None:
+                client.room, client.token = self.room, self.http_token
 
     def _consent_on_move(self, m: ConsentRequired) -> None:
         """The room we were moved to asks for consent to its own text: ask the application

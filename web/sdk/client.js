@@ -487,6 +487,9 @@ export class MedverseClient {
   #welcomed(ws, conn, welcome) {
     this.conn = conn;
     this.socket = ws;
+    // Back in the room our join token names (a resume after a move came too late): the move's
+    // credential is for another room.
+    if (welcome.room !== this.room && this.movingTo === null) this.roomAccess = null;
     this.room = welcome.room; // a member moved elsewhere resumes there
     this._transferGrant = null; // used: resumes go with the join token and resume token
     this.movingTo = null;

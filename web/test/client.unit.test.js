@@ -238,3 +238,24 @@ test("a room another server runs refusing a moved member ends the session: the g
   await tick();
   assert.equal(FakeSocket.all.length, 2);
 });
+
+test("back in the join token's room after a move (the resume came too late), the move's credential is dropped", async () => {
+  const { c, ws } = await joined({ token: "join-tok", maxBackoff: 0.01 });
+  ws.deliver({ t: "moved", room: "ward-9", by: "Dr A", reason: "", access: "acc" }, SERVER_MESSAGES);
+  ws.deliver({ ...welcome(12), room: "ward-9", resume: "tok2" }, SERVER_MESSAGES);
+  assert.equal(c.room, "ward-9");
+  assert.equal(c.httpToken, "acc");
+  ws.readyState = 3;
+  ws.onclose({ code: 1006 });
+  while (FakeSocket.all.length < 2) await tick();
+  const ws2 = FakeSocket.all[1];
+  await tick();
+  ws2.deliver({ t: "error", code: "bad_resume", message: "cannot resume; joining anew", fatal: false }, SERVER_MESSAGES);
+  const resumed = new Promise((r) => c.on("resumed", r));
+  ws2.deliver({ ...welcome(3), room: "r" }, SERVER_MESSAGES);
+  await resumed;
+  assert.equal(c.room, "r");
+  assert.equal(c.roomAccess, null);
+  assert.equal(c.httpToken, "join-tok");
+  c.close();
+});
