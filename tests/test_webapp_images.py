@@ -114,18 +114,19 @@ async def said(page: Page, text: str) -> None:
 
 async def into_room(page: Page, room: str) -> None:
     """Agree to the room's consent text when asked, until the page is in ``room``."""
-    where = f"Room {room} "
-    for _ in range(4):
+    arrived = (
+        "window.medverse.screen === 'room' && window.medverse.state === 'joined' && "
+        f"window.medverse.client?.room === {json.dumps(room)}"
+    )
+    for _ in range(3):
         now = await wait_for(
-            page,
-            "['consent', 'room'].includes(window.medverse?.screen) && window.medverse.screen",
+            page, f"(window.medverse?.screen === 'consent' && 'consent') || (({arrived}) && 'in')"
         )
-        if now == "consent":
-            await page.click("#consent-accept")
-            await screen(page, "room")
-        if (await page.inner_text("#where")).startswith(where):
+        if now == "in":
+            assert (await page.inner_text("#where")).startswith(f"Room {room} ")
             return
-        await asyncio.sleep(0.1)
+        await page.click("#consent-accept")
+        await wait_for(page, "window.medverse.screen !== 'consent'")
     raise AssertionError(f"the page did not arrive in {room}")
 
 
@@ -260,8 +261,9 @@ async def test_a_host_calls_the_next_patient_in_and_sends_them_back(
 ) -> None:
     patient = await open_app(browser, site, token("waiting", "pat-1", "Pat Doe"), pages)
     await into_room(patient, "waiting")
-    # A patient is offered no transfer controls.
+    # A patient is offered no transfer controls; the waiting room has no image viewers.
     assert await patient.is_hidden("#clinic")
+    assert await patient.is_hidden("#images")
 
     host = await open_app(browser, site, token("consult-1", "dr-c", "Dr Cole", "host"), pages)
     await into_room(host, "consult-1")
@@ -273,6 +275,7 @@ async def test_a_host_calls_the_next_patient_in_and_sends_them_back(
     await wait_for(host, "document.getElementById('clinic-member').options.length === 1")
     assert "Pat Doe" in await host.inner_text("#people-list")
     assert "Dr Cole" in await patient.inner_text("#people-list")
+    await wait_for(patient, "!document.getElementById('images').hidden")
     await said(host, "The next patient is on the way in.")
     await host.locator("#clinic").scroll_into_view_if_needed()
     await screenshot(host, "webapp-images-called-host")
@@ -288,4 +291,6 @@ async def test_a_host_calls_the_next_patient_in_and_sends_them_back(
     await host.keyboard.press("Enter")
     await into_room(patient, "waiting")
     await wait_for(host, "document.getElementById('clinic-member').options.length === 0")
+    await asyncio.sleep(0.5)  # img_synced would have come with the welcome by now
+    assert await patient.is_hidden("#images")
     await screenshot(patient, "webapp-images-sent-back-patient")

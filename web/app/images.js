@@ -253,6 +253,8 @@ export class ImageViewer {
     const c = this.client;
     const section = $("images");
     if (!c) return;
+    // Rooms without image viewers (a waiting room) never send img_synced: no section there.
+    section.hidden = !c.panels.synced;
     const ownRoom = this.app.ownRoom();
     const may = this.app.grants().has("manipulate_objects");
     const v = this.view();
