@@ -60,6 +60,7 @@ export class ImageViewer {
     this.cursor = null; // the keyboard's measuring cross {col, row}
     this.mouse = null; // the mouse over the image {col, row}
     this.lastPointer = 0;
+    this.pointerTimer = null;
     this.pointerShown = false;
     this.layout = null; // how the image sits on the canvas
     this.canvas = $("image-canvas");
@@ -482,7 +483,16 @@ export class ImageViewer {
     const at = this.cursorPoint();
     if (!c || c.state !== "joined" || this.panelId === null || !this.layout) return;
     const now = performance.now();
-    if (!force && now - this.lastPointer < POINTER_INTERVAL_MS) return;
+    if (!force && now - this.lastPointer < POINTER_INTERVAL_MS) {
+      // The last move of a burst still goes out, at the end of the interval.
+      this.pointerTimer ??= setTimeout(() => {
+        this.pointerTimer = null;
+        this.#sendPointer(true);
+      }, POINTER_INTERVAL_MS - (now - this.lastPointer));
+      return;
+    }
+    clearTimeout(this.pointerTimer);
+    this.pointerTimer = null;
     this.lastPointer = now;
     try {
       if (at === null) {

@@ -60,6 +60,10 @@ function nextEvent(c, type, pred = () => true, ms = 15000) {
 }
 
 async function join(room, who, role = "participant") {
+  return joinAs(room, who, role);
+}
+
+async function joinAs(room, who, role) {
   const token = await server.token(room, who, { role });
   const c = new MedverseClient({ url: server.url, WebSocket, room, token, pingInterval: 0, connectTimeout: 10 });
   clients.push(c);
@@ -170,3 +174,61 @@ test("a member who joins later receives the room's panels and measurements", { t
   assert.deepEqual(late.panels.get(panelId).slices, [5, 16, 16]);
   assert.ok(Math.abs(late.panels.measurements.get(mid).value - 7.5) < 1e-6);
 });
+
+test("bad image calls are refused by name, and a flood is answered while others carry on", { timeout: TIMEOUT }, async () => {
+  const host = await join("review-bad", "lead", "host");
+  const guest = await join("review-bad", "guest");
+  const { sha256 } = await host.uploadSeries(zip, { name: "CT", deidentify: true });
+  const panelId = await host.openPanel(sha256);
+  await guest.panels.waitVersion(panelId, 0);
+  const version = guest.panels.get(panelId).version;
+
+  // Out-of-range values reach the server, which refuses each request by its req and name
+  // (img_refused); the room's panel does not change.
+  const bad = [
+    [() => host.setImageView(panelId, { slices: [70000, 0, 0] }), "out_of_range"],
+    [() => host.setImageView(panelId, { window: [40, 0] }), "out_of_range"],
+    [() => host.setImageView(panelId, { zoom: 50 }), "out_of_range"],
+    [() => host.setImageView(panelId, { plane: "oblique" }), "out_of_range"],
+    [() => host.setImageView(panelId, { pan: [11, 0] }), "out_of_range"],
+    [() => host.openPanel("not-a-hash"), "out_of_range"],
+    [() => host.openPanel(sha256, { width: 20 }), "out_of_range"],
+    [() => host.measure(sha256, "volume", [[0, 0, 0]]), "out_of_range"],
+    [() => host.measure(sha256, "distance", [[0, 0, 0], [1, 1, 1]], "x".repeat(257)), "out_of_range"],
+    [() => host.deleteMeasurement(0), "out_of_range"],
+  ];
+  for (const [call, code] of bad) {
+    await assert.rejects(call(), (e) => e instanceof RequestError && e.code === code, String(call));
+  }
+  // Values of the wrong shape are refused before anything is sent.
+  await assert.rejects(host.setImageView(panelId, { slices: [1, 2] }), TypeError);
+  await assert.rejects(host.openPanel(sha256, { position: [0, Number.POSITIVE_INFINITY, 0] }), TypeError);
+  // Refused by the server: no such panel; an observer may not open panels nor point.
+  await assert.rejects(host.setImageView(4242, { plane: "axial" }), (e) => e instanceof RequestError && e.code === "not_found");
+  const observer = await joinAs("review-bad", "watcher", "observer");
+  await assert.rejects(observer.openPanel(sha256), (e) => e instanceof RequestError && e.code === "forbidden");
+  assert.equal(guest.panels.get(panelId).version, version, "a refused call changed the panel");
+
+  // A flood of 2 x 200 view changes (each connection within its message burst; together more
+  // than the room queues): every one is answered, applied or refused with rate_limited (how
+  // many depends on how fast the room works through them), none hangs, and a third member's
+  // change goes through after it.
+  const other = await join("review-bad", "third");
+  const flood = (c) => Array.from({ length: 200 }, (_, i) => c.setImageView(panelId, { slices: [i % 12, 16, 16] }));
+  const results = await Promise.allSettled([...flood(host), ...flood(guest)]);
+  const refused = results.filter((r) => r.status === "rejected");
+  for (const r of refused) assert.ok(r.reason instanceof RequestError && r.reason.code === "rate_limited", String(r.reason));
+  assert.ok(results.length - refused.length >= 256, `only ${results.length - refused.length} applied`);
+  await other.setImageView(panelId, { plane: "sagittal", slices: [3, 4, 5] });
+  await waitFor(() => host.panels.get(panelId).plane === "sagittal" && guest.panels.get(panelId).slices[2] === 5);
+  assert.deepEqual(host.panels.get(panelId).slices, [3, 4, 5]);
+  assert.ok(host.panels.get(panelId).version > version);
+});
+
+async function waitFor(check, ms = 15000) {
+  const end = Date.now() + ms;
+  while (!check()) {
+    if (Date.now() > end) throw new Error("not reached in time");
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
