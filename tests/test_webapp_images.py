@@ -192,6 +192,14 @@ async def test_a_series_opened_in_one_page_is_followed_by_another(
         await screenshot(b, "webapp-images-opened-b")
         assert body > 0.2 and levels >= 2, (body, levels)
         await screenshot(a, "webapp-images-opened-a")
+        # The panel stands in the 3D room too, showing the same image, its height from the
+        # series' geometry (64 x 0.7 mm square in the axial plane).
+        key = json.dumps(state["key"])
+        drawn = await wait_for(b, f"window.medverse.imagePanels[{panel_id}]?.key === {key}")
+        assert drawn
+        panel3d = (await b.evaluate("window.medverse.imagePanels"))[str(panel_id)]
+        assert panel3d["position"] == [0, 1.5, -1.2] and panel3d["width"] == 0.6
+        assert abs(panel3d["height"] - 0.6) < 1e-9
 
         # Scrolling in page A by keyboard and wheel: page B and the SDK client follow.
         await a.focus("#image-canvas")
@@ -248,6 +256,8 @@ async def test_a_series_opened_in_one_page_is_followed_by_another(
         await wait_for(b, f"window.medverse.images.pointers.some((p) => p.memberId === {a_id})")
         await asyncio.sleep(0.3)  # the pointer's newest place reaches page B with the next tick
         assert "Pointing at the images: Dr Ada." in await b.inner_text("#image-pointers")
+        await b.evaluate("window.medverse.place(0.3, 0, 0)")  # facing the panel in the room
+        await asyncio.sleep(0.2)
         await screenshot(a, "webapp-images-measured-a")
         await screenshot(b, "webapp-images-followed-b")
 

@@ -114,6 +114,21 @@ export class ImageViewer {
     return null;
   }
 
+  /** The series descriptor if it has arrived (asked for when not). */
+  descriptorOf(sha) {
+    return this.#descriptor(sha);
+  }
+
+  /** An image (ImageBitmap) of the shared cache and its key; the bitmap is null until it has
+   * been fetched (asked for now). */
+  imageOf(series, plane, index, win) {
+    const key = imageKey(series, plane, index, win);
+    const bitmap = this.images.get(key);
+    if (bitmap !== undefined) return { key, bitmap };
+    this.#load(key, series, plane, index, win);
+    return { key, bitmap: null };
+  }
+
   async refreshSeries() {
     const c = this.client;
     if (!c || !this.app.ownRoom()) {
@@ -362,7 +377,7 @@ export class ImageViewer {
     if (!d) return;
     const k = PLANES.indexOf(v.plane);
     const index = v.slices[k];
-    const key = `${v.series}/${v.plane}/${index}/${v.window[0]},${v.window[1]}`;
+    const key = imageKey(v.series, v.plane, index, v.window);
     let bitmap = this.images.get(key);
     if (bitmap === undefined) {
       this.#load(key, v.series, v.plane, index, v.window);
@@ -665,6 +680,10 @@ export class ImageViewer {
       layout: this.layout && { x0: this.layout.x0, y0: this.layout.y0, px: this.layout.px, py: this.layout.py, size: this.layout.size },
     };
   }
+}
+
+function imageKey(series, plane, index, win) {
+  return `${series}/${plane}/${index}/${win[0]},${win[1]}`;
 }
 
 function fmt(x) {

@@ -7,6 +7,7 @@ import { AudioClient, CloseReason, JoinError, MedverseClient, RequestError } fro
 import { ClinicControls } from "./clinic.js";
 import { DesktopControls } from "./desktop.js";
 import { ImageViewer } from "./images.js";
+import { ImagePanels3D } from "./panels3d.js";
 import { RoomScene } from "./scene.js";
 import { grantsOf, readClaims, tokenFromFragment, tokenFromText } from "./token.js";
 import { XRMode, xrSupport } from "./xr.js";
@@ -41,6 +42,7 @@ const app = {
   micStream: null, // the microphone, asked for once per page
   images: null, // the case images panel (images.js)
   clinic: null, // the transfer controls (clinic.js)
+  panels3d: null, // the image panels in the 3D view (panels3d.js)
 };
 
 // ----------------------------------------------------------------- announcing and screens
@@ -364,6 +366,7 @@ function applyGrants() {
 function setupScene() {
   const scene = new RoomScene($("scene"), app.client);
   app.scene = scene;
+  app.panels3d = new ImagePanels3D(scene.scene, app.images);
   scene.onModelsChanged = () => renderModels();
   app.desktop = new DesktopControls($("scene"), scene, {
     grab: () => toggleGrab(),
@@ -447,6 +450,7 @@ function frame(dt) {
   scene.updateAvatars();
   scene.updateModels();
   scene.syncAnnotations();
+  app.panels3d.sync(c);
   scene.render();
 }
 
@@ -1154,6 +1158,10 @@ window.medverse = {
   /** The case images panel: the panel shown, its view, the image drawn, pointers, measurements. */
   get images() {
     return app.images?.describe() ?? null;
+  },
+  /** The image panels drawn in the 3D view: panel id -> {key, position, width, height}. */
+  get imagePanels() {
+    return app.panels3d?.describe() ?? {};
   },
   /** The audio as the page has it: microphone state, publishing, muted, connection state. */
   get audio() {
