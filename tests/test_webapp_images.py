@@ -98,13 +98,14 @@ async def open_app(browser: Browser, site: ServerProcess, tok: str, pages: list[
     return page
 
 
-async def wait_for(page: Page, expr: str, timeout: float = 20.0) -> Any:
-    """Wait until ``expr`` (JavaScript) is truthy in the page; its value."""
+async def wait_for(page: Page, expr: str, timeout: float = 30.0) -> Any:
+    """Wait until ``expr`` (JavaScript) is truthy in the page; its value (generous: the
+    machine may be busy with other work)."""
     handle = await page.wait_for_function(f"() => ({expr})", timeout=timeout * 1000, polling=50)
     return await handle.json_value()
 
 
-async def screen(page: Page, name: str, timeout: float = 20.0) -> None:
+async def screen(page: Page, name: str, timeout: float = 30.0) -> None:
     await wait_for(page, f"window.medverse?.screen === {json.dumps(name)}", timeout)
 
 
@@ -265,6 +266,23 @@ async def test_a_series_opened_in_one_page_is_followed_by_another(
         await a.click("#measure-list button")
         await wait_for(b, "window.medverse.images.measurements.length === 0")
 
+        # Page B measures with the keyboard alone: M, Enter at the cross (the image's centre),
+        # five Shift+Right steps of 2 pixels, Enter: 10 pixels of 0.7 mm.
+        await b.focus("#image-canvas")
+        await b.keyboard.press("m")
+        await wait_for(b, "window.medverse.images.tool === 'distance'")
+        await b.keyboard.press("Enter")
+        for _ in range(5):
+            await b.keyboard.press("Shift+ArrowRight")
+        await b.keyboard.press("Enter")
+        got = await wait_for(a, "window.medverse.images.measurements[0]")
+        assert got["author"] == "Dr Ben" and abs(got["value"] - 10 * PIXEL_MM) < 1e-6, got
+        await said(b, "Distance measured: 7.0 mm.")
+        # ... and deletes it from the list by keyboard too.
+        await b.focus("#measure-list button")
+        await b.keyboard.press("Enter")
+        await wait_for(a, "window.medverse.images.measurements.length === 0")
+
 
 async def test_a_host_calls_the_next_patient_in_and_sends_them_back(
     browser: Browser, site: ServerProcess, pages: list[Page]
@@ -304,3 +322,23 @@ async def test_a_host_calls_the_next_patient_in_and_sends_them_back(
     await asyncio.sleep(0.5)  # img_synced would have come with the welcome by now
     assert await patient.is_hidden("#images")
     await screenshot(patient, "webapp-images-sent-back-patient")
+
+    # Called again and moved on to another consultation room by its name, typed: a room with a
+    # waiting room of its own, where the patient waits for that room's clinician.
+    await host.click("#clinic-call")
+    await into_room(patient, "consult-1")
+    await wait_for(host, "document.getElementById('clinic-member').options.length === 1")
+    await host.fill("#clinic-room", "consult-2")
+    await host.press("#clinic-room", "Enter")
+    for _ in range(3):
+        now = await wait_for(
+            patient,
+            "['consent', 'lobby'].includes(window.medverse.screen) && window.medverse.screen",
+        )
+        if now == "lobby":
+            break
+        await patient.click("#consent-accept")
+        await wait_for(patient, "window.medverse.screen !== 'consent'")
+    await screen(patient, "lobby")
+    assert (await patient.inner_text("#where")).startswith("Room consult-2 ")
+    await said(host, "Pat Doe was moved to room consult-2.")
