@@ -169,7 +169,8 @@ export class ImageViewer {
         if (fresh && this.panelId === ev.panelId) {
           const p = this.panel;
           if (!this.series.some((s) => s.sha256 === p.series)) this.refreshSeries();
-          if (ev.by !== c.memberId) this.app.announce(`${this.app.nameOf(ev.by)} opened ${this.nameOfSeries(p.series)} in the image panel.`);
+          const who = ev.by === null || ev.by === undefined ? "Someone" : this.app.nameOf(ev.by);
+          if (ev.by !== c.memberId) this.app.announce(`${who} opened ${this.nameOfSeries(p.series)} in the image panel.`);
         }
         this.render();
         break;
