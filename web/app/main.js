@@ -4,7 +4,10 @@
 // `window.medverse` exposes the state for tools and tests.
 import * as THREE from "three";
 import { AudioClient, CloseReason, JoinError, MedverseClient, RequestError } from "../sdk/index.js";
+import { ClinicControls } from "./clinic.js";
 import { DesktopControls } from "./desktop.js";
+import { ImageViewer } from "./images.js";
+import { ImagePanels3D } from "./panels3d.js";
 import { RoomScene } from "./scene.js";
 import { grantsOf, readClaims, tokenFromFragment, tokenFromText } from "./token.js";
 import { XRMode, xrSupport } from "./xr.js";
@@ -37,6 +40,9 @@ const app = {
   audio: null, // the AudioClient of the current client
   mic: "unasked", // unasked, on, refused, unavailable, insecure, not_allowed, none
   micStream: null, // the microphone, asked for once per page
+  images: null, // the case images panel (images.js)
+  clinic: null, // the transfer controls (clinic.js)
+  panels3d: null, // the image panels in the 3D view (panels3d.js)
 };
 
 // ----------------------------------------------------------------- announcing and screens
@@ -152,6 +158,8 @@ function nameOf(id) {
 
 function onEvent(client, ev) {
   if (client !== app.client) return;
+  app.images?.onEvent(ev);
+  app.clinic?.onEvent(ev);
   switch (ev.type) {
     case "waiting":
       $("lobby-queue").textContent = "";
@@ -332,6 +340,8 @@ function enterRoom(text) {
   renderModels();
   $("room-banner").hidden = true;
   if (app.audio === null || app.audio.client !== c) startAudio(c);
+  app.images.attach(c);
+  app.clinic.attach(c);
   const others = c.members.size;
   show("room", text ?? `You are in the session. ${others === 0 ? "Nobody else is here yet." : `${others} other ${others === 1 ? "person is" : "people are"} here.`}`);
 }
@@ -349,11 +359,14 @@ function applyGrants() {
   if (ownRoom && (g.has("manipulate_objects") || g.has("upload_assets"))) refreshAssets();
   $("model-add").hidden ||= !ownRoom;
   renderModels();
+  app.images?.render();
+  app.clinic?.render();
 }
 
 function setupScene() {
   const scene = new RoomScene($("scene"), app.client);
   app.scene = scene;
+  app.panels3d = new ImagePanels3D(scene.scene, app.images);
   scene.onModelsChanged = () => renderModels();
   app.desktop = new DesktopControls($("scene"), scene, {
     grab: () => toggleGrab(),
@@ -437,6 +450,7 @@ function frame(dt) {
   scene.updateAvatars();
   scene.updateModels();
   scene.syncAnnotations();
+  app.panels3d.sync(c);
   scene.render();
 }
 
@@ -1079,6 +1093,16 @@ function wire() {
 
 function boot() {
   wire();
+  const parts = {
+    announce,
+    alertText,
+    nameOf: (id) => (app.client ? nameOf(id) : `Member ${id}`),
+    grants: () => app.grants,
+    // The HTTP API takes the token of its room: after a move to another room there is none.
+    ownRoom: () => app.client !== null && app.client.room === app.claims?.room,
+  };
+  app.images = new ImageViewer(parts);
+  app.clinic = new ClinicControls(parts);
   if (!window.isSecureContext) {
     notice("This page is not a secure context (it is not served over https, nor from this computer's own address), so the browser offers neither the microphone nor VR here. Ask for an https link to use them.");
   }
@@ -1130,6 +1154,14 @@ window.medverse = {
   },
   get frames() {
     return app.frames;
+  },
+  /** The case images panel: the panel shown, its view, the image drawn, pointers, measurements. */
+  get images() {
+    return app.images?.describe() ?? null;
+  },
+  /** The image panels drawn in the 3D view: panel id -> {key, position, width, height}. */
+  get imagePanels() {
+    return app.panels3d?.describe() ?? {};
   },
   /** The audio as the page has it: microphone state, publishing, muted, connection state. */
   get audio() {

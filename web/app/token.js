@@ -54,6 +54,7 @@ export const ROLE_GRANTS = {
   host: ["publish_audio", "manipulate_objects", "annotate", "upload_assets", "moderate"],
   participant: ["publish_audio", "manipulate_objects", "annotate"],
   observer: ["hidden"],
+  receptionist: ["publish_audio", "transfer"],
 };
 
 /** The grants a token gives. */

@@ -11,7 +11,8 @@
 // Events (`onEvent`, and `client.on(type, fn)`) are plain objects with a `type`: waiting,
 // joined, left, error, member_state, lobby, room_state, grants, reconnecting, resumed, closed,
 // in a clinic moved, arrived, queue and called, and for shared objects object_added, object_removed, lock_changed, handover_requested,
-// view_changed, annotation_changed, move_refused, objects_synced.
+// view_changed, annotation_changed, move_refused, objects_synced, and for image viewers
+// (images.js) panel_changed, pointer_moved, measurement_changed, images_synced.
 //
 // New message types are one declaration away: pass their definitions (messages.js's
 // defineMessage) as `messages`, send them with `client.send(msg)` and receive them with
@@ -32,6 +33,7 @@ import {
 } from "./messages.js";
 import { POSITION_STEP_M, dequantizeRotation } from "./quant.js";
 import { SnapshotDecoder, entityIndex, rowStarts } from "./snapshot.js";
+import { IMAGE_METHODS, ImagePanels } from "./images.js";
 
 /** Error codes after which reconnecting cannot help: the client stops for good and its
  * `closed` event carries the code as its `reason`. */
@@ -104,6 +106,8 @@ export const REPLIES = new Map([
   ["obj_refused", "refused"],
   ["ack", "ok"], // the acknowledged requests of the core and audio messages (their `req`)
   ["refused", "refused"],
+  ["img_ack", "ok"], // image viewer requests (images.js)
+  ["img_refused", "refused"],
 ]);
 
 const OPEN = 1; // WebSocket.OPEN, the same in browsers and in ws
@@ -246,6 +250,8 @@ export class MedverseClient {
     this.queue = null;
     /** The room's shared objects: object id -> SharedObject (see _onObjectState). */
     this.objects = new Map();
+    /** The room's image panels, measurements and pointers (images.js). */
+    this.panels = new ImagePanels(this);
 
     this.conn = null;
     this.socket = null; // the current WebSocket (tools and tests may drop it)
@@ -1041,6 +1047,7 @@ export class MedverseClient {
     this._local.clear();
     this._released.clear();
     this._synced = false;
+    this.panels._renewed();
     for (const p of this._pending.values()) p.reject(new Error("connection renewed before the answer"));
     this._pending.clear();
   }
@@ -1114,7 +1121,18 @@ export class MedverseClient {
   // ----------------------------------------------------------------- assets (HTTP)
 
   #assetUrl(sha256 = null, suffix = "") {
-    return `${httpBase(this.url)}/rooms/${encodeURIComponent(this.room)}/assets${sha256 ? `/${sha256}` : ""}${suffix}`;
+    return this.roomUrl(`/assets${sha256 ? `/${sha256}` : ""}${suffix}`);
+  }
+
+  /** The HTTP URL of this room's resource `suffix` (e.g. "/series"). */
+  roomUrl(suffix = "") {
+    return `${httpBase(this.url)}/rooms/${encodeURIComponent(this.room)}${suffix}`;
+  }
+
+  /** An HTTP request with this member's token; resolves with the response, rejects with
+   * RequestError (the server's error code) for an answer of 400 or more. */
+  roomFetch(url, init = {}) {
+    return this.#http(url, { ...init, headers: this.#headers(init.headers ?? {}) });
   }
 
   /** The bearer token for this room's HTTP APIs: the room access credential of our last
@@ -1279,11 +1297,22 @@ const HANDLERS = {
   obj_view_state: object,
   anno: object,
   anno_deleted: object,
+  img_panel: (c, m) => c.panels._onMessage(m),
+  img_closed: (c, m) => c.panels._onMessage(m),
+  img_pointers: (c, m) => c.panels._onMessage(m),
+  img_measurement: (c, m) => c.panels._onMessage(m),
+  img_measurement_deleted: (c, m) => c.panels._onMessage(m),
+  img_synced: (c, m) => c.panels._onMessage(m),
+  img_ack: (c, m) => c._onReply(m),
+  img_refused: (c, m) => c._onReply(m),
   obj_synced(c) {
     c._synced = true;
     c.emit({ type: "objects_synced" });
   },
 };
+
+// The image calls (openPanel, setImageView, measure, fetchSlice, ...): images.js.
+Object.assign(MedverseClient.prototype, IMAGE_METHODS);
 
 /** Connect and join (see MedverseClient's options); resolves with the joined client. */
 export async function connect(options) {

@@ -6,3 +6,4 @@ export * from "./snapshot.js";
 export * from "./connection.js";
 export * from "./client.js";
 export * from "./audio.js";
+export * from "./images.js";
