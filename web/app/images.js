@@ -42,7 +42,8 @@ export function imageToPatient(d, plane, col, row, index) {
 
 export class ImageViewer {
   /** `app`: {announce(text), alertText(text), nameOf(memberId), grants() (a Set),
-   * ownRoom() (true while the client is in the room its token is for)}. */
+   * ownRoom() (true while the room the client is in answers its HTTP requests: its token's
+   * room, or one it was moved into with an access credential)}. */
   constructor(app) {
     this.app = app;
     this.client = null;

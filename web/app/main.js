@@ -346,6 +346,13 @@ function enterRoom(text) {
   show("room", text ?? `You are in the session. ${others === 0 ? "Nobody else is here yet." : `${others} other ${others === 1 ? "person is" : "people are"} here.`}`);
 }
 
+/** Whether the room the client is in now answers its HTTP requests (models, images): the
+ * join token's own room, or another one the member was moved into with an access credential. */
+function hasRoomAccess() {
+  const c = app.client;
+  return c !== null && c !== undefined && (c.room === app.claims?.room || c.roomAccess !== null);
+}
+
 function applyGrants() {
   const g = app.grants;
   $("host-lobby").hidden = !g.has("moderate");
@@ -354,8 +361,9 @@ function applyGrants() {
   $("asset-upload").hidden = !g.has("upload_assets");
   $("asset-upload").previousElementSibling.hidden = !g.has("upload_assets");
   $("annotate").hidden = !g.has("annotate");
-  // The asset API takes the token of its room: after a move to another room there is none.
-  const ownRoom = app.client?.room === app.claims.room;
+  // The asset API takes the token of its room, or after a move the room access credential
+  // the server gave with it (a server without one leaves the moved member none).
+  const ownRoom = hasRoomAccess();
   if (ownRoom && (g.has("manipulate_objects") || g.has("upload_assets"))) refreshAssets();
   $("model-add").hidden ||= !ownRoom;
   renderModels();
@@ -1098,8 +1106,8 @@ function boot() {
     alertText,
     nameOf: (id) => (app.client ? nameOf(id) : `Member ${id}`),
     grants: () => app.grants,
-    // The HTTP API takes the token of its room: after a move to another room there is none.
-    ownRoom: () => app.client !== null && app.client.room === app.claims?.room,
+    // The HTTP API takes the token of its room, or the credential of the last move.
+    ownRoom: hasRoomAccess,
   };
   app.images = new ImageViewer(parts);
   app.clinic = new ClinicControls(parts);
