@@ -286,10 +286,15 @@ async def test_removal_by_uploader_or_host_only(srv: ServerProcess, data_dir: st
 
 
 async def test_uploads_do_not_disturb_the_room(srv: ServerProcess) -> None:
-    """A member keeps its full state rate while others upload good and bad models."""
+    """A member keeps its state rate while others upload good and bad models."""
     async with connect(srv.url, "busy", "Dr A", token=tok(room="busy")) as member:
         member.send_pose(head=Pose((0, 1.6, 0)))
         await wait_for(lambda: member.frames_received > 5)
+        # The rate before the uploads, measured the same way in the same run (a busy shared
+        # machine may hold the test's own process below 30 Hz).
+        n0, t0 = member.frames_received, time.monotonic()
+        await asyncio.sleep(1.5)
+        before = (member.frames_received - n0) / (time.monotonic() - t0)
         n0, t0 = member.frames_received, time.monotonic()
         client = AssetClient(srv.http, "busy", tok(room="busy"))
         try:
@@ -301,7 +306,7 @@ async def test_uploads_do_not_disturb_the_room(srv: ServerProcess) -> None:
             await client.close()
         await asyncio.sleep(max(0.0, 1.0 - (time.monotonic() - t0)))
         rate = (member.frames_received - n0) / (time.monotonic() - t0)
-        assert rate > 25, rate
+        assert rate > 0.8 * before and rate > 10, (before, rate)
 
 
 async def get_json(srv: ServerProcess, path: str, token: str) -> tuple[int, dict]:

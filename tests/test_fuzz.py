@@ -320,22 +320,31 @@ async def test_live_hostile_flood_leaves_good_members_at_rate() -> None:
     with run_server(auth_secret=secret) as srv:
         good = [connect(srv.url, room=ROOM, name="g", token=tok(f"good{i}")) for i in range(3)]
         await asyncio.gather(*(g.start() for g in good))
-        try:
-            flood = asyncio.ensure_future(attack(srv.url, tok("attacker"), 3.0, seed=7))
-            await asyncio.sleep(0.5)
+
+        async def rates(seconds: float) -> list[float]:
+            """State frames a second each good member receives while all of them move."""
             f0 = [g.frames_received for g in good]
             t0 = time.monotonic()
-            while time.monotonic() - t0 < 2.0:
+            while time.monotonic() - t0 < seconds:
                 for i, g in enumerate(good):
                     g.send_pose(head=Pose((float(i), 1.6, 0.0)))
                 await asyncio.sleep(1 / 30)
-            rates = [
+            return [
                 (g.frames_received - a) / (time.monotonic() - t0)
                 for g, a in zip(good, f0, strict=True)
             ]
+
+        try:
+            # The rate without the attack, measured the same way in the same run: on a busy
+            # shared machine the test's own process may not keep 30 Hz either.
+            await rates(0.5)
+            before = await rates(2.0)
+            flood = asyncio.ensure_future(attack(srv.url, tok("attacker"), 3.0, seed=7))
+            await asyncio.sleep(0.5)
+            during = await rates(2.0)
             stats = await flood
             assert stats["sent"] > 1000
-            assert min(rates) > 25, rates
+            assert min(during) > 0.8 * min(before) and min(during) > 10, (before, during)
             assert '"status": "ok"' in srv.get("/health")
             for g in good:
                 assert g.avatars[good[0].member_id].head is not None
