@@ -250,6 +250,24 @@ class Session:
         target = s.rooms.get(room)
         if target is not None and target.member_count >= s.config.max_members_per_room:
             raise ProtocolError(ErrorCode.ROOM_FULL, f"room {room} is full")
+        self._leave_for(room, identity, by, actor, reason, notice)
+        self._enter(identity, consented=False, admit=admit)
+
+    def _leave_for(
+        self,
+        room: str,
+        identity: Identity,
+        by: str,
+        actor: str,
+        reason: str,
+        notice: Message | None,
+        **audit: object,
+    ) -> None:
+        """Our member leaves its room for ``room`` (here or on another server): audited, the
+        room left, ``notice`` then ``moved`` (with an access credential for ``room``) sent."""
+        s = self._s
+        member, old = self.member, self._room
+        assert member is not None and old is not None
         s.audit(
             "transferred",
             room=old.name,
@@ -258,6 +276,7 @@ class Session:
             member=member.id,
             to=room,
             reason=reason,
+            **audit,
         )
         log.info("member %d of room %s moved to %s by %s", member.id, old.name, room, actor)
         old.leave(member, "moved")
@@ -268,7 +287,6 @@ class Session:
         if s.room_access is not None and identity.token_id:
             access = s.room_access.issue(room, identity.subject, identity.token_id)
         self.send(Moved(room, by[:64], reason[:256], access))
-        self._enter(identity, consented=False, admit=admit)
 
     def _move_away(
         self, room: str, by: str, actor: str, reason: str, admit: bool, notice: Message | None
@@ -285,28 +303,11 @@ class Session:
         assert base is not None
         if cluster.grants is None:
             raise ProtocolError(ErrorCode.NOT_FOUND, "this server has not joined its cluster")
-        s.audit(
-            "transferred",
-            room=old.name,
-            actor=actor,
-            subject=base.subject,
-            member=member.id,
-            to=room,
-            reason=reason,
-            remote=True,
-        )
-        log.info("member %d of room %s moving to %s by %s", member.id, old.name, room, actor)
-        old.leave(member, "moved")
-        self.member = self._room = None
-        if notice is not None:
-            self.send(notice)
-        access = None
-        if s.room_access is not None and base.token_id:
-            access = s.room_access.issue(room, base.subject, base.token_id)
-        self.send(Moved(room, by[:64], reason[:256], access))
+        old_name = old.name
+        self._leave_for(room, base, by, actor, reason, notice, remote=True)
         target = replace(base, room=room)
         self._routing = asyncio.get_running_loop().create_task(
-            self._hand_over(target, admit, actor, old.name, reason)
+            self._hand_over(target, admit, actor, old_name, reason)
         )
 
     async def _hand_over(
