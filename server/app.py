@@ -46,6 +46,7 @@ from .httpauth import HttpAuth
 from .imaging import ImageService, ImageStore
 from .integrity import AssetScrub, Integrity
 from .limits import ConnectionBudget
+from .mediastore import PostgresAssetIndex, PostgresSeriesIndex
 from .metrics import Metrics, Traffic
 from .moderation import Moderation, ModerationService
 from .objects import SharedObjects
@@ -366,8 +367,25 @@ class Server:
             )
         else:
             self.audit.open(cfg.data_dir, cfg.audit_retention_days, auth=auth, **node)
-        self.assets = AssetStore(cfg.data_dir)
-        self.images = ImageStore(cfg.data_dir)
+        # Model and series files in the blob directory (shared by a cluster's servers); what
+        # rooms list, and the image viewers, where the other durable state is.
+        blobs = cfg.blob_dir or None
+        if self.database is not None and cfg.redis_url and blobs is None:
+            log.warning(
+                "model and image files are kept in this server's data directory: give the "
+                "servers of the cluster one --blob-dir on a shared volume, or a room that moves "
+                "finds its models and series listed but not their files"
+            )
+        if self.database is not None:
+            self.assets = AssetStore(
+                cfg.data_dir, blob_dir=blobs, index=PostgresAssetIndex(self.database)
+            )
+            self.images = ImageStore(
+                cfg.data_dir, blob_dir=blobs, index=PostgresSeriesIndex(self.database)
+            )
+        else:
+            self.assets = AssetStore(cfg.data_dir, blob_dir=blobs)
+            self.images = ImageStore(cfg.data_dir, blob_dir=blobs)
         context = ServerContext(
             cfg,
             self.metrics.registry,
@@ -517,7 +535,8 @@ class Server:
             }
         body.update(self.metrics.totals())
         if self.assets is not None:
-            files, size = self.assets.totals()
+            # A database round trip in a cluster: never on the event loop.
+            files, size = await asyncio.to_thread(self.assets.totals)
             body["assets"] = {"files": files, "bytes": size}
         for plugin in self.plugins:
             body.update(plugin.health())

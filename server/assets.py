@@ -28,7 +28,7 @@ import logging
 import mmap
 import os
 import re
-import sqlite3
+import socket
 import tempfile
 import threading
 import time
@@ -45,6 +45,7 @@ from .auth import Identity
 from .gltf import InvalidAsset, ModelInfo, pack_gltf, validate_glb
 from .httpauth import HttpAuth, UploadSlots, http_error
 from .httpfiles import byte_range, immutable_headers, not_modified
+from .mediastore import AssetIndex, AssetRow, SQLiteAssetIndex
 
 log = logging.getLogger("medverse.assets")
 
@@ -74,61 +75,46 @@ class AssetInfo:
 
 
 class AssetStore:
-    """Blobs under ``<data_dir>/assets/`` named by hash, metadata in SQLite.
+    """Model files under ``<blob_dir>/assets/`` named by hash; what rooms list in an
+    :class:`~.mediastore.AssetIndex` (by default SQLite in ``<data_dir>/assets/``; PostgreSQL
+    in a cluster, whose servers then share the blob directory on a common volume).
 
     The interface (``info``, ``list``, ``add``, ``remove``, ``blob_path``) is all the server
-    uses, so another backend (object storage and PostgreSQL) can replace this one.
+    uses. Every method that reads the index is blocking (a database round trip on
+    PostgreSQL): the server calls them from threads, except :meth:`cached_nodes`.
     """
 
-    def __init__(self, data_dir: str | Path) -> None:
-        self.root = Path(data_dir) / "assets"
+    def __init__(
+        self,
+        data_dir: str | Path,
+        *,
+        blob_dir: str | Path | None = None,
+        index: AssetIndex | None = None,
+    ) -> None:
+        self.root = Path(blob_dir or data_dir) / "assets"
         self.root.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.root / "incoming"
-        self.tmp.mkdir(exist_ok=True)
-        for stale in self.tmp.iterdir():  # uploads cut short by a crash
+        self.tmp = staging_dir(self.root, data_dir, blob_dir)
+        for stale in self.tmp.iterdir():  # uploads cut short by a crash (this server's)
             with contextlib.suppress(OSError):
                 stale.unlink()
         # sha256 -> (size, mtime, ctime, inode) of the file when it was last hashed, and what
         # was found (None: intact, else why not).
         self._checked: dict[str, tuple[tuple[int, int, int, int], str | None]] = {}
         self._checked_lock = threading.Lock()
-        # Writes run in a worker thread (they fsync); one lock serializes every use.
-        self._db = sqlite3.connect(
-            self.root / "assets.sqlite3", isolation_level=None, check_same_thread=False
-        )
-        self._lock = threading.Lock()
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(
-            """
-            CREATE TABLE IF NOT EXISTS blobs (
-                sha256 TEXT PRIMARY KEY, size INTEGER NOT NULL, model TEXT NOT NULL,
-                stored_at REAL NOT NULL);
-            CREATE TABLE IF NOT EXISTS room_assets (
-                room TEXT NOT NULL, sha256 TEXT NOT NULL REFERENCES blobs(sha256),
-                name TEXT NOT NULL, uploader TEXT NOT NULL, uploader_subject TEXT NOT NULL,
-                uploaded_at REAL NOT NULL, PRIMARY KEY (room, sha256));
-            """
-        )
-        # Whether ``uploader`` is a pseudonym (uploaded in a pseudonymous room), so a real name
-        # is never shown in one; databases from before the column hold real names only.
-        columns = {r[1] for r in self._db.execute("PRAGMA table_info(room_assets)")}
-        if "pseudonymous" not in columns:
-            self._db.execute(
-                "ALTER TABLE room_assets ADD COLUMN pseudonymous INTEGER NOT NULL DEFAULT 0"
-            )
+        #: The named nodes of each model seen (fixed by its content, so never stale): what a
+        #: view-state change is checked against without a database round trip.
+        self._nodes: dict[str, tuple[str, ...]] = {}
+        self.index: AssetIndex = index if index is not None else SQLiteAssetIndex(data_dir)
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self.index.close()
 
     def blob_path(self, sha256: str) -> Path:
         return self.root / sha256[:2] / f"{sha256}.glb"
 
     def blob_hashes(self) -> list[str]:
         """Every stored file's hash (what a scrub checks)."""
-        with self._lock:
-            return [r[0] for r in self._db.execute("SELECT sha256 FROM blobs ORDER BY sha256")]
+        return self.index.blob_hashes()
 
     def check(
         self,
@@ -143,7 +129,7 @@ class AssetStore:
         inode (``reread`` hashes it anyway: bit rot changes none of them). ``pause(n)`` is
         called after each chunk of ``n`` bytes read (to pace a background pass); it returns
         False to stop, and the check then answers None without remembering anything."""
-        size = self._stored_size(sha256)
+        size = self.index.stored_size(sha256)
         if size is None:
             return None  # not stored (any more): nothing to vouch for
         path = self.blob_path(sha256)
@@ -151,7 +137,7 @@ class AssetStore:
             st = path.stat()
         except FileNotFoundError:
             # Removed from its last room meanwhile (the row goes before the file), or lost.
-            return None if self._stored_size(sha256) is None else "the file is missing"
+            return None if self.index.stored_size(sha256) is None else "the file is missing"
         if st.st_size != size:
             return f"the file has {st.st_size} bytes, not {size}"
         key = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
@@ -167,16 +153,11 @@ class AssetStore:
                     if pause is not None and not pause(len(chunk)):
                         return None
         except FileNotFoundError:
-            return None if self._stored_size(sha256) is None else "the file is missing"
+            return None if self.index.stored_size(sha256) is None else "the file is missing"
         reason = None if digest.hexdigest() == sha256 else "its content differs from its SHA-256"
         with self._checked_lock:
             self._checked[sha256] = (key, reason)
         return reason
-
-    def _stored_size(self, sha256: str) -> int | None:
-        with self._lock:
-            row = self._db.execute("SELECT size FROM blobs WHERE sha256 = ?", (sha256,)).fetchone()
-        return None if row is None else int(row[0])
 
     def _hashed(self, sha256: str, path: Path) -> None:
         """Remember that ``path`` was just written with content hashing to ``sha256``."""
@@ -184,41 +165,32 @@ class AssetStore:
         with self._checked_lock:
             self._checked[sha256] = ((st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino), None)
 
+    def _info(self, row: AssetRow, pseudonymous: bool) -> AssetInfo:
+        info = _row_info(row, pseudonymous)
+        self._nodes[info.sha256] = info.nodes
+        return info
+
     def info(self, room: str, sha256: str, *, pseudonymous: bool = False) -> AssetInfo | None:
         """The asset ``sha256`` as listed in ``room`` (None if it was never uploaded there);
         ``pseudonymous``: the room shows pseudonyms only, so a real name never appears."""
-        with self._lock:
-            row = self._db.execute(
-                "SELECT r.sha256, r.name, b.size, r.uploader, r.uploaded_at, b.model, "
-                "r.pseudonymous FROM room_assets r JOIN blobs b USING (sha256) "
-                "WHERE r.room = ? AND r.sha256 = ?",
-                (room, sha256),
-            ).fetchone()
-        return _row_info(row, pseudonymous) if row else None
+        row = self.index.info(room, sha256)
+        return self._info(row, pseudonymous) if row else None
 
     def list(self, room: str, *, pseudonymous: bool = False) -> list[AssetInfo]:
         """Every asset listed in ``room``, oldest first (``pseudonymous`` as in :meth:`info`)."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT r.sha256, r.name, b.size, r.uploader, r.uploaded_at, b.model, "
-                "r.pseudonymous FROM room_assets r JOIN blobs b USING (sha256) WHERE r.room = ? "
-                "ORDER BY r.uploaded_at, r.sha256",
-                (room,),
-            ).fetchall()
-        return [_row_info(r, pseudonymous) for r in rows]
+        return [self._info(r, pseudonymous) for r in self.index.list(room)]
+
+    def cached_nodes(self, sha256: str) -> tuple[str, ...] | None:
+        """The model's named nodes if this server has seen its listing (never blocks)."""
+        return self._nodes.get(sha256)
 
     def totals(self) -> tuple[int, int]:
         """How many files are stored and their bytes (each stored once, whatever the number
         of rooms that list it)."""
-        with self._lock:
-            row = self._db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM blobs")
-            files, size = row.fetchone()
-        return int(files), int(size)
+        return self.index.totals()
 
     def count(self, room: str) -> int:
-        with self._lock:
-            row = self._db.execute("SELECT COUNT(*) FROM room_assets WHERE room = ?", (room,))
-            return int(row.fetchone()[0])
+        return self.index.count(room)
 
     def add(
         self,
@@ -254,50 +226,46 @@ class AssetStore:
         meta = json.dumps(
             {"nodes": list(model.nodes), "generator": model.generator, "meshes": model.meshes}
         )
-        with self._lock, self._db:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute(
-                "INSERT OR IGNORE INTO blobs VALUES (?, ?, ?, ?)", (sha256, size, meta, now)
-            )
-            shown = pseudonym_of(identity) if pseudonymous else identity.name
-            cur = self._db.execute(
-                "INSERT OR IGNORE INTO room_assets (room, sha256, name, uploader, "
-                "uploader_subject, uploaded_at, pseudonymous) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (room, sha256, name, shown, identity.subject, now, int(pseudonymous)),
-            )
-            new = cur.rowcount == 1
-        info = self.info(room, sha256, pseudonymous=pseudonymous)
-        assert info is not None
-        return info, new
+        shown = pseudonym_of(identity) if pseudonymous else identity.name
+        new = self.index.add(
+            room, sha256, size, meta, name, shown, identity.subject, now, pseudonymous
+        )
+        # New to the room: it is listed as just written (no second round trip); else as the
+        # room lists it already (its first name and uploader).
+        row = (
+            (sha256, name, size, shown, now, meta, int(pseudonymous))
+            if new
+            else self.index.info(room, sha256)
+        )
+        assert row is not None
+        return self._info(row, pseudonymous), new
 
     def remove(self, room: str, sha256: str) -> bool:
         """Unlist an asset from a room; its bytes go when no room lists them any more."""
-        with self._lock, self._db:
-            self._db.execute("BEGIN IMMEDIATE")
-            cur = self._db.execute(
-                "DELETE FROM room_assets WHERE room = ? AND sha256 = ?", (room, sha256)
-            )
-            if cur.rowcount == 0:
-                return False
-            left = self._db.execute(
-                "SELECT COUNT(*) FROM room_assets WHERE sha256 = ?", (sha256,)
-            ).fetchone()[0]
-            if left == 0:
-                self._db.execute("DELETE FROM blobs WHERE sha256 = ?", (sha256,))
-        if left == 0:
+        removed, last = self.index.remove(room, sha256)
+        if last:
             with contextlib.suppress(FileNotFoundError):
                 self.blob_path(sha256).unlink()
             with self._checked_lock:
                 self._checked.pop(sha256, None)
-        return True
+        return removed
 
     def uploader_subject(self, room: str, sha256: str) -> str | None:
-        with self._lock:
-            row = self._db.execute(
-                "SELECT uploader_subject FROM room_assets WHERE room = ? AND sha256 = ?",
-                (room, sha256),
-            ).fetchone()
-        return row[0] if row else None
+        return self.index.uploader_subject(room, sha256)
+
+
+def staging_dir(root: Path, data_dir: str | Path, blob_dir: str | Path | None) -> Path:
+    """Where this server stages uploads under ``root`` (on the blob directory's file system,
+    so a finished upload is moved into place atomically): ``root/incoming`` when the blobs are
+    in the data directory, else a folder of this server's own in there (named after its host
+    and data directory), so a server clearing what a crash left never takes another server's
+    upload in progress on a shared volume."""
+    tmp = root / "incoming"
+    if blob_dir and Path(blob_dir).resolve() != Path(data_dir).resolve():
+        who = f"{socket.gethostname()}\0{Path(data_dir).resolve()}".encode()
+        tmp = tmp / hashlib.sha256(who).hexdigest()[:16]
+    tmp.mkdir(parents=True, exist_ok=True)
+    return tmp
 
 
 #: How an uploader without a pseudonym appears in a pseudonymous room over HTTP (the room's
@@ -310,7 +278,7 @@ def pseudonym_of(identity: Identity) -> str:
     return identity.pseudonym or ANONYMOUS_UPLOADER
 
 
-def _row_info(row: tuple[Any, ...], pseudonymous: bool) -> AssetInfo:
+def _row_info(row: AssetRow, pseudonymous: bool) -> AssetInfo:
     model = json.loads(row[5])
     # A name stored as a real name (uploaded while the room was not pseudonymous) is not shown
     # in a room that is now.
@@ -387,30 +355,34 @@ class AssetService:
             raise http_error(ProtocolError(ErrorCode.SESSION_ENDED, "this session has ended"))
         return room, identity
 
-    def _lookup(self, request: web.Request) -> tuple[str, Identity, AssetInfo]:
+    async def _lookup(self, request: web.Request) -> tuple[str, Identity, AssetInfo]:
         room, identity = self._member(request)
         sha = request.match_info["sha256"]
         pseudonymous = self._pseudonymous(room)
-        info = (
-            self.store.info(room, sha, pseudonymous=pseudonymous) if SHA256_RE.match(sha) else None
-        )
+        info = None
+        if SHA256_RE.match(sha):
+            # The index may be a database round trip away: never on the event loop.
+            info = await asyncio.to_thread(self.store.info, room, sha, pseudonymous=pseudonymous)
         if info is None:
             raise http_error(ProtocolError(ErrorCode.NOT_FOUND, "no such asset in this room"))
         return room, identity, info
 
     async def listing(self, request: web.Request) -> web.Response:
         room, _ = self._member(request)
-        assets = self.store.list(room, pseudonymous=self._pseudonymous(room))
+        assets = await asyncio.to_thread(
+            self.store.list, room, pseudonymous=self._pseudonymous(room)
+        )
         return web.json_response({"assets": [a.to_json() for a in assets]})
 
     async def metadata(self, request: web.Request) -> web.Response:
-        _, _, info = self._lookup(request)
+        _, _, info = await self._lookup(request)
         return web.json_response(info.to_json())
 
     async def delete(self, request: web.Request) -> web.Response:
-        room, identity, info = self._lookup(request)
+        room, identity, info = await self._lookup(request)
         if not identity.can("moderate") and (
-            self.store.uploader_subject(room, info.sha256) != identity.subject
+            await asyncio.to_thread(self.store.uploader_subject, room, info.sha256)
+            != identity.subject
         ):
             raise http_error(
                 ProtocolError(ErrorCode.FORBIDDEN, "only the uploader or a host may remove it")
@@ -442,7 +414,7 @@ class AssetService:
             )
 
     async def download(self, request: web.Request) -> web.StreamResponse:
-        _, _, info = self._lookup(request)
+        _, _, info = await self._lookup(request)
         path = self.store.blob_path(info.sha256)
         etag = f'"{info.sha256}"'
         headers = immutable_headers(etag, "model/gltf-binary")
@@ -483,7 +455,7 @@ class AssetService:
             raise http_error(
                 ProtocolError(ErrorCode.OVERSIZED, f"assets are limited to {self.max_bytes} bytes")
             )
-        if self.store.count(room) >= self.max_per_room:
+        if await asyncio.to_thread(self.store.count, room) >= self.max_per_room:
             raise http_error(ProtocolError(ErrorCode.ROOM_FULL, "this room has its maximum assets"))
         addr = self._uploads.take(request)
         staged: Path | None = None

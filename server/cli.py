@@ -229,6 +229,9 @@ def _workers(cfg: ServerConfig, count: int) -> int:
             for name in (KEY_FILE, PUBLIC_KEY_FILE):
                 if not (node_dir / name).exists():
                     shutil.copy2(Path(cfg.data_dir) / name, node_dir / name)
+        # One index of models and series in the database: one folder of their files too.
+        if not cfg.blob_dir:
+            env["MEDVERSE_BLOB_DIR"] = str(Path(cfg.data_dir).resolve())
     procs = []
     for i in range(n):
         child = dict(env)
@@ -622,20 +625,19 @@ def check_listen(cfg: ServerConfig) -> None:
         raise CommandError(_bind_error(cfg, exc)) from None
 
 
-def prepare_data_dir(path: str) -> Path:
-    """The data directory, created if missing and checked to be a writable folder (a clear
-    error now rather than a traceback from the first file the server writes there)."""
+def prepare_data_dir(path: str, what: str = "data_dir") -> Path:
+    """The data directory (or ``what`` another folder the server writes to), created if
+    missing and checked to be a writable folder (a clear error now rather than a traceback
+    from the first file the server writes there)."""
     p = Path(path)
     if p.exists() and not p.is_dir():
-        raise CommandError(f"data_dir {p.resolve()}: exists and is not a folder")
+        raise CommandError(f"{what} {p.resolve()}: exists and is not a folder")
     try:
         p.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=p):
             pass
     except OSError as exc:
-        raise CommandError(
-            f"data_dir {p.resolve()}: cannot write there ({one_line(exc)})"
-        ) from None
+        raise CommandError(f"{what} {p.resolve()}: cannot write there ({one_line(exc)})") from None
     return p
 
 
@@ -653,6 +655,8 @@ def serve(cfg: ServerConfig, app: web.Application | None = None) -> None:
     # Everything that can be checked before the server opens or creates anything is.
     check_listen(cfg)
     prepare_data_dir(cfg.data_dir)
+    if cfg.blob_dir:
+        prepare_data_dir(cfg.blob_dir, "blob_dir")
     ssl_ctx = _tls_context(cfg) if cfg.tls_cert else None
     run_loop(_serve(cfg, app if app is not None else create_app(cfg), ssl_ctx))
 

@@ -55,10 +55,15 @@ class ServerConfig:
     #: Where the server keeps what must survive a restart (the generated token secret, the
     #: audit log, shared objects and annotations).
     data_dir: str = "medverse-data"
-    #: PostgreSQL for the durable state (objects, annotations, bans, the audit log), shared by
-    #: every server of a cluster: ``postgresql://user:password@host:5432/medverse``. Empty:
-    #: SQLite files in the data directory. Model files stay in the data directory either way.
+    #: PostgreSQL for the durable state (objects, annotations, bans, the audit log, the models
+    #: and image series rooms list, image viewers), shared by every server of a cluster:
+    #: ``postgresql://user:password@host:5432/medverse``. Empty: SQLite files in the data
+    #: directory. The files themselves are in ``blob_dir`` either way.
     database_url: str = ""
+    #: Where uploaded model and image series files are kept, content-addressed (``assets/``
+    #: and ``images/`` in it). Empty: the data directory. Servers of a cluster sharing
+    #: ``database_url`` give one folder on a volume each can read and write (NFS or similar).
+    blob_dir: str = ""
     #: HS256 secret for join tokens (at least 32 bytes). Empty: a secret is generated in the
     #: data directory on first start (unless a public key is given or auth is off).
     auth_secret: str = ""

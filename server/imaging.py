@@ -34,10 +34,8 @@ import json
 import logging
 import os
 import re
-import sqlite3
 import struct
 import tempfile
-import threading
 import time
 import zipfile
 import zlib
@@ -53,7 +51,7 @@ from aiohttp import BodyPartReader, web
 from medverse.protocol.errors import ErrorCode, ProtocolError
 from medverse.protocol.images import SeriesListing
 
-from .assets import SHA256_RE, _fsync_dir, pseudonym_of
+from .assets import SHA256_RE, _fsync_dir, pseudonym_of, staging_dir
 from .auth import Identity
 from .dicom import (
     Geometry,
@@ -66,6 +64,7 @@ from .dicom import (
 )
 from .httpauth import HttpAuth, UploadSlots, http_error
 from .httpfiles import byte_range, immutable_headers, not_modified
+from .mediastore import SeriesIndex, SeriesRow, SQLiteSeriesIndex, ViewerState
 
 log = logging.getLogger("medverse.images")
 
@@ -255,56 +254,35 @@ def image_key(sha256: str, plane: str, index: int, center: float, width: float) 
 
 
 class ImageStore:
-    """Series files under ``<data_dir>/images/`` named by hash, listings, viewer panels and
-    measurements in SQLite (``images.sqlite3``, WAL, ``synchronous=FULL``)."""
+    """Series files under ``<blob_dir>/images/`` named by hash; listings, viewer panels and
+    measurements in a :class:`~.mediastore.SeriesIndex` (by default SQLite,
+    ``<data_dir>/images/images.sqlite3``; PostgreSQL in a cluster, whose servers then share
+    the blob directory). Methods that read or write the index are blocking (a database round
+    trip on PostgreSQL): the server calls them from threads."""
 
-    def __init__(self, data_dir: str | Path) -> None:
-        self.root = Path(data_dir) / "images"
+    def __init__(
+        self,
+        data_dir: str | Path,
+        *,
+        blob_dir: str | Path | None = None,
+        index: SeriesIndex | None = None,
+    ) -> None:
+        self.root = Path(blob_dir or data_dir) / "images"
         self.root.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.root / "incoming"
-        self.tmp.mkdir(exist_ok=True)
+        self.tmp = staging_dir(self.root, data_dir, blob_dir)
         for stale in self.tmp.iterdir():
             with contextlib.suppress(OSError):
                 stale.unlink()
-        key_file = self.root / "uid_key"
-        if not key_file.exists():
-            fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(os.urandom(32))
         #: The key UIDs are remapped with (with the room name), so a room's de-identified
-        #: series keep their shared frames of reference across uploads and restarts.
-        self.uid_key = key_file.read_bytes()
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(
-            self.root / "images.sqlite3", isolation_level=None, check_same_thread=False
-        )
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(
-            """
-            CREATE TABLE IF NOT EXISTS series_blobs (
-                sha256 TEXT PRIMARY KEY, size INTEGER NOT NULL, stored_at REAL NOT NULL);
-            CREATE TABLE IF NOT EXISTS room_series (
-                room TEXT NOT NULL, sha256 TEXT NOT NULL, name TEXT NOT NULL,
-                uploader TEXT NOT NULL, uploader_subject TEXT NOT NULL, uploaded_at REAL NOT NULL,
-                meta TEXT NOT NULL, PRIMARY KEY (room, sha256));
-            CREATE TABLE IF NOT EXISTS panels (
-                room TEXT NOT NULL, id INTEGER NOT NULL, state TEXT NOT NULL,
-                PRIMARY KEY (room, id));
-            CREATE TABLE IF NOT EXISTS measurements (
-                room TEXT NOT NULL, id INTEGER NOT NULL, state TEXT NOT NULL,
-                PRIMARY KEY (room, id));
-            CREATE TABLE IF NOT EXISTS counters (
-                room TEXT PRIMARY KEY, next_panel INTEGER NOT NULL,
-                next_measurement INTEGER NOT NULL, seq INTEGER NOT NULL);
-            """
-        )
+        #: series keep their shared frames of reference across uploads, restarts and the
+        #: servers sharing the blob directory.
+        self.uid_key = _shared_key(self.root / "uid_key", Path(data_dir) / "images" / "uid_key")
+        self.index: SeriesIndex = index if index is not None else SQLiteSeriesIndex(data_dir)
         self._volumes: dict[str, Volume] = {}
         self._checked: dict[str, tuple[tuple[int, int, int, int], str | None]] = {}
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self.index.close()
         self._volumes.clear()
 
     def blob_path(self, sha256: str) -> Path:
@@ -341,75 +319,34 @@ class ImageStore:
             staged.unlink()
         now = time.time()
         shown = pseudonym_of(identity) if pseudonymous else identity.name
-        with self._lock, self._db:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute(
-                "INSERT OR IGNORE INTO series_blobs VALUES (?, ?, ?)", (sha256, size, now)
-            )
-            cur = self._db.execute(
-                "INSERT OR IGNORE INTO room_series VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (room, sha256, name, shown, identity.subject, now, json.dumps(meta)),
-            )
-            new = cur.rowcount == 1
-        listing = self.listing(room, sha256)
-        assert listing is not None
-        return listing, new
+        text = json.dumps(meta)
+        new = self.index.add(room, sha256, size, name, shown, identity.subject, now, text)
+        # New to the room: listed as just written (no second round trip).
+        row = (sha256, name, size, shown, now, text) if new else self.index.listing(room, sha256)
+        assert row is not None
+        return _listing(row), new
 
     def listing(self, room: str, sha256: str) -> SeriesListing | None:
-        with self._lock:
-            row = self._db.execute(
-                "SELECT r.sha256, r.name, b.size, r.uploader, r.uploaded_at, r.meta "
-                "FROM room_series r JOIN series_blobs b USING (sha256) "
-                "WHERE r.room = ? AND r.sha256 = ?",
-                (room, sha256),
-            ).fetchone()
+        row = self.index.listing(room, sha256)
         return _listing(row) if row else None
 
     def listings(self, room: str) -> list[SeriesListing]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT r.sha256, r.name, b.size, r.uploader, r.uploaded_at, r.meta "
-                "FROM room_series r JOIN series_blobs b USING (sha256) WHERE r.room = ? "
-                "ORDER BY r.uploaded_at, r.sha256",
-                (room,),
-            ).fetchall()
-        return [_listing(r) for r in rows]
+        return [_listing(r) for r in self.index.listings(room)]
 
     def count(self, room: str) -> int:
-        with self._lock:
-            return int(
-                self._db.execute(
-                    "SELECT COUNT(*) FROM room_series WHERE room = ?", (room,)
-                ).fetchone()[0]
-            )
+        return self.index.count(room)
 
     def uploader_subject(self, room: str, sha256: str) -> str | None:
-        with self._lock:
-            row = self._db.execute(
-                "SELECT uploader_subject FROM room_series WHERE room = ? AND sha256 = ?",
-                (room, sha256),
-            ).fetchone()
-        return row[0] if row else None
+        return self.index.uploader_subject(room, sha256)
 
     def remove(self, room: str, sha256: str) -> bool:
-        with self._lock, self._db:
-            self._db.execute("BEGIN IMMEDIATE")
-            cur = self._db.execute(
-                "DELETE FROM room_series WHERE room = ? AND sha256 = ?", (room, sha256)
-            )
-            if cur.rowcount == 0:
-                return False
-            left = self._db.execute(
-                "SELECT COUNT(*) FROM room_series WHERE sha256 = ?", (sha256,)
-            ).fetchone()[0]
-            if left == 0:
-                self._db.execute("DELETE FROM series_blobs WHERE sha256 = ?", (sha256,))
-        if left == 0:
+        removed, last = self.index.remove(room, sha256)
+        if last:
             self._volumes.pop(sha256, None)
             self._checked.pop(sha256, None)
             with contextlib.suppress(FileNotFoundError):
                 self.blob_path(sha256).unlink()
-        return True
+        return removed
 
     def check(self, sha256: str) -> str | None:
         """None if the stored file still hashes to its name, else why not (hashed once per
@@ -454,75 +391,53 @@ class ImageStore:
 
     # ----------------------------------------------------------------- viewer state
 
-    def load_viewer(
-        self, room: str
-    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int, int, int]:
+    def load_viewer(self, room: str) -> ViewerState:
         """(panels, measurements, next panel id, next measurement id, seq) of ``room``."""
-        with self._lock:
-            panels = [
-                json.loads(r[0])
-                for r in self._db.execute(
-                    "SELECT state FROM panels WHERE room = ? ORDER BY id", (room,)
-                )
-            ]
-            measurements = [
-                json.loads(r[0])
-                for r in self._db.execute(
-                    "SELECT state FROM measurements WHERE room = ? ORDER BY id", (room,)
-                )
-            ]
-            row = self._db.execute(
-                "SELECT next_panel, next_measurement, seq FROM counters WHERE room = ?", (room,)
-            ).fetchone()
-        if row is None:
-            return panels, measurements, 1, 1, 0
-        return panels, measurements, int(row[0]), int(row[1]), int(row[2])
+        return self.index.load_viewer(room)
 
     def put_panels(
         self, room: str, panels: list[dict[str, Any]], next_panel: int, next_m: int, seq: int
     ) -> None:
-        with self._lock, self._db:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.executemany(
-                "INSERT OR REPLACE INTO panels VALUES (?, ?, ?)",
-                [(room, p["panel_id"], json.dumps(p)) for p in panels],
-            )
-            self._counters(room, next_panel, next_m, seq)
+        self.index.put_panels(room, panels, next_panel, next_m, seq)
 
     def delete_panel(
         self, room: str, panel_id: int, next_panel: int, next_m: int, seq: int
     ) -> None:
-        with self._lock, self._db:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute("DELETE FROM panels WHERE room = ? AND id = ?", (room, panel_id))
-            self._counters(room, next_panel, next_m, seq)
+        self.index.delete_panel(room, panel_id, next_panel, next_m, seq)
 
     def put_measurement(
         self, room: str, m: dict[str, Any], next_panel: int, next_m: int, seq: int
     ) -> None:
-        with self._lock, self._db:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute(
-                "INSERT OR REPLACE INTO measurements VALUES (?, ?, ?)",
-                (room, m["measurement_id"], json.dumps(m)),
-            )
-            self._counters(room, next_panel, next_m, seq)
+        self.index.put_measurement(room, m, next_panel, next_m, seq)
 
     def delete_measurement(
         self, room: str, mid: int, next_panel: int, next_m: int, seq: int
     ) -> None:
-        with self._lock, self._db:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute("DELETE FROM measurements WHERE room = ? AND id = ?", (room, mid))
-            self._counters(room, next_panel, next_m, seq)
-
-    def _counters(self, room: str, next_panel: int, next_m: int, seq: int) -> None:
-        self._db.execute(
-            "INSERT OR REPLACE INTO counters VALUES (?, ?, ?, ?)", (room, next_panel, next_m, seq)
-        )
+        self.index.delete_measurement(room, mid, next_panel, next_m, seq)
 
 
-def _listing(row: tuple[Any, ...]) -> SeriesListing:
+def _shared_key(path: Path, seed: Path) -> bytes:
+    """The 32-byte key in ``path``, made on first use: a copy of ``seed`` if that exists (the
+    data directory's key, from before the blob directory moved), else random. Made whole in a
+    file of its own and linked into place, so servers starting at once on a shared blob
+    directory all end up with the one key that won (never a half-written one)."""
+    if not path.exists():
+        key = seed.read_bytes() if seed != path and seed.is_file() else os.urandom(32)
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=".uid_key-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(key)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(name, 0o600)
+            with contextlib.suppress(FileExistsError):
+                os.link(name, path)
+        finally:
+            os.unlink(name)
+    return path.read_bytes()
+
+
+def _listing(row: SeriesRow) -> SeriesListing:
     meta = json.loads(row[5])
     return SeriesListing(
         row[0],
@@ -690,10 +605,13 @@ class ImageService:
             raise http_error(ProtocolError(ErrorCode.SESSION_ENDED, "this session has ended"))
         return room, identity
 
-    def _lookup(self, request: web.Request) -> tuple[str, Identity, SeriesListing]:
+    async def _lookup(self, request: web.Request) -> tuple[str, Identity, SeriesListing]:
         room, identity = self._member(request)
         sha = request.match_info["sha256"]
-        listing = self.store.listing(room, sha) if SHA256_RE.match(sha) else None
+        listing = None
+        if SHA256_RE.match(sha):
+            # The index may be a database round trip away: never on the event loop.
+            listing = await asyncio.to_thread(self.store.listing, room, sha)
         if listing is None:
             raise http_error(ProtocolError(ErrorCode.NOT_FOUND, "no such series in this room"))
         return room, identity, listing
@@ -730,32 +648,31 @@ class ImageService:
 
     async def listing(self, request: web.Request) -> web.Response:
         room, _ = self._member(request)
-        return web.json_response({"series": [s.to_json() for s in self.store.listings(room)]})
+        listings = await asyncio.to_thread(self.store.listings, room)
+        return web.json_response({"series": [s.to_json() for s in listings]})
 
     async def descriptor(self, request: web.Request) -> web.Response:
-        _, _, listing = self._lookup(request)
+        _, _, listing = await self._lookup(request)
         vol = await self.open(listing.sha256)
         return web.json_response({**listing.to_json(), **vol.header()})
 
     async def delete(self, request: web.Request) -> web.Response:
-        room, identity, listing = self._lookup(request)
+        room, identity, listing = await self._lookup(request)
         if not identity.can("moderate") and (
-            self.store.uploader_subject(room, listing.sha256) != identity.subject
+            await asyncio.to_thread(self.store.uploader_subject, room, listing.sha256)
+            != identity.subject
         ):
             raise http_error(
                 ProtocolError(ErrorCode.FORBIDDEN, "only the uploader or a host may remove it")
             )
         await asyncio.to_thread(self.store.remove, room, listing.sha256)
-        if (
-            self.store.listing(room, listing.sha256) is None
-            and not self.store.blob_path(listing.sha256).exists()
-        ):
+        if not self.store.blob_path(listing.sha256).exists():  # no room lists it any more
             self.cache.drop(listing.sha256)
         self._audit("series_removed", room=room, actor=identity.subject, subject=listing.sha256)
         return web.json_response({"removed": listing.sha256})
 
     async def image(self, request: web.Request) -> web.StreamResponse:
-        _, _, listing = self._lookup(request)
+        _, _, listing = await self._lookup(request)
         plane = request.match_info["plane"]
         if plane not in PLANES:
             raise http_error(
@@ -825,7 +742,7 @@ class ImageService:
             )
         if request.content_length is not None and request.content_length > self.max_bytes:
             raise self._too_big()
-        if self.store.count(room) >= self.max_per_room:
+        if await asyncio.to_thread(self.store.count, room) >= self.max_per_room:
             raise http_error(ProtocolError(ErrorCode.ROOM_FULL, "this room has its maximum series"))
         addr = self._uploads.take(request)
         flag = request.query.get("deidentify", "")

@@ -384,7 +384,7 @@ class AssetScrub:
         """One pass over every stored file (blocking; returns early if stopped)."""
         try:
             hashes = self._store.blob_hashes()
-        except sqlite3.Error:
+        except Exception:  # SQLite's or PostgreSQL's (after its retries)
             log.warning("scrub: the asset database could not be read; next pass later")
             return
         for sha in hashes:

@@ -404,12 +404,41 @@ class RoomObjects(RoomPlugin):
 
     def _spawn(self, member: MemberView, msg: Spawn) -> None:
         self._allowed(member, "manipulate_objects")
-        room = self.ctx.name
-        assets = self.service.assets
-        if assets is not None and assets.info(room, msg.asset) is None:
-            raise Refusal(ErrorCode.NOT_FOUND, "no such asset in this room")
         if len(self.objects) + self.spawning >= self.ctx.config.max_objects_per_room:
             raise Refusal(ErrorCode.LIMIT_REACHED, "the room holds its maximum of objects")
+        assets = self.service.assets
+        if assets is None:
+            self._spawn_listed(member, msg)
+            return
+        # Whether the room lists the model is a read of the asset index (a database round
+        # trip in a cluster): in a thread, the spawn counting towards the limit meanwhile.
+        self.spawning += 1
+        self.ctx.spawn(self._spawn_after_lookup(assets, member, msg))
+
+    async def _spawn_after_lookup(self, assets: AssetStore, member: MemberView, msg: Spawn) -> None:
+        try:
+            info = await asyncio.to_thread(assets.info, self.ctx.name, msg.asset)
+        except Exception:
+            log.exception("looking up asset %s failed", msg.asset)
+            self.spawning -= 1
+            if self._alive():
+                self._refuse(member, msg, Refusal(ErrorCode.INTERNAL, "the asset index failed"))
+            return
+        self.spawning -= 1
+        if not self._alive() or self.ctx.members.get(member.id) is not member:
+            return  # closed, or the member left, meanwhile
+        try:
+            if info is None:
+                raise Refusal(ErrorCode.NOT_FOUND, "no such asset in this room")
+            if len(self.objects) + self.spawning >= self.ctx.config.max_objects_per_room:
+                raise Refusal(ErrorCode.LIMIT_REACHED, "the room holds its maximum of objects")
+            self._spawn_listed(member, msg)
+        except ProtocolError as err:
+            self._refuse(member, msg, err)
+
+    def _spawn_listed(self, member: MemberView, msg: Spawn) -> None:
+        """Spawn an object of a model the room lists."""
+        room = self.ctx.name
         oid = self.next_object_id
         self.next_object_id += 1
         rec = StoredObject(
@@ -531,8 +560,9 @@ class RoomObjects(RoomPlugin):
         assets = self.service.assets
         if not nodes or assets is None:
             return
-        info = assets.info(self.ctx.name, rec.asset)
-        known = set(info.nodes) if info is not None else set()
+        # The model's node names, as read when the room loaded or the object was spawned
+        # (fixed by the model's content: no database round trip on the event loop).
+        known = set(assets.cached_nodes(rec.asset) or ())
         unknown = sorted(set(nodes) - known)
         if unknown:
             names = ", ".join(repr(n) for n in unknown[:8])
@@ -860,7 +890,18 @@ class SharedObjects(ServerPlugin):
         """Everything stored about ``room``, read on the writer thread (after the writes
         already queued, so a room reopened at once sees its last changes)."""
         assert self._writer is not None
-        return asyncio.get_running_loop().run_in_executor(self._writer, self.store.load_room, room)
+        store, assets = self.store, self.assets
+
+        def read() -> RoomRecord:
+            record = store.load_room(room)
+            if assets is not None and record.objects:
+                try:  # the models' node names, which view changes are checked against
+                    assets.list(room)
+                except Exception:
+                    log.exception("reading the models of room %s failed", room)
+            return record
+
+        return asyncio.get_running_loop().run_in_executor(self._writer, read)
 
     def flush(self, room: str | None = None) -> None:
         """Queue the moved objects' transforms (of one room, or all) for writing."""

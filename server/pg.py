@@ -20,6 +20,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
+from .mediastore import PG_SCHEMA as MEDIA_SCHEMA
+
 log = logging.getLogger("medverse.database")
 
 T = TypeVar("T")
@@ -120,6 +122,9 @@ CREATE TABLE IF NOT EXISTS audit_state (
 INSERT INTO audit_state (id, size, peaks) VALUES (1, 0, '') ON CONFLICT (id) DO NOTHING;
 """,
     ),
+    # Uploaded models' and image series' listings and the image viewers' state
+    # (medverse.server.mediastore): a room that moves to another server finds them there.
+    (2, MEDIA_SCHEMA),
 ]
 
 
@@ -189,6 +194,9 @@ class Database:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._pool: Any = None
+        #: Operations run (each :meth:`run` call, retries not counted again): what the tests
+        #: and benchmarks count an operation's database round trips with.
+        self.calls = 0
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -289,6 +297,7 @@ class Database:
         if loop is None:
             raise DatabaseUnavailable(f"the database {self.where} is closed")
         transient = _transient()
+        self.calls += 1
         deadline = time.monotonic() + self.retry_for
         pause = 0.1
         while True:

@@ -61,6 +61,8 @@ log = logging.getLogger("medverse.viewer")
 MAX_PANELS = 16
 #: Requests a room keeps waiting for its turn (more are refused with rate_limited).
 MAX_QUEUED = 256
+#: Seconds a room trusts its last read of a series' listing (see ``RoomImages._listing``).
+LISTING_TTL = 1.0
 #: The grant each request needs (the others: ``manipulate_objects``, like an object's view).
 GRANTS: dict[type[Message], str] = {Measure: "annotate", DeleteMeasurement: "annotate"}
 
@@ -292,6 +294,8 @@ class RoomImages(RoomPlugin):
         self.dirty = False  # panel states changed since the last store
         self._pointers: dict[int, tuple[int, int, float, float, float]] = {}
         self._visible: dict[int, int] = {}  # member id -> the panel its pointer is on
+        #: Series this room lists, as last read (see :meth:`_listing`).
+        self._listed: dict[str, tuple[SeriesListing, float]] = {}
         self._handlers: dict[type[Message], Callable[[MemberView, Any], Any]] = {
             OpenPanel: self._open,
             ClosePanel: self._close,
@@ -430,14 +434,24 @@ class RoomImages(RoomPlugin):
             raise Refusal(ErrorCode.NOT_FOUND, f"no panel {panel_id}")
         return panel
 
-    def _listing(self, sha256: str) -> SeriesListing:
-        listing = self.service.store.listing(self.ctx.name, sha256)
+    async def _listing(self, sha256: str) -> SeriesListing:
+        """The series as the room lists it (``not_found`` if it does not). Read in a thread
+        (a database round trip in a cluster), and trusted for :data:`LISTING_TTL` seconds,
+        so a member scrolling at 60 Hz costs the database one read a second, not sixty (a
+        series removed meanwhile is refused within that time)."""
+        now = time.monotonic()
+        known = self._listed.get(sha256)
+        if known is not None and now - known[1] < LISTING_TTL:
+            return known[0]
+        listing = await asyncio.to_thread(self.service.store.listing, self.ctx.name, sha256)
         if listing is None:
+            self._listed.pop(sha256, None)
             raise Refusal(ErrorCode.NOT_FOUND, "no such series in this room")
+        self._listed[sha256] = (listing, now)
         return listing
 
     async def _volume(self, sha256: str) -> Volume:
-        self._listing(sha256)
+        await self._listing(sha256)
         vol = self.service.store.cached_volume(sha256)
         if vol is None:
             vol = await asyncio.to_thread(self.service.store.volume, sha256)
@@ -549,7 +563,7 @@ class RoomImages(RoomPlugin):
             if objects is None:
                 raise Refusal(ErrorCode.NOT_FOUND, "this room has no shared objects")
             objects.transform(msg.object_id)  # not_found if there is no such object
-            listing = self._listing(panel.series)
+            listing = await self._listing(panel.series)
             claimed = msg.frame_of_reference
             if not listing.frame_of_reference:
                 raise Refusal(ErrorCode.OUT_OF_RANGE, "the series has no frame of reference")

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from medverse.server.assets import AssetStore
 from medverse.server.audit import (
     DB_FILE,
     AuditLog,
@@ -23,6 +24,8 @@ from medverse.server.audit import (
     SQLiteAuditSource,
 )
 from medverse.server.bans import BanBackend, BanStore, PostgresBanStore
+from medverse.server.imaging import ImageStore
+from medverse.server.mediastore import PostgresAssetIndex, PostgresSeriesIndex
 from medverse.server.store import ObjectStore, PostgresObjectStore, SQLiteObjectStore
 
 from .pgservice import new_database
@@ -75,6 +78,26 @@ class Backend:
             yield db
         finally:
             db.close()
+
+    @contextlib.contextmanager
+    def media_stores(
+        self, data_dir: str | Path, blob_dir: str | Path | None = None
+    ) -> Iterator[tuple[AssetStore, ImageStore, Any]]:
+        """The model and image stores a server with :meth:`settings`, ``data_dir`` and
+        ``blob_dir`` uses, and its :class:`~medverse.server.pg.Database` (None for SQLite),
+        closed at the end."""
+        with self.database() as db:
+            if db is None:
+                assets = AssetStore(data_dir, blob_dir=blob_dir)
+                images = ImageStore(data_dir, blob_dir=blob_dir)
+            else:
+                assets = AssetStore(data_dir, blob_dir=blob_dir, index=PostgresAssetIndex(db))
+                images = ImageStore(data_dir, blob_dir=blob_dir, index=PostgresSeriesIndex(db))
+            try:
+                yield assets, images, db
+            finally:
+                assets.close()
+                images.close()
 
     @contextlib.contextmanager
     def ban_store(self, data_dir: str | Path, refresh: float = 1.0) -> Iterator[BanBackend]:

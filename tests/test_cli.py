@@ -85,6 +85,8 @@ def test_every_bad_input_is_one_line_and_exit_code_2(
         "bad host": ((*serve, "--host", "0.0.0.0.0"), "0.0.0.0.0"),
         "data dir is a file": ((*serve, "--data-dir", str(a_file)), "not a folder"),
         "data dir unwritable": ((*serve, "--data-dir", str(unwritable)), "cannot write"),
+        "blob dir is a file": ((*serve, "--blob-dir", str(a_file)), "blob_dir"),
+        "blob dir unwritable": ((*serve, "--blob-dir", str(unwritable)), "cannot write"),
         "negative heartbeat": ((*serve, "--heartbeat", "-1"), "heartbeat"),
         "silence within heartbeat": ((*serve, "--silence-timeout", "1"), "silence_timeout"),
         "negative linger": ((*serve, "--room-linger", "-5"), "room_linger"),
