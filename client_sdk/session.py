@@ -828,6 +828,11 @@ class Session(ObjectsAPI, ImagesAPI):
                 if err.code in _FINAL_CODES or self._transfer_grant is not None:
                     self._finish(Closed(str(err), err.code, err.message))
                     return False
+                if err.code == "room_moving":
+                    # A live server says the room is about to be placed again (its old
+                    # server's lease is running out): ask that server again shortly rather
+                    # than backing off further, so failover takes the lease's time and no more.
+                    attempt = min(attempt, 2)
             except (aiohttp.ClientError, OSError, TimeoutError, ConnectionError):
                 # The server a redirect named may be gone (its rooms move to others): go
                 # back to the URL we were given, which finds the room wherever it is now, or
