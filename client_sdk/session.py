@@ -837,6 +837,10 @@ class Session(ObjectsAPI, ImagesAPI):
                 # The server a redirect named may be gone (its rooms move to others): go
                 # back to the URL we were given, which finds the room wherever it is now, or
                 # to the cluster's other servers in turn.
+                if self.url not in (self.entry_url, *self.fallback_urls):
+                    # A live server named it: the dead one's lease runs out within the
+                    # cluster's lease time, so ask again shortly rather than backing off.
+                    attempt = min(attempt, 2)
                 self.url = self._next_entry()
                 continue
             else:

@@ -567,7 +567,12 @@ export class MedverseClient {
         }
         // The server may be gone (its rooms move to others): go back to the URL we were
         // given, which finds the room wherever it is now, or to the fallbacks in turn.
-        if (!(err instanceof JoinError)) this.url = this.#nextEntry();
+        if (!(err instanceof JoinError)) {
+          // A server a live one redirected us to is gone: its lease runs out within the
+          // cluster's lease time, so ask again shortly rather than backing off further.
+          if (![this.entryUrl, ...this.fallbackUrls].includes(this.url)) attempt = Math.min(attempt, 2);
+          this.url = this.#nextEntry();
+        }
       }
     }
   }
