@@ -254,7 +254,9 @@ def latency_and_failover(r: RedisServer, ttl: float, joins: int, failovers: int)
         stop_nodes(nodes)
     trials = []
     for i in range(failovers):
-        # A fresh pair and room each time (the Redis keeps the rooms of the pairs before).
+        # A fresh pair and room each time, once the killed nodes' entries have expired (a
+        # new node cannot tell a node killed a moment before it started from a live one).
+        time.sleep(ttl + 0.2)
         nodes = start_nodes(r, 2, secret, ttl, 64)
         try:
             trials.append(asyncio.run(_failover(nodes[0], nodes[1], secret, 8, f"fo-{i}")))

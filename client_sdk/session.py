@@ -431,6 +431,15 @@ class Session(ObjectsAPI, ImagesAPI):
                 await asyncio.sleep(0.2)
                 self.url = self.entry_url
                 hops = 0
+            except (aiohttp.ClientConnectionError, OSError):
+                # A live server redirected us to one that is gone (killed moments ago: its
+                # entry and the room's lease run out within the cluster's lease time): ask
+                # the live one again shortly, until connect_timeout.
+                if hops == 0 or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+                self.url = self.entry_url
+                hops = 0
 
     async def _open_once(self) -> Welcome:
         assert self._http is not None

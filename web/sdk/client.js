@@ -396,6 +396,12 @@ export class MedverseClient {
           await new Promise((resolve) => setTimeout(resolve, 200));
           this.url = this.entryUrl;
           hops = 0;
+        } else if (!(err instanceof JoinError) && hops > 0 && now() < deadline && !this._closing) {
+          // A live server redirected us to one that is gone (killed moments ago: its entry
+          // and the room's lease run out within the cluster's lease time): ask again shortly.
+          await new Promise((resolve) => setTimeout(resolve, 200));
+          this.url = this.entryUrl;
+          hops = 0;
         } else {
           throw err;
         }
