@@ -39,7 +39,7 @@ import numpy as np
 import psutil
 import redis
 
-from medverse.client_sdk import Resumed, connect
+from medverse.client_sdk import Reconnecting, Resumed, connect
 from medverse.server.auth import mint_token
 from tests.services import RedisServer, redis_server
 
@@ -245,6 +245,74 @@ async def _failover(
     return result
 
 
+async def _drain(
+    a: ServerProcess, start_b: Any, secret: str, rooms: int, per_room: int
+) -> dict[str, Any]:
+    """``rooms`` rooms of ``per_room`` members on node ``a`` (alone), then a second node
+    ``start_b()`` and SIGTERM to ``a``: the time until it has exited, and each member's gap
+    (connection lost to resumed on the second node)."""
+    sessions = []
+    for i in range(rooms):
+        for j in range(per_room):
+            room = f"drain-{i}"
+            tok = mint_token(secret.encode(), room=room, identity=f"m{j}")
+            sessions.append(connect(a.url, room, token=tok, ping_interval=0))
+    for s in sessions:
+        await s.start()
+    b = await asyncio.to_thread(start_b)
+    lost: dict[int, float] = {}
+    gaps: list[float] = []
+
+    async def watch(k: int, s: Any) -> bool:
+        async for ev in s.events():
+            if isinstance(ev, Reconnecting) and k not in lost:
+                lost[k] = time.perf_counter()
+            elif isinstance(ev, Resumed):
+                gaps.append(time.perf_counter() - lost.get(k, time.perf_counter()))
+                return ev.same_member
+        return False
+
+    watchers = [asyncio.create_task(watch(k, s)) for k, s in enumerate(sessions)]
+    await asyncio.sleep(0.3)
+    t0 = time.perf_counter()
+    os.kill(a.pid, signal.SIGTERM)
+    same = await asyncio.wait_for(asyncio.gather(*watchers), 60)
+    all_moved = time.perf_counter() - t0
+    code = await asyncio.to_thread(a.proc.wait, 60)
+    exited = time.perf_counter() - t0
+    on_b = all(s.url.startswith(b.url) for s in sessions)
+    for s in sessions:
+        await s.close()
+    gap_ms = np.array(gaps) * 1000
+    return {
+        "rooms": rooms,
+        "members": len(sessions),
+        "all_members_moved_s": round(all_moved, 3),
+        "node_exited_s": round(exited, 3),
+        "exit_code": code,
+        "gap_ms_p50": round(float(np.percentile(gap_ms, 50)), 1),
+        "gap_ms_max": round(float(gap_ms.max()), 1),
+        "same_member_ids": all(same),
+        "all_on_other_node": on_b,
+    }
+
+
+def drain_run(r: RedisServer, ttl: float, rooms: int) -> dict[str, Any]:
+    secret = secrets.token_urlsafe(48)
+    time.sleep(ttl + 0.2)  # the entries of nodes killed before have expired
+    (a,) = start_nodes(r, 1, secret, ttl, 256)  # alone: every room is placed on it
+    started: list[ServerProcess] = [a]
+
+    def start_b() -> ServerProcess:
+        started.extend(start_nodes(r, 1, secret, ttl, 256))
+        return started[-1]
+
+    try:
+        return asyncio.run(_drain(a, start_b, secret, rooms, 2))
+    finally:
+        stop_nodes(started)
+
+
 def latency_and_failover(r: RedisServer, ttl: float, joins: int, failovers: int) -> dict[str, Any]:
     secret = secrets.token_urlsafe(48)
     nodes = start_nodes(r, 2, secret, ttl, 64)
@@ -271,7 +339,9 @@ def latency_and_failover(r: RedisServer, ttl: float, joins: int, failovers: int)
         "all_resumed_s_max": max(t["all_resumed_s"] for t in trials),
         "same_member_ids": all(t["same_member_ids"] for t in trials),
     }
-    return {"join_latency": lat, "failover": fo, "lease_ttl_s": ttl}
+    progress("drain of a node with 20 rooms")
+    drain = drain_run(r, ttl, 20)
+    return {"join_latency": lat, "failover": fo, "drain": drain, "lease_ttl_s": ttl}
 
 
 #: What "held" means for a run: every headset at 30 Hz and every node's tick p99 in budget.
@@ -384,6 +454,14 @@ def main() -> int:
         f"{fo['first_resumed_s']:.2f} s (max {fo['first_resumed_s_max']:.2f}), all members "
         f"{fo['all_resumed_s']:.2f} s (max {fo['all_resumed_s_max']:.2f}), same member ids: "
         f"{'yes' if fo['same_member_ids'] else 'NO'}"
+    )
+    dr = extra["drain"]
+    print(
+        f"drain (SIGTERM) of a node with {dr['rooms']} rooms, {dr['members']} members: all "
+        f"resumed on the other node in {dr['all_members_moved_s']:.2f} s, node exited "
+        f"(code {dr['exit_code']}) after {dr['node_exited_s']:.2f} s; each member's gap p50 "
+        f"{dr['gap_ms_p50']:.0f} ms, max {dr['gap_ms_max']:.0f} ms; same member ids: "
+        f"{'yes' if dr['same_member_ids'] else 'NO'}"
     )
     save_results(
         "cluster" if counts else "cluster-failover",
