@@ -285,12 +285,13 @@ class AuditLog:
         self._key = _load_key(self.data_dir)
         self.retention_days = retention_days
         self.sign_delay = sign_delay
-        self._leaves = [
-            bytes(r[0]) for r in self._db.execute("SELECT leaf FROM entries ORDER BY seq")
-        ]
+        # Only the tree's frontier (one hash per perfect subtree) is kept: the leaves are in
+        # the file, and keeping them in memory too grew the server by every entry it wrote.
         self._frontier = Frontier()
-        for leaf in self._leaves:
-            self._frontier.push(leaf)
+        self._size = 0
+        for (leaf,) in self._db.execute("SELECT leaf FROM entries ORDER BY seq"):
+            self._frontier.push(bytes(leaf))
+            self._size += 1
         self._sign_timer: asyncio.TimerHandle | None = None
         self._signed_size = self._db.execute(
             "SELECT COALESCE(MAX(size), 0) FROM tree_heads"
@@ -300,7 +301,7 @@ class AuditLog:
 
     @property
     def size(self) -> int:
-        return len(self._leaves)
+        return self._size
 
     def append(
         self,
@@ -312,7 +313,7 @@ class AuditLog:
         **detail: Any,
     ) -> int:
         """Record one event; returns its sequence number (from 1)."""
-        seq = len(self._leaves) + 1
+        seq = self._size + 1
         t = time.time()
         det = json.dumps(detail, separators=(",", ":"), sort_keys=True) if detail else None
         leaf = leaf_hash(entry_bytes(seq, t, kind, room, actor, subject, det))
@@ -321,7 +322,7 @@ class AuditLog:
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (seq, round(t, 6), kind, room, actor, subject, det, leaf),
         )
-        self._leaves.append(leaf)
+        self._size = seq
         self._frontier.push(leaf)
         self._schedule_sign()
         return seq
@@ -338,7 +339,7 @@ class AuditLog:
     def sign(self) -> None:
         """Sign and store the tree head of everything appended so far."""
         self._sign_timer = None
-        size = len(self._leaves)
+        size = self._size
         if size == self._signed_size:
             return
         root = self._frontier.root()

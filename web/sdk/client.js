@@ -888,7 +888,10 @@ export class MedverseClient {
         this.#flushMoves(); // moves made before this call reach the server first
         this.send(make(req));
       } catch (err) {
-        this._pending.get(req)?.reject(err);
+        // A message the server would refuse (a value out of range, too long) is refused
+        // here as the server would, without sending it.
+        const why = err instanceof ProtocolError ? new RequestError(err.code, err.message) : err;
+        this._pending.get(req)?.reject(why);
       }
     });
   }
