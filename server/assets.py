@@ -122,14 +122,18 @@ class AssetStore:
         *,
         reread: bool = False,
         pause: Callable[[int], bool] | None = None,
+        size: int | None = None,
     ) -> str | None:
         """Whether the stored file still holds what its name promises: None if so, else why
         not (missing, wrong size, content differs from its SHA-256). Blocking: call it from a
         thread. The file is hashed unless it was hashed before with the same size, times and
         inode (``reread`` hashes it anyway: bit rot changes none of them). ``pause(n)`` is
         called after each chunk of ``n`` bytes read (to pace a background pass); it returns
-        False to stop, and the check then answers None without remembering anything."""
-        size = self.index.stored_size(sha256)
+        False to stop, and the check then answers None without remembering anything.
+        ``size``: the stored size as a listing just read says (saves reading it from the
+        index: a download's check costs no database round trip)."""
+        if size is None:
+            size = self.index.stored_size(sha256)
         if size is None:
             return None  # not stored (any more): nothing to vouch for
         path = self.blob_path(sha256)
@@ -393,12 +397,12 @@ class AssetService:
         self._audit("asset_removed", room=room, actor=identity.subject, subject=info.sha256)
         return web.json_response({"removed": info.sha256})
 
-    async def _intact(self, sha256: str) -> None:
+    async def _intact(self, sha256: str, size: int) -> None:
         """Refuse (``corrupt``, HTTP 500) to serve a stored file that no longer matches its
         hash. Checked in a thread, once for all requests that arrive meanwhile."""
         fut = self._checking.get(sha256)
         if fut is None:
-            fut = asyncio.ensure_future(asyncio.to_thread(self.store.check, sha256))
+            fut = asyncio.ensure_future(asyncio.to_thread(self.store.check, sha256, size=size))
             self._checking[sha256] = fut
             fut.add_done_callback(lambda _: self._checking.pop(sha256, None))
         problem = await asyncio.shield(fut)
@@ -420,7 +424,7 @@ class AssetService:
         headers = immutable_headers(etag, "model/gltf-binary")
         if not_modified(request, etag):
             return web.Response(status=304, headers=headers)  # the client's copy is good
-        await self._intact(info.sha256)
+        await self._intact(info.sha256, info.size)
         start, end, status = byte_range(request, etag, info.size, headers)
         headers["Content-Length"] = str(end - start + 1)
         resp = web.StreamResponse(status=status, headers=headers)

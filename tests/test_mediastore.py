@@ -47,6 +47,10 @@ def stage_series(store: ImageStore, room: str, slices: int = 4) -> tuple[Path, s
     return p.staged, p.sha256, p.meta
 
 
+def staged_size(assets: AssetStore, sha: str) -> int:
+    return assets.blob_path(sha).stat().st_size
+
+
 def panel(pid: int, index: int) -> dict[str, Any]:
     return {"panel_id": pid, "series": "ab" * 32, "slices": [index, 8, 8], "plane": "axial"}
 
@@ -218,6 +222,8 @@ def test_database_round_trips(backend: Backend, tmp_path: Path) -> None:
         assert cost(assets.add, "clinic", "heart.glb", DR_A, staged, sha, model) == 2
         assert cost(assets.list, "ward") == 1
         assert cost(assets.info, "ward", sha) == 1
+        # A download: the listing (above), then the file checked against the size it gave.
+        assert cost(assets.check, sha, size=staged_size(assets, sha)) == 0
         assert cost(assets.remove, "clinic", sha) == 1  # one transaction (three statements)
         staged, series, meta = stage_series(images, "ward")
         assert cost(images.add, "ward", "CT", DR_A, staged, series, meta) == 1
