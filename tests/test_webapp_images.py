@@ -566,6 +566,17 @@ async def test_angles_and_regions_are_drawn_and_made_in_the_page(
         await a.locator("#image-canvas").scroll_into_view_if_needed()
         await screenshot(a, "webapp-images-angle-roi-made")
 
+        # A region holding no pixel centre is refused by the server: the page says so and
+        # draws nothing new.
+        count = len(bot.panels.measurements)
+        await a.click("#measure-roi")
+        for col, row in ((40.2, 40.2), (40.8, 40.2), (40.2, 40.8)):
+            await click_image_pixel(a, col, row)
+        await a.click("#measure-finish")
+        alert = "document.getElementById('alert').textContent"
+        await wait_for(a, f"{alert}.includes('was not stored: out_of_range')")
+        assert (await images(a))["tool"] is None and len(bot.panels.measurements) == count
+
         # Deleted from the list by keyboard, like distances.
         await a.focus(f"#measure-list li[data-measurement-id='{angle_id}'] button")
         await a.keyboard.press("Enter")
@@ -601,6 +612,21 @@ async def test_a_series_uploaded_from_the_page_is_refused_until_deidentified(
         assert "A file is not DICOM" in await a.inner_text("#series-refusal")
         assert await a.is_hidden("#series-deidentify")
 
+        # Burned into the pixels: identifiable, and no de-identification is offered.
+        burned = zip_files(synthetic_ct(16, 16, 3, burned_in=True))
+        await a.set_input_files(
+            "#series-upload",
+            files=[FilePayload(name="burned.zip", mimeType="application/zip", buffer=burned)],
+        )
+        await wait_for(
+            a,
+            "window.medverse.images.upload?.state === 'refused' && "
+            "window.medverse.images.upload.code === 'identifiable_data'",
+        )
+        assert (await images(a))["upload"]["attributes"] == ["BurnedInAnnotation"]
+        assert "cannot be de-identified here" in await a.inner_text("#series-refusal")
+        assert await a.is_hidden("#series-deidentify")
+
         # Several .dcm files carrying a patient's name and ids: refused with the attributes'
         # keywords (never their values) and an offer to de-identify.
         files = synthetic_ct(32, 32, 8, phi=True)
@@ -615,9 +641,10 @@ async def test_a_series_uploaded_from_the_page_is_refused_until_deidentified(
         await wait_for(
             a,
             "window.medverse.images.upload?.state === 'refused' && "
-            "window.medverse.images.upload.code === 'identifiable_data'",
+            "window.medverse.images.upload.attributes.includes('PatientName')",
         )
         up = (await images(a))["upload"]
+        assert up["code"] == "identifiable_data"
         assert {"PatientName", "PatientID", "PatientBirthDate"} <= set(up["attributes"]), up
         keywords = await a.inner_text("#series-attributes")
         assert "PatientName" in keywords and "Doe" not in keywords

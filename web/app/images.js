@@ -748,12 +748,13 @@ export class ImageViewer {
       });
     } catch (err) {
       if (this.upload?.files !== files) return;
-      const again = deidentify && err.code === "identifiable_data";
+      // De-identifying does not help a second time, nor pixels with burned-in annotations.
+      const again = err.code === "identifiable_data" && (deidentify || (err.attributes ?? []).includes("BurnedInAnnotation"));
       this.upload = { ...this.upload, state: "refused", code: err.code ?? "http_error", attributes: err.attributes ?? [], message: err.message, again };
       this.#renderUpload();
-      const reason = UPLOAD_REFUSALS[err.code] ?? "The upload failed.";
-      const extra = again ? " It cannot be de-identified here (a burned-in annotation, for one, stays in the pixels)." : "";
-      this.#uploadStatus(`${name} was refused: ${reason}${extra}`, false);
+      // The alert (read at once) has the server's words; the box below the input says what it
+      // means and what can be done.
+      this.#uploadStatus(`${name} was refused.`, false);
       this.app.alertText(`The series was not uploaded: ${err.message}`);
       return;
     }
@@ -797,7 +798,8 @@ export class ImageViewer {
     box.hidden = !u || u.state !== "refused";
     box.dataset.code = u?.state === "refused" ? u.code : "";
     if (box.hidden) return;
-    $("series-refusal-text").textContent = `${UPLOAD_REFUSALS[u.code] ?? "The upload failed."} (${u.message})`;
+    const extra = u.again ? " It cannot be de-identified here (a burned-in annotation, for one, stays in the pixels)." : "";
+    $("series-refusal-text").textContent = `${UPLOAD_REFUSALS[u.code] ?? `The upload failed: ${u.message}`}${extra}`;
     $("series-attributes").replaceChildren(
       ...u.attributes.map((k) => {
         const li = document.createElement("li");
