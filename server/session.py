@@ -77,6 +77,9 @@ CLOSE_TOO_MANY_CONNECTIONS = 4003
 CLOSE_RATE_LIMIT = 4008
 CLOSE_CONSENT = 4011
 
+#: Seconds an acknowledgement waits at most for its audit entries to be committed.
+AUDIT_ACK_WAIT = 5.0
+
 
 @dataclass(frozen=True)
 class SessionServices:
@@ -128,6 +131,8 @@ class Session:
         self._base: Identity | None = None
         self._lobby: tuple[Room, int] | None = None  # waiting in this room's lobby
         self._closed = False
+        #: Acknowledgements waiting for their audit entries to be committed.
+        self._pending_acks: set[asyncio.Task[None]] = set()
         #: A valid hello named who this is (the connection left the unidentified budget).
         self.identified = False
         self._routing: asyncio.Task[None] | None = None  # asking the cluster where the room is
@@ -445,20 +450,61 @@ class Session:
             # Requests that carry a req get exactly one answer: ack once applied, or refused
             # naming it; without req (older clients) a refusal is a plain error.
             req: int | None = getattr(msg, "req", None) if msg.ACKED else None
+            mark = self._s.audit.mark() if req is not None else None
             try:
                 if isinstance(msg, Pause):
                     room.set_paused(member, msg.paused)
+                    later = None
                 else:
-                    room.handle(member, msg)
+                    later = room.handle(member, msg)
             except ProtocolError as err:
-                if req is None:
-                    self.send_error(err)
-                else:
-                    self._s.metrics.protocol_errors.labels(err.code.value).inc()
-                    self.send(RequestRefused(req, err.code.value, err.message[:1024]))
+                self._refused(req, err)
                 return
-            if req is not None and not self._closed:
-                self.send(Ack(req))
+            if later is not None:
+                # The plugin answers once something slow (a database write) is done.
+                later.add_done_callback(lambda t: self._answer(req, t, mark))
+            elif req is not None:
+                self._ack(req, mark)
+
+    def _ack(self, req: int, mark: int | None) -> None:
+        """Acknowledge a request that was applied. When the audit log commits after appending
+        (the cluster's PostgreSQL log) and the request was audited, the ack waits for that
+        commit (group commit: milliseconds), so an acknowledged action is in the log even if
+        this server dies the moment after; a database out of reach delays it by at most
+        :data:`AUDIT_ACK_WAIT` seconds (its entries go in once the database is back)."""
+        if mark is not None and self._s.audit.mark() != mark:
+            task = asyncio.get_running_loop().create_task(self._ack_when_audited(req))
+            self._pending_acks.add(task)
+            task.add_done_callback(self._pending_acks.discard)
+        elif not self._closed:
+            self.send(Ack(req))
+
+    async def _ack_when_audited(self, req: int) -> None:
+        mark = self._s.audit.mark()
+        if mark is not None:
+            await self._s.audit.written(mark, AUDIT_ACK_WAIT)
+        if not self._closed:
+            self.send(Ack(req))
+
+    def _refused(self, req: int | None, err: ProtocolError) -> None:
+        if req is None:
+            self.send_error(err)
+        else:
+            self._s.metrics.protocol_errors.labels(err.code.value).inc()
+            self.send(RequestRefused(req, err.code.value, err.message[:1024]))
+
+    def _answer(self, req: int | None, task: asyncio.Task[None], mark: int | None) -> None:
+        """The answer to a request a plugin handled in a task, once the task has ended."""
+        if self._closed:
+            return
+        if task.cancelled():  # the room closed under it
+            self._refused(req, ProtocolError(ErrorCode.SESSION_ENDED, "the room has closed"))
+        elif isinstance(err := task.exception(), ProtocolError):
+            self._refused(req, err)
+        elif err is not None:
+            self._refused(req, ProtocolError(ErrorCode.INTERNAL, "the request failed"))
+        elif req is not None:
+            self._ack(req, mark)
 
     def _refuse(self, err: ProtocolError, code: int, reason: bytes) -> None:
         self.send_error(err, True)

@@ -259,3 +259,13 @@ test("back in the join token's room after a move (the resume came too late), the
   assert.equal(c.httpToken, "join-tok");
   c.close();
 });
+
+test("a request the server would refuse is refused here, typed, and not sent", async () => {
+  const { c, ws } = await joined();
+  const before = ws.sent.length;
+  await assert.rejects(c.moderate("remove", 5, "x".repeat(5000)), (e) => e.code === "oversized");
+  await assert.rejects(c.transfer(-3, "consult-1"), (e) => e.name === "RequestError" && e.code === "out_of_range");
+  await assert.rejects(c.transfer(5, "no spaces allowed"), (e) => e.name === "RequestError" && e.code === "out_of_range");
+  assert.equal(ws.sent.length, before);
+  c.close();
+});
