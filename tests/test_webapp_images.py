@@ -566,6 +566,18 @@ async def test_angles_and_regions_are_drawn_and_made_in_the_page(
         await a.locator("#image-canvas").scroll_into_view_if_needed()
         await screenshot(a, "webapp-images-angle-roi-made")
 
+        # A region by mouse, closed by a click on its first corner: a triangle of three.
+        before = set(bot.panels.measurements)
+        await a.click("#measure-roi")
+        triangle = [(10.0, 10.0), (20.0, 10.0), (20.0, 20.0)]
+        for col, row in [*triangle, triangle[0]]:
+            await click_image_pixel(a, col, row)
+        m = await measured(bot, "roi", before)
+        assert len(m.points) == 3 and m.pixels, m
+        for got_p, (col, row) in zip(m.points, triangle, strict=True):
+            want = pixel_point(desc, "axial", col, row, mid)
+            assert max(abs(u - v) for u, v in zip(got_p, want, strict=True)) < 0.3, (got_p, want)
+
         # A region holding no pixel centre is refused by the server: the page says so and
         # draws nothing new.
         count = len(bot.panels.measurements)
