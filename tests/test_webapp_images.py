@@ -729,7 +729,13 @@ async def test_a_click_on_the_linked_model_moves_the_images(
         )
         a = await open_app(browser, site, token(room, "dr-a", "Dr Ada", "host"), pages)
         await screen(a, "room")
-        await wait_for(a, f"window.medverse.describe().models['{obj}']?.loaded")
+        # Loaded, and drawn where it stands (its pose comes with the room's ticks).
+        await wait_for(
+            a,
+            f"window.medverse.describe().models['{obj}']?.loaded && "
+            f"Math.abs(window.medverse.describe().models['{obj}'].position[2] - {-1.0 - 10 * z_m})"
+            " < 0.01",
+        )
         await wait_for(a, f"window.medverse.images.shown?.index === {start[0]}")
         assert start[0] != target
 
