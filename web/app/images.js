@@ -1,11 +1,16 @@
-// The case images panel of the clinic app: the room's image series (uploaded over HTTP), one
-// shared image viewer at a time (a panel of the room, protocol/images.py) with its plane,
-// image, window and zoom shared with everyone, the others' pointers on it and distance
-// measurements. Everything a mouse does has a key: with the image focused, arrows or Page
-// Up/Down scroll, Home/End go to the first/last image, A/C/S pick the plane, W cycles the
-// window presets, + and - zoom, M starts a distance measurement, Shift+arrows move the
-// measuring cross and Enter places a point at it.
+// The case images panel of the clinic app: the room's image series (uploaded over HTTP, from
+// this page too), one shared image viewer at a time (a panel of the room, protocol/images.py)
+// with its plane, image, window and zoom shared with everyone, the others' pointers on it,
+// measurements (distances, angles and regions of interest, drawn where they lie), and the
+// panel's link to a model of the room (a point clicked on the model shows the images there).
+// Everything a mouse does has a key: with the image focused, arrows or Page Up/Down scroll,
+// Home/End go to the first/last image, A/C/S pick the plane, W cycles the window presets, + and
+// - zoom, M, N and R start a distance, an angle or a region, Shift+arrows move the measuring
+// cross, Enter places a point at it, F closes a region, Backspace takes a point back.
 import { PLANES } from "../sdk/index.js";
+import { POINTS_PER_MEASURE, angleArc, centroid, describeMeasurement, imageToPatient, measurementLabel, onImage, patientToImage } from "./geometry.js";
+
+export { imageToPatient, patientToImage };
 
 const $ = (id) => document.getElementById(id);
 
@@ -19,26 +24,30 @@ export const WINDOW_PRESETS = [
 ];
 const PLANE_KEYS = { a: "axial", c: "coronal", s: "sagittal" };
 const COLORS = ["#ffbf47", "#4cc3ff", "#ff6b9a", "#7bd389", "#c39bff", "#ff8c42"];
+/** How each kind of measurement is drawn and made: colour, button, key, and what is said. */
+const TOOLS = {
+  distance: { color: "#7bd389", button: "measure-start", key: "m", what: "a distance", start: "click the first point" },
+  angle: { color: "#4cc3ff", button: "measure-angle", key: "n", what: "an angle", start: "click three points, the vertex second" },
+  roi: { color: "#ff6b9a", button: "measure-roi", key: "r", what: "a region", start: "click its corners, then its first point again or press F to close it" },
+};
+const DRAFT_COLOR = "#ffbf47";
+/** Why a series upload was refused, by the server's code (its own message follows). */
+const UPLOAD_REFUSALS = {
+  not_dicom: "A file is not DICOM, or the zip holds none.",
+  no_pixel_data: "A file has no image (its Pixel Data or another part of the Image Pixel module is missing).",
+  mixed_series: "The files belong to more than one series, or two images are at one position.",
+  unsupported_transfer_syntax: "A file is compressed in a way the server does not read.",
+  unsupported_image: "The images are not ones the viewer shows (colour, multi-frame, uneven or sheared slices, or undecodable pixels).",
+  identifiable_data: "This room does not take identifiable images: the series carries identifying data in the attributes below.",
+  oversized: "The series is too large for the server.",
+  forbidden: "Your role may not upload images.",
+  room_full: "The room holds its maximum number of series.",
+};
 const POINTER_INTERVAL_MS = 66; // the room hears a pointer at most once per tick anyway
 const CACHE_IMAGES = 96;
+const CLOSE_PX = 8; // a click this near (CSS pixels) the first corner closes a region
 
-const sub = (a, b) => a.map((v, k) => v - b[k]);
-const dot = (a, b) => a[0] * b[0] + a[1] * b[1] + a[2] * b[2];
 const cap = (s) => s[0].toUpperCase() + s.slice(1);
-
-/** Image coordinates (col, row, index; pixel centres at whole numbers) of a patient point
- * (mm) in `plane` of a series descriptor: the plane's steps are orthogonal. */
-export function patientToImage(d, plane, p) {
-  const g = d.planes[plane];
-  const v = sub(p, g.origin);
-  return { col: dot(v, g.col_step) / dot(g.col_step, g.col_step), row: dot(v, g.row_step) / dot(g.row_step, g.row_step), index: dot(v, g.slice_step) / dot(g.slice_step, g.slice_step) };
-}
-
-/** The patient point (mm) of image coordinates of `plane`. */
-export function imageToPatient(d, plane, col, row, index) {
-  const g = d.planes[plane];
-  return [0, 1, 2].map((k) => g.origin[k] + col * g.col_step[k] + row * g.row_step[k] + index * g.slice_step[k]);
-}
 
 export class ImageViewer {
   /** `app`: {announce(text), alertText(text), nameOf(memberId), grants() (a Set),
@@ -56,8 +65,12 @@ export class ImageViewer {
     this.queued = null; // the change to send next
     this.sending = false;
     this.shown = null; // what the canvas shows: {key, series, plane, index, window}
-    this.tool = null; // "distance" while measuring
+    this.tool = null; // "distance", "angle" or "roi" while measuring
     this.draft = []; // the measurement's points so far (patient mm)
+    this.drawn = []; // the measurements drawn on the image shown: {id, kind, points (canvas), label}
+    this.arrivals = new Map(); // measurement id -> functions called when it arrives
+    this.upload = null; // the series upload: {files, name, state, code, attributes, sent, total}
+    this.linkShown = undefined; // the linked model last announced (undefined: not yet seen)
     this.cursor = null; // the keyboard's measuring cross {col, row}
     this.mouse = null; // the mouse over the image {col, row}
     this.lastPointer = 0;
@@ -79,6 +92,8 @@ export class ImageViewer {
       this.local = this.queued = null;
       this.draft = [];
       this.tool = null;
+      this.linkShown = undefined;
+      this.shownSeries = undefined;
     }
     this.render();
     this.refreshSeries();
@@ -132,6 +147,8 @@ export class ImageViewer {
 
   async refreshSeries() {
     const c = this.client;
+    // Only the newest listing asked for is shown (an older answer may arrive after it).
+    const n = (this.listings = (this.listings ?? 0) + 1);
     if (!c || !this.app.ownRoom()) {
       this.series = [];
       this.#renderSeries();
@@ -139,9 +156,10 @@ export class ImageViewer {
     }
     try {
       const list = await c.listSeries();
-      if (c !== this.client) return;
+      if (c !== this.client || n !== this.listings) return;
       this.series = list;
     } catch (err) {
+      if (n !== this.listings) return;
       this.series = [];
       $("images-note").textContent = `The room's images could not be listed: ${err.message}`;
     }
@@ -166,16 +184,33 @@ export class ImageViewer {
         }
         if (!ev.closed && ev.panelId === this.panelId && !this.sending && this.queued === null) this.local = null;
         const fresh = this.panelId === null && !ev.closed && c.panels.synced;
+        const before = this.shownSeries;
         if (this.panelId === null) this.#pickPanel();
-        if (fresh && this.panelId === ev.panelId) {
-          const p = this.panel;
-          if (!this.series.some((s) => s.sha256 === p.series)) this.refreshSeries();
+        const p = this.panel;
+        if (p !== null && ev.panelId === this.panelId) {
           const who = ev.by === null || ev.by === undefined ? "Someone" : this.app.nameOf(ev.by);
-          if (ev.by !== c.memberId) this.app.announce(`${who} opened ${this.nameOfSeries(p.series)} in the image panel.`);
+          let said = null;
+          if (fresh && ev.by !== c.memberId) said = () => `${who} opened ${this.nameOfSeries(p.series)} in the image panel.`;
+          else if (!fresh && before !== undefined && before !== p.series && ev.by !== c.memberId) said = () => `${who} showed ${this.nameOfSeries(p.series)} in the image panel.`;
+          // A series uploaded since our list was read: read it again (and name it once known).
+          // (Once per series: a series the room no longer lists is not asked for at every scroll.)
+          let ready = Promise.resolve();
+          if (!this.series.some((s) => s.sha256 === p.series) && this.askedFor !== p.series) {
+            this.askedFor = p.series;
+            ready = this.refreshSeries();
+          }
+          if (said) ready.then(() => this.app.announce(said()));
+          this.#announceLink(p, who, ev.by === c.memberId);
         }
+        this.shownSeries = p?.series;
         this.render();
         break;
       }
+      case "object_added":
+      case "object_removed":
+      case "objects_synced":
+        this.#renderLink();
+        break;
       case "images_synced":
         this.#pickPanel();
         this.render();
@@ -186,6 +221,8 @@ export class ImageViewer {
       case "measurement_changed":
         this.#renderMeasurements();
         this.draw();
+        for (const fn of this.arrivals.get(ev.measurementId) ?? []) fn();
+        this.arrivals.delete(ev.measurementId);
         break;
       default:
         break;
@@ -278,6 +315,7 @@ export class ImageViewer {
     const v = this.view();
     $("image-viewer").hidden = v === null;
     $("series-pick").hidden = !ownRoom;
+    $("series-add").hidden = !ownRoom || !this.app.grants().has("upload_assets");
     $("series-open").disabled = !may || !ownRoom || this.series.length === 0;
     $("panel-close").disabled = !may || v === null;
     let note = "";
@@ -288,6 +326,8 @@ export class ImageViewer {
     section.dataset.panel = String(this.panelId ?? "");
     if (v === null) {
       this.shown = null;
+      this.drawn = [];
+      this.canvas.dataset.drawn = "";
       this.#renderMeasurements();
       return;
     }
@@ -299,8 +339,12 @@ export class ImageViewer {
     const slider = $("image-slice");
     slider.disabled = !may || !d;
     $("image-window").disabled = !may || !d;
-    $("measure-start").disabled = !d || !this.app.grants().has("annotate");
-    $("measure-start").setAttribute("aria-pressed", String(this.tool === "distance"));
+    for (const [kind, t] of Object.entries(TOOLS)) {
+      $(t.button).disabled = !d || !this.app.grants().has("annotate");
+      $(t.button).setAttribute("aria-pressed", String(this.tool === kind));
+    }
+    $("measure-finish").hidden = this.tool !== "roi";
+    $("measure-finish").disabled = this.draft.length < POINTS_PER_MEASURE.roi[0];
     if (d) {
       const k = PLANES.indexOf(v.plane);
       const count = d.planes[v.plane].count;
@@ -312,8 +356,9 @@ export class ImageViewer {
       $("image-window").value = preset ? preset[0] : isDefault ? "default" : "";
       const caption = `${this.nameOfSeries(v.series)}: ${cap(v.plane)} image ${v.slices[k] + 1} of ${count}, window ${fmt(v.window[1])} / level ${fmt(v.window[0])}${v.zoom !== 1 ? `, zoom ${fmt(v.zoom)}×` : ""}`;
       if ($("image-caption").textContent !== caption) $("image-caption").textContent = caption;
-      this.canvas.setAttribute("aria-label", `${caption}. ${this.tool ? "Measuring a distance." : ""}`);
+      this.canvas.setAttribute("aria-label", `${caption}. ${this.tool ? `Measuring ${TOOLS[this.tool].what}.` : ""}`);
     }
+    this.#renderLink();
     this.#renderMeasurements();
     this.#renderPointers();
     this.draw();
@@ -447,22 +492,26 @@ export class ImageViewer {
     g.lineWidth = 2 * unit;
     g.font = `${Math.round(13 * unit)}px system-ui, sans-serif`;
     g.textBaseline = "bottom";
-    // Measurements of this series that lie in this image (within half an image).
+    // Measurements of this series that lie in this image (within half a slice spacing).
+    this.drawn = [];
     for (const m of c.panels.measurements.values()) {
-      if (m.series !== v.series || m.kind !== "distance") continue;
-      const pts = m.points.map((p) => patientToImage(d, v.plane, p));
-      if (!pts.every((p) => Math.abs(p.index - index) <= 0.5)) continue;
-      const [a, b] = pts.map((p) => this.#toCanvas(p.col, p.row));
-      line(g, a, b, "#7bd389", unit);
-      label(g, `${m.value.toFixed(1)} mm`, (a[0] + b[0]) / 2 + 6 * unit, (a[1] + b[1]) / 2 - 4 * unit, "#7bd389");
+      if (m.series !== v.series || !TOOLS[m.kind]) continue;
+      const pts = onImage(d, v.plane, m.points, index);
+      if (pts === null) continue;
+      const at = pts.map((p) => this.#toCanvas(p.col, p.row));
+      const text = measurementLabel(m);
+      this.#drawMeasurement(g, m.kind, at, text, unit);
+      this.drawn.push({ id: m.id, kind: m.kind, points: at, label: text });
     }
-    // The measurement being made.
+    this.canvas.dataset.drawn = this.drawn.map((m) => `${m.kind}:${m.id}`).join(" ");
+    // The measurement being made, to the mouse or the cross.
     if (this.draft.length) {
-      const a = this.#toCanvas(...imageColRow(d, v.plane, this.draft[0]));
+      const at = this.draft.map((p) => this.#toCanvas(...imageColRow(d, v.plane, p)));
       const end = this.cursorPoint();
-      const b = end ? this.#toCanvas(end.col, end.row) : a;
-      line(g, a, b, "#ffbf47", unit);
-      dotAt(g, a, "#ffbf47", 4 * unit);
+      const path = end ? [...at, this.#toCanvas(end.col, end.row)] : at;
+      for (let i = 1; i < path.length; i++) line(g, path[i - 1], path[i], DRAFT_COLOR, unit);
+      if (this.tool === "roi" && path.length >= 3) line(g, path[path.length - 1], path[0], DRAFT_COLOR, unit, [4 * unit, 4 * unit]);
+      for (const p of at) dotAt(g, p, DRAFT_COLOR, 3 * unit);
     }
     // The keyboard's measuring cross.
     if (this.tool && this.cursor) {
@@ -484,6 +533,52 @@ export class ImageViewer {
       const at = this.#toCanvas(p.col, p.row);
       dotAt(g, at, color, 5 * unit);
       label(g, this.app.nameOf(member), at[0] + 8 * unit, at[1] - 4 * unit, color);
+    }
+  }
+
+  /** Draw one measurement at canvas points `at`: a distance's line, an angle's arms with an
+   * arc at the vertex (the second point), a region's closed outline; each with its label. */
+  #drawMeasurement(g, kind, at, text, unit) {
+    const color = TOOLS[kind].color;
+    if (kind === "distance") {
+      const [a, b] = at;
+      line(g, a, b, color, unit);
+      label(g, text, (a[0] + b[0]) / 2 + 6 * unit, (a[1] + b[1]) / 2 - 4 * unit, color);
+    } else if (kind === "angle") {
+      const [a, vtx, c] = at;
+      line(g, a, vtx, color, unit);
+      line(g, vtx, c, color, unit);
+      const arm = Math.min(Math.hypot(a[0] - vtx[0], a[1] - vtx[1]), Math.hypot(c[0] - vtx[0], c[1] - vtx[1]));
+      const r = Math.max(6 * unit, Math.min(24 * unit, arm * 0.4));
+      const arc = angleArc(a, vtx, c);
+      g.strokeStyle = color;
+      g.lineWidth = 2 * unit;
+      g.beginPath();
+      g.arc(vtx[0], vtx[1], r, arc.start, arc.end, arc.anticlockwise);
+      g.stroke();
+      dotAt(g, vtx, color, 3 * unit);
+      // The label beyond the arc on the bisector, centred there.
+      const w = g.measureText(text).width;
+      const lx = vtx[0] + Math.cos(arc.mid) * (r + 10 * unit);
+      const ly = vtx[1] + Math.sin(arc.mid) * (r + 10 * unit);
+      label(g, text, lx - (Math.cos(arc.mid) < 0 ? w : 0), ly + (Math.sin(arc.mid) > 0 ? 13 * unit : 0), color);
+    } else {
+      g.beginPath();
+      g.moveTo(...at[0]);
+      for (const p of at.slice(1)) g.lineTo(...p);
+      g.closePath();
+      g.fillStyle = "rgba(255, 107, 154, 0.18)";
+      g.fill();
+      g.strokeStyle = "#000";
+      g.lineWidth = 4 * unit;
+      g.stroke();
+      g.strokeStyle = color;
+      g.lineWidth = 2 * unit;
+      g.stroke();
+      const [cx] = centroid(at);
+      const top = Math.min(...at.map((p) => p[1]));
+      const w = g.measureText(text).width;
+      label(g, text, cx - w / 2, top - 4 * unit, color);
     }
   }
 
@@ -524,38 +619,287 @@ export class ImageViewer {
     }
   }
 
-  startMeasuring() {
+  /** Start measuring `kind` (distance, angle, roi); the same kind again, or Escape, cancels. */
+  startMeasuring(kind = "distance") {
     if (!this.layout) return;
-    this.tool = this.tool ? null : "distance";
+    const was = this.tool;
+    this.tool = this.tool === kind ? null : kind;
     this.draft = [];
     const d = this.layout.d.planes[this.layout.plane];
-    this.cursor = this.tool ? { col: (d.cols - 1) / 2, row: (d.rows - 1) / 2 } : null;
-    this.app.announce(this.tool ? "Measuring a distance: click the first point, or move the cross with Shift and the arrow keys and press Enter." : "Measuring cancelled.");
+    this.cursor = this.tool ? (was ? this.cursor : { col: (d.cols - 1) / 2, row: (d.rows - 1) / 2 }) : null;
+    const t = TOOLS[this.tool];
+    this.app.announce(t ? `Measuring ${t.what}: ${t.start}, or move the cross with Shift and the arrow keys and press Enter.` : "Measuring cancelled.");
     this.render();
   }
 
+  /** Place the next point of the measurement at image coordinates `at` ({col, row}); the last
+   * point needed sends it. */
   async placeMeasurePoint(at) {
     const v = this.view();
     if (!this.tool || !v || !this.layout || !at) return;
+    const kind = this.tool;
+    const [, most] = POINTS_PER_MEASURE[kind];
     const p = imageToPatient(this.layout.d, this.layout.plane, at.col, at.row, this.layout.index);
+    const last = this.draft[this.draft.length - 1];
+    if (last && Math.hypot(...p.map((x, k) => x - last[k])) < 1e-9) return; // a double click's second click
+    if (kind === "roi" && this.draft.length >= POINTS_PER_MEASURE.roi[0] && this.#nearFirst(at)) return this.finishRegion();
     this.draft.push(p);
-    if (this.draft.length < 2) {
-      this.app.announce("First point placed. Place the second point.");
-      this.draw();
+    const n = this.draft.length;
+    if (n < most) {
+      if (kind === "distance") this.app.announce("First point placed. Place the second point.");
+      else if (kind === "angle") this.app.announce(n === 1 ? "First point placed. Place the vertex." : "Vertex placed. Place the last point.");
+      else this.app.announce(`Corner ${n} of the region placed.${n >= 3 ? " Press F or click the first corner to close it." : ""}`);
+      this.render();
       return;
     }
-    const points = this.draft.slice(0, 2);
+    await this.#submit(kind);
+  }
+
+  /** Close the region being drawn and measure it (three corners at least). */
+  async finishRegion() {
+    if (this.tool !== "roi") return;
+    if (this.draft.length < POINTS_PER_MEASURE.roi[0]) {
+      this.app.announce("A region needs three corners at least.");
+      return;
+    }
+    await this.#submit("roi");
+  }
+
+  /** Take back the last point placed. */
+  undoPoint() {
+    if (!this.tool || this.draft.length === 0) return;
+    this.draft.pop();
+    this.app.announce(this.draft.length ? `Point taken back: ${this.draft.length} placed.` : "Point taken back: none placed.");
+    this.render();
+  }
+
+  #nearFirst(at) {
+    const rect = this.canvas.getBoundingClientRect();
+    const css = rect.width > 0 ? rect.width / this.layout.size : 1;
+    const first = this.#toCanvas(...imageColRow(this.layout.d, this.layout.plane, this.draft[0]));
+    const here = this.#toCanvas(at.col, at.row);
+    return Math.hypot(first[0] - here[0], first[1] - here[1]) * css <= CLOSE_PX;
+  }
+
+  async #submit(kind) {
+    const v = this.view();
+    const points = this.draft.slice(0, POINTS_PER_MEASURE[kind][1]);
     this.draft = [];
     this.tool = null;
     this.cursor = null;
     this.render();
+    let id;
     try {
-      await this.client.measure(v.series, "distance", points);
-      const mm = Math.hypot(...sub(points[1], points[0]));
-      this.app.announce(`Distance measured: ${mm.toFixed(1)} mm.`);
+      id = await this.client.measure(v.series, kind, points);
     } catch (err) {
       this.app.alertText(`The measurement was not stored: ${err.message}`);
+      return;
     }
+    // The server computed the value (and a region's statistics): say it once it is here.
+    const m = await this.#arrived(id);
+    if (m) this.app.announce(`${describeMeasurement(m).replace(/:/u, " measured:")}.`);
+  }
+
+  // The measurement `id` once it is in the room's list (null if it is not within 10 s).
+  #arrived(id) {
+    const now = this.client.panels.measurements.get(id);
+    if (now) return Promise.resolve(now);
+    return new Promise((resolve) => {
+      const timer = setTimeout(() => resolve(null), 10000);
+      const fns = this.arrivals.get(id) ?? [];
+      fns.push(() => {
+        clearTimeout(timer);
+        resolve(this.client?.panels.measurements.get(id) ?? null);
+      });
+      this.arrivals.set(id, fns);
+    });
+  }
+
+  // ----------------------------------------------------------------- uploading a series
+
+  /** Upload a DICOM series from files the member chose (a .zip, or .dcm files), optionally
+   * asking the server to de-identify it; it then shows in the shared panel. */
+  async uploadFiles(files, { deidentify = false } = {}) {
+    const c = this.client;
+    if (!c || files.length === 0) return;
+    const typed = $("series-name").value.trim();
+    const first = files[0].name.replace(/\.(zip|dcm)$/iu, "");
+    const name = (typed || (files.length === 1 ? first : `${first} and ${files.length - 1} more`) || "series").replace(/[\x00-\x1f\x7f/\\]/gu, " ").slice(0, 128);
+    const total = files.reduce((s, f) => s + f.size, 0);
+    this.upload = { files, name, state: "sending", code: null, attributes: [], sent: 0, total, deidentify };
+    this.#renderUpload();
+    const what = `${files.length} file${files.length === 1 ? "" : "s"}, ${megabytes(total)}`;
+    this.#uploadStatus(`Uploading ${name} (${what})${deidentify ? ", to be de-identified" : ""}…`, true);
+    let listing;
+    try {
+      listing = await c.uploadSeries(files, {
+        name,
+        deidentify,
+        onProgress: (sent, of) => {
+          if (this.upload?.files !== files) return;
+          this.upload.sent = sent;
+          this.upload.total = of ?? total;
+          if (sent >= this.upload.total && this.upload.state === "sending") {
+            this.upload.state = "checking";
+            this.#uploadStatus("Sent. The server is reading the series…", true);
+          }
+          this.#renderUpload();
+        },
+      });
+    } catch (err) {
+      if (this.upload?.files !== files) return;
+      // De-identifying does not help a second time, nor pixels with burned-in annotations.
+      const again = err.code === "identifiable_data" && (deidentify || (err.attributes ?? []).includes("BurnedInAnnotation"));
+      this.upload = { ...this.upload, state: "refused", code: err.code ?? "http_error", attributes: err.attributes ?? [], message: err.message, again };
+      this.#renderUpload();
+      // The alert (read at once) has the server's words; the box below the input says what it
+      // means and what can be done.
+      this.#uploadStatus(`${name} was refused.`, false);
+      this.app.alertText(`The series was not uploaded: ${err.message}`);
+      return;
+    }
+    this.upload = { ...this.upload, state: "done", sha256: listing.sha256 };
+    $("series-upload").value = "";
+    this.#renderUpload();
+    this.app.alertText("");
+    this.#uploadStatus(`Uploaded ${listing.name}: ${listing.instances} images${listing.deidentified ? ", de-identified" : ""}.`, true);
+    await this.refreshSeries();
+    $("series-select").value = listing.sha256;
+    await this.showSeries(listing.sha256);
+  }
+
+  /** Show series `sha` to everyone: in the open panel, or in a new one. */
+  async showSeries(sha) {
+    if (!this.app.grants().has("manipulate_objects")) return;
+    if (this.panelId === null) return this.openSelected();
+    try {
+      await this.client.setImageView(this.panelId, { series: sha });
+      this.app.announce(`${this.nameOfSeries(sha)} is shown to everyone in the room.`);
+    } catch (err) {
+      this.app.alertText(`The series was not shown: ${err.message}`);
+    }
+  }
+
+  #uploadStatus(text, say) {
+    $("series-upload-status").textContent = text;
+    if (say) this.app.announce(text);
+  }
+
+  #renderUpload() {
+    const u = this.upload;
+    const bar = $("series-progress");
+    bar.hidden = !u || (u.state !== "sending" && u.state !== "checking");
+    if (u && !bar.hidden) {
+      if (u.state === "checking") bar.removeAttribute("value"); // the server's part: no measure
+      else bar.value = u.total ? Math.min(1, u.sent / u.total) : 0;
+      bar.setAttribute("aria-valuetext", u.state === "checking" ? "The server is reading the series" : `${Math.round((100 * u.sent) / (u.total || 1))} % sent`);
+    }
+    const box = $("series-refusal");
+    box.hidden = !u || u.state !== "refused";
+    box.dataset.code = u?.state === "refused" ? u.code : "";
+    if (box.hidden) return;
+    const extra = u.again ? " It cannot be de-identified here (a burned-in annotation, for one, stays in the pixels)." : "";
+    $("series-refusal-text").textContent = `${UPLOAD_REFUSALS[u.code] ?? `The upload failed: ${u.message}`}${extra}`;
+    $("series-attributes").replaceChildren(
+      ...u.attributes.map((k) => {
+        const li = document.createElement("li");
+        li.textContent = k;
+        return li;
+      }),
+    );
+    $("series-attributes").hidden = u.attributes.length === 0;
+    $("series-deidentify").hidden = u.code !== "identifiable_data" || u.again;
+  }
+
+  // ----------------------------------------------------------------- the linked model
+
+  /** The series' frame of reference as listed (de-identified series list their new one, which
+   * the room accepts as it does the original). */
+  #frameOf(sha) {
+    return this.#descriptor(sha)?.frame_of_reference ?? this.series.find((s) => s.sha256 === sha)?.frame_of_reference ?? "";
+  }
+
+  #modelName(id) {
+    const o = this.client?.objects.get(id);
+    return o ? (o.name ?? `model ${id}`) : `model ${id}`;
+  }
+
+  #renderLink() {
+    const c = this.client;
+    const p = this.panel;
+    if (!c || p === null) return;
+    const sel = $("panel-model");
+    const linked = p.objectId ?? null;
+    const options = [new Option("Not linked", "")];
+    for (const o of c.objects.values()) options.push(new Option(o.name ?? `Model ${o.id}`, String(o.id)));
+    const keep = document.activeElement === sel || this.linkChoice !== undefined ? sel.value : String(linked ?? "");
+    const sig = options.map((o) => `${o.value}:${o.text}`).join("|");
+    if (sel.dataset.sig !== sig) {
+      sel.replaceChildren(...options);
+      sel.dataset.sig = sig;
+    }
+    sel.value = options.some((o) => o.value === keep) ? keep : String(linked ?? "");
+    const frame = this.#frameOf(p.series);
+    const may = this.app.grants().has("manipulate_objects");
+    const chosen = sel.value === "" ? null : Number(sel.value);
+    sel.disabled = !may || !frame;
+    $("panel-link").disabled = !may || !frame || chosen === linked;
+    $("panel-link").textContent = chosen === null && linked !== null ? "Unlink" : "Link";
+    $("images").dataset.linked = String(linked ?? "");
+    let note;
+    if (!frame) note = "This series has no frame of reference: no model can be linked to it.";
+    else if (linked !== null) note = `Linked to ${this.#modelName(linked)}: click a point on the model in the 3D view (or aim the centre cross at it and press Enter) to show the images there.`;
+    else if (c.objects.size === 0) note = "No model in the room to link.";
+    else note = "Link a model made from this series (in its frame of reference) to find its points in the images.";
+    if ($("panel-link-note").textContent !== note) $("panel-link-note").textContent = note;
+  }
+
+  #announceLink(p, who, mine) {
+    const linked = p.objectId ?? null;
+    if (this.linkShown !== undefined && this.linkShown !== linked && !mine) {
+      this.app.announce(linked === null ? `${who} unlinked the images from the model.` : `${who} linked the images to ${this.#modelName(linked)}.`);
+    }
+    this.linkShown = linked;
+  }
+
+  /** Link the panel to the model chosen in the list (or unlink it). */
+  async linkSelected() {
+    const p = this.panel;
+    if (p === null) return;
+    const v = $("panel-model").value;
+    const objectId = v === "" ? null : Number(v);
+    try {
+      await this.client.linkPanel(p.id, objectId, objectId === null ? null : this.#frameOf(p.series));
+      this.linkChoice = undefined;
+      this.linkShown = objectId;
+      this.app.announce(objectId === null ? "The images are no longer linked to a model." : `The images are linked to ${this.#modelName(objectId)}. Click a point on it to show the images there.`);
+    } catch (err) {
+      this.app.alertText(`The images were not linked: ${err.message}`);
+    }
+    this.render();
+  }
+
+  /** A point picked on model `objectId` (its local frame, metres): when the panel is linked
+   * to that model, the images move to it for everyone. True when it was the linked model. */
+  locateAt(objectId, local) {
+    const p = this.panel;
+    if (p === null || p.objectId !== objectId) return false;
+    if (!this.app.grants().has("manipulate_objects")) {
+      this.app.announce("Your role follows the shared images; it cannot move them.");
+      return true;
+    }
+    this.client
+      .locate(p.id, local)
+      .then((slices) => {
+        const plane = this.view()?.plane ?? "axial";
+        const count = this.#descriptor(p.series)?.planes[plane].count;
+        const k = PLANES.indexOf(plane);
+        this.local = null;
+        this.app.announce(`The images show the point on ${this.#modelName(objectId)}: ${plane} image ${slices[k] + 1}${count ? ` of ${count}` : ""}.`);
+        this.render();
+      })
+      .catch((err) => this.app.alertText(`The images did not move to the point: ${err.message}`));
+    return true;
   }
 
   // ----------------------------------------------------------------- wiring
@@ -584,6 +928,18 @@ export class ImageViewer {
     canvas.addEventListener("click", () => {
       if (this.tool) this.placeMeasurePoint(this.mouse);
     });
+    canvas.addEventListener("dblclick", () => {
+      if (this.tool === "roi") this.finishRegion();
+    });
+    $("series-upload").addEventListener("change", (e) => this.uploadFiles([...e.target.files]));
+    $("series-deidentify").addEventListener("click", () => {
+      if (this.upload?.files) this.uploadFiles(this.upload.files, { deidentify: true });
+    });
+    $("panel-model").addEventListener("change", () => {
+      this.linkChoice = $("panel-model").value;
+      this.#renderLink();
+    });
+    $("panel-link").addEventListener("click", () => this.linkSelected());
     $("series-open").addEventListener("click", () => this.openSelected());
     $("series-refresh").addEventListener("click", async () => {
       await this.refreshSeries();
@@ -602,8 +958,14 @@ export class ImageViewer {
     }
     $("image-slice").addEventListener("input", (e) => this.goTo(Number(e.target.value)));
     $("image-window").addEventListener("change", (e) => this.setPreset(e.target.value));
-    $("measure-start").addEventListener("click", () => {
-      this.startMeasuring();
+    for (const [kind, t] of Object.entries(TOOLS)) {
+      $(t.button).addEventListener("click", () => {
+        this.startMeasuring(kind);
+        canvas.focus();
+      });
+    }
+    $("measure-finish").addEventListener("click", () => {
+      this.finishRegion();
       canvas.focus();
     });
     $("measure-list").addEventListener("click", async (e) => {
@@ -642,9 +1004,11 @@ export class ImageViewer {
       this.app.announce(`Window: ${next[1]}.`);
     } else if (key === "+" || key === "=") this.change({ zoom: Math.min(20, Math.round(v.zoom * 1.25 * 100) / 100) });
     else if (key === "-") this.change({ zoom: Math.max(0.1, Math.round((v.zoom / 1.25) * 100) / 100) });
-    else if (key === "m" || key === "M") this.startMeasuring();
+    else if (Object.values(TOOLS).some((t) => t.key === key.toLowerCase())) this.startMeasuring(Object.keys(TOOLS).find((k) => TOOLS[k].key === key.toLowerCase()));
     else if (key === "Enter" && this.tool) this.placeMeasurePoint(this.cursor);
-    else if (key === "Escape" && this.tool) this.startMeasuring();
+    else if ((key === "f" || key === "F") && this.tool === "roi") this.finishRegion();
+    else if (key === "Backspace" && this.tool) this.undoPoint();
+    else if (key === "Escape" && this.tool) this.startMeasuring(this.tool);
     else handled = false;
     if (handled) {
       e.preventDefault();
@@ -677,8 +1041,12 @@ export class ImageViewer {
       shown: this.shown && { key: this.shown.key, series: this.shown.series, plane: this.shown.plane, index: this.shown.index, window: this.shown.window },
       series: this.series.map((s) => ({ sha256: s.sha256, name: s.name })),
       pointers: c ? [...c.panels.pointers].filter(([m, p]) => m !== c.memberId && p.panelId === this.panelId).map(([m, p]) => ({ memberId: m, point: p.point })) : [],
-      measurements: c ? [...c.panels.measurements.values()].map((m) => ({ id: m.id, kind: m.kind, value: m.value, author: m.author, points: m.points })) : [],
+      measurements: c ? [...c.panels.measurements.values()].map((m) => ({ id: m.id, kind: m.kind, value: m.value, author: m.author, points: m.points, mean: m.mean ?? null, sd: m.sd ?? null, units: m.units ?? null })) : [],
       tool: this.tool,
+      draft: this.draft.map((p) => [...p]),
+      drawn: this.drawn.map((m) => ({ id: m.id, kind: m.kind, points: m.points.map((p) => [...p]), label: m.label })),
+      linked: this.panel?.objectId ?? null,
+      upload: this.upload && { name: this.upload.name, state: this.upload.state, code: this.upload.code, attributes: [...this.upload.attributes], sent: this.upload.sent, total: this.upload.total, sha256: this.upload.sha256 ?? null },
       layout: this.layout && { x0: this.layout.x0, y0: this.layout.y0, px: this.layout.px, py: this.layout.py, size: this.layout.size },
     };
   }
@@ -697,7 +1065,8 @@ function imageColRow(d, plane, p) {
   return [q.col, q.row];
 }
 
-function line(g, a, b, color, unit) {
+function line(g, a, b, color, unit, dash = []) {
+  g.setLineDash(dash);
   g.strokeStyle = "#000";
   g.lineWidth = 4 * unit;
   g.beginPath();
@@ -707,6 +1076,11 @@ function line(g, a, b, color, unit) {
   g.strokeStyle = color;
   g.lineWidth = 2 * unit;
   g.stroke();
+  g.setLineDash([]);
+}
+
+function megabytes(n) {
+  return n < 1e6 ? `${Math.max(1, Math.round(n / 1e3))} kB` : `${(n / 1e6).toFixed(1)} MB`;
 }
 
 function dotAt(g, [x, y], color, r) {
@@ -724,12 +1098,4 @@ function label(g, text, x, y, color) {
   g.strokeText(text, x, y);
   g.fillStyle = color;
   g.fillText(text, x, y);
-}
-
-function describeMeasurement(m) {
-  const lab = m.label ? ` "${m.label}"` : "";
-  if (m.kind === "distance") return `Distance${lab}: ${m.value.toFixed(1)} mm`;
-  if (m.kind === "angle") return `Angle${lab}: ${m.value.toFixed(1)}°`;
-  const stats = m.mean !== null && m.mean !== undefined ? `, mean ${m.mean.toFixed(1)} ± ${(m.sd ?? 0).toFixed(1)} ${m.units ?? ""}` : "";
-  return `Region${lab}: ${m.value.toFixed(1)} mm²${stats}`;
 }

@@ -390,7 +390,7 @@ function setupScene() {
     placePoint: (hit) => placePoint(hit),
     pick: (hit) => {
       if (hit && currentTool() !== "none") placePoint(hit);
-      else if (hit) select(hit.objectId);
+      else if (hit) pickModel(hit);
     },
     strokeActive: () => currentTool() === "stroke",
     strokeDrag: (hit) => {
@@ -871,6 +871,13 @@ function moveHeld() {
   }
 }
 
+// A model picked without an annotation tool: selected, and when the case images are linked to
+// it, the images move to the point picked for everyone.
+function pickModel(hit) {
+  select(hit.objectId);
+  app.images?.locateAt(hit.objectId, hit.local);
+}
+
 async function annotatePin(hit) {
   const text = $("anno-text").value.trim() || null;
   try {
@@ -884,7 +891,7 @@ async function annotatePin(hit) {
 async function placePoint(hit) {
   const tool = currentTool();
   if (tool === "none") {
-    if (hit) select(hit.objectId);
+    if (hit) pickModel(hit);
     else announce("Nothing is under the centre cross.");
     return;
   }

@@ -91,12 +91,15 @@ export class JoinError extends Error {
 /** The server refused a request (an object operation): `code`, and for `object_locked` the
  * member holding the object as `holder`. */
 export class RequestError extends Error {
-  constructor(code, message, { objectId = null, holder = null } = {}) {
+  constructor(code, message, { objectId = null, holder = null, attributes = null } = {}) {
     super(`${code}: ${message}`);
     this.name = "RequestError";
     this.code = code;
     this.objectId = objectId;
     this.holder = holder;
+    /** For an image series refused with identifiable_data: the keywords of the identifying
+     * attributes (never their values). */
+    this.attributes = attributes;
   }
 }
 
@@ -1166,14 +1169,16 @@ export class MedverseClient {
     if (resp.status >= 400) {
       let code = "http_error";
       let message = `HTTP ${resp.status}`;
+      let attributes = null;
       try {
         const err = (await resp.json()).error;
         code = String(err.code);
         message = String(err.message);
+        if (Array.isArray(err.attributes)) attributes = err.attributes.map(String);
       } catch {
         // not a medverse error body
       }
-      throw new RequestError(code, message);
+      throw new RequestError(code, message, { attributes });
     }
     return resp;
   }

@@ -16,6 +16,10 @@
 // {measurementId, deleted, seq}, images_synced {panels, measurements}. Each call resolves once
 // the server has applied it and rejects with RequestError (its `code`) when refused.
 
+// RequestError is used only inside calls, after both modules have loaded (client.js imports
+// this one).
+import { RequestError } from "./client.js";
+
 /** The three planes a panel shows, in the order of a panel's `slices`. */
 export const PLANES = Object.freeze(["axial", "coronal", "sagittal"]);
 
@@ -181,16 +185,29 @@ export const IMAGE_METHODS = {
     return this.seriesUrl(sha256, `/${plane}/${Math.trunc(index)}.png${q}`);
   },
 
-  /** Upload a DICOM series (a zip of its files, or one file; Uint8Array, ArrayBuffer or Blob);
-   * resolves with its listing ({sha256, name, instances, ...}). `deidentify`: strip the
-   * identifying data first (rooms that do not take identifiable images refuse it otherwise). */
-  async uploadSeries(body, { name = "series", deidentify = false } = {}) {
+  /** Upload a DICOM series; resolves with its listing ({sha256, name, instances, ...}).
+   * `body`: a zip of its files or one file (Uint8Array, ArrayBuffer or Blob), or an array of
+   * files (Blobs or Files: .dcm files, or zips), sent as multipart/form-data with one part
+   * each. `deidentify`: strip the identifying data first (rooms that do not take
+   * identifiable images refuse it otherwise, with RequestError `identifiable_data` whose
+   * `attributes` name the attributes by keyword). `onProgress(sent, total)`: bytes sent so
+   * far, where the platform reports them (a browser's XMLHttpRequest). */
+  async uploadSeries(body, { name = "series", deidentify = false, onProgress = null } = {}) {
     const q = `?name=${encodeURIComponent(name)}&deidentify=${deidentify ? 1 : 0}`;
-    const resp = await this.roomFetch(this.seriesUrl(null, q), {
-      method: "POST",
-      headers: { "Content-Type": "application/zip" },
-      body,
-    });
+    const url = this.seriesUrl(null, q);
+    let payload = body;
+    const headers = {};
+    if (Array.isArray(body)) {
+      if (body.length === 0) throw new TypeError("no files to upload");
+      payload = new FormData();
+      body.forEach((file, i) => payload.append("file", file, file.name ?? `file${i}.dcm`));
+    } else {
+      headers["Content-Type"] = "application/zip";
+    }
+    if (typeof onProgress === "function" && typeof globalThis.XMLHttpRequest === "function") {
+      return xhrJson(url, { ...headers, Authorization: this.httpToken ? `Bearer ${this.httpToken}` : undefined }, payload, onProgress);
+    }
+    const resp = await this.roomFetch(url, { method: "POST", headers, body: payload });
     return resp.json();
   },
 
@@ -293,6 +310,31 @@ export const IMAGE_METHODS = {
     await this.request((req) => ({ t: "img_unmeasure", req, measurement_id: measurementId }));
   },
 };
+
+// A POST with upload progress (fetch reports none): resolves with the JSON answer, rejects
+// with RequestError (the server's code, and `attributes` when it names any) as roomFetch does.
+function xhrJson(url, headers, body, onProgress) {
+  return new Promise((resolve, reject) => {
+    const xhr = new globalThis.XMLHttpRequest();
+    xhr.open("POST", url);
+    for (const [k, v] of Object.entries(headers)) if (v !== undefined) xhr.setRequestHeader(k, v);
+    xhr.upload.onprogress = (e) => onProgress(e.loaded, e.lengthComputable ? e.total : null);
+    xhr.onerror = () => reject(new RequestError("http_error", "the upload did not reach the server"));
+    xhr.onload = () => {
+      let doc = null;
+      try {
+        doc = JSON.parse(xhr.responseText);
+      } catch {
+        // not JSON: judged by the status alone
+      }
+      if (xhr.status < 400 && doc !== null) return resolve(doc);
+      const err = doc?.error;
+      const attributes = Array.isArray(err?.attributes) ? err.attributes.map(String) : null;
+      reject(new RequestError(err ? String(err.code) : "http_error", err ? String(err.message) : `HTTP ${xhr.status}`, { attributes }));
+    };
+    xhr.send(body);
+  });
+}
 
 /** Where a panel's image `index` of `plane` lies, and the patient point (mm) of a pixel
  * (column `col`, row `row`) of it, from the series descriptor's `planes`. */

@@ -32,6 +32,18 @@ function syntheticZip() {
   );
 }
 
+/** The files of synthetic_ct(16, 16, 4, phi=True): a patient's name, ids and more in them. */
+function identifiableFiles() {
+  const code =
+    "import sys, json, base64; from benchmarks.dicomgen import synthetic_ct; " +
+    "json.dump({n: base64.b64encode(b).decode() for n, b in synthetic_ct(16, 16, 4, phi=True).items()}, sys.stdout)";
+  return new Promise((resolve, reject) =>
+    execFile(PYTHON, ["-c", code], { cwd: ROOT, maxBuffer: 1 << 26, timeout: 60000 }, (err, out, errOut) =>
+      err ? reject(new Error(`${err.message}\n${errOut}`)) : resolve(Object.entries(JSON.parse(out)).map(([n, b]) => new File([Buffer.from(b, "base64")], n))),
+    ),
+  );
+}
+
 before(
   async () => {
     [server, zip] = await Promise.all([startServer(), syntheticZip()]);
@@ -102,6 +114,26 @@ test("a series over HTTP: upload, listing, descriptor, slices with a window and 
   // The pixel to patient mapping of the descriptor: axial image k is k slice steps up.
   const p = pixelToPatient(d, "axial", 3, 0, 0);
   assert.deepEqual(p, d.planes.axial.origin.map((v, k) => v + 3 * d.planes.axial.slice_step[k]));
+});
+
+test("files uploaded as parts: identifying data refused with its keywords, then de-identified", { timeout: TIMEOUT }, async () => {
+  const host = await join("review-parts", "lead", "host");
+  const files = await identifiableFiles();
+  let refused = null;
+  await assert.rejects(host.uploadSeries(files, { name: "chest" }), (e) => {
+    refused = e;
+    return e instanceof RequestError && e.code === "identifiable_data";
+  });
+  for (const k of ["PatientName", "PatientID", "PatientBirthDate", "InstitutionName"]) assert.ok(refused.attributes.includes(k), k);
+  assert.ok(!refused.attributes.some((k) => k.includes("Doe")), "keywords, never values");
+  assert.deepEqual(await host.listSeries(), []);
+  const listing = await host.uploadSeries(files, { name: "chest", deidentify: true });
+  assert.equal(listing.instances, 4);
+  assert.equal(listing.deidentified, true);
+  assert.equal(listing.name, "chest");
+  // Other refusals carry no attributes; an empty list of files is the caller's mistake.
+  await assert.rejects(host.uploadSeries([new File([new Uint8Array([1, 2, 3])], "x.dcm")]), (e) => e.code === "not_dicom" && e.attributes === null);
+  await assert.rejects(host.uploadSeries([]), TypeError);
 });
 
 test("a panel opened, scrolled and measured by one member is followed by another", { timeout: TIMEOUT }, async () => {
