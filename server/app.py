@@ -435,6 +435,7 @@ class Server:
                     command=self.cluster_command,
                     rooms=lambda: [room.name for room in self.rooms],
                     drained=lambda: self.on_drained(),
+                    persist_room=self.rooms.persist,
                 ),
                 bind_subject=self.verifier is not None,
             )

@@ -190,6 +190,10 @@ class _Lease:
     until: float
 
 
+async def _nothing_to_store(room: str) -> None:
+    return None
+
+
 @dataclass
 class ClusterHooks:
     """What the cluster asks of its server."""
@@ -206,6 +210,8 @@ class ClusterHooks:
     rooms: Callable[[], Sequence[str]]
     #: Called once this node has drained (its rooms are elsewhere): the process may exit.
     drained: Callable[[], None] = lambda: None
+    #: Store what a room has not stored yet and wait for it (before its lease is handed over).
+    persist_room: Callable[[str], Awaitable[None]] = _nothing_to_store
 
 
 @dataclass
@@ -666,6 +672,9 @@ class Cluster:
             target, url = self._candidate()
             moved = False
             if target != self.node_id and room in self.leases:
+                # What the room writes at intervals (transforms, viewer panels) is committed
+                # before the other node may load it.
+                await hooks.persist_room(room)
                 try:
                     moved = await self.transfer(room, target, url)
                 except (RedisError, OSError) as exc:

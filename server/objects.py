@@ -17,7 +17,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -211,6 +211,12 @@ class RoomObjects(RoomPlugin):
         for member, msg in waiting:
             if self.ctx.members.get(member.id) is member:
                 self.on_message(member, msg)
+
+    def on_persist(self) -> Coroutine[Any, Any, None] | None:
+        # Transforms are written at intervals: write this room's now, then wait for the
+        # writer (one thread, in order) to have committed everything queued before.
+        self.service.flush(self.ctx.name)
+        return self.service.settled()
 
     def on_close(self) -> None:
         service = self.service
@@ -914,6 +920,11 @@ class SharedObjects(ServerPlugin):
         ]
         if rows and self._writer is not None:
             self._writer.submit(self._write_transforms, rows)
+
+    async def settled(self) -> None:
+        """Wait until every write queued so far is committed (the writer runs them in order)."""
+        if self._writer is not None:
+            await asyncio.get_running_loop().run_in_executor(self._writer, lambda: None)
 
     def _write_transforms(self, rows: list[TransformRow]) -> None:
         try:

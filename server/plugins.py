@@ -346,6 +346,12 @@ class RoomPlugin:
     def on_close(self) -> None:
         """The room closed."""
 
+    def on_persist(self) -> Coroutine[Any, Any, None] | None:
+        """The room is about to move to another server (this one drains): store what is not
+        stored yet (e.g. state written at intervals) and return a coroutine that ends once it
+        is committed. The other server loads the room from the store after that."""
+        return None
+
     def describe(self) -> dict[str, object]:
         """What operators see of this plugin's state in ``GET /admin/rooms``."""
         return {}

@@ -147,6 +147,13 @@ class RoomRegistry:
         self.on_closed(room.name)
         log.info("room %s closed", room.name)
 
+    async def persist(self, name: str) -> None:
+        """Store what room ``name`` has not stored yet, and wait for it (it is about to move
+        to another server)."""
+        room = self._rooms.get(name)
+        if room is not None:
+            await room.persist()
+
     def drop(self, name: str, url: str | None) -> None:
         """Stop running room ``name`` here at once: its members and lobby are redirected to
         ``url`` (another server of the cluster runs it now) or, without one, disconnected to

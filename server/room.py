@@ -621,6 +621,31 @@ class Room:
             except Exception:
                 log.exception("plugin %s of room %s failed in %s", p.name, self.name, hook)
 
+    async def persist(self, timeout: float = 5.0) -> None:
+        """Let every plugin store what it has not stored yet (``on_persist``) and wait until
+        that is committed, for at most ``timeout`` seconds (the room is about to move)."""
+        waits = []
+        for p in self.plugins:
+            try:
+                pending = p.on_persist()
+            except Exception:
+                log.exception("plugin %s of room %s failed in on_persist", p.name, self.name)
+                continue
+            if pending is not None:
+                waits.append(pending)
+        if not waits:
+            return
+        try:
+            results = await asyncio.wait_for(
+                asyncio.gather(*waits, return_exceptions=True), timeout
+            )
+        except TimeoutError:
+            log.warning("room %s: its state was not stored within %.0f s", self.name, timeout)
+            return
+        for err in results:
+            if isinstance(err, BaseException):
+                log.error("room %s: storing its state failed", self.name, exc_info=err)
+
     def plugin(self, cls: type[P]) -> P | None:
         """This room's instance of plugin class ``cls``, if its room type has it."""
         return next((p for p in self.plugins if isinstance(p, cls)), None)

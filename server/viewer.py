@@ -17,7 +17,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -312,6 +312,11 @@ class RoomImages(RoomPlugin):
     def on_create(self) -> None:
         self.service.rooms[self.ctx.name] = self
         self.ctx.spawn(self._run())
+
+    def on_persist(self) -> Coroutine[Any, Any, None] | None:
+        # Panels are stored at intervals: store them now and wait for the writer (in order).
+        self.service.flush_room(self)
+        return self.service.run(lambda: None)
 
     def on_close(self) -> None:
         self.service.flush_room(self)

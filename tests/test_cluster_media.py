@@ -107,9 +107,9 @@ class Made:
     png: bytes
 
 
-async def make_case(s: Session) -> Made:
+async def make_case(s: Session, settle: bool = True) -> Made:
     """Upload a model and a CT, open a panel on the CT and scroll it, measure, spawn the
-    model; wait until the panel's view is stored (two flush intervals)."""
+    model; wait until the panel's view is stored (two flush intervals) if ``settle``."""
     asset = await s.upload_asset(triangle_glb(nodes=("skin", "vessels")), "heart")
     series = (await s.upload_series(synthetic_ct(32, 32, 8))).sha256
     await s.panels.wait_synced()
@@ -119,7 +119,8 @@ async def make_case(s: Session) -> Made:
     oid = await s.spawn(asset.sha256)
     png = await s.fetch_slice(series, "axial", 6)
     await s.panels.wait_version(pid, 1)
-    await asyncio.sleep(1.2)
+    if settle:
+        await asyncio.sleep(1.2)
     return Made(s.room, asset.sha256, series, pid, mid, oid, png)
 
 
@@ -188,12 +189,22 @@ async def test_a_drained_servers_rooms_keep_their_models_series_and_viewers(
     lead = connect(a.url, room, token=token(room, "lead"), fallback_urls=[b.url], max_backoff=0.5)
     await lead.start()
     try:
-        made = await make_case(lead)
+        # Drained at once after the last changes: what the room stores at intervals (the
+        # panel's view, the model's transform) is stored before the other server loads it.
+        made = await make_case(lead, settle=False)
+        await lead.objects.wait_synced()
+        await lead.grab(made.obj)
+        lead.move(made.obj, (0.4, 1.0, -0.2), (0.0, 0.0, 0.0, 1.0), 1.3)
+        await lead.release(made.obj)
         home = owner_of(pair.nodes, lead.url)
         other = b if home is a else a
         home.proc.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(home.proc.wait, 30) == 0
         await wait_for(lambda: lead.url == f"{other.url}/ws", timeout=20)
         await check_case(other, made, tmp_path)
+        await wait_for(lambda: lead.snapshot.ids.size >= 2, timeout=10)
+        obj = lead.objects[made.obj]
+        assert obj.position == pytest.approx((0.4, 1.0, -0.2), abs=0.002)
+        assert obj.scale == pytest.approx(1.3, abs=0.002)
     finally:
         await lead.close()
