@@ -6,7 +6,8 @@ moves another member from one room to another without the moved member reconnect
 server sends it ``moved`` and the target room's entry follows on the same connection exactly
 as after a ``hello`` (``consent_required``, ``waiting`` or ``welcome``; SPEC.md, "Transfers").
 Patients in a waiting room are told their place in the queue (``queue``) and when a clinician
-calls them in (``called``).
+calls them in (``called``). A moved member's room access credential (``moved``'s ``access``) is
+refreshed by the server before it expires (``access``).
 """
 
 from __future__ import annotations
@@ -80,6 +81,17 @@ class Moved(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class Access(Message):
+    """To a moved member in room ``room``: a fresh room access credential for it (``access``,
+    as in ``moved``), sent before the last one expires (SPEC.md, "Room access credentials").
+    The client uses it in place of the last one from now on."""
+
+    TYPE: ClassVar[str] = "access"
+    room: str = wire_field("str", pattern=ROOM_NAME_RE)
+    access: str = wire_field("str", max_len=MAX_ACCESS_CHARS)
+
+
+@dataclass(frozen=True, slots=True)
 class Queue(Message):
     """To a patient in a waiting room: its ``position`` in the queue (1: next), how many wait
     (``waiting``), an estimate of the wait in seconds (absent until the clinic has measured a
@@ -103,7 +115,7 @@ class Called(Message):
 
 
 CLIENT_CLINIC: tuple[type[Message], ...] = (Transfer, CallNext, SendBack)
-SERVER_CLINIC: tuple[type[Message], ...] = (Moved, Queue, Called)
+SERVER_CLINIC: tuple[type[Message], ...] = (Moved, Queue, Called, Access)
 
 __all__ = [
     "CLIENT_CLINIC",
@@ -112,6 +124,7 @@ __all__ = [
     "MAX_ESTIMATE_SECONDS",
     "MAX_REASON_CHARS",
     "SERVER_CLINIC",
+    "Access",
     "CallNext",
     "Called",
     "Moved",

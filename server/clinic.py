@@ -23,9 +23,11 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
+from collections.abc import Awaitable
 
 from medverse.protocol.clinic import (
     MAX_ESTIMATE_SECONDS,
+    Access,
     Called,
     CallNext,
     Moved,
@@ -66,7 +68,7 @@ class ClinicRoom(RoomPlugin):
 
     name = "clinic"
     messages = (Transfer, CallNext, SendBack)
-    server_messages = (Moved, Queue, Called)
+    server_messages = (Moved, Queue, Called, Access)
 
     def __init__(self, ctx: RoomContext, service: ClinicService) -> None:
         super().__init__(ctx)
@@ -164,12 +166,12 @@ class ClinicRoom(RoomPlugin):
 
     # ----------------------------------------------------------------- requests
 
-    def on_message(self, member: MemberView, msg: Message) -> None:
+    def on_message(self, member: MemberView, msg: Message) -> Awaitable[None] | None:
         self._limit(member)
         _may_move(member)
         if isinstance(msg, Transfer):
             target = self._member(member, msg.member_id)
-            self._move(target, msg.room, member, msg.reason or "", admit=False)
+            return self._move(target, msg.room, member, msg.reason or "", admit=False)
         elif isinstance(msg, CallNext):
             waiting = self.service.waiting_room
             if waiting is None:
@@ -180,13 +182,16 @@ class ClinicRoom(RoomPlugin):
             if room is None:
                 raise ProtocolError(ErrorCode.NOT_FOUND, "nobody is waiting")
             patient = room.next_patient()
-            room._move(patient, self.ctx.name, member, "called", admit=True)
+            return room._move(patient, self.ctx.name, member, "called", admit=True)
         elif isinstance(msg, SendBack):
             waiting = self.service.waiting_room
             if waiting is None:
                 raise ProtocolError(ErrorCode.NOT_FOUND, "this clinic has no waiting room")
             target = self._member(member, msg.member_id)
-            self._move(target, waiting, member, msg.reason or "sent back to the waiting room")
+            return self._move(
+                target, waiting, member, msg.reason or "sent back to the waiting room"
+            )
+        return None
 
     def _member(self, actor: MemberView, member_id: int) -> MemberView:
         m = self.ctx.members.get(member_id)
@@ -198,18 +203,30 @@ class ClinicRoom(RoomPlugin):
 
     def _move(
         self, member: MemberView, room: str, by: MemberView, reason: str, admit: bool = False
-    ) -> None:
+    ) -> Awaitable[None] | None:
         """Move ``member`` of this room; a patient leaving the waiting room is called (and its
-        consultation is timed from its arrival)."""
+        consultation is timed from its arrival). An awaitable while another server of the
+        cluster decides (see ``RoomContext.transfer``)."""
         notice = None
+        subject = member.identity.subject
         if self.waiting and member.id in self.queue:
             notice = Called(room, by.name)
-            self.service.call(member.identity.subject, room)
+            self.service.call(subject, room)
         try:
-            self.ctx.transfer(member, room, by, reason, admit, notice)
+            pending = self.ctx.transfer(member, room, by, reason, admit, notice)
         except ProtocolError:
             if notice is not None:
-                self.service.calls.pop(member.identity.subject, None)
+                self.service.calls.pop(subject, None)
+            raise
+        if pending is None or notice is None:
+            return pending
+        return self._forget_call_if_refused(pending, subject)
+
+    async def _forget_call_if_refused(self, pending: Awaitable[None], subject: str) -> None:
+        try:
+            await pending
+        except ProtocolError:
+            self.service.calls.pop(subject, None)
             raise
 
     def _limit(self, member: MemberView) -> None:

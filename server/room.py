@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Protocol
@@ -86,11 +86,13 @@ class Link(Protocol):
         reason: str,
         admit: bool,
         notice: Message | None = None,
-    ) -> None:
+    ) -> Awaitable[None] | None:
         """Take the connection's member out of its room and into ``room`` under that room's
         rules (``by``/``actor``: the mover's name and identity; ``notice``: a message it gets
         just before ``moved``); raises ProtocolError, with nothing changed, if that room does
-        not take it."""
+        not take it. None once moved; an awaitable when another server of the cluster runs
+        ``room`` and decides first: it ends once moved, or raises that server's refusal
+        (the member stays where it is)."""
 
 
 class Member:
@@ -384,8 +386,10 @@ class _Context:
         reason: str = "",
         admit: bool = False,
         notice: Message | None = None,
-    ) -> None:
-        self._room.transfer(member.id, room, by.name, by.identity.subject, reason, admit, notice)
+    ) -> Awaitable[None] | None:
+        return self._room.transfer(
+            member.id, room, by.name, by.identity.subject, reason, admit, notice
+        )
 
 
 class Room:
@@ -586,14 +590,14 @@ class Room:
         reason: str,
         admit: bool,
         notice: Message | None = None,
-    ) -> None:
+    ) -> Awaitable[None] | None:
         """Move a connected member of this room to ``room`` (see ``RoomContext.transfer``)."""
         m = self._members.get(member_id)
         if m is None or m.hidden:
             raise ProtocolError(ErrorCode.NOT_FOUND, "no such member")
         if m.link is None:
             raise ProtocolError(ErrorCode.NOT_FOUND, "that member's connection is down")
-        m.link.move(room, by, actor, reason, admit, notice)
+        return m.link.move(room, by, actor, reason, admit, notice)
 
     def end(self, actor: str, reason: str) -> None:
         """End the session for everyone in the room and its lobby; nobody may enter again
@@ -863,12 +867,13 @@ class Room:
         member.last_seq = seq
         self._table.submit_pose(member.row, member.slots, frame)
 
-    def handle(self, member: Member, msg: Message) -> None:
-        """A control message for a plugin; raises ProtocolError to refuse it."""
+    def handle(self, member: Member, msg: Message) -> Awaitable[None] | None:
+        """A control message for a plugin; raises ProtocolError to refuse it. An awaitable:
+        the plugin decides later (see ``RoomPlugin.on_message``)."""
         plugin = self._handlers.get(type(msg))
         if plugin is None:
             raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"{msg.TYPE} is not handled in this room")
-        plugin.on_message(member.view, msg)
+        return plugin.on_message(member.view, msg)
 
     def handle_frame(self, member: Member, frame: bytes) -> None:
         """A binary frame of a plugin's kind; raises ProtocolError to refuse it."""
