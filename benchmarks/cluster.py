@@ -2,7 +2,12 @@
 latency through a redirect against a direct join, failover time after ``kill -9``, and Redis
 round trips per join and per tick.
 
-    python -m benchmarks.cluster [--clients 1000] [--seconds 10]
+    python -m benchmarks.cluster [--clients 250 --clients 1000 ...] [--seconds 10]
+
+Each headset count runs on 1 node and on 2 nodes. A node count *holds* a count when every
+headset got >= 29.5 state frames a second and every node's tick p99 stayed <= 10 ms; the
+headsets held by 2 nodes over those held by 1 node (the largest count each held) is the
+scaling ratio at the same tick p99.
 
 Every node is a ``medverse serve --redis-url`` process with a private ``redis-server``; the
 load generator (``medverse loadtest``, lean WebSocket clients that follow redirects) runs in a
@@ -34,7 +39,7 @@ import numpy as np
 import psutil
 import redis
 
-from medverse.client_sdk import Resumed, connect
+from medverse.client_sdk import Reconnecting, Resumed, connect
 from medverse.server.auth import mint_token
 from tests.services import RedisServer, redis_server
 
@@ -198,13 +203,13 @@ async def _joins(a: ServerProcess, b: ServerProcess, secret: str, n: int) -> dic
 
 
 async def _failover(
-    a: ServerProcess, b: ServerProcess, secret: str, members: int
+    a: ServerProcess, b: ServerProcess, secret: str, members: int, room: str
 ) -> dict[str, Any]:
     sessions = [
         connect(
             a.url,
-            "fo",
-            token=mint_token(secret.encode(), room="fo", identity=f"m{i}"),
+            room,
+            token=mint_token(secret.encode(), room=room, identity=f"m{i}"),
             fallback_urls=[b.url],
             max_backoff=0.25,
             ping_interval=0,
@@ -240,28 +245,136 @@ async def _failover(
     return result
 
 
-def latency_and_failover(r: RedisServer, ttl: float, joins: int) -> dict[str, Any]:
+async def _drain(
+    a: ServerProcess, start_b: Any, secret: str, rooms: int, per_room: int
+) -> dict[str, Any]:
+    """``rooms`` rooms of ``per_room`` members on node ``a`` (alone), then a second node
+    ``start_b()`` and SIGTERM to ``a``: the time until it has exited, and each member's gap
+    (connection lost to resumed on the second node)."""
+    sessions = []
+    for i in range(rooms):
+        for j in range(per_room):
+            room = f"drain-{i}"
+            tok = mint_token(secret.encode(), room=room, identity=f"m{j}")
+            sessions.append(connect(a.url, room, token=tok, ping_interval=0))
+    for s in sessions:
+        await s.start()
+    b = await asyncio.to_thread(start_b)
+    lost: dict[int, float] = {}
+    gaps: list[float] = []
+
+    async def watch(k: int, s: Any) -> bool:
+        async for ev in s.events():
+            if isinstance(ev, Reconnecting) and k not in lost:
+                lost[k] = time.perf_counter()
+            elif isinstance(ev, Resumed):
+                gaps.append(time.perf_counter() - lost.get(k, time.perf_counter()))
+                return ev.same_member
+        return False
+
+    watchers = [asyncio.create_task(watch(k, s)) for k, s in enumerate(sessions)]
+    await asyncio.sleep(0.3)
+    t0 = time.perf_counter()
+    os.kill(a.pid, signal.SIGTERM)
+    same = await asyncio.wait_for(asyncio.gather(*watchers), 60)
+    all_moved = time.perf_counter() - t0
+    code = await asyncio.to_thread(a.proc.wait, 60)
+    exited = time.perf_counter() - t0
+    on_b = all(s.url.startswith(b.url) for s in sessions)
+    for s in sessions:
+        await s.close()
+    gap_ms = np.array(gaps) * 1000
+    return {
+        "rooms": rooms,
+        "members": len(sessions),
+        "all_members_moved_s": round(all_moved, 3),
+        "node_exited_s": round(exited, 3),
+        "exit_code": code,
+        "gap_ms_p50": round(float(np.percentile(gap_ms, 50)), 1),
+        "gap_ms_max": round(float(gap_ms.max()), 1),
+        "same_member_ids": all(same),
+        "all_on_other_node": on_b,
+    }
+
+
+def drain_run(r: RedisServer, ttl: float, rooms: int) -> dict[str, Any]:
+    secret = secrets.token_urlsafe(48)
+    time.sleep(ttl + 0.2)  # the entries of nodes killed before have expired
+    (a,) = start_nodes(r, 1, secret, ttl, 256)  # alone: every room is placed on it
+    started: list[ServerProcess] = [a]
+
+    def start_b() -> ServerProcess:
+        started.extend(start_nodes(r, 1, secret, ttl, 256))
+        return started[-1]
+
+    try:
+        return asyncio.run(_drain(a, start_b, secret, rooms, 2))
+    finally:
+        stop_nodes(started)
+
+
+def latency_and_failover(r: RedisServer, ttl: float, joins: int, failovers: int) -> dict[str, Any]:
     secret = secrets.token_urlsafe(48)
     nodes = start_nodes(r, 2, secret, ttl, 64)
     try:
         lat = asyncio.run(_joins(nodes[0], nodes[1], secret, joins))
-        fo = asyncio.run(_failover(nodes[0], nodes[1], secret, 8))
-        return {"join_latency": lat, "failover": fo, "lease_ttl_s": ttl}
     finally:
         stop_nodes(nodes)
+    trials = []
+    for i in range(failovers):
+        # A fresh pair and room each time, once the killed nodes' entries have expired (a
+        # new node cannot tell a node killed a moment before it started from a live one).
+        time.sleep(ttl + 0.2)
+        nodes = start_nodes(r, 2, secret, ttl, 64)
+        try:
+            trials.append(asyncio.run(_failover(nodes[0], nodes[1], secret, 8, f"fo-{i}")))
+        finally:
+            stop_nodes(nodes)
+    fo = {
+        "members": trials[0]["members"],
+        "trials": trials,
+        "first_resumed_s": round(float(np.median([t["first_resumed_s"] for t in trials])), 3),
+        "all_resumed_s": round(float(np.median([t["all_resumed_s"] for t in trials])), 3),
+        "first_resumed_s_max": max(t["first_resumed_s"] for t in trials),
+        "all_resumed_s_max": max(t["all_resumed_s"] for t in trials),
+        "same_member_ids": all(t["same_member_ids"] for t in trials),
+    }
+    progress("drain of a node with 20 rooms")
+    drain = drain_run(r, ttl, 20)
+    return {"join_latency": lat, "failover": fo, "drain": drain, "lease_ttl_s": ttl}
+
+
+#: What "held" means for a run: every headset at 30 Hz and every node's tick p99 in budget.
+HELD_FPS_MIN = 29.5
+HELD_TICK_P99_MS = 10.0
+
+
+def held(run: dict[str, Any]) -> bool:
+    """Whether a load run held 30 Hz with every node's tick p99 <= 10 ms."""
+    if "failed" in run or run["connected"] < run["clients"]:
+        return False
+    return run["state_fps_min"] >= HELD_FPS_MIN and all(
+        (n["tick_ms_p99"] or 0.0) <= HELD_TICK_P99_MS for n in run["per_node"]
+    )
 
 
 def main() -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.cluster", description=__doc__)
-    p.add_argument("--clients", type=int, action="append", help="headsets (default 200, 1000)")
+    p.add_argument(
+        "--clients",
+        type=int,
+        action="append",
+        help="headsets, repeatable (default 250, 500, 750, 1000, 1250)",
+    )
     p.add_argument("--seconds", type=float, default=10.0, help="measurement window per run")
-    p.add_argument("--lease-ttl", type=float, default=5.0, help="cluster_lease_ttl of the nodes")
+    p.add_argument("--lease-ttl", type=float, default=2.0, help="cluster_lease_ttl of the nodes")
     p.add_argument("--joins", type=int, default=40, help="joins per kind for join latency")
+    p.add_argument("--failovers", type=int, default=5, help="kill -9 trials (median reported)")
     p.add_argument(
         "--no-load", action="store_true", help="only join latency and failover (no load runs)"
     )
     args = p.parse_args()
-    counts = [] if args.no_load else args.clients or [200, 1000]
+    counts = [] if args.no_load else args.clients or [250, 500, 750, 1000, 1250]
     runs = []
     with redis_server() as r:
         for clients in counts:
@@ -273,11 +386,11 @@ def main() -> int:
                     # Reported as it is: a run this machine could not hold.
                     runs.append({"nodes": n_nodes, "clients": clients, "failed": str(exc)})
         progress("join latency and failover")
-        extra = latency_and_failover(r, args.lease_ttl, args.joins)
+        extra = latency_and_failover(r, args.lease_ttl, args.joins, args.failovers)
     header = (
         f"{'headsets':>8} {'nodes':>5} {'connected':>9} {'redirected':>10} {'fps med':>7} "
         f"{'fps min':>7} {'tick p99 ms per node':>22} {'CPU % per node':>16} {'lat p99 ms':>10} "
-        f"{'RT/join':>7} {'bg RT/s/node':>12} {'cmds/tick':>9} {'leases lost':>11}"
+        f"{'RT/join':>7} {'bg RT/s/node':>12} {'cmds/tick':>9} {'leases lost':>11} {'held':>4}"
     )
     print(header)
     print("-" * len(header))
@@ -295,7 +408,18 @@ def main() -> int:
             f"{run['redis_round_trips_per_headset_join']:>7.3f} "
             f"{max(n['redis_background_round_trips_per_s'] for n in nodes):>12.2f} "
             f"{run['redis_commands_per_node_tick']:>9.4f} "
-            f"{sum(n['redis']['leases_lost'] for n in nodes):>11}"
+            f"{sum(n['redis']['leases_lost'] for n in nodes):>11} "
+            f"{'yes' if held(run) else 'no':>4}"
+        )
+    most = {
+        n: max((r["clients"] for r in runs if r["nodes"] == n and held(r)), default=0)
+        for n in (1, 2)
+    }
+    if counts:
+        ratio = most[2] / most[1] if most[1] else float("nan")
+        print(
+            f"headsets held at 30 Hz with tick p99 <= {HELD_TICK_P99_MS:.0f} ms: 1 node "
+            f"{most[1]}, 2 nodes {most[2]} (2 nodes / 1 node: {ratio:.2f})"
         )
     ratios = {}
     for clients in counts:
@@ -326,8 +450,18 @@ def main() -> int:
     )
     print(
         f"failover after kill -9 (lease TTL {extra['lease_ttl_s']:.1f} s, {fo['members']} "
-        f"members): first resumed {fo['first_resumed_s']:.2f} s, all {fo['all_resumed_s']:.2f} s, "
-        f"same member ids: {'yes' if fo['same_member_ids'] else 'NO'}"
+        f"members, median of {len(fo['trials'])}): room serving again (first member resumed) "
+        f"{fo['first_resumed_s']:.2f} s (max {fo['first_resumed_s_max']:.2f}), all members "
+        f"{fo['all_resumed_s']:.2f} s (max {fo['all_resumed_s_max']:.2f}), same member ids: "
+        f"{'yes' if fo['same_member_ids'] else 'NO'}"
+    )
+    dr = extra["drain"]
+    print(
+        f"drain (SIGTERM) of a node with {dr['rooms']} rooms, {dr['members']} members: all "
+        f"resumed on the other node in {dr['all_members_moved_s']:.2f} s, node exited "
+        f"(code {dr['exit_code']}) after {dr['node_exited_s']:.2f} s; each member's gap p50 "
+        f"{dr['gap_ms_p50']:.0f} ms, max {dr['gap_ms_max']:.0f} ms; same member ids: "
+        f"{'yes' if dr['same_member_ids'] else 'NO'}"
     )
     save_results(
         "cluster" if counts else "cluster-failover",
@@ -338,6 +472,8 @@ def main() -> int:
             "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "runs": runs,
             "ratios_2_over_1": ratios,
+            "held_criterion": {"fps_min": HELD_FPS_MIN, "tick_p99_ms": HELD_TICK_P99_MS},
+            "headsets_held": {"1": most[1], "2": most[2]},
             **extra,
         },
     )

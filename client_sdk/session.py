@@ -433,6 +433,15 @@ class Session(ObjectsAPI, ImagesAPI):
                 await asyncio.sleep(0.2)
                 self.url = self.entry_url
                 hops = 0
+            except (aiohttp.ClientConnectionError, OSError):
+                # A live server redirected us to one that is gone (killed moments ago: its
+                # entry and the room's lease run out within the cluster's lease time): ask
+                # the live one again shortly, until connect_timeout.
+                if hops == 0 or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+                self.url = self.entry_url
+                hops = 0
 
     async def _open_once(self) -> Welcome:
         assert self._http is not None
@@ -833,10 +842,19 @@ class Session(ObjectsAPI, ImagesAPI):
                 if err.code in _FINAL_CODES or self._transfer_grant is not None:
                     self._finish(Closed(str(err), err.code, err.message))
                     return False
+                if err.code == "room_moving":
+                    # A live server says the room is about to be placed again (its old
+                    # server's lease is running out): ask that server again shortly rather
+                    # than backing off further, so failover takes the lease's time and no more.
+                    attempt = min(attempt, 2)
             except (aiohttp.ClientError, OSError, TimeoutError, ConnectionError):
                 # The server a redirect named may be gone (its rooms move to others): go
                 # back to the URL we were given, which finds the room wherever it is now, or
                 # to the cluster's other servers in turn.
+                if self.url not in (self.entry_url, *self.fallback_urls):
+                    # A live server named it: the dead one's lease runs out within the
+                    # cluster's lease time, so ask again shortly rather than backing off.
+                    attempt = min(attempt, 2)
                 self.url = self._next_entry()
                 continue
             else:

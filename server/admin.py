@@ -133,7 +133,7 @@ class AdminAPI:
         if server is not None and (cluster is None or server.shared_store):
             # Alone, or with a store the nodes share: recorded once, here; the other nodes
             # (told below) remove the identity's members at once where the room runs.
-            if not server.ban(room, subject, reason, actor, until):
+            if not await server.ban(room, subject, reason, actor, until):
                 raise http_error(ProtocolError(ErrorCode.NOT_FOUND, "no moderation here"))
             recorded = True
         if cluster is None:

@@ -114,6 +114,8 @@ class Server:
         room_types: Sequence[RoomType] = (),
     ) -> None:
         self.config = config
+        #: Tasks started for cluster commands (kept so they are not collected mid-way).
+        self._background: set[asyncio.Task[Any]] = set()
         self.metrics = Metrics()
         self.traffic = Traffic()
         self.audit = AuditRecorder()
@@ -262,7 +264,11 @@ class Server:
             record = not cmd.get("recorded") and (
                 not self.shared_store or recorder is None or recorder == me
             )
-            self.ban(name, subject, reason or "", actor, until, record=record)
+            task = asyncio.get_running_loop().create_task(
+                self.ban(name, subject, reason or "", actor, until, record=record)
+            )
+            self._background.add(task)
+            task.add_done_callback(self._background_done)
 
     @property
     def shared_store(self) -> bool:
@@ -270,7 +276,12 @@ class Server:
         audit): PostgreSQL through ``database_url``."""
         return bool(getattr(self.config, "database_url", ""))
 
-    def ban(
+    def _background_done(self, task: asyncio.Task[Any]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("a cluster command failed: %s", task.exception())
+
+    async def ban(
         self,
         room_name: str,
         subject: str,
@@ -281,17 +292,20 @@ class Server:
     ) -> bool:
         """Ban ``subject`` from ``room_name`` on this node: recorded in its store (unless
         ``record`` is False: another node recorded it in the store they share), and every
-        device of the identity removed if the room runs here. False: no moderation here."""
+        device of the identity removed if the room runs here. False: no moderation here.
+        The ban is stored in a thread: the event loop never waits for the database."""
         room = self.rooms.get(room_name)
         moderation = room.plugin(Moderation) if room is not None else None
         if moderation is not None:
-            moderation.ban_identity(subject, reason, actor, until, record)
+            await moderation.ban_identity(subject, reason, actor, until, record)
             return True
         if not record:
             return True
         for plugin in self.plugins:
             if isinstance(plugin, ModerationService):
-                ban = plugin.store.add(room_name, subject, subject, reason, actor, until)
+                ban = await asyncio.to_thread(
+                    plugin.store.add, room_name, subject, subject, reason, actor, until
+                )
                 self.audit(
                     "banned",
                     room=room_name,

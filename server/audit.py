@@ -285,12 +285,13 @@ class AuditLog:
         self._key = _load_key(self.data_dir)
         self.retention_days = retention_days
         self.sign_delay = sign_delay
-        self._leaves = [
-            bytes(r[0]) for r in self._db.execute("SELECT leaf FROM entries ORDER BY seq")
-        ]
+        # Only the tree's frontier (one hash per perfect subtree) is kept: the leaves are in
+        # the file, and keeping them in memory too grew the server by every entry it wrote.
         self._frontier = Frontier()
-        for leaf in self._leaves:
-            self._frontier.push(leaf)
+        self._size = 0
+        for (leaf,) in self._db.execute("SELECT leaf FROM entries ORDER BY seq"):
+            self._frontier.push(bytes(leaf))
+            self._size += 1
         self._sign_timer: asyncio.TimerHandle | None = None
         self._signed_size = self._db.execute(
             "SELECT COALESCE(MAX(size), 0) FROM tree_heads"
@@ -300,7 +301,7 @@ class AuditLog:
 
     @property
     def size(self) -> int:
-        return len(self._leaves)
+        return self._size
 
     def append(
         self,
@@ -312,7 +313,7 @@ class AuditLog:
         **detail: Any,
     ) -> int:
         """Record one event; returns its sequence number (from 1)."""
-        seq = len(self._leaves) + 1
+        seq = self._size + 1
         t = time.time()
         det = json.dumps(detail, separators=(",", ":"), sort_keys=True) if detail else None
         leaf = leaf_hash(entry_bytes(seq, t, kind, room, actor, subject, det))
@@ -321,7 +322,7 @@ class AuditLog:
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (seq, round(t, 6), kind, room, actor, subject, det, leaf),
         )
-        self._leaves.append(leaf)
+        self._size = seq
         self._frontier.push(leaf)
         self._schedule_sign()
         return seq
@@ -338,7 +339,7 @@ class AuditLog:
     def sign(self) -> None:
         """Sign and store the tree head of everything appended so far."""
         self._sign_timer = None
-        size = len(self._leaves)
+        size = self._size
         if size == self._signed_size:
             return
         root = self._frontier.root()
@@ -442,6 +443,8 @@ class PostgresAuditLog:
         self._size = 0  # the cluster log's size after this server's last write
         self._sign_at: float | None = None  # when the next head is due (monotonic)
         self._stopping = False
+        # Event-loop futures waiting for entries up to a mark to be committed.
+        self._waiters: list[tuple[int, asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
         if retention_days > 0:
             self.prune()
         self._thread = threading.Thread(target=self._run, name="medverse-audit", daemon=True)
@@ -513,6 +516,7 @@ class PostgresAuditLog:
                             self._queue.clear()
                             self._written = self._queued
                             self._cond.notify_all()
+                            self._wake_waiters()
                         return
                     time.sleep(1.0)
                     continue
@@ -520,6 +524,7 @@ class PostgresAuditLog:
                     del self._queue[: len(batch)]  # only this thread removes
                     self._written += len(batch)
                     self._cond.notify_all()
+                    self._wake_waiters()
                     if self._sign_at is None:
                         self._sign_at = time.monotonic() + self.sign_delay
             if self._sign_due():
@@ -531,6 +536,31 @@ class PostgresAuditLog:
             with self._cond:
                 if stopping and not self._queue:
                     return
+
+    def _wake_waiters(self) -> None:
+        # Called with the condition held, on the writer thread.
+        done = [w for w in self._waiters if w[0] <= self._written]
+        if done:
+            self._waiters = [w for w in self._waiters if w[0] > self._written]
+        for _, loop, fut in done:
+            with contextlib.suppress(RuntimeError):  # that loop has closed
+                loop.call_soon_threadsafe(_resolve, fut)
+
+    def mark(self) -> int:
+        """How many entries this server has queued so far (for :meth:`written`)."""
+        with self._cond:
+            return self._queued
+
+    def written(self, mark: int) -> asyncio.Future[None]:
+        """A future of the running loop, done once every entry up to ``mark`` is committed."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        with self._cond:
+            if self._written >= mark:
+                fut.set_result(None)
+            else:
+                self._waiters.append((mark, loop, fut))
+        return fut
 
     def _sign_due(self) -> bool:
         return self._sign_at is not None and time.monotonic() >= self._sign_at
@@ -673,6 +703,11 @@ class PostgresAuditLog:
 # --------------------------------------------------------------------------- verification
 
 
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
 class AuditRecorder:
     """Where the server's parts record security-relevant events: appends to the audit log once
     it is open (``log``), and never lets a failing append break a session or a room."""
@@ -710,6 +745,26 @@ class AuditRecorder:
             self._log.append("server_stop")
             self._log.close()
             self._log = None
+
+    def mark(self) -> int | None:
+        """A mark of the entries queued so far, when entries are committed after
+        :meth:`__call__` returns (the cluster's PostgreSQL log); None when each is committed
+        as it is appended (the SQLite log) or there is no log."""
+        log = self._log
+        return log.mark() if isinstance(log, PostgresAuditLog) else None
+
+    async def written(self, mark: int, timeout: float) -> bool:
+        """Wait until every entry up to ``mark`` is committed; False after ``timeout``
+        seconds (the database is out of reach: the entries stay queued and go in once it is
+        back)."""
+        log = self._log
+        if not isinstance(log, PostgresAuditLog):
+            return True
+        try:
+            await asyncio.wait_for(log.written(mark), timeout)
+        except TimeoutError:
+            return False
+        return True
 
     def __call__(
         self,

@@ -23,7 +23,8 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Coroutine
+from typing import Any
 
 from medverse.protocol.clinic import (
     MAX_ESTIMATE_SECONDS,
@@ -166,7 +167,7 @@ class ClinicRoom(RoomPlugin):
 
     # ----------------------------------------------------------------- requests
 
-    def on_message(self, member: MemberView, msg: Message) -> Awaitable[None] | None:
+    def on_message(self, member: MemberView, msg: Message) -> Coroutine[Any, Any, None] | None:
         self._limit(member)
         _may_move(member)
         if isinstance(msg, Transfer):
@@ -203,10 +204,10 @@ class ClinicRoom(RoomPlugin):
 
     def _move(
         self, member: MemberView, room: str, by: MemberView, reason: str, admit: bool = False
-    ) -> Awaitable[None] | None:
+    ) -> Coroutine[Any, Any, None] | None:
         """Move ``member`` of this room; a patient leaving the waiting room is called (and its
-        consultation is timed from its arrival). An awaitable while another server of the
-        cluster decides (see ``RoomContext.transfer``)."""
+        consultation is timed from its arrival). A coroutine answering the request while
+        another server of the cluster decides (see ``RoomContext.transfer``)."""
         notice = None
         subject = member.identity.subject
         if self.waiting and member.id in self.queue:
@@ -218,15 +219,18 @@ class ClinicRoom(RoomPlugin):
             if notice is not None:
                 self.service.calls.pop(subject, None)
             raise
-        if pending is None or notice is None:
-            return pending
-        return self._forget_call_if_refused(pending, subject)
+        if pending is None:
+            return None
+        return self._finish_move(pending, subject if notice is not None else None)
 
-    async def _forget_call_if_refused(self, pending: Awaitable[None], subject: str) -> None:
+    async def _finish_move(self, pending: Awaitable[None], called: str | None) -> None:
+        """The request's answer, once another server of the cluster has taken or refused the
+        member (a refused call is forgotten)."""
         try:
             await pending
         except ProtocolError:
-            self.service.calls.pop(subject, None)
+            if called is not None:
+                self.service.calls.pop(called, None)
             raise
 
     def _limit(self, member: MemberView) -> None:

@@ -102,6 +102,10 @@ redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return {ARGV[2], ARGV[3], tostring(gen), tonumber(ARGV[4])}
 """
 
+#: Heartbeat intervals without a change of a node's entry after which it counts as gone
+#: (before its entry expires): a live node rewrites its entry every interval.
+STALE_BEATS = 2
+
 # Renew every lease named whose owner and generation are still ours: 1 renewed, 0 lost.
 _RENEW = """
 local out = {}
@@ -278,6 +282,14 @@ class Cluster:
         self._hooks: ClusterHooks | None = None
         self._nodes: dict[str, dict[str, str]] = {}  # the live nodes as last read
         self._seen: set[str] = set()  # every node seen alive
+        self._beats = 0  # this node's heartbeats so far (in its entry, as "beat")
+        #: Each other node's last "beat" and when (monotonic, here) it was seen to change.
+        self._beat_seen: dict[str, tuple[str, float]] = {}
+        #: Nodes whose entry has not changed for STALE_BEATS heartbeats: killed moments ago
+        #: (their entry outlives them by up to a lease time). No new rooms go there, and a
+        #: join for a room they hold waits for its lease (room_moving) rather than being
+        #: sent to them.
+        self._stale: frozenset[str] = frozenset()
         self._pending: dict[str, int] = {}  # rooms placed on a node since the last read
         self._tasks: list[asyncio.Task[None]] = []
         self._cpu = (time.monotonic(), time.process_time())
@@ -400,7 +412,7 @@ class Cluster:
             else:
                 self.leases[room] = _Lease(gen, until)
             return Route(True)
-        if owner in self._seen and owner not in self._nodes:
+        if owner in self._seen and (owner not in self._nodes or owner in self._stale):
             # Its node stopped heartbeating: the room waits for its lease to expire.
             return Route(False, moving=True)
         return Route(False, url=owner_url, node=owner)
@@ -425,7 +437,7 @@ class Cluster:
         best: tuple[float, str, str] | None = None
         hooks = self._hooks
         for nid, info in self._nodes.items():
-            if info.get("draining") == "1" and nid != self.node_id:
+            if (info.get("draining") == "1" or nid in self._stale) and nid != self.node_id:
                 continue
             if nid == self.node_id:
                 if self.draining:
@@ -580,6 +592,10 @@ class Cluster:
         """Write this node's entry (with a time to live) and read every node's (any
         thread)."""
         info, described = self._report
+        # Counted by the heartbeat itself (not the report, made on the loop): the others
+        # judge whether this node is alive by it changing.
+        self._beats += 1
+        info = {**info, "beat": str(self._beats)}
         ttl_ms = int(self.ttl * 1000)
         pipe = self._sync.pipeline(transaction=False)
         pipe.hset(node_key(self.node_id), mapping=info)  # type: ignore[arg-type]
@@ -601,6 +617,18 @@ class Cluster:
                 if row
             }
         self._count("heartbeat", 2, background=True)
+        now = time.monotonic()
+        seen = self._beat_seen
+        for nid, row in nodes.items():
+            beat = row.get("beat", "")
+            if nid not in seen or seen[nid][0] != beat:
+                seen[nid] = (beat, now)
+        for nid in [n for n in seen if n not in nodes]:
+            del seen[nid]
+        quiet = STALE_BEATS * self.interval
+        self._stale = frozenset(
+            nid for nid, (_, t) in seen.items() if nid != self.node_id and now - t > quiet
+        )
         self._nodes = nodes
         self._seen |= set(nodes)
         self._pending = {}
@@ -814,6 +842,8 @@ class Cluster:
                 "draining": self.draining,
                 "leases": len(self.leases),
                 "nodes": len(self._nodes),
+                # Nodes whose entry stopped changing (killed moments ago, not yet expired).
+                "gone": sorted(self._stale),
                 "redis": {
                     "joins": s.joins,
                     "leases_lost": s.leases_lost,

@@ -20,11 +20,14 @@ leaving and joining again undoes nothing:
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import secrets
 import time
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, replace
+from typing import Any
 
 from medverse.protocol.errors import ErrorCode, ProtocolError
 from medverse.protocol.messages import (
@@ -115,6 +118,9 @@ class Moderation(RoomPlugin):
         # the identity with a key of this session only, so it tells people apart without
         # naming them.
         self._handle_key = secrets.token_bytes(16)
+        #: Done when the last host action that waits for the database has ended: host
+        #: actions apply in the order they came, so the ones after it wait for it.
+        self._tail: asyncio.Future[None] | None = None
 
     # ----------------------------------------------------------------- entry
 
@@ -229,26 +235,63 @@ class Moderation(RoomPlugin):
 
     # ----------------------------------------------------------------- messages
 
-    def on_message(self, member: MemberView, msg: Message) -> None:
+    def on_message(self, member: MemberView, msg: Message) -> Coroutine[Any, Any, None] | None:
         if isinstance(msg, RequestUnmute):
             if member.muted:
                 self.unmute_requested.add(member.id)
                 _to_hosts(self.ctx, self._state(member))
-            return
+            return None
         if not member.can("moderate"):
             raise ProtocolError(
                 ErrorCode.FORBIDDEN, f"role {member.identity.role} may not moderate"
             )
         if isinstance(msg, Moderate):
-            self._moderate(member, msg)
-        elif isinstance(msg, ChangeRole):
-            self._change_role(member, msg)
+            return self._in_order(lambda: self._moderate(member, msg))
+        if isinstance(msg, ChangeRole):
+            return self._in_order(lambda: self._change_role(member, msg))
+        return None
+
+    def _in_order(
+        self, act: Callable[[], Coroutine[Any, Any, None] | None]
+    ) -> Coroutine[Any, Any, None] | None:
+        """Apply a host action now, unless one that waits for the database is still under
+        way: then after it (a ban and then ``end`` bans first, as the host asked)."""
+        prev = self._tail
+        if prev is None or prev.done():
+            later = act()
+            if later is None:
+                return None
+            mine = asyncio.get_running_loop().create_future()
+            self._tail = mine
+            return self._then(None, lambda: later, mine)
+        mine = asyncio.get_running_loop().create_future()
+        self._tail = mine
+        return self._then(prev, act, mine)
+
+    async def _then(
+        self,
+        prev: asyncio.Future[None] | None,
+        act: Callable[[], Coroutine[Any, Any, None] | None],
+        mine: asyncio.Future[None],
+    ) -> None:
+        try:
+            if prev is not None:
+                await prev
+            later = act()
+            if later is not None:
+                await later
+        finally:
+            if not mine.done():
+                mine.set_result(None)
 
     def _members_of(self, subject: str) -> list[MemberView]:
         """Every member (device) of one identity now in the room."""
         return [m for m in self.ctx.members.values() if m.identity.subject == subject]
 
-    def _moderate(self, host: MemberView, msg: Moderate) -> None:
+    def _moderate(self, host: MemberView, msg: Moderate) -> Coroutine[Any, Any, None] | None:
+        """Apply a host's action; a ban or unban is stored first (off the event loop: a slow
+        or unreachable database delays this host's answer, never a tick), so it comes back
+        as a coroutine the room runs and answers when done."""
         ctx = self.ctx
         action = msg.action
         actor = host.identity.subject
@@ -279,48 +322,20 @@ class Moderation(RoomPlugin):
                 )
             return
         if action == "unban":
-            lifted = self.bans.lift(ctx.name, msg.member_id, actor)
-            if lifted is None:
-                raise ProtocolError(ErrorCode.NOT_FOUND, "no ban in force with that id")
-            ctx.audit("unbanned", actor=actor, subject=lifted.subject, ban=lifted.id)
-            self._send_bans()
-            return
+            return self._unban(msg.member_id, actor)
         target = _named(ctx, msg.member_id)
         subject = target.identity.subject
-        if action in ("remove", "ban"):
+        if action == "ban":
+            until = time.time() + msg.duration if msg.duration is not None else None
+            return self._ban(target, msg.reason or "", actor, until)
+        if action == "remove":
             reason = msg.reason or ""
-            if action == "ban":
-                until = time.time() + msg.duration if msg.duration is not None else None
-                ban = self.bans.add(ctx.name, subject, target.name, reason, actor, until)
-                ctx.audit(
-                    "banned",
-                    actor=actor,
-                    subject=subject,
-                    member=target.id,
-                    ban=ban.id,
-                    until=int(until) if until is not None else None,
-                    reason=reason,
-                )
-                err = ban_refusal(ban)
-                err = ProtocolError(err.code, msg.reason or err.message)
-                gone = self._members_of(subject)  # a ban takes every device of the identity
-            else:
-                if target.identity.token_id:
-                    self.removed_tokens[target.identity.token_id] = reason
-                err = ProtocolError(ErrorCode.REMOVED, reason or "a host removed you")
-                gone = [target]
-            for m in gone:
-                ctx.audit(
-                    "removed",
-                    actor=actor,
-                    subject=subject,
-                    member=m.id,
-                    ban=action == "ban",
-                    reason=reason,
-                )
-                ctx.remove(m, err, "removed")
-            if action == "ban":
-                self._send_bans()
+            if target.identity.token_id:
+                self.removed_tokens[target.identity.token_id] = reason
+            ctx.audit(
+                "removed", actor=actor, subject=subject, member=target.id, ban=False, reason=reason
+            )
+            ctx.remove(target, ProtocolError(ErrorCode.REMOVED, reason or "a host removed you"))
         elif action in ("mute", "allow_unmute"):
             muted = action == "mute"
             self.standing.setdefault(subject, _Standing()).muted = muted
@@ -330,17 +345,64 @@ class Moderation(RoomPlugin):
                 ctx.set_muted(m, muted)
                 ctx.broadcast(self._state(m))
 
-    def ban_identity(
+    async def _ban(self, target: MemberView, reason: str, actor: str, until: float | None) -> None:
+        """A host's ban: stored (in a thread), then audited and every device of the identity
+        removed; a ban that cannot be stored raises (the host's typed answer) and removes
+        nobody."""
+        ctx = self.ctx
+        subject = target.identity.subject
+        ban = await asyncio.to_thread(
+            self.bans.add, ctx.name, subject, target.name, reason, actor, until
+        )
+        ctx.audit(
+            "banned",
+            actor=actor,
+            subject=subject,
+            member=target.id,
+            ban=ban.id,
+            until=int(until) if until is not None else None,
+            reason=reason,
+        )
+        self._remove_banned(ban, actor)
+
+    async def _unban(self, ban_id: int, actor: str) -> None:
+        lifted = await asyncio.to_thread(self.bans.lift, self.ctx.name, ban_id, actor)
+        if lifted is None:
+            raise ProtocolError(ErrorCode.NOT_FOUND, "no ban in force with that id")
+        self.ctx.audit("unbanned", actor=actor, subject=lifted.subject, ban=lifted.id)
+        self._send_bans()
+
+    def _remove_banned(self, ban: Ban, actor: str) -> None:
+        """Remove every device of a banned identity now in the room (each audited), and tell
+        the hosts the bans in force."""
+        err = ban_refusal(ban)
+        err = ProtocolError(err.code, ban.reason or err.message)
+        for m in self._members_of(ban.subject):  # a ban takes every device of the identity
+            self.ctx.audit(
+                "removed",
+                actor=actor,
+                subject=ban.subject,
+                member=m.id,
+                ban=True,
+                reason=ban.reason,
+            )
+            self.ctx.remove(m, err, "removed")
+        self._send_bans()
+
+    async def ban_identity(
         self, subject: str, reason: str, actor: str, until: float | None, record: bool = True
     ) -> None:
         """An operator bans ``subject`` from this room (the admin API, on every server of a
-        cluster): recorded (unless another server recorded it in a store they share), every
-        device of the identity removed, the hosts told."""
+        cluster): recorded (unless another server recorded it in a store they share; stored in
+        a thread, so the event loop never waits for the database), every device of the
+        identity removed, the hosts told. A ban that cannot be stored raises ProtocolError."""
         ctx = self.ctx
-        gone = self._members_of(subject)
-        name = gone[0].name if gone else subject
+        present = self._members_of(subject)
+        name = present[0].name if present else subject
         if record:
-            ban = self.bans.add(ctx.name, subject, name, reason, actor, until)
+            ban = await asyncio.to_thread(
+                self.bans.add, ctx.name, subject, name, reason, actor, until
+            )
             ctx.audit(
                 "banned",
                 actor=actor,
@@ -349,14 +411,9 @@ class Moderation(RoomPlugin):
                 until=int(until) if until is not None else None,
                 reason=reason,
             )
-            err = ban_refusal(ban)
         else:
-            err = ban_refusal(Ban(0, ctx.name, subject, name, reason, actor, time.time(), until))
-        err = ProtocolError(err.code, reason or err.message)
-        for m in gone:
-            ctx.audit("removed", actor=actor, subject=subject, member=m.id, ban=True, reason=reason)
-            ctx.remove(m, err, "removed")
-        self._send_bans()
+            ban = Ban(0, ctx.name, subject, name, reason, actor, time.time(), until)
+        self._remove_banned(ban, actor)
 
     def _admit(self, lobby_id: int, actor: str) -> None:
         subject = self.ctx.lobby[lobby_id].subject

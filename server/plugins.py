@@ -327,11 +327,15 @@ class RoomPlugin:
     def on_lobby_changed(self) -> None:
         """Someone entered or left the lobby."""
 
-    def on_message(self, member: MemberView, msg: Message) -> Awaitable[None] | None:
-        """A control message of one of :attr:`messages`; raise ProtocolError to refuse. A
-        request whose outcome is decided elsewhere (another server of the cluster) returns an
-        awaitable instead: the request's ``ack`` or ``refused`` waits for it (a ProtocolError
-        it raises refuses the request)."""
+    def on_message(self, member: MemberView, msg: Message) -> Coroutine[Any, Any, None] | None:
+        """A control message of one of :attr:`messages`; raise ProtocolError to refuse.
+
+        A request that must wait for something slow (a database write, another server of the
+        cluster deciding on a move) returns a coroutine instead (e.g. from an ``async def``
+        helper): it runs as a task of the room, and the request is answered when it finishes
+        (``ack``, or ``refused`` with the ProtocolError it raises) while the member's later
+        messages are handled meanwhile."""
+        return None
 
     def on_frame(self, member: MemberView, frame: bytes) -> None:
         """A binary frame of one of :attr:`frame_kinds` (the whole frame, kind byte

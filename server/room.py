@@ -518,14 +518,17 @@ class Room:
         self._timers.add(handle)
         return handle
 
-    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        """A task cancelled when the room closes; its failure is logged."""
+    def spawn(self, coro: Coroutine[Any, Any, None], answered: bool = False) -> asyncio.Task[None]:
+        """A task cancelled when the room closes; its failure is logged (unless ``answered``:
+        a request's handler, whose ProtocolError is the requester's answer)."""
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
 
         def done(t: asyncio.Task[None]) -> None:
             self._tasks.discard(t)
-            if not t.cancelled() and t.exception() is not None:
+            if t.cancelled() or t.exception() is None:
+                return
+            if not (answered and isinstance(t.exception(), ProtocolError)):
                 log.error("task of room %s failed", self.name, exc_info=t.exception())
 
         task.add_done_callback(done)
@@ -867,13 +870,15 @@ class Room:
         member.last_seq = seq
         self._table.submit_pose(member.row, member.slots, frame)
 
-    def handle(self, member: Member, msg: Message) -> Awaitable[None] | None:
-        """A control message for a plugin; raises ProtocolError to refuse it. An awaitable:
-        the plugin decides later (see ``RoomPlugin.on_message``)."""
+    def handle(self, member: Member, msg: Message) -> asyncio.Task[None] | None:
+        """A control message for a plugin; raises ProtocolError to refuse it. A plugin that
+        answers later (its handler returned a coroutine) gets it run as a task of the room,
+        returned here so the request is answered when it ends."""
         plugin = self._handlers.get(type(msg))
         if plugin is None:
             raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"{msg.TYPE} is not handled in this room")
-        return plugin.on_message(member.view, msg)
+        later = plugin.on_message(member.view, msg)
+        return self.spawn(later, answered=True) if later is not None else None
 
     def handle_frame(self, member: Member, frame: bytes) -> None:
         """A binary frame of a plugin's kind; raises ProtocolError to refuse it."""

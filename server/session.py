@@ -78,6 +78,9 @@ CLOSE_TOO_MANY_CONNECTIONS = 4003
 CLOSE_RATE_LIMIT = 4008
 CLOSE_CONSENT = 4011
 
+#: Seconds an acknowledgement waits at most for its audit entries to be committed.
+AUDIT_ACK_WAIT = 5.0
+
 
 @dataclass(frozen=True)
 class SessionServices:
@@ -129,13 +132,13 @@ class Session:
         self._base: Identity | None = None
         self._lobby: tuple[Room, int] | None = None  # waiting in this room's lobby
         self._closed = False
+        #: Acknowledgements waiting for their audit entries to be committed.
+        self._pending_acks: set[asyncio.Task[None]] = set()
         #: A valid hello named who this is (the connection left the unidentified budget).
         self.identified = False
         self._routing: asyncio.Task[None] | None = None  # asking the cluster where the room is
         #: A move of our member to a room another server runs, asking that server first.
         self._moving: asyncio.Task[None] | None = None
-        #: Requests answered later (a move another server decides).
-        self._answers: set[asyncio.Task[None]] = set()
         #: Sends our moved member a fresh room access credential before the last expires.
         self._access_timer: asyncio.TimerHandle | None = None
         self._handshake_timer: asyncio.TimerHandle | None = None
@@ -507,46 +510,61 @@ class Session:
             # Requests that carry a req get exactly one answer: ack once applied, or refused
             # naming it; without req (older clients) a refusal is a plain error.
             req: int | None = getattr(msg, "req", None) if msg.ACKED else None
-            pending: Awaitable[None] | None = None
+            mark = self._s.audit.mark() if req is not None else None
             try:
                 if isinstance(msg, Pause):
                     room.set_paused(member, msg.paused)
+                    later = None
                 else:
-                    pending = room.handle(member, msg)
+                    later = room.handle(member, msg)
             except ProtocolError as err:
-                self._refuse_request(req, err)
+                self._refused(req, err)
                 return
-            if pending is not None:
-                # Decided elsewhere (another server of the cluster): answered when it has.
-                task = asyncio.get_running_loop().create_task(self._answer_when(req, pending))
-                self._answers.add(task)
-                task.add_done_callback(self._answers.discard)
-                return
-            if req is not None and not self._closed:
-                self.send(Ack(req))
+            if later is not None:
+                # The plugin answers once something slow (a database write) is done.
+                later.add_done_callback(lambda t: self._answer(req, t, mark))
+            elif req is not None:
+                self._ack(req, mark)
 
-    def _refuse_request(self, req: int | None, err: ProtocolError) -> None:
+    def _ack(self, req: int, mark: int | None) -> None:
+        """Acknowledge a request that was applied. When the audit log commits after appending
+        (the cluster's PostgreSQL log) and the request was audited, the ack waits for that
+        commit (group commit: milliseconds), so an acknowledged action is in the log even if
+        this server dies the moment after; a database out of reach delays it by at most
+        :data:`AUDIT_ACK_WAIT` seconds (its entries go in once the database is back)."""
+        if mark is not None and self._s.audit.mark() != mark:
+            task = asyncio.get_running_loop().create_task(self._ack_when_audited(req))
+            self._pending_acks.add(task)
+            task.add_done_callback(self._pending_acks.discard)
+        elif not self._closed:
+            self.send(Ack(req))
+
+    async def _ack_when_audited(self, req: int) -> None:
+        mark = self._s.audit.mark()
+        if mark is not None:
+            await self._s.audit.written(mark, AUDIT_ACK_WAIT)
+        if not self._closed:
+            self.send(Ack(req))
+
+    def _refused(self, req: int | None, err: ProtocolError) -> None:
         if req is None:
             self.send_error(err)
         else:
             self._s.metrics.protocol_errors.labels(err.code.value).inc()
             self.send(RequestRefused(req, err.code.value, err.message[:1024]))
 
-    async def _answer_when(self, req: int | None, pending: Awaitable[None]) -> None:
-        """Answer request ``req`` once ``pending`` (what its plugin returned) has ended."""
-        try:
-            await pending
-        except ProtocolError as err:
-            if not self._closed:
-                self._refuse_request(req, err)
+    def _answer(self, req: int | None, task: asyncio.Task[None], mark: int | None) -> None:
+        """The answer to a request a plugin handled in a task, once the task has ended."""
+        if self._closed:
             return
-        except Exception:
-            log.exception("session %s: error answering a request", self.peer)
-            if not self._closed:
-                self._refuse_request(req, ProtocolError(ErrorCode.INTERNAL, "internal error"))
-            return
-        if req is not None and not self._closed:
-            self.send(Ack(req))
+        if task.cancelled():  # the room closed under it
+            self._refused(req, ProtocolError(ErrorCode.SESSION_ENDED, "the room has closed"))
+        elif isinstance(err := task.exception(), ProtocolError):
+            self._refused(req, err)
+        elif err is not None:
+            self._refused(req, ProtocolError(ErrorCode.INTERNAL, "the request failed"))
+        elif req is not None:
+            self._ack(req, mark)
 
     def _refuse(self, err: ProtocolError, code: int, reason: bytes) -> None:
         self.send_error(err, True)

@@ -22,6 +22,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from benchmarks.harness import free_port
@@ -106,6 +107,22 @@ class PostgresServer:
     def halt(self) -> None:
         """Stop the server, keeping its data (the database goes away for a while)."""
         self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def _processes(self) -> list[psutil.Process]:
+        pid = int((self.data / "postmaster.pid").read_text().split()[0])
+        main = psutil.Process(pid)
+        return [main, *main.children(recursive=True)]
+
+    def freeze(self) -> None:
+        """Stop every process of the server (SIGSTOP): the database hangs without refusing
+        anything, as one that stops answering does (a network partition, a stalled disk)."""
+        for proc in self._processes():
+            proc.suspend()
+
+    def thaw(self) -> None:
+        """Let a frozen server carry on (SIGCONT)."""
+        for proc in self._processes():
+            proc.resume()
 
     def _run(self, program: str, *args: str) -> None:
         cmd = [*self._as, str(self.bindir / program), *args]

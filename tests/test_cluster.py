@@ -413,6 +413,47 @@ async def test_failover_after_kill_9(nodes: list[ServerProcess]) -> None:
             await m.close()
 
 
+async def test_no_room_is_placed_on_a_node_killed_moments_ago(redis: RedisServer) -> None:
+    """A killed node's entry outlives it by up to a lease time; once it has not changed for
+    a few heartbeats the others count the node as gone: new rooms go to live nodes only."""
+    with redis_py.Redis.from_url(redis.url) as r:
+        r.flushall()
+    # Heartbeats every 2 s: gone for the others after 2 unchanged (and a read, <= 6 s after
+    # the kill); its entry expires 8-10 s after the kill.
+    ttl = 10.0
+    a, b = start_node(redis, cluster_lease_ttl=ttl), start_node(redis, cluster_lease_ttl=ttl)
+    try:
+        for s in (a, b):
+            s.wait_ready(timeout=60)
+        await wait_nodes(redis, 2, timeout=30)
+        await wait_for(lambda: a.get_json("/health")["cluster"]["nodes"] == 2, timeout=30, step=0.1)
+        os.kill(b.pid, signal.SIGKILL)
+        b.proc.wait()
+        t0 = time.monotonic()
+        await wait_for(
+            lambda: a.get_json("/health")["cluster"]["gone"] != [], timeout=ttl, step=0.1
+        )
+        assert len(await directory(redis)) == 2  # its entry is still there
+        sessions = [
+            connect(a.url, f"fresh-{i}", token=token(f"fresh-{i}", "p"), ping_interval=0)
+            for i in range(4)
+        ]
+        try:
+            for s in sessions:
+                await asyncio.wait_for(s.start(), 5)
+            # Placed on a, not redirected to the dead node (and back after its lease ran out).
+            assert [s.redirects for s in sessions] == [0, 0, 0, 0]
+            assert time.monotonic() - t0 < ttl, "the entry expired: nothing was tested"
+        finally:
+            for s in sessions:
+                await s.close()
+    finally:
+        for s in (a, b):
+            if s.proc.poll() is None:
+                s.proc.kill()
+                s.proc.wait()
+
+
 async def test_drain_moves_rooms_and_exits(nodes: list[ServerProcess]) -> None:
     a, b = nodes
     m1 = connect(a.url, "ward-10", token=token("ward-10", "d1"), fallback_urls=[b.url])

@@ -331,6 +331,93 @@ async def test_a_change_made_while_the_database_is_away_is_stored_once_it_is_bac
         assert "annotation_created" in kinds and kinds.count("server_stop") == 1
 
 
+async def test_a_ban_waits_for_a_hanging_database_without_holding_up_the_room() -> None:
+    """A database that stops answering delays the host's ban, not the room: the ticks and
+    the other members carry on; once it answers, the ban is stored, acknowledged and the
+    banned member removed."""
+    from medverse.server.auth import mint_token
+
+    from .pgservice import running_postgres
+
+    secret = "d" * 48
+
+    def tok(who: str, role: str = "participant") -> str:
+        return mint_token(secret.encode(), room="ward", identity=who, name=who, role=role)
+
+    with running_postgres() as pg:  # a server of its own: it hangs for a while
+        url = pg.create_database()
+        data = tempfile.mkdtemp(prefix="medverse-hang-")
+        with run_server(data_dir=data, database_url=url, auth_secret=secret) as srv:
+            host = connect(srv.url, "ward", token=tok("dr-a", "host"), ping_interval=0)
+            troll = connect(srv.url, "ward", token=tok("troll"), ping_interval=0)
+            other = connect(srv.url, "ward", token=tok("pat"), ping_interval=0)
+            for s in (host, troll, other):
+                await s.start()
+            try:
+                await asyncio.to_thread(pg.freeze)
+                try:
+                    pending = asyncio.ensure_future(
+                        host.moderate("ban", troll.member_id, "threats")
+                    )
+                    frames = other.frames_received
+                    await asyncio.sleep(1.5)
+                    assert not pending.done()  # not stored: not answered
+                    # 30 Hz meanwhile (half of it is headroom for a busy machine).
+                    assert other.frames_received - frames >= 22, other.frames_received - frames
+                    # Other members' requests are answered meanwhile (the host's next
+                    # moderation would wait for the ban: host actions apply in order).
+                    await asyncio.wait_for(other.pause(True), 5)
+                    await asyncio.wait_for(other.pause(False), 5)
+                finally:
+                    await asyncio.to_thread(pg.thaw)
+                await asyncio.wait_for(pending, 40)
+                ended = await asyncio.wait_for(troll.wait_closed(), 10)
+                assert (ended.code, ended.message) == ("banned", "threats")
+            finally:
+                for s in (host, troll, other):
+                    await s.close()
+        backend = Backend("postgresql", url)
+        with backend.ban_store(data) as bans:
+            assert [b.reason for b in bans.active("ward", "troll")] == ["threats"]
+
+
+async def test_an_acknowledged_action_is_in_the_clusters_log_already(
+    postgres_server: str,
+) -> None:
+    """The cluster's log commits in batches after the append; a request that was audited is
+    acknowledged only once its entry is committed, so a server killed right after an ack has
+    not lost the ack's audit entry."""
+    import asyncpg
+
+    from medverse.server.auth import mint_token
+
+    secret = "e" * 48
+    url = new_database(postgres_server)
+
+    def tok(who: str, role: str = "participant") -> str:
+        return mint_token(secret.encode(), room="ward", identity=who, name=who, role=role)
+
+    data = tempfile.mkdtemp(prefix="medverse-ackaudit-")
+    with run_server(data_dir=data, database_url=url, auth_secret=secret) as srv:
+        host = connect(srv.url, "ward", token=tok("dr-a", "host"), ping_interval=0)
+        pat = connect(srv.url, "ward", token=tok("pat"), ping_interval=0)
+        await host.start()
+        await pat.start()
+        conn = await asyncpg.connect(url)
+        try:
+            for i in range(20):
+                await host.moderate("mute" if i % 2 == 0 else "allow_unmute", pat.member_id)
+                n = await conn.fetchval(
+                    "SELECT count(*) FROM audit_entries WHERE room = 'ward' "
+                    "AND kind IN ('muted', 'unmute_allowed')"
+                )
+                assert n == i + 1, (i, n)
+        finally:
+            await conn.close()
+            await host.close()
+            await pat.close()
+
+
 def test_a_batch_the_database_cannot_take_fails_whole_and_at_once(postgres_server: str) -> None:
     from functools import partial
 

@@ -1,5 +1,5 @@
 """Image series in a case review, against a real server: a CT uploaded, refused while
-identifiable, de-identified, scrolled together by several clients, pointed at, measured and
+identifiable, de-identified, scrolled together by twelve clinicians, pointed at, measured and
 linked to the 3D model; the HTTP rules (grants, ETag, Range); bad input for every viewer
 message; the viewer state across a restart."""
 
@@ -11,7 +11,7 @@ import sqlite3
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -110,13 +110,22 @@ def audit_text(srv: ServerProcess) -> str:
         db.close()
 
 
+#: The case review's team: a host radiologist, a surgeon, an oncologist and nine more.
+TEAM = 12
+
+
 async def test_case_review(srv: ServerProcess, ct_phi: dict[str, bytes]) -> None:
     room = "tumour-board"
-    async with (
-        member(srv.url, room, "radiologist", "host") as host,
-        member(srv.url, room, "surgeon") as surgeon,
-        member(srv.url, room, "oncologist") as onc,
-    ):
+    async with AsyncExitStack() as stack:
+        host = await stack.enter_async_context(member(srv.url, room, "radiologist", "host"))
+        surgeon = await stack.enter_async_context(member(srv.url, room, "surgeon"))
+        onc = await stack.enter_async_context(member(srv.url, room, "oncologist"))
+        others = [
+            await stack.enter_async_context(member(srv.url, room, f"clinician-{i}"))
+            for i in range(4, TEAM + 1)
+        ]
+        everyone = (host, surgeon, onc, *others)
+        assert len(everyone) == TEAM and len({s.member_id for s in everyone}) == TEAM
         # 1. The export from the scanner is identifiable: refused, with the attributes.
         with pytest.raises(ImageError) as refused:
             await host.upload_series(ct_phi, "abdomen CT")
@@ -140,26 +149,28 @@ async def test_case_review(srv: ServerProcess, ct_phi: dict[str, bytes]) -> None
         assert desc["planes"]["coronal"]["rows"] == SLICES
         # 3. A panel in the room; everyone sees it.
         panel = await host.open_panel(sha, position=(0.0, 1.4, -1.2), width=0.8)
-        await wait_for(lambda: all(panel in s.panels for s in (surgeon, onc)))
+        await wait_for(lambda: all(panel in s.panels for s in everyone))
         assert surgeon.panels[panel].slices == (SLICES // 2, ROWS // 2, COLS // 2)
-        # 4. Scrolling together: the host scrolls, the surgeon changes the window, the
-        # oncologist zooms; everyone ends with the same state.
+        # 4. Scrolling together: first all nine others scroll at once (each change is
+        # acknowledged and applied in one order), then the host scrolls, the surgeon changes
+        # the window, the oncologist zooms; all twelve end with the same state.
+        await asyncio.gather(
+            *(
+                o.set_image_view(panel, slices=(1 + i, ROWS // 2, COLS // 2))
+                for i, o in enumerate(others)
+            )
+        )
         for k in range(3, 13):
             await host.set_image_view(panel, slices=(k, ROWS // 2, COLS // 2))
         await surgeon.set_image_view(panel, window=(60.0, 300.0), plane="coronal")
         await onc.set_image_view(panel, zoom=2.0, pan=(0.1, -0.2))
-        final = onc.panels[panel].version if panel in onc.panels else 0
-        await wait_for(
-            lambda: all(
-                s.panels[panel].zoom == 2.0 and s.panels[panel].version >= final
-                for s in (host, surgeon, onc)
-            )
-        )
+        final = len(others) + 12  # one version per change
+        await wait_for(lambda: all(s.panels[panel].version >= final for s in everyone))
         states = {
             (p.slices, p.window, p.plane, p.zoom, p.pan, p.version)
-            for p in (s.panels[panel] for s in (host, surgeon, onc))
+            for p in (s.panels[panel] for s in everyone)
         }
-        assert states == {((12, 32, 32), (60.0, 300.0), "coronal", 2.0, (0.1, -0.2), 12)}
+        assert states == {((12, 32, 32), (60.0, 300.0), "coronal", 2.0, (0.1, -0.2), final)}
         # 5. A pointer everyone sees.
         target = (PHANTOM.sphere_center[0], PHANTOM.sphere_center[1], 30.0)
         await surgeon.point(panel, target)
@@ -193,7 +204,9 @@ async def test_case_review(srv: ServerProcess, ct_phi: dict[str, bytes]) -> None
             ],
             label="lesion",
         )
-        await wait_for(lambda: {dist, angle, roi} <= set(onc.panels.measurements))
+        await wait_for(
+            lambda: all({dist, angle, roi} <= set(s.panels.measurements) for s in everyone)
+        )
         m = onc.panels.measurements
         assert m[dist].value == pytest.approx(10.0) and m[dist].author == "surgeon"
         assert m[angle].value == pytest.approx(90.0)
@@ -218,12 +231,13 @@ async def test_case_review(srv: ServerProcess, ct_phi: dict[str, bytes]) -> None
         point_m = tuple(v / 1000.0 for v in (cx, cy, 10 * PHANTOM.slice_spacing))
         slices = await surgeon.locate(panel, point_m)  # type: ignore[arg-type]
         assert slices == (10, 32, 32)
-        await wait_for(lambda: onc.panels[panel].slices == (10, 32, 32))
+        await wait_for(lambda: all(s.panels[panel].slices == (10, 32, 32) for s in everyone))
         # 8. Everyone renders the same images from the same state.
         p = onc.panels[panel]
-        png = await onc.fetch_slice(sha, "axial", p.slices[0], p.window)
-        png2 = await host.fetch_slice(sha, "axial", p.slices[0], p.window)
-        assert png.startswith(b"\x89PNG") and png == png2
+        pngs = await asyncio.gather(
+            *(s.fetch_slice(sha, "axial", p.slices[0], p.window) for s in everyone)
+        )
+        assert pngs[0].startswith(b"\x89PNG") and len(set(pngs)) == 1
         coronal = await host.fetch_slice(sha, "coronal", p.slices[1])
         sagittal = await host.fetch_slice(sha, "sagittal", p.slices[2])
         assert coronal != sagittal or coronal.startswith(b"\x89PNG")

@@ -397,6 +397,12 @@ export class MedverseClient {
           await new Promise((resolve) => setTimeout(resolve, 200));
           this.url = this.entryUrl;
           hops = 0;
+        } else if (!(err instanceof JoinError) && hops > 0 && now() < deadline && !this._closing) {
+          // A live server redirected us to one that is gone (killed moments ago: its entry
+          // and the room's lease run out within the cluster's lease time): ask again shortly.
+          await new Promise((resolve) => setTimeout(resolve, 200));
+          this.url = this.entryUrl;
+          hops = 0;
         } else {
           throw err;
         }
@@ -568,7 +574,12 @@ export class MedverseClient {
         }
         // The server may be gone (its rooms move to others): go back to the URL we were
         // given, which finds the room wherever it is now, or to the fallbacks in turn.
-        if (!(err instanceof JoinError)) this.url = this.#nextEntry();
+        if (!(err instanceof JoinError)) {
+          // A server a live one redirected us to is gone: its lease runs out within the
+          // cluster's lease time, so ask again shortly rather than backing off further.
+          if (![this.entryUrl, ...this.fallbackUrls].includes(this.url)) attempt = Math.min(attempt, 2);
+          this.url = this.#nextEntry();
+        }
       }
     }
   }
@@ -880,7 +891,10 @@ export class MedverseClient {
         this.#flushMoves(); // moves made before this call reach the server first
         this.send(make(req));
       } catch (err) {
-        this._pending.get(req)?.reject(err);
+        // A message the server would refuse (a value out of range, too long) is refused
+        // here as the server would, without sending it.
+        const why = err instanceof ProtocolError ? new RequestError(err.code, err.message) : err;
+        this._pending.get(req)?.reject(why);
       }
     });
   }

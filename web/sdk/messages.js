@@ -864,9 +864,21 @@ export function toWire(msg, registry = ALL_MESSAGES) {
   return out;
 }
 
-/** A control frame: 0x01 then the msgpack map (the same bytes as the Python encoder's). */
-export function encodeMessage(msg, registry = ALL_MESSAGES) {
+/** The control frame for `msg` without checking its values: for tests of what a receiver
+ * does with a frame it must refuse. */
+export function encodeUnchecked(msg, registry = ALL_MESSAGES) {
   return pack(toWire(msg, registry), FRAME_CONTROL);
+}
+
+/** A control frame: 0x01 then the msgpack map (the same bytes as the Python encoder's).
+ * Throws the ProtocolError the receiver would answer with (out_of_range, bad_field,
+ * oversized, ...) for a message it would refuse, so nothing is sent only to be refused. */
+export function encodeMessage(msg, registry = ALL_MESSAGES) {
+  const frame = encodeUnchecked(msg, registry);
+  // Checked by decoding it as the receiver does: one set of rules for both directions.
+  const back = decodeMessage(frame, registry);
+  if (back instanceof ProtocolError) throw back;
+  return frame;
 }
 
 /** Decode a control frame with `registry`; returns the message or a ProtocolError (never

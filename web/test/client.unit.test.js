@@ -322,3 +322,13 @@ test("access refreshes the room access credential the HTTP APIs use", async () =
   assert.equal(c.httpToken, "acc2");
   c.close();
 });
+
+test("a request the server would refuse is refused here, typed, and not sent", async () => {
+  const { c, ws } = await joined();
+  const before = ws.sent.length;
+  await assert.rejects(c.moderate("remove", 5, "x".repeat(5000)), (e) => e.code === "oversized");
+  await assert.rejects(c.transfer(-3, "consult-1"), (e) => e.name === "RequestError" && e.code === "out_of_range");
+  await assert.rejects(c.transfer(5, "no spaces allowed"), (e) => e.name === "RequestError" && e.code === "out_of_range");
+  assert.equal(ws.sent.length, before);
+  c.close();
+});

@@ -18,6 +18,7 @@ import {
   decodeMove,
   defineMessage,
   encodeMessage,
+  encodeUnchecked,
   encodeMove,
   encodePose,
   field,
@@ -217,14 +218,22 @@ test("control frames are bounded at 4096 bytes, audio offers at 16 KiB", () => {
   assert.deepEqual(decodeMessage(f, CLIENT_MESSAGES), offer);
   // Without the audio family there is no larger type.
   assert.equal(code(decodeMessage(f, messageRegistry(CORE_CLIENT_MESSAGES))), "oversized");
+  const tooLong = [
+    { t: "moderate", action: "mute", member_id: 2, reason: "x".repeat(MAX_CONTROL_BYTES) },
+    { t: "audio_offer", sdp: "v=0\n" + "x".repeat(AUDIO_OFFER_MAX_BYTES), publish: true },
+  ];
   const refusals = [
-    encodeMessage({ t: "moderate", action: "mute", member_id: 2, reason: "x".repeat(MAX_CONTROL_BYTES) }),
+    ...tooLong.map((m) => encodeUnchecked(m)),
     Uint8Array.from([0x01, ...new Uint8Array(8000)]),
     frame({ sdp: "x".repeat(5000) }),
-    encodeMessage({ t: "audio_offer", sdp: "v=0\n" + "x".repeat(AUDIO_OFFER_MAX_BYTES), publish: true }),
   ];
   for (const r of refusals) assert.equal(code(decodeMessage(r, CLIENT_MESSAGES)), "oversized");
-  const long = encodeMessage({ t: "audio_offer", sdp: "v=0\n" + "x".repeat(MAX_SDP_CHARS - 3), publish: true });
+  // The encoder refuses them too, with the same typed error, rather than send them.
+  for (const m of tooLong) assert.throws(() => encodeMessage(m, CLIENT_MESSAGES), (e) => e.code === "oversized");
+  const msg = { t: "audio_offer", sdp: "v=0\n" + "x".repeat(MAX_SDP_CHARS - 3), publish: true };
+  const long = encodeUnchecked(msg);
   assert.ok(long.length <= AUDIO_OFFER_MAX_BYTES);
   assert.equal(code(decodeMessage(long, CLIENT_MESSAGES)), "out_of_range");
+  assert.throws(() => encodeMessage(msg, CLIENT_MESSAGES), (e) => e.code === "out_of_range");
+  assert.throws(() => encodeMessage({ t: "moderate", action: "ban", member_id: -1, req: 1 }), (e) => e.code === "out_of_range");
 });
