@@ -71,7 +71,8 @@ class Moved(Message):
     (``consent_required``, ``waiting`` or ``welcome``, as after a ``hello``). ``access`` (on a
     server with join tokens) is the bearer credential for ``room``'s HTTP APIs (assets,
     image series) in place of the join token, which names the first room: valid while the
-    member is in ``room``, and for at most an hour."""
+    member is in ``room``, for an hour by default, refreshed by ``access``; absent when
+    ``room`` is the one its join token names."""
 
     TYPE: ClassVar[str] = "moved"
     room: str = wire_field("str", pattern=ROOM_NAME_RE)

@@ -151,6 +151,8 @@ class Arrival:
     #: The grant's ``jti`` and expiry (Unix seconds): what single use is checked by.
     jti: str = ""
     expires: float = 0.0
+    #: The room the member's join token names ("" if the grant does not say).
+    home: str = ""
 
 
 class TransferGrants:
@@ -168,9 +170,17 @@ class TransferGrants:
         self._redeemed: dict[str, float] = {}
 
     def issue(
-        self, identity: Identity, room: str, admit: bool, actor: str, origin: str, reason: str
+        self,
+        identity: Identity,
+        room: str,
+        admit: bool,
+        actor: str,
+        origin: str,
+        reason: str,
+        home: str = "",
     ) -> str:
-        """A grant for ``identity`` (the member's, from its join token) to enter ``room``."""
+        """A grant for ``identity`` (the member's, from its join token, whose room is
+        ``home``) to enter ``room``."""
         now = int(time.time())
         claims: dict[str, Any] = {
             "typ": "transfer",
@@ -190,6 +200,8 @@ class TransferGrants:
         }
         if identity.pseudonym is not None:
             claims["pseudonym"] = identity.pseudonym
+        if home:
+            claims["home"] = home
         return jwt.encode(claims, self._key, algorithm="HS256", headers={"kid": TRANSFER_KID})
 
     def redeem(self, token: str, room: str) -> Arrival:
@@ -246,6 +258,7 @@ class TransferGrants:
             str(claims.get("why", ""))[:256],
             jti,
             float(claims["exp"]),
+            str(claims.get("home", ""))[:128],
         )
 
 

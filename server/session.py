@@ -312,10 +312,16 @@ class Session:
         if notice is not None:
             self.send(notice)
         access = None
-        if s.room_access is not None and identity.token_id:
-            access = s.room_access.issue(room, identity.subject, identity.token_id)
+        base = self._base
+        if s.room_access is not None and identity.token_id and base is not None:
+            if room != base.room:
+                access = s.room_access.issue(room, identity.subject, identity.token_id)
+                self._keep_access(room, identity, now=False)
+            else:
+                # Back in the room its join token names: the token serves there (and a
+                # credential would not be refreshed after a resume, which the token needs not).
+                self._keep_access(room, identity, now=False, stop=True)
         self.send(Moved(room, by[:64], reason[:256], access))
-        self._keep_access(room, identity, now=False)
 
     async def _move_across(
         self, room: str, by: str, actor: str, reason: str, admit: bool, notice: Message | None
@@ -349,7 +355,7 @@ class Session:
                 ErrorCode.ROOM_MOVING, f"room {room} is moving between servers; try again"
             )
         target = replace(base, room=room)
-        grant = cluster.grants.issue(target, room, admit, actor, old.name, reason)
+        grant = cluster.grants.issue(target, room, admit, actor, old.name, reason, base.room)
         await cluster.ask_admission(route.node, room, grant)
         self._check_still(member, old)
         self._leave_for(room, base, by, actor, reason, notice, remote=True)
@@ -364,16 +370,17 @@ class Session:
 
     # ----------------------------------------------------------------- access credentials
 
-    def _keep_access(self, room: str, identity: Identity, now: bool) -> None:
+    def _keep_access(self, room: str, identity: Identity, now: bool, stop: bool = False) -> None:
         """Keep our member's room access credential for ``room`` fresh while the member is
         bound for or in ``room``: one now if ``now`` (a resumed connection), then a fresh
         one in an ``access`` message each time half of a credential's life has passed
-        (whatever ``moved`` or ``access`` sent last stays valid meanwhile)."""
+        (whatever ``moved`` or ``access`` sent last stays valid meanwhile). ``stop``: no more
+        refreshes (the member needs no credential now)."""
         if self._access_timer is not None:
             self._access_timer.cancel()
             self._access_timer = None
         issuer = self._s.room_access
-        if issuer is None or not identity.token_id:
+        if stop or issuer is None or not identity.token_id:
             return
         if now and not self._send_access(room, identity):
             return
@@ -685,8 +692,9 @@ class Session:
                 reason=arrival.reason,
             )
             self._enter(identity, consented=False, admit=arrival.admit)
-            # Its credential for this room came with its moved, from the server it left.
-            self._keep_access(hello.room, identity, now=False)
+            if arrival.home != hello.room:
+                # Its credential for this room came with its moved, from the server it left.
+                self._keep_access(hello.room, identity, now=False)
             return
         room = s.rooms.get(hello.room)
         moved: int | None = None

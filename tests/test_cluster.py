@@ -647,7 +647,7 @@ async def test_failover_recreates_the_room_from_the_shared_database(
 def test_transfer_grants_are_signed_for_one_room_expire_and_join_once() -> None:
     ident = Identity("pat", "Pat", "ward-a", "participant", frozenset({"annotate"}), None, "t1")
     grants = TransferGrants(b"s" * 32)
-    grant = grants.issue(ident, "ward-b", True, "drlee", "ward-a", "review")
+    grant = grants.issue(ident, "ward-b", True, "drlee", "ward-a", "review", "ward-a")
     assert is_transfer_grant(grant) and not is_transfer_grant(token("ward-b", "pat"))
     # Another server of the same cluster (same secret) redeems it, once.
     there = TransferGrants(b"s" * 32)
@@ -656,11 +656,12 @@ def test_transfer_grants_are_signed_for_one_room_expire_and_join_once() -> None:
     assert err.value.code is ErrorCode.UNAUTHORIZED
     arrival = there.redeem(grant, "ward-b")
     assert arrival.identity == replace(ident, room="ward-b")
-    assert (arrival.admit, arrival.actor, arrival.origin, arrival.reason) == (
+    assert (arrival.admit, arrival.actor, arrival.origin, arrival.reason, arrival.home) == (
         True,
         "drlee",
         "ward-a",
         "review",
+        "ward-a",
     )
     with pytest.raises(ProtocolError) as err:
         there.redeem(grant, "ward-b")
