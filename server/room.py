@@ -679,6 +679,11 @@ class Room:
     def member_count(self) -> int:
         return len(self._members)
 
+    @property
+    def lobby_count(self) -> int:
+        """Connections waiting in the lobby."""
+        return len(self._lobby)
+
     def entry(self, identity: Identity) -> Wait | ProtocolError | None:
         """May ``identity`` enter now? None: yes; WAIT: through the lobby; an error: no.
         A refusal by any plugin wins over a wait."""

@@ -322,6 +322,26 @@ async def test_receptionist_transfers_into_a_lobby(srv: ServerProcess) -> None:
         )
 
 
+async def test_a_patient_waiting_in_an_empty_rooms_lobby_is_not_dropped(srv: ServerProcess) -> None:
+    """Moved into the lobby of a consultation room nobody is in yet, the patient waits there
+    past the room's linger time (the room stays open while its lobby holds someone) until the
+    clinician comes and admits it."""
+    async with (
+        member(srv, "waiting", "eli") as pe,
+        member(srv, "waiting", "desk3", role="receptionist") as desk,
+    ):
+        await expect(pe, "queue")
+        await desk.transfer(pe.member_id, "consult-3", "your clinician is on the way")
+        waiting = await expect(pe, "waiting")
+        assert waiting.room == "consult-3"
+        await asyncio.sleep(4 * 0.5)  # four times the server's room_linger
+        assert pe.closed_reason is None and pe.state.value == "lobby"
+        async with member(srv, "consult-3", "drnash", role="host") as dr:
+            await dr.moderate("admit", waiting.lobby_id)
+            arrived = await expect(pe, "arrived")
+            assert arrived.room == "consult-3" and dr.member_id in arrived.members
+
+
 async def test_audio_follows_the_patient(srv: ServerProcess) -> None:
     """A patient publishing a tone in the waiting room is heard by the clinician once called
     in: the SDK renegotiates its WebRTC connection in the new room by itself."""
