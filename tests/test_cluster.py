@@ -641,6 +641,100 @@ async def test_failover_recreates_the_room_from_the_shared_database(
                 s.proc.wait()
 
 
+async def test_kill_9_loses_no_acknowledged_annotation_and_keeps_flushed_transforms(
+    redis: RedisServer, postgres_server: str
+) -> None:
+    """Nodes on one PostgreSQL: a surgeon moves a model and annotates it without pause while
+    its node is killed; on the node that takes the room over, every annotation the surgeon got
+    an acknowledgement for is there, and the model is where it was last flushed."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from medverse.client_sdk import AssetClient
+    from medverse.server.audit import KEY_FILE, PUBLIC_KEY_FILE
+
+    from .models import HEART
+    from .pgservice import new_database
+
+    url = new_database(postgres_server)
+    dirs = [Path(tempfile.mkdtemp(prefix="medverse-")) for _ in range(2)]
+    a = start_node(redis, database_url=url, data_dir=dirs[0])
+    b = None
+    try:
+        a.wait_ready(timeout=60)
+        for name in (KEY_FILE, PUBLIC_KEY_FILE):
+            shutil.copy2(dirs[0] / name, dirs[1] / name)
+        b = start_node(redis, database_url=url, data_dir=dirs[1])
+        b.wait_ready(timeout=60)
+        room = "ward-12"
+        surgeon = connect(
+            a.url,
+            room,
+            token=token(room, "surgeon", "host"),
+            fallback_urls=[b.url],
+            max_backoff=0.5,
+        )
+        await surgeon.start()
+        home = owner_of([a, b], surgeon.url)
+        survivor = b if home is a else a
+        # The model is uploaded to both servers (each keeps its own list of a room's files
+        # unless they share a store): whichever runs the room can spawn it.
+        for node in (a, b):
+            client = AssetClient(node.url, room, token(room, "surgeon", "host"))
+            try:
+                sha = (await client.upload(HEART)).sha256
+            finally:
+                await client.close()
+        await surgeon.objects.wait_synced()
+        heart = await surgeon.spawn(sha, (0.0, 1.2, -0.6), name="heart")
+        await surgeon.grab(heart)
+        surgeon.move(heart, (0.3, 1.1, -0.5), (0.0, 0.0, 0.0, 1.0), 1.5)
+        await surgeon.release(heart)
+        await asyncio.sleep(1.0)  # transforms are flushed every 0.5 s
+        acked: list[int] = []
+
+        async def annotate_without_pause() -> None:
+            i = 0
+            while True:
+                try:
+                    acked.append(await surgeon.annotate(heart, "pin", [(0, 0, 0)], text=f"{i}"))
+                except Exception:
+                    await asyncio.sleep(0.05)  # unanswered: the node is gone; not counted
+                i += 1
+
+        resumed = asyncio.create_task(
+            anext(e async for e in surgeon.events() if isinstance(e, Resumed))
+        )
+        writer = asyncio.create_task(annotate_without_pause())
+        try:
+            await wait_for(lambda: len(acked) >= 10, timeout=20)
+            os.kill(home.pid, signal.SIGKILL)
+            ev = await asyncio.wait_for(resumed, 30)
+            assert ev.same_member
+        finally:
+            writer.cancel()
+        before_kill = list(acked)
+        observer = connect(survivor.url, room, token=token(room, "radiologist"))
+        await observer.start()
+        try:
+            await observer.objects.wait_synced()
+            obj = observer.objects[heart]
+            missing = set(before_kill) - set(obj.annotations)
+            assert not missing, f"acknowledged but lost: {sorted(missing)}"
+            await wait_for(lambda: observer.snapshot.ids.size >= 2, timeout=10)
+            assert obj.position == pytest.approx((0.3, 1.1, -0.5), abs=0.002)
+            assert obj.scale == pytest.approx(1.5, abs=0.002)
+        finally:
+            await observer.close()
+            await surgeon.close()
+    finally:
+        for s in (a, b):
+            if s is not None and s.proc.poll() is None:
+                s.proc.kill()
+                s.proc.wait()
+
+
 # --------------------------------------------------------------------------- transfers
 
 
