@@ -20,6 +20,7 @@ import aiohttp
 import numpy as np
 
 from medverse.protocol.catalog import CLIENT_MESSAGES, SERVER_MESSAGES
+from medverse.protocol.clinic import Access as AccessMsg
 from medverse.protocol.clinic import Called as CalledMsg
 from medverse.protocol.clinic import CallNext, SendBack, Transfer
 from medverse.protocol.clinic import Moved as MovedMsg
@@ -268,7 +269,8 @@ class Session(ObjectsAPI, ImagesAPI):
         self.ping_interval = ping_interval
         self.token = token
         #: After a move: the server's credential for the HTTP APIs (assets, image series) of
-        #: the room we are in now, whose join token names the room we first entered.
+        #: the room we are in now, whose join token names the room we first entered. The
+        #: server sends a fresh one (``access``) before it expires; the HTTP clients follow.
         self.room_access: str | None = None
         self._ssl = ssl
         #: Asked (version, text) when a room requires consent; True accepts.
@@ -736,7 +738,10 @@ class Session(ObjectsAPI, ImagesAPI):
         """Move member ``member_id`` of our room to ``room`` (a host, a receptionist or the
         ``transfer`` grant): it enters that room under its rules (consent, lobby). Returns
         once moved; raises :class:`RefusedError` (``forbidden``, ``not_found``,
-        ``room_full``, ``room_locked``, ``rate_limited``, ...) with nothing moved."""
+        ``room_full``, ``room_locked``, ``banned``, ``rate_limited``, ...) with nothing moved.
+        In a cluster, moving to a room another server runs returns once that server has
+        accepted the member (or raises its refusal, ``room_moving`` if it is gone,
+        ``transfer_timeout`` if it did not answer: the member stays)."""
         await self.request(lambda r: Transfer(member_id, room, reason, r))
 
     async def call_next(self) -> None:
@@ -961,6 +966,10 @@ class Session(ObjectsAPI, ImagesAPI):
                     self._transfer_grant = m.token
             elif isinstance(m, MovedMsg):
                 self._moved(m)
+            elif isinstance(m, AccessMsg):
+                if m.room == self.room:  # a refresh of the credential of our room
+                    self.room_access = m.access
+                    self._retarget_http()
             elif isinstance(m, ConsentRequired):
                 self._consent_on_move(m)
             elif isinstance(m, WaitingMsg):

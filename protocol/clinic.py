@@ -6,7 +6,8 @@ moves another member from one room to another without the moved member reconnect
 server sends it ``moved`` and the target room's entry follows on the same connection exactly
 as after a ``hello`` (``consent_required``, ``waiting`` or ``welcome``; SPEC.md, "Transfers").
 Patients in a waiting room are told their place in the queue (``queue``) and when a clinician
-calls them in (``called``).
+calls them in (``called``). A moved member's room access credential (``moved``'s ``access``) is
+refreshed by the server before it expires (``access``).
 """
 
 from __future__ import annotations
@@ -70,13 +71,25 @@ class Moved(Message):
     (``consent_required``, ``waiting`` or ``welcome``, as after a ``hello``). ``access`` (on a
     server with join tokens) is the bearer credential for ``room``'s HTTP APIs (assets,
     image series) in place of the join token, which names the first room: valid while the
-    member is in ``room``, and for at most an hour."""
+    member is in ``room``, for an hour by default, refreshed by ``access``; absent when
+    ``room`` is the one its join token names."""
 
     TYPE: ClassVar[str] = "moved"
     room: str = wire_field("str", pattern=ROOM_NAME_RE)
     by: str = wire_field("str", max_len=MAX_NAME_CHARS)
     reason: str = wire_field("str", max_len=MAX_REASON_CHARS)
     access: str | None = wire_field("str", max_len=MAX_ACCESS_CHARS, optional=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Access(Message):
+    """To a moved member in room ``room``: a fresh room access credential for it (``access``,
+    as in ``moved``), sent before the last one expires (SPEC.md, "Room access credentials").
+    The client uses it in place of the last one from now on."""
+
+    TYPE: ClassVar[str] = "access"
+    room: str = wire_field("str", pattern=ROOM_NAME_RE)
+    access: str = wire_field("str", max_len=MAX_ACCESS_CHARS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +116,7 @@ class Called(Message):
 
 
 CLIENT_CLINIC: tuple[type[Message], ...] = (Transfer, CallNext, SendBack)
-SERVER_CLINIC: tuple[type[Message], ...] = (Moved, Queue, Called)
+SERVER_CLINIC: tuple[type[Message], ...] = (Moved, Queue, Called, Access)
 
 __all__ = [
     "CLIENT_CLINIC",
@@ -112,6 +125,7 @@ __all__ = [
     "MAX_ESTIMATE_SECONDS",
     "MAX_REASON_CHARS",
     "SERVER_CLINIC",
+    "Access",
     "CallNext",
     "Called",
     "Moved",

@@ -49,6 +49,7 @@ class ErrorCode(enum.StrEnum):
     TOO_SLOW = "too_slow"  # the member's connection cannot keep up and was closed
     SHUTTING_DOWN = "shutting_down"  # the server is stopping
     ROOM_MOVING = "room_moving"  # the room is between servers of a cluster; join again shortly
+    TRANSFER_TIMEOUT = "transfer_timeout"  # the server running a move's target room did not answer
     INTERNAL = "internal"  # a bug on our side; the member stays connected
 
 

@@ -634,6 +634,38 @@ def decode_message(
         return ProtocolError(ErrorCode.BAD_FIELD, f"bad {kind} message: {type(exc).__name__}")
 
 
+def request_refusal(
+    frame: bytes, registry: Mapping[str, type[Message]], err: ProtocolError, max_bytes: int
+) -> Message | None:
+    """The answer refusing, with ``err``, the request in control frame ``frame`` that was not
+    decoded (a server drops it over the connection's rate limit): its family's refusal naming
+    its ``req``, so the client's call fails at once. None if ``frame`` is not a control frame
+    of at most ``max_bytes``, not a map, not a request type of ``registry``, or has no valid
+    ``req`` (a plain ``error`` answers it then)."""
+    if not 2 <= len(frame) <= max_bytes or frame[0] != FRAME_CONTROL:
+        return None
+    try:
+        data = msgpack.unpackb(
+            memoryview(frame)[1:],
+            raw=False,
+            strict_map_key=True,
+            max_array_len=1024,
+            max_map_len=64,
+            max_str_len=max_bytes,
+            max_bin_len=0,
+            max_ext_len=0,
+        )
+    except Exception:  # hostile bytes: no req to name
+        return None
+    kind = data.get("t") if isinstance(data, dict) else None
+    cls = registry.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        return None
+    assert isinstance(data, dict)
+    answer = _answerable(cls, data, err)
+    return answer.answer if isinstance(answer, RequestError) else None
+
+
 def _answerable(cls: type[Message], data: dict[str, Any], err: ProtocolError) -> ProtocolError:
     """``err`` for a message of type ``cls`` that did not decode; a :class:`RequestError`
     when the message is a request whose own ``req`` is valid (so the refusal can name it)."""
@@ -786,5 +818,6 @@ __all__ += [
     "pose_frame_dtype",
     "pose_frame_size",
     "pose_sequence",
+    "request_refusal",
     "wire_field",
 ]

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from aiohttp import web
 
+from medverse.protocol.clinic import Access as AccessMsg
 from medverse.protocol.clinic import Moved
 from medverse.protocol.errors import ErrorCode, ProtocolError
 from medverse.protocol.messages import (
@@ -69,6 +70,7 @@ from .session import (
     CLOSE_TOO_MANY_CONNECTIONS,
     Session,
     SessionServices,
+    admission,
 )
 from .store import PostgresObjectStore
 from .tick import TickLoop
@@ -125,7 +127,9 @@ class Server:
         self.room_access: RoomAccess | None = None
         if self.verifier is not None:
             secret = self.verifier.shared_secret
-            self.room_access = RoomAccess(derive_key(secret) if secret is not None else None)
+            self.room_access = RoomAccess(
+                derive_key(secret) if secret is not None else None, config.room_access_ttl
+            )
         self.policy = RoomPolicy(config, self.clinic)
         self.plugins = [as_server_plugin(p) for p in plugins]
         names = [p.name for p in self.plugins]
@@ -141,10 +145,11 @@ class Server:
             CORE_CLIENT_MESSAGES, *(c.messages for c in classes)
         )
         self.server_messages = message_registry(
-            # ``moved`` is the core's (any plugin may move a member), declared with the clinic.
+            # ``moved`` and ``access`` are the core's (any plugin may move a member), declared
+            # with the clinic.
             CORE_SERVER_MESSAGES,
-            (Moved,),
-            *((m for m in c.server_messages if m is not Moved) for c in classes),
+            (Moved, AccessMsg),
+            *((m for m in c.server_messages if m not in (Moved, AccessMsg)) for c in classes),
         )
         self.clock = FixedRateClock(1.0 / config.tick_rate)
         self.table = EntityTable()
@@ -436,6 +441,7 @@ class Server:
                     rooms=lambda: [room.name for room in self.rooms],
                     drained=lambda: self.on_drained(),
                     persist_room=self.rooms.persist,
+                    admission=lambda grant, room: admission(self.sessions, grant, room),
                 ),
                 bind_subject=self.verifier is not None,
             )

@@ -23,9 +23,12 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
+from collections.abc import Awaitable, Coroutine
+from typing import Any
 
 from medverse.protocol.clinic import (
     MAX_ESTIMATE_SECONDS,
+    Access,
     Called,
     CallNext,
     Moved,
@@ -66,7 +69,7 @@ class ClinicRoom(RoomPlugin):
 
     name = "clinic"
     messages = (Transfer, CallNext, SendBack)
-    server_messages = (Moved, Queue, Called)
+    server_messages = (Moved, Queue, Called, Access)
 
     def __init__(self, ctx: RoomContext, service: ClinicService) -> None:
         super().__init__(ctx)
@@ -164,12 +167,12 @@ class ClinicRoom(RoomPlugin):
 
     # ----------------------------------------------------------------- requests
 
-    def on_message(self, member: MemberView, msg: Message) -> None:
+    def on_message(self, member: MemberView, msg: Message) -> Coroutine[Any, Any, None] | None:
         self._limit(member)
         _may_move(member)
         if isinstance(msg, Transfer):
             target = self._member(member, msg.member_id)
-            self._move(target, msg.room, member, msg.reason or "", admit=False)
+            return self._move(target, msg.room, member, msg.reason or "", admit=False)
         elif isinstance(msg, CallNext):
             waiting = self.service.waiting_room
             if waiting is None:
@@ -180,13 +183,16 @@ class ClinicRoom(RoomPlugin):
             if room is None:
                 raise ProtocolError(ErrorCode.NOT_FOUND, "nobody is waiting")
             patient = room.next_patient()
-            room._move(patient, self.ctx.name, member, "called", admit=True)
+            return room._move(patient, self.ctx.name, member, "called", admit=True)
         elif isinstance(msg, SendBack):
             waiting = self.service.waiting_room
             if waiting is None:
                 raise ProtocolError(ErrorCode.NOT_FOUND, "this clinic has no waiting room")
             target = self._member(member, msg.member_id)
-            self._move(target, waiting, member, msg.reason or "sent back to the waiting room")
+            return self._move(
+                target, waiting, member, msg.reason or "sent back to the waiting room"
+            )
+        return None
 
     def _member(self, actor: MemberView, member_id: int) -> MemberView:
         m = self.ctx.members.get(member_id)
@@ -198,18 +204,33 @@ class ClinicRoom(RoomPlugin):
 
     def _move(
         self, member: MemberView, room: str, by: MemberView, reason: str, admit: bool = False
-    ) -> None:
+    ) -> Coroutine[Any, Any, None] | None:
         """Move ``member`` of this room; a patient leaving the waiting room is called (and its
-        consultation is timed from its arrival)."""
+        consultation is timed from its arrival). A coroutine answering the request while
+        another server of the cluster decides (see ``RoomContext.transfer``)."""
         notice = None
+        subject = member.identity.subject
         if self.waiting and member.id in self.queue:
             notice = Called(room, by.name)
-            self.service.call(member.identity.subject, room)
+            self.service.call(subject, room)
         try:
-            self.ctx.transfer(member, room, by, reason, admit, notice)
+            pending = self.ctx.transfer(member, room, by, reason, admit, notice)
         except ProtocolError:
             if notice is not None:
-                self.service.calls.pop(member.identity.subject, None)
+                self.service.calls.pop(subject, None)
+            raise
+        if pending is None:
+            return None
+        return self._finish_move(pending, subject if notice is not None else None)
+
+    async def _finish_move(self, pending: Awaitable[None], called: str | None) -> None:
+        """The request's answer, once another server of the cluster has taken or refused the
+        member (a refused call is forgotten)."""
+        try:
+            await pending
+        except ProtocolError:
+            if called is not None:
+                self.service.calls.pop(called, None)
             raise
 
     def _limit(self, member: MemberView) -> None:

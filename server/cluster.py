@@ -22,6 +22,12 @@ owner's URL). A new room goes to the node with the most capacity left. Resume to
 signed with a secret all nodes share (kept in Redis), so a member resumes on whichever node
 runs its room now, keeping its member id. Operators' commands (end a room, ban an identity,
 drain a node) are published on one channel that every node listens to.
+
+A host moving a member to a room another node runs: the member's node asks that node, on the
+node's own channel (its *inbox*), whether the member may enter now, and answers the host once
+it has heard back (or after ``cluster_transfer_timeout``); only an accepted member leaves. The
+transfer grant it then carries joins once in the whole cluster: the node it joins sets the
+grant's ``jti`` in Redis (``SET NX``) first.
 """
 
 from __future__ import annotations
@@ -47,6 +53,8 @@ import redis as syncredis
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from medverse.protocol.errors import ErrorCode, ProtocolError
+
 from .config import ServerConfig
 from .roomaccess import TransferGrants, derive_key
 
@@ -69,6 +77,16 @@ def node_rooms_key(node_id: str) -> str:
 
 def room_key(room: str) -> str:
     return f"{PREFIX}room:{room}"
+
+
+def inbox(node_id: str) -> str:
+    """The pub/sub channel of one node's questions and answers (a move's admission)."""
+    return f"{PREFIX}node:{node_id}:inbox"
+
+
+def grant_key(jti: str) -> str:
+    """Set (once, until the grant expires) when a transfer grant is redeemed anywhere."""
+    return f"{PREFIX}grant:{jti}"
 
 
 # Grant the room's lease to the candidate node unless someone holds it; either way return
@@ -170,6 +188,8 @@ class Route:
     local: bool
     url: str | None = None
     moving: bool = False
+    #: The id of the node at ``url``.
+    node: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,6 +232,11 @@ class ClusterHooks:
     drained: Callable[[], None] = lambda: None
     #: Store what a room has not stored yet and wait for it (before its lease is handed over).
     persist_room: Callable[[str], Awaitable[None]] = _nothing_to_store
+    #: Whether the member a transfer grant names may enter the room now (another node moves
+    #: it here): None, or the typed refusal (``room_locked``, ``banned``, ``room_full``, ...).
+    admission: Callable[[str, str], ProtocolError | None] = lambda grant, room: ProtocolError(
+        ErrorCode.NOT_FOUND, "this server takes no moved members"
+    )
 
 
 @dataclass
@@ -276,6 +301,11 @@ class Cluster:
         self._cpu = (time.monotonic(), time.process_time())
         self._cpu_percent = 0.0
         self._started = False
+        #: Admission questions this node asked other nodes, by id, awaiting their answers.
+        self._asks: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._replies: set[asyncio.Task[None]] = set()
+        #: Seconds a move waits for the target node's answer.
+        self.transfer_timeout = config.cluster_transfer_timeout
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -296,7 +326,7 @@ class Cluster:
         self.grants = TransferGrants(bytes.fromhex(secret.decode()))
         self.access_key = derive_key(bytes.fromhex(secret.decode()))
         pubsub = self._sub_redis.pubsub(ignore_subscribe_messages=True)
-        await pubsub.subscribe(COMMANDS)
+        await pubsub.subscribe(COMMANDS, inbox(self.node_id))
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._watchdog(), name="medverse-cluster-watchdog"),
@@ -391,7 +421,7 @@ class Cluster:
         if owner in self._seen and (owner not in self._nodes or owner in self._stale):
             # Its node stopped heartbeating: the room waits for its lease to expire.
             return Route(False, moving=True)
-        return Route(False, url=owner_url)
+        return Route(False, url=owner_url, node=owner)
 
     async def _claim(self, room: str, candidate: str, url: str) -> tuple[str, str, int, int]:
         raw = await self.redis.eval(
@@ -634,7 +664,7 @@ class Cluster:
                 log.warning("cluster: command channel lost (%s); resubscribing", exc)
                 await asyncio.sleep(self.interval)
                 with contextlib.suppress(RedisError, OSError):
-                    await pubsub.subscribe(COMMANDS)
+                    await pubsub.subscribe(COMMANDS, inbox(self.node_id))
                 continue
             if msg is None or msg.get("type") != "message":
                 continue
@@ -645,6 +675,9 @@ class Cluster:
                 continue
             if not isinstance(cmd, dict):
                 continue
+            if _s(msg.get("channel", b"")) == inbox(self.node_id):
+                self._on_inbox(cmd)
+                continue
             try:
                 if cmd.get("op") == "drain":
                     if cmd.get("node") in (self.node_id, self.url) and not self.draining:
@@ -653,6 +686,113 @@ class Cluster:
                     self._hooks.command(cmd)
             except Exception:
                 log.exception("cluster: command %s failed", cmd.get("op"))
+
+    # ----------------------------------------------------------------- moves between nodes
+
+    async def ask_admission(self, node: str, room: str, grant: str) -> None:
+        """Ask node ``node``, which runs ``room``, whether the member ``grant`` names may
+        enter ``room`` there now. Returns if it may; raises its typed refusal if not, or
+        ``room_moving`` (that node is gone, or Redis did not answer) or ``transfer_timeout``
+        (no answer within :attr:`transfer_timeout` seconds)."""
+        ask_id = secrets.token_hex(8)
+        answer: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._asks[ask_id] = answer
+        question = {"op": "admit", "id": ask_id, "from": self.node_id, "room": room}
+        try:
+            try:
+                heard = await self.redis.publish(
+                    inbox(node), json.dumps(question | {"grant": grant})
+                )
+            except (RedisError, OSError) as exc:
+                raise ProtocolError(
+                    ErrorCode.ROOM_MOVING, f"the cluster's directory did not answer ({exc})"
+                ) from None
+            self._count("transfer_ask")
+            if not heard:
+                # Nobody listens on its inbox: the node is gone (its rooms move elsewhere).
+                raise ProtocolError(
+                    ErrorCode.ROOM_MOVING,
+                    f"the server that ran room {room} is gone; try again in a moment",
+                )
+            try:
+                reply = await asyncio.wait_for(answer, self.transfer_timeout)
+            except TimeoutError:
+                raise ProtocolError(
+                    ErrorCode.TRANSFER_TIMEOUT,
+                    f"the server that runs room {room} did not answer within "
+                    f"{self.transfer_timeout:g} s",
+                ) from None
+        finally:
+            self._asks.pop(ask_id, None)
+        code = reply.get("code")
+        if code is None:
+            return
+        try:
+            err_code = ErrorCode(code)
+        except ValueError:
+            err_code = ErrorCode.INTERNAL
+        raise ProtocolError(err_code, str(reply.get("message", ""))[:1024])
+
+    def _on_inbox(self, msg: dict[str, Any]) -> None:
+        """A question from another node (may a member it moves enter a room here?) or the
+        answer to one of ours."""
+        op, ask_id = msg.get("op"), msg.get("id")
+        if not isinstance(ask_id, str):
+            return
+        if op == "answer":
+            waiting = self._asks.get(ask_id)
+            if waiting is not None and not waiting.done():
+                waiting.set_result(msg)
+            return
+        asker, room, grant = msg.get("from"), msg.get("room"), msg.get("grant")
+        if op != "admit" or not all(isinstance(x, str) for x in (asker, room, grant)):
+            return
+        assert isinstance(asker, str) and isinstance(room, str) and isinstance(grant, str)
+        hooks = self._hooks
+        try:
+            refusal = hooks.admission(grant, room) if hooks is not None else None
+        except Exception:
+            log.exception("cluster: admission to room %s failed", room)
+            refusal = ProtocolError(ErrorCode.INTERNAL, "internal error")
+        reply: dict[str, Any] = {"op": "answer", "id": ask_id}
+        if refusal is not None:
+            reply |= {"code": refusal.code.value, "message": refusal.message[:1024]}
+        task = asyncio.get_running_loop().create_task(self._reply(asker, reply))
+        self._replies.add(task)
+        task.add_done_callback(self._replies.discard)
+
+    async def _reply(self, node: str, reply: dict[str, Any]) -> None:
+        try:
+            await self.redis.publish(inbox(node), json.dumps(reply))
+            self._count("transfer_answer", background=True)
+        except (RedisError, OSError) as exc:  # the asker times out
+            log.warning("cluster: could not answer node %s (%s)", node, exc)
+
+    async def redeem_grant(self, jti: str, expires: float) -> bool:
+        """Whether the transfer grant named ``jti`` (expiring at ``expires``, Unix seconds) is
+        redeemed here for the first time anywhere in the cluster: its ``jti`` is set in Redis
+        only if nobody set it before (``SET NX``, kept until the grant has expired), so a grant
+        joins once whichever servers it is presented to. Raises RedisError/OSError if Redis
+        does not answer."""
+        grants = self.grants
+        if grants is not None and grants.used(jti):
+            return False  # seen here: no round trip
+        keep_ms = max(1000, int((expires + 5 - time.time()) * 1000))
+        first = await self.redis.set(grant_key(jti), self.node_id, nx=True, px=keep_ms)
+        self._count("grant")
+        if grants is not None:
+            grants.remember(jti, expires)
+        return bool(first)
+
+    async def grant_used(self, jti: str) -> bool:
+        """Whether the transfer grant named ``jti`` was redeemed anywhere in the cluster
+        (checked, not spent: before a redirect to the server that runs its room)."""
+        grants = self.grants
+        if grants is not None and grants.used(jti):
+            return True
+        found = await self.redis.exists(grant_key(jti))
+        self._count("grant")
+        return bool(found)
 
     # ----------------------------------------------------------------- drain
 

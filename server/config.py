@@ -167,6 +167,12 @@ class ServerConfig:
     #: fifth of it on a thread of their own, so a saturated event loop does not lose them; 2 s
     #: brings a dead server's rooms back within about 2.5 s.
     cluster_lease_ttl: float = 2.0
+    #: Seconds a server of a cluster waits for the server that runs a room to accept or
+    #: refuse a member moved there (then the move is refused with ``transfer_timeout``).
+    cluster_transfer_timeout: float = 5.0
+    #: Seconds a room access credential (a moved member's bearer token for its new room's
+    #: HTTP APIs) lives; the server sends the member a fresh one when half of it has passed.
+    room_access_ttl: float = 3600.0
     #: Make up a speaker's lost or late 20 ms frames with Opus's loss concealment (and the
     #: next packet's in-band FEC, when the sender sends one) instead of mixing silence.
     audio_conceal: bool = True
@@ -246,6 +252,10 @@ class ServerConfig:
         _at_least(self, 1, "node_capacity")
         if not 1.0 <= self.cluster_lease_ttl <= 60.0:
             raise ValueError("cluster_lease_ttl must be between 1 and 60 seconds")
+        if not 0.1 <= self.cluster_transfer_timeout <= 60.0:
+            raise ValueError("cluster_transfer_timeout must be between 0.1 and 60 seconds")
+        if not 2.0 <= self.room_access_ttl <= 86_400.0:
+            raise ValueError("room_access_ttl must be between 2 seconds and a day")
         # Fail at start, not at the first audio offer (medverse.rtc parses them again then;
         # it is not imported here because it loads aiortc, which `medverse token` need not).
         addresses = [a.strip() for a in self.rtc_host_addresses.split(",") if a.strip()]

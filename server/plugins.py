@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
@@ -255,14 +255,17 @@ class RoomContext(Protocol):
         reason: str = "",
         admit: bool = False,
         notice: Message | None = None,
-    ) -> None:
+    ) -> Awaitable[None] | None:
         """Move ``member`` of this room to room ``room`` on its own connection: it leaves
         this room (the others see it leave with reason ``moved``), gets ``notice`` if given
         and ``moved``, and enters the other room under that room's rules (consent, lobby
         unless ``admit``: the mover hosts there). ``by`` is the member who asked (of this room
         or another) and is in the audit log. Raises a ProtocolError, with nothing moved, if
         the room is unknown, locked, full or refuses the member, or the member is not
-        connected."""
+        connected. None once moved; in a cluster, when another server runs ``room``, an
+        awaitable that ends once that server has accepted the member and it has left for it,
+        or raises that server's refusal (``room_locked``, ``banned``, ``room_full``,
+        ``room_moving`` when it is gone, ``transfer_timeout``), the member still here."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,10 +330,11 @@ class RoomPlugin:
     def on_message(self, member: MemberView, msg: Message) -> Coroutine[Any, Any, None] | None:
         """A control message of one of :attr:`messages`; raise ProtocolError to refuse.
 
-        A request that must wait for something slow (a database write) returns a coroutine
-        instead (e.g. from an ``async def`` helper): it runs as a task of the room, and the
-        request is answered when it finishes (``ack``, or ``refused`` with the ProtocolError it
-        raises) while the member's later messages are handled meanwhile."""
+        A request that must wait for something slow (a database write, another server of the
+        cluster deciding on a move) returns a coroutine instead (e.g. from an ``async def``
+        helper): it runs as a task of the room, and the request is answered when it finishes
+        (``ack``, or ``refused`` with the ProtocolError it raises) while the member's later
+        messages are handled meanwhile."""
         return None
 
     def on_frame(self, member: MemberView, frame: bytes) -> None:

@@ -141,6 +141,11 @@ class RoomRegistry:
         self._close_timers.pop(room.name, None)
         if room.member_count or self._rooms.get(room.name) is not room:
             return
+        if room.lobby_count:
+            # Someone waits in its lobby for a host (a member moved there, say): the room
+            # stays, and is looked at again after the linger time.
+            self._empty(room)
+            return
         del self._rooms[room.name]
         del self._by_segment[room.segment]
         room.close()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Protocol
@@ -86,11 +86,13 @@ class Link(Protocol):
         reason: str,
         admit: bool,
         notice: Message | None = None,
-    ) -> None:
+    ) -> Awaitable[None] | None:
         """Take the connection's member out of its room and into ``room`` under that room's
         rules (``by``/``actor``: the mover's name and identity; ``notice``: a message it gets
         just before ``moved``); raises ProtocolError, with nothing changed, if that room does
-        not take it."""
+        not take it. None once moved; an awaitable when another server of the cluster runs
+        ``room`` and decides first: it ends once moved, or raises that server's refusal
+        (the member stays where it is)."""
 
 
 class Member:
@@ -384,8 +386,10 @@ class _Context:
         reason: str = "",
         admit: bool = False,
         notice: Message | None = None,
-    ) -> None:
-        self._room.transfer(member.id, room, by.name, by.identity.subject, reason, admit, notice)
+    ) -> Awaitable[None] | None:
+        return self._room.transfer(
+            member.id, room, by.name, by.identity.subject, reason, admit, notice
+        )
 
 
 class Room:
@@ -589,14 +593,14 @@ class Room:
         reason: str,
         admit: bool,
         notice: Message | None = None,
-    ) -> None:
+    ) -> Awaitable[None] | None:
         """Move a connected member of this room to ``room`` (see ``RoomContext.transfer``)."""
         m = self._members.get(member_id)
         if m is None or m.hidden:
             raise ProtocolError(ErrorCode.NOT_FOUND, "no such member")
         if m.link is None:
             raise ProtocolError(ErrorCode.NOT_FOUND, "that member's connection is down")
-        m.link.move(room, by, actor, reason, admit, notice)
+        return m.link.move(room, by, actor, reason, admit, notice)
 
     def end(self, actor: str, reason: str) -> None:
         """End the session for everyone in the room and its lobby; nobody may enter again
@@ -699,6 +703,11 @@ class Room:
     @property
     def member_count(self) -> int:
         return len(self._members)
+
+    @property
+    def lobby_count(self) -> int:
+        """Connections waiting in the lobby."""
+        return len(self._lobby)
 
     def entry(self, identity: Identity) -> Wait | ProtocolError | None:
         """May ``identity`` enter now? None: yes; WAIT: through the lobby; an error: no.

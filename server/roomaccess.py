@@ -148,13 +148,21 @@ class Arrival:
     actor: str
     origin: str
     reason: str
+    #: The grant's ``jti`` and expiry (Unix seconds): what single use is checked by.
+    jti: str = ""
+    expires: float = 0.0
+    #: The room the member's join token names ("" if the grant does not say).
+    home: str = ""
 
 
 class TransferGrants:
     """Transfer grants: what a member moved to a room another server of the cluster runs
     presents there, in its ``hello``, in place of its join token (which names its first
     room). Signed with a key derived from the secret every server of the cluster shares, for
-    one room, expiring after :data:`TRANSFER_TTL` seconds, redeemed once per server."""
+    one room, expiring after :data:`TRANSFER_TTL` seconds, redeemed once: :meth:`redeem`
+    checks single use in this process; a server of a cluster verifies a grant (:meth:`verify`) and
+    claims its ``jti`` in the cluster's Redis (``Cluster.redeem_grant``), so a grant joins once
+    across every server, and remembers it here (:meth:`used`, :meth:`remember`)."""
 
     def __init__(self, cluster_secret: bytes, ttl: float = TRANSFER_TTL) -> None:
         self._key = hmac.new(cluster_secret, _TRANSFER_LABEL, hashlib.sha256).digest()
@@ -162,9 +170,17 @@ class TransferGrants:
         self._redeemed: dict[str, float] = {}
 
     def issue(
-        self, identity: Identity, room: str, admit: bool, actor: str, origin: str, reason: str
+        self,
+        identity: Identity,
+        room: str,
+        admit: bool,
+        actor: str,
+        origin: str,
+        reason: str,
+        home: str = "",
     ) -> str:
-        """A grant for ``identity`` (the member's, from its join token) to enter ``room``."""
+        """A grant for ``identity`` (the member's, from its join token, whose room is
+        ``home``) to enter ``room``."""
         now = int(time.time())
         claims: dict[str, Any] = {
             "typ": "transfer",
@@ -184,11 +200,37 @@ class TransferGrants:
         }
         if identity.pseudonym is not None:
             claims["pseudonym"] = identity.pseudonym
+        if home:
+            claims["home"] = home
         return jwt.encode(claims, self._key, algorithm="HS256", headers={"kid": TRANSFER_KID})
 
     def redeem(self, token: str, room: str) -> Arrival:
-        """The arrival a grant for ``room`` admits, once; typed ``unauthorized`` (forged, for
-        another room, already used) or ``token_expired`` otherwise."""
+        """The arrival a grant for ``room`` admits, once in this process; typed
+        ``unauthorized`` (forged, for another room, already used) or ``token_expired``
+        otherwise."""
+        arrival = self.verify(token, room)
+        if self.used(arrival.jti):
+            raise ProtocolError(ErrorCode.UNAUTHORIZED, "transfer grant already used")
+        self.remember(arrival.jti, arrival.expires)
+        return arrival
+
+    def used(self, jti: str) -> bool:
+        """Whether the grant named ``jti`` was redeemed here."""
+        return jti in self._redeemed
+
+    def remember(self, jti: str, expires: float) -> None:
+        """The grant named ``jti`` (expiring at ``expires``, Unix seconds) was redeemed: kept
+        until it has expired, at most :data:`MAX_REDEEMED` of them."""
+        now = time.time()
+        for old in [j for j, until in self._redeemed.items() if until < now]:
+            del self._redeemed[old]
+        if len(self._redeemed) >= MAX_REDEEMED:
+            self._redeemed.pop(next(iter(self._redeemed)))
+        self._redeemed[jti] = expires + 5
+
+    def verify(self, token: str, room: str) -> Arrival:
+        """The arrival a grant for ``room`` names, if it is genuine and unexpired (whether it
+        was used is not checked here); typed ``unauthorized`` or ``token_expired`` otherwise."""
         try:
             claims = jwt.decode(
                 token,
@@ -206,20 +248,17 @@ class TransferGrants:
         identity = identity_from_claims(claims)
         tid = claims.get("tid")
         jti = claims["jti"]
-        now = time.time()
-        if not isinstance(jti, str) or jti in self._redeemed:
-            raise ProtocolError(ErrorCode.UNAUTHORIZED, "transfer grant already used")
-        for old in [j for j, until in self._redeemed.items() if until < now]:
-            del self._redeemed[old]
-        if len(self._redeemed) >= MAX_REDEEMED:
-            self._redeemed.pop(next(iter(self._redeemed)))
-        self._redeemed[jti] = float(claims["exp"]) + 5
+        if not isinstance(jti, str) or not 1 <= len(jti) <= 64:
+            raise ProtocolError(ErrorCode.UNAUTHORIZED, "transfer grant without a valid jti")
         return Arrival(
             replace(identity, token_id=tid if isinstance(tid, str) else ""),
             bool(claims.get("admit")),
             str(claims.get("by", "")),
             str(claims.get("from", "")),
             str(claims.get("why", ""))[:256],
+            jti,
+            float(claims["exp"]),
+            str(claims.get("home", ""))[:128],
         )
 
 

@@ -14,11 +14,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from medverse.protocol.clinic import Moved
+from medverse.protocol.clinic import Access, Moved
 from medverse.protocol.connection import (
     Connection,
     FrameReceived,
@@ -47,6 +47,7 @@ from medverse.protocol.messages import (
     RequestError,
     RequestRefused,
     Waiting,
+    request_refusal,
 )
 
 from .auth import Identity, TokenVerifier, anonymous
@@ -136,6 +137,10 @@ class Session:
         #: A valid hello named who this is (the connection left the unidentified budget).
         self.identified = False
         self._routing: asyncio.Task[None] | None = None  # asking the cluster where the room is
+        #: A move of our member to a room another server runs, asking that server first.
+        self._moving: asyncio.Task[None] | None = None
+        #: Sends our moved member a fresh room access credential before the last expires.
+        self._access_timer: asyncio.TimerHandle | None = None
         self._handshake_timer: asyncio.TimerHandle | None = None
         self._heartbeat_timer: asyncio.TimerHandle | None = None
         self._next_ping = 0.0  # loop time of the next heartbeat ping
@@ -228,10 +233,12 @@ class Session:
         reason: str,
         admit: bool,
         notice: Message | None = None,
-    ) -> None:
+    ) -> Awaitable[None] | None:
         """Move our member to ``room`` (see :meth:`Link.move`): every check first, so a
         refusal leaves it where it is; then it leaves its room, is told ``moved`` and enters
-        the other room as after a hello (consent, lobby unless ``admit``, welcome)."""
+        the other room as after a hello (consent, lobby unless ``admit``, welcome). In a
+        cluster, for a room this server does not hold, an awaitable: see
+        :meth:`_move_across`."""
         s = self._s
         member, old = self.member, self._room
         base = self._base
@@ -245,9 +252,25 @@ class Session:
             raise ProtocolError(ErrorCode.NOT_FOUND, f"this clinic has no room {room}")
         if s.cluster is not None and not s.cluster.holds(room):
             # The room may live on another server (or nowhere yet): placing it here could
-            # run it twice. The cluster's directory says where it goes, after the move.
-            self._move_away(room, by, actor, reason, admit, notice)
-            return
+            # run it twice. The cluster's directory says where it goes, and that server
+            # whether it takes the member, before the member leaves.
+            if s.cluster.grants is None:
+                raise ProtocolError(ErrorCode.NOT_FOUND, "this server has not joined its cluster")
+            task = asyncio.get_running_loop().create_task(
+                self._move_across(room, by, actor, reason, admit, notice)
+            )
+            self._moving = task
+            return task
+        self._move_here(room, by, actor, reason, admit, notice)
+        return None
+
+    def _move_here(
+        self, room: str, by: str, actor: str, reason: str, admit: bool, notice: Message | None
+    ) -> None:
+        """A move to a room this server runs (or places): its entry checks, then the move."""
+        s = self._s
+        base = self._base
+        assert base is not None
         identity = s.policy.identity_in(replace(base, room=room), room)
         answer = s.rooms.entry(identity)  # places the room: its plugins decide
         if isinstance(answer, ProtocolError):
@@ -289,65 +312,109 @@ class Session:
         if notice is not None:
             self.send(notice)
         access = None
-        if s.room_access is not None and identity.token_id:
-            access = s.room_access.issue(room, identity.subject, identity.token_id)
+        base = self._base
+        if s.room_access is not None and identity.token_id and base is not None:
+            if room != base.room:
+                access = s.room_access.issue(room, identity.subject, identity.token_id)
+                self._keep_access(room, identity, now=False)
+            else:
+                # Back in the room its join token names: the token serves there (and a
+                # credential would not be refreshed after a resume, which the token needs not).
+                self._keep_access(room, identity, now=False, stop=True)
         self.send(Moved(room, by[:64], reason[:256], access))
 
-    def _move_away(
+    async def _move_across(
         self, room: str, by: str, actor: str, reason: str, admit: bool, notice: Message | None
     ) -> None:
-        """Move our member to ``room``, which this server of the cluster does not run now: it
-        leaves its room and is told ``moved`` at once; then the cluster's directory says
-        where ``room`` lives (one round trip). Here (the room went to this server): it enters
-        as in a local move. Elsewhere: ``redirect`` with a transfer grant, and that server
-        applies the room's rules (bans, locks, consent, lobby unless ``admit``) on arrival."""
+        """Move our member to ``room``, which this server of the cluster does not hold now.
+        The cluster's directory says where ``room`` lives (one round trip; it places the room
+        if nobody runs it). Here: a move as any other. Elsewhere: that server is asked
+        whether the member may enter now (bans, locks, an ended session, room full) and
+        only if it says yes does the member leave its room, get ``moved`` and ``redirect``
+        with a transfer grant (that server checks the room's rules again on arrival). A
+        refusal, that server gone (``room_moving``) or silent (``transfer_timeout``) raises
+        the typed error and leaves the member where it is."""
         s = self._s
         cluster = s.cluster
         member, old, base = self.member, self._room, self._base
-        assert cluster is not None and member is not None and old is not None
-        assert base is not None
-        if cluster.grants is None:
-            raise ProtocolError(ErrorCode.NOT_FOUND, "this server has not joined its cluster")
-        old_name = old.name
-        self._leave_for(room, base, by, actor, reason, notice, remote=True)
-        target = replace(base, room=room)
-        self._routing = asyncio.get_running_loop().create_task(
-            self._hand_over(target, admit, actor, old_name, reason)
-        )
-
-    async def _hand_over(
-        self, identity: Identity, admit: bool, actor: str, origin: str, reason: str
-    ) -> None:
-        """The second half of :meth:`_move_away`, once the directory has answered."""
-        cluster = self._s.cluster
         assert cluster is not None and cluster.grants is not None
-        room = identity.room
+        assert member is not None and old is not None and base is not None
         try:
             route = await cluster.route(room)
-        except Exception as exc:  # Redis unreachable: the member joins again later
+        except Exception as exc:  # Redis unreachable: the mover tries again later
             log.warning("room %s: the cluster directory did not answer: %s", room, exc)
-            route = None
-        if self._closed:
+            raise ProtocolError(
+                ErrorCode.ROOM_MOVING, "the cluster's directory did not answer; try again"
+            ) from None
+        self._check_still(member, old)
+        if route.local:
+            self._move_here(room, by, actor, reason, admit, notice)
             return
-        try:
-            if route is not None and route.local:
-                self._enter(identity, consented=False, admit=admit)
-            elif route is not None and route.url is not None:
-                grant = cluster.grants.issue(identity, room, admit, actor, origin, reason)
-                self.send(Redirect(route.url, "transfer", grant))
-                self.close(CLOSE_NORMAL, b"redirect")
-            else:
-                self._refuse(
-                    ProtocolError(
-                        ErrorCode.ROOM_MOVING,
-                        "the room is moving to another server; join again in a moment",
-                    ),
-                    CLOSE_GOING_AWAY,
-                    b"room moving",
+        if route.url is None or route.node is None:
+            raise ProtocolError(
+                ErrorCode.ROOM_MOVING, f"room {room} is moving between servers; try again"
+            )
+        target = replace(base, room=room)
+        grant = cluster.grants.issue(target, room, admit, actor, old.name, reason, base.room)
+        await cluster.ask_admission(route.node, room, grant)
+        self._check_still(member, old)
+        self._leave_for(room, base, by, actor, reason, notice, remote=True)
+        self.send(Redirect(route.url, "transfer", grant))
+        self.close(CLOSE_NORMAL, b"redirect")
+
+    def _check_still(self, member: Member, room: Room) -> None:
+        """Raise ``not_found`` unless ``member`` of ``room`` is still ours, connected (it may
+        have left, been moved or removed while another server was asked)."""
+        if self._closed or self.member is not member or self._room is not room:
+            raise ProtocolError(ErrorCode.NOT_FOUND, "the member left its room meanwhile")
+
+    # ----------------------------------------------------------------- access credentials
+
+    def _keep_access(self, room: str, identity: Identity, now: bool, stop: bool = False) -> None:
+        """Keep our member's room access credential for ``room`` fresh while the member is
+        bound for or in ``room``: one now if ``now`` (a resumed connection), then a fresh
+        one in an ``access`` message each time half of a credential's life has passed
+        (whatever ``moved`` or ``access`` sent last stays valid meanwhile). ``stop``: no more
+        refreshes (the member needs no credential now)."""
+        if self._access_timer is not None:
+            self._access_timer.cancel()
+            self._access_timer = None
+        issuer = self._s.room_access
+        if stop or issuer is None or not identity.token_id:
+            return
+        if now and not self._send_access(room, identity):
+            return
+        self._access_timer = asyncio.get_running_loop().call_later(
+            issuer.ttl / 2, self._refresh_access, room, identity
+        )
+
+    def _send_access(self, room: str, identity: Identity) -> bool:
+        issuer = self._s.room_access
+        assert issuer is not None
+        return self.send(
+            Access(room, issuer.issue(room, identity.subject, identity.token_id or ""))
+        )
+
+    def _refresh_access(self, room: str, identity: Identity) -> None:
+        self._access_timer = None
+        issuer = self._s.room_access
+        if self._closed or issuer is None:
+            return
+        loop = asyncio.get_running_loop()
+        if self._room is not None and self._room.name == room and self.conn.accepts(Access):
+            if self._send_access(room, identity):
+                self._access_timer = loop.call_later(
+                    issuer.ttl / 2, self._refresh_access, room, identity
                 )
-        except Exception:
-            log.exception("session %s: error moving to room %s", self.peer, room)
-            self._refuse(ProtocolError(ErrorCode.INTERNAL, "internal error"), 1011, b"internal")
+            return
+        entering = (self._lobby is not None and self._lobby[0].name == room) or (
+            self._room is None and self.member is None and self.conn.moving
+        )
+        if entering or (self._consent is not None and self._consent.room == room):
+            # Still on its way in (consent, lobby): the credential it has holds until then.
+            self._access_timer = loop.call_later(
+                min(5.0, issuer.ttl / 8), self._refresh_access, room, identity
+            )
 
     # ----------------------------------------------------------------- timers
 
@@ -392,7 +459,7 @@ class Session:
         try:
             if opcode != OP_BINARY:
                 self._dispatch(self.conn.receive(data, text=True))
-            elif self._allow(len(data)):
+            elif self._allow(data):
                 self._dispatch(self.conn.receive(data))
         except Exception:  # a bug handling one message must not take the server down
             log.exception("session %s: error handling a message", self.peer)
@@ -529,9 +596,10 @@ class Session:
             return
         self._accepted(identity)
         cluster = s.cluster
-        if cluster is not None and not cluster.holds(hello.room):
-            # Where does the room live? One round trip to the cluster's directory; the hello
-            # is answered when it is back (a redirect, or the join here).
+        if cluster is not None and (self._arrival is not None or not cluster.holds(hello.room)):
+            # Where does the room live? One round trip to the cluster's directory (and a
+            # transfer grant's single use is claimed there first); the hello is answered
+            # when it is back (a redirect, or the join here).
             self._routing = asyncio.get_running_loop().create_task(self._route(hello, identity))
             return
         self._join(hello, identity)
@@ -539,18 +607,26 @@ class Session:
     async def _route(self, hello: Hello, identity: Identity) -> None:
         cluster = self._s.cluster
         assert cluster is not None
-        try:
-            route = await cluster.route(hello.room)
-        except Exception as exc:  # Redis unreachable: the client tries again later
-            log.warning("room %s: the cluster directory did not answer: %s", hello.room, exc)
-            route = None
+        local, url = cluster.holds(hello.room), None
+        if not local:
+            try:
+                route = await cluster.route(hello.room)
+                local, url = route.local, route.url
+            except Exception as exc:  # Redis unreachable: the client tries again later
+                log.warning("room %s: the cluster directory did not answer: %s", hello.room, exc)
         if self._closed:
             return
+        arrival = self._arrival
+        if arrival is not None and (local or url is not None):
+            # A transfer grant joins once in the whole cluster: spent where it joins, and
+            # checked before a redirect (a used one goes no further).
+            if not await self._redeem(arrival, hello, spend=local):
+                return
         try:
-            if route is not None and route.local:
+            if local:
                 self._join(hello, identity)
-            elif route is not None and route.url is not None:
-                self.send(Redirect(route.url, "owner"))
+            elif url is not None:
+                self.send(Redirect(url, "owner"))
                 self.close(CLOSE_NORMAL, b"redirect")
             else:
                 self._refuse(
@@ -564,6 +640,41 @@ class Session:
         except Exception:
             log.exception("session %s: error joining room %s", self.peer, hello.room)
             self._refuse(ProtocolError(ErrorCode.INTERNAL, "internal error"), 1011, b"internal")
+
+    async def _redeem(self, arrival: Arrival, hello: Hello, spend: bool) -> bool:
+        """Claim a transfer grant's single use across the cluster (``spend``), or only check
+        that nobody has (before a redirect); False (refused, closing) if it was used before,
+        on any server, or Redis did not answer."""
+        cluster = self._s.cluster
+        assert cluster is not None
+        try:
+            if spend:
+                first = await cluster.redeem_grant(arrival.jti, arrival.expires)
+            else:
+                first = not await cluster.grant_used(arrival.jti)
+        except Exception as exc:  # Redis unreachable: the grant is not spent; try again
+            log.warning("room %s: the cluster directory did not answer: %s", hello.room, exc)
+            err = ProtocolError(
+                ErrorCode.ROOM_MOVING, "the cluster's directory did not answer; join again"
+            )
+            if not self._closed:
+                self._refuse(err, CLOSE_GOING_AWAY, b"room moving")
+            return False
+        if self._closed:
+            return False
+        if not first:
+            self._s.metrics.auth_refusals.labels(ErrorCode.UNAUTHORIZED.value).inc()
+            self._s.audit(
+                "join_refused",
+                room=hello.room,
+                peer=self.peer,
+                code=ErrorCode.UNAUTHORIZED.value,
+                reason="transfer grant already used",
+            )
+            err = ProtocolError(ErrorCode.UNAUTHORIZED, "transfer grant already used")
+            self._refuse(err, CLOSE_POLICY, b"join refused")
+            return False
+        return True
 
     def _join(self, hello: Hello, identity: Identity) -> None:
         """The hello, answered on the server that runs its room."""
@@ -581,6 +692,9 @@ class Session:
                 reason=arrival.reason,
             )
             self._enter(identity, consented=False, admit=arrival.admit)
+            if arrival.home != hello.room:
+                # Its credential for this room came with its moved, from the server it left.
+                self._keep_access(hello.room, identity, now=False)
             return
         room = s.rooms.get(hello.room)
         moved: int | None = None
@@ -643,6 +757,8 @@ class Session:
         if member is not None and room is not None and member.identity.subject == identity.subject:
             self.member, self._room = member, room
             room.reattach(member, self)
+            # Its credential for this room may have aged while it was away: a fresh one.
+            self._keep_access(room.name, identity, now=True)
             return True
         self.send_error(ProtocolError(ErrorCode.BAD_RESUME, "cannot resume; joining anew"))
         self._enter(identity, consented=False)
@@ -654,7 +770,7 @@ class Session:
         cluster = self._s.cluster
         grants = cluster.grants if cluster is not None else None
         if grants is not None and hello.token and is_transfer_grant(hello.token):
-            self._arrival = grants.redeem(hello.token, hello.room)
+            self._arrival = grants.verify(hello.token, hello.room)
             return self._arrival.identity
         verifier = self._s.verifier
         if verifier is None:
@@ -736,8 +852,10 @@ class Session:
         room.leave(member, "consent withdrawn")
         self.close(CLOSE_CONSENT, b"consent withdrawn")
 
-    def _allow(self, size: int) -> bool:
-        """Token buckets for messages and bytes; too many refusals close the connection."""
+    def _allow(self, data: bytes) -> bool:
+        """Token buckets for messages and bytes; too many refusals close the connection. A
+        request dropped here is refused by its ``req`` (so the client's call fails at once)."""
+        size = len(data)
         cfg = self._s.config
         now = time.monotonic()
         elapsed = now - self._rate_stamp
@@ -766,7 +884,16 @@ class Session:
                 b"rate limit",
             )
         else:
-            self.send_error(ProtocolError(ErrorCode.RATE_LIMITED, "message or byte rate exceeded"))
+            err = ProtocolError(ErrorCode.RATE_LIMITED, "message or byte rate exceeded")
+            answer = request_refusal(
+                data, self.conn.client_messages, err, self.conn.max_control_bytes
+            )
+            if answer is not None and self.conn.accepts(answer):
+                # Every dropped request gets its answer (not subject to the error replies'
+                # rate): the flood is bounded by the close above, and each answer is small.
+                self.send(answer)
+            else:
+                self.send_error(err)
         return False
 
     # ----------------------------------------------------------------- end
@@ -779,10 +906,37 @@ class Session:
             room, lobby_id = self._lobby
             self._lobby = None
             room.leave_lobby(lobby_id)
-        for timer in (self._handshake_timer, self._heartbeat_timer):
+        for timer in (self._handshake_timer, self._heartbeat_timer, self._access_timer):
             if timer is not None:
                 timer.cancel()
+        self._access_timer = None
         member, room = self.member, self._room
         self.member = self._room = None
         if member is not None and room is not None:
             room.disconnected(member, self)
+
+
+def admission(s: SessionServices, grant: str, room: str) -> ProtocolError | None:
+    """Whether the member that transfer grant ``grant`` names may enter ``room`` on this
+    server now (another server of the cluster moves it here and asks first): None, or the
+    typed refusal its arrival would get (the same checks as a move on one server; the
+    arrival is checked again, as any join)."""
+    cluster = s.cluster
+    if cluster is None or cluster.grants is None:
+        return ProtocolError(ErrorCode.NOT_FOUND, "this server has not joined its cluster")
+    if not cluster.holds(room):
+        return ProtocolError(ErrorCode.ROOM_MOVING, f"room {room} is moving between servers")
+    try:
+        arrival = cluster.grants.verify(grant, room)
+    except ProtocolError as err:
+        return err
+    if not s.policy.known(room):
+        return ProtocolError(ErrorCode.NOT_FOUND, f"this clinic has no room {room}")
+    identity = s.policy.identity_in(arrival.identity, room)
+    answer = s.rooms.entry(identity)
+    if isinstance(answer, ProtocolError):
+        return answer
+    target = s.rooms.get(room)
+    if target is not None and target.member_count >= s.config.max_members_per_room:
+        return ProtocolError(ErrorCode.ROOM_FULL, f"room {room} is full")
+    return None

@@ -322,6 +322,26 @@ async def test_receptionist_transfers_into_a_lobby(srv: ServerProcess) -> None:
         )
 
 
+async def test_a_patient_waiting_in_an_empty_rooms_lobby_is_not_dropped(srv: ServerProcess) -> None:
+    """Moved into the lobby of a consultation room nobody is in yet, the patient waits there
+    past the room's linger time (the room stays open while its lobby holds someone) until the
+    clinician comes and admits it."""
+    async with (
+        member(srv, "waiting", "eli") as pe,
+        member(srv, "waiting", "desk3", role="receptionist") as desk,
+    ):
+        await expect(pe, "queue")
+        await desk.transfer(pe.member_id, "consult-3", "your clinician is on the way")
+        waiting = await expect(pe, "waiting")
+        assert waiting.room == "consult-3"
+        await asyncio.sleep(4 * 0.5)  # four times the server's room_linger
+        assert pe.closed_reason is None and pe.state.value == "lobby"
+        async with member(srv, "consult-3", "drnash", role="host") as dr:
+            await dr.moderate("admit", waiting.lobby_id)
+            arrived = await expect(pe, "arrived")
+            assert arrived.room == "consult-3" and dr.member_id in arrived.members
+
+
 async def test_audio_follows_the_patient(srv: ServerProcess) -> None:
     """A patient publishing a tone in the waiting room is heard by the clinician once called
     in: the SDK renegotiates its WebRTC connection in the new room by itself."""
@@ -695,12 +715,71 @@ async def test_a_moved_member_fetches_its_new_rooms_models_and_images(
         # Gone from consult-9: its credential there is revoked before it expires.
         for path in ("/rooms/consult-9/assets", f"/rooms/consult-9/series/{series.sha256}"):
             assert await _http_code(srv, path, access) == (401, "unauthorized")
-        back = pg.room_access
-        assert back is not None and back != access
-        assert await _http_code(srv, "/rooms/consult-9/assets", back) == (401, "unauthorized")
+        # Back in the room its join token names: no credential, the token serves there.
+        assert pg.room_access is None and pg.assets.token == pg.images.token == pg.token
         # The cached clients followed the member to the waiting room.
         assert pg.assets.room == pg.images.room == "waiting"
         assert await pg.assets.list() == []
         with pytest.raises(ImageError) as gone:
             await pg.series(series.sha256)
         assert gone.value.code == "not_found"
+
+
+# --------------------------------------------------------------------------- credential refresh
+
+#: A short credential lifetime, so its refresh and expiry happen within a test.
+SHORT_ACCESS_TTL = 4.0
+
+
+async def test_the_access_credential_is_refreshed_before_it_expires() -> None:
+    """With a 4 s credential lifetime, a moved member gets a fresh credential every 2 s (an
+    ``access`` message), and its SDK's HTTP clients use it: downloads keep working long after
+    the first credential has expired (which the server then refuses, typed); a resume gets a
+    fresh one at once."""
+    data = tempfile.mkdtemp(prefix="medverse-clinic-")
+    with run_server(
+        auth_secret=SECRET,
+        data_dir=data,
+        clinic=CLINIC_FILE,
+        room_linger=0.5,
+        room_access_ttl=SHORT_ACCESS_TTL,
+    ) as node:
+        node.data_dir = Path(data)  # type: ignore[attr-defined]
+        async with (
+            member(node, "waiting", "ivy") as pi,
+            member(node, "consult-5", "drmoss", role="host") as dr,
+        ):
+            asset = await dr.upload_asset(triangle_glb(), "heart")
+            await expect(pi, "queue")
+            await dr.call_next()
+            await expect(pi, "arrived", lambda e: e.room == "consult-5")
+            first = pi.room_access
+            assert first is not None
+            claims = jwt.decode(first, options={"verify_signature": False})
+            assert claims["exp"] - claims["iat"] == SHORT_ACCESS_TTL
+            seen = {first}
+            # Refreshed every half lifetime while the member stays (and the HTTP clients
+            # follow), until the first credential has expired (its exp and the 5 s leeway).
+            while time.time() <= claims["exp"] + 6:
+                await asyncio.sleep(0.2)
+                seen.add(pi.room_access or "")
+            assert len(seen) >= 3, len(seen)
+            assert pi.assets.token == pi.room_access and pi.images.token == pi.room_access
+            assert await _http_code(node, "/rooms/consult-5/assets", first) == (
+                401,
+                "token_expired",
+            )
+            # ... while the member's current one, and so its SDK, still work.
+            assert [a.sha256 for a in await pi.assets.list()] == [asset.sha256]
+            # A resume in the room gets a fresh credential at once.
+            before = pi.room_access
+            ws = pi._ws
+            assert ws is not None
+            await ws.close()
+            resumed = await expect(pi, "resumed")
+            assert resumed.same_member and pi.room == "consult-5"
+            await until(lambda: pi.room_access != before, timeout=1.5, what="fresh credential")
+            assert await _http_code(node, "/rooms/consult-5/assets", pi.room_access or "") == (
+                200,
+                "",
+            )

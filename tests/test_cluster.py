@@ -24,10 +24,16 @@ import redis as redis_py
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from medverse.client_sdk import Closed, Resumed, Session, connect
+from medverse.client_sdk import Closed, RefusedError, Resumed, Session, connect
 from medverse.protocol.connection import Connection, MessageReceived, Refused, Role
 from medverse.protocol.errors import ErrorCode, ProtocolError
-from medverse.protocol.messages import PROTOCOL_VERSION, Hello, Redirect, encode_message
+from medverse.protocol.messages import (
+    PROTOCOL_VERSION,
+    Error,
+    Hello,
+    Redirect,
+    encode_message,
+)
 from medverse.server.audit import DB_FILE
 from medverse.server.auth import Identity, mint_admin_token, mint_token
 from medverse.server.cluster import (
@@ -735,7 +741,7 @@ async def test_kill_9_loses_no_acknowledged_annotation_and_keeps_flushed_transfo
 def test_transfer_grants_are_signed_for_one_room_expire_and_join_once() -> None:
     ident = Identity("pat", "Pat", "ward-a", "participant", frozenset({"annotate"}), None, "t1")
     grants = TransferGrants(b"s" * 32)
-    grant = grants.issue(ident, "ward-b", True, "drlee", "ward-a", "review")
+    grant = grants.issue(ident, "ward-b", True, "drlee", "ward-a", "review", "ward-a")
     assert is_transfer_grant(grant) and not is_transfer_grant(token("ward-b", "pat"))
     # Another server of the same cluster (same secret) redeems it, once.
     there = TransferGrants(b"s" * 32)
@@ -744,11 +750,12 @@ def test_transfer_grants_are_signed_for_one_room_expire_and_join_once() -> None:
     assert err.value.code is ErrorCode.UNAUTHORIZED
     arrival = there.redeem(grant, "ward-b")
     assert arrival.identity == replace(ident, room="ward-b")
-    assert (arrival.admit, arrival.actor, arrival.origin, arrival.reason) == (
+    assert (arrival.admit, arrival.actor, arrival.origin, arrival.reason, arrival.home) == (
         True,
         "drlee",
         "ward-a",
         "review",
+        "ward-a",
     )
     with pytest.raises(ProtocolError) as err:
         there.redeem(grant, "ward-b")
@@ -964,19 +971,168 @@ async def test_the_target_rooms_rules_apply_on_the_node_that_runs_it(
         await wait_for(lambda: pat.room == target.room and pat.moving_to is None, timeout=20)
         await wait_for(lambda: pat.member_id in target.members, timeout=10)
 
+        # Locked: the node that runs the room refuses before the member leaves; the mover's
+        # request fails with that code, and the member stays in ward-a, connected.
         await target.moderate("lock")
+        with pytest.raises(RefusedError) as refused:
+            await host.transfer(bob.member_id, target.room)
+        assert refused.value.code == "room_locked"
+        await asyncio.sleep(0.5)  # nothing of a move follows
+        assert bob.room == "ward-a" and bob.moving_to is None and bob.closed_reason is None
+        assert bob.member_id in host.members and host.member_id in bob.members
+        assert bob.url == host.url and await bob.ping(timeout=10) >= 0
+        assert not any(subject == "bob" for _, _, subject, _ in audit_of(home, "transferred"))
+        # Once the host there unlocks, the same move goes through.
+        await target.moderate("unlock")
         await host.transfer(bob.member_id, target.room)
-        await wait_for(lambda: bob.closed_reason is not None, timeout=20)
-        assert bob.closed_reason is not None and bob.closed_reason.code == "room_locked"
-        assert bob.member_id not in host.members  # it left ward-a with the move
-        there = owner_of(nodes, target.url)
-        await wait_for(
-            lambda: any(
-                actor == "bob" and d.get("code") == "room_locked"
-                for _, actor, _, d in audit_of(there, "join_refused")
-            ),
-            timeout=10,
-        )
+        assert bob.member_id not in host.members  # the ack follows its leaving
+        await wait_for(lambda: bob.room == target.room and bob.moving_to is None, timeout=20)
+        await wait_for(lambda: bob.member_id in target.members, timeout=10)
     finally:
         for s in reversed(sessions):
             await s.close()
+
+
+def ghost_room(redis: RedisServer, room: str, node: str) -> None:
+    """Record in the directory that node ``node`` (no medverse process) runs ``room``, as a
+    node that died or stopped answering leaves it until its lease expires."""
+    with redis_py.Redis.from_url(redis.url) as r:
+        r.hset(room_key(room), mapping={"owner": node, "url": "ws://127.0.0.1:9/ws", "gen": 1})
+        r.pexpire(room_key(room), 60_000)
+
+
+async def test_a_move_to_a_gone_or_silent_node_is_refused_and_the_member_stays(
+    nodes: list[ServerProcess], redis: RedisServer
+) -> None:
+    """The directory names a node for the target room that nobody answers for: gone (nobody
+    listens on its channel), the move is refused with room_moving at once; silent (someone
+    listens and never answers), with transfer_timeout after the node's timeout; a node that
+    answers with a refusal, with its code. Each time the member stays in its room."""
+    a = nodes[0]
+    host = connect(a.url, "ward-a", token=token("ward-a", "drlee", "host"), reconnect=False)
+    pat = connect(a.url, "ward-a", token=token("ward-a", "pat"), ping_interval=0)
+    sessions = [host, pat]
+    listener = redis_py.Redis.from_url(redis.url)
+    pubsub = listener.pubsub(ignore_subscribe_messages=True)
+    try:
+        await host.start()
+        await pat.start()
+
+        async def stays() -> None:
+            await asyncio.sleep(0.3)
+            assert pat.room == "ward-a" and pat.moving_to is None and pat.closed_reason is None
+            assert pat.member_id in host.members and await pat.ping(timeout=10) >= 0
+
+        ghost_room(redis, "ward-gone", "node-gone")
+        t0 = time.monotonic()
+        with pytest.raises(RefusedError) as refused:
+            await host.transfer(pat.member_id, "ward-gone")
+        assert refused.value.code == "room_moving", refused.value
+        assert time.monotonic() - t0 < 5.0  # no wait for an answer nobody can give
+        await stays()
+
+        ghost_room(redis, "ward-silent", "node-silent")
+        pubsub.subscribe("medverse:node:node-silent:inbox")
+        t0 = time.monotonic()
+        with pytest.raises(RefusedError) as refused:
+            await host.transfer(pat.member_id, "ward-silent", "second opinion")
+        waited = time.monotonic() - t0
+        assert refused.value.code == "transfer_timeout", refused.value
+        assert waited >= 4.5  # the node's cluster_transfer_timeout (5 s by default)
+        await stays()
+        # What the silent node was asked: may this member, with this signed grant, enter?
+        asked = None
+        for _ in range(20):
+            msg = pubsub.get_message(timeout=0.5)
+            if msg is not None and msg.get("type") == "message":
+                asked = json.loads(msg["data"])
+                break
+        assert asked is not None and asked["op"] == "admit" and asked["room"] == "ward-silent"
+        with redis_py.Redis.from_url(redis.url) as r:
+            secret = bytes.fromhex(r.get("medverse:secret").decode())
+        arrival = TransferGrants(secret).verify(asked["grant"], "ward-silent")
+        assert (arrival.identity.subject, arrival.origin, arrival.reason) == (
+            "pat",
+            "ward-a",
+            "second opinion",
+        )
+
+        # A node that answers "banned" (as its moderation would): the move fails with it.
+        ghost_room(redis, "ward-banned", "node-banned")
+        pubsub.subscribe("medverse:node:node-banned:inbox")
+
+        async def answer_banned() -> None:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                msg = await asyncio.to_thread(pubsub.get_message, timeout=0.2)
+                if msg is None or msg.get("type") != "message":
+                    continue
+                q = json.loads(msg["data"])
+                if q.get("room") == "ward-banned":
+                    reply = {"op": "answer", "id": q["id"], "code": "banned", "message": "no"}
+                    listener.publish(f"medverse:node:{q['from']}:inbox", json.dumps(reply))
+                    return
+
+        answering = asyncio.create_task(answer_banned())
+        with pytest.raises(RefusedError) as refused:
+            await host.transfer(pat.member_id, "ward-banned")
+        await answering
+        assert refused.value.code == "banned", refused.value
+        await stays()
+        home = owner_of(nodes, host.url)
+        assert not any(d.get("remote") for *_, d in audit_of(home, "transferred"))
+    finally:
+        pubsub.close()
+        listener.close()
+        for s in reversed(sessions):
+            await s.close()
+
+
+async def test_a_transfer_grant_joins_once_across_the_cluster(
+    nodes: list[ServerProcess], redis: RedisServer
+) -> None:
+    """A grant joins once in the whole cluster: replayed to the node that took it, or to the
+    other node, it is refused with unauthorized (the other node checks before it would
+    redirect); an unused grant presented to the other node is redirected to the room's."""
+    host = connect(nodes[0].url, "ward-g", token=token("ward-g", "drlee", "host"))
+    host.reconnect = False
+    try:
+        await host.start()
+        owner = owner_of(nodes, host.url)
+        other = next(n for n in nodes if n is not owner)
+        with redis_py.Redis.from_url(redis.url) as r:
+            secret = bytes.fromhex(r.get("medverse:secret").decode())
+        grants = TransferGrants(secret)
+
+        def grant(who: str) -> str:
+            ident = Identity(who, who, "ward-a", "participant", frozenset(), None, f"t-{who}")
+            return grants.issue(ident, "ward-g", True, "drlee", "ward-a", "review")
+
+        async def hello(node: ServerProcess, tok: str) -> Any:
+            async with aiohttp.ClientSession() as http, http.ws_connect(node.url + "/ws") as ws:
+                conn = Connection(Role.CLIENT)
+                await ws.send_bytes(conn.send(Hello(PROTOCOL_VERSION, "ward-g", "x", 3, None, tok)))
+                ev = conn.receive((await ws.receive(timeout=20)).data)
+                assert isinstance(ev, MessageReceived), ev
+                return ev.message
+
+        g = grant("pat")
+        joined = await hello(owner, g)
+        assert joined.TYPE == "welcome" and joined.room == "ward-g", joined
+        for node in (other, owner):  # replayed, to the other node and to the same one
+            again = await hello(node, g)
+            assert isinstance(again, Error), again
+            assert (again.code, again.fatal) == ("unauthorized", True), again
+            assert "used" in again.message
+        # Unused, at the node that does not run the room: redirected there, still valid.
+        g2 = grant("sam")
+        first = await hello(other, g2)
+        assert isinstance(first, Redirect) and first.url.startswith(owner.url), first
+        arrived = await hello(owner, g2)
+        assert arrived.TYPE == "welcome", arrived
+        assert any(
+            d.get("reason") == "transfer grant already used"
+            for *_, d in audit_of(other, "join_refused")
+        )
+    finally:
+        await host.close()

@@ -197,6 +197,7 @@ SERVER_SAMPLES: dict[str, dict[str, Any]] = {
     "moved": {"t": "moved", "room": "consult-1", "by": "Dr A", "reason": "called"},
     "queue": {"t": "queue", "position": 1, "waiting": 2, "message": "hi", "estimate": 600},
     "called": {"t": "called", "room": "consult-1", "by": "Dr A"},
+    "access": {"t": "access", "room": "consult-1", "access": "eyJhbGciOiJIUzI1NiJ9.e30.YQ"},
     "img_ack": {"t": "img_ack", "req": 1, "panel_id": 1},
     "img_refused": {"t": "img_refused", "req": 1, "code": "not_found", "message": "no"},
     "img_panel": {

@@ -19,7 +19,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from medverse.protocol.clinic import Called, Moved, Queue
+from medverse.protocol.clinic import Access, Called, Moved, Queue
 from medverse.protocol.connection import (
     Connection,
     Event,
@@ -869,6 +869,36 @@ def _conn_cases() -> list[tuple[str, str, str, list[ConnStep]]]:
                 ("recv", _STATE),
                 _c(Redirect("ws://127.0.0.1:9001/ws", "moving")),
                 ("recv", _STATE),
+            ],
+        ),
+        (
+            "server_access_refreshed",
+            "A moved member's room access credential is refreshed in the room with access "
+            "(joined and paused); not while waiting in the target room's lobby.",
+            "server",
+            [
+                _c(_HELLO),
+                ("send", _WELCOME),
+                ("send", Moved("ward-9", "Dr A", "review", "eyJhbGciOiJIUzI1NiJ9.e30.YWNj")),
+                ("send", Waiting("ward-9", 3)),
+                ("send", Access("ward-9", "eyJhbGciOiJIUzI1NiJ9.e30.bG9i")),
+                ("send", Welcome(PROTOCOL_VERSION, 4, "ward-9", 30, 10, "v" * 32, False, ())),
+                ("send", Access("ward-9", "eyJhbGciOiJIUzI1NiJ9.e30.MQ")),
+                _c(Pause(True)),
+                ("send", Access("ward-9", "eyJhbGciOiJIUzI1NiJ9.e30.Mg")),
+            ],
+        ),
+        (
+            "client_access_refreshed",
+            "A client takes access in the room; before its welcome it is out of place.",
+            "client",
+            [
+                ("send", _HELLO),
+                _c(Access("ward-9", "eyJhbGciOiJIUzI1NiJ9.e30.MA")),
+                _c(_WELCOME),
+                _c(Access("ward-9", "eyJhbGciOiJIUzI1NiJ9.e30.MQ")),
+                ("send", Moderate("lock", None, None, None, 1)),
+                _c(RequestRefused(1, "transfer_timeout", "the server did not answer")),
             ],
         ),
         (

@@ -220,7 +220,8 @@ export class MedverseClient {
     this.room = o.room;
     this.token = o.token ?? null;
     /** After a move: the server's credential for the HTTP APIs of the room we are in now (our
-     * join token names the room we first entered); null before any move. */
+     * join token names the room we first entered); null before any move. The server sends a
+     * fresh one (`access`) before it expires, and this follows. */
     this.roomAccess = null;
     this.name = o.name;
     this.slots = o.slots;
@@ -691,7 +692,9 @@ export class MedverseClient {
 
   /** Move member `memberId` of our room to `room` (a host, a receptionist or the transfer
    * grant); resolves once moved, rejects with RequestError (forbidden, not_found, room_full,
-   * room_locked, rate_limited, ...) with nothing moved. */
+   * room_locked, banned, rate_limited, ...) with nothing moved. In a cluster, moving to a room
+   * another server runs resolves once that server has accepted the member (or rejects with its
+   * refusal, room_moving if it is gone, transfer_timeout if it did not answer: nothing moved). */
   async transfer(memberId, room, reason = null) {
     await this.request((req) => ({ t: "transfer", req, member_id: memberId, room, reason }));
   }
@@ -1279,6 +1282,10 @@ const HANDLERS = {
     c.members = new Map();
     c._avatars = null;
     c.emit({ type: "moved", room: m.room, by: m.by, reason: m.reason });
+  },
+  access(c, m) {
+    // The server refreshes our room's credential before it expires: HTTP uses the new one.
+    if (m.room === c.room) c.roomAccess = m.access;
   },
   async consent_required(c, m) {
     // The room we were moved to asks for consent to its own text.

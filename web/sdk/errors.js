@@ -40,6 +40,7 @@ export const ErrorCode = Object.freeze({
   TOO_SLOW: "too_slow",
   SHUTTING_DOWN: "shutting_down",
   ROOM_MOVING: "room_moving",
+  TRANSFER_TIMEOUT: "transfer_timeout",
   INTERNAL: "internal",
 });
 

@@ -635,6 +635,11 @@ export const Moved = defineMessage("moved", {
   reason: str({ maxLen: MAX_REASON_CHARS }),
   access: str({ maxLen: MAX_ACCESS_CHARS, ...opt }),
 });
+// A fresh room access credential for `room`, sent before the last one expires.
+export const Access = defineMessage("access", {
+  room: str({ pattern: ROOM_NAME_RE }),
+  access: str({ maxLen: MAX_ACCESS_CHARS }),
+});
 export const Queue = defineMessage("queue", {
   position: int(1, U32),
   waiting: int(1, U32),
@@ -644,7 +649,7 @@ export const Queue = defineMessage("queue", {
 export const Called = defineMessage("called", { room: str({ pattern: ROOM_NAME_RE }), by: str({ maxLen: MAX_NAME_CHARS }) });
 
 export const CLIENT_CLINIC = [Transfer, CallNext, SendBack];
-export const SERVER_CLINIC = [Moved, Queue, Called];
+export const SERVER_CLINIC = [Moved, Queue, Called, Access];
 
 // --------------------------------------------------------------------------- image viewers
 // As protocol/images.py: panels showing an image series, pointers and measurements.

@@ -31,6 +31,7 @@ before(
       objOther: ["objects", "resident", "participant"],
       removeHost: ["removal", "chair", "host"],
       removeGuest: ["removal", "heckler", "participant"],
+      flood: ["flood", "flooder", "participant"],
     };
     await Promise.all(
       Object.entries(want).map(async ([key, [room, identity, role]]) => {
@@ -294,4 +295,19 @@ describe("client against a real server", { timeout: 120000 }, () => {
       (err) => err instanceof JoinError && err.code === ErrorCode.UNAUTHORIZED,
     );
   });
+});
+
+test("a flood of requests: those over the message rate fail at once, refused by their req", { timeout: TIMEOUT }, async () => {
+  // The server takes 120 messages a second with a burst of 240: the rest of 360 sent at once
+  // are dropped, and each is answered by its req instead of waiting out requestTimeout.
+  const c = await join({ room: "flood", token: tokens.flood, requestTimeout: 60 });
+  const t0 = Date.now();
+  const calls = Array.from({ length: 360 }, () => c.request((req) => ({ t: "request_unmute", req })));
+  const results = await Promise.allSettled(calls);
+  const limited = results.filter((r) => r.status === "rejected" && r.reason.code === ErrorCode.RATE_LIMITED);
+  assert.ok(limited.length >= 60, `${limited.length} rate_limited`);
+  assert.ok(results.every((r) => r.status === "fulfilled" || r.reason.code === ErrorCode.RATE_LIMITED));
+  assert.ok(Date.now() - t0 < 15000, "answered at once, not after the request timeout");
+  assert.equal(c.state, "joined");
+  c.close();
 });

@@ -4,7 +4,7 @@ import assert from "node:assert/strict";
 import { test } from "node:test";
 
 import { CloseReason, MedverseClient } from "../sdk/client.js";
-import { FRAME_POSE, Hello, SERVER_MESSAGES, decodeMessage, defineMessage, encodeMessage, field, messageRegistry } from "../sdk/messages.js";
+import { CLIENT_MESSAGES, FRAME_POSE, Hello, SERVER_MESSAGES, decodeMessage, defineMessage, encodeMessage, field, messageRegistry } from "../sdk/messages.js";
 
 /** A WebSocket the test plays the server of. */
 class FakeSocket {
@@ -257,6 +257,69 @@ test("back in the join token's room after a move (the resume came too late), the
   assert.equal(c.room, "r");
   assert.equal(c.roomAccess, null);
   assert.equal(c.httpToken, "join-tok");
+  c.close();
+});
+
+test("requests the server drops over its rate limit fail at once: refused by their req", async () => {
+  const { c, ws } = await joined({ requestTimeout: 60 });
+  const t0 = Date.now();
+  const calls = [];
+  for (let i = 0; i < 50; i++) calls.push(c.request((req) => ({ t: "request_unmute", req })));
+  calls.push(c.grab(12));
+  await tick();
+  const sent = ws.controls(CLIENT_MESSAGES).filter((m) => m.t === "request_unmute" || m.t === "obj_grab");
+  assert.equal(sent.length, 51);
+  // The server applied the first ten and dropped the rest, naming each by its req.
+  for (const [i, m] of sent.entries()) {
+    if (i < 10) ws.deliver({ t: "ack", req: m.req }, SERVER_MESSAGES);
+    else if (m.t === "obj_grab") ws.deliver({ t: "obj_refused", req: m.req, code: "rate_limited", message: "slow down" }, SERVER_MESSAGES);
+    else ws.deliver({ t: "refused", req: m.req, code: "rate_limited", message: "slow down" }, SERVER_MESSAGES);
+  }
+  const results = await Promise.allSettled(calls);
+  assert.equal(results.filter((r) => r.status === "fulfilled").length, 10);
+  const refused = results.filter((r) => r.status === "rejected").map((r) => r.reason);
+  assert.equal(refused.length, 41);
+  assert.ok(refused.every((err) => err.name === "RequestError" && err.code === "rate_limited"), refused[0]);
+  assert.ok(Date.now() - t0 < 5000, "answered at once, not after the request timeout");
+  assert.equal(c.state, "joined");
+  c.close();
+});
+
+test("a move refused by the server running the target room rejects with its code; nothing moved", async () => {
+  const { c, ws } = await joined({ token: "join-tok" });
+  const events = [];
+  c.on("*", (ev) => events.push(ev));
+  for (const code of ["transfer_timeout", "room_moving", "room_locked"]) {
+    const moving = c.transfer(9, "ward-9", "review");
+    await tick();
+    const m = ws.controls(CLIENT_MESSAGES).filter((x) => x.t === "transfer").at(-1);
+    assert.deepEqual([m.member_id, m.room, m.reason], [9, "ward-9", "review"]);
+    ws.deliver({ t: "refused", req: m.req, code, message: "no" }, SERVER_MESSAGES);
+    await assert.rejects(moving, (err) => err.code === code);
+  }
+  assert.equal(c.room, "r");
+  assert.ok(!events.some((e) => e.type === "moved"));
+  c.close();
+});
+
+test("access refreshes the room access credential the HTTP APIs use", async () => {
+  const { c, ws } = await joined({ token: "join-tok" });
+  ws.deliver({ t: "moved", room: "ward-9", by: "Dr A", reason: "", access: "acc1" }, SERVER_MESSAGES);
+  ws.deliver({ ...welcome(12), room: "ward-9", resume: "tok2" }, SERVER_MESSAGES);
+  assert.equal(c.httpToken, "acc1");
+  ws.deliver({ t: "access", room: "ward-9", access: "acc2" }, SERVER_MESSAGES);
+  assert.equal(c.roomAccess, "acc2");
+  assert.equal(c.httpToken, "acc2");
+  let asked = null;
+  c.fetch = async (url, init) => {
+    asked = [url, init.headers.Authorization];
+    return new Response(JSON.stringify({ assets: [] }), { status: 200, headers: { "content-type": "application/json" } });
+  };
+  await c.listAssets();
+  assert.deepEqual(asked, ["http://server/rooms/ward-9/assets", "Bearer acc2"]);
+  // A credential for another room is not ours: ignored.
+  ws.deliver({ t: "access", room: "ward-1", access: "acc3" }, SERVER_MESSAGES);
+  assert.equal(c.httpToken, "acc2");
   c.close();
 });
 
