@@ -83,7 +83,7 @@ def redis_commands(r: RedisServer) -> int:
 
 
 def load_run(
-    r: RedisServer, n_nodes: int, clients: int, seconds: float, ttl: float
+    r: RedisServer, n_nodes: int, clients: int, seconds: float, ttl: float, nice: int = 0
 ) -> dict[str, Any]:
     secret = secrets.token_urlsafe(48)
     nodes = start_nodes(r, n_nodes, secret, ttl, clients)
@@ -99,6 +99,7 @@ def load_run(
             *args,
             env=nodes[0].env,
             cpu=None,
+            nice=nice,
             stderr=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             text=True,
@@ -313,6 +314,74 @@ def drain_run(r: RedisServer, ttl: float, rooms: int) -> dict[str, Any]:
         stop_nodes(started)
 
 
+async def _pg_transactions(url: str) -> int:
+    import asyncpg
+
+    conn = await asyncpg.connect(url)
+    try:
+        # The statistics of other sessions are read as of the last report: ask for a fresh one.
+        await conn.execute("SELECT pg_stat_clear_snapshot()")
+        return int(
+            await conn.fetchval(
+                "SELECT xact_commit + xact_rollback FROM pg_stat_database "
+                "WHERE datname = current_database()"
+            )
+        )
+    finally:
+        await conn.close()
+
+
+async def _pg_joins(a: ServerProcess, secret: str, url: str, n: int) -> dict[str, Any]:
+    """PostgreSQL transactions per join (a room with 8 members joining and leaving) and per
+    node tick while 8 members sit in a room; each count includes the query that reads it."""
+    await asyncio.sleep(1.5)  # pg_stat counters are reported at most every 0.5 s or so
+    t0 = await _pg_transactions(url)
+    sessions = []
+    for i in range(n):
+        tok = mint_token(secret.encode(), room="pg", identity=f"p{i}")
+        s = connect(a.url, "pg", token=tok, ping_interval=0)
+        await s.start()
+        sessions.append(s)
+    await asyncio.sleep(1.5)
+    t1 = await _pg_transactions(url)
+    idle = 5.0
+    await asyncio.sleep(idle)
+    t2 = await _pg_transactions(url)
+    for s in sessions:
+        await s.close()
+    return {
+        "joins": n,
+        "transactions_per_join": round((t1 - t0 - 1) / n, 2),
+        "transactions_per_s_with_members_idle": round((t2 - t1 - 1) / idle, 2),
+        "transactions_per_node_tick": round((t2 - t1 - 1) / (idle * 30), 3),
+    }
+
+
+def pg_round_trips(r: RedisServer, ttl: float) -> dict[str, Any] | None:
+    """Transactions a node makes on a shared PostgreSQL per join and per tick (None when
+    PostgreSQL is not installed)."""
+    from tests.pgservice import bin_dir, running_postgres
+
+    if bin_dir() is None:
+        return None
+    with running_postgres() as pg:
+        url = pg.create_database("bench")
+        secret = secrets.token_urlsafe(48)
+        time.sleep(ttl + 0.2)  # the entries of nodes killed before have expired
+        node = start_server(
+            cpu=None,
+            redis_url=r.url,
+            auth_secret=secret,
+            cluster_lease_ttl=ttl,
+            database_url=url,
+        )
+        try:
+            node.wait_ready()
+            return asyncio.run(_pg_joins(node, secret, url, 8))
+        finally:
+            stop_nodes([node])
+
+
 def latency_and_failover(r: RedisServer, ttl: float, joins: int, failovers: int) -> dict[str, Any]:
     secret = secrets.token_urlsafe(48)
     nodes = start_nodes(r, 2, secret, ttl, 64)
@@ -341,7 +410,15 @@ def latency_and_failover(r: RedisServer, ttl: float, joins: int, failovers: int)
     }
     progress("drain of a node with 20 rooms")
     drain = drain_run(r, ttl, 20)
-    return {"join_latency": lat, "failover": fo, "drain": drain, "lease_ttl_s": ttl}
+    progress("PostgreSQL transactions per join and per tick")
+    pg = pg_round_trips(r, ttl)
+    return {
+        "join_latency": lat,
+        "failover": fo,
+        "drain": drain,
+        "postgresql": pg,
+        "lease_ttl_s": ttl,
+    }
 
 
 #: What "held" means for a run: every headset at 30 Hz and every node's tick p99 in budget.
@@ -371,6 +448,13 @@ def main() -> int:
     p.add_argument("--joins", type=int, default=40, help="joins per kind for join latency")
     p.add_argument("--failovers", type=int, default=5, help="kill -9 trials (median reported)")
     p.add_argument(
+        "--loadgen-nice",
+        type=int,
+        default=0,
+        help="CPU priority of the load generator (10-19: the nodes run first, as if the "
+        "headsets were on other machines)",
+    )
+    p.add_argument(
         "--no-load", action="store_true", help="only join latency and failover (no load runs)"
     )
     args = p.parse_args()
@@ -381,7 +465,11 @@ def main() -> int:
             for n_nodes in (1, 2):
                 progress(f"{clients} headsets in rooms of 8 on {n_nodes} node(s)")
                 try:
-                    runs.append(load_run(r, n_nodes, clients, args.seconds, args.lease_ttl))
+                    runs.append(
+                        load_run(
+                            r, n_nodes, clients, args.seconds, args.lease_ttl, args.loadgen_nice
+                        )
+                    )
                 except (RuntimeError, OSError, ValueError) as exc:
                     # Reported as it is: a run this machine could not hold.
                     runs.append({"nodes": n_nodes, "clients": clients, "failed": str(exc)})
@@ -463,6 +551,14 @@ def main() -> int:
         f"{dr['gap_ms_p50']:.0f} ms, max {dr['gap_ms_max']:.0f} ms; same member ids: "
         f"{'yes' if dr['same_member_ids'] else 'NO'}"
     )
+    pg = extra["postgresql"]
+    if pg is not None:
+        print(
+            f"PostgreSQL (one node, a room of {pg['joins']}): {pg['transactions_per_join']:.2f} "
+            f"transactions per join; with the members idle "
+            f"{pg['transactions_per_s_with_members_idle']:.2f} a second "
+            f"({pg['transactions_per_node_tick']:.3f} per tick, none on the tick path)"
+        )
     save_results(
         "cluster" if counts else "cluster-failover",
         {
@@ -473,6 +569,7 @@ def main() -> int:
             "runs": runs,
             "ratios_2_over_1": ratios,
             "held_criterion": {"fps_min": HELD_FPS_MIN, "tick_p99_ms": HELD_TICK_P99_MS},
+            "loadgen_nice": args.loadgen_nice,
             "headsets_held": {"1": most[1], "2": most[2]},
             **extra,
         },
