@@ -187,12 +187,57 @@ _ASSET_SELECT = (
 )
 
 
-class SQLiteAssetIndex(AssetIndex):
+class _SQLite:
+    """What both SQLite indexes share: one file, one lock, a room listing table (``_listed``)
+    over a table of the files themselves (``_blobs``)."""
+
+    _listed = ""
+    _blobs = ""
+
+    def __init__(self, path: Path) -> None:
+        self._db = _sqlite(path)
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def remove(self, room: str, sha256: str) -> tuple[bool, bool]:
+        with self._lock, self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            cur = self._db.execute(
+                f"DELETE FROM {self._listed} WHERE room = ? AND sha256 = ?", (room, sha256)
+            )
+            if cur.rowcount == 0:
+                return False, False
+            left = self._db.execute(
+                f"SELECT COUNT(*) FROM {self._listed} WHERE sha256 = ?", (sha256,)
+            ).fetchone()[0]
+            if left == 0:
+                self._db.execute(f"DELETE FROM {self._blobs} WHERE sha256 = ?", (sha256,))
+        return True, left == 0
+
+    def count(self, room: str) -> int:
+        with self._lock:
+            row = self._db.execute(f"SELECT COUNT(*) FROM {self._listed} WHERE room = ?", (room,))
+            return int(row.fetchone()[0])
+
+    def uploader_subject(self, room: str, sha256: str) -> str | None:
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT uploader_subject FROM {self._listed} WHERE room = ? AND sha256 = ?",
+                (room, sha256),
+            ).fetchone()
+        return row[0] if row else None
+
+
+class SQLiteAssetIndex(_SQLite, AssetIndex):
     """The embedded default: ``<data_dir>/assets/assets.sqlite3``."""
 
+    _listed, _blobs = "room_assets", "blobs"
+
     def __init__(self, data_dir: str | Path) -> None:
-        self._db = _sqlite(Path(data_dir) / "assets" / "assets.sqlite3")
-        self._lock = threading.Lock()
+        super().__init__(Path(data_dir) / "assets" / "assets.sqlite3")
         self._db.executescript(
             """
             CREATE TABLE IF NOT EXISTS blobs (
@@ -211,10 +256,6 @@ class SQLiteAssetIndex(AssetIndex):
             self._db.execute(
                 "ALTER TABLE room_assets ADD COLUMN pseudonymous INTEGER NOT NULL DEFAULT 0"
             )
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
 
     def info(self, room: str, sha256: str) -> AssetRow | None:
         with self._lock:
@@ -253,21 +294,6 @@ class SQLiteAssetIndex(AssetIndex):
             )
             return cur.rowcount == 1
 
-    def remove(self, room: str, sha256: str) -> tuple[bool, bool]:
-        with self._lock, self._db:
-            self._db.execute("BEGIN IMMEDIATE")
-            cur = self._db.execute(
-                "DELETE FROM room_assets WHERE room = ? AND sha256 = ?", (room, sha256)
-            )
-            if cur.rowcount == 0:
-                return False, False
-            left = self._db.execute(
-                "SELECT COUNT(*) FROM room_assets WHERE sha256 = ?", (sha256,)
-            ).fetchone()[0]
-            if left == 0:
-                self._db.execute("DELETE FROM blobs WHERE sha256 = ?", (sha256,))
-        return True, left == 0
-
     def stored_size(self, sha256: str) -> int | None:
         with self._lock:
             row = self._db.execute("SELECT size FROM blobs WHERE sha256 = ?", (sha256,)).fetchone()
@@ -284,19 +310,6 @@ class SQLiteAssetIndex(AssetIndex):
             ).fetchone()
         return int(files), int(size)
 
-    def count(self, room: str) -> int:
-        with self._lock:
-            row = self._db.execute("SELECT COUNT(*) FROM room_assets WHERE room = ?", (room,))
-            return int(row.fetchone()[0])
-
-    def uploader_subject(self, room: str, sha256: str) -> str | None:
-        with self._lock:
-            row = self._db.execute(
-                "SELECT uploader_subject FROM room_assets WHERE room = ? AND sha256 = ?",
-                (room, sha256),
-            ).fetchone()
-        return row[0] if row else None
-
 
 _SERIES_SELECT = (
     "SELECT r.sha256, r.name, b.size, r.uploader, r.uploaded_at, r.meta "
@@ -304,12 +317,13 @@ _SERIES_SELECT = (
 )
 
 
-class SQLiteSeriesIndex(SeriesIndex):
+class SQLiteSeriesIndex(_SQLite, SeriesIndex):
     """The embedded default: ``<data_dir>/images/images.sqlite3``."""
 
+    _listed, _blobs = "room_series", "series_blobs"
+
     def __init__(self, data_dir: str | Path) -> None:
-        self._db = _sqlite(Path(data_dir) / "images" / "images.sqlite3")
-        self._lock = threading.Lock()
+        super().__init__(Path(data_dir) / "images" / "images.sqlite3")
         self._db.executescript(
             """
             CREATE TABLE IF NOT EXISTS series_blobs (
@@ -329,10 +343,6 @@ class SQLiteSeriesIndex(SeriesIndex):
                 next_measurement INTEGER NOT NULL, seq INTEGER NOT NULL);
             """
         )
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
 
     def listing(self, room: str, sha256: str) -> SeriesRow | None:
         with self._lock:
@@ -368,37 +378,6 @@ class SQLiteSeriesIndex(SeriesIndex):
                 (room, sha256, name, uploader, subject, now, meta),
             )
             return cur.rowcount == 1
-
-    def remove(self, room: str, sha256: str) -> tuple[bool, bool]:
-        with self._lock, self._db:
-            self._db.execute("BEGIN IMMEDIATE")
-            cur = self._db.execute(
-                "DELETE FROM room_series WHERE room = ? AND sha256 = ?", (room, sha256)
-            )
-            if cur.rowcount == 0:
-                return False, False
-            left = self._db.execute(
-                "SELECT COUNT(*) FROM room_series WHERE sha256 = ?", (sha256,)
-            ).fetchone()[0]
-            if left == 0:
-                self._db.execute("DELETE FROM series_blobs WHERE sha256 = ?", (sha256,))
-        return True, left == 0
-
-    def count(self, room: str) -> int:
-        with self._lock:
-            return int(
-                self._db.execute(
-                    "SELECT COUNT(*) FROM room_series WHERE room = ?", (room,)
-                ).fetchone()[0]
-            )
-
-    def uploader_subject(self, room: str, sha256: str) -> str | None:
-        with self._lock:
-            row = self._db.execute(
-                "SELECT uploader_subject FROM room_series WHERE room = ? AND sha256 = ?",
-                (room, sha256),
-            ).fetchone()
-        return row[0] if row else None
 
     def load_viewer(self, room: str) -> ViewerState:
         with self._lock:

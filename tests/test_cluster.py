@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
@@ -583,11 +584,12 @@ async def test_workers_start_a_cluster_and_stop_on_sigterm(
             proc.wait()
 
 
-async def test_failover_recreates_the_room_from_the_shared_database(
+@contextmanager
+def database_pair(
     redis: RedisServer, postgres_server: str
-) -> None:
-    """Nodes that share PostgreSQL: a ban a host gave on the node that died still holds on the
-    node that takes the room over, and the host resumes there as itself."""
+) -> Iterator[tuple[ServerProcess, ServerProcess]]:
+    """Two nodes on one fresh PostgreSQL database: one audit log, so the second gets a copy
+    of the first's signing key."""
     import shutil
     import tempfile
     from pathlib import Path
@@ -598,15 +600,27 @@ async def test_failover_recreates_the_room_from_the_shared_database(
 
     url = new_database(postgres_server)
     dirs = [Path(tempfile.mkdtemp(prefix="medverse-")) for _ in range(2)]
-    a = start_node(redis, database_url=url, data_dir=dirs[0])
-    b = None
+    started = [start_node(redis, database_url=url, data_dir=dirs[0])]
     try:
-        a.wait_ready(timeout=60)
-        # One audit log in the database, one signing key: the second server gets a copy.
+        started[0].wait_ready(timeout=60)
         for name in (KEY_FILE, PUBLIC_KEY_FILE):
             shutil.copy2(dirs[0] / name, dirs[1] / name)
-        b = start_node(redis, database_url=url, data_dir=dirs[1])
-        b.wait_ready(timeout=60)
+        started.append(start_node(redis, database_url=url, data_dir=dirs[1]))
+        started[1].wait_ready(timeout=60)
+        yield started[0], started[1]
+    finally:
+        for node in started:
+            if node.proc.poll() is None:
+                node.proc.kill()
+                node.proc.wait()
+
+
+async def test_failover_recreates_the_room_from_the_shared_database(
+    redis: RedisServer, postgres_server: str
+) -> None:
+    """Nodes that share PostgreSQL: a ban a host gave on the node that died still holds on the
+    node that takes the room over, and the host resumes there as itself."""
+    with database_pair(redis, postgres_server) as (a, b):
         host = connect(
             a.url,
             "ward-11",
@@ -634,11 +648,6 @@ async def test_failover_recreates_the_room_from_the_shared_database(
         with pytest.raises(Exception, match="banned"):
             await again.start()
         await host.close()
-    finally:
-        for s in (a, b):
-            if s is not None and s.proc.poll() is None:
-                s.proc.kill()
-                s.proc.wait()
 
 
 async def test_kill_9_loses_no_acknowledged_annotation_and_keeps_flushed_transforms(
@@ -647,26 +656,11 @@ async def test_kill_9_loses_no_acknowledged_annotation_and_keeps_flushed_transfo
     """Nodes on one PostgreSQL: a surgeon moves a model and annotates it without pause while
     its node is killed; on the node that takes the room over, every annotation the surgeon got
     an acknowledgement for is there, and the model is where it was last flushed."""
-    import shutil
-    import tempfile
-    from pathlib import Path
-
     from medverse.client_sdk import AssetClient
-    from medverse.server.audit import KEY_FILE, PUBLIC_KEY_FILE
 
     from .models import HEART
-    from .pgservice import new_database
 
-    url = new_database(postgres_server)
-    dirs = [Path(tempfile.mkdtemp(prefix="medverse-")) for _ in range(2)]
-    a = start_node(redis, database_url=url, data_dir=dirs[0])
-    b = None
-    try:
-        a.wait_ready(timeout=60)
-        for name in (KEY_FILE, PUBLIC_KEY_FILE):
-            shutil.copy2(dirs[0] / name, dirs[1] / name)
-        b = start_node(redis, database_url=url, data_dir=dirs[1])
-        b.wait_ready(timeout=60)
+    with database_pair(redis, postgres_server) as (a, b):
         room = "ward-12"
         surgeon = connect(
             a.url,
@@ -678,8 +672,8 @@ async def test_kill_9_loses_no_acknowledged_annotation_and_keeps_flushed_transfo
         await surgeon.start()
         home = owner_of([a, b], surgeon.url)
         survivor = b if home is a else a
-        # The model is uploaded to both servers (each keeps its own list of a room's files
-        # unless they share a store): whichever runs the room can spawn it.
+        # The model is uploaded to both servers (each has its own blob directory here):
+        # whichever runs the room can spawn it.
         for node in (a, b):
             client = AssetClient(node.url, room, token(room, "surgeon", "host"))
             try:
@@ -728,11 +722,6 @@ async def test_kill_9_loses_no_acknowledged_annotation_and_keeps_flushed_transfo
         finally:
             await observer.close()
             await surgeon.close()
-    finally:
-        for s in (a, b):
-            if s is not None and s.proc.poll() is None:
-                s.proc.kill()
-                s.proc.wait()
 
 
 # --------------------------------------------------------------------------- transfers
