@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from .mediastore import PG_SCHEMA as MEDIA_SCHEMA
+from .standing import PG_SCHEMA as STANDING_SCHEMA
 
 log = logging.getLogger("medverse.database")
 
@@ -125,6 +126,9 @@ INSERT INTO audit_state (id, size, peaks) VALUES (1, 0, '') ON CONFLICT (id) DO 
     # Uploaded models' and image series' listings and the image viewers' state
     # (medverse.server.mediastore): a room that moves to another server finds them there.
     (2, MEDIA_SCHEMA),
+    # A room session's removals and standing (medverse.server.standing): they hold on the
+    # server a room moves to.
+    (3, STANDING_SCHEMA),
 ]
 
 

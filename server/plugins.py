@@ -303,6 +303,11 @@ class RoomPlugin:
     def on_create(self) -> None:
         """The room was created; its first member is about to enter."""
 
+    def loading(self) -> asyncio.Future[None] | None:
+        """What joins of the room wait for before ``on_enter`` is asked (state the plugin
+        reads from a database when the room opens, which decides who may enter), or None."""
+        return None
+
     def on_enter(self, identity: Identity) -> Wait | ProtocolError | None:
         """Someone with ``identity`` asks to enter: None lets them in (as far as this plugin
         is concerned), :data:`WAIT` sends them to the lobby, a ProtocolError refuses them."""
@@ -349,6 +354,10 @@ class RoomPlugin:
 
     def on_close(self) -> None:
         """The room closed."""
+
+    def on_session_end(self) -> None:
+        """The room's session is over: it closes after staying empty (called before
+        ``on_close``; not when the room moves to another server or this server stops)."""
 
     def on_persist(self) -> Coroutine[Any, Any, None] | None:
         """The room is about to move to another server (this one drains): store what is not
