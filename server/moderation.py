@@ -235,7 +235,7 @@ class Moderation(RoomPlugin):
             len(state.standing),
         )
 
-    def loading(self) -> asyncio.Future[None] | None:
+    def entry_pending(self) -> asyncio.Future[None] | None:
         return self._loading
 
     def _keep_alive(self) -> None:

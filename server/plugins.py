@@ -303,7 +303,7 @@ class RoomPlugin:
     def on_create(self) -> None:
         """The room was created; its first member is about to enter."""
 
-    def loading(self) -> asyncio.Future[None] | None:
+    def entry_pending(self) -> asyncio.Future[None] | None:
         """What joins of the room wait for before ``on_enter`` is asked (state the plugin
         reads from a database when the room opens, which decides who may enter), or None."""
         return None

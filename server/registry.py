@@ -115,12 +115,12 @@ class RoomRegistry:
             self._empty(room)  # cancelled when someone joins
         return answer
 
-    def loading(self, name: str) -> asyncio.Future[None] | None:
+    def entry_pending(self, name: str) -> asyncio.Future[None] | None:
         """What a join of room ``name`` waits for before its entry checks (the room, placed
         if needed, still reading its state), or None. A room that nobody enters closes again
         after the linger time."""
         room = self.place(name)
-        fut = room.loading()
+        fut = room.entry_pending()
         if fut is not None and not room.member_count and room.name not in self._close_timers:
             self._empty(room)  # cancelled when someone joins
         return fut

@@ -677,14 +677,14 @@ class Room:
         """Run the plugins' ``on_create`` (once, right after the room is placed)."""
         self._notify("on_create")
 
-    def loading(self) -> asyncio.Future[None] | None:
+    def entry_pending(self) -> asyncio.Future[None] | None:
         """What joins wait for before the entry checks (a plugin still reading the room's
         state), or None."""
         for p in self.plugins:
             try:
-                fut = p.loading()
+                fut = p.entry_pending()
             except Exception:
-                log.exception("plugin %s of room %s failed in loading", p.name, self.name)
+                log.exception("plugin %s of room %s failed in entry_pending", p.name, self.name)
                 continue
             if fut is not None and not fut.done():
                 return fut

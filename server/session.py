@@ -791,7 +791,7 @@ class Session:
         (``member_id``) consented and was admitted there: only the entry checks (bans, an
         ended session) apply again."""
         s = self._s
-        loading = s.rooms.loading(identity.room)
+        loading = s.rooms.entry_pending(identity.room)
         if loading is not None:
             # The room is reading what decides who may enter (a moved room's removals):
             # the entry checks run once it has.
