@@ -34,6 +34,7 @@ from medverse.protocol.messages import (
     pose_frame_size,
     pose_sequence,
 )
+from medverse.protocol.rfc6455 import binary_frame
 from medverse.protocol.snapshot import state_header
 
 from .auth import Identity
@@ -42,7 +43,6 @@ from .config import ServerConfig
 from .entities import EntityTable
 from .metrics import Traffic
 from .plugins import MemberView, P, RoomPlugin, RoomSettings, ServerPlugin, Wait
-from .rfc6455 import binary_frame
 
 log = logging.getLogger("medverse.room")
 
