@@ -9,6 +9,7 @@ The graph is read from the source with ``ast``, so nothing is imported and a cyc
 from __future__ import annotations
 
 import ast
+import dataclasses
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -161,3 +162,21 @@ def test_protocol_imports_only_itself() -> None:
         if not target.startswith("medverse.protocol")
     }
     assert wrong == set()
+
+
+def test_sdk_events_that_are_protocol_messages_are_those_classes() -> None:
+    """An SDK event carrying exactly a protocol message's fields is that message, under its SDK
+    name, and tells its kind by ``type`` as every SDK event does."""
+    from medverse import client_sdk
+    from medverse.protocol import clinic, messages
+    from medverse.protocol.catalog import SERVER_MESSAGES
+
+    assert client_sdk.Joined is messages.Joined and client_sdk.Left is messages.Left
+    assert client_sdk.Waiting is messages.Waiting and client_sdk.Called is clinic.Called
+    assert client_sdk.ErrorEvent is messages.Error
+    assert client_sdk.MemberStateChanged is messages.MemberState
+    assert client_sdk.Joined(3, "Ana").type == "joined"
+    assert client_sdk.ErrorEvent("forbidden", "no", False).type == "error"
+    assert client_sdk.Reconnecting(1, 0.5).type == "reconnecting"  # the SDK's own events too
+    for name, cls in SERVER_MESSAGES.items():
+        assert cls.TYPE == name and "type" not in {f.name for f in dataclasses.fields(cls)}
