@@ -6,7 +6,7 @@ a fake transport, with a handler that only counts messages, and reports nanoseco
 
 * ``old``: ``WebSocketConnection`` as it was before the framing was split out (the parser inside
   the asyncio protocol, copied verbatim below from ``server/wsproto.py`` at commit 85ee627);
-* ``new``: ``server.transport.WebSocketConnection`` over ``server.rfc6455.FrameParser``;
+* ``new``: ``server.transport.WebSocketConnection`` over ``protocol.rfc6455.FrameParser``;
 * ``parser``: ``FrameParser.feed`` alone, for reference.
 
 Cases: one frame per read, ten frames per read, and one frame split over two reads (the
@@ -29,7 +29,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from medverse.protocol.messages import encode_pose
-from medverse.server.rfc6455 import FrameParser
+from medverse.protocol.rfc6455 import FrameParser
 from medverse.server.transport import WebSocketConnection
 
 from .harness import save_results

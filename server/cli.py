@@ -494,7 +494,7 @@ async def _serve(cfg: ServerConfig, app: web.Application, ssl_ctx: ssl.SSLContex
     if server is not None and cluster is not None:
         # In a cluster SIGTERM drains: no new rooms here, every room handed to another node
         # (its members redirected), then the process exits. SIGINT stops at once.
-        server.on_drained = stop.set
+        server.when_drained(stop.set)
         loop.add_signal_handler(signal.SIGTERM, lambda: loop.create_task(cluster.drain()) and None)
     # Handlers finish when their client disconnects (see medverse.server.httplog).
     # aiohttp's keep-alive timer (about an hour by default in recent versions) closes idle
