@@ -32,7 +32,7 @@ from medverse.protocol.messages import encode_pose
 from medverse.protocol.rfc6455 import FrameParser
 from medverse.server.transport import WebSocketConnection
 
-from .harness import save_results
+from .harness import progress, save_results
 
 # ------------------------------------------------------------------ the implementation before
 
@@ -342,7 +342,8 @@ async def measure(runs: int, messages: int) -> list[dict[str, Any]]:
     for impl in IMPLS:  # warm up
         for case in CASES:
             time_one(impl, case, frame, 2000)
-    for _ in range(runs):
+    for run in range(runs):
+        progress(f"run {run + 1} of {runs}: {len(CASES)} cases x {len(IMPLS)} implementations")
         for case in CASES:
             for impl in IMPLS:
                 samples[impl, case].append(time_one(impl, case, frame, messages))
