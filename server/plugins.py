@@ -16,12 +16,13 @@ the room's lifecycle, in the spirit of Colyseus's Room:
 ==================  =====================================================================
 
 and finer events where a plugin needs them (``on_resume``, ``on_disconnect``, ``on_pause``,
-``on_member_changed``, ``on_lobby_changed``). Hooks run on the event loop and must not block; a
-hook that raises is logged and the room carries on. ``on_message`` and ``on_frame`` refuse a
-message by raising :class:`~medverse.protocol.errors.ProtocolError`: the member gets the typed
-error and carries on. A message class with ``ACKED = True`` and an optional ``req`` field is a
-request: when the client gives ``req``, the server answers ``ack`` once ``on_message``
-returned, or ``refused`` naming ``req`` if it raised (SPEC.md, "Requests").
+``on_member_changed``, ``on_lobby_changed``, ``on_session_end``; ``entry_pending`` makes joins
+wait while the plugin reads what decides entry). Hooks run on the event loop and must not
+block; a hook that raises is logged and the room carries on. ``on_message`` and ``on_frame``
+refuse a message by raising :class:`~medverse.protocol.errors.ProtocolError`: the member gets
+the typed error and carries on. A message class with ``ACKED = True`` and an optional ``req``
+field is a request: when the client gives ``req``, the server answers ``ack`` once
+``on_message`` returned, or ``refused`` naming ``req`` if it raised (SPEC.md, "Requests").
 
 A plugin sees the room only through its :class:`RoomContext` (``self.ctx``): the members as
 read-only :class:`MemberView` values, send and broadcast, the room's entity rows, the audit log,
