@@ -46,10 +46,15 @@ from tests.services import RedisServer, redis_server
 from .harness import ServerProcess, progress, save_results, spawn, start_server
 
 
-def start_nodes(r: RedisServer, n: int, secret: str, ttl: float, clients: int) -> list[Any]:
+def start_nodes(
+    r: RedisServer, n: int, secret: str, ttl: float, clients: int, pin: bool = False
+) -> list[Any]:
+    cores = sorted(os.sched_getaffinity(0))
+    # With ``pin`` node i keeps to core i (its ``cpu_affinity``, as ``medverse serve
+    # --workers`` places its processes); otherwise the scheduler moves them as it likes.
+    pinned = [{"cpu_affinity": str(cores[i % len(cores)])} if pin else {} for i in range(n)]
     nodes = [
         start_server(
-            # Not pinned: on this shared machine other processes are pinned to the cores too.
             cpu=None,
             redis_url=r.url,
             auth_secret=secret,
@@ -58,6 +63,7 @@ def start_nodes(r: RedisServer, n: int, secret: str, ttl: float, clients: int) -
             resume_grace=15.0,
             # On a saturated machine the load generator's hellos can take seconds to come.
             handshake_timeout=30.0,
+            **pinned[i],
         )
         for i in range(n)
     ]
@@ -83,10 +89,16 @@ def redis_commands(r: RedisServer) -> int:
 
 
 def load_run(
-    r: RedisServer, n_nodes: int, clients: int, seconds: float, ttl: float, nice: int = 0
+    r: RedisServer,
+    n_nodes: int,
+    clients: int,
+    seconds: float,
+    ttl: float,
+    nice: int = 0,
+    pin: bool = False,
 ) -> dict[str, Any]:
     secret = secrets.token_urlsafe(48)
-    nodes = start_nodes(r, n_nodes, secret, ttl, clients)
+    nodes = start_nodes(r, n_nodes, secret, ttl, clients, pin)
     try:
         out = Path(tempfile.mkdtemp()) / "load.json"
         args = ["--url", nodes[0].url, "--room", f"c{n_nodes}", "--clients", str(clients)]
@@ -104,7 +116,7 @@ def load_run(
             stdout=subprocess.DEVNULL,
             text=True,
         )
-        procs = [psutil.Process(n.pid) for n in nodes]
+        procs = [psutil.Process(n.pid) for n in nodes] + [psutil.Process(load.pid)]
         started = False
         last = ""
         assert load.stderr is not None
@@ -128,6 +140,7 @@ def load_run(
         if not started:
             raise RuntimeError(f"the load generator stopped before measuring: {last}")
         report = json.loads(out.read_text())
+        loadgen = c1[-1].user + c1[-1].system - c0[-1].user - c0[-1].system
         per_node = []
         for i in range(n_nodes):
             cpu = (c1[i].user + c1[i].system - c0[i].user - c0[i].system) / wall * 100
@@ -162,6 +175,7 @@ def load_run(
             "state_fps_median": report["state_frames_per_client_per_s_median"],
             "state_fps_min": report["state_frames_per_client_per_s_min"],
             "missed_ticks": report["missed_ticks"],
+            "loadgen_cpu_percent": round(loadgen / wall * 100, 1),
             "latency_ms_p50": report["latency_ms_p50"],
             "latency_ms_p99": report["latency_ms_p99"],
             "join_ms_under_load": report["join_ms"],
@@ -455,6 +469,11 @@ def main() -> int:
         "headsets were on other machines)",
     )
     p.add_argument(
+        "--pin-nodes",
+        action="store_true",
+        help="keep node i on core i (the load generator runs wherever the scheduler puts it)",
+    )
+    p.add_argument(
         "--no-load", action="store_true", help="only join latency and failover (no load runs)"
     )
     args = p.parse_args()
@@ -467,7 +486,13 @@ def main() -> int:
                 try:
                     runs.append(
                         load_run(
-                            r, n_nodes, clients, args.seconds, args.lease_ttl, args.loadgen_nice
+                            r,
+                            n_nodes,
+                            clients,
+                            args.seconds,
+                            args.lease_ttl,
+                            args.loadgen_nice,
+                            args.pin_nodes,
                         )
                     )
                 except (RuntimeError, OSError, ValueError) as exc:
@@ -477,7 +502,8 @@ def main() -> int:
         extra = latency_and_failover(r, args.lease_ttl, args.joins, args.failovers)
     header = (
         f"{'headsets':>8} {'nodes':>5} {'connected':>9} {'redirected':>10} {'fps med':>7} "
-        f"{'fps min':>7} {'tick p99 ms per node':>22} {'CPU % per node':>16} {'lat p99 ms':>10} "
+        f"{'fps min':>7} {'tick p99 ms per node':>22} {'CPU % per node':>16} {'load CPU %':>10} "
+        f"{'lat p99 ms':>10} "
         f"{'RT/join':>7} {'bg RT/s/node':>12} {'cmds/tick':>9} {'leases lost':>11} {'held':>4}"
     )
     print(header)
@@ -492,6 +518,7 @@ def main() -> int:
         print(
             f"{run['clients']:>8} {run['nodes']:>5} {run['connected']:>9} {run['redirected']:>10} "
             f"{run['state_fps_median']:>7.1f} {run['state_fps_min']:>7.1f} {tick:>22} {cpu:>16} "
+            f"{run['loadgen_cpu_percent']:>10.0f} "
             f"{run['latency_ms_p99'] or float('nan'):>10.1f} "
             f"{run['redis_round_trips_per_headset_join']:>7.3f} "
             f"{max(n['redis_background_round_trips_per_s'] for n in nodes):>12.2f} "
@@ -570,6 +597,7 @@ def main() -> int:
             "ratios_2_over_1": ratios,
             "held_criterion": {"fps_min": HELD_FPS_MIN, "tick_p99_ms": HELD_TICK_P99_MS},
             "loadgen_nice": args.loadgen_nice,
+            "pin_nodes": args.pin_nodes,
             "headsets_held": {"1": most[1], "2": most[2]},
             **extra,
         },

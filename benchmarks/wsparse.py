@@ -6,7 +6,7 @@ a fake transport, with a handler that only counts messages, and reports nanoseco
 
 * ``old``: ``WebSocketConnection`` as it was before the framing was split out (the parser inside
   the asyncio protocol, copied verbatim below from ``server/wsproto.py`` at commit 85ee627);
-* ``new``: ``server.transport.WebSocketConnection`` over ``server.rfc6455.FrameParser``;
+* ``new``: ``server.transport.WebSocketConnection`` over ``protocol.rfc6455.FrameParser``;
 * ``parser``: ``FrameParser.feed`` alone, for reference.
 
 Cases: one frame per read, ten frames per read, and one frame split over two reads (the
@@ -29,10 +29,10 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from medverse.protocol.messages import encode_pose
-from medverse.server.rfc6455 import FrameParser
+from medverse.protocol.rfc6455 import FrameParser
 from medverse.server.transport import WebSocketConnection
 
-from .harness import save_results
+from .harness import progress, save_results
 
 # ------------------------------------------------------------------ the implementation before
 
@@ -342,7 +342,8 @@ async def measure(runs: int, messages: int) -> list[dict[str, Any]]:
     for impl in IMPLS:  # warm up
         for case in CASES:
             time_one(impl, case, frame, 2000)
-    for _ in range(runs):
+    for run in range(runs):
+        progress(f"run {run + 1} of {runs}: {len(CASES)} cases x {len(IMPLS)} implementations")
         for case in CASES:
             for impl in IMPLS:
                 samples[impl, case].append(time_one(impl, case, frame, messages))

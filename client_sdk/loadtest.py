@@ -17,8 +17,6 @@ import contextlib
 import json
 import math
 import os
-import random
-import struct
 import sys
 import time
 from collections import deque
@@ -43,6 +41,17 @@ from medverse.protocol.messages import (
     encode_pose_frames,
 )
 from medverse.protocol.quant import quantize_positions
+from medverse.protocol.rfc6455 import (
+    OP_BINARY,
+    OP_PONG,
+    Close,
+    FrameParser,
+    Message,
+    Ping,
+    Violation,
+    frame_size,
+    masked_frame,
+)
 from medverse.protocol.snapshot import FRAME_STATE, SnapshotDecoder, state_tick
 from medverse.protocol.tokens import mint_token
 
@@ -51,56 +60,8 @@ from .motion import room_trajectories
 _SLOTS = 3  # head and both hands
 _ALL_PRESENT = (1 << _SLOTS) - 1
 
-# WebSocket opcodes (RFC 6455 section 5.2).
-_OP_BINARY = 0x2
-_OP_CLOSE = 0x8
-_OP_PING = 0x9
-_OP_PONG = 0xA
-_EXTENDED_LENGTH = {126: struct.Struct("!H"), 127: struct.Struct("!Q")}
-
-
-def client_frame(opcode: int, payload: bytes) -> bytes:
-    """One final WebSocket frame from a client, masked with a random key (RFC 6455 section
-    5.3: every client frame is masked)."""
-    n = len(payload)
-    mask = random.getrandbits(32).to_bytes(4, "little")
-    masked = (
-        int.from_bytes(payload, "little")
-        ^ int.from_bytes(mask * ((n + 3) // 4), "little") & ((1 << (8 * n)) - 1)
-    ).to_bytes(n, "little")
-    if n < 126:
-        head = bytes((0x80 | opcode, 0x80 | n))
-    elif n < 65536:
-        head = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, n)
-    else:
-        head = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, n)
-    return head + mask + masked
-
-
-def server_frames(buf: bytearray) -> tuple[list[tuple[int, bytes, int]], int]:
-    """The complete WebSocket frames at the start of ``buf`` as (opcode, payload, bytes on the
-    wire), and how many bytes of ``buf`` they take.
-
-    This reads only what the room server sends (SPEC.md "Frames and control messages"):
-    unmasked, final, uncompressed frames, from a server we are measuring, not defending
-    against. The server's reader (``server/wsproto.py``) does the other direction's job:
-    masked frames, fragments, size limits, protocol errors and the closing handshake.
-    """
-    out: list[tuple[int, bytes, int]] = []
-    pos, end = 0, len(buf)
-    while end - pos >= 2:
-        length, start = buf[pos + 1] & 0x7F, pos + 2
-        ext = _EXTENDED_LENGTH.get(length)
-        if ext is not None:
-            if end - start < ext.size:
-                break
-            (length,) = ext.unpack_from(buf, start)
-            start += ext.size
-        if end - start < length:
-            break
-        out.append((buf[pos] & 0x0F, bytes(buf[start : start + length]), start + length - pos))
-        pos = start + length
-    return out, pos
+#: Largest message read from the server: far above any state frame or control message it sends.
+_MAX_SERVER_MESSAGE = 1 << 24
 
 
 def _default_trace() -> str | None:
@@ -153,8 +114,10 @@ class Headset(asyncio.Protocol):
         self.room = room
         self.probe = probe
         self.transport: asyncio.Transport | None = None
-        self.buf = bytearray()
+        self.buf = bytearray()  # the upgrade response, until it is complete
         self.upgraded = False
+        #: The server's frames (the framing the server itself uses, read from the other side).
+        self.frames = FrameParser(_MAX_SERVER_MESSAGE, role="client")
         self.member_id = 0
         self.joined = asyncio.get_running_loop().create_future()
         self.closed = False
@@ -183,6 +146,7 @@ class Headset(asyncio.Protocol):
         self.host, self.addr, self.port, self.path = split_url(url)
         self.buf = bytearray()
         self.upgraded = False
+        self.frames = FrameParser(_MAX_SERVER_MESSAGE, role="client")
         self.closed = False
         loop = asyncio.get_running_loop()
         try:
@@ -213,17 +177,17 @@ class Headset(asyncio.Protocol):
         if not self.joined.done():
             self.joined.set_exception(ConnectionError("connection lost before welcome"))
 
-    def send(self, payload: bytes, opcode: int = _OP_BINARY) -> None:
+    def send(self, payload: bytes, opcode: int = OP_BINARY) -> None:
         """One frame to the server (binary unless said otherwise)."""
         t = self.transport
         if t is None or self.closed:
             return
-        t.write(client_frame(opcode, payload))
+        t.write(masked_frame(opcode, payload))
 
     def data_received(self, data: bytes) -> None:
-        buf = self.buf
-        buf += data
         if not self.upgraded:
+            buf = self.buf
+            buf += data
             end = buf.find(b"\r\n\r\n")
             if end < 0:
                 return
@@ -232,21 +196,25 @@ class Headset(asyncio.Protocol):
                 assert self.transport is not None
                 self.transport.close()
                 return
-            del buf[: end + 4]
+            data = bytes(buf[end + 4 :])  # what followed the response: the first frames
+            buf.clear()
             self.upgraded = True
             token = self.run.token_for(self.room, self.index)
             hello = Hello(PROTOCOL_VERSION, self.room, f"h{self.index}", _SLOTS, None, token)
             self.send(encode_message(hello))
-        frames, used = server_frames(buf)
-        del buf[:used]
-        for opcode, payload, wire in frames:
+        for event in self.frames.feed(data):
             if self.transport is None:
                 return  # redirected: what followed on this connection does not matter
-            if opcode == _OP_BINARY:
-                self.on_message(payload, wire)
-            elif opcode == _OP_PING:
-                self.send(payload, _OP_PONG)
-            elif opcode == _OP_CLOSE:
+            if type(event) is Message:
+                if event.opcode == OP_BINARY:
+                    # The server sends final, unfragmented frames (SPEC.md "Frames and control
+                    # messages"), so the message's size gives the bytes it took on the wire.
+                    self.on_message(event.payload, frame_size(len(event.payload)))
+            elif type(event) is Ping:
+                self.send(event.payload, OP_PONG)
+            elif type(event) is Close or type(event) is Violation:
+                if type(event) is Violation:
+                    self.stats.errors += 1
                 self.closed = True
                 assert self.transport is not None
                 self.transport.close()

@@ -21,8 +21,7 @@ import numpy as np
 
 from medverse.protocol.catalog import CLIENT_MESSAGES, SERVER_MESSAGES
 from medverse.protocol.clinic import Access as AccessMsg
-from medverse.protocol.clinic import Called as CalledMsg
-from medverse.protocol.clinic import CallNext, SendBack, Transfer
+from medverse.protocol.clinic import Called, CallNext, SendBack, Transfer
 from medverse.protocol.clinic import Moved as MovedMsg
 from medverse.protocol.clinic import Queue as QueueMsg
 from medverse.protocol.connection import (
@@ -43,7 +42,9 @@ from medverse.protocol.messages import (
     Error,
     Grants,
     Hello,
+    Joined,
     Leave,
+    Left,
     Lobby,
     MemberState,
     Message,
@@ -55,20 +56,12 @@ from medverse.protocol.messages import (
     RequestRefused,
     RequestUnmute,
     RoomState,
+    Waiting,
     Welcome,
     encode_pose,
 )
 from medverse.protocol.messages import (
     Consent as ConsentMsg,
-)
-from medverse.protocol.messages import (
-    Joined as JoinedMsg,
-)
-from medverse.protocol.messages import (
-    Left as LeftMsg,
-)
-from medverse.protocol.messages import (
-    Waiting as WaitingMsg,
 )
 from medverse.protocol.quant import dequantize_positions, dequantize_rotations
 from medverse.protocol.snapshot import FRAME_STATE, OBJECT_ID_BASE, Snapshot, SnapshotDecoder
@@ -82,24 +75,18 @@ from .types import (
     Avatar,
     BanEntry,
     BansChanged,
-    Called,
     Closed,
     EntryChanged,
-    ErrorEvent,
     Event,
     GrantsChanged,
-    Joined,
-    Left,
     LobbyChanged,
     LobbyEntry,
-    MemberStateChanged,
     Moved,
     Pose,
     QueueChanged,
     Reconnecting,
     RefusedError,
     Resumed,
-    Waiting,
     from_message,
 )
 
@@ -559,18 +546,17 @@ class Session(ObjectsAPI, ImagesAPI):
                 accept = bool(self.consent(m.version, m.text))
                 await ws.send_bytes(conn.send(ConsentMsg(m.version, accept)))
                 continue
-            if isinstance(m, WaitingMsg):
+            if isinstance(m, Waiting):
                 lobby = self.lobby_timeout
                 deadline = None if lobby is None else time.monotonic() + lobby
-                waiting = from_message(Waiting, m)
-                self.waiting = waiting
-                self.emit(waiting)
+                self.waiting = m
+                self.emit(m)
                 if self.on_waiting is not None:
-                    self.on_waiting(waiting)
+                    self.on_waiting(m)
             elif isinstance(m, Error):
                 if m.fatal:
                     raise JoinError(m.code, m.message)
-                self.emit(from_message(ErrorEvent, m))
+                self.emit(m)
 
     # ----------------------------------------------------------------- sending
 
@@ -917,7 +903,7 @@ class Session(ObjectsAPI, ImagesAPI):
                 snap = self._decoder.decode(ev.frame)
             except ProtocolError as err:
                 # Our stream state is lost; reconnecting (resume) brings a fresh keyframe.
-                self.emit(ErrorEvent(err.code.value, err.message, False))
+                self.emit(Error(err.code.value, err.message, False))
                 if self._ws is not None:
                     self._close_task = asyncio.ensure_future(self._ws.close())
                 return
@@ -932,17 +918,17 @@ class Session(ObjectsAPI, ImagesAPI):
                 self.on_state(now, snap)
         elif type(ev) is Refused:
             refusal = ev.error
-            self.emit(ErrorEvent(refusal.code.value, "from server: " + refusal.message, False))
+            self.emit(Error(refusal.code.value, "from server: " + refusal.message, False))
         elif type(ev) is MessageReceived:
             m = ev.message
-            if isinstance(m, JoinedMsg):
+            if isinstance(m, Joined):
                 self.members[m.member_id] = m.name
                 self._avatars = None
-                self.emit(from_message(Joined, m))
-            elif isinstance(m, LeftMsg):
+                self.emit(m)
+            elif isinstance(m, Left):
                 self.members.pop(m.member_id, None)
                 self._avatars = None
-                self.emit(from_message(Left, m))
+                self.emit(m)
             elif isinstance(m, Pong):
                 fut = self._pings.get(m.id)
                 self.rtt = time.monotonic() - m.client_time
@@ -972,12 +958,11 @@ class Session(ObjectsAPI, ImagesAPI):
                     self._retarget_http()
             elif isinstance(m, ConsentRequired):
                 self._consent_on_move(m)
-            elif isinstance(m, WaitingMsg):
-                waiting = from_message(Waiting, m)
-                self.waiting = waiting
-                self.emit(waiting)
+            elif isinstance(m, Waiting):
+                self.waiting = m
+                self.emit(m)
                 if self.on_waiting is not None:
-                    self.on_waiting(waiting)
+                    self.on_waiting(m)
             elif isinstance(m, QueueMsg):
                 self.queue = QueueChanged(
                     m.position,
@@ -986,14 +971,14 @@ class Session(ObjectsAPI, ImagesAPI):
                     m.message,
                 )
                 self.emit(self.queue)
-            elif isinstance(m, CalledMsg):
-                self.emit(from_message(Called, m))
+            elif isinstance(m, Called):
+                self.emit(m)
             elif isinstance(m, Error):
                 if m.fatal and m.code in _FINAL_CODES and self._ending is None:
                     self._ending = Closed(f"{m.code}: {m.message}", m.code, m.message)
-                self.emit(from_message(ErrorEvent, m))
+                self.emit(m)
             elif isinstance(m, MemberState):
-                self.emit(from_message(MemberStateChanged, m))
+                self.emit(m)
             elif isinstance(m, Lobby):
                 self.emit(
                     LobbyChanged(

@@ -1,4 +1,11 @@
-"""Plain values the SDK hands to applications: poses, avatars and events."""
+"""Plain values the SDK hands to applications: poses, avatars and events.
+
+An event that is a protocol message exactly as the server sent it (:class:`Joined`,
+:class:`Left`, :class:`Waiting`, :class:`Called`, ``ErrorEvent``, ``MemberStateChanged``) is
+delivered as that message, a class of :mod:`medverse.protocol` exported here under its SDK
+name; its ``type`` is the message's type on the wire. The classes defined here are the events
+the SDK makes itself (from several messages, or from what the connection did).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +13,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
+# Re-exported (``X as X``): these protocol messages are SDK events as they are.
+from medverse.protocol.clinic import Called as Called
+from medverse.protocol.messages import Error, MemberState
+from medverse.protocol.messages import Joined as Joined
+from medverse.protocol.messages import Left as Left
+from medverse.protocol.messages import Waiting as Waiting
 from medverse.protocol.snapshot import FLAG_SPEAKING
 
 Vec3 = tuple[float, float, float]
@@ -77,6 +90,14 @@ class RefusedError(Exception):
         self.message = message
 
 
+#: The server refused something we sent (``code`` is a protocol ErrorCode value; ``fatal``:
+#: the server closes the connection).
+ErrorEvent = Error
+#: A member paused or came back (hosts see it), was muted or unmuted on the server (everyone
+#: sees it), or asks to be unmuted (hosts see it).
+MemberStateChanged = MemberState
+
+
 def from_message(event: type[E], msg: object, **values: Any) -> E:
     """The SDK event ``event`` for a protocol message that carries its fields: every field of
     the event not given in ``values`` is the message's field of the same name (``type`` keeps
@@ -86,35 +107,6 @@ def from_message(event: type[E], msg: object, **values: Any) -> E:
         if f.name != "type" and f.name not in values:
             values[f.name] = getattr(msg, f.name)
     return event(**values)
-
-
-@dataclass(frozen=True, slots=True)
-class Joined:
-    """A member entered the room."""
-
-    member_id: int
-    name: str
-    type: str = "joined"
-
-
-@dataclass(frozen=True, slots=True)
-class Left:
-    """A member left (``reason``: left, disconnected, ...)."""
-
-    member_id: int
-    name: str
-    reason: str
-    type: str = "left"
-
-
-@dataclass(frozen=True, slots=True)
-class ErrorEvent:
-    """The server refused something we sent (``code`` is a protocol ErrorCode value)."""
-
-    code: str
-    message: str
-    fatal: bool
-    type: str = "error"
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,27 +143,6 @@ class Closed:
     code: str = "closed"
     message: str = ""
     type: str = "closed"
-
-
-@dataclass(frozen=True, slots=True)
-class Waiting:
-    """The room has a lobby: the join completes when a host admits us."""
-
-    room: str
-    lobby_id: int
-    type: str = "waiting"
-
-
-@dataclass(frozen=True, slots=True)
-class MemberStateChanged:
-    """A member paused or came back (hosts see it), was muted or unmuted on the server
-    (everyone sees it), or asks to be unmuted (hosts see it)."""
-
-    member_id: int
-    paused: bool
-    muted: bool
-    unmute_requested: bool
-    type: str = "member_state"
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,15 +237,6 @@ class QueueChanged:
     estimate: float | None
     message: str
     type: str = "queue"
-
-
-@dataclass(frozen=True, slots=True)
-class Called:
-    """In a waiting room: ``by`` calls us into ``room`` (a :class:`Moved` follows)."""
-
-    room: str
-    by: str
-    type: str = "called"
 
 
 Event = (

@@ -156,6 +156,12 @@ class Message:
     ACKED: ClassVar[bool] = False
     __slots__ = ()
 
+    @property
+    def type(self) -> str:
+        """The message's type on the wire (``TYPE``), by which an application that receives
+        it as an event tells events apart (``event.type == "joined"``)."""
+        return self.TYPE
+
     @classmethod
     def refusal(cls, req: int, err: ProtocolError) -> Message:
         """The answer refusing request ``req`` of this type: ``refused`` (object messages

@@ -2,7 +2,7 @@
 
 Data flows one way, and the modules read in that order::
 
-    transport.py + rfc6455.py    socket bytes -> WebSocket messages (RFC 6455, sans-I/O parser)
+    transport.py                  socket bytes -> WebSocket messages (protocol/rfc6455.py parses)
     session.py                    one connection: protocol.connection's state machine, limits
     registry.py -> room.py        which room; a room's members, lobby and plugins
     plugins.py                    the room plugin API (moderation.py, audio/, objects.py use it)

@@ -14,21 +14,49 @@ import json
 import re
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 
 from medverse.protocol.errors import ErrorCode, ProtocolError
 from medverse.protocol.messages import MAX_BAN_SECONDS, ROOM_NAME_RE
 
-from .audit import AuditLog, PostgresAuditLog
+from .audit import AuditLog, AuditRecorder, PostgresAuditLog
 from .httpauth import HttpAuth, http_error
 from .registry import RoomRegistry
 
 if TYPE_CHECKING:
-    from .app import Server
+    from .cluster import Cluster  # redis is imported only in a cluster
 
 _SUBJECT_RE = re.compile(r"^[^\x00-\x1f\x7f]{1,128}$")
+
+
+class AdminHost(Protocol):
+    """What the admin API needs of the server it runs in (:class:`~.app.Server`): named here
+    so this module does not depend on the one that builds the application."""
+
+    @property
+    def cluster(self) -> Cluster | None:
+        """This server's place in a cluster; None when it runs alone."""
+
+    @property
+    def shared_store(self) -> bool:
+        """Whether the servers of the cluster share one durable store."""
+
+    @property
+    def audit(self) -> AuditRecorder:
+        """Where security-relevant events are recorded."""
+
+    async def ban(
+        self,
+        room_name: str,
+        subject: str,
+        reason: str,
+        actor: str,
+        until: float | None,
+        record: bool = True,
+    ) -> bool:
+        """Ban ``subject`` from ``room_name`` on this node; False: no moderation here."""
 
 
 class AdminAPI:
@@ -39,7 +67,7 @@ class AdminAPI:
         auth: HttpAuth,
         rooms: RoomRegistry,
         audit_log: Callable[[], AuditLog | PostgresAuditLog | None],
-        server: Server | None = None,
+        server: AdminHost | None = None,
     ) -> None:
         self._auth = auth
         self._rooms = rooms
@@ -55,7 +83,7 @@ class AdminAPI:
         app.router.add_get("/admin/audit/head", self.audit_head)
         app.router.add_get("/admin/audit/proof/{entry}", self.audit_proof)
 
-    def _cluster(self) -> Any:
+    def _cluster(self) -> Cluster | None:
         return self._server.cluster if self._server is not None else None
 
     async def rooms(self, request: web.Request) -> web.Response:
@@ -99,7 +127,7 @@ class AdminAPI:
             return web.json_response({"ended": name})
         cluster = self._cluster()
         owner = await cluster.owner(name) if cluster is not None else None
-        if owner is None:
+        if cluster is None or owner is None:
             raise http_error(ProtocolError(ErrorCode.NOT_FOUND, "no such live room"))
         await cluster.publish({"op": "end", "room": name, "actor": actor, "reason": reason})
         return web.json_response({"ended": name, "node": owner[0]})
@@ -138,7 +166,7 @@ class AdminAPI:
             recorded = True
         if cluster is None:
             return web.json_response({"banned": subject, "room": room, "nodes": 1})
-        cmd = {"op": "ban", "room": room, "identity": subject, "reason": reason}
+        cmd: dict[str, Any] = {"op": "ban", "room": room, "identity": subject, "reason": reason}
         cmd |= {"actor": actor, "until": until, "recorded": recorded}
         nodes = await cluster.publish(cmd)
         return web.json_response({"banned": subject, "room": room, "nodes": nodes})

@@ -159,8 +159,9 @@ class Server:
             from .cluster import Cluster  # redis is needed only in a cluster
 
             self.cluster = Cluster(config)
-        #: Called once this server, draining, has handed every room to other servers.
-        self.on_drained: Callable[[], None] = lambda: None
+        #: Called once this server, draining, has handed every room to other servers (set
+        #: through :meth:`when_drained`).
+        self._on_drained: Callable[[], None] = lambda: None
         self.rooms = RoomRegistry(
             RoomServices(
                 config,
@@ -174,10 +175,9 @@ class Server:
             room_types,
             pseudonymous=self.policy.pseudonymous,
             settings=self.policy.settings,
+            first_member_id=self._first_member_id if self.cluster is not None else None,
+            on_closed=self.cluster.closed if self.cluster is not None else None,
         )
-        if self.cluster is not None:
-            self.rooms.first_member_id = self._first_member_id
-            self.rooms.on_closed = self.cluster.closed
         self.tick = TickLoop(self.clock, self.table, self.rooms, self.metrics, self.traffic)
         self.assets: AssetStore | None = None
         self.images: ImageStore | None = None
@@ -219,6 +219,11 @@ class Server:
         )
 
     # ----------------------------------------------------------------- cluster
+
+    def when_drained(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once this server, draining, has handed every room to other
+        servers (the process then exits)."""
+        self._on_drained = callback
 
     def _resume_token(self, room: str, member_id: int, identity: Identity, slots: int) -> str:
         assert self.cluster is not None and self.cluster.tokens is not None
@@ -439,7 +444,7 @@ class Server:
                     drop_room=self.rooms.drop,
                     command=self.cluster_command,
                     rooms=lambda: [room.name for room in self.rooms],
-                    drained=lambda: self.on_drained(),
+                    drained=lambda: self._on_drained(),
                     persist_room=self.rooms.persist,
                     admission=lambda grant, room: admission(self.sessions, grant, room),
                 ),
@@ -640,8 +645,8 @@ def create_app(
 
     async def on_startup(app: web.Application) -> None:
         await server.start()
-        assets.store = server.assets  # type: ignore[assignment]
-        images.store = server.images  # type: ignore[assignment]
+        assets.use_store(server.assets)
+        images.use_store(server.images)
 
     async def on_shutdown(app: web.Application) -> None:
         server.close_sessions()

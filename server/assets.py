@@ -335,12 +335,14 @@ class AssetService:
 
     @property
     def store(self) -> AssetStore:
+        """The open asset store (503 to the request while there is none)."""
         if self._store is None:
             raise web.HTTPServiceUnavailable(text="the asset store is not open")
         return self._store
 
-    @store.setter
-    def store(self, store: AssetStore) -> None:
+    def use_store(self, store: AssetStore | None) -> None:
+        """Serve from ``store``, once the server has opened it (until then, and with None,
+        requests are answered 503)."""
         self._store = store
 
     def routes(self, app: web.Application) -> None:

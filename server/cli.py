@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import errno
 import logging
+import os
 import signal
 import socket
 import sqlite3
@@ -20,7 +21,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from .config import ServerConfig
+from .config import ServerConfig, parse_cpu_list
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -98,7 +99,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         default=None,
         metavar="N",
         help="start N server processes on this machine (ports PORT..PORT+N-1, data in "
-        "DATA_DIR/node-I), one cluster sharing --redis-url; without N, one per core",
+        "DATA_DIR/node-I), one cluster sharing --redis-url; without N, one per core; each "
+        "keeps to a core of its own (of --cpu-affinity, if given) while there are enough",
     )
 
 
@@ -130,7 +132,6 @@ def _cluster_command(args: argparse.Namespace) -> int:
     commands every node hears."""
     import getpass
     import json
-    import os
     import time
 
     prog = f"medverse {args.command}"
@@ -194,7 +195,6 @@ def _workers(cfg: ServerConfig, count: int) -> int:
     """``medverse serve --workers N``: N server processes on consecutive ports, one cluster
     through ``redis_url``, each with its own data directory; they share the token secret.
     SIGTERM and SIGINT are passed on to each (SIGTERM drains them); returns when all ended."""
-    import os
     import subprocess
 
     from .auth import load_or_create_secret
@@ -232,6 +232,7 @@ def _workers(cfg: ServerConfig, count: int) -> int:
         # One index of models and series in the database: one folder of their files too.
         if not cfg.blob_dir:
             env["MEDVERSE_BLOB_DIR"] = str(Path(cfg.data_dir).resolve())
+    cores = worker_cores(cfg.cpu_affinity, n)
     procs = []
     for i in range(n):
         child = dict(env)
@@ -240,6 +241,7 @@ def _workers(cfg: ServerConfig, count: int) -> int:
             if value != getattr(ServerConfig(), f.name):
                 child[f"MEDVERSE_{f.name.upper()}"] = str(value)
         child["MEDVERSE_PORT"] = str(cfg.port + i)
+        child["MEDVERSE_CPU_AFFINITY"] = cores[i]
         child["MEDVERSE_DATA_DIR"] = str(Path(cfg.data_dir) / f"node-{i}")
         cmd = [sys.executable, "-m", "medverse.server.cli", "serve"]
         procs.append(subprocess.Popen(cmd, env=child))
@@ -339,7 +341,6 @@ def _since(text: str) -> float:
 
 def _audit(args: argparse.Namespace) -> int:
     import json
-    import os
 
     from .audit import (
         AuditSource,
@@ -410,7 +411,6 @@ def _audit(args: argparse.Namespace) -> int:
 
 def _write_atomically(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` so a reader sees the old file or the new one, never half."""
-    import os
 
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as f:
@@ -455,7 +455,6 @@ def _data_dir(flag: str | None) -> str:
     """The data directory for commands that only read it: the flag, ``MEDVERSE_DATA_DIR``, or
     the default. (Not the whole server configuration: a server setting in the environment,
     such as a TLS key only the server may read, is no concern of ``token`` or ``audit``.)"""
-    import os
 
     return flag or os.environ.get("MEDVERSE_DATA_DIR") or ServerConfig().data_dir
 
@@ -464,7 +463,6 @@ def _token_secret(data_dir: str) -> bytes:
     """The secret the server signs with: ``MEDVERSE_AUTH_SECRET``, else the one ``medverse
     serve`` created in the data directory. Minting never creates one (the server would refuse
     every token signed with it), so none found is an error that says where it looked."""
-    import os
 
     from .auth import SECRET_FILE, load_secret
 
@@ -496,7 +494,7 @@ async def _serve(cfg: ServerConfig, app: web.Application, ssl_ctx: ssl.SSLContex
     if server is not None and cluster is not None:
         # In a cluster SIGTERM drains: no new rooms here, every room handed to another node
         # (its members redirected), then the process exits. SIGINT stops at once.
-        server.on_drained = stop.set
+        server.when_drained(stop.set)
         loop.add_signal_handler(signal.SIGTERM, lambda: loop.create_task(cluster.drain()) and None)
     # Handlers finish when their client disconnects (see medverse.server.httplog).
     # aiohttp's keep-alive timer (about an hour by default in recent versions) closes idle
@@ -654,11 +652,39 @@ def serve(cfg: ServerConfig, app: web.Application | None = None) -> None:
     quiet_client_errors()  # clients' bad requests are one line each, not tracebacks
     # Everything that can be checked before the server opens or creates anything is.
     check_listen(cfg)
+    keep_to_cores(cfg.cpu_affinity)
     prepare_data_dir(cfg.data_dir)
     if cfg.blob_dir:
         prepare_data_dir(cfg.blob_dir, "blob_dir")
     ssl_ctx = _tls_context(cfg) if cfg.tls_cert else None
     run_loop(_serve(cfg, app if app is not None else create_app(cfg), ssl_ctx))
+
+
+def keep_to_cores(cpu_affinity: str) -> None:
+    """Keep this process to the cores ``cpu_affinity`` names (nothing when it is empty);
+    a core this process may not use is the operator's to fix, so a CommandError."""
+    cores = parse_cpu_list(cpu_affinity)
+    if not cores:
+        return
+    if not hasattr(os, "sched_setaffinity"):
+        raise CommandError("cpu_affinity: this system cannot keep a process to given cores")
+    allowed = os.sched_getaffinity(0)
+    if not cores <= allowed:
+        missing = ",".join(str(c) for c in sorted(cores - allowed))
+        usable = ",".join(str(c) for c in sorted(allowed))
+        raise CommandError(f"cpu_affinity: core {missing} is not available here (usable: {usable})")
+    os.sched_setaffinity(0, cores)
+
+
+def worker_cores(cpu_affinity: str, count: int) -> list[str]:
+    """The ``cpu_affinity`` of each of ``count`` workers: one core each while there are
+    enough (of those ``cpu_affinity`` names, or all this process may use), so the workers'
+    ticks never wait for one another; with more workers than cores, all share them."""
+    named = parse_cpu_list(cpu_affinity)
+    cores = sorted(named or (os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else ()))
+    if 0 < count <= len(cores):
+        return [str(c) for c in cores[:count]]
+    return [cpu_affinity] * count
 
 
 def run_loop(coro: object) -> None:
@@ -725,7 +751,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _loadtest(args: argparse.Namespace) -> int:
     """``medverse loadtest``, with its bad input and unreachable servers said in one line."""
-    import os
 
     from medverse.client_sdk.loadtest import run as run_loadtest
 

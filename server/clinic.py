@@ -165,6 +165,13 @@ class ClinicRoom(RoomPlugin):
                 return m
         raise ProtocolError(ErrorCode.NOT_FOUND, "nobody is waiting")
 
+    def call_next(self, into: str, by: MemberView) -> Coroutine[Any, Any, None] | None:
+        """Call the patient who has waited longest in this (the waiting) room into room
+        ``into``, on behalf of ``by`` (a member of that room): admitted there without its
+        lobby. As :meth:`_move`: a coroutine answering the request while another server of
+        the cluster decides; ``not_found`` if nobody connected is waiting."""
+        return self._move(self.next_patient(), into, by, "called", admit=True)
+
     # ----------------------------------------------------------------- requests
 
     def on_message(self, member: MemberView, msg: Message) -> Coroutine[Any, Any, None] | None:
@@ -182,8 +189,7 @@ class ClinicRoom(RoomPlugin):
             room = self.service.rooms.get(waiting)
             if room is None:
                 raise ProtocolError(ErrorCode.NOT_FOUND, "nobody is waiting")
-            patient = room.next_patient()
-            return room._move(patient, self.ctx.name, member, "called", admit=True)
+            return room.call_next(self.ctx.name, member)
         elif isinstance(msg, SendBack):
             waiting = self.service.waiting_room
             if waiting is None:

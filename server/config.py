@@ -176,6 +176,10 @@ class ServerConfig:
     #: Make up a speaker's lost or late 20 ms frames with Opus's loss concealment (and the
     #: next packet's in-band FEC, when the sender sends one) instead of mixing silence.
     audio_conceal: bool = True
+    #: CPU cores this server process keeps to, as a list of cores and ranges (``0``,
+    #: ``0-1,3``); empty: wherever the system's scheduler puts it. ``serve --workers`` gives
+    #: each worker one core of its own, so the workers' ticks never wait for one another.
+    cpu_affinity: str = ""
 
     def __post_init__(self) -> None:
         """Refuse values that cannot work, naming the setting: the server should fail at
@@ -243,6 +247,7 @@ class ServerConfig:
             raise ValueError("audio_bitrate must be 6000-510000 (what Opus encodes)")
         if not 0 <= self.audio_complexity <= 10:
             raise ValueError("audio_complexity must be 0-10")
+        parse_cpu_list(self.cpu_affinity)
         if not 0 <= self.audio_jitter_frames <= 8:
             raise ValueError("audio_jitter_frames must be 0-8")
         if self.redis_url and not re.match(r"^(rediss?|unix)://", self.redis_url):
@@ -325,3 +330,23 @@ def _positive(cfg: ServerConfig, *names: str) -> None:
     for name in names:
         if getattr(cfg, name) <= 0:
             raise ValueError(f"{name} must be > 0, not {getattr(cfg, name)!r}")
+
+
+def parse_cpu_list(text: str) -> frozenset[int]:
+    """Cores named by a list such as ``0-1,3`` (empty: none). Raises ValueError naming the
+    setting when the list is not one."""
+    cores: set[int] = set()
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        low, dash, high = part.partition("-")
+        try:
+            first, last = int(low), int(high if dash else low)
+        except ValueError:
+            raise ValueError(
+                f"cpu_affinity {text!r} is not a list of cores such as 0-1,3"
+            ) from None
+        if not 0 <= first <= last < 4096:
+            raise ValueError(f"cpu_affinity {text!r}: {part} is not a range of cores")
+        cores.update(range(first, last + 1))
+    if text.strip() and not cores:
+        raise ValueError(f"cpu_affinity {text!r} names no core")
+    return frozenset(cores)

@@ -599,12 +599,14 @@ class ImageService:
 
     @property
     def store(self) -> ImageStore:
+        """The open image store (503 to the request while there is none)."""
         if self._store is None:
             raise web.HTTPServiceUnavailable(text="the image store is not open")
         return self._store
 
-    @store.setter
-    def store(self, store: ImageStore) -> None:
+    def use_store(self, store: ImageStore | None) -> None:
+        """Serve from ``store``, once the server has opened it (until then, and with None,
+        requests are answered 503)."""
         self._store = store
 
     def routes(self, app: web.Application) -> None:

@@ -30,11 +30,13 @@ class RoomRegistry:
         room_types: Sequence[RoomType] = (),
         pseudonymous: Callable[[str], bool] | None = None,
         settings: Callable[[str], RoomSettings] | None = None,
+        first_member_id: Callable[[str], int] | None = None,
+        on_closed: Callable[[str], None] | None = None,
     ) -> None:
         #: In a cluster: the first member id of a room placed here (from its lease's
         #: generation), and what to do once a room closed here (give up its lease).
-        self.first_member_id: Callable[[str], int] = lambda name: 1
-        self.on_closed: Callable[[str], None] = lambda name: None
+        self._first_member_id: Callable[[str], int] = first_member_id or (lambda name: 1)
+        self._on_closed: Callable[[str], None] = on_closed or (lambda name: None)
         self._services = services
         self._plugins = {p.name: p for p in plugins}
         self._default = list(plugins)
@@ -96,7 +98,7 @@ class RoomRegistry:
             kind=kind,
             pseudonymous=pseudonymous,
             on_empty=self._empty,
-            first_member_id=self.first_member_id(name),
+            first_member_id=self._first_member_id(name),
             settings=settings,
         )
         self._next_segment += 1
@@ -149,7 +151,7 @@ class RoomRegistry:
         del self._rooms[room.name]
         del self._by_segment[room.segment]
         room.close()
-        self.on_closed(room.name)
+        self._on_closed(room.name)
         log.info("room %s closed", room.name)
 
     async def persist(self, name: str) -> None:

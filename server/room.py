@@ -1,12 +1,15 @@
 """A room: its members and lobby, its plugins, and its part of every tick's fan-out.
 
-Connections reach their room through a few methods (``join``, ``submit_pose``, ``handle``,
-``handle_frame``, ``set_paused``, ``leave``, ``disconnected``, ``reattach``, ``wait``) and the
-room reaches a connection only through the :class:`Link` it was given, so neither writes the
-other's state. Everything room-specific beyond membership and avatars (moderation, audio, shared
-objects, an application's own logic) is a plugin (:mod:`medverse.server.plugins`): the room
-calls their hooks with read-only views of its members and gives each of them a
-:class:`RoomContext` of its own, which is all a plugin sees of the server.
+Connections reach their room through a few methods: ``entry`` and ``join`` (through the
+registry, which places the room); ``submit_pose``, ``handle``, ``handle_frame``, ``set_paused``
+and ``time`` while joined; ``leave``, ``disconnected``, ``resumable``, ``has_member`` and
+``reattach`` to go and to resume; ``wait``, ``leave_lobby`` and ``lobby_changed`` in its lobby;
+and its ``name`` and ``member_count``. The room reaches a connection only through the
+:class:`Link` it was given, so neither writes the other's state. Everything room-specific
+beyond membership and avatars (moderation, audio, shared objects, an application's own logic)
+is a plugin (:mod:`medverse.server.plugins`): the room calls their hooks with read-only views of
+its members and gives each of them a :class:`RoomContext` of its own, which is all a plugin
+sees of the server.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from medverse.protocol.messages import (
     pose_frame_size,
     pose_sequence,
 )
+from medverse.protocol.rfc6455 import binary_frame
 from medverse.protocol.snapshot import state_header
 
 from .auth import Identity
@@ -42,7 +46,6 @@ from .config import ServerConfig
 from .entities import EntityTable
 from .metrics import Traffic
 from .plugins import MemberView, P, RoomPlugin, RoomSettings, ServerPlugin, Wait
-from .rfc6455 import binary_frame
 
 log = logging.getLogger("medverse.room")
 

@@ -49,6 +49,7 @@ from medverse.protocol.messages import (
     Waiting,
     request_refusal,
 )
+from medverse.protocol.rfc6455 import OP_BINARY, OP_PING, binary_frame, control_frame
 
 from .auth import Identity, TokenVerifier, anonymous
 from .config import ServerConfig
@@ -57,7 +58,6 @@ from .metrics import Metrics, Traffic
 from .plugins import Wait
 from .policy import RoomPolicy
 from .registry import RoomRegistry
-from .rfc6455 import OP_BINARY, OP_PING, binary_frame, control_frame
 from .room import Member, Room
 from .roomaccess import Arrival, RoomAccess, is_transfer_grant
 from .transport import WebSocketConnection

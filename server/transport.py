@@ -3,7 +3,7 @@ the session, pongs and the close handshake back to the peer.
 
 aiohttp performs the opening handshake (``WebSocketResponse.prepare``); then the connection's
 transport is handed to :class:`WebSocketConnection`, which feeds every read to the sans-I/O
-parser in ``server/rfc6455.py`` and calls the session directly, with no task, queue or future
+parser in ``protocol/rfc6455.py`` and calls the session directly, with no task, queue or future
 per message (see that module for why).
 """
 
@@ -12,7 +12,15 @@ from __future__ import annotations
 import asyncio
 from typing import Final, Protocol
 
-from .rfc6455 import Close, Event, FrameParser, Message, Ping, Violation, close_frame
+from medverse.protocol.rfc6455 import (
+    Close,
+    Event,
+    FrameParser,
+    Message,
+    Ping,
+    Violation,
+    close_frame,
+)
 
 #: Seconds to wait for the peer's close frame after sending ours.
 CLOSE_WAIT: Final = 2.0

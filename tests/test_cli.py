@@ -3,6 +3,7 @@ a traceback), boolean settings can be turned off by flag, and ``serve`` says whe
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -92,6 +93,8 @@ def test_every_bad_input_is_one_line_and_exit_code_2(
         "negative linger": ((*serve, "--room-linger", "-5"), "room_linger"),
         "zero frame size": ((*serve, "--max-frame-bytes", "0"), "max_frame_bytes"),
         "zero handshake": ((*serve, "--handshake-timeout", "0"), "handshake_timeout"),
+        "not a list of cores": ((*serve, "--cpu-affinity", "first"), "cpu_affinity"),
+        "a core that is not there": ((*serve, "--cpu-affinity", "4095"), "not available"),
         "nan setting": ((*serve, "--heartbeat", "nan"), "finite"),
         "not a number": ((*serve, "--port", "eighty"), "--port"),
         "verify missing folder": (
@@ -202,3 +205,33 @@ def test_token_and_audit_read_only_what_they_need_from_the_environment(tmp_path:
         "token", "--room", "demo", "--identity", "a", env=dict(env, MEDVERSE_AUTH_SECRET="short")
     )
     assert code == 2 and "32 bytes" in err and len(err.splitlines()) == 1, err
+
+
+def test_loadtest_measures_a_server_with_its_secret(auth_server: ServerProcess) -> None:
+    """A short load run against a real server: every headset joins (with tokens made from the
+    secret), receives state at the tick rate through the shared RFC 6455 reader, counts its
+    bytes and sees its poses reach the probes."""
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "load.json"
+        args = ("loadtest", "--url", auth_server.url, "--clients", "4", "--probes", "2")
+        args += ("--seconds", "2", "--warmup", "1", "--quiet", "--json", str(report))
+        code, err = medverse(*args, env=dict(os.environ, MEDVERSE_AUTH_SECRET=SECRET))
+        assert code == 0, err[-2000:]
+        out = json.loads(report.read_text())
+    assert out["connected"] == 4 and out["errors"] == 0 and out["failures"] == []
+    assert out["state_frames_per_client_per_s_min"] > 5  # 30 Hz; a busy machine may lag
+    assert out["down_bytes_per_client_per_s"] > 0
+    assert out["latency_samples"] > 0
+
+
+def test_workers_get_a_core_each_while_there_are_enough() -> None:
+    from medverse.server.cli import worker_cores
+    from medverse.server.config import parse_cpu_list
+
+    assert parse_cpu_list("0-2, 5") == {0, 1, 2, 5}
+    assert parse_cpu_list("") == frozenset()
+    assert worker_cores("1,3", 2) == ["1", "3"]
+    assert worker_cores("1,3", 3) == ["1,3"] * 3  # more workers than cores: they share them
+    usable = sorted(os.sched_getaffinity(0))
+    assert worker_cores("", len(usable)) == [str(c) for c in usable]
+    assert worker_cores("", len(usable) + 1) == [""] * (len(usable) + 1)

@@ -574,6 +574,10 @@ async def test_workers_start_a_cluster_and_stop_on_sigterm(
         # One token secret for both, made once in the shared data directory.
         assert (tmp_path / "auth_secret").exists()
         assert (tmp_path / "node-0").is_dir() and (tmp_path / "node-1").is_dir()
+        # Each worker keeps to a core of its own, so their ticks never wait for each other.
+        cores = sorted(os.sched_getaffinity(0))
+        kept = sorted(sorted(os.sched_getaffinity(int(n["pid"]))) for n in mine)
+        assert kept == ([[cores[0]], [cores[1]]] if len(cores) >= 2 else [cores, cores])
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
         left = {n["node"] for n in await directory(redis)}

@@ -10,7 +10,6 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from medverse.client_sdk.loadtest import client_frame, server_frames
 from medverse.protocol.catalog import CLIENT_MESSAGES, SERVER_MESSAGES
 from medverse.protocol.errors import ProtocolError
 from medverse.protocol.messages import (
@@ -27,13 +26,18 @@ from medverse.protocol.messages import (
     pose_frame_size,
 )
 from medverse.protocol.quant import POSITION_LIMIT_M, dequantize_rotations, quantize_rotations
-from medverse.server.rfc6455 import (
+from medverse.protocol.rfc6455 import (
     OP_BINARY,
-    OP_CLOSE,
     OP_PING,
+    Close,
+    FrameParser,
+    Message,
+    Ping,
     binary_frame,
     close_frame,
     control_frame,
+    frame_size,
+    masked_frame,
 )
 from medverse.server.transport import WebSocketConnection
 
@@ -276,14 +280,15 @@ def test_pose_frames_encoded_in_bulk_match_encode_pose(slots: int, data: st.Data
 
 def test_load_generator_frames_read_by_the_server_and_back() -> None:
     """The load generator's client frames parse in the server's reader; the server's frames
-    (binary of each length class, ping, close) parse in the load generator's reader."""
+    (binary of each length class, ping, close) parse in the load generator's (a client-role
+    parser), each message's wire size known from its length."""
     payloads = [b"", b"x" * 125, b"y" * 126, b"z" * 70_000]
 
     async def run() -> None:
         conn = WebSocketConnection(max_message=1 << 20)
         handler = _Handler()
         conn.attach(_Transport(), handler)  # type: ignore[arg-type]
-        stream = b"".join(client_frame(OP_BINARY, p) for p in payloads)
+        stream = b"".join(masked_frame(OP_BINARY, p) for p in payloads)
         for i in range(0, len(stream), 1000):
             conn.data_received(stream[i : i + 1000])
         assert handler.messages == [(OP_BINARY, p) for p in payloads]
@@ -291,15 +296,15 @@ def test_load_generator_frames_read_by_the_server_and_back() -> None:
     asyncio.run(run())
     wire = [binary_frame(p) for p in payloads]
     wire += [control_frame(OP_PING, b"hi"), close_frame(1000)]
-    stream = bytearray(b"".join(wire))
-    frames, used = server_frames(stream + b"\x82")  # and the start of one more
-    assert used == len(stream)
-    assert [(op, p) for op, p, _ in frames] == [
-        *((OP_BINARY, p) for p in payloads),
-        (OP_PING, b"hi"),
-        (OP_CLOSE, b"\x03\xe8"),
+    parser = FrameParser(1 << 20, role="client")
+    events = parser.feed(b"".join(wire[:-2]) + wire[-2][:1])  # and the start of one more
+    events += parser.feed(b"".join(wire[-2:])[1:])
+    assert events == [
+        *(Message(OP_BINARY, p) for p in payloads),
+        Ping(b"hi"),
+        Close(1000, b""),
     ]
-    assert [w for _, _, w in frames] == [len(f) for f in wire]
+    assert [frame_size(len(p)) for p in payloads] == [len(f) for f in wire[: len(payloads)]]
 
 
 async def test_live_hostile_flood_leaves_good_members_at_rate() -> None:

@@ -10,8 +10,8 @@ import time
 import psutil
 
 from medverse.client_sdk import Pose, connect
-from medverse.client_sdk.loadtest import client_frame
 from medverse.protocol.messages import PROTOCOL_VERSION, Hello, encode_message
+from medverse.protocol.rfc6455 import masked_frame
 
 from .conftest import run_server
 from .helpers import RawClient
@@ -31,12 +31,12 @@ async def upgraded(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWrite
 
 # Everything an attacker without a token throws at the server, one connection each.
 GARBAGE = [
-    client_frame(0x2, b"\x01\xdd\xff\xff\xff\xff"),  # msgpack array32 of 4G items
-    client_frame(0x2, b"\x01" + b"\x91" * 50000),  # 50,000 nested arrays
-    client_frame(0x2, b"\x01\xc6\x7f\xff\xff\xff"),  # bin32 claiming 2 GB
-    client_frame(0x1, b"hello"),  # a text frame
+    masked_frame(0x2, b"\x01\xdd\xff\xff\xff\xff"),  # msgpack array32 of 4G items
+    masked_frame(0x2, b"\x01" + b"\x91" * 50000),  # 50,000 nested arrays
+    masked_frame(0x2, b"\x01\xc6\x7f\xff\xff\xff"),  # bin32 claiming 2 GB
+    masked_frame(0x1, b"hello"),  # a text frame
     struct.pack("!BBQ", 0x82, 0xFF, 16 * 1024 * 1024) + b"\0\0\0\0" + bytes(16 * 1024 * 1024),
-    b"".join(client_frame(0x2, b"\x01\x80") for _ in range(2000)),  # a flood of tiny frames
+    b"".join(masked_frame(0x2, b"\x01\x80") for _ in range(2000)),  # a flood of tiny frames
 ]
 
 
@@ -65,7 +65,7 @@ async def test_unidentified_connections_are_budgeted() -> None:
         await extra.close()
         # One of them joins: it no longer counts, and a new connection is let in.
         _, w = idle[0]
-        w.write(client_frame(0x2, encode_message(Hello(PROTOCOL_VERSION, "budget", "a", 3))))
+        w.write(masked_frame(0x2, encode_message(Hello(PROTOCOL_VERSION, "budget", "a", 3))))
         await w.drain()
         await asyncio.sleep(0.3)
         ok = await RawClient.open(s.url)

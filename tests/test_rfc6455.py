@@ -1,5 +1,6 @@
-"""RFC 6455 framing without sockets: the sans-I/O parser and builders, then the asyncio adapter
-over a fake transport."""
+"""RFC 6455 framing without sockets: the sans-I/O parser (in both roles: a server's, reading
+masked client frames, and a client's, reading unmasked server frames) and builders, then the
+server's asyncio adapter over a fake transport."""
 
 from __future__ import annotations
 
@@ -11,8 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from medverse.server import transport as transport_module
-from medverse.server.rfc6455 import (
+from medverse.protocol.rfc6455 import (
     OP_BINARY,
     OP_CLOSE,
     OP_CONTINUATION,
@@ -25,12 +25,16 @@ from medverse.server.rfc6455 import (
     Message,
     Ping,
     Pong,
+    Role,
     Violation,
     binary_frame,
     close_frame,
     control_frame,
+    frame_size,
+    masked_frame,
     unmask,
 )
+from medverse.server import transport as transport_module
 from medverse.server.transport import WebSocketConnection
 
 MASK = b"\x37\xfa\x21\x3d"
@@ -509,6 +513,135 @@ def test_control_and_close_frames() -> None:
     assert control_frame(OP_PONG, b"ab") == b"\x8a\x02ab"
     assert close_frame(1000) == b"\x88\x02\x03\xe8"
     assert close_frame(4008, b"x" * 500) == b"\x88\x7d\x0f\xa8" + b"x" * 123
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 65535, 65536, 70001])
+def test_masked_frames_parse_in_a_servers_parser(size: int) -> None:
+    payload = bytes(range(256)) * (size // 256) + bytes(range(size % 256))
+    data = masked_frame(OP_BINARY, payload)
+    assert data[0] == 0x80 | OP_BINARY and data[1] & 0x80
+    assert len(data) == frame_size(size, masked=True)
+    parser = FrameParser(max_message=1 << 17)
+    assert feed_all(parser, data, 1000) == [Message(OP_BINARY, payload)]
+    assert parser.buffered == 0
+
+
+def test_masked_frames_get_fresh_keys() -> None:
+    keys = {masked_frame(OP_TEXT, b"same")[2:6] for _ in range(20)}
+    assert len(keys) > 1
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 65535, 65536, 70001])
+def test_frame_size_is_the_wire_size(size: int) -> None:
+    assert frame_size(size) == len(binary_frame(b"q" * size))
+
+
+# ------------------------------------------------------------------------------ the client role
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 65535, 65536, 70001])
+def test_a_clients_parser_reads_server_frames(size: int) -> None:
+    payload = bytes(range(256)) * (size // 256) + bytes(range(size % 256))
+    stream = binary_frame(payload) + control_frame(OP_PING, b"hb") + close_frame(4008, b"bye")
+    for step in (None, 1 if size < 1000 else 997, 4096):
+        parser = FrameParser(max_message=1 << 17, role="client")
+        assert parser.role == "client"
+        assert feed_all(parser, stream, step) == [
+            Message(OP_BINARY, payload),
+            Ping(b"hb"),
+            Close(4008, b"bye"),
+        ]
+        assert parser.finished and parser.buffered == 0
+
+
+@pytest.mark.parametrize("opcode", [OP_TEXT, OP_BINARY, OP_PING, OP_CLOSE])
+def test_a_clients_parser_refuses_masked_frames(opcode: int) -> None:
+    parser = FrameParser(max_message=1024, role="client")
+    assert parser.feed(frame(opcode, b"hidden")) == violation(
+        1002, b"server frames must not be masked"
+    )
+    assert parser.finished
+    assert parser.feed(binary_frame(b"later")) == []
+
+
+def test_a_servers_parser_refuses_what_a_client_parser_reads() -> None:
+    assert FrameParser(max_message=1024).feed(binary_frame(b"x")) == violation(
+        1002, b"client frames must be masked"
+    )
+
+
+def test_a_clients_parser_reassembles_and_discards_until_the_close() -> None:
+    parser = FrameParser(max_message=1024, role="client")
+    stream = (
+        frame(OP_TEXT, b"he", fin=False, mask=None)
+        + frame(OP_PING, b"p", mask=None)
+        + frame(OP_CONTINUATION, b"llo", mask=None)
+    )
+    assert feed_all(parser, stream, 1) == [Ping(b"p"), Message(OP_TEXT, b"hello")]
+    parser.discard()
+    rest = binary_frame(b"y" * 300) + close_frame(1000) + binary_frame(b"after")
+    assert feed_all(parser, rest, 7) == [Close(1000, b"")]
+    assert parser.finished
+
+
+def test_a_clients_parser_checks_sizes_from_the_header() -> None:
+    parser = FrameParser(max_message=100, role="client")
+    header = b"\x82\x7f" + struct.pack("!Q", 1 << 31)  # claims 2 GB, unmasked
+    assert parser.feed(header) == violation(1009, b"message too big")
+    assert parser.buffered == 0
+
+
+def _flip(event: Event) -> Event:
+    """A server parser's event as a client parser reports it for the same frames with their
+    masking swapped."""
+    if event == Violation(1002, b"client frames must be masked"):
+        return Violation(1002, b"server frames must not be masked")
+    return event
+
+
+frame_fields = st.tuples(
+    st.sampled_from([0, 0, 1, 2, 2, 3, 8, 9, 9, 10, 11]),
+    st.binary(max_size=140),
+    st.booleans(),
+    st.sampled_from([0, 0, 0, 0, 0x40]),
+    st.sampled_from([True] * 9 + [False]),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(frame_fields, max_size=10),
+    st.lists(st.integers(0, 2000), max_size=10),
+    st.one_of(st.none(), st.integers(0, 10)),
+)
+def test_the_roles_differ_only_in_masking(
+    fields: list[tuple[int, bytes, bool, int, bool]],
+    cuts: list[int],
+    discard_after: int | None,
+) -> None:
+    """Any stream, valid or not, read by a server's parser gives the events a client's parser
+    gives for the same frames with masked and unmasked swapped, however it is cut."""
+    as_sent = [frame(o, p, fin=f, rsv=r, mask=MASK if m else None) for o, p, f, r, m in fields]
+    swapped = [frame(o, p, fin=f, rsv=r, mask=None if m else MASK) for o, p, f, r, m in fields]
+
+    def run(frames: list[bytes], role: Role) -> list[Event]:
+        stream = b"".join(frames)
+        cut_at = sum(map(len, frames[:discard_after])) if discard_after is not None else None
+        points = sorted(
+            {0, len(stream), *(c for c in cuts if c <= len(stream))}
+            | ({cut_at} if cut_at is not None else set())
+        )
+        parser = FrameParser(max_message=100, role=role)
+        events: list[Event] = []
+        if cut_at == 0:
+            parser.discard()
+        for a, b in pairwise(points):
+            events += parser.feed(stream[a:b])
+            if b == cut_at:
+                parser.discard()
+        return events
+
+    assert [_flip(e) for e in run(as_sent, "server")] == run(swapped, "client")
 
 
 # ------------------------------------------------------------------------------ the adapter

@@ -1,13 +1,16 @@
-"""RFC 6455 WebSocket framing, server side, sans-I/O: client bytes in, typed events out.
+"""RFC 6455 WebSocket framing, sans-I/O: the peer's bytes in, typed events out, for either side.
 
-:class:`FrameParser` turns the bytes a client sends on an upgraded connection into events: a
-complete :class:`Message` (reassembled from its fragments), a :class:`Ping` (with the pong to
-send back), a :class:`Pong`, a :class:`Close` (the peer's code and reason) or a
-:class:`Violation` (the close code, 1002 or 1009, and reason to fail the connection with). The
-builders :func:`binary_frame`, :func:`control_frame` and :func:`close_frame` make the server's
-frames. Nothing here reads, writes, sleeps or knows about asyncio: the caller moves the bytes
-(``server/transport.py`` does it for the room server), so every rule can be tested with plain
-byte strings.
+:class:`FrameParser` turns the bytes the peer sends on an upgraded connection into events: a
+complete :class:`Message` (reassembled from its fragments), a :class:`Ping` (with the server's
+pong to send back), a :class:`Pong`, a :class:`Close` (the peer's code and reason) or a
+:class:`Violation` (the close code, 1002 or 1009, and reason to fail the connection with). Its
+``role`` is the side it reads for: a ``"server"`` parser reads a client's frames, which must be
+masked; a ``"client"`` parser reads a server's, which must not be. The builders
+:func:`binary_frame`, :func:`control_frame` and :func:`close_frame` make a server's (unmasked)
+frames, :func:`masked_frame` a client's. Nothing here reads, writes, sleeps or knows about
+asyncio: the caller moves the bytes (``server/transport.py`` for the room server,
+``client_sdk/loadtest.py`` for the load generator's headsets), so every rule can be tested with
+plain byte strings.
 
 Why medverse has its own: aiohttp performs the opening handshake, but its per-message path (a
 queue, a future and a task wake-up for every pose) measured about 20 us per message in profiles
@@ -15,26 +18,28 @@ of 1,000 headsets, more than the whole tick. Parsing frames straight from the tr
 costs about 1.5 us per pose frame and needs no task per connection
 (``python -m benchmarks.wsparse``).
 
-What it checks: client frames must be masked; RSV bits must be clear; opcodes must be known;
-control frames must be final and at most 125 bytes (they may arrive between the fragments of a
-message); continuations need a message to continue and a new message may not start inside one;
-a message may not exceed ``max_message`` bytes. Every check is made on the frame header, before
-any of the payload is buffered, so a header claiming 2 GB costs nothing. The parser keeps at
-most one frame's worth of unparsed bytes (plus the fragments of the message being reassembled,
-at most ``max_message``). Once a close frame is sent (:meth:`FrameParser.discard`, or a
-violation), frames are skipped unread until the peer's close, as RFC 6455 section 7.1.1 asks.
+What it checks: client frames must be masked and server frames must not be; RSV bits must be
+clear; opcodes must be known; control frames must be final and at most 125 bytes (they may
+arrive between the fragments of a message); continuations need a message to continue and a new
+message may not start inside one; a message may not exceed ``max_message`` bytes. Every check
+is made on the frame header, before any of the payload is buffered, so a header claiming 2 GB
+costs nothing. The parser keeps at most one frame's worth of unparsed bytes (plus the fragments
+of the message being reassembled, at most ``max_message``). Once a close frame is sent
+(:meth:`FrameParser.discard`, or a violation), frames are skipped unread until the peer's close,
+as RFC 6455 section 7.1.1 asks.
 
 What it does not do: no extensions (permessage-deflate is never negotiated, so RSV bits are
-refused), no client side (it parses only masked frames and builds only unmasked ones), no
-opening handshake (aiohttp does it), no UTF-8 check of text messages or of close reasons, no
-check of close status codes (the peer's code is reported and echoed as sent), and no check that
-a length uses its shortest encoding.
+refused), no opening handshake (aiohttp does it for the server; the load generator writes its
+own request), no UTF-8 check of text messages or of close reasons, no check of close status
+codes (the peer's code is reported and echoed as sent), and no check that a length uses its
+shortest encoding.
 """
 
 from __future__ import annotations
 
+import random
 import struct
-from typing import Final, NamedTuple
+from typing import Final, Literal, NamedTuple
 
 OP_CONTINUATION: Final = 0x0
 OP_TEXT: Final = 0x1
@@ -74,6 +79,31 @@ def binary_frame(payload: bytes) -> bytes:
     return struct.pack("!BBQ", _OP_BINARY_FIN, 127, n) + payload
 
 
+def masked_frame(opcode: int, payload: bytes) -> bytes:
+    """One final frame from a client, masked with a fresh key (RFC 6455 section 5.3: every
+    client frame is masked).
+
+    The key comes from :mod:`random`, not :mod:`secrets`: masking guards intermediaries against
+    frames a browser script crafts, and a program speaking WebSocket directly has nobody to
+    guard against; a syscall per frame would cost more than the rest of the frame.
+    """
+    n = len(payload)
+    mask = random.getrandbits(32).to_bytes(4, "little")
+    if n < 126:
+        head = bytes((_FIN | opcode, _MASKED | n))
+    elif n < 65536:
+        head = struct.pack("!BBH", _FIN | opcode, _MASKED | 126, n)
+    else:
+        head = struct.pack("!BBQ", _FIN | opcode, _MASKED | 127, n)
+    return head + mask + unmask(payload, mask)
+
+
+def frame_size(n: int, masked: bool = False) -> int:
+    """Bytes on the wire of one frame carrying ``n`` payload bytes (with a masking key when
+    ``masked``)."""
+    return (2 if n < 126 else 4 if n < 65536 else 10) + (4 if masked else 0) + n
+
+
 def control_frame(opcode: int, payload: bytes = b"") -> bytes:
     """An unmasked control frame; ``payload`` must be at most 125 bytes."""
     return bytes((_FIN | opcode, len(payload))) + payload
@@ -85,7 +115,7 @@ def close_frame(code: int, reason: bytes = b"") -> bytes:
 
 
 def unmask(payload: bytes | bytearray | memoryview, mask: bytes | bytearray) -> bytes:
-    """XOR a client payload with its 4-byte masking key.
+    """XOR a payload with a 4-byte masking key (which masks and unmasks alike).
 
     As one big integer: a few C calls whatever the length, far cheaper than a Python loop for
     pose-sized frames and linear for large ones.
@@ -108,13 +138,15 @@ class Message(NamedTuple):
 
 
 class Ping(NamedTuple):
-    """A ping from the peer; send :attr:`pong` back."""
+    """A ping from the peer; send :attr:`pong` back (a client sends
+    ``masked_frame(OP_PONG, payload)``)."""
 
     payload: bytes
 
     @property
     def pong(self) -> bytes:
-        """The pong frame answering this ping (same payload, RFC 6455 section 5.5.3)."""
+        """The server's pong frame answering this ping (same payload, RFC 6455 section
+        5.5.3)."""
         return control_frame(OP_PONG, self.payload)
 
 
@@ -132,7 +164,8 @@ class Close(NamedTuple):
 
     @property
     def reply(self) -> bytes:
-        """The close frame answering it: the peer's code echoed, or 1000 if it sent none."""
+        """The server's close frame answering it: the peer's code echoed, or 1000 if it sent
+        none."""
         return close_frame(CLOSE_NORMAL if self.code is None else self.code)
 
 
@@ -144,11 +177,15 @@ class Violation(NamedTuple):
 
     @property
     def frame(self) -> bytes:
-        """The close frame to send (RFC 6455 section 7.1.7)."""
+        """The server's close frame to send (RFC 6455 section 7.1.7)."""
         return close_frame(self.code, self.reason)
 
 
 Event = Message | Ping | Pong | Close | Violation
+
+#: The side a :class:`FrameParser` reads for: a server reads masked client frames, a client
+#: reads unmasked server frames.
+Role = Literal["server", "client"]
 
 # Builds a Message without the Python-level ``__new__`` NamedTuple generates: this is the one
 # allocation per pose besides the payload, on the hottest path of the server.
@@ -160,6 +197,7 @@ _DISCARDING: Final = 1
 _FINISHED: Final = 2
 
 _NOT_MASKED = Violation(CLOSE_PROTOCOL_ERROR, b"client frames must be masked")
+_MASKED_BY_SERVER = Violation(CLOSE_PROTOCOL_ERROR, b"server frames must not be masked")
 _RSV_SET = Violation(CLOSE_PROTOCOL_ERROR, b"no extensions were negotiated")
 _TOO_BIG = Violation(CLOSE_TOO_BIG, b"message too big")
 _BAD_CONTROL = Violation(CLOSE_PROTOCOL_ERROR, b"bad control frame")
@@ -169,7 +207,7 @@ _NESTED_MESSAGE = Violation(CLOSE_PROTOCOL_ERROR, b"new message inside a fragmen
 
 
 class FrameParser:
-    """Parses the frames a client sends; one parser per connection.
+    """Parses the frames the peer sends; one parser per connection.
 
     It reads in one of three modes. *Normal*: every frame is checked and reported. *Discarding*
     (RFC 6455 section 7.1.1: after sending a close frame, read on and discard until the peer's
@@ -177,8 +215,8 @@ class FrameParser:
     length is trustworthy: only the peer's :class:`Close` is reported (any close frame counts),
     other frames are skipped without their payload being held, and only masking, RSV bits and
     the size limit are still checked. *Finished*, after a :class:`Close` or a violation that
-    leaves the stream unreadable (an unmasked frame, RSV bits, a frame over the size limit):
-    everything is ignored.
+    leaves the stream unreadable (a frame masked wrongly for ``role``, RSV bits, a frame over
+    the size limit): everything is ignored.
     """
 
     __slots__ = (
@@ -186,14 +224,27 @@ class FrameParser:
         "_frag",
         "_frag_op",
         "_frag_size",
+        "_mask_bit",
         "_mode",
+        "_shape",
         "_skip",
+        "_wrong_mask",
         "max_message",
+        "role",
     )
 
-    def __init__(self, max_message: int) -> None:
+    def __init__(self, max_message: int, role: Role = "server") -> None:
         #: Largest message accepted, in bytes, whether in one frame or in fragments.
         self.max_message = max_message
+        #: The side this parser reads for (``"server"``: the peer is a client).
+        self.role: Role = role
+        server = role == "server"
+        # The mask bit every frame must carry and the violation otherwise; with it in one
+        # tuple (one load per feed), the header's size before a 7-bit length's payload: two
+        # bytes and, from a client, the masking key.
+        self._mask_bit = _MASKED if server else 0
+        self._shape = (self._mask_bit, 6 if server else 2)
+        self._wrong_mask = _NOT_MASKED if server else _MASKED_BY_SERVER
         self._buf = bytearray()  # the start of a frame whose end has not arrived
         self._mode = _NORMAL
         self._skip = 0  # payload bytes of a discarded frame still to come
@@ -239,35 +290,40 @@ class FrameParser:
         pos = 0
         end = len(view)
         limit = self.max_message
+        mask_bit, hdr = self._shape
+        frag_op = self._frag_op  # a local: read for every frame, changed only by _frame()
         while end - pos >= 2:
             b0 = view[pos]
             b1 = view[pos + 1]
             length = b1 & 0x7F
             if length < 126:
-                start = pos + 6
+                start = pos + hdr
             elif length == 126:
                 if end - pos < 4:
                     break
                 length = (view[pos + 2] << 8) | view[pos + 3]
-                start = pos + 8
+                start = pos + hdr + 2
             else:
                 if end - pos < 10:
                     break
                 length = int.from_bytes(view[pos + 2 : pos + 10], "big")
-                start = pos + 14
-            # The common frame (a final text or binary frame, masked, small enough, outside a
-            # fragmented message) is decided in one test and handled inline; every other frame
-            # is checked here, on its header, before its payload is waited for.
+                start = pos + hdr + 8
+            # The common frame (a final text or binary frame, masked as the role wants, small
+            # enough, outside a fragmented message) is decided in one test and handled inline;
+            # every other frame is checked here, on its header, before its payload is waited
+            # for.
             if (
                 (b0 == _OP_BINARY_FIN or b0 == _OP_TEXT_FIN)
-                and b1 & _MASKED
+                and b1 & 0x80 == mask_bit  # a literal: cheaper than a global here
                 and length <= limit
-                and not self._frag_op
+                and not frag_op
             ):
                 stop = start + length
                 if stop > end:
                     break
-                if length:
+                if not mask_bit:
+                    payload = bytes(view[start:stop])
+                elif length:
                     key = view[start - 4 : start] * ((length + 3) >> 2)
                     payload = (
                         int.from_bytes(view[start:stop], "little")
@@ -299,7 +355,8 @@ class FrameParser:
             if stop > end:
                 break
             pos = stop
-            event = self._frame(b0, unmask(view[start:stop], view[start - 4 : start]))
+            event = self._frame(b0, self._payload(view, start, stop))
+            frag_op = self._frag_op
             if event is not None:
                 events.append(event)
                 if self._mode:  # the peer's close: nothing after it counts
@@ -325,7 +382,7 @@ class FrameParser:
             view = data
         end = len(view)
         while end - pos >= 2:
-            header = _parse_header(view, pos, end)
+            header = _parse_header(view, pos, end, self._shape[1])
             if header is None:
                 break
             b0, b1, length, start = header
@@ -336,7 +393,7 @@ class FrameParser:
             if b0 & 0x0F == OP_CLOSE:
                 if stop > end:
                     break
-                close = _close_event(unmask(view[start:stop], view[start - 4 : start]))
+                close = _close_event(self._payload(view, start, stop))
                 self._finish()  # clears the buffer ``view`` may be
                 return [close]
             if stop > end:
@@ -350,10 +407,16 @@ class FrameParser:
             buf += view[pos:]
         return []
 
+    def _payload(self, view: bytes | bytearray, start: int, stop: int) -> bytes:
+        """The payload of the frame at ``view[start:stop]``, unmasked if the role masks."""
+        if self._mask_bit:
+            return unmask(view[start:stop], view[start - 4 : start])
+        return bytes(view[start:stop])
+
     def _check_header(self, b0: int, b1: int, length: int) -> Violation | None:
         """A violation after which the stream cannot be read on, if any."""
-        if not b1 & _MASKED:
-            return _NOT_MASKED
+        if b1 & _MASKED != self._mask_bit:
+            return self._wrong_mask
         if b0 & _RSV:
             return _RSV_SET
         if length > self.max_message:
@@ -409,22 +472,25 @@ class FrameParser:
         self._frag, self._frag_op, self._frag_size = [], 0, 0
 
 
-def _parse_header(view: bytes | bytearray, pos: int, end: int) -> tuple[int, int, int, int] | None:
-    """``(b0, b1, payload length, payload start)`` of the frame at ``pos``, None if incomplete.
+def _parse_header(
+    view: bytes | bytearray, pos: int, end: int, hdr: int
+) -> tuple[int, int, int, int] | None:
+    """``(b0, b1, payload length, payload start)`` of the frame at ``pos``, None if incomplete;
+    ``hdr`` is the header's size with a 7-bit length (6 with a masking key, else 2).
 
     :meth:`FrameParser.feed` does the same inline: a call per frame costs too much there.
     """
     b1 = view[pos + 1]
     length = b1 & 0x7F
     if length < 126:
-        return view[pos], b1, length, pos + 6
+        return view[pos], b1, length, pos + hdr
     if length == 126:
         if end - pos < 4:
             return None
-        return view[pos], b1, (view[pos + 2] << 8) | view[pos + 3], pos + 8
+        return view[pos], b1, (view[pos + 2] << 8) | view[pos + 3], pos + hdr + 2
     if end - pos < 10:
         return None
-    return view[pos], b1, int.from_bytes(view[pos + 2 : pos + 10], "big"), pos + 14
+    return view[pos], b1, int.from_bytes(view[pos + 2 : pos + 10], "big"), pos + hdr + 8
 
 
 def _close_event(payload: bytes) -> Close:
