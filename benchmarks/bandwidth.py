@@ -53,6 +53,8 @@ from medverse.protocol.quant import (
 )
 from medverse.protocol.snapshot import HEADER_SIZE, Snapshot, SnapshotDecoder, SnapshotEncoder
 
+from .harness import progress
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TRACE = REPO_ROOT.parent / "shared" / "data" / "questset_head_right_60hz.csv"
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "bandwidth.json"
@@ -371,7 +373,10 @@ def main(argv: list[str] | None = None) -> int:
         Scenario("desktop: head only", n, EVERYDAY, slots=1),
     ]
     t0 = time.perf_counter()
-    rows = [run_scenario(sc, track, n_ticks, args.seed) for sc in scenarios]
+    rows: list[dict[str, Any]] = []
+    for i, sc in enumerate(scenarios, start=1):
+        progress(f"scenario {i}/{len(scenarios)}: {sc.name} ({n_ticks} ticks)")
+        rows.append(run_scenario(sc, track, n_ticks, args.seed))
     elapsed = time.perf_counter() - t0
     default = next(r for r in rows if r["avatars"] == n and r["name"].startswith("everyday, "))
 

@@ -40,7 +40,7 @@ from .objects import (
     SharedObject,
     ViewChanged,
 )
-from .playback import AudioPlayer
+from .playback import AudioPlayer, PlaybackUnavailable
 from .session import JoinError, Session, connect
 from .types import (
     Arrived,
@@ -107,6 +107,7 @@ __all__ = [
     "ObjectError",
     "ObjectRemoved",
     "PanelChanged",
+    "PlaybackUnavailable",
     "PointerMoved",
     "Pose",
     "QueueChanged",

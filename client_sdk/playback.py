@@ -41,6 +41,11 @@ class OutputStream(Protocol):
     def close(self) -> None: ...
 
 
+class PlaybackUnavailable(RuntimeError):
+    """This machine cannot play audio through sounddevice: the package is not installed, or
+    the PortAudio library it loads is missing. The message says what to install."""
+
+
 #: Makes the output stream: ``factory(callback, blocksize, device, latency)``; the callback
 #: has sounddevice's signature ``(outdata, frames, time, status)``.
 StreamFactory = Callable[[Callable[..., None], int, Any, Any], OutputStream]
@@ -49,11 +54,12 @@ StreamFactory = Callable[[Callable[..., None], int, Any, Any], OutputStream]
 def sounddevice_stream(
     callback: Callable[..., None], blocksize: int, device: Any, latency: Any
 ) -> OutputStream:
-    """A ``sounddevice.RawOutputStream`` (48 kHz, stereo, int16) on ``device``."""
+    """A ``sounddevice.RawOutputStream`` (48 kHz, stereo, int16) on ``device``; raises
+    :class:`PlaybackUnavailable` when sounddevice or PortAudio is missing."""
     try:
         import sounddevice
     except (ImportError, OSError) as exc:  # OSError: the PortAudio library is missing
-        raise RuntimeError(
+        raise PlaybackUnavailable(
             "playing audio needs sounddevice and the PortAudio library: "
             "pip install 'medverse[playback]' (and, on Linux, libportaudio2)"
         ) from exc
@@ -115,8 +121,8 @@ class AudioPlayer:
 
     ``device`` and ``latency`` are sounddevice's (None: the default device, ``"low"``
     latency); ``stream_factory`` makes the output stream (default: :func:`sounddevice_stream`;
-    tests and other audio libraries pass their own). Raises RuntimeError when sounddevice or
-    PortAudio is missing.
+    tests and other audio libraries pass their own). Raises :class:`PlaybackUnavailable` (a
+    RuntimeError) when sounddevice or PortAudio is missing.
     """
 
     def __init__(
@@ -193,4 +199,10 @@ def _interleaved(frame: AudioFrame) -> bytes:
     return np.ascontiguousarray(pcm, dtype=np.int16).tobytes()
 
 
-__all__ = ["AudioPlayer", "OutputStream", "StreamFactory", "sounddevice_stream"]
+__all__ = [
+    "AudioPlayer",
+    "OutputStream",
+    "PlaybackUnavailable",
+    "StreamFactory",
+    "sounddevice_stream",
+]

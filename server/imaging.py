@@ -51,7 +51,7 @@ from aiohttp import BodyPartReader, web
 from medverse.protocol.errors import ErrorCode, ProtocolError
 from medverse.protocol.images import SeriesListing
 
-from .assets import SHA256_RE, _fsync_dir, pseudonym_of, staging_dir
+from .assets import ANONYMOUS_UPLOADER, SHA256_RE, _fsync_dir, pseudonym_of, staging_dir
 from .auth import Identity
 from .dicom import (
     Geometry,
@@ -305,7 +305,8 @@ class ImageStore:
         pseudonymous: bool = False,
     ) -> tuple[SeriesListing, bool]:
         """Keep a staged series file (once per content) and list it in ``room``; durable on
-        return. Returns the listing and whether it is new to the room."""
+        return. Returns the listing and whether it is new to the room. In a ``pseudonymous``
+        room the uploader is kept under the pseudonym the room shows, never the real name."""
         dest = self.blob_path(sha256)
         size = staged.stat().st_size
         if not dest.exists() or self.check(sha256) is not None:
@@ -320,18 +321,30 @@ class ImageStore:
         now = time.time()
         shown = pseudonym_of(identity) if pseudonymous else identity.name
         text = json.dumps(meta)
-        new = self.index.add(room, sha256, size, name, shown, identity.subject, now, text)
-        # New to the room: listed as just written (no second round trip).
-        row = (sha256, name, size, shown, now, text) if new else self.index.listing(room, sha256)
+        new = self.index.add(
+            room, sha256, size, name, shown, identity.subject, now, text, pseudonymous
+        )
+        # New to the room: listed as just written (no second round trip); else as the room
+        # lists it already (its first name and uploader).
+        row = (
+            (sha256, name, size, shown, now, text, int(pseudonymous))
+            if new
+            else self.index.listing(room, sha256)
+        )
         assert row is not None
-        return _listing(row), new
+        return _listing(row, pseudonymous), new
 
-    def listing(self, room: str, sha256: str) -> SeriesListing | None:
+    def listing(
+        self, room: str, sha256: str, *, pseudonymous: bool = False
+    ) -> SeriesListing | None:
+        """The series ``sha256`` as ``room`` lists it (None: not listed there);
+        ``pseudonymous``: the room shows pseudonyms only, so a real name never appears."""
         row = self.index.listing(room, sha256)
-        return _listing(row) if row else None
+        return _listing(row, pseudonymous) if row else None
 
-    def listings(self, room: str) -> list[SeriesListing]:
-        return [_listing(r) for r in self.index.listings(room)]
+    def listings(self, room: str, *, pseudonymous: bool = False) -> list[SeriesListing]:
+        """Every series ``room`` lists, oldest first (``pseudonymous`` as in :meth:`listing`)."""
+        return [_listing(r, pseudonymous) for r in self.index.listings(room)]
 
     def count(self, room: str) -> int:
         return self.index.count(room)
@@ -437,13 +450,16 @@ def _shared_key(path: Path, seed: Path) -> bytes:
     return path.read_bytes()
 
 
-def _listing(row: SeriesRow) -> SeriesListing:
+def _listing(row: SeriesRow, pseudonymous: bool) -> SeriesListing:
     meta = json.loads(row[5])
+    # A name stored as a real name (uploaded while the room was not pseudonymous) is not shown
+    # in a room that is now.
+    uploader = row[3] if row[6] or not pseudonymous else ANONYMOUS_UPLOADER
     return SeriesListing(
         row[0],
         row[1],
         int(row[2]),
-        row[3],
+        uploader,
         float(row[4]),
         meta["series_uid"],
         meta["study_uid"],
@@ -613,7 +629,9 @@ class ImageService:
         listing = None
         if SHA256_RE.match(sha):
             # The index may be a database round trip away: never on the event loop.
-            listing = await asyncio.to_thread(self.store.listing, room, sha)
+            listing = await asyncio.to_thread(
+                self.store.listing, room, sha, pseudonymous=self._pseudonymous(room)
+            )
         if listing is None:
             raise http_error(ProtocolError(ErrorCode.NOT_FOUND, "no such series in this room"))
         return room, identity, listing
@@ -650,7 +668,9 @@ class ImageService:
 
     async def listing(self, request: web.Request) -> web.Response:
         room, _ = self._member(request)
-        listings = await asyncio.to_thread(self.store.listings, room)
+        listings = await asyncio.to_thread(
+            self.store.listings, room, pseudonymous=self._pseudonymous(room)
+        )
         return web.json_response({"series": [s.to_json() for s in listings]})
 
     async def descriptor(self, request: web.Request) -> web.Response:

@@ -33,7 +33,8 @@ from typing import Any
 #: A room's listing of a model: (sha256, name, size, uploader, uploaded_at, model JSON,
 #: pseudonymous) (see :func:`medverse.server.assets._row_info`).
 AssetRow = Sequence[Any]
-#: A room's listing of a series: (sha256, name, size, uploader, uploaded_at, meta JSON).
+#: A room's listing of a series: (sha256, name, size, uploader, uploaded_at, meta JSON,
+#: pseudonymous) (see :func:`medverse.server.imaging._listing`).
 SeriesRow = Sequence[Any]
 AssetRows = list[AssetRow]
 Hashes = list[str]
@@ -120,9 +121,11 @@ class SeriesIndex(ABC):
         subject: str,
         now: float,
         meta: str,
+        pseudonymous: bool,
     ) -> bool:
         """Record the stored file (once) and list it in ``room`` (once); durable on return.
-        Whether it is new to the room."""
+        Whether it is new to the room. ``pseudonymous``: ``uploader`` is the pseudonym a
+        pseudonymous room showed (else a real name, never shown in such a room)."""
 
     @abstractmethod
     def remove(self, room: str, sha256: str) -> tuple[bool, bool]:
@@ -312,7 +315,7 @@ class SQLiteAssetIndex(_SQLite, AssetIndex):
 
 
 _SERIES_SELECT = (
-    "SELECT r.sha256, r.name, b.size, r.uploader, r.uploaded_at, r.meta "
+    "SELECT r.sha256, r.name, b.size, r.uploader, r.uploaded_at, r.meta, r.pseudonymous "
     "FROM room_series r JOIN series_blobs b USING (sha256) "
 )
 
@@ -343,6 +346,12 @@ class SQLiteSeriesIndex(_SQLite, SeriesIndex):
                 next_measurement INTEGER NOT NULL, seq INTEGER NOT NULL);
             """
         )
+        # As for models: whether ``uploader`` is a pseudonym; older databases hold real names.
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(room_series)")}
+        if "pseudonymous" not in columns:
+            self._db.execute(
+                "ALTER TABLE room_series ADD COLUMN pseudonymous INTEGER NOT NULL DEFAULT 0"
+            )
 
     def listing(self, room: str, sha256: str) -> SeriesRow | None:
         with self._lock:
@@ -367,6 +376,7 @@ class SQLiteSeriesIndex(_SQLite, SeriesIndex):
         subject: str,
         now: float,
         meta: str,
+        pseudonymous: bool,
     ) -> bool:
         with self._lock, self._db:
             self._db.execute("BEGIN IMMEDIATE")
@@ -374,8 +384,10 @@ class SQLiteSeriesIndex(_SQLite, SeriesIndex):
                 "INSERT OR IGNORE INTO series_blobs VALUES (?, ?, ?)", (sha256, size, now)
             )
             cur = self._db.execute(
-                "INSERT OR IGNORE INTO room_series VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (room, sha256, name, uploader, subject, now, meta),
+                "INSERT OR IGNORE INTO room_series (room, sha256, name, uploader, "
+                "uploader_subject, uploaded_at, meta, pseudonymous) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (room, sha256, name, uploader, subject, now, meta, int(pseudonymous)),
             )
             return cur.rowcount == 1
 
@@ -446,7 +458,8 @@ class SQLiteSeriesIndex(_SQLite, SeriesIndex):
 
 # --------------------------------------------------------------------------- PostgreSQL
 
-#: The tables, created by :mod:`.pg` as schema version 2 (under its advisory lock).
+#: The tables, created by :mod:`.pg` as schema version 2 (under its advisory lock;
+#: :data:`PG_SERIES_PSEUDONYMOUS`, version 3, adds a column to databases made before it).
 PG_SCHEMA = """
 CREATE TABLE IF NOT EXISTS asset_blobs (
     sha256 TEXT PRIMARY KEY,
@@ -478,6 +491,7 @@ CREATE TABLE IF NOT EXISTS room_series (
     uploader_subject TEXT NOT NULL,
     uploaded_at DOUBLE PRECISION NOT NULL,
     meta TEXT NOT NULL,
+    pseudonymous INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (room, sha256)
 );
 CREATE INDEX IF NOT EXISTS room_series_by_sha256 ON room_series (sha256);
@@ -500,6 +514,13 @@ CREATE TABLE IF NOT EXISTS image_counters (
     seq BIGINT NOT NULL
 );
 """
+
+
+#: Series listings record whether their uploader is a pseudonym (as models' do), so a real
+#: name is never shown in a pseudonymous room; older listings hold real names.
+PG_SERIES_PSEUDONYMOUS = (
+    "ALTER TABLE room_series ADD COLUMN IF NOT EXISTS pseudonymous INTEGER NOT NULL DEFAULT 0"
+)
 
 
 class _Postgres:
@@ -624,7 +645,7 @@ class PostgresAssetIndex(_Postgres, AssetIndex):
 
 
 _PG_SERIES_SELECT = (
-    "SELECT r.sha256, r.name, b.size, r.uploader, r.uploaded_at, r.meta "
+    "SELECT r.sha256, r.name, b.size, r.uploader, r.uploaded_at, r.meta, r.pseudonymous "
     "FROM room_series r JOIN series_blobs b USING (sha256) "
 )
 
@@ -660,12 +681,13 @@ class PostgresSeriesIndex(_Postgres, SeriesIndex):
         subject: str,
         now: float,
         meta: str,
+        pseudonymous: bool,
     ) -> bool:
         new = self._value(
             "WITH b AS (INSERT INTO series_blobs (sha256, size, stored_at) VALUES ($2, $3, $7) "
             "ON CONFLICT (sha256) DO NOTHING) "
             "INSERT INTO room_series (room, sha256, name, uploader, uploader_subject, "
-            "uploaded_at, meta) VALUES ($1, $2, $4, $5, $6, $7, $8) "
+            "uploaded_at, meta, pseudonymous) VALUES ($1, $2, $4, $5, $6, $7, $8, $9) "
             "ON CONFLICT (room, sha256) DO NOTHING RETURNING 1",
             room,
             sha256,
@@ -675,6 +697,7 @@ class PostgresSeriesIndex(_Postgres, SeriesIndex):
             subject,
             now,
             meta,
+            int(pseudonymous),
         )
         return new is not None
 
@@ -775,6 +798,7 @@ class PostgresSeriesIndex(_Postgres, SeriesIndex):
 
 __all__ = [
     "PG_SCHEMA",
+    "PG_SERIES_PSEUDONYMOUS",
     "AssetIndex",
     "PostgresAssetIndex",
     "PostgresSeriesIndex",

@@ -516,7 +516,9 @@ class RoomObjects(RoomPlugin):
             raise self._locked(obj)
         target = self.ctx.members.get(msg.to)
         if target is None or msg.to not in obj.requests or not target.connected:
-            raise Refusal(ErrorCode.NOT_FOUND, f"member {msg.to} has not asked for it")
+            # The same words whoever ``to`` names (a hidden observer, nobody, anyone who did
+            # not ask): trying ids must not tell them apart.
+            raise Refusal(ErrorCode.NOT_FOUND, "that member has not asked for it")
         self.set_holder(obj, target, "handover")
         self.ctx.send(member, ObjectAck(msg.req, msg.object_id))
 

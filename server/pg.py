@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from .mediastore import PG_SCHEMA as MEDIA_SCHEMA
+from .mediastore import PG_SERIES_PSEUDONYMOUS
 from .standing import PG_SCHEMA as STANDING_SCHEMA
 
 log = logging.getLogger("medverse.database")
@@ -126,9 +127,10 @@ INSERT INTO audit_state (id, size, peaks) VALUES (1, 0, '') ON CONFLICT (id) DO 
     # Uploaded models' and image series' listings and the image viewers' state
     # (medverse.server.mediastore): a room that moves to another server finds them there.
     (2, MEDIA_SCHEMA),
+    (3, PG_SERIES_PSEUDONYMOUS),
     # A room session's removals and standing (medverse.server.standing): they hold on the
     # server a room moves to.
-    (3, STANDING_SCHEMA),
+    (4, STANDING_SCHEMA),
 ]
 
 

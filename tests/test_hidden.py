@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from medverse.protocol.audio import AudioBroadcast, AudioIgnore, AudioRules, AudioWhisper, AudioZone
+from medverse.protocol.clinic import SendBack, Transfer
 from medverse.protocol.messages import (
     PROTOCOL_VERSION,
     ChangeRole,
@@ -22,11 +24,20 @@ from medverse.protocol.messages import (
     Welcome,
     encode_message,
 )
-from medverse.protocol.objects import ObjectRefused, Yield
+from medverse.protocol.objects import (
+    Grab,
+    HandoverRequested,
+    ObjectAck,
+    ObjectRefused,
+    RequestHandover,
+    Spawn,
+    Yield,
+)
 from medverse.server.auth import mint_token
 
 from .conftest import ServerProcess, run_server
 from .helpers import RawClient
+from .models import provide
 
 SECRET = "h" * 48
 ROOM = "hidden"
@@ -35,7 +46,15 @@ ROOM = "hidden"
 @pytest.fixture(scope="module")
 def srv() -> Iterator[ServerProcess]:
     data = tempfile.mkdtemp(prefix="medverse-hidden-")
-    with run_server(auth_secret=SECRET, data_dir=data) as s:
+    # The room is a clinic room with a waiting room, so that transfers and sending back name
+    # members too.
+    clinic = Path(data) / "clinic.toml"
+    clinic.write_text(
+        '[clinic]\nwaiting_room = "hidden-waiting"\n\n'
+        '[types.plain]\nrooms = ["hidden", "hidden-*"]\n',
+        encoding="utf-8",
+    )
+    with run_server(auth_secret=SECRET, data_dir=data, clinic=clinic) as s:
         yield s
 
 
@@ -48,6 +67,14 @@ async def join(url: str, who: str, role: str) -> tuple[RawClient, int]:
     return raw, welcome.member_id
 
 
+async def until(raw: RawClient, kind: type) -> Message:
+    """The next control message of type ``kind`` (others are dropped)."""
+    while True:
+        m = await raw.next_control()
+        if isinstance(m, kind):
+            return m
+
+
 async def answer(raw: RawClient, msg: Message) -> tuple[str, str]:
     """The code and message of the error (or object refusal) ``msg`` gets."""
     await raw.ws.send_bytes(encode_message(msg))
@@ -58,16 +85,36 @@ async def answer(raw: RawClient, msg: Message) -> tuple[str, str]:
 
 
 async def test_an_observers_id_answers_like_an_unused_one(srv: ServerProcess) -> None:
+    heart = (
+        await provide(
+            srv.http, ROOM, mint_token(SECRET.encode(), room=ROOM, identity="lead", role="host")
+        )
+    )[0]
     host, _ = await join(srv.url, "lead", "host")
     patient, pid = await join(srv.url, "patient", "participant")
     observer, oid = await join(srv.url, "student", "observer")
     unused = oid + 1000
+    # The host holds an object the patient has asked for: a Yield from the holder, with a
+    # request pending, gets as far as looking up the member it names.
+    await host.ws.send_bytes(
+        encode_message(Spawn(1, heart, (0.0, 1.0, 0.0), (0.0, 0.0, 0.0, 1.0), 1.0, None))
+    )
+    ack = await until(host, ObjectAck)
+    assert isinstance(ack, ObjectAck) and ack.object_id is not None
+    obj = ack.object_id
+    await host.ws.send_bytes(encode_message(Grab(2, obj)))
+    assert (await until(host, ObjectAck)).object_id == obj  # type: ignore[attr-defined]
+    await patient.ws.send_bytes(encode_message(RequestHandover(1, obj)))
+    asked = await until(host, HandoverRequested)
+    assert asked.member_id == pid  # type: ignore[attr-defined]
     from_patient = [
         lambda mid: AudioIgnore(mid, True),
         lambda mid: AudioWhisper(mid),
-        lambda mid: Yield(1, 1, mid),
     ]
     from_host = [
+        lambda mid: Yield(3, obj, mid),
+        lambda mid: Transfer(mid, "hidden-2", None),
+        lambda mid: SendBack(mid, None),
         lambda mid: AudioZone(mid, 3),
         lambda mid: AudioBroadcast(mid, True, 100),
         lambda mid: Moderate("mute", mid),
@@ -82,7 +129,7 @@ async def test_an_observers_id_answers_like_an_unused_one(srv: ServerProcess) ->
             hidden = await answer(raw, make(oid))
             missing = await answer(raw, make(unused))
             assert hidden == missing, (make(oid), hidden, missing)
-            assert hidden[0] in ("not_found", "not_holder"), hidden
+            assert hidden[0] == "not_found", hidden
     # Nothing the patient or the host was sent names the observer: no audio rule lists it and
     # its pause reaches no host.
     await observer.ws.send_bytes(encode_message(Pause(True)))

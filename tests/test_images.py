@@ -33,7 +33,7 @@ from medverse.client_sdk.images import ImageClient, zip_files
 from medverse.protocol.images import CLIENT_IMAGES, ImageAck, ImageRefused, Pointers
 from medverse.protocol.messages import PROTOCOL_VERSION, Error, Hello, Message, encode_message
 from medverse.server.audit import DB_FILE
-from medverse.server.auth import mint_token
+from medverse.server.auth import mint_admin_token, mint_token
 
 from .conftest import ServerProcess, run_server
 from .helpers import RawClient, wait_for
@@ -54,6 +54,7 @@ def srv() -> Iterator[ServerProcess]:
         room_linger=0.3,
         resume_grace=0.5,
         identifiable_image_rooms="research-.*",
+        pseudonymous_rooms="pseudo-.*",
         max_series_bytes=4_000_000,
     ) as s:
         s.data_dir = Path(data)  # type: ignore[attr-defined]
@@ -685,3 +686,87 @@ def test_zip_helper_round_trips() -> None:
     with zipfile.ZipFile(io.BytesIO(blob)) as zf:
         assert {i.filename: zf.read(i) for i in zf.infolist()} == {"a.dcm": b"1", "b.dcm": b"22"}
     assert sha256_of(blob)
+
+
+async def get_json(srv: ServerProcess, path: str, token: str) -> tuple[int, Any]:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(srv.http + path, headers={"Authorization": f"Bearer {token}"}) as r,
+    ):
+        return r.status, await r.json(content_type=None)
+
+
+async def test_pseudonymous_rooms_show_no_real_name_over_http(srv: ServerProcess) -> None:
+    room = "pseudo-review"
+    owl = mint_token(
+        SECRET.encode(),
+        room=room,
+        identity="dr-r",
+        name="Dr Realname",
+        role="host",
+        pseudonym="Owl",
+    )
+    # No pseudonym in the token.
+    plain = mint_token(
+        SECRET.encode(), room=room, identity="dr-s", name="Dr Secretname", role="host"
+    )
+    series = [synthetic_ct(16, 16, 3), synthetic_ct(16, 16, 5)]
+    answers: list[object] = []
+    shas: list[str] = []
+    for token, files in zip((owl, plain), series, strict=True):
+        async with ImageClient(srv.url, room, token) as client:
+            listing = await client.upload(files, "ct")
+        answers.append(repr(listing))
+        shas.append(listing.sha256)
+    for path in (f"/rooms/{room}/series", *(f"/rooms/{room}/series/{h}" for h in shas)):
+        status, body = await get_json(srv, path, owl)
+        assert status == 200, body
+        answers.append(body)
+    # Every field of every answer: neither real name appears, only what the room shows.
+    text = json.dumps(answers)
+    assert "Realname" not in text and "Secretname" not in text, text
+    listed = {s["sha256"]: s["uploader"] for s in answers[2]["series"]}  # type: ignore[index]
+    assert listed == {shas[0]: "Owl", shas[1]: "Participant"}
+    # The same person's upload in a room that is not pseudonymous shows the name, as its
+    # WebSocket does.
+    open_tok = mint_token(
+        SECRET.encode(), room="open-review", identity="dr-r", name="Dr Realname", role="host"
+    )
+    async with ImageClient(srv.url, "open-review", open_tok) as client:
+        assert (await client.upload(series[0], "ct")).uploader == "Dr Realname"
+
+
+async def test_an_ended_session_lists_and_takes_no_series(srv: ServerProcess) -> None:
+    room = "ending-review"
+    host = tok(room, "chief", "host")
+    client = await ImageClient(srv.url, room, host).__aenter__()
+    sha = (await client.upload(synthetic_ct(16, 16, 3), "before the end")).sha256
+    base = f"/rooms/{room}/series"
+    async with client, connect(srv.url, room, "chief", token=host, reconnect=False):
+        assert (await get_json(srv, base, host))[0] == 200
+        admin = mint_admin_token(SECRET.encode(), identity="ops")
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(
+                f"{srv.http}/admin/rooms/{room}/end", headers={"Authorization": f"Bearer {admin}"}
+            ) as r,
+        ):
+            assert r.status == 200
+        # Ended: until the room closes nothing of it is listed, served or taken.
+        for path in (base, f"{base}/{sha}", f"{base}/{sha}/axial/0.png"):
+            status, body = await get_json(srv, path, host)
+            assert (status, body["error"]["code"]) == (403, "session_ended"), path
+        with pytest.raises(ImageError) as e:
+            await client.upload(synthetic_ct(16, 16, 4), "after the end")
+        assert (e.value.code, e.value.status) == ("session_ended", 403)
+        with pytest.raises(ImageError) as e:
+            await client.remove_series(sha)
+        assert (e.value.code, e.value.status) == ("session_ended", 403)
+
+    # The room closes after its linger time; a new session lists the room's series again.
+    deadline = time.monotonic() + 10
+    while (await get_json(srv, base, host))[0] != 200:
+        assert time.monotonic() < deadline, "the room did not close"
+        await asyncio.sleep(0.1)
+    status, body = await get_json(srv, base, host)
+    assert [s["sha256"] for s in body["series"]] == [sha]

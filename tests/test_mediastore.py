@@ -116,6 +116,12 @@ def test_series_listings_and_viewer_state(backend: Backend, tmp_path: Path) -> N
         there, new = images.add("clinic", "CT", DR_B, staged, sha, meta, pseudonymous=True)
         assert new and there.uploader == "Fox"
         assert images.listings("ward") == [listing] and images.listing("nowhere", sha) is None
+        # A real name is never shown in a room that shows pseudonyms only; a pseudonym is.
+        shown = images.listing("ward", sha, pseudonymous=True)
+        assert shown is not None and shown.uploader == ANONYMOUS_UPLOADER
+        assert [s.uploader for s in images.listings("ward", pseudonymous=True)] == ["Participant"]
+        kept = images.listing("clinic", sha, pseudonymous=True)
+        assert kept is not None and kept.uploader == "Fox"
         assert images.count("ward") == 1 and images.uploader_subject("clinic", sha) == "dr-b"
         assert images.volume(sha).data.shape == (4, 16, 16)
         assert images.remove("ward", sha) and not images.remove("ward", sha)

@@ -4,15 +4,17 @@ stream's callback as 48 kHz int16 stereo; a real device is used only where one e
 from __future__ import annotations
 
 import asyncio
+import importlib.abc
 import math
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import pytest
 from av import AudioFrame
 
-from medverse.client_sdk import AudioPlayer, connect, tone_track
+from medverse.client_sdk import AudioPlayer, PlaybackUnavailable, connect, tone_track
 from medverse.client_sdk.playback import sounddevice_stream
 
 from .conftest import ServerProcess, run_server
@@ -138,4 +140,39 @@ async def test_a_real_output_device_plays() -> None:  # pragma: no cover - needs
     await asyncio.sleep(0.3)
     assert player.frames > 5
     player.stop()
+    tone.stop()
+
+
+class _NoPortAudio(importlib.abc.MetaPathFinder):
+    """Imports sounddevice as it fails where the PortAudio library is missing (OSError)."""
+
+    def find_spec(self, name: str, path: Sequence[str] | None, target: Any = None) -> None:
+        if name == "sounddevice":
+            raise OSError("PortAudio library not found")
+
+
+@pytest.mark.parametrize("missing", ["package", "portaudio"])
+async def test_without_sounddevice_playback_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch, missing: str
+) -> None:
+    """The default output stream, on a machine without sounddevice (or without the PortAudio
+    library it loads), raises PlaybackUnavailable naming what to install; nothing is left
+    reading the track."""
+    if missing == "package":
+        monkeypatch.setitem(sys.modules, "sounddevice", None)  # import raises ImportError
+        cause: type[BaseException] = ImportError
+    else:
+        monkeypatch.delitem(sys.modules, "sounddevice", raising=False)
+        monkeypatch.setattr(sys, "meta_path", [_NoPortAudio(), *sys.meta_path])
+        cause = OSError
+    with pytest.raises(PlaybackUnavailable) as err:
+        sounddevice_stream(lambda *a: None, 960, None, "low")
+    assert isinstance(err.value, RuntimeError) and isinstance(err.value.__cause__, cause)
+    assert "pip install 'medverse[playback]'" in str(err.value)
+    assert "libportaudio2" in str(err.value)
+    tone = tone_track(440, -30)
+    tasks = len(asyncio.all_tasks())
+    with pytest.raises(PlaybackUnavailable):
+        AudioPlayer(tone)  # the default stream factory
+    assert len(asyncio.all_tasks()) == tasks
     tone.stop()

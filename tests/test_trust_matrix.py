@@ -6,12 +6,15 @@ from __future__ import annotations
 import asyncio
 import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import aiohttp
 import pytest
 
-from medverse.client_sdk import AssetError, ObjectError, connect, tone_track
+from benchmarks.dicomgen import synthetic_ct
+from medverse.client_sdk import AssetError, ObjectError, RefusedError, connect, tone_track
 from medverse.client_sdk.audio import AudioError
+from medverse.client_sdk.images import ImageError
 from medverse.protocol.audio import AudioOffer
 from medverse.protocol.messages import PROTOCOL_VERSION, Hello, Moderate, Waiting, encode_message
 from medverse.protocol.objects import Spawn
@@ -28,7 +31,13 @@ ROOM = "matrix"
 @pytest.fixture(scope="module")
 def srv() -> Iterator[ServerProcess]:
     data = tempfile.mkdtemp(prefix="medverse-matrix-")
-    with run_server(auth_secret=SECRET, data_dir=data, rtc_host_addresses="127.0.0.1") as s:
+    # The matrix rooms are clinic rooms (every plugin, the server's own entry rules), so that
+    # moving members between them (the ``transfer`` grant) is a channel too.
+    clinic = Path(data) / "clinic.toml"
+    clinic.write_text('[types.matrix]\nrooms = ["matrix", "matrix-*"]\n', encoding="utf-8")
+    with run_server(
+        auth_secret=SECRET, data_dir=data, clinic=clinic, rtc_host_addresses="127.0.0.1"
+    ) as s:
         yield s
 
 
@@ -59,7 +68,7 @@ async def attempt(coro: object) -> str:
     """``ok``, or the code of the typed refusal."""
     try:
         await coro  # type: ignore[misc]
-    except (AudioError, ObjectError, AssetError) as exc:
+    except (AudioError, ObjectError, AssetError, ImageError, RefusedError) as exc:
         return exc.code
     return "ok"
 
@@ -146,8 +155,8 @@ async def test_nothing_before_a_verified_join(srv: ServerProcess) -> None:
 
 async def test_grants_given_and_taken_live_hold_on_every_channel(srv: ServerProcess) -> None:
     """A host gives each grant to a member who had none and takes it away again: WebSocket
-    messages, asset HTTP and audio signaling all follow the member's grants now, not the
-    token's role."""
+    messages, asset and image HTTP, audio signaling and clinic transfers all follow the
+    member's grants now, not the token's role."""
     host_token = tok("lead-live", "host")
     heart, _ = await provide(srv.http, ROOM, host_token)
     member_token = tok("live", "participant", [])
@@ -161,36 +170,56 @@ async def test_grants_given_and_taken_live_hold_on_every_channel(srv: ServerProc
         await lead.grab(oid)
         n = 0
 
-        async def try_grant(grant: str) -> str:
+        async def try_grant(grant: str, channel: str) -> str:
             nonlocal n
             n += 1
-            if grant == "publish_audio":
+            if channel == "audio":
                 code = await attempt(s.audio.start(tone_track()))
                 await s.audio.close()
                 return code
-            if grant == "manipulate_objects":
+            if channel == "spawn":
                 return await attempt(s.spawn(heart))
-            if grant == "annotate":
+            if channel == "annotate":
                 return await attempt(s.annotate(oid, "pin", [(0.0, 0.0, 0.0)]))
-            if grant == "upload_assets":
+            if channel == "asset upload":
                 return await attempt(s.upload_asset(triangle_glb(nodes=(f"live{n}",))))
-            assert grant == "moderate"
-            await lead.grab(oid)  # held again, so force-releasing changes something
-            return await attempt(s.force_release(oid))
+            if channel == "series upload":
+                return await attempt(s.upload_series(synthetic_ct(16, 16, 2 + n)))
+            if channel == "transfer":
+                who = f"moved{n}"
+                async with connect(srv.url, ROOM, token=tok(who, "participant")) as m:
+                    return await attempt(s.transfer(m.member_id, f"{ROOM}-{n}"))
+            if channel == "force-release":
+                await lead.grab(oid)  # held again, so force-releasing changes something
+                return await attempt(s.force_release(oid))
+            if channel == "asset removal":
+                # Someone else's asset: only its uploader or a moderator may remove it.
+                info = await lead.upload_asset(triangle_glb(nodes=(f"lead{n}",)))
+                return await attempt(s.assets.remove(info.sha256))
+            if channel == "audio zone":
+                return await attempt(s.audio.set_zone(lead.member_id, n))
+            assert channel == "audio broadcast"
+            return await attempt(s.audio.broadcast(lead.member_id, on=n % 2 == 0))
 
-        for grant in ("publish_audio", "manipulate_objects", "annotate", "upload_assets"):
-            assert await try_grant(grant) == "forbidden", grant
-        for grant in ("publish_audio", "manipulate_objects", "annotate", "upload_assets"):
+        channels = {
+            "publish_audio": ["audio"],
+            "manipulate_objects": ["spawn"],
+            "annotate": ["annotate"],
+            "upload_assets": ["asset upload", "series upload"],
+            "transfer": ["transfer"],
+            "moderate": ["force-release", "asset removal", "audio zone", "audio broadcast"],
+        }
+        for grant, ways in channels.items():
+            for way in ways:
+                assert await try_grant(grant, way) == "forbidden", (grant, way)
+        for grant, ways in channels.items():
+            if grant == "moderate":
+                await lead.release(oid)
             await lead.change_role(s.member_id, grant=grant, allow=True)
             await wait_for(lambda g=grant: s.grants is not None and g in s.grants)
-            assert await try_grant(grant) == "ok", grant
+            for way in ways:
+                assert await try_grant(grant, way) == "ok", (grant, way)
             await lead.change_role(s.member_id, grant=grant, allow=False)
             await wait_for(lambda g=grant: s.grants is not None and g not in s.grants)
-            assert await try_grant(grant) == "forbidden", grant
-        await lead.release(oid)
-        await lead.change_role(s.member_id, grant="moderate", allow=True)
-        await wait_for(lambda: s.grants is not None and "moderate" in s.grants)
-        assert await try_grant("moderate") == "ok"
-        await lead.change_role(s.member_id, grant="moderate", allow=False)
-        await wait_for(lambda: s.grants is not None and "moderate" not in s.grants)
-        assert await try_grant("moderate") == "forbidden"
+            for way in ways:
+                assert await try_grant(grant, way) == "forbidden", (grant, way)
