@@ -535,9 +535,10 @@ class Session(ObjectsAPI, ImagesAPI):
             if isinstance(m, ConsentRequired):
                 self.consent_version = m.version
                 if self.consent is None:
-                    # Decline (the server records it), but say what is missing rather than
-                    # report a refusal the user never made.
-                    await ws.send_bytes(conn.send(ConsentMsg(m.version, False)))
+                    # Nobody was asked, so nothing is answered (an answer would be audited as
+                    # the user's decline): the connection closes and the error names what
+                    # is missing.
+                    await ws.close()
                     raise JoinError(
                         ErrorCode.CONSENT_REQUIRED.value,
                         f"room {self.room} asks for consent and connect() was given no "

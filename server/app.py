@@ -72,6 +72,7 @@ from .session import (
     SessionServices,
     admission,
 )
+from .standing import PostgresStandingStore
 from .store import PostgresObjectStore
 from .tick import TickLoop
 from .transport import WebSocketConnection
@@ -375,6 +376,7 @@ class Server:
                     plugin.use_store(PostgresObjectStore(database))
                 elif isinstance(plugin, ModerationService):
                     plugin.use_store(bans)
+                    plugin.use_standing_store(PostgresStandingStore(database))
         auth = "off" if cfg.no_auth else "tokens"
         # In a cluster each node's log names the node that writes it (a room's entries are
         # written by the node that ran it then).

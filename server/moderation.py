@@ -16,6 +16,11 @@ leaving and joining again undoes nothing:
   host is answered, and both are in the audit log.
 * a server **mute** and a host's **role or grant changes** hold for the identity for the rest
   of the session: a member who rejoins gets them back at once.
+
+Removals, mutes and role or grant changes are stored (:mod:`.standing`, next to the bans)
+before the host is answered, and read again when the room opens: a room that moves to another
+server of a cluster (a drain, or its server killed), or whose server restarts within the
+session, keeps them. They end with the session, when the room closes after staying empty.
 """
 
 from __future__ import annotations
@@ -23,10 +28,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import logging
 import secrets
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 from medverse.protocol.errors import ErrorCode, ProtocolError
@@ -55,6 +61,15 @@ from .plugins import (
     ServerPlugin,
     Wait,
 )
+from .standing import (
+    TOUCH_INTERVAL,
+    SessionState,
+    SQLiteStandingStore,
+    Standing,
+    StandingBackend,
+)
+
+log = logging.getLogger("medverse.moderation")
 
 #: Entry modes a host may set, by action.
 _ENTRY = {"lock": "locked", "unlock": "open", "lobby": "lobby", "open": "open"}
@@ -90,15 +105,6 @@ def ban_refusal(ban: Ban) -> ProtocolError:
     return ProtocolError(ErrorCode.BANNED, f"you are banned from this room {until}{why}")
 
 
-@dataclass
-class _Standing:
-    """What the session holds against (or for) one identity."""
-
-    muted: bool = False
-    #: Role and grants a host gave (None: as the token says).
-    role: tuple[str, frozenset[str]] | None = None
-
-
 class Moderation(RoomPlugin):
     """Entry control and host actions for one room."""
 
@@ -106,13 +112,31 @@ class Moderation(RoomPlugin):
     messages = (Moderate, ChangeRole, RequestUnmute)
     server_messages = (Lobby, MemberState, RoomState, Grants, Bans)
 
-    def __init__(self, ctx: RoomContext, bans: BanBackend | None = None) -> None:
+    def __init__(
+        self,
+        ctx: RoomContext,
+        bans: BanBackend | None = None,
+        standing: StandingBackend | None = None,
+        ends: dict[str, asyncio.Task[None]] | None = None,
+    ) -> None:
         super().__init__(ctx)
         self.entry = ctx.settings.entry  # open | lobby | locked (the room type's, at first)
         #: Durable bans (a room plugin made without the server plugin keeps them in memory).
         self.bans = bans if bans is not None else BanStore(":memory:")
+        #: Where this session's removals and standing are stored (None: in memory only).
+        self.store = standing
+        #: This session's id in the store (another if the room continues a stored session).
+        self.session = secrets.token_hex(8)
         self.removed_tokens: dict[str, str] = {}  # token id -> the reason, for this session
-        self.standing: dict[str, _Standing] = {}  # token subject -> its moderation state
+        self.standing: dict[str, Standing] = {}  # token subject -> its moderation state
+        #: Done once the stored session has been read (joins wait for it); None: not reading.
+        self._loading: asyncio.Future[None] | None = None
+        #: The stored session could not be read: entries are refused (removals would not hold).
+        self._unread = False
+        self._touching: asyncio.TimerHandle | None = None
+        #: Rooms whose ended session's rows are being deleted (shared by the rooms of a
+        #: server): a room that opens again reads its stored session after that.
+        self._ends = ends if ends is not None else {}
         self.unmute_requested: set[int] = set()  # member ids
         # Lobby entries show hosts who is waiting; in pseudonymous rooms a handle derived from
         # the identity with a key of this session only, so it tells people apart without
@@ -126,6 +150,10 @@ class Moderation(RoomPlugin):
 
     def refusal(self, identity: Identity) -> ProtocolError | None:
         """Why ``identity`` may not use this room now (a removed token, a ban), or None."""
+        if self._unread:
+            return ProtocolError(
+                ErrorCode.INTERNAL, "the room's moderation state could not be read; try again"
+            )
         if identity.token_id and identity.token_id in self.removed_tokens:
             why = self.removed_tokens[identity.token_id]
             return ProtocolError(
@@ -147,6 +175,136 @@ class Moderation(RoomPlugin):
         if "hidden" in grants:
             return identity
         return replace(identity, role=role, grants=grants)
+
+    # ----------------------------------------------------------------- the stored session
+
+    def _alive_since(self) -> float:
+        """The oldest mark of a stored session this room continues: its members may take the
+        resume grace to come back and the room lingers as long before it closes, plus two
+        marks' interval (a server killed just before its next mark)."""
+        cfg = self.ctx.config
+        return time.time() - (cfg.resume_grace + cfg.room_linger + 2 * TOUCH_INTERVAL)
+
+    def on_create(self) -> None:
+        """Read the room's stored session, if it is still alive (the room moved here, or this
+        server restarted): at once from a local file, else in a thread while joins wait."""
+        store = self.store
+        if store is None:
+            return
+        since = self._alive_since()
+        if store.local:
+            try:
+                self._adopt(store.load(self.ctx.name, since))
+            except Exception:
+                log.exception("room %s: its moderation state could not be read", self.ctx.name)
+                self._unread = True
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._loading = fut
+
+        async def load() -> None:
+            try:
+                ending = self._ends.get(self.ctx.name)
+                if ending is not None:
+                    await asyncio.wait([ending])
+                state = await asyncio.to_thread(store.load, self.ctx.name, since)
+            except Exception:
+                log.exception("room %s: its moderation state could not be read", self.ctx.name)
+                self._unread = True
+            else:
+                self._adopt(state)
+            finally:
+                if not fut.done():
+                    fut.set_result(None)
+
+        self.ctx.spawn(load())
+
+    def _adopt(self, state: SessionState | None) -> None:
+        """Continue a stored session: its removals and standing hold here too."""
+        if state is None:
+            return
+        self.session = state.session
+        self.removed_tokens.update(state.removed)
+        for subject, standing in state.standing.items():
+            self.standing.setdefault(subject, standing)
+        self._keep_alive()
+        log.info(
+            "room %s continues its session: %d removal(s), %d identities' standing",
+            self.ctx.name,
+            len(state.removed),
+            len(state.standing),
+        )
+
+    def entry_pending(self) -> asyncio.Future[None] | None:
+        return self._loading
+
+    def _keep_alive(self) -> None:
+        """Mark the stored session alive every TOUCH_INTERVAL seconds from now on (a room
+        with nothing stored marks nothing)."""
+        if self._touching is not None or self.store is None:
+            return
+        store, name = self.store, self.ctx.name
+
+        async def touch() -> None:
+            try:
+                await asyncio.to_thread(store.touch, name, self.session)
+            except Exception as exc:  # the next mark may make it; the session lasts a while
+                log.warning("room %s: its session could not be marked alive: %s", name, exc)
+
+        def tick() -> None:
+            self._touching = self.ctx.call_later(TOUCH_INTERVAL, tick)
+            self.ctx.spawn(touch())
+
+        self._touching = self.ctx.call_later(TOUCH_INTERVAL, tick)
+
+    def _stored(
+        self, write: Callable[[StandingBackend], None], apply: Callable[[], None]
+    ) -> Coroutine[Any, Any, None] | None:
+        """A host's change: stored first (in a thread: a slow database delays this host's
+        answer, never a tick), then applied; the host is answered once both are done. A
+        change that cannot be stored raises (the host's typed answer) and is not applied."""
+        store = self.store
+        if store is None:
+            apply()
+            return None
+
+        async def run() -> None:
+            await asyncio.to_thread(write, store)
+            self._keep_alive()
+            apply()
+
+        return run()
+
+    def on_session_end(self) -> None:
+        """The room closed after staying empty: its stored session's rows go (in a thread;
+        a failure leaves rows that the next opening finds too old and deletes)."""
+        store, name, session = self.store, self.ctx.name, self.session
+        if store is None or self._touching is None:
+            return  # nothing stored
+
+        def end() -> None:
+            try:
+                store.end(name, session)
+            except Exception as exc:
+                log.warning("room %s: its ended session's rows stay: %s", name, exc)
+
+        if store.local:
+            end()
+            return
+        # The room opening here again reads the store only after this (_ends).
+        task = asyncio.get_running_loop().create_task(asyncio.to_thread(end))
+        self._ends[name] = task
+        task.add_done_callback(lambda t: self._forget_end(name, t))
+
+    def _forget_end(self, name: str, task: asyncio.Task[None]) -> None:
+        if self._ends.get(name) is task:
+            del self._ends[name]
+
+    def on_close(self) -> None:
+        if self._touching is not None:
+            self._touching.cancel()
+        if self._loading is not None and not self._loading.done():
+            self._loading.set_result(None)  # joins that waited try the room anew
 
     def on_enter(self, identity: Identity) -> Wait | ProtocolError | None:
         refusal = self.refusal(identity)
@@ -289,9 +447,9 @@ class Moderation(RoomPlugin):
         return [m for m in self.ctx.members.values() if m.identity.subject == subject]
 
     def _moderate(self, host: MemberView, msg: Moderate) -> Coroutine[Any, Any, None] | None:
-        """Apply a host's action; a ban or unban is stored first (off the event loop: a slow
-        or unreachable database delays this host's answer, never a tick), so it comes back
-        as a coroutine the room runs and answers when done."""
+        """Apply a host's action; a ban, unban, removal or mute is stored first (off the event
+        loop: a slow or unreachable database delays this host's answer, never a tick), so it
+        comes back as a coroutine the room runs and answers when done."""
         ctx = self.ctx
         action = msg.action
         actor = host.identity.subject
@@ -304,10 +462,10 @@ class Moderation(RoomPlugin):
             if self.entry == "open":  # opening the room lets the lobby in
                 for lid in list(ctx.lobby):
                     self._admit(lid, actor)
-            return
+            return None
         if action == "end":
             ctx.end(actor, msg.reason or "the host ended the session")
-            return
+            return None
         if msg.member_id is None:
             raise ProtocolError(ErrorCode.BAD_FIELD, f"{action} needs member_id")
         if action in ("admit", "deny"):
@@ -320,7 +478,7 @@ class Moderation(RoomPlugin):
                 ctx.deny(
                     msg.member_id, ProtocolError(ErrorCode.DENIED, msg.reason or "entry denied")
                 )
-            return
+            return None
         if action == "unban":
             return self._unban(msg.member_id, actor)
         target = _named(ctx, msg.member_id)
@@ -328,22 +486,44 @@ class Moderation(RoomPlugin):
         if action == "ban":
             until = time.time() + msg.duration if msg.duration is not None else None
             return self._ban(target, msg.reason or "", actor, until)
+        name, session = ctx.name, self.session
         if action == "remove":
             reason = msg.reason or ""
-            if target.identity.token_id:
-                self.removed_tokens[target.identity.token_id] = reason
-            ctx.audit(
-                "removed", actor=actor, subject=subject, member=target.id, ban=False, reason=reason
-            )
-            ctx.remove(target, ProtocolError(ErrorCode.REMOVED, reason or "a host removed you"))
-        elif action in ("mute", "allow_unmute"):
+            token = target.identity.token_id
+
+            def removed() -> None:
+                if token:
+                    self.removed_tokens[token] = reason
+                ctx.audit(
+                    "removed",
+                    actor=actor,
+                    subject=subject,
+                    member=target.id,
+                    ban=False,
+                    reason=reason,
+                )
+                if ctx.members.get(target.id) is target:  # not gone meanwhile
+                    err = ProtocolError(ErrorCode.REMOVED, reason or "a host removed you")
+                    ctx.remove(target, err)
+
+            if not token:  # nothing to refuse later: nothing to store
+                removed()
+                return None
+            return self._stored(lambda st: st.remove(name, session, token, reason), removed)
+        if action in ("mute", "allow_unmute"):
             muted = action == "mute"
-            self.standing.setdefault(subject, _Standing()).muted = muted
-            ctx.audit("muted" if muted else "unmute_allowed", actor=actor, subject=subject)
-            for m in self._members_of(subject):
-                self.unmute_requested.discard(m.id)
-                ctx.set_muted(m, muted)
-                ctx.broadcast(self._state(m))
+            new = replace(self.standing.get(subject, Standing()), muted=muted)
+
+            def applied() -> None:
+                self.standing[subject] = new
+                ctx.audit("muted" if muted else "unmute_allowed", actor=actor, subject=subject)
+                for m in self._members_of(subject):
+                    self.unmute_requested.discard(m.id)
+                    ctx.set_muted(m, muted)
+                    ctx.broadcast(self._state(m))
+
+            return self._stored(lambda st: st.set_standing(name, session, subject, new), applied)
+        return None
 
     async def _ban(self, target: MemberView, reason: str, actor: str, until: float | None) -> None:
         """A host's ban: stored (in a thread), then audited and every device of the identity
@@ -426,7 +606,7 @@ class Moderation(RoomPlugin):
             if m.id == target.id or _is_host(m):
                 self.ctx.send(m, update)
 
-    def _change_role(self, host: MemberView, msg: ChangeRole) -> None:
+    def _change_role(self, host: MemberView, msg: ChangeRole) -> Coroutine[Any, Any, None] | None:
         """A host changes a member's role, or gives or takes one grant; the member and the hosts
         are told, the change is audited, every plugin re-checks what the member may do, and
         the identity keeps the change for the rest of the session.
@@ -454,21 +634,28 @@ class Moderation(RoomPlugin):
             new = replace(ident, grants=frozenset(grants))
             change = {"grant": msg.grant, "allow": bool(msg.allow)}
         if new == ident:
-            return
-        ctx.audit(
-            "role_changed",
-            actor=host.identity.subject,
-            subject=ident.subject,
-            member=target.id,
-            **change,
-        )
-        self.standing.setdefault(ident.subject, _Standing()).role = (new.role, new.grants)
-        for m in self._members_of(ident.subject):
-            if m.hidden:
-                continue
-            changed = replace(m.identity, role=new.role, grants=new.grants)
-            ctx.set_identity(m, changed)
-            self._tell_grants(m, changed)
+            return None
+        subject = ident.subject
+        standing = replace(self.standing.get(subject, Standing()), role=(new.role, new.grants))
+
+        def applied() -> None:
+            ctx.audit(
+                "role_changed",
+                actor=host.identity.subject,
+                subject=subject,
+                member=target.id,
+                **change,
+            )
+            self.standing[subject] = standing
+            for m in self._members_of(subject):
+                if m.hidden:
+                    continue
+                changed = replace(m.identity, role=new.role, grants=new.grants)
+                ctx.set_identity(m, changed)
+                self._tell_grants(m, changed)
+
+        name, session = ctx.name, self.session
+        return self._stored(lambda st: st.set_standing(name, session, subject, standing), applied)
 
 
 class ModerationService(ServerPlugin):
@@ -478,15 +665,26 @@ class ModerationService(ServerPlugin):
 
     room_plugin = Moderation
 
-    def __init__(self, store: BanBackend | None = None) -> None:
+    def __init__(
+        self, store: BanBackend | None = None, standing: StandingBackend | None = None
+    ) -> None:
         self._store = store
         self._own = store is None
+        self._standing = standing
+        self._own_standing = standing is None
+        self._ends: dict[str, asyncio.Task[None]] = {}
 
     def use_store(self, store: BanBackend) -> None:
         """Keep bans in ``store`` instead of the data directory's SQLite file (unless a store
         was given when the plugin was made); before :meth:`start`."""
         if self._store is None:
             self._store = store
+
+    def use_standing_store(self, store: StandingBackend) -> None:
+        """Keep rooms' removals and standing in ``store`` instead of the data directory's
+        SQLite file (unless one was given when the plugin was made); before :meth:`start`."""
+        if self._standing is None:
+            self._standing = store
 
     @property
     def store(self) -> BanBackend:
@@ -495,16 +693,21 @@ class ModerationService(ServerPlugin):
         return self._store
 
     def create(self, ctx: RoomContext) -> RoomPlugin:
-        return Moderation(ctx, self.store)
+        return Moderation(ctx, self.store, self._standing, self._ends)
 
     async def start(self, server: ServerContext) -> None:
         if self._store is None:
             self._store = BanStore.in_dir(server.config.data_dir)
+        if self._standing is None:
+            self._standing = SQLiteStandingStore.in_dir(server.config.data_dir)
 
     async def stop(self) -> None:
         if self._own and self._store is not None:
             self._store.close()
             self._store = None
+        if self._own_standing and self._standing is not None:
+            self._standing.close()
+            self._standing = None
 
     def refusal(self, room: str, identity: Identity) -> ProtocolError | None:
         """A ban of ``identity`` from ``room`` in force now, as the error it gets."""

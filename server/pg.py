@@ -22,6 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from .mediastore import PG_SCHEMA as MEDIA_SCHEMA
 from .mediastore import PG_SERIES_PSEUDONYMOUS
+from .standing import PG_SCHEMA as STANDING_SCHEMA
 
 log = logging.getLogger("medverse.database")
 
@@ -127,6 +128,9 @@ INSERT INTO audit_state (id, size, peaks) VALUES (1, 0, '') ON CONFLICT (id) DO 
     # (medverse.server.mediastore): a room that moves to another server finds them there.
     (2, MEDIA_SCHEMA),
     (3, PG_SERIES_PSEUDONYMOUS),
+    # A room session's removals and standing (medverse.server.standing): they hold on the
+    # server a room moves to.
+    (4, STANDING_SCHEMA),
 ]
 
 

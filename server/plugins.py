@@ -16,12 +16,13 @@ the room's lifecycle, in the spirit of Colyseus's Room:
 ==================  =====================================================================
 
 and finer events where a plugin needs them (``on_resume``, ``on_disconnect``, ``on_pause``,
-``on_member_changed``, ``on_lobby_changed``). Hooks run on the event loop and must not block; a
-hook that raises is logged and the room carries on. ``on_message`` and ``on_frame`` refuse a
-message by raising :class:`~medverse.protocol.errors.ProtocolError`: the member gets the typed
-error and carries on. A message class with ``ACKED = True`` and an optional ``req`` field is a
-request: when the client gives ``req``, the server answers ``ack`` once ``on_message``
-returned, or ``refused`` naming ``req`` if it raised (SPEC.md, "Requests").
+``on_member_changed``, ``on_lobby_changed``, ``on_session_end``; ``entry_pending`` makes joins
+wait while the plugin reads what decides entry). Hooks run on the event loop and must not
+block; a hook that raises is logged and the room carries on. ``on_message`` and ``on_frame``
+refuse a message by raising :class:`~medverse.protocol.errors.ProtocolError`: the member gets
+the typed error and carries on. A message class with ``ACKED = True`` and an optional ``req``
+field is a request: when the client gives ``req``, the server answers ``ack`` once
+``on_message`` returned, or ``refused`` naming ``req`` if it raised (SPEC.md, "Requests").
 
 A plugin sees the room only through its :class:`RoomContext` (``self.ctx``): the members as
 read-only :class:`MemberView` values, send and broadcast, the room's entity rows, the audit log,
@@ -303,6 +304,11 @@ class RoomPlugin:
     def on_create(self) -> None:
         """The room was created; its first member is about to enter."""
 
+    def entry_pending(self) -> asyncio.Future[None] | None:
+        """What joins of the room wait for before ``on_enter`` is asked (state the plugin
+        reads from a database when the room opens, which decides who may enter), or None."""
+        return None
+
     def on_enter(self, identity: Identity) -> Wait | ProtocolError | None:
         """Someone with ``identity`` asks to enter: None lets them in (as far as this plugin
         is concerned), :data:`WAIT` sends them to the lobby, a ProtocolError refuses them."""
@@ -349,6 +355,10 @@ class RoomPlugin:
 
     def on_close(self) -> None:
         """The room closed."""
+
+    def on_session_end(self) -> None:
+        """The room's session is over: it closes after staying empty (called before
+        ``on_close``; not when the room moves to another server or this server stops)."""
 
     def on_persist(self) -> Coroutine[Any, Any, None] | None:
         """The room is about to move to another server (this one drains): store what is not

@@ -117,6 +117,16 @@ class RoomRegistry:
             self._empty(room)  # cancelled when someone joins
         return answer
 
+    def entry_pending(self, name: str) -> asyncio.Future[None] | None:
+        """What a join of room ``name`` waits for before its entry checks (the room, placed
+        if needed, still reading its state), or None. A room that nobody enters closes again
+        after the linger time."""
+        room = self.place(name)
+        fut = room.entry_pending()
+        if fut is not None and not room.member_count and room.name not in self._close_timers:
+            self._empty(room)  # cancelled when someone joins
+        return fut
+
     def join(
         self, identity: Identity, slots: int, link: Link, member_id: int | None = None
     ) -> Member:
@@ -150,7 +160,7 @@ class RoomRegistry:
             return
         del self._rooms[room.name]
         del self._by_segment[room.segment]
-        room.close()
+        room.close(session_over=True)
         self._on_closed(room.name)
         log.info("room %s closed", room.name)
 

@@ -680,9 +680,24 @@ class Room:
         """Run the plugins' ``on_create`` (once, right after the room is placed)."""
         self._notify("on_create")
 
-    def close(self) -> None:
-        """Close the room (the registry calls this once it is empty and has lingered, or when
-        the server stops)."""
+    def entry_pending(self) -> asyncio.Future[None] | None:
+        """What joins wait for before the entry checks (a plugin still reading the room's
+        state), or None."""
+        for p in self.plugins:
+            try:
+                fut = p.entry_pending()
+            except Exception:
+                log.exception("plugin %s of room %s failed in entry_pending", p.name, self.name)
+                continue
+            if fut is not None and not fut.done():
+                return fut
+        return None
+
+    def close(self, session_over: bool = False) -> None:
+        """Close the room (the registry calls this once it is empty and has lingered:
+        ``session_over``; or when it moved to another server, or the server stops)."""
+        if session_over and not self.closed:
+            self._notify("on_session_end")
         self.closed = True
         err = ProtocolError(ErrorCode.SESSION_ENDED, "the room closed")
         for lid in list(self._lobby):

@@ -791,6 +791,15 @@ class Session:
         (``member_id``) consented and was admitted there: only the entry checks (bans, an
         ended session) apply again."""
         s = self._s
+        loading = s.rooms.entry_pending(identity.room)
+        if loading is not None:
+            # The room is reading what decides who may enter (a moved room's removals):
+            # the entry checks run once it has.
+            given = identity
+            loading.add_done_callback(
+                lambda _: None if self._closed else self._enter(given, consented, admit, member_id)
+            )
+            return
         identity = s.policy.identity_in(identity, identity.room)
         if not consented:
             self._admit = admit

@@ -26,6 +26,11 @@ from medverse.server.audit import (
 from medverse.server.bans import BanBackend, BanStore, PostgresBanStore
 from medverse.server.imaging import ImageStore
 from medverse.server.mediastore import PostgresAssetIndex, PostgresSeriesIndex
+from medverse.server.standing import (
+    PostgresStandingStore,
+    SQLiteStandingStore,
+    StandingBackend,
+)
 from medverse.server.store import ObjectStore, PostgresObjectStore, SQLiteObjectStore
 
 from .pgservice import new_database
@@ -104,6 +109,18 @@ class Backend:
         """The bans a server with :meth:`settings` and ``data_dir`` keeps."""
         with self.database() as db:
             store = BanStore.in_dir(data_dir) if db is None else PostgresBanStore(db, refresh)
+            try:
+                yield store
+            finally:
+                store.close()
+
+    @contextlib.contextmanager
+    def standing_store(self, data_dir: str | Path) -> Iterator[StandingBackend]:
+        """The removals and standing a server with :meth:`settings` and ``data_dir`` keeps."""
+        with self.database() as db:
+            store: StandingBackend = (
+                SQLiteStandingStore.in_dir(data_dir) if db is None else PostgresStandingStore(db)
+            )
             try:
                 yield store
             finally:

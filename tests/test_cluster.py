@@ -31,8 +31,11 @@ from medverse.protocol.errors import ErrorCode, ProtocolError
 from medverse.protocol.messages import (
     PROTOCOL_VERSION,
     Error,
+    Grants,
     Hello,
+    MemberState,
     Redirect,
+    Welcome,
     encode_message,
 )
 from medverse.server.audit import DB_FILE
@@ -49,7 +52,7 @@ from medverse.server.config import ServerConfig
 from medverse.server.roomaccess import TransferGrants, is_transfer_grant
 
 from .conftest import ROOT, ServerProcess
-from .helpers import wait_for
+from .helpers import RawClient, wait_for
 from .models import triangle_glb
 from .services import RedisServer, redis_available, redis_server
 
@@ -652,6 +655,109 @@ async def test_failover_recreates_the_room_from_the_shared_database(
         with pytest.raises(Exception, match="banned"):
             await again.start()
         await host.close()
+
+
+@pytest.mark.parametrize("how", ["drain", "kill -9"])
+async def test_removals_mutes_and_grant_changes_hold_on_the_node_a_room_moves_to(
+    redis: RedisServer, postgres_server: str, how: str
+) -> None:
+    """Nodes on one PostgreSQL: a host mutes a patient, takes a grant from it and removes a
+    troll; the room moves to the other node (its node drains, or is killed). After the
+    members resume there the mute and the grant change still hold (for the resumed patient
+    and for a second device of the same identity) and the troll's token is still refused."""
+    room = "ward-12"
+    with database_pair(redis, postgres_server) as (a, b):
+        members = {
+            who: connect(
+                a.url,
+                room,
+                token=token(room, who, "host" if who == "doctor" else "participant"),
+                fallback_urls=[b.url],
+                max_backoff=0.5,
+                ping_interval=0,
+            )
+            for who in ("doctor", "patient")
+        }
+        host, patient = members["doctor"], members["patient"]
+        troll_token = token(room, "troll")
+        troll = connect(a.url, room, token=troll_token, ping_interval=0)
+        for m in (host, patient, troll):
+            await m.start()
+        home = owner_of([a, b], host.url)
+        survivor = b if home is a else a
+        try:
+            await wait_for(lambda: {patient.member_id, troll.member_id} <= set(host.members))
+            await host.moderate("mute", patient.member_id)
+            await host.change_role(patient.member_id, grant="annotate", allow=False)
+            await host.moderate("remove", troll.member_id, "disruptive")
+            assert (await asyncio.wait_for(troll.wait_closed(), 10)).code == "removed"
+            ids = {who: m.member_id for who, m in members.items()}
+
+            async def resumed(m: Session, grants: bool) -> tuple[Resumed, Any]:
+                """The member's Resumed after the move and (``grants``) the grants the new
+                node tells it after it lost its connection."""
+                ev, lost, told = None, False, None
+                async for e in m.events():
+                    lost = lost or e.type == "reconnecting"
+                    if isinstance(e, Resumed):
+                        ev = e
+                    elif lost and e.type == "grants":
+                        told = e
+                    if ev is not None and (told is not None or not grants):
+                        return ev, told
+                raise AssertionError("closed")
+
+            watchers = [asyncio.create_task(resumed(m, m is patient)) for m in members.values()]
+            if how == "drain":
+                home.proc.send_signal(signal.SIGTERM)
+            else:
+                os.kill(home.pid, signal.SIGKILL)
+            done = await asyncio.wait_for(asyncio.gather(*watchers), 30)
+            assert all(ev.same_member for ev, _ in done)
+            assert {who: m.member_id for who, m in members.items()} == ids
+            assert host.url == patient.url == f"{survivor.url}/ws"
+            changed = done[1][1]
+            assert changed.member_id == patient.member_id
+            assert "annotate" not in changed.grants and "publish_audio" in changed.grants
+
+            # The node that runs the room now has the patient muted.
+            async def listed() -> dict[str, Any]:
+                _, body = await call(survivor, "GET", "/admin/rooms")
+                return next(
+                    m
+                    for r in body["rooms"]
+                    if r["room"] == room
+                    for m in r["members"]
+                    if m["id"] == patient.member_id
+                )
+
+            assert (await listed())["muted"] is True
+            # A second device of the patient's identity joins muted, without the grant.
+            raw = await RawClient.open(survivor.url)
+            try:
+                await raw.ws.send_bytes(
+                    encode_message(
+                        Hello(PROTOCOL_VERSION, room, "x", 3, None, token(room, "patient"))
+                    )
+                )
+                welcome = await raw.next_control(10)
+                assert isinstance(welcome, Welcome), welcome
+                seen: dict[type, Any] = {}
+                while Grants not in seen or MemberState not in seen:
+                    m = await raw.next_control(10)
+                    if isinstance(m, (Grants, MemberState)) and m.member_id == welcome.member_id:
+                        seen[type(m)] = m
+                assert "annotate" not in seen[Grants].grants
+                assert seen[MemberState].muted is True
+            finally:
+                await raw.close()
+            # The removed token is still refused, on the node that runs the room now.
+            again = connect(survivor.url, room, token=troll_token, reconnect=False)
+            with pytest.raises(Exception, match="removed"):
+                await again.start()
+        finally:
+            for m in (host, patient, troll):
+                await m.close()
 
 
 async def test_kill_9_loses_no_acknowledged_annotation_and_keeps_flushed_transforms(

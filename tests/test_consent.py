@@ -113,6 +113,38 @@ async def test_declining_or_an_old_version_refuses(srv: ServerProcess) -> None:
         assert t.members == {s.member_id: "Real e"}
 
 
+async def test_a_missing_consent_callback_is_not_audited_as_a_decline(srv: ServerProcess) -> None:
+    """An app that gave no ``consent=`` callback asked nobody: the SDK closes without an
+    answer and raises its typed error, and the audit log shows no decline for that person."""
+    room = "therapy-4"
+    with pytest.raises(JoinError) as e:
+        async with connect(srv.url, room=room, token=tok(room, "nobody-asked"), reconnect=False):
+            pass
+    assert e.value.code == "consent_required" and "consent=" in e.value.message
+    # A real decline after it: once that one is in the log, an earlier one would be too.
+    raw = await RawClient.open(srv.url)
+    await raw.ws.send_bytes(
+        encode_message(Hello(PROTOCOL_VERSION, room, "x", 3, None, tok(room, "said-no")))
+    )
+    assert isinstance(await raw.next_control(), ConsentRequired)
+    await raw.ws.send_bytes(encode_message(Consent(VERSION, False)))
+    assert (await raw.next_error()).code == "consent_required"
+    await raw.close()
+
+    def declined() -> list[str]:
+        db = sqlite3.connect(srv.data_dir / DB_FILE)  # type: ignore[attr-defined]
+        try:
+            rows = db.execute(
+                "SELECT actor FROM entries WHERE room = ? AND kind = 'consent_declined'", (room,)
+            ).fetchall()
+        finally:
+            db.close()
+        return [r[0] for r in rows]
+
+    await wait_for(lambda: "said-no" in declined())
+    assert declined() == ["said-no"]
+
+
 async def test_withdrawing_consent_leaves_the_room_and_is_audited(srv: ServerProcess) -> None:
     yes = lambda v, t: True  # noqa: E731
     async with connect(

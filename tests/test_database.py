@@ -228,6 +228,61 @@ def test_a_ban_that_cannot_be_stored_is_a_typed_error(postgres_server: str) -> N
         assert err.value.code.value == "internal" and "could not be stored" in err.value.message
 
 
+# --------------------------------------------------------------------------- standing
+
+
+def test_a_sessions_removals_and_standing_are_read_back_until_it_ends(backend: Backend) -> None:
+    """What one server stored for a room's session, another (or the same, restarted) reads
+    while the session is alive; a session not marked alive for too long, or ended, is gone
+    (its rows deleted), and another room's rows are its own."""
+    from medverse.server.standing import Standing
+
+    data = tempfile.mkdtemp(prefix="medverse-standing-")
+    with backend.standing_store(data) as here, backend.standing_store(data) as there:
+        t0 = time.time()
+        assert here.load("ward", t0 - 30) is None
+        here.remove("ward", "s1", "tok-troll", "threats")
+        here.set_standing("ward", "s1", "patient", Standing(muted=True))
+        role = ("participant", frozenset({"publish_audio", "manipulate_objects"}))
+        here.set_standing("ward", "s1", "patient", Standing(muted=True, role=role))
+        here.set_standing("ward", "s1", "nurse", Standing(role=("host", frozenset())))
+        here.set_standing("clinic", "s9", "other", Standing(muted=True))
+        state = there.load("ward", t0 - 30)
+        assert state is not None and state.session == "s1"
+        assert state.removed == {"tok-troll": "threats"}
+        assert state.standing == {
+            "patient": Standing(True, role),
+            "nurse": Standing(False, ("host", frozenset())),
+        }
+        there.touch("ward", "s1")
+        # A session marked alive before the given time is over: read as none, and deleted.
+        assert there.load("ward", time.time() + 1) is None
+        assert here.load("ward", t0 - 30) is None
+        # Ending a session deletes its rows, not another session's or room's.
+        assert there.load("clinic", t0 - 30) is not None
+        there.end("clinic", "another-session")
+        assert there.load("clinic", t0 - 30) is not None
+        here.end("clinic", "s9")
+        assert there.load("clinic", t0 - 30) is None
+
+
+def test_a_removal_that_cannot_be_stored_is_a_typed_error(postgres_server: str) -> None:
+    from medverse.protocol.errors import ProtocolError
+    from medverse.server.standing import Standing
+
+    backend = Backend("postgresql", new_database(postgres_server))
+    with backend.standing_store("unused") as store:
+        store.db.close()  # type: ignore[attr-defined]  # the database goes away
+        for write in (
+            lambda: store.remove("ward", "s1", "tok", ""),
+            lambda: store.set_standing("ward", "s1", "patient", Standing(muted=True)),
+        ):
+            with pytest.raises(ProtocolError) as err:
+                write()
+            assert err.value.code.value == "internal"
+            assert "could not be stored" in err.value.message
+
+
 # --------------------------------------------------------------------------- consent
 
 

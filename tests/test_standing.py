@@ -229,3 +229,42 @@ async def test_hosts_tell_apart_two_waiting_people_with_one_name(srv: ServerProc
         assert [(e.name, e.identity) for e in entries] == [("Sam", "sam-1"), ("Sam", "sam-2")]
         for raw in waiters:
             await raw.close()
+
+
+async def test_removals_and_mutes_hold_across_a_restart_and_end_with_the_session() -> None:
+    """One server (SQLite): a host mutes a patient and removes a troll; the server restarts
+    within the session: the troll's token is still refused and the patient comes back muted.
+    Once the room has closed after staying empty, a new session starts clean."""
+    room = "restarted"
+    data = Path(tempfile.mkdtemp(prefix="medverse-standing-restart-"))
+    troll_token, patient_token = tok(room, "troll"), tok(room, "patient")
+    with run_server(auth_secret=SECRET, data_dir=data, room_linger=0.3) as srv:
+        host, _ = await hello(srv.url, room, tok(room, "lead", "host"))
+        patient, pw = await hello(srv.url, room, patient_token)
+        troll, tw = await hello(srv.url, room, troll_token)
+        assert isinstance(pw, Welcome) and isinstance(tw, Welcome)
+        await host.ws.send_bytes(encode_message(Moderate("mute", pw.member_id)))
+        assert (await next_of(host, MemberState)).muted is True  # type: ignore[attr-defined]
+        await host.ws.send_bytes(encode_message(Moderate("remove", tw.member_id, "noise")))
+        assert (await troll.next_error()).code == "removed"
+        for raw in (host, patient, troll):
+            await raw.close()
+    with run_server(auth_secret=SECRET, data_dir=data, room_linger=0.3) as srv:
+        again, answer = await hello(srv.url, room, troll_token)
+        assert isinstance(answer, Error) and answer.code == "removed", answer
+        await again.close()
+        patient, pw = await hello(srv.url, room, patient_token)
+        assert isinstance(pw, Welcome)
+        state = await next_of(patient, MemberState)
+        assert (state.member_id, state.muted) == (pw.member_id, True)  # type: ignore[attr-defined]
+        await patient.ws.send_bytes(encode_message(Leave()))
+        await patient.close()
+        await wait_for(lambda: not _room_open(srv, room), timeout=5)  # the session is over
+        fresh, answer = await hello(srv.url, room, troll_token)
+        assert isinstance(answer, Welcome), answer
+        await fresh.close()
+        patient, pw = await hello(srv.url, room, patient_token)
+        assert isinstance(pw, Welcome)
+        with pytest.raises(TimeoutError):  # no mute any more
+            await next_of(patient, MemberState, timeout=0.5)
+        await patient.close()
