@@ -480,6 +480,12 @@ export class MedverseClient {
         } else if (m.t === "redirect") {
           fail(new Redirected(m.url));
         } else if (m.t === "consent_required") {
+          if (this.consent === null) {
+            // Not answered: a decline would be recorded as the person's choice.
+            this.reconnect = false;
+            fail(new JoinError(ErrorCode.CONSENT_REQUIRED, "the room asks for consent and no consent callback was given"));
+            return;
+          }
           let accept = false;
           try {
             accept = Boolean(this.consent !== null && (await this.consent(m.version, m.text)));
@@ -1289,6 +1295,12 @@ const HANDLERS = {
   },
   async consent_required(c, m) {
     // The room we were moved to asks for consent to its own text.
+    if (c.consent === null) {
+      // Not answered (a decline would be recorded as the person's choice): we leave.
+      c.reconnect = false;
+      c.close();
+      return;
+    }
     let accept = false;
     try {
       accept = Boolean(c.consent !== null && (await c.consent(m.version, m.text)));

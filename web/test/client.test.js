@@ -187,6 +187,23 @@ describe("client against a real server", { timeout: 120000 }, () => {
     assert.equal(c.closedReason, CloseReason.CONSENT_REQUIRED);
   });
 
+  test("without a consent callback the client leaves unanswered, so no decline is recorded", { timeout: TIMEOUT }, async () => {
+    const identity = "no-callback";
+    const token = await server.token("consent-1", identity);
+    await assert.rejects(
+      client({ room: "consent-1", token }).start(),
+      (err) => err instanceof JoinError && err.code === ErrorCode.CONSENT_REQUIRED && /no consent callback/.test(err.message),
+    );
+    // The same person declining for real is recorded, once: the first attempt left no trace.
+    await assert.rejects(client({ room: "consent-1", token, consent: () => false }).start(), JoinError);
+    let lines = [];
+    for (let i = 0; i < 100 && lines.length === 0; i++) {
+      lines = (await server.auditShow("--identity", identity)).split("\n").filter((l) => l.includes("consent_declined"));
+      if (lines.length === 0) await new Promise((r) => setTimeout(r, 100));
+    }
+    assert.equal(lines.length, 1);
+  });
+
   test("an accepted consent joins", { timeout: TIMEOUT }, async () => {
     const c = await join({ room: "consent-1", token: tokens.consent, consent: () => true });
     assert.equal(c.state, "joined");

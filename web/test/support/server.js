@@ -86,5 +86,11 @@ export async function startServer({ env = {}, consentText = null, consentRooms =
       if (grants !== null) args.push("--grants", grants.join(","));
       execFile(PYTHON, args, { env: settings, timeout: 90000 }, (err, stdout, stderr) => (err ? reject(new Error(`${err.message}\n${stderr}`)) : resolve(stdout.trim())));
     });
-  return { url: `ws://127.0.0.1:${port}/ws`, http, port, dataDir, token, stop, log: () => log };
+  /** `medverse audit show` of this server's data directory with `args` (its lines). */
+  const auditShow = (...args) =>
+    new Promise((resolve, reject) => {
+      const cmd = ["-m", "medverse.server.cli", "audit", "show", "--data-dir", dataDir, ...args];
+      execFile(PYTHON, cmd, { env: settings, timeout: 90000 }, (err, stdout, stderr) => (err ? reject(new Error(`${err.message}\n${stderr}`)) : resolve(stdout)));
+    });
+  return { url: `ws://127.0.0.1:${port}/ws`, http, port, dataDir, token, auditShow, stop, log: () => log };
 }
