@@ -12,8 +12,11 @@ scaling ratio at the same tick p99.
 Every node is a ``medverse serve --redis-url`` process with a private ``redis-server``; the
 load generator (``medverse loadtest``, lean WebSocket clients that follow redirects) runs in a
 process of its own and enters every room through the first node, so on 2 nodes about half the
-headsets are redirected. Nothing is pinned: the machine is shared, and a 2-core machine has
-no third core for the load generator anyway, which the CPU columns show. Join latency is
+headsets are redirected. Node i keeps to core i (``cpu_affinity``), as ``medverse serve
+--workers`` places its processes, so two nodes' ticks never wait for each other on one core
+(``--no-pin-nodes``: the scheduler places them); the load generator is never pinned, and
+``--loadgen-nice 19`` runs it at the lowest priority, as if the headsets were other machines
+(a 2-core machine has no third core for it). Join latency is
 measured with the Python SDK on an idle cluster (connect to welcome); failover is the time
 from ``kill -9`` of a room's node until every member of the room has resumed as itself on the
 other node (the lease time to live, ``--lease-ttl``, is most of it).
@@ -470,8 +473,10 @@ def main() -> int:
     )
     p.add_argument(
         "--pin-nodes",
-        action="store_true",
-        help="keep node i on core i (the load generator runs wherever the scheduler puts it)",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep node i on core i, as `medverse serve --workers` does (default); "
+        "--no-pin-nodes lets the scheduler move them (the load generator is never pinned)",
     )
     p.add_argument(
         "--no-load", action="store_true", help="only join latency and failover (no load runs)"

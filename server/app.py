@@ -349,6 +349,10 @@ class Server:
         room = self.rooms.get(identity.room)
         moderation = room.plugin(Moderation) if room is not None else None
         if moderation is not None:
+            if moderation.reading:
+                # Its removals and standing are not known yet: the same answer as a join gets
+                # while a room is not ready, which clients retry.
+                raise ProtocolError(ErrorCode.ROOM_MOVING, "the room is opening; try again")
             refusal = moderation.refusal(identity)
             if refusal is not None:
                 raise refusal

@@ -27,6 +27,7 @@ _HTTP_STATUS = {
     ErrorCode.OVERSIZED: 413,
     ErrorCode.RATE_LIMITED: 429,
     ErrorCode.ROOM_FULL: 409,
+    ErrorCode.ROOM_MOVING: 503,
 }
 
 

@@ -180,10 +180,12 @@ class Moderation(RoomPlugin):
 
     def _alive_since(self) -> float:
         """The oldest mark of a stored session this room continues: its members may take the
-        resume grace to come back and the room lingers as long before it closes, plus two
-        marks' interval (a server killed just before its next mark)."""
+        resume grace to come back and the room lingers as long before it closes; a killed
+        server's rooms wait out their lease before another takes them; plus two marks'
+        interval (a server killed just before its next mark)."""
         cfg = self.ctx.config
-        return time.time() - (cfg.resume_grace + cfg.room_linger + 2 * TOUCH_INTERVAL)
+        wait = cfg.resume_grace + cfg.room_linger + cfg.cluster_lease_ttl + 2 * TOUCH_INTERVAL
+        return time.time() - wait
 
     def on_create(self) -> None:
         """Read the room's stored session, if it is still alive (the room moved here, or this
@@ -238,6 +240,12 @@ class Moderation(RoomPlugin):
     def entry_pending(self) -> asyncio.Future[None] | None:
         return self._loading
 
+    @property
+    def reading(self) -> bool:
+        """Whether the room's stored session is still being read (until then its removals
+        and standing are not known here)."""
+        return self._loading is not None and not self._loading.done()
+
     def _keep_alive(self) -> None:
         """Mark the stored session alive every TOUCH_INTERVAL seconds from now on (a room
         with nothing stored marks nothing)."""
@@ -245,15 +253,22 @@ class Moderation(RoomPlugin):
             return
         store, name = self.store, self.ctx.name
 
+        busy = False
+
         async def touch() -> None:
+            nonlocal busy
+            busy = True
             try:
                 await asyncio.to_thread(store.touch, name, self.session)
             except Exception as exc:  # the next mark may make it; the session lasts a while
                 log.warning("room %s: its session could not be marked alive: %s", name, exc)
+            finally:
+                busy = False
 
         def tick() -> None:
             self._touching = self.ctx.call_later(TOUCH_INTERVAL, tick)
-            self.ctx.spawn(touch())
+            if not busy:  # a slow database gets one mark at a time, not a pile of them
+                self.ctx.spawn(touch())
 
         self._touching = self.ctx.call_later(TOUCH_INTERVAL, tick)
 
@@ -502,9 +517,12 @@ class Moderation(RoomPlugin):
                     ban=False,
                     reason=reason,
                 )
-                if ctx.members.get(target.id) is target:  # not gone meanwhile
-                    err = ProtocolError(ErrorCode.REMOVED, reason or "a host removed you")
-                    ctx.remove(target, err)
+                # Every member holding that token now: the target, unless it left meanwhile,
+                # and whoever rejoined with the token while the removal was being stored.
+                for m in list(ctx.members.values()):
+                    if m is target or (token and m.identity.token_id == token):
+                        err = ProtocolError(ErrorCode.REMOVED, reason or "a host removed you")
+                        ctx.remove(m, err)
 
             if not token:  # nothing to refuse later: nothing to store
                 removed()

@@ -40,6 +40,23 @@ log = logging.getLogger("medverse.standing")
 #: Seconds between two marks of a session alive, while its room holds moderation state.
 TOUCH_INTERVAL = 5.0
 
+#: A write marks its session alive. It never takes the room over from another session (a
+#: late write of a session that has ended must not bring it back); its rows then belong to
+#: no session and go with the next purge.
+_MARK = (
+    "INSERT INTO moderation_sessions (room, session, touched) VALUES ($1, $2, $3) "
+    "ON CONFLICT (room) DO UPDATE SET touched = excluded.touched "
+    "WHERE moderation_sessions.session = excluded.session"
+)
+
+_MARK_SQLITE = _MARK.replace("$1", "?").replace("$2", "?").replace("$3", "?")
+
+#: Rows of ``table`` whose session is not the room's session any more.
+_ORPHANS = (
+    "DELETE FROM {table} WHERE NOT EXISTS (SELECT 1 FROM moderation_sessions s "
+    "WHERE s.room = {table}.room AND s.session = {table}.session)"
+)
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS moderation_sessions (
     room TEXT PRIMARY KEY,
@@ -176,6 +193,7 @@ class SQLiteStandingStore(StandingBackend):
 
     def load(self, room: str, alive_since: float) -> SessionState | None:
         with self._lock:
+            self._purge(alive_since)
             row = self._db.execute(
                 "SELECT session, touched FROM moderation_sessions WHERE room = ?", (room,)
             ).fetchone()
@@ -200,43 +218,66 @@ class SQLiteStandingStore(StandingBackend):
             {s: _standing(m, role, g) for s, m, role, g in standing},
         )
 
+    def _tx(self, *statements: tuple[str, tuple[Any, ...]]) -> None:
+        """Run ``statements`` as one transaction (under the lock). On an error it is rolled
+        back: a connection left inside a failed transaction would refuse every later write
+        and hold the file's write lock against the bans."""
+        self._db.execute("BEGIN")
+        try:
+            for sql, args in statements:
+                self._db.execute(sql, args)
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
     def _delete(self, room: str) -> None:
         """Delete every row of ``room`` (under the lock)."""
-        self._db.execute("BEGIN")
-        for table in ("moderation_sessions", "moderation_removals", "moderation_standing"):
-            self._db.execute(f"DELETE FROM {table} WHERE room = ?", (room,))
-        self._db.execute("COMMIT")
-
-    def _mark(self, room: str, session: str) -> None:
-        self._db.execute(
-            "INSERT INTO moderation_sessions (room, session, touched) VALUES (?, ?, ?) "
-            "ON CONFLICT (room) DO UPDATE SET session = excluded.session, "
-            "touched = excluded.touched",
-            (room, session, time.time()),
+        self._tx(
+            *(
+                (f"DELETE FROM {table} WHERE room = ?", (room,))
+                for table in ("moderation_sessions", "moderation_removals", "moderation_standing")
+            )
         )
+
+    def _purge(self, alive_since: float) -> None:
+        """Delete every room's session last marked before ``alive_since`` and rows no
+        session owns (a server that was killed, or rooms never opened again), under the
+        lock: what nobody can continue is not kept."""
+        self._tx(
+            ("DELETE FROM moderation_sessions WHERE touched < ?", (alive_since,)),
+            *(
+                (_ORPHANS.format(table=t), ())
+                for t in ("moderation_removals", "moderation_standing")
+            ),
+        )
+
+    @staticmethod
+    def _mark(room: str, session: str) -> tuple[str, tuple[Any, ...]]:
+        return _MARK_SQLITE, (room, session, time.time())
 
     def remove(self, room: str, session: str, token_id: str, reason: str) -> None:
         with self._lock:
-            self._db.execute("BEGIN")
-            self._mark(room, session)
-            self._db.execute(
-                "INSERT OR REPLACE INTO moderation_removals (room, session, token_id, reason) "
-                "VALUES (?, ?, ?, ?)",
-                (room, session, token_id, reason),
+            self._tx(
+                self._mark(room, session),
+                (
+                    "INSERT OR REPLACE INTO moderation_removals (room, session, token_id, "
+                    "reason) VALUES (?, ?, ?, ?)",
+                    (room, session, token_id, reason),
+                ),
             )
-            self._db.execute("COMMIT")
 
     def set_standing(self, room: str, session: str, subject: str, standing: Standing) -> None:
         role, grants = _grants_text(standing)
         with self._lock:
-            self._db.execute("BEGIN")
-            self._mark(room, session)
-            self._db.execute(
-                "INSERT OR REPLACE INTO moderation_standing "
-                "(room, session, subject, muted, role, grants) VALUES (?, ?, ?, ?, ?, ?)",
-                (room, session, subject, int(standing.muted), role, grants),
+            self._tx(
+                self._mark(room, session),
+                (
+                    "INSERT OR REPLACE INTO moderation_standing "
+                    "(room, session, subject, muted, role, grants) VALUES (?, ?, ?, ?, ?, ?)",
+                    (room, session, subject, int(standing.muted), role, grants),
+                ),
             )
-            self._db.execute("COMMIT")
 
     def touch(self, room: str, session: str) -> None:
         with self._lock:
@@ -269,6 +310,7 @@ class PostgresStandingStore(StandingBackend):
 
     def load(self, room: str, alive_since: float) -> SessionState | None:
         async def read(conn: Any) -> SessionState | None:
+            await _pg_purge(conn, alive_since)
             row = await conn.fetchrow(
                 "SELECT session, touched FROM moderation_sessions WHERE room = $1", room
             )
@@ -366,13 +408,14 @@ class PostgresStandingStore(StandingBackend):
 
 
 async def _pg_mark(conn: Any, room: str, session: str) -> None:
-    await conn.execute(
-        "INSERT INTO moderation_sessions (room, session, touched) VALUES ($1, $2, $3) "
-        "ON CONFLICT (room) DO UPDATE SET session = excluded.session, touched = excluded.touched",
-        room,
-        session,
-        time.time(),
-    )
+    await conn.execute(_MARK, room, session, time.time())
+
+
+async def _pg_purge(conn: Any, alive_since: float) -> None:
+    """Every room's session last marked before ``alive_since``, and rows no session owns."""
+    await conn.execute("DELETE FROM moderation_sessions WHERE touched < $1", alive_since)
+    for table in ("moderation_removals", "moderation_standing"):
+        await conn.execute(_ORPHANS.format(table=table))
 
 
 async def _pg_delete(conn: Any, room: str, session: str) -> None:

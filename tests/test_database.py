@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -255,15 +256,51 @@ def test_a_sessions_removals_and_standing_are_read_back_until_it_ends(backend: B
             "nurse": Standing(False, ("host", frozenset())),
         }
         there.touch("ward", "s1")
-        # A session marked alive before the given time is over: read as none, and deleted.
+        # A session marked alive before the given time is over: read as none, and deleted,
+        # with every other room's session as old (a server killed, a room never opened
+        # again: nobody could continue them).
         assert there.load("ward", time.time() + 1) is None
         assert here.load("ward", t0 - 30) is None
+        assert here.load("clinic", t0 - 30) is None
+        here.set_standing("clinic", "s9", "other", Standing(muted=True))
         # Ending a session deletes its rows, not another session's or room's.
         assert there.load("clinic", t0 - 30) is not None
         there.end("clinic", "another-session")
         assert there.load("clinic", t0 - 30) is not None
         here.end("clinic", "s9")
         assert there.load("clinic", t0 - 30) is None
+
+
+def test_a_late_write_of_an_older_session_does_not_take_the_room_back(backend: Backend) -> None:
+    """A write of a session the room has left behind (one that was still in flight when the
+    room moved on) neither replaces the room's session nor shows in it."""
+    from medverse.server.standing import Standing
+
+    data = tempfile.mkdtemp(prefix="medverse-standing-")
+    with backend.standing_store(data) as store:
+        t0 = time.time()
+        store.remove("ward", "s2", "tok-now", "now")
+        store.remove("ward", "s1", "tok-late", "late")
+        store.set_standing("ward", "s1", "patient", Standing(muted=True))
+        state = store.load("ward", t0 - 30)
+        assert state is not None and state.session == "s2"
+        assert state.removed == {"tok-now": "now"} and state.standing == {}
+
+
+def test_a_failed_write_leaves_the_file_usable() -> None:
+    """A write SQLite refuses is rolled back: the next ones (and the bans in the same file)
+    still go through."""
+    from medverse.server.standing import SQLiteStandingStore
+
+    store = SQLiteStandingStore.in_dir(tempfile.mkdtemp(prefix="medverse-standing-"))
+    try:
+        with pytest.raises(sqlite3.Error):
+            store.remove("ward", "s1", object(), "")  # type: ignore[arg-type]  # cannot bind
+        store.remove("ward", "s1", "tok", "threats")
+        state = store.load("ward", time.time() - 30)
+        assert state is not None and state.removed == {"tok": "threats"}
+    finally:
+        store.close()
 
 
 def test_a_removal_that_cannot_be_stored_is_a_typed_error(postgres_server: str) -> None:
