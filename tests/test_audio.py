@@ -560,10 +560,16 @@ async def test_publish_a_file(srv: ServerProcess, tmp_path: Path) -> None:
     async with bot(srv.url, "file", "listener", publish=False) as lis:
         async with connect(srv.url, room="file", name="f", token=tok("file", "reader")) as s:
             s.send_pose(head=head(0.0, -1.0))
-            await s.audio.start(file_track(str(path)))
-            # -20 dBFS, centred (-3 dB per ear), and aiortc's encoder upmixes the mono file to
-            # stereo at -3 dB.
-            await until(lv(lis), lambda x: abs(loudest(x) - (-20.0 - 6.0)) < 2.0)
+            track = file_track(str(path))
+            try:
+                await s.audio.start(track)
+                # -20 dBFS, centred (-3 dB per ear), and aiortc's encoder upmixes the mono
+                # file to stereo at -3 dB.
+                await until(lv(lis), lambda x: abs(loudest(x) - (-20.0 - 6.0)) < 2.0)
+            finally:
+                # The track is the application's: stopping it ends the player's thread, which
+                # would otherwise outlive this test's event loop.
+                track.stop()
 
 
 async def test_audio_survives_a_room_reconnect(srv: ServerProcess) -> None:
