@@ -342,7 +342,7 @@ class Server:
                     return who
         raise ProtocolError(ErrorCode.UNAUTHORIZED, "that member is no longer in this room")
 
-    def _http_identity(self, identity: Identity) -> Identity:
+    async def _http_identity(self, identity: Identity) -> Identity:
         """``identity`` (from a valid token) as its room's session sees it now: refused if a
         host removed that token or banned the identity, else with the role and grants a host
         gave it, so HTTP decides from the same grants as the room connection."""
@@ -357,9 +357,9 @@ class Server:
             if refusal is not None:
                 raise refusal
             return moderation.effective(identity)
-        for plugin in self.plugins:  # no open room: only the durable bans hold
-            if isinstance(plugin, ModerationService):
-                refusal = plugin.refusal(identity.room, identity)
+        for plugin in self.plugins:  # not open here: the durable bans, and the removals of
+            if isinstance(plugin, ModerationService):  # the session if it runs elsewhere
+                refusal = await plugin.stored_refusal(identity.room, identity, self.config)
                 if refusal is not None:
                     raise refusal
         return identity

@@ -352,17 +352,11 @@ class AssetService:
         app.router.add_get("/rooms/{room}/assets/{sha256}/info", self.metadata)
         app.router.add_delete("/rooms/{room}/assets/{sha256}", self.delete)
 
-    def _member(self, request: web.Request) -> tuple[str, Identity]:
-        """The room and who asks (from the bearer token), refused with ``session_ended``
-        while the room's session is ended: nothing of it is listed, served or taken then."""
-        room = request.match_info["room"]
-        identity = self._auth.room_identity(request, room)
-        if self._ended(room):
-            raise http_error(ProtocolError(ErrorCode.SESSION_ENDED, "this session has ended"))
-        return room, identity
+    async def _member(self, request: web.Request) -> tuple[str, Identity]:
+        return await self._auth.room_member(request, self._ended)
 
     async def _lookup(self, request: web.Request) -> tuple[str, Identity, AssetInfo]:
-        room, identity = self._member(request)
+        room, identity = await self._member(request)
         sha = request.match_info["sha256"]
         pseudonymous = self._pseudonymous(room)
         info = None
@@ -374,7 +368,7 @@ class AssetService:
         return room, identity, info
 
     async def listing(self, request: web.Request) -> web.Response:
-        room, _ = self._member(request)
+        room, _ = await self._member(request)
         assets = await asyncio.to_thread(
             self.store.list, room, pseudonymous=self._pseudonymous(room)
         )
@@ -452,7 +446,7 @@ class AssetService:
         return resp
 
     async def upload(self, request: web.Request) -> web.Response:
-        room, identity = self._member(request)
+        room, identity = await self._member(request)
         if not identity.can("upload_assets"):
             raise http_error(
                 ProtocolError(ErrorCode.FORBIDDEN, f"role {identity.role} may not upload assets")

@@ -6,7 +6,7 @@ JSON) and is recorded in the audit log; both fail closed.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
@@ -82,7 +82,7 @@ class HttpAuth:
         verifier: TokenVerifier | None,
         audit: Callable[..., None],
         count_refusal: Callable[[str], None],
-        resolve: Callable[[Identity], Identity],
+        resolve: Callable[[Identity], Awaitable[Identity]],
         access: RoomAccess | None = None,
         holder: Callable[[Access], Identity] | None = None,
     ) -> None:
@@ -90,7 +90,7 @@ class HttpAuth:
         self._audit = audit
         self._count = count_refusal
         #: The identity as the room's session sees it (grants a host changed); raises a
-        #: ProtocolError for a removed token or a banned identity.
+        #: ProtocolError for a removed token or a banned identity (it may read the store).
         self._resolve = resolve
         #: Room access credentials (a moved member's, ``server/roomaccess.py``) and the live
         #: member one names (raises ``unauthorized`` once no member of the room holds it).
@@ -104,7 +104,19 @@ class HttpAuth:
         )
         return http_error(err)
 
-    def room_identity(self, request: web.Request, room: str) -> Identity:
+    async def room_member(
+        self, request: web.Request, ended: Callable[[str], bool]
+    ) -> tuple[str, Identity]:
+        """The room a request names and who asks (:meth:`room_identity`), refused with
+        ``session_ended`` while ``ended(room)``: nothing of an ended session is listed,
+        served or taken."""
+        room = request.match_info["room"]
+        identity = await self.room_identity(request, room)
+        if ended(room):
+            raise http_error(ProtocolError(ErrorCode.SESSION_ENDED, "this session has ended"))
+        return room, identity
+
+    async def room_identity(self, request: web.Request, room: str) -> Identity:
         """Who is asking, from the bearer token for ``room`` (a join token, or the room access
         credential of a member moved into ``room``); fails closed with a typed error.
 
@@ -129,7 +141,7 @@ class HttpAuth:
             else:
                 identity = self.verifier.verify(token, room)
             # Every channel decides from the member's grants now, not the token's role.
-            return self._resolve(identity)
+            return await self._resolve(identity)
         except ProtocolError as err:
             raise self._refused(request, err, room) from None
 

@@ -616,15 +616,11 @@ class ImageService:
         app.router.add_delete("/rooms/{room}/series/{sha256}", self.delete)
         app.router.add_get("/rooms/{room}/series/{sha256}/{plane}/{index}.png", self.image)
 
-    def _member(self, request: web.Request) -> tuple[str, Identity]:
-        room = request.match_info["room"]
-        identity = self._auth.room_identity(request, room)
-        if self._ended(room):
-            raise http_error(ProtocolError(ErrorCode.SESSION_ENDED, "this session has ended"))
-        return room, identity
+    async def _member(self, request: web.Request) -> tuple[str, Identity]:
+        return await self._auth.room_member(request, self._ended)
 
     async def _lookup(self, request: web.Request) -> tuple[str, Identity, SeriesListing]:
-        room, identity = self._member(request)
+        room, identity = await self._member(request)
         sha = request.match_info["sha256"]
         listing = None
         if SHA256_RE.match(sha):
@@ -667,7 +663,7 @@ class ImageService:
         )
 
     async def listing(self, request: web.Request) -> web.Response:
-        room, _ = self._member(request)
+        room, _ = await self._member(request)
         listings = await asyncio.to_thread(
             self.store.listings, room, pseudonymous=self._pseudonymous(room)
         )
@@ -757,7 +753,7 @@ class ImageService:
         return render(vol, plane, index, center, width)
 
     async def upload(self, request: web.Request) -> web.Response:
-        room, identity = self._member(request)
+        room, identity = await self._member(request)
         if not identity.can("upload_assets"):
             raise http_error(
                 ProtocolError(ErrorCode.FORBIDDEN, f"role {identity.role} may not upload images")

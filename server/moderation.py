@@ -52,6 +52,7 @@ from medverse.protocol.messages import (
 
 from .auth import ROLE_GRANTS, Identity
 from .bans import Ban, BanBackend, BanStore
+from .config import ServerConfig
 from .plugins import (
     WAIT,
     MemberView,
@@ -105,6 +106,25 @@ def ban_refusal(ban: Ban) -> ProtocolError:
     return ProtocolError(ErrorCode.BANNED, f"you are banned from this room {until}{why}")
 
 
+def removal_refusal(why: str) -> ProtocolError:
+    """The error a removed token gets on every channel."""
+    return ProtocolError(
+        ErrorCode.REMOVED,
+        "a host removed you from this session"
+        + (f" ({why})" if why else "")
+        + "; ask the organiser for a new invitation",
+    )
+
+
+def alive_since(cfg: ServerConfig) -> float:
+    """The oldest mark of a stored session a room continues: its members may take the resume
+    grace to come back and the room lingers as long before it closes; a killed server's rooms
+    wait out their lease before another takes them; plus two marks' interval (a server killed
+    just before its next mark)."""
+    wait = cfg.resume_grace + cfg.room_linger + cfg.cluster_lease_ttl + 2 * TOUCH_INTERVAL
+    return time.time() - wait
+
+
 class Moderation(RoomPlugin):
     """Entry control and host actions for one room."""
 
@@ -155,13 +175,7 @@ class Moderation(RoomPlugin):
                 ErrorCode.INTERNAL, "the room's moderation state could not be read; try again"
             )
         if identity.token_id and identity.token_id in self.removed_tokens:
-            why = self.removed_tokens[identity.token_id]
-            return ProtocolError(
-                ErrorCode.REMOVED,
-                "a host removed you from this session"
-                + (f" ({why})" if why else "")
-                + "; ask the organiser for a new invitation",
-            )
+            return removal_refusal(self.removed_tokens[identity.token_id])
         bans = self.bans.active(self.ctx.name, identity.subject)
         return ban_refusal(bans[0]) if bans else None
 
@@ -179,13 +193,7 @@ class Moderation(RoomPlugin):
     # ----------------------------------------------------------------- the stored session
 
     def _alive_since(self) -> float:
-        """The oldest mark of a stored session this room continues: its members may take the
-        resume grace to come back and the room lingers as long before it closes; a killed
-        server's rooms wait out their lease before another takes them; plus two marks'
-        interval (a server killed just before its next mark)."""
-        cfg = self.ctx.config
-        wait = cfg.resume_grace + cfg.room_linger + cfg.cluster_lease_ttl + 2 * TOUCH_INTERVAL
-        return time.time() - wait
+        return alive_since(self.ctx.config)
 
     def on_create(self) -> None:
         """Read the room's stored session, if it is still alive (the room moved here, or this
@@ -731,3 +739,18 @@ class ModerationService(ServerPlugin):
         """A ban of ``identity`` from ``room`` in force now, as the error it gets."""
         bans = self.store.active(room, identity.subject)
         return ban_refusal(bans[0]) if bans else None
+
+    async def stored_refusal(
+        self, room: str, identity: Identity, config: ServerConfig
+    ) -> ProtocolError | None:
+        """Like :meth:`refusal`, for a room that is not open on this server: a ban, or the
+        removal of the identity's token from the room's session while that session lives on
+        (on another server of the cluster, or until this one opens the room again). The
+        stored removals are read in a thread."""
+        refused = self.refusal(room, identity)
+        if refused is not None or self._standing is None or not identity.token_id:
+            return refused
+        why = await asyncio.to_thread(
+            self._standing.removal, room, identity.token_id, alive_since(config)
+        )
+        return None if why is None else removal_refusal(why)

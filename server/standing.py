@@ -51,6 +51,14 @@ _MARK = (
 
 _MARK_SQLITE = _MARK.replace("$1", "?").replace("$2", "?").replace("$3", "?")
 
+#: The reason a token was removed from a room's live session.
+_REMOVAL = (
+    "SELECT r.reason FROM moderation_removals r JOIN moderation_sessions s "
+    "ON s.room = r.room AND s.session = r.session "
+    "WHERE s.room = $1 AND s.touched >= $2 AND r.token_id = $3"
+)
+_REMOVAL_SQLITE = _REMOVAL.replace("$1", "?").replace("$2", "?").replace("$3", "?")
+
 #: Rows of ``table`` whose session is not the room's session any more.
 _ORPHANS = (
     "DELETE FROM {table} WHERE NOT EXISTS (SELECT 1 FROM moderation_sessions s "
@@ -153,6 +161,11 @@ class StandingBackend(ABC):
         with its removals and standing; None if there is none (an older one is deleted)."""
 
     @abstractmethod
+    def removal(self, room: str, token_id: str, alive_since: float) -> str | None:
+        """The reason ``token_id`` was removed from the session of ``room`` marked alive at
+        or after ``alive_since``; None if it was not (or the session is over). Reads only."""
+
+    @abstractmethod
     def remove(self, room: str, session: str, token_id: str, reason: str) -> None:
         """Record that ``token_id`` was removed from the session; durable on return."""
 
@@ -217,6 +230,11 @@ class SQLiteStandingStore(StandingBackend):
             {t: r for t, r in removed},
             {s: _standing(m, role, g) for s, m, role, g in standing},
         )
+
+    def removal(self, room: str, token_id: str, alive_since: float) -> str | None:
+        with self._lock:
+            row = self._db.execute(_REMOVAL_SQLITE, (room, alive_since, token_id)).fetchone()
+        return None if row is None else str(row[0])
 
     def _tx(self, *statements: tuple[str, tuple[Any, ...]]) -> None:
         """Run ``statements`` as one transaction (under the lock). On an error it is rolled
@@ -338,6 +356,14 @@ class PostgresStandingStore(StandingBackend):
             )
 
         result: SessionState | None = self.db.transaction(read)
+        return result
+
+    def removal(self, room: str, token_id: str, alive_since: float) -> str | None:
+        async def read(conn: Any) -> str | None:
+            reason = await conn.fetchval(_REMOVAL, room, alive_since, token_id)
+            return None if reason is None else str(reason)
+
+        result: str | None = self.db.run(read)
         return result
 
     def remove(self, room: str, session: str, token_id: str, reason: str) -> None:

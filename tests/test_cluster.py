@@ -693,6 +693,20 @@ async def test_removals_mutes_and_grant_changes_hold_on_the_node_a_room_moves_to
             assert (await asyncio.wait_for(troll.wait_closed(), 10)).code == "removed"
             ids = {who: m.member_id for who, m in members.items()}
 
+            # The node that does not run the room refuses the removed token over HTTP too
+            # (from the stored session), and still serves the members.
+            async def assets_as(tok: str) -> tuple[int, Any]:
+                headers = {"Authorization": f"Bearer {tok}"}
+                async with (
+                    aiohttp.ClientSession() as http,
+                    http.get(f"{survivor.http}/rooms/{room}/assets", headers=headers) as r,
+                ):
+                    return r.status, await r.json(content_type=None)
+
+            status, body = await assets_as(troll_token)
+            assert status == 403 and body["error"]["code"] == "removed", body
+            assert (await assets_as(token(room, "patient")))[0] == 200
+
             async def resumed(m: Session, grants: bool) -> tuple[Resumed, Any]:
                 """The member's Resumed after the move and (``grants``) the grants the new
                 node tells it after it lost its connection."""

@@ -255,6 +255,11 @@ def test_a_sessions_removals_and_standing_are_read_back_until_it_ends(backend: B
             "patient": Standing(True, role),
             "nurse": Standing(False, ("host", frozenset())),
         }
+        # A server that does not run the room asks about one token (reads only).
+        assert there.removal("ward", "tok-troll", t0 - 30) == "threats"
+        assert there.removal("ward", "tok-patient", t0 - 30) is None
+        assert there.removal("ward", "tok-troll", time.time() + 1) is None  # session over
+        assert there.removal("clinic", "tok-troll", t0 - 30) is None
         there.touch("ward", "s1")
         # A session marked alive before the given time is over: read as none, and deleted,
         # with every other room's session as old (a server killed, a room never opened
