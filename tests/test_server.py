@@ -416,7 +416,7 @@ async def test_silent_connection_times_out(server: ServerProcess) -> None:
 async def test_ping_measures_round_trip(server: ServerProcess) -> None:
     async with connect(server.url, room="ping", name="p") as s:
         rtt = await s.ping()
-        assert 0 < rtt < 0.5
+        assert 0 < rtt < 3.0  # loopback: milliseconds, but a busy machine may stall either end
         assert s.rtt == rtt
 
 
