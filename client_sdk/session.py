@@ -1037,8 +1037,10 @@ class Session(ObjectsAPI, ImagesAPI):
         (``consent=``); declining, the server takes us back to the room we came from (a
         ``moved`` there, then its welcome) if that room takes us back, else it ends the
         session (as it does without an answer)."""
-        self.consent_version = m.version
         accept = bool(self.consent(m.version, m.text)) if self.consent is not None else False
+        if accept:
+            # Declined, the version we consented to is still that of the room we go back to.
+            self.consent_version = m.version
         if not accept and self._ending is None:
             self._ending = self._declined = Closed(
                 f"consent to room {self.room} declined", ErrorCode.CONSENT_REQUIRED.value

@@ -322,6 +322,7 @@ async def test_a_patient_who_declines_the_consultation_goes_back_to_wait(
         assert isinstance(arrived, Arrived) and arrived.room == "waiting"
         assert kim.texts == [TEXTS["waiting"], TEXTS["consultation"]]  # not asked again
         assert pc.room == "waiting" and pc.closed_reason is None
+        assert pc.consent_version == CLINIC.types[0].consent_version  # the waiting room's
         assert pd.member_id in pc.members
         # Back in its place: first of two, ahead of the patient who came after it.
         q = await expect(pc, "queue")

@@ -1320,7 +1320,8 @@ const HANDLERS = {
     } catch {
       accept = false;
     }
-    c.consentVersion = m.version;
+    // Declined, the version we consented to is still that of the room we go back to.
+    if (accept) c.consentVersion = m.version;
     if (!accept) {
       // The server takes us back to the room we came from (a moved), or closes if it cannot.
       c._declinedMove = c.reconnect;

@@ -148,6 +148,7 @@ test("a patient that declines the consultation's consent goes back to the waitin
   await queue;
   const { c: desk } = await join("waiting", tokens.desk, []);
   const waitingId = patient.memberId;
+  const waitingVersion = patient.consentVersion;
   const moves = [];
   patient.on("moved", (ev) => moves.push([ev.room, ev.reason]));
   const back = nextEvent(patient, "arrived", (ev) => ev.room === "waiting");
@@ -162,6 +163,7 @@ test("a patient that declines the consultation's consent goes back to the waitin
   assert.equal(patient.room, "waiting");
   assert.equal(patient.state, "joined");
   assert.equal(patient.reconnect, true);
+  assert.equal(patient.consentVersion, waitingVersion); // the waiting room's, not the declined one's
   const ev = await told;
   assert.deepEqual(
     [ev.memberId, ev.origin, ev.room, ev.reason, ev.back],
