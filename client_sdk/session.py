@@ -730,7 +730,9 @@ class Session(ObjectsAPI, ImagesAPI):
         ``room_full``, ``room_locked``, ``banned``, ``rate_limited``, ...) with nothing moved.
         In a cluster, moving to a room another server runs returns once that server has
         accepted the member (or raises its refusal, ``room_moving`` if it is gone,
-        ``transfer_timeout`` if it did not answer: the member stays)."""
+        ``transfer_timeout`` if it did not answer: the member stays). If the member then
+        declines that room's consent, a :class:`MoveDeclined` event follows (it went back, or
+        its connection closed: ``back`` None); so for :meth:`call_next`."""
         await self.request(lambda r: Transfer(member_id, room, reason, r))
 
     async def call_next(self) -> None:

@@ -703,7 +703,9 @@ export class MedverseClient {
    * grant); resolves once moved, rejects with RequestError (forbidden, not_found, room_full,
    * room_locked, banned, rate_limited, ...) with nothing moved. In a cluster, moving to a room
    * another server runs resolves once that server has accepted the member (or rejects with its
-   * refusal, room_moving if it is gone, transfer_timeout if it did not answer: nothing moved). */
+   * refusal, room_moving if it is gone, transfer_timeout if it did not answer: nothing moved).
+   * If the member then declines that room's consent, a move_declined event follows (it went
+   * back where it came from, or its connection closed: `back` null); so for callNext. */
   async transfer(memberId, room, reason = null) {
     await this.request((req) => ({ t: "transfer", req, member_id: memberId, room, reason }));
   }
