@@ -21,7 +21,7 @@ import numpy as np
 
 from medverse.protocol.catalog import CLIENT_MESSAGES, SERVER_MESSAGES
 from medverse.protocol.clinic import Access as AccessMsg
-from medverse.protocol.clinic import Called, CallNext, SendBack, Transfer
+from medverse.protocol.clinic import Called, CallNext, MoveDeclined, SendBack, Transfer
 from medverse.protocol.clinic import Moved as MovedMsg
 from medverse.protocol.clinic import Queue as QueueMsg
 from medverse.protocol.connection import (
@@ -299,6 +299,8 @@ class Session(ObjectsAPI, ImagesAPI):
         # Set when the server ended the session for good (a fatal error that reconnecting
         # cannot undo, or our consent withdrawal): no reconnection follows.
         self._ending: Closed | None = None
+        #: The ending a consent declined after a move set (until the server moves us back).
+        self._declined: Closed | None = None
         self._ended = asyncio.Event()
         # Acknowledged requests (moderation, pause, audio routing) waiting for their answer.
         self._requests: dict[int, tuple[asyncio.Future[None], type[RefusedError]]] = {}
@@ -728,7 +730,9 @@ class Session(ObjectsAPI, ImagesAPI):
         ``room_full``, ``room_locked``, ``banned``, ``rate_limited``, ...) with nothing moved.
         In a cluster, moving to a room another server runs returns once that server has
         accepted the member (or raises its refusal, ``room_moving`` if it is gone,
-        ``transfer_timeout`` if it did not answer: the member stays)."""
+        ``transfer_timeout`` if it did not answer: the member stays). If the member then
+        declines that room's consent, a :class:`MoveDeclined` event follows (it went back, or
+        its connection closed: ``back`` None); so for :meth:`call_next`."""
         await self.request(lambda r: Transfer(member_id, room, reason, r))
 
     async def call_next(self) -> None:
@@ -972,7 +976,7 @@ class Session(ObjectsAPI, ImagesAPI):
                     m.message,
                 )
                 self.emit(self.queue)
-            elif isinstance(m, Called):
+            elif isinstance(m, (Called, MoveDeclined)):
                 self.emit(m)
             elif isinstance(m, Error):
                 if m.fatal and m.code in _FINAL_CODES and self._ending is None:
@@ -1006,6 +1010,11 @@ class Session(ObjectsAPI, ImagesAPI):
     def _moved(self, m: MovedMsg) -> None:
         """A host moved us: the old room is gone for us (nothing of it is valid any more);
         the new room's entry follows on this connection."""
+        if self._ending is not None and self._ending is self._declined:
+            # We declined the consent of the room we were moved to and the server took us
+            # back to the room we came from: the session goes on there.
+            self._ending = None
+        self._declined = None
         self.moving_to = m.room
         self.room = m.room
         # The HTTP clients follow us: the new room's URLs, with its credential (our join
@@ -1027,11 +1036,15 @@ class Session(ObjectsAPI, ImagesAPI):
 
     def _consent_on_move(self, m: ConsentRequired) -> None:
         """The room we were moved to asks for consent to its own text: ask the application
-        (``consent=``); without an answer, or declining, the server ends the session."""
-        self.consent_version = m.version
+        (``consent=``); declining, the server takes us back to the room we came from (a
+        ``moved`` there, then its welcome) if that room takes us back, else it ends the
+        session (as it does without an answer)."""
         accept = bool(self.consent(m.version, m.text)) if self.consent is not None else False
+        if accept:
+            # Declined, the version we consented to is still that of the room we go back to.
+            self.consent_version = m.version
         if not accept and self._ending is None:
-            self._ending = Closed(
+            self._ending = self._declined = Closed(
                 f"consent to room {self.room} declined", ErrorCode.CONSENT_REQUIRED.value
             )
         self._send_soon(ConsentMsg(m.version, accept))

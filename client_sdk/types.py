@@ -1,10 +1,11 @@
 """Plain values the SDK hands to applications: poses, avatars and events.
 
 An event that is a protocol message exactly as the server sent it (:class:`Joined`,
-:class:`Left`, :class:`Waiting`, :class:`Called`, ``ErrorEvent``, ``MemberStateChanged``) is
-delivered as that message, a class of :mod:`medverse.protocol` exported here under its SDK
-name; its ``type`` is the message's type on the wire. The classes defined here are the events
-the SDK makes itself (from several messages, or from what the connection did).
+:class:`Left`, :class:`Waiting`, :class:`Called`, :class:`MoveDeclined`, ``ErrorEvent``,
+``MemberStateChanged``) is delivered as that message, a class of :mod:`medverse.protocol`
+exported here under its SDK name; its ``type`` is the message's type on the wire. The classes
+defined here are the events the SDK makes itself (from several messages, or from what the
+connection did).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any, TypeVar
 
 # Re-exported (``X as X``): these protocol messages are SDK events as they are.
 from medverse.protocol.clinic import Called as Called
+from medverse.protocol.clinic import MoveDeclined as MoveDeclined
 from medverse.protocol.messages import Error, MemberState
 from medverse.protocol.messages import Joined as Joined
 from medverse.protocol.messages import Left as Left
@@ -256,4 +258,5 @@ Event = (
     | Arrived
     | QueueChanged
     | Called
+    | MoveDeclined
 )

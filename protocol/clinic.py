@@ -6,8 +6,10 @@ moves another member from one room to another without the moved member reconnect
 server sends it ``moved`` and the target room's entry follows on the same connection exactly
 as after a ``hello`` (``consent_required``, ``waiting`` or ``welcome``; SPEC.md, "Transfers").
 Patients in a waiting room are told their place in the queue (``queue``) and when a clinician
-calls them in (``called``). A moved member's room access credential (``moved``'s ``access``) is
-refreshed by the server before it expires (``access``).
+calls them in (``called``). A member who declines the consent of the room it was moved to goes
+back to the room it came from (a ``moved`` there), and its mover is told (``move_declined``).
+A moved member's room access credential (``moved``'s ``access``) is refreshed by the server
+before it expires (``access``).
 """
 
 from __future__ import annotations
@@ -115,8 +117,26 @@ class Called(Message):
     by: str = wire_field("str", max_len=MAX_NAME_CHARS)
 
 
+@dataclass(frozen=True, slots=True)
+class MoveDeclined(Message):
+    """To the member who moved another (each of its connections in the room the member left
+    or the room it was moved to): member ``member_id`` (its id in room ``origin``, the room
+    it was moved from), named ``name`` (as ``origin`` showed it), did not enter room ``room``
+    for ``reason`` (``consent_declined``: it declined that room's consent). ``back`` is
+    ``origin`` if the member went back there; absent, it could not and its connection was
+    closed."""
+
+    TYPE: ClassVar[str] = "move_declined"
+    member_id: int = wire_field("int", **_ID)
+    name: str = wire_field("str", max_len=MAX_NAME_CHARS)
+    origin: str = wire_field("str", pattern=ROOM_NAME_RE)
+    room: str = wire_field("str", pattern=ROOM_NAME_RE)
+    reason: str = wire_field("str", max_len=64)
+    back: str | None = wire_field("str", pattern=ROOM_NAME_RE, optional=True)
+
+
 CLIENT_CLINIC: tuple[type[Message], ...] = (Transfer, CallNext, SendBack)
-SERVER_CLINIC: tuple[type[Message], ...] = (Moved, Queue, Called, Access)
+SERVER_CLINIC: tuple[type[Message], ...] = (Moved, Queue, Called, Access, MoveDeclined)
 
 __all__ = [
     "CLIENT_CLINIC",
@@ -128,6 +148,7 @@ __all__ = [
     "Access",
     "CallNext",
     "Called",
+    "MoveDeclined",
     "Moved",
     "Queue",
     "SendBack",

@@ -412,8 +412,10 @@ class Connection:
                 return None
             if msg_type is Moved:
                 # The member leaves its room; the target room's entry follows as after a
-                # hello (consent_required, waiting or welcome).
-                return State.HELLO if state in _IN_ROOM else None
+                # hello (consent_required, waiting or welcome). A member that declines the
+                # consent of the room it was moved to is moved back (still moving).
+                back = state is State.CONSENT and self.moving
+                return State.HELLO if state in _IN_ROOM or back else None
             if msg_type is ConsentRequired:
                 return State.CONSENT if state is State.HELLO and hello else None
             if msg_type is Waiting:

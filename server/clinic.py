@@ -10,6 +10,11 @@ waiting patient is told.
   ``called`` then ``moved``.
 * ``send_back``: a host (or receptionist) sends a member of its room back to the waiting room.
 
+A member who declines the consent of the room it was moved to goes back to the room it came
+from (the core's doing; its mover gets ``move_declined``). A patient called from the waiting
+room who comes back so, before entering the room it was called into, takes back its place in
+the queue.
+
 In the waiting room every patient (a member who neither hosts nor transfers) is told its place
 in the queue, how many wait, an estimate of the wait and the clinic's message (``queue``),
 again whenever any of them changes. The estimate is the mean length of the clinic's last
@@ -32,6 +37,7 @@ from medverse.protocol.clinic import (
     Called,
     CallNext,
     Moved,
+    MoveDeclined,
     Queue,
     SendBack,
     Transfer,
@@ -69,7 +75,7 @@ class ClinicRoom(RoomPlugin):
 
     name = "clinic"
     messages = (Transfer, CallNext, SendBack)
-    server_messages = (Moved, Queue, Called, Access)
+    server_messages = (Moved, Queue, Called, Access, MoveDeclined)
 
     def __init__(self, ctx: RoomContext, service: ClinicService) -> None:
         super().__init__(ctx)
@@ -80,6 +86,10 @@ class ClinicRoom(RoomPlugin):
         self.consulting: dict[int, float] = {}
         self._buckets: dict[int, tuple[float, float]] = {}
         self._told: dict[int, Queue] = {}
+        #: Patients called out of the queue, by identity: when they had entered it (a called
+        #: patient who comes back without entering the room it was called into keeps its
+        #: place).
+        self._called_out: dict[str, float] = {}
 
     @property
     def waiting(self) -> bool:
@@ -104,7 +114,13 @@ class ClinicRoom(RoomPlugin):
         if called == ctx.name:
             self.consulting[member.id] = time.monotonic()
         if self.waiting and _patient(member):
-            self.queue[member.id] = time.monotonic()
+            entered = self._called_out.pop(member.identity.subject, None)
+            if called is None or called == ctx.name or entered is None:
+                entered = time.monotonic()
+            self.queue[member.id] = entered
+            if len(self.queue) > 1 and entered < max(self.queue.values()):
+                # Back before its call was answered: in its old place, by when it entered.
+                self.queue = dict(sorted(self.queue.items(), key=lambda kv: kv[1]))
             self.tell_queue()
         elif member.can("moderate") and not self.waiting:
             self.service.staff_changed()
@@ -219,6 +235,9 @@ class ClinicRoom(RoomPlugin):
         if self.waiting and member.id in self.queue:
             notice = Called(room, by.name)
             self.service.call(subject, room)
+            if len(self._called_out) >= MAX_PENDING_CALLS:
+                self._called_out.pop(next(iter(self._called_out)))
+            self._called_out[subject] = self.queue[member.id]
         try:
             pending = self.ctx.transfer(member, room, by, reason, admit, notice)
         except ProtocolError:

@@ -483,6 +483,12 @@ class Room:
         if m is not None and m.link is not None:
             m.link.send(msg)
 
+    def send_subject(self, subject: str, msg: Message) -> None:
+        """A control message to every connected member of this identity, paused or not."""
+        for m in self._members.values():
+            if m.link is not None and m.identity.subject == subject:
+                m.link.send(msg)
+
     def broadcast(
         self,
         msg: Message,

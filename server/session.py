@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from medverse.protocol.clinic import Access, Moved
+from medverse.protocol.clinic import Access, Moved, MoveDeclined
 from medverse.protocol.connection import (
     Connection,
     FrameReceived,
@@ -108,6 +108,23 @@ class SessionServices:
     room_access: RoomAccess | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class _Origin:
+    """Where a member moved by someone came from, while it enters the room it was moved to:
+    where it goes back if it declines that room's consent, and whom to tell."""
+
+    room: str  # the room it left
+    member_id: int  # its id there
+    name: str  # its name there
+    target: str  # the room it was moved to
+    by: str  # the mover's name
+    actor: str  # the mover's identity
+
+
+#: ``move_declined``'s reason when the member declined the consent of the room it was moved to.
+CONSENT_DECLINED = "consent_declined"
+
+
 class Session:
     """Server side of one connection, driven by :class:`WebSocketConnection` callbacks."""
 
@@ -127,6 +144,7 @@ class Session:
         self._room: Room | None = None  # the member's room (set with ``member``)
         self._consent: Identity | None = None  # asked to consent, as this identity
         self._admit = False  # the entry under way skips the lobby (a host moved us in)
+        self._origin: _Origin | None = None  # moved: where from, until the entry is decided
         self._arrival: Arrival | None = None  # a transfer grant redeemed by our hello
         #: Who the token says this is, before any room's policy (what a move starts from).
         self._base: Identity | None = None
@@ -221,6 +239,7 @@ class Session:
     def admitted(self, member: Member) -> None:
         """A host let us in from the lobby (the room sent our welcome)."""
         assert self._lobby is not None
+        self._origin = None
         self._room = self._lobby[0]
         self._lobby = None
         self.member = member
@@ -278,7 +297,11 @@ class Session:
         target = s.rooms.get(room)
         if target is not None and target.member_count >= s.config.max_members_per_room:
             raise ProtocolError(ErrorCode.ROOM_FULL, f"room {room} is full")
+        member, old = self.member, self._room
+        assert member is not None and old is not None
+        origin = _Origin(old.name, member.id, member.name, room, by[:64], actor)
         self._leave_for(room, identity, by, actor, reason, notice)
+        self._origin = origin
         self._enter(identity, consented=False, admit=admit)
 
     def _leave_for(
@@ -311,6 +334,12 @@ class Session:
         self.member = self._room = None
         if notice is not None:
             self.send(notice)
+        self._send_moved(room, identity, by, reason)
+
+    def _send_moved(self, room: str, identity: Identity, by: str, reason: str) -> None:
+        """``moved`` to ``room``, with an access credential for it unless it is the room our
+        join token names."""
+        s = self._s
         access = None
         base = self._base
         if s.room_access is not None and identity.token_id and base is not None:
@@ -828,11 +857,14 @@ class Session:
         try:
             self._room = s.rooms.place(identity.room)
             self.member = s.rooms.join(identity, slots, self, member_id)
+            self._origin = None
         except ProtocolError as err:
             self._refuse(err, CLOSE_POLICY, b"join refused")
 
     def _on_consent(self, msg: Consent) -> None:
-        """The answer to ``consent_required``: enter, or be refused."""
+        """The answer to ``consent_required``: enter, or be refused. A member moved here that
+        declines goes back to the room it came from if that room takes it back (its mover is
+        told either way); otherwise, and at a first join, the connection closes."""
         identity = self._consent
         assert identity is not None
         self._consent = None
@@ -842,11 +874,57 @@ class Session:
             self._s.audit("consent", room=identity.room, actor=identity.subject, version=version)
             self._enter(identity, consented=True, admit=self._admit)
             return
+        origin, self._origin = self._origin, None
+        back = None
+        if origin is not None and msg.accept is False:
+            back = self._back_identity(origin)
         self._s.audit(
-            "consent_declined", room=identity.room, actor=identity.subject, version=msg.version
+            "consent_declined",
+            room=identity.room,
+            actor=identity.subject,
+            version=msg.version,
+            **({"back": origin.room} if origin is not None and back is not None else {}),
         )
+        if origin is not None and back is not None:
+            self._send_moved(origin.room, back, origin.by, CONSENT_DECLINED)
+            self._admit = True  # it was in that room: neither its consent nor its lobby again
+            self._enter(back, consented=True, admit=True)
+            self._tell_mover(origin, back=origin.room)
+            return
+        if origin is not None:
+            self._tell_mover(origin, back=None)
         why = "consent declined" if msg.accept is False else "consent to an old version"
         self._refuse(ProtocolError(ErrorCode.CONSENT_REQUIRED, why), CLOSE_CONSENT, b"consent")
+
+    def _back_identity(self, origin: _Origin) -> Identity | None:
+        """Our identity in the room a move took us from, if that room still runs here and
+        would take us back now (not locked to us, not banned, not full); else None."""
+        s = self._s
+        base = self._base
+        if base is None or self._closed:
+            return None
+        room = s.rooms.get(origin.room)
+        if room is None or (s.cluster is not None and not s.cluster.holds(origin.room)):
+            return None
+        identity = s.policy.identity_in(replace(base, room=origin.room), origin.room)
+        if s.rooms.entry_pending(origin.room) is not None:
+            return None
+        if isinstance(s.rooms.entry(identity), ProtocolError):
+            return None
+        if room.member_count >= s.config.max_members_per_room:
+            return None
+        return identity
+
+    def _tell_mover(self, origin: _Origin, back: str | None) -> None:
+        """Tell whoever moved us (in the room we left or the one we declined) that we did
+        not enter, and where we are now."""
+        msg = MoveDeclined(
+            origin.member_id, origin.name, origin.room, origin.target, CONSENT_DECLINED, back
+        )
+        for name in dict.fromkeys((origin.room, origin.target)):
+            room = self._s.rooms.get(name)
+            if room is not None:
+                room.send_subject(origin.actor, msg)
 
     def _withdraw_consent(self, member: Member, msg: Consent) -> None:
         """Withdrawing consent means leaving the room."""

@@ -27,6 +27,7 @@ from medverse.client_sdk import (
     Called,
     LevelMeter,
     Moved,
+    MoveDeclined,
     Pose,
     QueueChanged,
     RefusedError,
@@ -287,6 +288,102 @@ async def _audit(srv: ServerProcess, kind: str, n: int) -> list[tuple[str, str, 
         assert time.monotonic() < deadline, rows
         await asyncio.sleep(0.1)
     return rows
+
+
+class DeclinesConsultations(Consents):
+    """Accepts the waiting room's text, declines a consultation room's."""
+
+    def __call__(self, version: str, text: str) -> bool:
+        self.texts.append(text)
+        return text != TEXTS["consultation"]
+
+
+async def test_a_patient_who_declines_the_consultation_goes_back_to_wait(
+    srv: ServerProcess,
+) -> None:
+    """A patient called into a consultation room that declines its consent goes back to the
+    waiting room on the same connection, in its place in the queue; the clinician is told why
+    and the audit log records the decline."""
+    kim = DeclinesConsultations()
+    async with (
+        member(srv, "waiting", "kim", consent=kim) as pc,
+        member(srv, "waiting", "lou") as pd,
+        member(srv, "consult-1", "drmay", role="host") as dr,
+    ):
+        await expect(pd, "queue", lambda e: e.waiting == 2)
+        first_id = pc.member_id
+        await dr.call_next()
+        moved = await expect(pc, "moved")
+        assert (moved.room, moved.reason) == ("consult-1", "called")
+        back = await expect(pc, "moved", lambda e: e.room == "waiting")
+        assert isinstance(back, Moved)
+        assert (back.by, back.reason) == ("DRMAY", "consent_declined")
+        arrived = await expect(pc, "arrived")
+        assert isinstance(arrived, Arrived) and arrived.room == "waiting"
+        assert kim.texts == [TEXTS["waiting"], TEXTS["consultation"]]  # not asked again
+        assert pc.room == "waiting" and pc.closed_reason is None
+        assert pc.consent_version == CLINIC.types[0].consent_version  # the waiting room's
+        assert pd.member_id in pc.members
+        # Back in its place: first of two, ahead of the patient who came after it.
+        q = await expect(pc, "queue")
+        assert (q.position, q.waiting) == (1, 2)
+        await until(lambda: pd.queue is not None and pd.queue.position == 2, what="dan 2nd")
+
+        told = await expect(dr, "move_declined")
+        assert isinstance(told, MoveDeclined)
+        # Named as the room it left showed it (the waiting room is pseudonymous).
+        assert (told.member_id, told.name, told.origin, told.room) == (
+            first_id,
+            f"Participant {first_id}",
+            "waiting",
+            "consult-1",
+        )
+        assert (told.reason, told.back) == ("consent_declined", "waiting")
+        assert pc.member_id not in dr.members
+
+        # Still connected and a patient like any other: called again, it is the next one.
+        await dr.call_next()
+        await expect(pc, "moved", lambda e: e.room == "consult-1")
+        await expect(pc, "moved", lambda e: e.room == "waiting")
+        assert pc.closed_reason is None
+    await until(
+        lambda: len([a for _, a, _, _ in audit_rows(srv, "consent_declined") if a == "kim"]) == 2,
+        what="both declines in the audit log",
+    )
+    mine = [(r, d) for r, a, _, d in audit_rows(srv, "consent_declined") if a == "kim"]
+    assert [(r, d.get("back")) for r, d in mine] == [("consult-1", "waiting")] * 2
+
+
+async def test_a_decline_with_no_room_to_go_back_to_ends_the_connection(
+    srv: ServerProcess,
+) -> None:
+    """The room a member was moved from refuses it back (locked since): the decline closes
+    the connection as before, and the mover learns that the member is gone."""
+    ned = DeclinesConsultations()
+    async with member(srv, "waiting", "frontdesk2", role="receptionist") as desk:
+        async with member(srv, "waiting", "ned", consent=ned) as pn:
+            await expect(desk, "joined", lambda e: e.member_id == pn.member_id)
+            ned_id = pn.member_id
+            await desk.moderate("lock")
+            try:
+                await desk.transfer(ned_id, "consult-7", "see the nurse")
+                told = await expect(desk, "move_declined")
+                assert (told.member_id, told.room, told.reason, told.back) == (
+                    ned_id,
+                    "consult-7",
+                    "consent_declined",
+                    None,
+                )
+                ended = await pn.wait_closed()
+                assert ended.code == "consent_required"
+            finally:
+                await desk.moderate("unlock")
+    await until(
+        lambda: any(a == "ned" for _, a, _, _ in audit_rows(srv, "consent_declined")),
+        what="the decline in the audit log",
+    )
+    mine = [(r, d) for r, a, _, d in audit_rows(srv, "consent_declined") if a == "ned"]
+    assert [(r, "back" in d) for r, d in mine] == [("consult-7", False)]
 
 
 async def test_receptionist_transfers_into_a_lobby(srv: ServerProcess) -> None:

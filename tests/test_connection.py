@@ -16,6 +16,7 @@ import pytest
 
 from medverse.protocol import connection as conn_mod
 from medverse.protocol.catalog import CLIENT_MESSAGES, SERVER_MESSAGES
+from medverse.protocol.clinic import Moved
 from medverse.protocol.connection import (
     Connection,
     Event,
@@ -197,6 +198,15 @@ SERVER_SAMPLES: dict[str, dict[str, Any]] = {
     "moved": {"t": "moved", "room": "consult-1", "by": "Dr A", "reason": "called"},
     "queue": {"t": "queue", "position": 1, "waiting": 2, "message": "hi", "estimate": 600},
     "called": {"t": "called", "room": "consult-1", "by": "Dr A"},
+    "move_declined": {
+        "t": "move_declined",
+        "member_id": 3,
+        "name": "Ann",
+        "origin": "waiting",
+        "room": "consult-1",
+        "reason": "consent_declined",
+        "back": "waiting",
+    },
     "access": {"t": "access", "room": "consult-1", "access": "eyJhbGciOiJIUzI1NiJ9.e30.YQ"},
     "img_ack": {"t": "img_ack", "req": 1, "panel_id": 1},
     "img_refused": {"t": "img_refused", "req": 1, "code": "not_found", "message": "no"},
@@ -1006,3 +1016,25 @@ def test_a_request_that_does_not_decode_is_refused_by_its_req() -> None:
         ev = c.receive(wire_frame(wire))
         assert isinstance(ev, Refused) and not isinstance(ev.error, RequestError), wire
     assert c.state is State.JOINED
+
+
+def test_a_member_that_declines_a_moved_to_rooms_consent_is_moved_back() -> None:
+    """Both ends: ``moved`` is allowed in state consent only while moving (a decline after a
+    move takes the member back), not at a first join's consent."""
+    back = Moved("waiting", "Dr A", "consent_declined")
+    server, client = server_in("joined"), client_in("joined")
+    for msg in (Moved("consult-1", "Dr A", "called"), CONSENT_REQUIRED):
+        client.receive(server.send(msg))
+    client.send(Consent(CONSENT_REQUIRED.version, False))
+    assert server.state is client.state is State.CONSENT
+    assert server.accepts(Moved) and client.receive(server.send(back)) == MessageReceived(back)
+    assert server.state is client.state is State.HELLO
+    client.receive(server.send(WELCOME))
+    assert (server.state, client.moving) == (State.JOINED, False)
+
+    first = server_in("consent")
+    assert not first.accepts(Moved)
+    with pytest.raises(LocalProtocolError):
+        first.send(back)
+    refused = client_in("consent").receive(encode_message(back))
+    assert isinstance(refused, Refused)

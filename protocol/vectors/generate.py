@@ -788,6 +788,34 @@ def _conn_cases() -> list[tuple[str, str, str, list[ConnStep]]]:
             ],
         ),
         (
+            "client_moved_consent_declined",
+            "Moved into a room that asks for consent and declined: the server moves the member "
+            "back (a moved in state consent, only while moving), then the old room's welcome. "
+            "At a first join a moved in state consent is refused.",
+            "client",
+            [
+                ("send", _HELLO),
+                _c(_WELCOME),
+                _c(Moved("consult-1", "Dr A", "called")),
+                _c(_CONSENT_TEXT),
+                ("send", Consent(_CONSENT_TEXT.version, False)),
+                _c(Moved("waiting", "Dr A", "consent_declined")),
+                _c(_WELCOME),
+                ("recv", _STATE),
+            ],
+        ),
+        (
+            "client_first_consent_then_moved",
+            "A moved while answering a first join's consent is out of place.",
+            "client",
+            [
+                ("send", _HELLO),
+                _c(_CONSENT_TEXT),
+                ("send", Consent(_CONSENT_TEXT.version, False)),
+                _c(Moved("waiting", "Dr A", "consent_declined")),
+            ],
+        ),
+        (
             "client_refused",
             "A server error before hello (non-fatal), then a fatal refusal of the join.",
             "client",

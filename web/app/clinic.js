@@ -32,6 +32,11 @@ export class ClinicControls {
 
   onEvent(ev) {
     if (["joined", "left", "arrived", "grants", "resumed"].includes(ev.type)) this.render();
+    if (ev.type === "move_declined") {
+      // The member we moved did not agree to the room's terms (consent_declined).
+      const where = ev.back ? `is back in room ${ev.back}` : "has left";
+      this.app.alertText(`${ev.name} did not agree to room ${ev.room}'s terms and ${where}.`);
+    }
   }
 
   render() {

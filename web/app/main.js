@@ -182,7 +182,8 @@ function onEvent(client, ev) {
       app.held = null;
       $("where").textContent = `Room ${ev.room} · ${app.claims.pseudonym ?? app.claims.name}`;
       $("connecting-text").textContent = `Moving you to room ${ev.room}.`;
-      show("connecting", `A host is moving you to room ${ev.room}${ev.reason ? `: ${ev.reason}` : ""}.`);
+      if (ev.reason === "consent_declined") show("connecting", `You did not agree to that room's terms: back to room ${ev.room}.`);
+      else show("connecting", `A host is moving you to room ${ev.room}${ev.reason ? `: ${ev.reason}` : ""}.`);
       break;
     case "arrived":
       app.memberStates.clear();

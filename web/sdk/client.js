@@ -10,7 +10,7 @@
 //
 // Events (`onEvent`, and `client.on(type, fn)`) are plain objects with a `type`: waiting,
 // joined, left, error, member_state, lobby, room_state, grants, reconnecting, resumed, closed,
-// in a clinic moved, arrived, queue and called, and for shared objects object_added, object_removed, lock_changed, handover_requested,
+// in a clinic moved, arrived, queue, called and move_declined, and for shared objects object_added, object_removed, lock_changed, handover_requested,
 // view_changed, annotation_changed, move_refused, objects_synced, and for image viewers
 // (images.js) panel_changed, pointer_moved, measurement_changed, images_synced.
 //
@@ -250,6 +250,9 @@ export class MedverseClient {
     this.lobbyId = null;
     /** Between a `moved` and the welcome of the room we were moved to: that room. */
     this.movingTo = null;
+    // Declined the consent of a room we were moved to: `reconnect` as it was before (restored
+    // when the server moves us back), until the server's answer.
+    this._declinedMove = null;
     /** In a waiting room: {position, waiting, estimate, message} as last told. */
     this.queue = null;
     /** The room's shared objects: object id -> SharedObject (see _onObjectState). */
@@ -700,7 +703,9 @@ export class MedverseClient {
    * grant); resolves once moved, rejects with RequestError (forbidden, not_found, room_full,
    * room_locked, banned, rate_limited, ...) with nothing moved. In a cluster, moving to a room
    * another server runs resolves once that server has accepted the member (or rejects with its
-   * refusal, room_moving if it is gone, transfer_timeout if it did not answer: nothing moved). */
+   * refusal, room_moving if it is gone, transfer_timeout if it did not answer: nothing moved).
+   * If the member then declines that room's consent, a move_declined event follows (it went
+   * back where it came from, or its connection closed: `back` null); so for callNext. */
   async transfer(memberId, room, reason = null) {
     await this.request((req) => ({ t: "transfer", req, member_id: memberId, room, reason }));
   }
@@ -1281,6 +1286,12 @@ const HANDLERS = {
   refused: (c, m) => c._onReply(m),
   moved(c, m) {
     // Out of our room: the target room's consent, lobby and welcome follow on this connection.
+    if (c._declinedMove !== null) {
+      // We declined the consent of the room we were moved to and the server took us back to
+      // the room we came from: the session goes on there.
+      c.reconnect = c._declinedMove;
+      c._declinedMove = null;
+    }
     c.movingTo = m.room;
     c.room = m.room;
     c.roomAccess = m.access ?? null; // the new room's HTTP APIs refuse our join token
@@ -1288,6 +1299,10 @@ const HANDLERS = {
     c.members = new Map();
     c._avatars = null;
     c.emit({ type: "moved", room: m.room, by: m.by, reason: m.reason });
+  },
+  move_declined(c, m) {
+    // A member we moved declined the consent of the room we moved it to.
+    c.emit({ type: "move_declined", memberId: m.member_id, name: m.name, origin: m.origin, room: m.room, reason: m.reason, back: m.back ?? null });
   },
   access(c, m) {
     // The server refreshes our room's credential before it expires: HTTP uses the new one.
@@ -1307,8 +1322,13 @@ const HANDLERS = {
     } catch {
       accept = false;
     }
-    c.consentVersion = m.version;
-    if (!accept) c.reconnect = false;
+    // Declined, the version we consented to is still that of the room we go back to.
+    if (accept) c.consentVersion = m.version;
+    if (!accept) {
+      // The server takes us back to the room we came from (a moved), or closes if it cannot.
+      c._declinedMove = c.reconnect;
+      c.reconnect = false;
+    }
     try {
       c.send({ t: "consent", version: m.version, accept });
     } catch {

@@ -250,8 +250,9 @@ export class Connection {
     const hello = this.hello !== null;
     if (role === Role.SERVER) {
       if (!this.serverMessages.has(type)) return null;
-      // A move leaves the room; the target room's entry follows as after a hello.
-      if (type === "moved") return IN_ROOM.has(state) ? State.HELLO : null;
+      // A move leaves the room; the target room's entry follows as after a hello. A member
+      // that declines the consent of the room it was moved to is moved back (still moving).
+      if (type === "moved") return IN_ROOM.has(state) || (state === State.CONSENT && this.moving) ? State.HELLO : null;
       if (type === "consent_required") return state === State.HELLO && hello ? State.CONSENT : null;
       if (type === "waiting") return (state === State.HELLO && hello) || state === State.CONSENT ? State.LOBBY : null;
       if (type === "welcome") return (state === State.HELLO && hello) || WELCOME_FROM.has(state) ? State.JOINED : null;

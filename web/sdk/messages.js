@@ -647,9 +647,19 @@ export const Queue = defineMessage("queue", {
   estimate: int(0, MAX_ESTIMATE_SECONDS, true),
 });
 export const Called = defineMessage("called", { room: str({ pattern: ROOM_NAME_RE }), by: str({ maxLen: MAX_NAME_CHARS }) });
+// To the mover: the member it moved did not enter `room` (`reason` consent_declined); `back`:
+// the room it went back to (`origin`), absent if its connection closed instead.
+export const MoveDeclined = defineMessage("move_declined", {
+  member_id: int(1, U32),
+  name: str({ maxLen: MAX_NAME_CHARS }),
+  origin: str({ pattern: ROOM_NAME_RE }),
+  room: str({ pattern: ROOM_NAME_RE }),
+  reason: str({ maxLen: 64 }),
+  back: str({ pattern: ROOM_NAME_RE, ...opt }),
+});
 
 export const CLIENT_CLINIC = [Transfer, CallNext, SendBack];
-export const SERVER_CLINIC = [Moved, Queue, Called, Access];
+export const SERVER_CLINIC = [Moved, Queue, Called, Access, MoveDeclined];
 
 // --------------------------------------------------------------------------- image viewers
 // As protocol/images.py: panels showing an image series, pointers and measurements.

@@ -19,13 +19,15 @@ const clients = [];
 before(
   async () => {
     server = await startServer({ env: { MEDVERSE_CLINIC: CLINIC } });
-    const [patient, doctor, patient2, doctor2] = await Promise.all([
+    const [patient, doctor, patient2, doctor2, patient3, desk] = await Promise.all([
       server.token("waiting", "pat", { name: "PAT" }),
       server.token("consult-1", "doc", { role: "host", name: "DOC" }),
       server.token("waiting", "pat2", { name: "PAT2" }),
       server.token("consult-2", "doc2", { role: "host", name: "DOC2" }),
+      server.token("waiting", "pat3", { name: "PAT3" }),
+      server.token("waiting", "desk", { role: "receptionist", name: "DESK" }),
     ]);
-    Object.assign(tokens, { patient, doctor, patient2, doctor2 });
+    Object.assign(tokens, { patient, doctor, patient2, doctor2, patient3, desk });
   },
   { timeout: 90000 },
 );
@@ -50,7 +52,7 @@ function nextEvent(c, type, pred = () => true, ms = 15000) {
   });
 }
 
-async function join(room, token, texts) {
+async function join(room, token, texts, accept = () => true) {
   const c = new MedverseClient({
     url: server.url,
     WebSocket,
@@ -61,7 +63,7 @@ async function join(room, token, texts) {
     fetch,
     consent: (version, text) => {
       texts.push(text);
-      return true;
+      return accept(text);
     },
   });
   clients.push(c);
@@ -138,4 +140,35 @@ test("a moved patient fetches the consultation's model with the credential of it
   assert.equal(patient.httpToken, tokens.patient2);
   assert.deepEqual(await patient.listAssets(), []);
   await assert.rejects(patient.downloadAsset(info.sha256), (err) => err.code === "not_found");
+});
+
+test("a patient that declines the consultation's consent goes back to the waiting room", { timeout: TIMEOUT }, async () => {
+  const texts = [];
+  const { c: patient, queue } = await join("waiting", tokens.patient3, texts, (text) => !/consultation/.test(text));
+  await queue;
+  const { c: desk } = await join("waiting", tokens.desk, []);
+  const waitingId = patient.memberId;
+  const waitingVersion = patient.consentVersion;
+  const moves = [];
+  patient.on("moved", (ev) => moves.push([ev.room, ev.reason]));
+  const back = nextEvent(patient, "arrived", (ev) => ev.room === "waiting");
+  const told = nextEvent(desk, "move_declined");
+  await desk.transfer(waitingId, "consult-3", "see the doctor");
+  await back;
+  assert.deepEqual(moves, [
+    ["consult-3", "see the doctor"],
+    ["waiting", "consent_declined"],
+  ]);
+  assert.equal(texts.length, 2); // the waiting room's text is not asked again
+  assert.equal(patient.room, "waiting");
+  assert.equal(patient.state, "joined");
+  assert.equal(patient.reconnect, true);
+  assert.equal(patient.consentVersion, waitingVersion); // the waiting room's, not the declined one's
+  const ev = await told;
+  assert.deepEqual(
+    [ev.memberId, ev.origin, ev.room, ev.reason, ev.back],
+    [waitingId, "waiting", "consult-3", "consent_declined", "waiting"],
+  );
+  patient.close();
+  desk.close();
 });
