@@ -586,6 +586,20 @@ def encode_message(msg: Message) -> bytes:
     return bytes((FRAME_CONTROL,)) + body
 
 
+def _unpack(frame: bytes | bytearray | memoryview, max_str_len: int) -> Any:
+    """The msgpack body of a control frame, within the bounds every control message keeps."""
+    return msgpack.unpackb(
+        memoryview(frame)[1:],
+        raw=False,
+        strict_map_key=True,
+        max_array_len=1024,
+        max_map_len=64,
+        max_str_len=max_str_len,
+        max_bin_len=0,
+        max_ext_len=0,
+    )
+
+
 def decode_message(
     frame: bytes | bytearray | memoryview,
     registry: Mapping[str, type[Message]],
@@ -606,19 +620,7 @@ def decode_message(
     if size < 2 or frame[0] != FRAME_CONTROL:
         return ProtocolError(ErrorCode.MALFORMED, "not a control frame")
     try:
-        data = msgpack.unpackb(
-            memoryview(frame)[1:],
-            raw=False,
-            strict_map_key=True,
-            max_array_len=1024,
-            max_map_len=64,
-            max_str_len=limit,
-            max_bin_len=0,
-            max_ext_len=0,
-        )
-    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
-        err = ProtocolError(ErrorCode.MALFORMED, f"bad msgpack: {type(exc).__name__}")
-        return oversized if size > max_bytes else err
+        data = _unpack(frame, limit)
     except Exception as exc:  # msgpack raises a few odd types on hostile input
         err = ProtocolError(ErrorCode.MALFORMED, f"bad msgpack: {type(exc).__name__}")
         return oversized if size > max_bytes else err
@@ -651,16 +653,7 @@ def request_refusal(
     if not 2 <= len(frame) <= max_bytes or frame[0] != FRAME_CONTROL:
         return None
     try:
-        data = msgpack.unpackb(
-            memoryview(frame)[1:],
-            raw=False,
-            strict_map_key=True,
-            max_array_len=1024,
-            max_map_len=64,
-            max_str_len=max_bytes,
-            max_bin_len=0,
-            max_ext_len=0,
-        )
+        data = _unpack(frame, max_bytes)
     except Exception:  # hostile bytes: no req to name
         return None
     kind = data.get("t") if isinstance(data, dict) else None

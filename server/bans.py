@@ -87,16 +87,23 @@ class BanBackend(ABC):
     def close(self) -> None: ...
 
 
+def open_db(path: str | Path, schema: str) -> sqlite3.Connection:
+    """The data directory's moderation file (``path`` ``:memory:``: the process's only),
+    with ``schema``: autocommit, WAL, and every commit on disk before a host is answered."""
+    if str(path) != ":memory:":
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.executescript(schema)
+    return db
+
+
 class BanStore(BanBackend):
     """Bans in one SQLite file (``path`` ``:memory:`` keeps them for the process only)."""
 
     def __init__(self, path: str | Path) -> None:
-        if str(path) != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")  # on disk before the host is answered
-        self._db.executescript(_SCHEMA)
+        self._db = open_db(path, _SCHEMA)
         self._lock = threading.Lock()
 
     @classmethod

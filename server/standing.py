@@ -23,7 +23,7 @@ with no moderation state writes nothing, not even the session's mark.
 from __future__ import annotations
 
 import logging
-import sqlite3
+import re
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -33,7 +33,7 @@ from typing import Any
 
 from medverse.protocol.errors import ErrorCode, ProtocolError
 
-from .bans import DB_FILE
+from .bans import DB_FILE, open_db
 
 log = logging.getLogger("medverse.standing")
 
@@ -49,7 +49,13 @@ _MARK = (
     "WHERE moderation_sessions.session = excluded.session"
 )
 
-_MARK_SQLITE = _MARK.replace("$1", "?").replace("$2", "?").replace("$3", "?")
+
+def _sqlite(sql: str) -> str:
+    """PostgreSQL's numbered parameters as SQLite's ``?`` (every one used once, in order)."""
+    return re.sub(r"\$\d+", "?", sql)
+
+
+_MARK_SQLITE = _sqlite(_MARK)
 
 #: The reason a token was removed from a room's live session.
 _REMOVAL = (
@@ -57,7 +63,7 @@ _REMOVAL = (
     "ON s.room = r.room AND s.session = r.session "
     "WHERE s.room = $1 AND s.touched >= $2 AND r.token_id = $3"
 )
-_REMOVAL_SQLITE = _REMOVAL.replace("$1", "?").replace("$2", "?").replace("$3", "?")
+_REMOVAL_SQLITE = _sqlite(_REMOVAL)
 
 #: Rows of ``table`` whose session is not the room's session any more.
 _ORPHANS = (
@@ -192,12 +198,7 @@ class SQLiteStandingStore(StandingBackend):
     local = True
 
     def __init__(self, path: str | Path) -> None:
-        if str(path) != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")  # on disk before the host is answered
-        self._db.executescript(_SCHEMA)
+        self._db = open_db(path, _SCHEMA)
         self._lock = threading.Lock()
 
     @classmethod
